@@ -1,0 +1,38 @@
+"""merge_fast: streaming, bounded-memory merges of LLM checkpoints with a Rust core.
+
+>>> import merge_fast as mf
+>>> c = mf.slerp(a, b, t=0.3)                                  # arrays in, array out
+>>> r = mf.slerp("models/A", "models/B", t=0.3, out="models/AB")  # folders in, folder out
+
+torch is never imported here; ``merge_fast.torch`` (Fisher estimation, subspace masks)
+needs it.
+"""
+from ._core import Checkpoint, __version__
+from ._errors import (
+    ConfigError,
+    InvalidCheckpoint,
+    MergeError,
+    MergeInterrupted,
+    MergeIOError,
+    NumericalError,
+    TensorMismatch,
+)
+from ._folders import MergeResult
+from .methods import linear, merge, slerp, task_arithmetic
+
+__all__ = [
+    "__version__",
+    "Checkpoint",
+    "MergeResult",
+    "merge",
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "MergeError",
+    "InvalidCheckpoint",
+    "TensorMismatch",
+    "ConfigError",
+    "NumericalError",
+    "MergeIOError",
+    "MergeInterrupted",
+]

@@ -1,0 +1,71 @@
+"""In-memory merges: numpy arrays (float16/32/64, bfloat16 through ml_dtypes) or torch
+tensors in, the same kind and dtype out. Values are widened to float32, merged by the Rust
+kernels (the very ones folder merges use), and rounded once back to the input dtype."""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import _core
+from ._errors import ConfigError, TensorMismatch
+
+
+def _is_torch(x: Any) -> bool:
+    # Checked by module name so that torch is never imported here.
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+class _Restore:
+    """Remembers how to give a float32 result back in the caller's type."""
+
+    def __init__(self, x: Any):
+        self.torch = _is_torch(x)
+        if self.torch:
+            self.dtype, self.device = x.dtype, x.device
+        else:
+            self.dtype = np.asarray(x).dtype
+        self.shape = tuple(x.shape)
+
+    def __call__(self, flat: np.ndarray) -> Any:
+        out = flat.reshape(self.shape)
+        if self.torch:
+            import torch
+
+            return torch.from_numpy(out).to(device=self.device, dtype=self.dtype)
+        return out if self.dtype == np.float32 else out.astype(self.dtype)
+
+
+def _to_f32(x: Any, what: str) -> np.ndarray:
+    if _is_torch(x):
+        x = x.detach().to("cpu").float().numpy()
+    a = np.asarray(x)
+    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        raise ConfigError(f"{what}: expected a floating-point array, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+
+
+def is_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) or _is_torch(x) or (hasattr(x, "__array__") and not isinstance(x, (str, bytes)))
+
+
+def merge_arrays(
+    method: str,
+    base: Optional[Any],
+    models: Sequence[Any],
+    params: dict,
+    *,
+    seed: int = 0,
+    threads: Optional[int] = None,
+) -> Any:
+    first = base if base is not None else models[0]
+    restore = _Restore(first)
+    shape = restore.shape
+    for i, m in enumerate(models):
+        if tuple(m.shape) != shape:
+            raise TensorMismatch(f"tensor mismatch for 'array': model #{i} has shape {tuple(m.shape)}, expected {shape}")
+    b = _to_f32(base, "base") if base is not None else None
+    xs = [_to_f32(m, f"model #{i}") for i, m in enumerate(models)]
+    out = _core.merge_arrays(method, json.dumps(params), list(shape), b, xs, seed=seed, threads=threads)
+    return restore(out)

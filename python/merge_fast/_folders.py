@@ -1,0 +1,261 @@
+"""Folder merges: open and validate every input, plan each output tensor, run the plan in
+the Rust engine with the GIL released, then copy config and tokenizer files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from . import _core
+from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch
+from ._output import parse_size, staged_dir
+
+PathLike = Union[str, Path]
+ProgressArg = Union[bool, Callable[[int, int, int, int], Any], None]
+
+# Files copied from the base (or first) model: everything a loader needs besides weights.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+
+
+@dataclasses.dataclass
+class MergeResult:
+    """What a folder merge wrote."""
+
+    path: Path
+    tensors_written: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    files: List[Path] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        mb = self.bytes_written / 1e6
+        return f"wrote {self.tensors_written} tensors ({mb:.1f} MB) to {self.path} in {self.seconds:.2f} s"
+
+
+@dataclasses.dataclass
+class TensorPlan:
+    """One output tensor: its sources (input index, tensor name) and its method parameters."""
+
+    name: str
+    method: str
+    params: Dict[str, Any]
+    base: Optional[Dict[str, Any]]
+    inputs: List[Dict[str, Any]]
+    dtype: Optional[str] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        d = {"name": self.name, "method": self.method, "params": self.params, "base": self.base, "inputs": self.inputs}
+        if self.dtype:
+            d["dtype"] = self.dtype
+        return d
+
+
+def open_checkpoint(path: PathLike) -> "_core.Checkpoint":
+    p = Path(path)
+    if not p.exists():
+        raise InvalidCheckpoint(f"invalid checkpoint {p}: no such file or folder")
+    return _core.Checkpoint(str(p))
+
+
+def out_dtype_code(dtype: str, out_dtype: Optional[str]) -> Optional[str]:
+    """Validates `dtype`/`out_dtype` and returns the safetensors dtype to write, or None for
+    'keep each tensor's input dtype'. Computation is always float32: a bfloat16/float16
+    compute dtype (mergekit's `dtype`) only sets the default output dtype."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"config error: dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    if out_dtype is None:
+        return None if dtype == "float32" else OUT_DTYPES[dtype]
+    if out_dtype not in OUT_DTYPES:
+        raise ConfigError(f"config error: out_dtype must be one of float32, bfloat16, float16, got {out_dtype!r}")
+    return OUT_DTYPES[out_dtype]
+
+
+def same_tensor_plan(
+    method: str,
+    base: Optional[PathLike],
+    models: Sequence[PathLike],
+    params_for: Callable[[str], Dict[str, Any]],
+    out_dtype: Optional[str],
+) -> tuple[List[str], List[TensorPlan]]:
+    """Plans a merge of models that share tensor names: every tensor of the reference model
+    (the base, else the first) from the same name in each input. Name sets must agree."""
+    paths = ([str(base)] if base is not None else []) + [str(m) for m in models]
+    ckpts = [open_checkpoint(p) for p in paths]
+    ref = ckpts[0]
+    ref_names = ref.names()
+    ref_set = set(ref_names)
+    for p, c in zip(paths[1:], ckpts[1:]):
+        names = set(c.names())
+        missing = sorted(ref_set - names)
+        extra = sorted(names - ref_set)
+        if missing or extra:
+            what = []
+            if missing:
+                what.append(f"{len(missing)} tensor(s) of {paths[0]} missing from {p}, e.g. {missing[:3]}")
+            if extra:
+                what.append(f"{len(extra)} tensor(s) of {p} not in {paths[0]}, e.g. {extra[:3]}")
+            tensor = (missing or extra)[0]
+            raise TensorMismatch(f"tensor mismatch for '{tensor}': " + "; ".join(what))
+    first = 1 if base is not None else 0
+    plans = []
+    for name in ref_names:
+        src = [{"kind": "tensor", "input": i, "tensor": name} for i in range(len(paths))]
+        plans.append(
+            TensorPlan(
+                name=name,
+                method=method,
+                params=params_for(name),
+                base=src[0] if base is not None else None,
+                inputs=src[first:],
+                dtype=out_dtype,
+            )
+        )
+    return paths, plans
+
+
+def _progress_callback(progress: ProgressArg, desc: str):
+    if callable(progress):
+        return progress, None
+    if not progress:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True)
+
+    def cb(done: int, total: int, bytes_done: int, bytes_total: int) -> None:
+        if bar.total != bytes_total:
+            bar.total = bytes_total
+        bar.set_postfix_str(f"{done}/{total} tensors", refresh=False)
+        bar.update(bytes_done - bar.n)
+
+    return cb, bar
+
+
+def copy_side_files(src: Path, dst: Path, out_dtype: Optional[str]) -> None:
+    if src.is_file():
+        src = src.parent
+    for name in SIDE_FILES:
+        f = src / name
+        if f.is_file():
+            shutil.copy2(f, dst / name)
+    cfg = dst / "config.json"
+    if out_dtype and cfg.is_file():
+        # Say what is now stored, so loaders pick the right default dtype.
+        data = json.loads(cfg.read_text())
+        torch_name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[out_dtype]
+        for key in ("torch_dtype", "dtype"):
+            if key in data:
+                data[key] = torch_name
+        cfg.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def execute(
+    paths: Sequence[str],
+    plans: Sequence[TensorPlan],
+    out: PathLike,
+    *,
+    recipe: Dict[str, Any],
+    side_files_from: PathLike,
+    out_dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    progress: ProgressArg = False,
+    seed: int = 0,
+    extra_files: Optional[Callable[[Path], None]] = None,
+) -> MergeResult:
+    """Runs planned tensors into `out` atomically and returns what was written."""
+    out = Path(out).absolute()
+    for p in paths:
+        if Path(p).absolute() == out:
+            raise ConfigError(f"config error: output {out} is also an input; choose another folder")
+    try:
+        shard = parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"config error: {e}") from None
+    plan = {
+        "inputs": list(paths),
+        "tensors": [t.to_json() for t in plans],
+        "seed": int(seed),
+        "max_shard_size": shard,
+        "metadata": {"merge_fast": json.dumps(recipe, sort_keys=True)},
+    }
+    cb, bar = _progress_callback(progress, f"merging into {out.name}")
+    t0 = time.perf_counter()
+    try:
+        with staged_dir(out) as tmp:
+            stats = _core.execute_plan(json.dumps(plan), str(tmp), threads=threads, progress=cb)
+            copy_side_files(Path(side_files_from), tmp, out_dtype)
+            if extra_files is not None:
+                extra_files(tmp)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    return MergeResult(
+        path=out,
+        tensors_written=stats["tensors_written"],
+        bytes_read=stats["bytes_read"],
+        bytes_written=stats["bytes_written"],
+        seconds=seconds,
+        files=[out / Path(f).name for f in stats["files"]],
+    )
+
+
+def merge_folders(
+    method: str,
+    base: Optional[PathLike],
+    models: Sequence[PathLike],
+    params: Dict[str, Any],
+    out: PathLike,
+    *,
+    dtype: str = "float32",
+    out_dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    progress: ProgressArg = False,
+    seed: int = 0,
+) -> MergeResult:
+    code = out_dtype_code(dtype, out_dtype)
+    paths, plans = same_tensor_plan(method, base, models, lambda _name: params, code)
+    recipe = {
+        "merge_fast_version": _core.__version__,
+        "method": method,
+        "base_model": str(base) if base is not None else None,
+        "models": [str(m) for m in models],
+        "parameters": params,
+        "dtype": dtype,
+        "out_dtype": out_dtype,
+        "seed": seed,
+    }
+    return execute(
+        paths,
+        plans,
+        out,
+        recipe=recipe,
+        side_files_from=paths[0],
+        out_dtype=code,
+        threads=threads,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        seed=seed,
+    )

@@ -1,0 +1,83 @@
+"""The public merge functions. Each works on in-memory arrays (numpy or torch; returns the
+same kind) or on model folders (needs ``out=``; returns a :class:`MergeResult`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+from ._arrays import is_array, merge_arrays
+from ._errors import ConfigError
+from ._folders import MergeResult, ProgressArg, merge_folders
+
+Model = Any  # a numpy array, a torch tensor, or a path to a model folder / .safetensors file
+
+
+def _is_path(x: Any) -> bool:
+    return isinstance(x, (str, Path))
+
+
+def merge(
+    method: str,
+    models: Sequence[Model],
+    *,
+    base: Optional[Model] = None,
+    params: Optional[Dict[str, Any]] = None,
+    out: Optional[Union[str, Path]] = None,
+    dtype: str = "float32",
+    out_dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    progress: ProgressArg = False,
+    seed: int = 0,
+) -> Union[Any, MergeResult]:
+    """Merges ``models`` (and ``base``) with the named method and its parameters.
+
+    Arrays in, array out; folders in, ``out`` folder written. Per-model parameters (such
+    as ``weight``) are lists with one value per model in ``models`` (base excluded).
+    """
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    everything = list(models) + ([base] if base is not None else [])
+    if not models:
+        raise ConfigError(f"config error: {method} needs at least one model")
+    if all(_is_path(m) for m in everything):
+        if out is None:
+            raise ConfigError("config error: folder merges need out=PATH")
+        return merge_folders(
+            method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
+            max_shard_size=max_shard_size, progress=progress, seed=seed,
+        )
+    if all(is_array(m) for m in everything):
+        if out is not None:
+            raise ConfigError("config error: out= is for folder merges; array merges return the result")
+        return merge_arrays(method, base, list(models), params, seed=seed, threads=threads)
+    raise ConfigError("config error: pass either all arrays/tensors or all model paths, not a mix")
+
+
+def linear(models: Sequence[Model], weights: Optional[Sequence[float]] = None, *, normalize: bool = True, **options: Any):
+    """Weighted average ``Σ w_i θ_i / Σ w_i`` (``normalize=False``: the plain weighted sum).
+    Weights default to 1 for every model."""
+    return merge("linear", models, params={"weight": _list(weights), "normalize": normalize}, **options)
+
+
+def task_arithmetic(
+    base: Model,
+    models: Sequence[Model],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    **options: Any,
+):
+    """Task arithmetic: ``θ_base + λ Σ w_i (θ_i − θ_base)``."""
+    params = {"weight": _list(weights), "lambda": lam, "normalize": normalize}
+    return merge("task_arithmetic", models, base=base, params=params, **options)
+
+
+def slerp(a: Model, b: Model, t: float, **options: Any):
+    """Spherical interpolation from ``a`` (t = 0, the base) to ``b`` (t = 1), mergekit's
+    semantics; nearly colinear tensors (|cos| > 0.9995) and zero tensors are lerped."""
+    return merge("slerp", [b], base=a, params={"t": t}, **options)
+
+
+def _list(x: Optional[Sequence[float]]):
+    return None if x is None else [float(v) for v in x]

@@ -1,0 +1,73 @@
+//! `Checkpoint`: a validated, memory-mapped view of a safetensors model for Python, used by
+//! the planner to list tensors and by tools to read one tensor at a time.
+use crate::errors::to_py;
+use merge_fast_core::reader;
+use numpy::PyArray1;
+use pyo3::prelude::*;
+use std::collections::BTreeMap;
+
+#[pyclass(module = "merge_fast._core", frozen)]
+pub struct Checkpoint {
+    inner: reader::Checkpoint,
+}
+
+#[pymethods]
+impl Checkpoint {
+    #[new]
+    fn new(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| reader::Checkpoint::open(&path)).map_err(to_py)?;
+        Ok(Checkpoint { inner })
+    }
+
+    #[getter]
+    fn root(&self) -> std::path::PathBuf {
+        self.inner.root().to_path_buf()
+    }
+
+    /// Tensor names in file order.
+    fn names(&self) -> Vec<String> {
+        self.inner.names().to_vec()
+    }
+
+    /// `[(name, dtype, shape)]` in file order; dtype is the safetensors name ("BF16").
+    fn tensors(&self) -> Vec<(String, String, Vec<usize>)> {
+        self.inner
+            .names()
+            .iter()
+            .map(|n| {
+                let i = self.inner.info(n).expect("listed");
+                (n.clone(), format!("{:?}", i.raw_dtype), i.shape.clone())
+            })
+            .collect()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.names().len()
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.inner.info(name).is_some()
+    }
+
+    /// The first shard's `__metadata__`.
+    fn metadata(&self) -> BTreeMap<String, String> {
+        self.inner.metadata()
+    }
+
+    /// One tensor widened to float32 (flat; reshape with its shape).
+    fn read_f32<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let info = self.inner.get(name).map_err(to_py)?;
+        let mut out = vec![0f32; info.numel()];
+        py.detach(|| self.inner.read_f32(info, 0..info.numel(), &mut out)).map_err(to_py)?;
+        Ok(PyArray1::from_vec(py, out))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Checkpoint({:?}, {} tensors)", self.inner.root(), self.inner.names().len())
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Checkpoint>()?;
+    Ok(())
+}

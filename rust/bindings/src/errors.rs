@@ -1,0 +1,37 @@
+//! The Python exception hierarchy, one class per core error variant.
+use merge_fast_core::Error;
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+create_exception!(merge_fast, MergeError, PyException, "Base class of every merge_fast error.");
+create_exception!(merge_fast, InvalidCheckpoint, MergeError, "A checkpoint file or index is malformed, truncated or inconsistent.");
+create_exception!(merge_fast, TensorMismatch, MergeError, "Inputs do not line up: a tensor is missing or its shape differs.");
+create_exception!(merge_fast, ConfigError, MergeError, "A method, parameter, plan or config is invalid.");
+create_exception!(merge_fast, NumericalError, MergeError, "A merge produced non-finite values or a kernel failed to converge.");
+create_exception!(merge_fast, MergeIOError, MergeError, "Reading or writing a file failed (missing file, full disk...).");
+create_exception!(merge_fast, MergeInterrupted, MergeError, "The merge was interrupted.");
+
+pub fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::InvalidCheckpoint { .. } => InvalidCheckpoint::new_err(msg),
+        Error::TensorMismatch { .. } => TensorMismatch::new_err(msg),
+        Error::Config(_) => ConfigError::new_err(msg),
+        Error::Numerical { .. } => NumericalError::new_err(msg),
+        Error::Interrupted => MergeInterrupted::new_err(msg),
+        Error::Io { .. } => MergeIOError::new_err(msg),
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("MergeError", py.get_type::<MergeError>())?;
+    m.add("InvalidCheckpoint", py.get_type::<InvalidCheckpoint>())?;
+    m.add("TensorMismatch", py.get_type::<TensorMismatch>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("NumericalError", py.get_type::<NumericalError>())?;
+    m.add("MergeIOError", py.get_type::<MergeIOError>())?;
+    m.add("MergeInterrupted", py.get_type::<MergeInterrupted>())?;
+    Ok(())
+}

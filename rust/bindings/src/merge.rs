@@ -1,0 +1,139 @@
+//! Merge entry points: a whole plan (folders in, folder out) and in-memory arrays.
+use crate::errors::to_py;
+use merge_fast_core::dtype::Dtype;
+use merge_fast_core::engine::{self, Progress};
+use merge_fast_core::plan::PlanSpec;
+use merge_fast_core::reader::Checkpoint;
+use merge_fast_core::writer::{OutSpec, ShardedWriter};
+use merge_fast_core::{methods, Error};
+use numpy::{PyArray1, PyReadonlyArray1};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+fn parse_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> PyResult<T> {
+    serde_json::from_str(s).map_err(|e| to_py(Error::config(format!("invalid {what}: {e}"))))
+}
+
+/// Runs a JSON plan into the existing folder `out_dir`. `progress(done, total, bytes_done,
+/// bytes_total)` is called after each tensor on this thread; if it raises (or Ctrl-C
+/// arrives) the merge stops and that exception propagates.
+#[pyfunction]
+#[pyo3(signature = (plan_json, out_dir, threads=None, progress=None))]
+fn execute_plan<'py>(
+    py: Python<'py>,
+    plan_json: &str,
+    out_dir: PathBuf,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let plan: PlanSpec = parse_json("plan", plan_json)?;
+    let mut py_err: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let ckpts = plan.inputs.iter().map(Checkpoint::open).collect::<Result<Vec<_>, _>>()?;
+        let pool = engine::pool(threads)?;
+        let mut cb = |p: &Progress| -> Result<(), Error> {
+            Python::attach(|py| {
+                let r = py.check_signals().and_then(|_| match &progress {
+                    Some(f) => f.call1(py, (p.tensors_done, p.tensors_total, p.bytes_done, p.bytes_total)).map(drop),
+                    None => Ok(()),
+                });
+                r.map_err(|e| {
+                    py_err = Some(e);
+                    Error::Interrupted
+                })
+            })
+        };
+        engine::run(&plan, &ckpts, &out_dir, &pool, &mut cb)
+    });
+    let summary = match (result, py_err) {
+        (Err(Error::Interrupted), Some(e)) => return Err(e),
+        (r, _) => r.map_err(to_py)?,
+    };
+    let d = PyDict::new(py);
+    d.set_item("tensors_written", summary.tensors_written)?;
+    d.set_item("bytes_read", summary.bytes_read)?;
+    d.set_item("bytes_written", summary.bytes_written)?;
+    d.set_item("files", summary.files)?;
+    Ok(d)
+}
+
+/// Merges flat float32 arrays of `shape` with a named method; returns a flat float32 array.
+#[pyfunction]
+#[pyo3(signature = (method, params_json, shape, base, inputs, seed=0, tensor="array", threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn merge_arrays<'py>(
+    py: Python<'py>,
+    method: &str,
+    params_json: &str,
+    shape: Vec<usize>,
+    base: Option<PyReadonlyArray1<'py, f32>>,
+    inputs: Vec<PyReadonlyArray1<'py, f32>>,
+    seed: u64,
+    tensor: &str,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let params: serde_json::Map<String, serde_json::Value> = parse_json("parameters", params_json)?;
+    let kernel = methods::build(method, &params, inputs.len(), base.is_some()).map_err(to_py)?;
+    let base_s = base.as_ref().map(contiguous).transpose()?;
+    let input_s = inputs.iter().map(contiguous).collect::<PyResult<Vec<_>>>()?;
+    let out = py
+        .detach(|| {
+            let pool = engine::pool(threads)?;
+            engine::merge_arrays(kernel.as_ref(), tensor, &shape, seed, base_s, &input_s, &pool)
+        })
+        .map_err(to_py)?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
+fn contiguous<'a>(a: &'a PyReadonlyArray1<'_, f32>) -> PyResult<&'a [f32]> {
+    a.as_slice().map_err(|_| to_py(Error::config("arrays must be contiguous float32")))
+}
+
+/// Writes float32 arrays to one safetensors file, each rounded to its dtype.
+/// `tensors`: list of (name, flat float32 array, shape, dtype name).
+#[pyfunction]
+#[pyo3(signature = (path, tensors, metadata=None))]
+fn save_file(
+    py: Python<'_>,
+    path: PathBuf,
+    tensors: Vec<(String, PyReadonlyArray1<'_, f32>, Vec<usize>, String)>,
+    metadata: Option<BTreeMap<String, String>>,
+) -> PyResult<()> {
+    let mut specs = Vec::with_capacity(tensors.len());
+    let mut data = Vec::with_capacity(tensors.len());
+    for (name, arr, shape, dtype) in &tensors {
+        let dt = Dtype::parse(dtype)
+            .filter(|d| d.writable())
+            .ok_or_else(|| to_py(Error::config(format!("tensor '{name}': cannot write dtype '{dtype}'"))))?;
+        let vals = contiguous(arr)?;
+        if vals.len() != shape.iter().product::<usize>() {
+            return Err(to_py(Error::mismatch(name.as_str(), format!("{} values for shape {shape:?}", vals.len()))));
+        }
+        specs.push(OutSpec { name: name.clone(), dtype: dt, shape: shape.clone() });
+        data.push(vals);
+    }
+    let mut meta = metadata.unwrap_or_default();
+    meta.entry("format".into()).or_insert_with(|| "pt".into());
+    py.detach(|| {
+        let w = ShardedWriter::create_file(&path, specs, &meta)?;
+        let mut bytes = Vec::new();
+        for (i, vals) in data.iter().enumerate() {
+            let dt = w.specs()[i].dtype;
+            bytes.resize(vals.len() * dt.size(), 0);
+            merge_fast_core::dtype::encode_f32(dt, vals, &mut bytes);
+            w.write(i, 0, &bytes)?;
+        }
+        w.finish().map(drop)
+    })
+    .map_err(to_py)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_arrays, m)?)?;
+    m.add_function(wrap_pyfunction!(save_file, m)?)?;
+    m.add("METHODS", methods::METHODS.to_vec())?;
+    Ok(())
+}

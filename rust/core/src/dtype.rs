@@ -1,0 +1,216 @@
+//! Element types we read and write, and their conversion to and from f32.
+//! Merges always compute in f32; inputs are widened once and outputs rounded once.
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+    F64,
+    F8E4M3,
+    F8E5M2,
+}
+
+impl Dtype {
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F64 => 8,
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
+        }
+    }
+
+    /// The name used in safetensors headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::F64 => "F64",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E5M2 => "F8_E5M2",
+        }
+    }
+
+    /// Parses both safetensors names ("BF16") and torch/numpy names ("bfloat16").
+    pub fn parse(s: &str) -> Option<Dtype> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "float" => Dtype::F32,
+            "f16" | "float16" | "half" => Dtype::F16,
+            "bf16" | "bfloat16" => Dtype::BF16,
+            "f64" | "float64" | "double" => Dtype::F64,
+            "f8_e4m3" | "float8_e4m3fn" | "f8e4m3" => Dtype::F8E4M3,
+            "f8_e5m2" | "float8_e5m2" | "f8e5m2" => Dtype::F8E5M2,
+            _ => return None,
+        })
+    }
+
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<Dtype> {
+        use safetensors::Dtype as S;
+        Some(match d {
+            S::F32 => Dtype::F32,
+            S::F16 => Dtype::F16,
+            S::BF16 => Dtype::BF16,
+            S::F64 => Dtype::F64,
+            S::F8_E4M3 => Dtype::F8E4M3,
+            S::F8_E5M2 => Dtype::F8E5M2,
+            _ => return None,
+        })
+    }
+
+    /// Whether the writer can produce this dtype (f64 and f8 are read-only).
+    pub fn writable(self) -> bool {
+        matches!(self, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Widens little-endian `src` bytes of `dtype` into `dst` (len = src.len() / size).
+pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len() * dtype.size());
+    match dtype {
+        Dtype::F32 => match aligned::<f32>(src) {
+            Some(s) => dst.copy_from_slice(s),
+            None => src.chunks_exact(4).zip(dst).for_each(|(b, d)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        },
+        Dtype::F16 => match aligned::<f16>(src) {
+            Some(s) => s.convert_to_f32_slice(dst),
+            None => src.chunks_exact(2).zip(dst).for_each(|(b, d)| *d = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        },
+        Dtype::BF16 => match aligned::<bf16>(src) {
+            Some(s) => s.convert_to_f32_slice(dst),
+            None => src.chunks_exact(2).zip(dst).for_each(|(b, d)| *d = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        },
+        Dtype::F64 => src
+            .chunks_exact(8)
+            .zip(dst)
+            .for_each(|(b, d)| *d = f64::from_le_bytes(b.try_into().unwrap()) as f32),
+        Dtype::F8E4M3 => {
+            let lut = f8_e4m3_table();
+            src.iter().zip(dst).for_each(|(b, d)| *d = lut[*b as usize]);
+        }
+        Dtype::F8E5M2 => {
+            let lut = f8_e5m2_table();
+            src.iter().zip(dst).for_each(|(b, d)| *d = lut[*b as usize]);
+        }
+    }
+}
+
+/// Rounds `src` to `dtype` (round to nearest even) into little-endian `dst` bytes.
+/// Only writable dtypes; the plan rejects others before any work starts.
+pub fn encode_f32(dtype: Dtype, src: &[f32], dst: &mut [u8]) {
+    debug_assert_eq!(dst.len(), src.len() * dtype.size());
+    match dtype {
+        Dtype::F32 => src.iter().zip(dst.chunks_exact_mut(4)).for_each(|(s, d)| d.copy_from_slice(&s.to_le_bytes())),
+        Dtype::F16 => match aligned_mut::<f16>(dst) {
+            Some(d) => d.convert_from_f32_slice(src),
+            None => src.iter().zip(dst.chunks_exact_mut(2)).for_each(|(s, d)| d.copy_from_slice(&f16::from_f32(*s).to_le_bytes())),
+        },
+        Dtype::BF16 => match aligned_mut::<bf16>(dst) {
+            Some(d) => d.convert_from_f32_slice(src),
+            None => src.iter().zip(dst.chunks_exact_mut(2)).for_each(|(s, d)| d.copy_from_slice(&bf16::from_f32(*s).to_le_bytes())),
+        },
+        other => unreachable!("{other} is not writable; the plan rejects it"),
+    }
+}
+
+/// Reinterprets bytes as `T` when the buffer happens to be aligned (it is for files we
+/// write and for nearly every safetensors file, whose data section is 8-aligned).
+fn aligned<T: Copy>(b: &[u8]) -> Option<&[T]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: f32/f16/bf16 accept every bit pattern; prefix/suffix checked empty.
+    let (pre, mid, post) = unsafe { b.align_to::<T>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+fn aligned_mut<T: Copy>(b: &mut [u8]) -> Option<&mut [T]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: as above; every bit pattern is a valid T.
+    let (pre, mid, post) = unsafe { b.align_to_mut::<T>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+/// OCP FP8 E4M3 (the "fn" variant torch and safetensors use): bias 7, no infinities,
+/// S.1111.111 is NaN.
+fn f8_e4m3_table() -> &'static [f32; 256] {
+    static T: OnceLock<[f32; 256]> = OnceLock::new();
+    T.get_or_init(|| std::array::from_fn(|i| f8_value(i as u8, 4, 3, 7, false)))
+}
+
+/// FP8 E5M2: bias 15, IEEE-style infinities and NaNs.
+fn f8_e5m2_table() -> &'static [f32; 256] {
+    static T: OnceLock<[f32; 256]> = OnceLock::new();
+    T.get_or_init(|| std::array::from_fn(|i| f8_value(i as u8, 5, 2, 15, true)))
+}
+
+fn f8_value(byte: u8, ebits: u32, mbits: u32, bias: i32, ieee_special: bool) -> f32 {
+    let sign = if byte & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let e = ((byte >> mbits) & ((1 << ebits) - 1) as u8) as i32;
+    let m = (byte & ((1 << mbits) - 1) as u8) as i32;
+    let emax = (1 << ebits) - 1;
+    if ieee_special && e == emax {
+        return if m == 0 { sign * f32::INFINITY } else { f32::NAN };
+    }
+    if !ieee_special && e == emax && m == (1 << mbits) - 1 {
+        return f32::NAN;
+    }
+    let frac = m as f32 / (1 << mbits) as f32;
+    if e == 0 {
+        sign * frac * 2f32.powi(1 - bias)
+    } else {
+        sign * (1.0 + frac) * 2f32.powi(e - bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f8_known_values() {
+        let e4 = f8_e4m3_table();
+        assert_eq!(e4[0x38], 1.0); // 0.0111.000
+        assert_eq!(e4[0x7e], 448.0); // largest finite
+        assert!(e4[0x7f].is_nan());
+        assert_eq!(e4[0x01], 2f32.powi(-9)); // smallest subnormal
+        let e5 = f8_e5m2_table();
+        assert_eq!(e5[0x3c], 1.0);
+        assert_eq!(e5[0x7b], 57344.0);
+        assert!(e5[0x7c].is_infinite());
+        assert_eq!(e5[0xbc], -1.0);
+    }
+
+    #[test]
+    fn roundtrip_halfs_aligned_and_not() {
+        let vals = [0.0f32, 1.0, -2.5, 3.140625, 65504.0, 1e-3];
+        for dt in [Dtype::F16, Dtype::BF16, Dtype::F32] {
+            let mut bytes = vec![0u8; vals.len() * dt.size() + 1];
+            for off in [0usize, 1] {
+                let b = &mut bytes[off..off + vals.len() * dt.size()];
+                encode_f32(dt, &vals, b);
+                let mut back = vec![0f32; vals.len()];
+                decode_f32(dt, b, &mut back);
+                for (v, w) in vals.iter().zip(&back) {
+                    let expect = match dt {
+                        Dtype::F16 => f16::from_f32(*v).to_f32(),
+                        Dtype::BF16 => bf16::from_f32(*v).to_f32(),
+                        _ => *v,
+                    };
+                    assert_eq!(expect.to_bits(), w.to_bits(), "{dt} offset {off}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Runs a plan: tensors one after another, each streamed in fixed-size chunks across the
+//! rayon pool (elementwise methods) or handed whole to its kernel, widened to f32 on the
+//! way in, rounded once on the way out, written in place. Fixed chunk boundaries and a
+//! fixed reduction order make the output independent of the thread count.
+use crate::dtype::encode_f32;
+use crate::error::{Error, Result};
+use crate::methods::{Ctx, Method};
+use crate::plan::{resolve, Job, PlanSpec};
+use crate::reader::Checkpoint;
+use crate::writer::{OutSpec, ShardedWriter};
+use rayon::prelude::*;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// Elements per chunk: 256 KiB of f32 per input, small enough to stay in cache.
+pub const CHUNK: usize = 1 << 16;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub tensors_written: usize,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub files: Vec<PathBuf>,
+}
+
+/// Something that fills f32 buffers for element ranges of each of its slots
+/// (slot 0 is the base when the merge has one).
+trait Load: Sync {
+    fn slots(&self) -> usize;
+    fn load(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()>;
+}
+
+impl Load for Job<'_> {
+    fn slots(&self) -> usize {
+        self.inputs.len() + usize::from(self.base.is_some())
+    }
+    fn load(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        self.sources().nth(slot).expect("slot in range").read(range, dst)
+    }
+}
+
+struct Slices<'s>(Vec<&'s [f32]>);
+
+impl Load for Slices<'_> {
+    fn slots(&self) -> usize {
+        self.0.len()
+    }
+    fn load(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        dst.copy_from_slice(&self.0[slot][range]);
+        Ok(())
+    }
+}
+
+fn split<'b>(bufs: &'b [Vec<f32>], len: usize, has_base: bool) -> (Option<&'b [f32]>, Vec<&'b [f32]>) {
+    let mut it = bufs.iter().map(|b| &b[..len]);
+    let base = if has_base { it.next() } else { None };
+    (base, it.collect())
+}
+
+fn fill(load: &impl Load, range: Range<usize>, bufs: &mut [Vec<f32>]) -> Result<()> {
+    let len = range.len();
+    for (slot, b) in bufs.iter_mut().enumerate() {
+        if b.len() < len {
+            b.resize(len, 0.0);
+        }
+        load.load(slot, range.clone(), &mut b[..len])?;
+    }
+    Ok(())
+}
+
+fn check_finite(tensor: &str, out: &[f32], offset: usize) -> Result<()> {
+    match out.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::numerical(tensor, format!(
+            "the merge produced {} at element {} (are the inputs finite? is a weight or parameter extreme?)", out[i], offset + i))),
+    }
+}
+
+/// Merges one tensor of `numel` elements, handing each finished piece (element offset,
+/// values, a scratch byte buffer) to `sink`. Pieces are disjoint and cover the tensor.
+fn merge_tensor<L, S>(method: &dyn Method, ctx: Ctx, has_base: bool, numel: usize, load: &L, sink: &S) -> Result<()>
+where
+    L: Load,
+    S: Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
+{
+    let slots = load.slots();
+    let scratch = || (vec![Vec::<f32>::new(); slots], Vec::<f32>::new(), Vec::<u8>::new());
+    if !method.elementwise() {
+        let (mut bufs, mut out, mut bytes) = scratch();
+        fill(load, 0..numel, &mut bufs)?;
+        let (base, inputs) = split(&bufs, numel, has_base);
+        let mut stats = vec![0f64; method.n_stats()];
+        if !stats.is_empty() {
+            method.accumulate(base, &inputs, &mut stats);
+        }
+        out.resize(numel, 0.0);
+        method.apply(&ctx, base, &inputs, &stats, &mut out)?;
+        check_finite(ctx.tensor, &out, 0)?;
+        return sink(0, &out, &mut bytes);
+    }
+    let starts: Vec<usize> = (0..numel).step_by(CHUNK).collect();
+    let range = |s: usize| s..(s + CHUNK).min(numel);
+    let n_stats = method.n_stats();
+    let stats = if n_stats == 0 {
+        vec![]
+    } else {
+        let parts: Vec<Vec<f64>> = starts
+            .par_iter()
+            .map_init(scratch, |(bufs, _, _), &s| {
+                let r = range(s);
+                fill(load, r.clone(), bufs)?;
+                let (base, inputs) = split(bufs, r.len(), has_base);
+                let mut part = vec![0f64; n_stats];
+                method.accumulate(base, &inputs, &mut part);
+                Ok(part)
+            })
+            .collect::<Result<_>>()?;
+        // Summed in chunk order, never in completion order.
+        parts.iter().fold(vec![0f64; n_stats], |mut acc, p| {
+            acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            acc
+        })
+    };
+    starts.par_iter().try_for_each_init(scratch, |(bufs, out, bytes), &s| {
+        let r = range(s);
+        fill(load, r.clone(), bufs)?;
+        let (base, inputs) = split(bufs, r.len(), has_base);
+        out.resize(r.len(), 0.0);
+        method.apply(&Ctx { offset: s, ..ctx }, base, &inputs, &stats, out)?;
+        check_finite(ctx.tensor, out, s)?;
+        sink(s, out, bytes)
+    })
+}
+
+/// Executes a plan into `out_dir` (an existing, empty folder; the caller stages and renames
+/// it). `progress` runs on the calling thread after each tensor; an error from it stops
+/// the merge.
+pub fn run(
+    plan: &PlanSpec,
+    ckpts: &[Checkpoint],
+    out_dir: &Path,
+    pool: &rayon::ThreadPool,
+    progress: &mut dyn FnMut(&Progress) -> Result<()>,
+) -> Result<Summary> {
+    let jobs = resolve(plan, ckpts)?;
+    let specs: Vec<OutSpec> = jobs.iter().map(|j| OutSpec { name: j.name.to_owned(), dtype: j.dtype, shape: j.shape.clone() }).collect();
+    let mut metadata = plan.metadata.clone();
+    metadata.insert("format".into(), "pt".into());
+    let writer = ShardedWriter::create(out_dir, specs, plan.max_shard_size, &metadata)?;
+    let mut p = Progress {
+        tensors_total: jobs.len(),
+        bytes_total: writer.specs().iter().map(|s| s.nbytes() as u64).sum(),
+        ..Progress::default()
+    };
+    let mut bytes_read = 0u64;
+    for (idx, job) in jobs.iter().enumerate() {
+        let dt = job.dtype;
+        let sz = dt.size();
+        let sink = |off: usize, vals: &[f32], bytes: &mut Vec<u8>| {
+            bytes.resize(vals.len() * sz, 0);
+            encode_f32(dt, vals, bytes);
+            writer.write(idx, off * sz, bytes)
+        };
+        let ctx = Ctx { tensor: job.name, shape: &job.shape, offset: 0, seed: plan.seed };
+        pool.install(|| merge_tensor(job.method.as_ref(), ctx, job.base.is_some(), job.numel(), job, &sink))?;
+        for s in job.sources() {
+            bytes_read += s.nbytes();
+            s.release();
+        }
+        p.tensors_done += 1;
+        p.bytes_done += (job.numel() * sz) as u64;
+        progress(&p)?;
+    }
+    let w = writer.finish()?;
+    Ok(Summary { tensors_written: jobs.len(), bytes_read, bytes_written: w.bytes_written, files: w.files })
+}
+
+/// Merges in-memory f32 tensors (the array API) with exactly the kernel and chunking the
+/// file path uses, so an array merge and a folder merge give the same numbers.
+pub fn merge_arrays(
+    method: &dyn Method,
+    tensor: &str,
+    shape: &[usize],
+    seed: u64,
+    base: Option<&[f32]>,
+    inputs: &[&[f32]],
+    pool: &rayon::ThreadPool,
+) -> Result<Vec<f32>> {
+    let numel: usize = shape.iter().product();
+    for x in base.iter().chain(inputs) {
+        if x.len() != numel {
+            return Err(Error::mismatch(tensor, format!("an input has {} elements, expected {numel} for shape {shape:?}", x.len())));
+        }
+    }
+    let load = Slices(base.into_iter().chain(inputs.iter().copied()).collect());
+    let mut out = vec![0f32; numel];
+    let dst = SharedOut(out.as_mut_ptr());
+    let sink = |off: usize, vals: &[f32], _: &mut Vec<u8>| {
+        // SAFETY: merge_tensor hands out disjoint in-bounds ranges of `out`, which
+        // outlives this call; each range is written by exactly one thread.
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), dst.get().add(off), vals.len()) };
+        Ok(())
+    };
+    let ctx = Ctx { tensor, shape, offset: 0, seed };
+    pool.install(|| merge_tensor(method, ctx, base.is_some(), numel, &load, &sink))?;
+    Ok(out)
+}
+
+struct SharedOut(*mut f32);
+// SAFETY: only used for disjoint writes, see merge_arrays.
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A pool with `threads` workers (None: one per core).
+pub fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = threads {
+        if n == 0 {
+            return Err(Error::config("threads must be at least 1"));
+        }
+        b = b.num_threads(n);
+    }
+    b.build().map_err(|e| Error::config(format!("cannot start worker threads: {e}")))
+}

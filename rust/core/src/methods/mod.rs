@@ -1,0 +1,95 @@
+//! Merge methods. Each module holds one method; `build` turns a name and its per-tensor
+//! parameters into a ready kernel. Kernels see f32 slices only; reading, chunking,
+//! threading and writing belong to the engine.
+use crate::error::{Error, Result};
+use crate::params::Params;
+use serde_json::{Map, Value};
+
+pub mod linear;
+pub mod slerp;
+pub mod task_arithmetic;
+
+/// What a kernel knows about the piece of tensor it is given.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx<'a> {
+    /// Output tensor name (also keys the random streams).
+    pub tensor: &'a str,
+    pub shape: &'a [usize],
+    /// Element offset of this piece in the flattened tensor (0 for whole tensors).
+    pub offset: usize,
+    pub seed: u64,
+}
+
+pub trait Method: Send + Sync {
+    /// True when each output element depends only on the inputs at that element (plus the
+    /// whole-tensor statistics from `accumulate`): the engine then streams the tensor in
+    /// fixed-size chunks in parallel. False: `apply` always receives whole tensors.
+    fn elementwise(&self) -> bool {
+        true
+    }
+
+    /// Number of whole-tensor f64 statistics (dot products, norms...) `apply` needs.
+    fn n_stats(&self) -> usize {
+        0
+    }
+
+    /// Adds one chunk's contribution to `stats`. The engine sums chunks in a fixed order,
+    /// so results never depend on the thread count.
+    fn accumulate(&self, _base: Option<&[f32]>, _inputs: &[&[f32]], _stats: &mut [f64]) {}
+
+    /// Computes `out` (same length as every input slice).
+    fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()>;
+}
+
+/// How a method uses a base model.
+pub(crate) fn check_arity(method: &str, has_base: bool, base: BaseRule, n: usize, min: usize, max: Option<usize>) -> Result<()> {
+    match (base, has_base) {
+        (BaseRule::Required, false) => return Err(Error::config(format!("{method} needs a base model"))),
+        (BaseRule::Forbidden, true) => return Err(Error::config(format!("{method} takes no base model"))),
+        _ => {}
+    }
+    if n < min || max.is_some_and(|m| n > m) {
+        let want = match max {
+            Some(m) if m == min => format!("exactly {min}"),
+            Some(m) => format!("{min} to {m}"),
+            None => format!("at least {min}"),
+        };
+        return Err(Error::config(format!("{method} needs {want} model(s) besides any base, got {n}")));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BaseRule {
+    Required,
+    Optional,
+    Forbidden,
+}
+
+/// Every method name `build` knows.
+pub const METHODS: &[&str] = &["linear", "task_arithmetic", "slerp"];
+
+/// Builds the kernel for one tensor. `n_inputs` counts the models other than the base.
+pub fn build(name: &str, params: &Map<String, Value>, n_inputs: usize, has_base: bool) -> Result<Box<dyn Method>> {
+    let p = Params::new(name, params);
+    let m: Box<dyn Method> = match name {
+        "linear" => Box::new(linear::Linear::build(&p, n_inputs, has_base)?),
+        "task_arithmetic" => Box::new(task_arithmetic::TaskArithmetic::build(&p, n_inputs, has_base)?),
+        "slerp" => Box::new(slerp::Slerp::build(&p, n_inputs, has_base)?),
+        other => {
+            return Err(Error::config(format!("unknown merge method '{other}' (known: {})", METHODS.join(", "))));
+        }
+    };
+    p.finish()?;
+    Ok(m)
+}
+
+/// Σ w_i x_i[j] for every j, summing models in order (fixed order: deterministic).
+#[inline]
+pub(crate) fn weighted_sum(inputs: &[&[f32]], w: &[f32], out: &mut [f32]) {
+    out.copy_from_slice(inputs[0]);
+    out.iter_mut().for_each(|o| *o *= w[0]);
+    for (x, &wi) in inputs.iter().zip(w).skip(1) {
+        out.iter_mut().zip(x.iter()).for_each(|(o, &v)| *o += wi * v);
+    }
+}

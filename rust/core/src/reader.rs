@@ -1,0 +1,295 @@
+//! Memory-mapped safetensors checkpoints: one file, or a folder sharded with
+//! `model.safetensors.index.json`. Every header is validated when the checkpoint is
+//! opened, before any merge work, and every message names the file and the tensor.
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::tensor::TensorInfo as StInfo;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+const MAX_HEADER: u64 = 100 * 1024 * 1024;
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// None when the dtype exists in safetensors but is not a float we merge (I64, BOOL...).
+    pub dtype: Option<Dtype>,
+    pub raw_dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub shard: usize,
+    /// Absolute byte range inside the shard file.
+    pub span: Range<usize>,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    metadata: BTreeMap<String, String>,
+}
+
+pub struct Checkpoint {
+    root: PathBuf,
+    shards: Vec<Shard>,
+    tensors: HashMap<String, TensorInfo>,
+    /// Tensor names in file order (shard, then offset): a stable, natural iteration order.
+    order: Vec<String>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint").field("root", &self.root).field("tensors", &self.order.len()).finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens a `.safetensors` file, or a folder holding an index + shards, `model.safetensors`,
+    /// or any `*.safetensors` files.
+    pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        if path.is_file() {
+            return Self::from_files(path.to_path_buf(), vec![path.to_path_buf()], None);
+        }
+        if !path.is_dir() {
+            return Err(Error::invalid(path, None, "no such file or folder"));
+        }
+        let index = path.join(INDEX_NAME);
+        if index.is_file() {
+            return Self::open_index(path, &index);
+        }
+        let single = path.join("model.safetensors");
+        if single.is_file() {
+            return Self::from_files(path.to_path_buf(), vec![single], None);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::invalid(path, None, "folder holds no .safetensors file (pickled .bin checkpoints are not read; convert them to safetensors first)"));
+        }
+        Self::from_files(path.to_path_buf(), files, None)
+    }
+
+    fn open_index(root: &Path, index: &Path) -> Result<Checkpoint> {
+        let text = std::fs::read(index).map_err(|e| Error::io(index, e))?;
+        let json: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::invalid(index, None, format!("index is not valid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::invalid(index, None, "index has no \"weight_map\" object"))?;
+        let mut wanted: BTreeMap<String, String> = BTreeMap::new();
+        for (name, shard) in map {
+            let shard = shard
+                .as_str()
+                .ok_or_else(|| Error::invalid(index, Some(name), "weight_map entry is not a file name"))?;
+            let p = Path::new(shard);
+            if p.is_absolute() || p.components().count() != 1 {
+                return Err(Error::invalid(index, Some(name), format!("shard '{shard}' is not a plain file name inside the folder")));
+            }
+            wanted.insert(name.clone(), shard.to_owned());
+        }
+        let mut shard_names: Vec<&String> = wanted.values().collect();
+        shard_names.sort();
+        shard_names.dedup();
+        let mut files = Vec::with_capacity(shard_names.len());
+        for s in shard_names {
+            let p = root.join(s);
+            if !p.is_file() {
+                let who = wanted.iter().find(|(_, v)| *v == s).map(|(k, _)| k.as_str());
+                return Err(Error::invalid(index, who, format!("index names shard '{s}', which does not exist")));
+            }
+            files.push(p);
+        }
+        Self::from_files(root.to_path_buf(), files, Some((index, wanted)))
+    }
+
+    fn from_files(root: PathBuf, files: Vec<PathBuf>, index: Option<(&Path, BTreeMap<String, String>)>) -> Result<Checkpoint> {
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = HashMap::new();
+        let mut order = Vec::new();
+        for (si, file) in files.into_iter().enumerate() {
+            let (shard, infos) = open_shard(&file, si)?;
+            let shard_name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            for info in infos {
+                if let Some((_, wanted)) = &index {
+                    // Tensors a shard holds but the index does not list are ignored, as loaders do.
+                    if wanted.get(&info.name) != Some(&shard_name) {
+                        continue;
+                    }
+                }
+                if let Some(prev) = tensors.get(&info.name) {
+                    let prev: &TensorInfo = prev;
+                    return Err(Error::invalid(&file, Some(&info.name), format!("tensor also stored in {}", shards_path(&shards, prev.shard).display())));
+                }
+                order.push(info.name.clone());
+                tensors.insert(info.name.clone(), info);
+            }
+            shards.push(shard);
+        }
+        if let Some((index, wanted)) = &index {
+            for (name, shard) in wanted {
+                if !tensors.contains_key(name) {
+                    return Err(Error::invalid(*index, Some(name), format!("index says the tensor is in '{shard}', but that shard does not hold it")));
+                }
+            }
+        }
+        Ok(Checkpoint { root, shards, tensors, order })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Tensor names in file order.
+    pub fn names(&self) -> &[String] {
+        &self.order
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    pub fn get(&self, name: &str) -> Result<&TensorInfo> {
+        self.info(name)
+            .ok_or_else(|| Error::mismatch(name, format!("not found in checkpoint {}", self.root.display())))
+    }
+
+    pub fn shard_path(&self, info: &TensorInfo) -> &Path {
+        &self.shards[info.shard].path
+    }
+
+    /// The `__metadata__` of the first shard.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        self.shards.first().map(|s| s.metadata.clone()).unwrap_or_default()
+    }
+
+    /// The raw little-endian bytes of a tensor.
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.shards[info.shard].mmap[info.span.clone()]
+    }
+
+    /// Widens elements `range` of the tensor to f32 into `dst`.
+    pub fn read_f32(&self, info: &TensorInfo, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        let dtype = info.dtype.ok_or_else(|| {
+            Error::invalid(self.shard_path(info), Some(&info.name), format!("dtype {:?} cannot be merged (only float tensors)", info.raw_dtype))
+        })?;
+        let sz = dtype.size();
+        let bytes = self.bytes(info);
+        decode_into(dtype, &bytes[range.start * sz..range.end * sz], dst);
+        Ok(())
+    }
+
+    /// Drops the tensor's pages from this process's memory: merges read each tensor once,
+    /// so keeping them mapped would only grow the resident set up to the model's size.
+    pub fn release(&self, info: &TensorInfo) {
+        let mmap = &self.shards[info.shard].mmap;
+        let page = 4096;
+        let start = info.span.start / page * page;
+        let end = info.span.end.min(mmap.len());
+        if end > start {
+            // SAFETY: the mapping is read-only and file-backed: dropped pages are read again
+            // from the file if touched later, so no data can be lost or changed.
+            unsafe {
+                let _ = mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
+            }
+        }
+    }
+}
+
+fn decode_into(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
+    crate::dtype::decode_f32(dtype, src, dst)
+}
+
+fn shards_path(shards: &[Shard], i: usize) -> &Path {
+    &shards[i].path
+}
+
+/// Maps one file and validates its header completely.
+fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)> {
+    let f = File::open(file).map_err(|e| Error::io(file, e))?;
+    let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
+    if len < 8 {
+        return Err(Error::invalid(file, None, format!("file is {len} bytes, shorter than the 8-byte header length")));
+    }
+    // SAFETY: inputs are only ever opened read-only; merge_fast never writes to or truncates
+    // a file it maps (outputs go to a fresh folder).
+    let mmap = unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(|e| Error::io(file, e))?;
+    let n = u64::from_le_bytes(mmap[..8].try_into().unwrap());
+    if n > MAX_HEADER || n > len - 8 {
+        return Err(Error::invalid(file, None, format!("header length {n} runs past the end of the file ({len} bytes)")));
+    }
+    let header_end = 8 + n as usize;
+    let header = std::str::from_utf8(&mmap[8..header_end])
+        .map_err(|e| Error::invalid(file, None, format!("header is not UTF-8: {e}")))?;
+    let raw: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(header).map_err(|e| Error::invalid(file, None, format!("header is not valid JSON: {e}")))?;
+    let data_len = mmap.len() - header_end;
+    let mut metadata = BTreeMap::new();
+    let mut infos = Vec::with_capacity(raw.len());
+    for (name, value) in raw {
+        if name == "__metadata__" {
+            metadata = serde_json::from_value(value)
+                .map_err(|e| Error::invalid(file, None, format!("__metadata__ is not a map of strings: {e}")))?;
+            continue;
+        }
+        let st: StInfo = serde_json::from_value(value.clone()).map_err(|e| {
+            let dt = value.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+            let msg = if e.to_string().contains("unknown variant") {
+                format!("unknown dtype '{dt}'")
+            } else {
+                format!("bad entry {value}: {e}")
+            };
+            Error::invalid(file, Some(&name), msg)
+        })?;
+        let (s, e) = st.data_offsets;
+        let nbytes = st
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(st.dtype.bitsize()))
+            .map(|bits| bits.div_ceil(8));
+        if e < s {
+            return Err(Error::invalid(file, Some(&name), format!("data_offsets [{s}, {e}) end before they start")));
+        }
+        if nbytes != Some(e - s) {
+            return Err(Error::invalid(file, Some(&name), format!(
+                "shape {:?} of dtype {:?} needs {} bytes but data_offsets [{s}, {e}) span {}",
+                st.shape, st.dtype, nbytes.map_or("too many".into(), |b| b.to_string()), e - s)));
+        }
+        if e > data_len {
+            return Err(Error::invalid(file, Some(&name), format!(
+                "data_offsets [{s}, {e}) run past the end of the data section ({data_len} bytes): truncated file?")));
+        }
+        infos.push(TensorInfo {
+            dtype: Dtype::from_safetensors(st.dtype),
+            raw_dtype: st.dtype,
+            shape: st.shape,
+            shard: shard_idx,
+            span: header_end + s..header_end + e,
+            name,
+        });
+    }
+    infos.sort_by(|a, b| (a.span.start, a.span.end).cmp(&(b.span.start, b.span.end)));
+    for w in infos.windows(2) {
+        if w[1].span.start < w[0].span.end {
+            return Err(Error::invalid(file, Some(&w[1].name), format!("data overlaps tensor '{}'", w[0].name)));
+        }
+    }
+    // The crate's own validation on top: no holes, no trailing bytes, as every loader demands.
+    safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::invalid(file, None, format!("{e:?}")))?;
+    Ok((Shard { path: file.to_path_buf(), mmap, metadata }, infos))
+}

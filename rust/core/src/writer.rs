@@ -1,0 +1,192 @@
+//! Sharded safetensors writer. Every tensor's name, shape and dtype is known up front, so
+//! shards and headers are laid out before any data exists; workers then write each piece
+//! in place with positioned writes, in any order. Nothing buffers a whole shard.
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::reader::INDEX_NAME;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[derive(Debug, Clone)]
+pub struct OutSpec {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl OutSpec {
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+struct Slot {
+    shard: usize,
+    /// Absolute file offset of the tensor's first byte.
+    offset: u64,
+    len: usize,
+    written: AtomicUsize,
+}
+
+pub struct ShardedWriter {
+    dir: PathBuf,
+    files: Vec<(PathBuf, File)>,
+    slots: Vec<Slot>,
+    specs: Vec<OutSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteSummary {
+    pub files: Vec<PathBuf>,
+    /// Sum of tensor data bytes (the index's `total_size`).
+    pub total_size: u64,
+    /// Bytes on disk, headers included.
+    pub bytes_written: u64,
+}
+
+/// Splits tensors (in plan order) into shards of at most `max_shard_size` data bytes;
+/// a tensor larger than the limit gets a shard of its own.
+fn assign_shards(specs: &[OutSpec], max_shard_size: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let mut size = 0u64;
+    for (i, s) in specs.iter().enumerate() {
+        let b = s.nbytes() as u64;
+        if !shards.last().unwrap().is_empty() && size + b > max_shard_size {
+            shards.push(vec![]);
+            size = 0;
+        }
+        shards.last_mut().unwrap().push(i);
+        size += b;
+    }
+    shards
+}
+
+pub fn shard_file_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".to_owned()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+impl ShardedWriter {
+    /// Lays out `model.safetensors` or `model-0000i-of-0000n.safetensors` shards in `dir`.
+    pub fn create(dir: &Path, specs: Vec<OutSpec>, max_shard_size: u64, metadata: &BTreeMap<String, String>) -> Result<Self> {
+        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name)
+    }
+
+    /// One single file at `path`, whatever its size (no index).
+    pub fn create_file(path: &Path, specs: Vec<OutSpec>, metadata: &BTreeMap<String, String>) -> Result<Self> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().ok_or_else(|| Error::config(format!("{} is not a file path", path.display())))?;
+        let name = name.to_string_lossy().into_owned();
+        Self::create_named(dir, specs, u64::MAX, metadata, &|_, _| name.clone())
+    }
+
+    fn create_named(
+        dir: &Path,
+        specs: Vec<OutSpec>,
+        max_shard_size: u64,
+        metadata: &BTreeMap<String, String>,
+        file_name: &dyn Fn(usize, usize) -> String,
+    ) -> Result<Self> {
+        let mut seen = std::collections::HashSet::new();
+        for s in &specs {
+            if !seen.insert(&s.name) {
+                return Err(Error::config(format!("output tensor '{}' is planned twice", s.name)));
+            }
+            if !s.dtype.writable() {
+                return Err(Error::config(format!("output tensor '{}': cannot write dtype {}", s.name, s.dtype)));
+            }
+        }
+        let groups = assign_shards(&specs, max_shard_size.max(1));
+        let n = groups.len();
+        let mut slots: Vec<Option<Slot>> = (0..specs.len()).map(|_| None).collect();
+        let mut files = Vec::with_capacity(n);
+        for (si, mut group) in groups.into_iter().enumerate() {
+            // Wider dtypes first keeps every tensor naturally aligned (as safetensors does).
+            group.sort_by_key(|&i| std::cmp::Reverse(specs[i].dtype.size()));
+            let mut header = serde_json::Map::new();
+            header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap());
+            let mut off = 0usize;
+            let mut rel = Vec::with_capacity(group.len());
+            for &i in &group {
+                let s = &specs[i];
+                let len = s.nbytes();
+                header.insert(
+                    s.name.clone(),
+                    serde_json::json!({"dtype": s.dtype.as_str(), "shape": s.shape, "data_offsets": [off, off + len]}),
+                );
+                rel.push((i, off, len));
+                off += len;
+            }
+            let mut hbytes = serde_json::to_vec(&header).unwrap();
+            // Pad with spaces so the data section starts 8-aligned.
+            while hbytes.len() % 8 != 0 {
+                hbytes.push(b' ');
+            }
+            let data_start = 8 + hbytes.len() as u64;
+            let path = dir.join(file_name(si, n));
+            let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            f.set_len(data_start + off as u64).map_err(|e| Error::io(&path, e))?;
+            let mut head = (hbytes.len() as u64).to_le_bytes().to_vec();
+            head.extend_from_slice(&hbytes);
+            f.write_all_at(&head, 0).map_err(|e| Error::io(&path, e))?;
+            for (i, o, len) in rel {
+                slots[i] = Some(Slot { shard: si, offset: data_start + o as u64, len, written: AtomicUsize::new(0) });
+            }
+            files.push((path, f));
+        }
+        Ok(ShardedWriter { dir: dir.to_path_buf(), files, slots: slots.into_iter().map(Option::unwrap).collect(), specs })
+    }
+
+    pub fn specs(&self) -> &[OutSpec] {
+        &self.specs
+    }
+
+    /// Writes `data` at byte `offset` within tensor `idx`. Safe to call from many threads.
+    pub fn write(&self, idx: usize, offset: usize, data: &[u8]) -> Result<()> {
+        let slot = &self.slots[idx];
+        if offset + data.len() > slot.len {
+            return Err(Error::config(format!("internal: write past the end of tensor '{}'", self.specs[idx].name)));
+        }
+        let (path, f) = &self.files[slot.shard];
+        f.write_all_at(data, slot.offset + offset as u64).map_err(|e| Error::io(path, e))?;
+        slot.written.fetch_add(data.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Checks every byte was written, closes the shards and writes the index when sharded.
+    pub fn finish(self) -> Result<WriteSummary> {
+        for (slot, spec) in self.slots.iter().zip(&self.specs) {
+            let w = slot.written.load(Ordering::Relaxed);
+            if w != slot.len {
+                return Err(Error::config(format!("internal: tensor '{}' got {w} of {} bytes", spec.name, slot.len)));
+            }
+        }
+        let total_size: u64 = self.slots.iter().map(|s| s.len as u64).sum();
+        let mut bytes_written = 0;
+        let mut paths = Vec::new();
+        for (path, f) in self.files {
+            bytes_written += f.metadata().map_err(|e| Error::io(&path, e))?.len();
+            paths.push(path);
+        }
+        if paths.len() > 1 {
+            let mut weight_map = BTreeMap::new();
+            for (slot, spec) in self.slots.iter().zip(&self.specs) {
+                let name = paths[slot.shard].file_name().unwrap().to_string_lossy().into_owned();
+                weight_map.insert(spec.name.clone(), name);
+            }
+            let index = serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+            let p = self.dir.join(INDEX_NAME);
+            let text = serde_json::to_string_pretty(&index).unwrap();
+            std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+            bytes_written += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            paths.push(p);
+        }
+        Ok(WriteSummary { files: paths, total_size, bytes_written })
+    }
+}
