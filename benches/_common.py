@@ -486,6 +486,7 @@ def compare_outputs(dir_a: Path | str, dir_b: Path | str,
     Returns names_equal (same tensor-name sets), shapes_equal, dtypes_equal, n_compared,
     max_abs (max |a - b|), n_diff (elements whose bit patterns differ), n_elems, max_ulp (max
     distance in bf16/f16 units in the last place, i.e. ordered-integer distance of the bits).
+    max_rel is the max over tensors of max|a - b| / max|b|.
     ``names`` restricts the value comparison to a sample (the name sets are always compared).
     """
     import torch
@@ -495,7 +496,7 @@ def compare_outputs(dir_a: Path | str, dir_b: Path | str,
     res = {"names_equal": set(wa) == set(wb), "only_a": sorted(set(wa) - set(wb))[:5],
            "only_b": sorted(set(wb) - set(wa))[:5], "shapes_equal": True, "dtypes_equal": True,
            "n_compared": 0, "max_abs": 0.0, "max_ulp": 0, "n_diff": 0, "n_elems": 0,
-           "worst_tensor": None}
+           "max_rel": 0.0, "worst_tensor": None}
     todo = [n for n in (names if names is not None else sorted(wa)) if n in wa and n in wb]
 
     def ordered(x: "torch.Tensor") -> "torch.Tensor":
@@ -527,6 +528,10 @@ def compare_outputs(dir_a: Path | str, dir_b: Path | str,
             ulp, nd = -1, int((a.to(torch.float32) != b.to(torch.float32)).sum().item())
         if d > res["max_abs"]:
             res["worst_tensor"] = n
+        if a.numel():
+            ref = b.to(torch.float32).abs().max().item()
+            res["max_rel"] = max(res["max_rel"], d / ref if ref > 0 else (0.0 if d == 0 else
+                                                                          float("inf")))
         res["max_abs"] = max(res["max_abs"], d)
         res["max_ulp"] = max(res["max_ulp"], ulp)
         res["n_diff"] += nd

@@ -85,6 +85,10 @@ class Row:
         return C.median(self.walls())
 
     @property
+    def cpu(self) -> float:
+        return C.median([r.user_s + r.sys_s for r in self.runs if r.ok])
+
+    @property
     def rss(self) -> float:
         xs = [r.peak_rss_mb for r in self.runs if r.ok]
         return max(xs) if xs else float("nan")
@@ -257,7 +261,7 @@ def run_size_method(size: str, method: str, a: Path, b: Path, contenders: List[C
                 env.update(MF_ENV)
             r = C.run_measured(cmd, env=env, timeout=args.timeout)
             row.runs.append(r)
-            tag = f"{size:>5} {method:<6} {c.label:<22} rep {rep + 1}/{args.repeats}"
+            tag = f"{size:>5} {method:<6} {c.label:<24} rep {rep + 1}/{args.repeats}"
             if not r.ok:
                 row.status = "failed"
                 tail = (r.stderr.strip().splitlines() or r.stdout.strip().splitlines()
@@ -267,8 +271,9 @@ def run_size_method(size: str, method: str, a: Path, b: Path, contenders: List[C
                 if args.verbose:
                     print(r.stderr[-4000:], file=sys.stderr)
                 continue
-            print(f"  {tag}: {r.wall_s:7.2f} s  rss {r.peak_rss_mb:7.0f} MB  anon "
-                  f"{r.peak_anon_mb:7.0f} MB", file=sys.stderr, flush=True)
+            print(f"  {tag}: {r.wall_s:7.2f} s  cpu {r.user_s + r.sys_s:6.1f} s  rss "
+                  f"{r.peak_rss_mb:6.0f} MB  anon {r.peak_anon_mb:6.0f} MB  load "
+                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
             if rep == 0:
                 if c.kind == "merge_fast":
                     row.extra["shards"] = out_shards(out)
@@ -325,8 +330,10 @@ def fmt_agree(r: dict) -> str:
     if "error" in r:
         return "ERROR " + r["error"]
     s = (f"{r['n_compared']} tensors{' (sample)' if r['sampled'] else ''}, max|diff| "
-         f"{r['max_abs']:.3g}, max ulp {r['max_ulp']}, "
-         f"{r['n_diff']}/{r['n_elems']} elems differ")
+         f"{r['max_abs']:.3g} (max|diff|/max|ref| {r.get('max_rel', 0):.2g}), max ulp "
+         f"{r['max_ulp']}, {r['n_diff']}/{r['n_elems']} elems differ")
+    if r.get("worst_tensor"):
+        s += f", worst {r['worst_tensor']}"
     if not r["names_equal"]:
         s += f"; NAME SETS DIFFER (only {r['a']}: {r['only_a']}, only {r['b']}: {r['only_b']})"
     if not r["shapes_equal"]:
@@ -346,7 +353,7 @@ def fnum(x: float, fmt: str = "{:.2f}") -> str:
 
 
 def table(rows: List[Row], markdown: bool) -> str:
-    hdr = ["contender", "size", "method", "median s", "min / max s", "peak RSS MB",
+    hdr = ["contender", "size", "method", "median s", "min / max s", "CPU s", "peak RSS MB",
            "anon MB", "x I/O floor", "speedup vs mergekit", "note"]
     lines = []
     by = {}
@@ -366,11 +373,11 @@ def table(rows: List[Row], markdown: bool) -> str:
                     note += f"; in-process {api_s:.2f} s (rep 1)"
             if r.status != "ok" and not w:
                 body.append([r.contender.label, size, method, r.status, "", "", "", "", "",
-                             note])
+                             "", note])
                 continue
             body.append([
                 r.contender.label, size, method, fnum(r.med),
-                f"{fnum(min(w))} / {fnum(max(w))}" if w else "-",
+                f"{fnum(min(w))} / {fnum(max(w))}" if w else "-", fnum(r.cpu, "{:.1f}"),
                 fnum(r.rss, "{:.0f}"), fnum(r.anon, "{:.0f}"),
                 fnum(r.med / floor) if r.contender.kind != "io-floor" else "1.00",
                 fnum(mk / r.med) if r.contender.kind != "io-floor" else "-",
@@ -378,7 +385,7 @@ def table(rows: List[Row], markdown: bool) -> str:
             ])
     if markdown:
         lines.append("| " + " | ".join(hdr) + " |")
-        lines.append("|" + "|".join("---" if i in (0, 1, 2, 9) else "---:"
+        lines.append("|" + "|".join("---" if i in (0, 1, 2, 10) else "---:"
                                     for i in range(len(hdr))) + "|")
         for b in body:
             lines.append("| " + " | ".join(b) + " |")
@@ -499,6 +506,7 @@ def main(argv=None) -> int:
         pass
 
     t_start = time.perf_counter()
+    load0 = " ".join(f"{x:.1f}" for x in os.getloadavg())
     rows: List[Row] = []
     generated: List[Path] = []
     for size in sizes:
@@ -516,7 +524,10 @@ def main(argv=None) -> int:
     print(f"# merge_fast engine bench  ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"repeats={args.repeats}, total {total:.0f} s)")
-    print("# wall = median subprocess wall time (imports included); inputs in page cache; "
+    print(f"# load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"(load at start: {load0})")
+    print("# wall = median subprocess wall time (imports included); CPU = median user+sys; "
+          "inputs in page cache; "
           "no fsync; peak RSS = max over repeats of VmHWM (incl. file-backed mmap pages); "
           "anon = polled RssAnon+RssShmem")
     print(table(rows, markdown=False))

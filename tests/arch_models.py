@@ -52,6 +52,15 @@ def _specs() -> dict[str, tuple[Any, Any, dict[str, Any]]]:
                                                        n_positions=64, bos_token_id=0, eos_token_id=0)),
         "bert": (T.BertConfig, T.BertModel, dict(dec, hidden_size=32, intermediate_size=64,
                                                  num_attention_heads=4)),
+        # extra variants (not in FAMILIES): OPT-350m layout, Gemma-3 multimodal
+        "opt_350m": (T.OPTConfig, T.OPTForCausalLM, dict(dec, hidden_size=32, ffn_dim=64, num_attention_heads=4,
+                                                         word_embed_proj_dim=16, do_layer_norm_before=False,
+                                                         pad_token_id=1, bos_token_id=2, eos_token_id=2)),
+        "gemma3_mm": (T.Gemma3Config, T.Gemma3ForConditionalGeneration, dict(
+            text_config=dict(gqa, head_dim=16, vocab_size=300),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)),
     }
 
 

@@ -6,9 +6,11 @@ Builds tiny random-init transformers models locally (no hub), one per family.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -31,6 +33,7 @@ def _import_arch():
         for m in [m for m in sys.modules if m == "merge_fast" or m.startswith("merge_fast.")]:
             del sys.modules[m]
         stub = tempfile.mkdtemp(prefix="merge_fast_arch_stub_")
+        atexit.register(shutil.rmtree, stub, True)
         os.makedirs(os.path.join(stub, "merge_fast"))
         open(os.path.join(stub, "merge_fast", "__init__.py"), "w").close()
         os.symlink(os.path.join(PYDIR, "merge_fast", "arch"), os.path.join(stub, "merge_fast", "arch"))
@@ -46,7 +49,7 @@ import arch_models as am  # noqa: E402
 
 from merge_fast.arch import (  # noqa: E402
     ArchError, CanonicalKey, CanonicalKeyError, FusedTensorError, MappingFileError, MissingTensorError,
-    UnknownFamilyError, UnknownTensorError, apply_output_recipe, apply_recipe, canonicalize, check_complete,
+    UnknownFamilyError, UnknownTensorError, apply_output_recipe, read_config, read_shapes, apply_recipe, canonicalize, check_complete,
     decanonicalize, detect_family, dump_mapping, get_family, load_mapping, missing_keys, parse_mapping,
     plan_canonical, plan_decanonical,
 )
@@ -542,3 +545,46 @@ tensors:
         assert all(same_bits(back[k], t[k]) for k in t)
     finally:
         arch.unregister_family(fam.name)
+
+
+# ----------------------------------------------------------------------------- extra layouts
+def test_opt_350m_layout(built):
+    """OPT-350m: project_in/project_out, post-LN (no final norm)."""
+    b = built("opt_350m")
+    canon = assert_round_trip(b.tensors, b.config)
+    assert {"embed_proj_in.weight", "embed_proj_out.weight"} <= set(canon)
+    assert "final_norm.weight" not in canon
+    assert canon["embed.weight"].shape == (96, 16)
+    check_complete(canon, b.config)
+
+
+def test_gemma3_multimodal_language_model(built):
+    """Gemma3ForConditionalGeneration: text weights get the gemma3_text keys (sizes from
+    text_config); vision tower / projector pass through and are written back verbatim."""
+    b = built("gemma3_mm")
+    fam = detect_family(b.config, list(b.tensors))
+    assert fam.name == "gemma3" and detect_family(None, list(b.tensors)).name == "gemma3"
+    canon = assert_round_trip(b.tensors, b.config)
+    assert canon.passthrough and all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in canon.passthrough)
+    text = {k for k in canon if not k.startswith("passthrough.")}
+    t = built("gemma3_text")
+    assert text == set(canonicalize(t.tensors, t.config))
+    assert canon["layers.0.attn.q.weight"].shape == (64, 32)
+    check_complete(canon, b.config)
+
+
+def test_lazy_plan_from_safetensors_header(built):
+    b = built("gpt_neox")
+    shapes = read_shapes(b.path)
+    assert shapes["embed_out.weight"].dtype == "F32"
+    plan = plan_canonical(shapes, read_config(b.path))
+    for key, r in plan.recipes.items():
+        assert same_bits(apply_recipe(r, b.tensors[r.source]), canonicalize(b.tensors, b.config)[key])
+
+
+def test_canonical_key_single():
+    fam = get_family("phi3")
+    assert str(fam.canonical_key("model.layers.2.self_attn.o_proj.weight")) == "layers.2.attn.o.weight"
+    assert fam.canonical_key("model.nope") is None
+    with pytest.raises(FusedTensorError, match="to_canonical"):
+        fam.canonical_key("model.layers.2.self_attn.qkv_proj.weight")

@@ -18,16 +18,14 @@ from ._errors import (
     TensorMismatch,
 )
 from ._folders import MergeResult
-from .methods import linear, merge, slerp, task_arithmetic
+from . import methods as _methods
+from .methods import *  # noqa: F401,F403
 
 __all__ = [
     "__version__",
     "Checkpoint",
     "MergeResult",
-    "merge",
-    "linear",
-    "slerp",
-    "task_arithmetic",
+    *_methods.__all__,
     "MergeError",
     "InvalidCheckpoint",
     "TensorMismatch",

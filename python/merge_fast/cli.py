@@ -45,19 +45,19 @@ def _report(args: argparse.Namespace, result) -> int:
 
 
 def _cmd_slerp(args: argparse.Namespace) -> int:
-    from .methods import slerp
+    from .methods.basic import slerp
 
     return _report(args, slerp(args.a, args.b, t=args.t, **_options(args)))
 
 
 def _cmd_linear(args: argparse.Namespace) -> int:
-    from .methods import linear
+    from .methods.basic import linear
 
     return _report(args, linear(args.models, weights=args.weights, normalize=not args.no_normalize, **_options(args)))
 
 
 def _cmd_task_arithmetic(args: argparse.Namespace) -> int:
-    from .methods import task_arithmetic
+    from .methods.basic import task_arithmetic
 
     result = task_arithmetic(args.base, args.models, weights=args.weights, lam=args.lam, **_options(args))
     return _report(args, result)

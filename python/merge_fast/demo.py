@@ -78,7 +78,7 @@ def write_model(folder: Path, cfg: dict, seed: int, base_seed: Optional[int] = N
 
 
 def run_demo(workdir: Optional[str] = None, quiet: bool = False) -> int:
-    from .methods import slerp
+    from .methods.basic import slerp
 
     tmp = None
     if workdir is None:

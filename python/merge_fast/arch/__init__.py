@@ -14,11 +14,12 @@ Quick use::
 
 Lazy / streaming form (only shapes needed, e.g. from safetensors headers)::
 
-    plan = plan_canonical({name: shape}, config)      # plan.recipes[key] -> Recipe
+    plan = plan_canonical(read_shapes(model_dir), read_config(model_dir))  # plan.recipes[key] -> Recipe
     outs = plan_decanonical({key: shape}, config, fam, source_family=fam)
 
-Built-in families: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi, phi3,
-gpt_neox, opt, gpt2, bert.  Custom ones: :func:`load_mapping` (see ``examples/qed.yaml``).
+Built-in families: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, gemma3
+(multimodal: language model mapped, vision tower passed through), phi, phi3, gpt_neox, opt,
+gpt2, bert.  Custom ones: :func:`load_mapping` (see ``examples/qed.yaml``).
 
 This subpackage imports nothing from the compiled core, so it works without ``_core``.
 """
@@ -50,6 +51,7 @@ from .errors import (
 from .families import BUILTIN_SPECS, get_family, list_families, register_family, unregister_family
 from .family import Family, RuleMatch, TensorRule
 from .fused import OutputRecipe, Recipe, Segment, SplitPart, SplitSpec, apply_output_recipe, apply_recipe
+from .headers import TensorInfo, read_config, read_header, read_shapes
 from .mapping_file import EXAMPLES_DIR, dump_mapping, load_mapping, parse_mapping
 from .roles import PARAMS, ROLES, CanonicalKey, RoleInfo
 
@@ -66,6 +68,8 @@ __all__ = [
     "Recipe", "OutputRecipe", "Segment", "SplitSpec", "SplitPart", "apply_recipe", "apply_output_recipe",
     # dims
     "resolve_dims", "DEFAULT_DIMS",
+    # safetensors headers (lazy path)
+    "read_shapes", "read_header", "read_config", "TensorInfo",
     # mapping files
     "load_mapping", "parse_mapping", "dump_mapping", "EXAMPLES_DIR",
     # errors

@@ -21,6 +21,8 @@ Tensors a family does not know (``unknown``):
 
 Known non-parameter buffers (rotary ``inv_freq``, GPT-2/NeoX causal-mask ``attn.bias``,
 BERT ``position_ids``) follow ``buffers`` (``"drop"`` by default, or ``"passthrough"``).
+Tensors matching the family's ``passthrough`` regexes (e.g. Gemma-3's vision tower) are
+always kept as ``passthrough.<name>``.
 
 Fused tensors (Phi-3 ``qkv_proj``/``gate_up_proj``, GPT-NeoX ``query_key_value``, GPT-2
 ``c_attn``) are split on the way in.  On the way out they are re-fused only when the
@@ -166,7 +168,12 @@ def plan_canonical(
         shape = _shape(shapes[name])
         m = fam.match(name)
         if m is None:
-            policy: str = buffers if fam.is_ignored(name) else unknown
+            if fam.is_passthrough(name):
+                policy: str = "passthrough"
+            elif fam.is_ignored(name):
+                policy = buffers
+            else:
+                policy = unknown
             if policy == "error":
                 unknown_names.append(name)
             elif policy == "passthrough":

@@ -4,7 +4,8 @@ Fused-tensor split sizes are written as small arithmetic expressions over *dimen
 names* (``"num_heads * head_dim"``).  A family declares how each dimension is found in the
 config as a list of alternative expressions, tried in order; the first whose names all
 resolve to non-``None`` values wins.  Names are looked up first among the dimensions
-resolved so far, then among the config's top-level keys.
+resolved so far, then among the config's top-level keys, then in ``config["text_config"]``
+(multimodal checkpoints such as Gemma-3).
 
 Only integer literals, names, ``+ - * // %``, parentheses and unary minus are accepted;
 nothing is ever passed to ``eval``.
@@ -98,7 +99,12 @@ class _Lookup(dict):
     def get(self, k: str, default: Any = None) -> Any:  # type: ignore[override]
         if k in self.dims:
             return self.dims[k]
-        return self.config.get(k, default)
+        v = self.config.get(k)
+        if v is None:  # multimodal configs keep the language model's sizes in text_config
+            text = self.config.get("text_config")
+            if isinstance(text, Mapping):
+                v = text.get(k)
+        return default if v is None else v
 
 
 def eval_expr(expr: "int | str", dims: Mapping[str, int], config: Mapping[str, Any] | None = None) -> int:

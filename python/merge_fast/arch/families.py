@@ -72,6 +72,7 @@ _GEMMA_ATTRS = dict(_LLAMA_ATTRS, norm_weight_offset=1.0, embed_scale="sqrt(hidd
 
 def _spec(family: str, model_types: list[str], architectures: list[str], tensors: list[dict[str, Any]],
           *, prefixes: list[str], attributes: Mapping[str, Any], ignore: Iterable[str] = (),
+          passthrough: Iterable[str] = (),
           detect: Mapping[str, list[str]] | None = None, dims: Mapping[str, Any] | None = None,
           description: str = "") -> dict[str, Any]:
     d: dict[str, Any] = {
@@ -81,6 +82,8 @@ def _spec(family: str, model_types: list[str], architectures: list[str], tensors
     }
     if detect:
         d["detect"] = dict(detect)
+    if passthrough:
+        d["passthrough"] = list(passthrough)
     if dims:
         d["dims"] = dict(dims)
     return d
@@ -200,6 +203,14 @@ _LN = {"norm": "layernorm", "norm_weight_offset": 0.0, "norm_placement": "pre", 
 
 #: Built-in family specs, in name-only detection priority order (most specific first).
 BUILTIN_SPECS: tuple[dict[str, Any], ...] = (
+    _spec("gemma3", ["gemma3"], ["Gemma3ForConditionalGeneration"],
+          [*_llama_like(q_norm=True, sandwich=True)[:-1], _t("language_model.lm_head.weight", "lm_head.weight")],
+          prefixes=["language_model.model."], attributes=dict(_GEMMA_ATTRS, norm_placement="sandwich", multimodal=True),
+          ignore=_ROPE_BUFFERS, passthrough=[r"^vision_tower\.", r"^multi_modal_projector\."],
+          detect={"require": [r"^language_model\.model\.layers\.\d+\.pre_feedforward_layernorm\.weight$",
+                              r"self_attn\.q_norm\.weight$"]},
+          description="Gemma 3 multimodal: the language model is mapped (same keys as gemma3_text), the vision "
+                      "tower and projector pass through verbatim; sizes come from config['text_config']"),
     _spec("gemma3_text", ["gemma3_text"], ["Gemma3ForCausalLM"], _llama_like(q_norm=True, sandwich=True),
           prefixes=["model.", ""], attributes=dict(_GEMMA_ATTRS, norm_placement="sandwich"), ignore=_ROPE_BUFFERS,
           detect={"require": [r"pre_feedforward_layernorm\.weight$", r"self_attn\.q_norm\.weight$"]},
@@ -238,7 +249,8 @@ BUILTIN_SPECS: tuple[dict[str, Any], ...] = (
           _bert(), prefixes=["", "bert."],
           attributes=dict(_LN, norm_placement="post", mlp="plain", activation="hidden_act", position="learned",
                           encoder=True, tied_embeddings_default=True),
-          ignore=[r"(^|\.)embeddings\.position_ids$"],
+          # position_ids: buffer; cls.predictions.decoder.bias: tied alias of cls.predictions.bias
+          ignore=[r"(^|\.)embeddings\.position_ids$", r"^cls\.predictions\.decoder\.bias$"],
           description="BERT encoder (post-LN): attention.output.LayerNorm->attn_norm, output.LayerNorm->mlp_norm"),
     _spec("qwen2", ["qwen2"], ["Qwen2ForCausalLM"], _llama_like(), prefixes=["model.", ""],
           attributes=_LLAMA_ATTRS, ignore=_ROPE_BUFFERS,

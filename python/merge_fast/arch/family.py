@@ -13,6 +13,7 @@ as Python dicts in :mod:`.families`, and for user YAML mapping files, loaded by
       num_kv_heads: [n_kv_heads]
     attributes: {norm: rmsnorm}         # free-form facts for cross-family code (documented per family)
     ignore: ['\\.rotary_emb\\.inv_freq$']  # regexes of known non-parameter buffers
+    passthrough: ['^vision_tower\\.']    # regexes of parameters kept verbatim, outside the namespace
     detect:                             # optional: tensor-name-only detection signature
       require: ['q_proj\\.bias$']         # regexes; all must match some name
       forbid: ['o_proj\\.bias$']          # regexes; none may match any name
@@ -20,8 +21,8 @@ as Python dicts in :mod:`.families`, and for user YAML mapping files, loaded by
       - name: "{prefix}layers.{layer}.attn.wo.weight"   # template; {layer} = block index
         role: attn.o.weight                             # canonical "<role>.<param>"
         required: true                                  # counted by the completeness check
-      - name: "h.{layer}.attn.c_proj.weight"
-        role: attn.o.weight
+      - name: "h.{layer}.mlp.c_proj.weight"
+        role: mlp.down.weight
         transpose: true                                 # stored [in, out] -> canonical [out, in]
       - name: "{prefix}layers.{layer}.attn.wqkv.weight"
         split:                                          # fused tensor
@@ -32,7 +33,8 @@ as Python dicts in :mod:`.families`, and for user YAML mapping files, loaded by
             - [attn.k.weight, "num_kv_heads * head_dim"]
             - [attn.v.weight, "num_kv_heads * head_dim"]
 
-Instead of ``name`` a tensor may give ``pattern`` (a full-match regex, with a named group
+Each ``<role>.<param>`` may be produced by one entry only.  Instead of ``name`` a tensor may
+give ``pattern`` (a full-match regex, with a named group
 ``layer`` for per-layer tensors; ``{prefix}`` is substituted) *and* ``name`` (the template
 used when writing).
 """
@@ -249,6 +251,7 @@ class Family:
     dims: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     attributes: Mapping[str, Any] = field(default_factory=dict)
     ignore: tuple[str, ...] = ()
+    passthrough: tuple[str, ...] = ()
     detect_require: tuple[str, ...] = ()
     detect_forbid: tuple[str, ...] = ()
     description: str = ""
@@ -264,7 +267,7 @@ class Family:
         if not isinstance(spec, Mapping):
             raise MappingFileError(f"{source}: a family spec must be a mapping, got {type(spec).__name__}")
         allowed = ("merge_fast_arch", "family", "description", "match", "prefixes", "dims", "attributes",
-                   "ignore", "detect", "tensors")
+                   "ignore", "passthrough", "detect", "tensors")
         try:
             _check_keys(spec, allowed, source)
             name = spec.get("family")
@@ -295,13 +298,14 @@ class Family:
             if not isinstance(attributes, Mapping):
                 raise MappingFileError(f"{source}: 'attributes' must be a mapping")
             ignore = _as_str_list(spec.get("ignore"), f"{source}.ignore")
+            passthrough = _as_str_list(spec.get("passthrough"), f"{source}.passthrough")
             detect = spec.get("detect") or {}
             if not isinstance(detect, Mapping):
                 raise MappingFileError(f"{source}: 'detect' must be a mapping")
             _check_keys(detect, ("require", "forbid"), f"{source}.detect")
             require = _as_str_list(detect.get("require"), f"{source}.detect.require")
             forbid = _as_str_list(detect.get("forbid"), f"{source}.detect.forbid")
-            for rx in (*ignore, *require, *forbid):
+            for rx in (*ignore, *passthrough, *require, *forbid):
                 try:
                     re.compile(rx)
                 except re.error as e:
@@ -320,6 +324,7 @@ class Family:
                 dims=dims,
                 attributes=dict(attributes),
                 ignore=ignore,
+                passthrough=passthrough,
                 detect_require=require,
                 detect_forbid=forbid,
                 description=str(spec.get("description", "")),
@@ -344,6 +349,8 @@ class Family:
             d["attributes"] = dict(self.attributes)
         if self.ignore:
             d["ignore"] = list(self.ignore)
+        if self.passthrough:
+            d["passthrough"] = list(self.passthrough)
         if self.detect_require or self.detect_forbid:
             d["detect"] = {"require": list(self.detect_require), "forbid": list(self.detect_forbid)}
         d["tensors"] = [r.to_spec() for r in self.rules]
@@ -388,13 +395,14 @@ class Family:
                     )
                 by_role[rp] = (rule, i)
         ignore = [re.compile(r) for r in self.ignore]
-        tables = (compiled, by_role, ignore)
+        passthrough = [re.compile(r) for r in self.passthrough]
+        tables = (compiled, by_role, ignore, passthrough)
         object.__setattr__(self, "_compiled", tables)
         return tables
 
     def match(self, name: str) -> RuleMatch | None:
         """The rule a stored tensor name falls under, or ``None``."""
-        compiled, _, _ = self._tables()
+        compiled = self._tables()[0]
         for rx, rule in compiled:
             m = rx.fullmatch(name)
             if m:
@@ -404,8 +412,11 @@ class Family:
 
     def is_ignored(self, name: str) -> bool:
         """True for known non-parameter buffers (rotary ``inv_freq``, causal-mask ``attn.bias``...)."""
-        _, _, ignore = self._tables()
-        return any(rx.search(name) for rx in ignore)
+        return any(rx.search(name) for rx in self._tables()[2])
+
+    def is_passthrough(self, name: str) -> bool:
+        """True for parameters the family keeps verbatim outside the namespace (e.g. a vision tower)."""
+        return any(rx.search(name) for rx in self._tables()[3])
 
     def to_canonical(self, name: str) -> tuple[CanonicalKey, ...] | None:
         """Canonical key(s) held by a stored tensor: one key, or several for a fused tensor.
@@ -432,7 +443,7 @@ class Family:
     def rule_for(self, key: "CanonicalKey | str") -> tuple[TensorRule, int]:
         """``(rule, part index)`` of the stored tensor that holds ``key``."""
         k = CanonicalKey.parse(key)
-        _, by_role, _ = self._tables()
+        by_role = self._tables()[1]
         hit = by_role.get(k.role_param)
         if hit is None:
             raise UnknownTensorError(f"family {self.name!r} has no tensor for canonical key {str(k)!r}", [str(k)])
@@ -473,7 +484,7 @@ class Family:
 
     def roles(self) -> tuple[str, ...]:
         """Every ``"<role>.<param>"`` this family can hold."""
-        _, by_role, _ = self._tables()
+        by_role = self._tables()[1]
         return tuple(by_role)
 
     def resolve_dims(self, config: Mapping[str, Any] | None) -> dict[str, int]:
@@ -481,6 +492,9 @@ class Family:
         from .dims import resolve_dims
 
         return resolve_dims(config, self.dims)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.prefix, self.rules))
 
     def __repr__(self) -> str:
         return f"Family({self.name!r}, prefix={self.prefix!r}, {len(self.rules)} tensor rules)"

@@ -134,6 +134,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(merge_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
-    m.add("METHODS", methods::METHODS.to_vec())?;
+    m.add("METHODS", methods::names())?;
     Ok(())
 }

@@ -97,7 +97,7 @@ where
         let (mut bufs, mut out, mut bytes) = scratch();
         fill(load, 0..numel, &mut bufs)?;
         let (base, inputs) = split(&bufs, numel, has_base);
-        let mut stats = vec![0f64; method.n_stats()];
+        let mut stats = method.init_stats();
         if !stats.is_empty() {
             method.accumulate(base, &inputs, &mut stats);
         }
@@ -118,14 +118,14 @@ where
                 let r = range(s);
                 fill(load, r.clone(), bufs)?;
                 let (base, inputs) = split(bufs, r.len(), has_base);
-                let mut part = vec![0f64; n_stats];
+                let mut part = method.init_stats();
                 method.accumulate(base, &inputs, &mut part);
                 Ok(part)
             })
             .collect::<Result<_>>()?;
-        // Summed in chunk order, never in completion order.
-        parts.iter().fold(vec![0f64; n_stats], |mut acc, p| {
-            acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        // Folded in chunk order, never in completion order.
+        parts.iter().fold(method.init_stats(), |mut acc, p| {
+            method.combine(&mut acc, p);
             acc
         })
     };

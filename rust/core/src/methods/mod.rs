@@ -9,6 +9,11 @@ pub mod linear;
 pub mod slerp;
 pub mod task_arithmetic;
 
+// Families of methods, each with its own registry (`NAMES` + `build`).
+pub mod data_aware;
+pub mod geometric;
+pub mod sparsified;
+
 /// What a kernel knows about the piece of tensor it is given.
 #[derive(Debug, Clone, Copy)]
 pub struct Ctx<'a> {
@@ -33,9 +38,19 @@ pub trait Method: Send + Sync {
         0
     }
 
-    /// Adds one chunk's contribution to `stats`. The engine sums chunks in a fixed order,
-    /// so results never depend on the thread count.
+    /// The statistics' starting values (zeros; a min/max statistic starts at ±inf).
+    fn init_stats(&self) -> Vec<f64> {
+        vec![0.0; self.n_stats()]
+    }
+
+    /// Adds one chunk's contribution to `stats` (which starts from `init_stats`).
     fn accumulate(&self, _base: Option<&[f32]>, _inputs: &[&[f32]], _stats: &mut [f64]) {}
+
+    /// Folds one chunk's statistics into the total (sum by default). The engine folds
+    /// chunks in a fixed order, so results never depend on the thread count.
+    fn combine(&self, total: &mut [f64], part: &[f64]) {
+        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+    }
 
     /// Computes `out` (same length as every input slice).
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()>;
@@ -60,14 +75,19 @@ pub(crate) fn check_arity(method: &str, has_base: bool, base: BaseRule, n: usize
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)] // Optional is for methods that may take a base (e.g. model_stock)
 pub(crate) enum BaseRule {
     Required,
     Optional,
     Forbidden,
 }
 
+const BASIC: &[&str] = &["linear", "task_arithmetic", "slerp"];
+
 /// Every method name `build` knows.
-pub const METHODS: &[&str] = &["linear", "task_arithmetic", "slerp"];
+pub fn names() -> Vec<&'static str> {
+    [BASIC, sparsified::NAMES, geometric::NAMES, data_aware::NAMES].concat()
+}
 
 /// Builds the kernel for one tensor. `n_inputs` counts the models other than the base.
 pub fn build(name: &str, params: &Map<String, Value>, n_inputs: usize, has_base: bool) -> Result<Box<dyn Method>> {
@@ -76,9 +96,10 @@ pub fn build(name: &str, params: &Map<String, Value>, n_inputs: usize, has_base:
         "linear" => Box::new(linear::Linear::build(&p, n_inputs, has_base)?),
         "task_arithmetic" => Box::new(task_arithmetic::TaskArithmetic::build(&p, n_inputs, has_base)?),
         "slerp" => Box::new(slerp::Slerp::build(&p, n_inputs, has_base)?),
-        other => {
-            return Err(Error::config(format!("unknown merge method '{other}' (known: {})", METHODS.join(", "))));
-        }
+        other => sparsified::build(other, &p, n_inputs, has_base)
+            .or_else(|| geometric::build(other, &p, n_inputs, has_base))
+            .or_else(|| data_aware::build(other, &p, n_inputs, has_base))
+            .unwrap_or_else(|| Err(Error::config(format!("unknown merge method '{other}' (known: {})", names().join(", ")))))?,
     };
     p.finish()?;
     Ok(m)

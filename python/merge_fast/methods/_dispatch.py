@@ -1,13 +1,13 @@
-"""The public merge functions. Each works on in-memory arrays (numpy or torch; returns the
-same kind) or on model folders (needs ``out=``; returns a :class:`MergeResult`)."""
+"""The one dispatcher every public merge function goes through: arrays in, array out;
+folders in, ``out`` folder written."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from ._arrays import is_array, merge_arrays
-from ._errors import ConfigError
-from ._folders import MergeResult, ProgressArg, merge_folders
+from .._arrays import is_array, merge_arrays
+from .._errors import ConfigError
+from .._folders import MergeResult, ProgressArg, merge_folders
 
 Model = Any  # a numpy array, a torch tensor, or a path to a model folder / .safetensors file
 
@@ -53,31 +53,7 @@ def merge(
     raise ConfigError("config error: pass either all arrays/tensors or all model paths, not a mix")
 
 
-def linear(models: Sequence[Model], weights: Optional[Sequence[float]] = None, *, normalize: bool = True, **options: Any):
-    """Weighted average ``Σ w_i θ_i / Σ w_i`` (``normalize=False``: the plain weighted sum).
-    Weights default to 1 for every model."""
-    return merge("linear", models, params={"weight": _list(weights), "normalize": normalize}, **options)
 
-
-def task_arithmetic(
-    base: Model,
-    models: Sequence[Model],
-    weights: Optional[Sequence[float]] = None,
-    *,
-    lam: float = 1.0,
-    normalize: bool = False,
-    **options: Any,
-):
-    """Task arithmetic: ``θ_base + λ Σ w_i (θ_i − θ_base)``."""
-    params = {"weight": _list(weights), "lambda": lam, "normalize": normalize}
-    return merge("task_arithmetic", models, base=base, params=params, **options)
-
-
-def slerp(a: Model, b: Model, t: float, **options: Any):
-    """Spherical interpolation from ``a`` (t = 0, the base) to ``b`` (t = 1), mergekit's
-    semantics; nearly colinear tensors (|cos| > 0.9995) and zero tensors are lerped."""
-    return merge("slerp", [b], base=a, params={"t": t}, **options)
-
-
-def _list(x: Optional[Sequence[float]]):
+def as_list(x: Optional[Sequence[float]]):
+    """Per-model parameter lists as plain floats (None stays None: the method's default)."""
     return None if x is None else [float(v) for v in x]
