@@ -522,8 +522,10 @@ def compare_outputs(dir_a: Path | str, dir_b: Path | str,
             res["dtypes_equal"] = False
         d = (a.to(torch.float32) - b.to(torch.float32)).abs().max().item() if a.numel() else 0.0
         if a.dtype == b.dtype:
-            ulp = (ordered(a) - ordered(b)).abs().max().item() if a.numel() else 0
-            nd = int((ordered(a) != ordered(b)).sum().item())
+            oa, ob = ordered(a), ordered(b)
+            ulp = (oa - ob).abs().max().item() if a.numel() else 0
+            nd = int((oa != ob).sum().item())
+            del oa, ob
         else:
             ulp, nd = -1, int((a.to(torch.float32) != b.to(torch.float32)).sum().item())
         if d > res["max_abs"]:

@@ -420,11 +420,20 @@ def model_family(models_root):
     """Factory: model_family(arch, dtype="float32", sharded=False) -> Family (cached per session)."""
     cache: dict = {}
 
-    def get(arch: str = "llama", dtype: str = "float32", sharded: bool = False) -> Family:
-        key = (arch, dtype, sharded)
+    def get(arch: str = "llama", dtype: str = "float32", sharded: bool = False, size: str = "tiny") -> Family:
+        """size="tiny": hidden 32, every tensor <= 4096 elements (one engine chunk).
+        size="medium": hidden 64, vocab 4096, intermediate 1100, so embeddings (262144 elements)
+        and MLP matrices (70400) span several 65536-element engine chunks, incl. a ragged tail."""
+        key = (arch, dtype, sharded, size)
         if key not in cache:
-            root = models_root / f"{arch}_{dtype}_{'sharded' if sharded else 'single'}"
-            d = build_model_dirs(root, arch, dtype, sharded)
+            root = models_root / f"{arch}_{dtype}_{'sharded' if sharded else 'single'}_{size}"
+            if size == "tiny":
+                d = build_model_dirs(root, arch, dtype, sharded)
+            elif size == "medium":
+                d = build_model_dirs(root, arch, dtype, sharded, shard_size="600KB",
+                                     hidden=64, inter=1100, vocab=4096, layers=2, heads=4)
+            else:
+                raise ValueError(size)
             cache[key] = Family(arch, dtype, sharded, d["base"], d["a"], d["b"])
         return cache[key]
 

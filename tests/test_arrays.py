@@ -315,3 +315,20 @@ def test_torch_non_contiguous(mf):
     assert not a.is_contiguous() and not b.is_contiguous()
     got = mf.slerp(a, b, t=0.5)
     assert_slerp_matches(got.numpy(), a.contiguous().numpy(), b.contiguous().numpy(), 0.5, np.float32, "torch nc")
+
+
+# ---------------------------------------------------------------- several engine chunks
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
+def test_large_arrays_multi_chunk(mf, dtype):
+    """1.3M elements: many 65536-element engine chunks plus a ragged tail; slerp's dot and
+    norms are folded across chunks."""
+    rng = np.random.default_rng(99)
+    shape = (1300, 1001)
+    a = rand(shape, dtype, rng=rng)
+    b = (a.astype(np.float32) + 0.7 * rand(shape, rng=rng)).astype(dtype)
+    got = mf.slerp(a, b, t=0.35)
+    assert got.dtype == np.dtype(dtype)
+    assert_slerp_matches(got, a, b, 0.35, dtype, "large slerp")
+    lin = mf.linear([a, b, a], weights=[0.5, 0.3, 0.2])
+    ref, scale = ref_linear([a, b, a], [0.5, 0.3, 0.2])
+    assert_matches_reference(lin, ref, scale, dtype, "large linear")

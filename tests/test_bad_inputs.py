@@ -360,3 +360,48 @@ def test_non_float_tensor_is_rejected_or_passed(mf, single_pair, tmp_path):
         return
     got = read_folder_native(out)
     assert np.array_equal(got["model.position_ids"], np.arange(16, dtype=np.int64))
+
+
+def test_tensor_missing_from_first_input(mf, single_pair, tmp_path):
+    a, b = single_pair
+    renamed = tmp_path / "first_lacking_k"
+    a.rename(renamed)
+    _drop_tensor_single(renamed, X)
+    expect_error(mf, mf.TensorMismatch, renamed, b, tmp_path, must=[X])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_input_is_error(mf, single_pair, tmp_path, value):
+    """DESIGN §4: a NaN produced by a merge is an exception, never a wrong file."""
+    a, b = single_pair
+    f = b / "model.safetensors"
+    meta, tensors = st_read(f)
+    tensors[X] = tensors[X].copy()
+    tensors[X][3, 4] = value
+    st_write(f, tensors, metadata=meta)
+    msg = expect_error(mf, mf.MergeError, a, b, tmp_path, must=[X])
+    assert "nan" in msg.lower() or "finite" in msg.lower() or "inf" in msg.lower(), msg
+
+
+def test_failed_merge_creates_no_parent_folders(mf, single_pair, tmp_path):
+    a, b = single_pair
+    (b / "model.safetensors").write_bytes(b"\x00" * 4)
+    out = tmp_path / "new_parent" / "deeper" / "merged"
+    with pytest.raises(mf.InvalidCheckpoint):
+        mf.slerp(str(a), str(b), t=0.4, out=str(out))
+    assert not (tmp_path / "new_parent").exists(), "failed merge created the target's parent folders"
+
+
+def test_output_into_new_parent_folders_works(mf, single_pair, tmp_path):
+    a, b = single_pair
+    out = tmp_path / "new_parent" / "deeper" / "merged"
+    mf.slerp(str(a), str(b), t=0.4, out=str(out))
+    assert (out / "model.safetensors").exists()
+
+
+def test_output_is_an_input(mf, single_pair, tmp_path):
+    a, b = single_pair
+    before = {p.name: p.read_bytes() for p in b.iterdir()}
+    with pytest.raises(mf.ConfigError):
+        mf.slerp(str(a), str(b), t=0.4, out=str(b))
+    assert {p.name: p.read_bytes() for p in b.iterdir()} == before, "input folder modified"

@@ -78,3 +78,30 @@ def test_array_api_deterministic(mf):
     l1 = mf.linear([a, b, a], weights=[0.3, 0.3, 0.4])
     l2 = mf.linear([a, b, a], weights=[0.3, 0.3, 0.4])
     assert l1.tobytes() == l2.tobytes()
+
+
+@pytest.mark.parametrize("method", ["slerp", "linear", "task_arithmetic"])
+def test_threads_identical_multi_chunk(mf, model_family, tmp_path, method):
+    """Tensors spanning several engine chunks: the chunked reductions must not depend on the
+    thread count."""
+    fam = model_family("llama", "bfloat16", True, "medium")
+    snaps = []
+    for n in (1, 2):
+        out = tmp_path / "merged"
+        _run(mf, method, fam, out, threads=n, max_shard_size="1MB")
+        snaps.append(dir_snapshot(out))
+        shutil.rmtree(out)
+    assert snaps[0] == snaps[1], _diff(snaps[0], snaps[1])
+
+
+def test_array_threads_identical(mf):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(700_001).astype(np.float32)
+    b = rng.standard_normal(700_001).astype(np.float32)
+    outs = []
+    for n in (1, 2):
+        try:
+            outs.append(mf.slerp(a, b, t=0.3, threads=n).tobytes())
+        except TypeError:
+            pytest.fail("array slerp does not accept threads=")
+    assert outs[0] == outs[1]

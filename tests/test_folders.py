@@ -316,3 +316,145 @@ def test_existing_output_not_clobbered_by_failed_merge(mf, model_family, tmp_pat
     with pytest.raises(mf.MergeError):
         mf.slerp(str(fam.a), str(tmp_path / "does_not_exist"), t=0.5, out=str(out))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ------------------------------------------------------------------------ multi-chunk tensors
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_medium_model_multi_chunk(mf, model_family, tmp_path, method, dtype):
+    """Tensors of 70400 and 262144 elements: the engine's chunked statistics (slerp's dot and
+    norms are folded across chunks) and chunked writes must give the same values."""
+    fam = model_family("llama", dtype, True, "medium")
+    out = tmp_path / "merged"
+    r, inputs, src = run_method(mf, method, fam, out, max_shard_size="1MB")
+    got = check_layout(out, max_shard_bytes=1024 * 1024)
+    src_native = read_folder_native(src)
+    assert max(v.size for v in src_native.values()) >= 4 * 65536
+    check_values(method, [read_folder_f32(d) for d in inputs], got, src_native)
+    check_result(r, out, inputs, len(src_native))
+    check_loads_in_transformers(out)
+
+
+def test_f16_model_folder(mf, models_root, tmp_path):
+    from conftest import build_model_dirs
+
+    d = build_model_dirs(tmp_path / "f16", "qwen2", "float16", False)
+    out = tmp_path / "merged"
+    mf.slerp(str(d["a"]), str(d["b"]), t=0.3, out=str(out))
+    got = check_layout(out)
+    assert {v.dtype for v in got.values()} == {np.dtype(np.float16)}
+    check_values("slerp", [read_folder_f32(d["a"]), read_folder_f32(d["b"])], got, read_folder_native(d["a"]))
+
+
+def test_per_tensor_dtype_kept(mf, model_family, tmp_path):
+    """A checkpoint mixing dtypes (norms in f32, the rest bf16): by default each output tensor
+    keeps the first model's dtype for that tensor."""
+    from conftest import st_write
+    import shutil
+
+    fam = model_family("llama", "bfloat16", False)
+    mixed = {}
+    for name in ("a", "b"):
+        d = tmp_path / f"mixed_{name}"
+        shutil.copytree(getattr(fam, name), d)
+        t = read_folder_native(d)
+        t = {k: (v.astype(np.float32) if "norm" in k else v) for k, v in t.items()}
+        st_write(d / "model.safetensors", t, metadata={"format": "pt"})
+        mixed[name] = d
+    out = tmp_path / "merged"
+    mf.slerp(str(mixed["a"]), str(mixed["b"]), t=0.3, out=str(out))
+    got = check_layout(out)
+    for k, v in got.items():
+        assert v.dtype == (np.float32 if "norm" in k else BF16), (k, v.dtype)
+    check_values("slerp", [read_folder_f32(mixed["a"]), read_folder_f32(mixed["b"])], got,
+                 read_folder_native(mixed["a"]))
+
+
+def test_odd_shapes(mf, tmp_path, llama_f32):
+    """Scalars, 1-element and zero-element tensors survive a merge."""
+    from conftest import st_write
+    import shutil
+
+    rng = np.random.default_rng(5)
+    extra = {
+        "odd.scalar": lambda: np.array(rng.standard_normal(), np.float32),
+        "odd.one": lambda: rng.standard_normal((1,)).astype(np.float32),
+        "odd.empty": lambda: np.zeros((0,), np.float32),
+        "odd.empty3d": lambda: np.zeros((3, 0, 2), np.float32),
+    }
+    dirs = []
+    for name in ("a", "b"):
+        d = tmp_path / f"odd_{name}"
+        shutil.copytree(getattr(llama_f32, name), d)
+        t = read_folder_native(d)
+        t.update({k: f() for k, f in extra.items()})
+        st_write(d / "model.safetensors", t, metadata={"format": "pt"})
+        dirs.append(d)
+    out = tmp_path / "merged"
+    mf.linear([str(d) for d in dirs], weights=[0.25, 0.75], out=str(out))
+    got = check_layout(out)
+    A, B = read_folder_f32(dirs[0]), read_folder_f32(dirs[1])
+    for k in extra:
+        assert got[k].shape == A[k].shape, (k, got[k].shape)
+        ref, scale = ref_linear([A[k], B[k]], [0.25, 0.75])
+        assert_matches_reference(got[k], ref, scale, np.float32, k)
+    out2 = tmp_path / "merged_slerp"
+    mf.slerp(str(dirs[0]), str(dirs[1]), t=0.3, out=str(out2))
+    got2 = check_layout(out2)
+    for k in extra:
+        assert got2[k].shape == A[k].shape
+        assert_slerp_matches(got2[k], A[k], B[k], 0.3, np.float32, k)
+
+
+def test_output_path_is_a_file(mf, llama_f32, tmp_path):
+    target = tmp_path / "afile"
+    target.write_bytes(b"keep me")
+    with pytest.raises(mf.MergeError):
+        mf.slerp(str(llama_f32.a), str(llama_f32.b), t=0.3, out=str(target))
+    assert target.read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_progress_true_and_seed_accepted(mf, llama_f32, tmp_path, capsys):
+    r = mf.slerp(str(llama_f32.a), str(llama_f32.b), t=0.3, out=str(tmp_path / "o"), progress=True, seed=123)
+    got = check_layout(tmp_path / "o")
+    check_values("slerp", [read_folder_f32(llama_f32.a), read_folder_f32(llama_f32.b)], got,
+                 read_folder_native(llama_f32.a))
+    assert r.tensors_written == len(got)
+
+
+def test_merge_into_existing_folder_replaces_it_cleanly(mf, model_family, tmp_path):
+    """Re-merging into an existing output (sharded before, single file now) must not leave
+    stale shards or a stale index.json that would make loaders read old weights."""
+    sh = model_family("llama", "float32", True)
+    out = tmp_path / "merged"
+    mf.slerp(str(sh.a), str(sh.b), t=0.3, out=str(out), max_shard_size="10KB")
+    assert (out / "model.safetensors.index.json").exists()
+    (out / "stray_user_file.txt").write_text("x")
+    mf.slerp(str(sh.a), str(sh.b), t=0.7, out=str(out))
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" not in names, f"stale index left: {names}"
+    assert not [n for n in names if n.startswith("model-")], f"stale shards left: {names}"
+    got = check_layout(out)
+    check_values_t = [read_folder_f32(sh.a), read_folder_f32(sh.b)]
+    for k, v in got.items():
+        assert_slerp_matches(v, check_values_t[0][k], check_values_t[1][k], 0.7, np.float32, k)
+    assert sorted(os.listdir(tmp_path)) == ["merged"]
+
+
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float16"])
+def test_out_dtype_recorded_in_config(mf, model_family, tmp_path, out_dtype):
+    """With out_dtype set, config.json must still load and, if it records a dtype, record the
+    stored one; every other key is copied unchanged."""
+    fam = model_family("gpt_neox", "float32", False)
+    out = tmp_path / "o"
+    mf.linear([str(fam.a), str(fam.b)], weights=[1, 1], out=str(out), out_dtype=out_dtype)
+    src = json.loads((fam.a / "config.json").read_text())
+    dst = json.loads((out / "config.json").read_text())
+    assert set(src) == set(dst)
+    for k in src:
+        if k in ("dtype", "torch_dtype"):
+            assert dst[k] == out_dtype, (k, dst[k])
+        else:
+            assert dst[k] == src[k], k
+    check_loads_in_transformers(out)

@@ -189,7 +189,7 @@ except ImportError:  # running as a plain script without pytest/hypothesis
     pytest = None
 
 if pytest is not None:
-    FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+    FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
     @pytest.fixture(scope="module")

@@ -179,3 +179,31 @@ def test_sigkill_at_any_time_target_absent_or_complete(big_pair, tmp_path, delay
         assert _complete(out, names), f"target exists but is incomplete after kill at +{delay}s"
     else:
         assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr.read())
+
+
+def test_sigint_mid_merge_cleans_up(big_pair, tmp_path):
+    """Ctrl-C (SIGINT) during a merge: KeyboardInterrupt, non-zero exit, no target, and the
+    temporary folder removed (the Python exception path can clean up, unlike SIGKILL)."""
+    a, b = big_pair
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "merged"
+    p = subprocess.Popen([sys.executable, "-c", CHILD, str(a), str(b), str(out), "0.05"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("P"), line
+        deadline = time.time() + 30
+        while time.time() < deadline and not os.listdir(work):
+            time.sleep(0.005)
+        assert p.poll() is None, "merge finished before SIGINT"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0, "SIGINT mid-merge: exit code 0"
+    assert "KeyboardInterrupt" in err, f"expected KeyboardInterrupt, stderr: {err[-2000:]}"
+    assert not out.exists(), "SIGINT mid-merge left a folder at the target"
+    assert os.listdir(work) == [], f"SIGINT left {os.listdir(work)} beside the target"

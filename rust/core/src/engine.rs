@@ -4,7 +4,7 @@
 //! fixed reduction order make the output independent of the thread count.
 use crate::dtype::encode_f32;
 use crate::error::{Error, Result};
-use crate::methods::{Ctx, Method};
+use crate::methods::{Ctx, Method, TensorIo};
 use crate::plan::{resolve, Job, PlanSpec};
 use crate::reader::Checkpoint;
 use crate::writer::{OutSpec, ShardedWriter};
@@ -31,30 +31,40 @@ pub struct Summary {
     pub files: Vec<PathBuf>,
 }
 
-/// Something that fills f32 buffers for element ranges of each of its slots
-/// (slot 0 is the base when the merge has one).
-trait Load: Sync {
-    fn slots(&self) -> usize;
-    fn load(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()>;
-}
-
-impl Load for Job<'_> {
+impl TensorIo for Job<'_> {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
     fn slots(&self) -> usize {
         self.inputs.len() + usize::from(self.base.is_some())
     }
-    fn load(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+    fn has_base(&self) -> bool {
+        self.base.is_some()
+    }
+    fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
         self.sources().nth(slot).expect("slot in range").read(range, dst)
     }
 }
 
-struct Slices<'s>(Vec<&'s [f32]>);
+/// In-memory inputs (the array API).
+struct Slices<'s> {
+    numel: usize,
+    has_base: bool,
+    data: Vec<&'s [f32]>,
+}
 
-impl Load for Slices<'_> {
-    fn slots(&self) -> usize {
-        self.0.len()
+impl TensorIo for Slices<'_> {
+    fn numel(&self) -> usize {
+        self.numel
     }
-    fn load(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
-        dst.copy_from_slice(&self.0[slot][range]);
+    fn slots(&self) -> usize {
+        self.data.len()
+    }
+    fn has_base(&self) -> bool {
+        self.has_base
+    }
+    fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        dst.copy_from_slice(&self.data[slot][range]);
         Ok(())
     }
 }
@@ -65,13 +75,13 @@ fn split<'b>(bufs: &'b [Vec<f32>], len: usize, has_base: bool) -> (Option<&'b [f
     (base, it.collect())
 }
 
-fn fill(load: &impl Load, range: Range<usize>, bufs: &mut [Vec<f32>]) -> Result<()> {
+fn fill(io: &dyn TensorIo, range: Range<usize>, bufs: &mut [Vec<f32>]) -> Result<()> {
     let len = range.len();
     for (slot, b) in bufs.iter_mut().enumerate() {
         if b.len() < len {
             b.resize(len, 0.0);
         }
-        load.load(slot, range.clone(), &mut b[..len])?;
+        io.read(slot, range.clone(), &mut b[..len])?;
     }
     Ok(())
 }
@@ -84,60 +94,71 @@ fn check_finite(tensor: &str, out: &[f32], offset: usize) -> Result<()> {
     }
 }
 
-/// Merges one tensor of `numel` elements, handing each finished piece (element offset,
-/// values, a scratch byte buffer) to `sink`. Pieces are disjoint and cover the tensor.
-fn merge_tensor<L, S>(method: &dyn Method, ctx: Ctx, has_base: bool, numel: usize, load: &L, sink: &S) -> Result<()>
+fn chunk_starts(numel: usize) -> Vec<usize> {
+    (0..numel).step_by(CHUNK).collect()
+}
+
+fn scratch(slots: usize) -> (Vec<Vec<f32>>, Vec<f32>, Vec<u8>) {
+    (vec![Vec::new(); slots], Vec::new(), Vec::new())
+}
+
+/// The default `Method::prepare`: streams fixed chunks through `accumulate` in parallel and
+/// folds the parts with `combine` in chunk order.
+pub fn stream_stats<M: Method + ?Sized>(method: &M, io: &dyn TensorIo) -> Result<Vec<f64>> {
+    if method.n_stats() == 0 {
+        return Ok(vec![]);
+    }
+    let numel = io.numel();
+    let parts: Vec<Vec<f64>> = chunk_starts(numel)
+        .par_iter()
+        .map_init(
+            || scratch(io.slots()),
+            |(bufs, _, _), &s| {
+                let r = s..(s + CHUNK).min(numel);
+                fill(io, r.clone(), bufs)?;
+                let (base, inputs) = split(bufs, r.len(), io.has_base());
+                let mut part = method.init_stats();
+                method.accumulate(base, &inputs, &mut part);
+                Ok(part)
+            },
+        )
+        .collect::<Result<_>>()?;
+    Ok(parts.iter().fold(method.init_stats(), |mut acc, p| {
+        method.combine(&mut acc, p);
+        acc
+    }))
+}
+
+/// Merges one tensor, handing each finished piece (element offset, values, a scratch byte
+/// buffer) to `sink`. Pieces are disjoint and cover the tensor.
+fn merge_tensor<S>(method: &dyn Method, ctx: Ctx, io: &dyn TensorIo, sink: &S) -> Result<()>
 where
-    L: Load,
     S: Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
 {
-    let slots = load.slots();
-    let scratch = || (vec![Vec::<f32>::new(); slots], Vec::<f32>::new(), Vec::<u8>::new());
+    let numel = io.numel();
+    let stats = method.prepare(&ctx, io)?;
+    let has_base = io.has_base();
     if !method.elementwise() {
-        let (mut bufs, mut out, mut bytes) = scratch();
-        fill(load, 0..numel, &mut bufs)?;
+        let (mut bufs, mut out, mut bytes) = scratch(io.slots());
+        fill(io, 0..numel, &mut bufs)?;
         let (base, inputs) = split(&bufs, numel, has_base);
-        let mut stats = method.init_stats();
-        if !stats.is_empty() {
-            method.accumulate(base, &inputs, &mut stats);
-        }
         out.resize(numel, 0.0);
         method.apply(&ctx, base, &inputs, &stats, &mut out)?;
         check_finite(ctx.tensor, &out, 0)?;
         return sink(0, &out, &mut bytes);
     }
-    let starts: Vec<usize> = (0..numel).step_by(CHUNK).collect();
-    let range = |s: usize| s..(s + CHUNK).min(numel);
-    let n_stats = method.n_stats();
-    let stats = if n_stats == 0 {
-        vec![]
-    } else {
-        let parts: Vec<Vec<f64>> = starts
-            .par_iter()
-            .map_init(scratch, |(bufs, _, _), &s| {
-                let r = range(s);
-                fill(load, r.clone(), bufs)?;
-                let (base, inputs) = split(bufs, r.len(), has_base);
-                let mut part = method.init_stats();
-                method.accumulate(base, &inputs, &mut part);
-                Ok(part)
-            })
-            .collect::<Result<_>>()?;
-        // Folded in chunk order, never in completion order.
-        parts.iter().fold(method.init_stats(), |mut acc, p| {
-            method.combine(&mut acc, p);
-            acc
-        })
-    };
-    starts.par_iter().try_for_each_init(scratch, |(bufs, out, bytes), &s| {
-        let r = range(s);
-        fill(load, r.clone(), bufs)?;
-        let (base, inputs) = split(bufs, r.len(), has_base);
-        out.resize(r.len(), 0.0);
-        method.apply(&Ctx { offset: s, ..ctx }, base, &inputs, &stats, out)?;
-        check_finite(ctx.tensor, out, s)?;
-        sink(s, out, bytes)
-    })
+    chunk_starts(numel).par_iter().try_for_each_init(
+        || scratch(io.slots()),
+        |(bufs, out, bytes), &s| {
+            let r = s..(s + CHUNK).min(numel);
+            fill(io, r.clone(), bufs)?;
+            let (base, inputs) = split(bufs, r.len(), has_base);
+            out.resize(r.len(), 0.0);
+            method.apply(&Ctx { offset: s, ..ctx }, base, &inputs, &stats, out)?;
+            check_finite(ctx.tensor, out, s)?;
+            sink(s, out, bytes)
+        },
+    )
 }
 
 /// Executes a plan into `out_dir` (an existing, empty folder; the caller stages and renames
@@ -170,7 +191,7 @@ pub fn run(
             writer.write(idx, off * sz, bytes)
         };
         let ctx = Ctx { tensor: job.name, shape: &job.shape, offset: 0, seed: plan.seed };
-        pool.install(|| merge_tensor(job.method.as_ref(), ctx, job.base.is_some(), job.numel(), job, &sink))?;
+        pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink))?;
         for s in job.sources() {
             bytes_read += s.nbytes();
             s.release();
@@ -200,7 +221,7 @@ pub fn merge_arrays(
             return Err(Error::mismatch(tensor, format!("an input has {} elements, expected {numel} for shape {shape:?}", x.len())));
         }
     }
-    let load = Slices(base.into_iter().chain(inputs.iter().copied()).collect());
+    let io = Slices { numel, has_base: base.is_some(), data: base.into_iter().chain(inputs.iter().copied()).collect() };
     let mut out = vec![0f32; numel];
     let dst = SharedOut(out.as_mut_ptr());
     let sink = |off: usize, vals: &[f32], _: &mut Vec<u8>| {
@@ -210,7 +231,7 @@ pub fn merge_arrays(
         Ok(())
     };
     let ctx = Ctx { tensor, shape, offset: 0, seed };
-    pool.install(|| merge_tensor(method, ctx, base.is_some(), numel, &load, &sink))?;
+    pool.install(|| merge_tensor(method, ctx, &io, &sink))?;
     Ok(out)
 }
 

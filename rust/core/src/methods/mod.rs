@@ -52,8 +52,24 @@ pub trait Method: Send + Sync {
         total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
     }
 
+    /// Whole-tensor preparation before any `apply`, with random access to every input
+    /// (e.g. a top-k threshold per model, found with one scratch buffer). Its result is the
+    /// `stats` given to `apply`. The default streams chunks through `accumulate`/`combine`.
+    fn prepare(&self, _ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
+        crate::engine::stream_stats(self, io)
+    }
+
     /// Computes `out` (same length as every input slice).
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()>;
+}
+
+/// Random access to the inputs of the tensor being merged (slot 0 is the base if any).
+pub trait TensorIo: Sync {
+    fn numel(&self) -> usize;
+    fn slots(&self) -> usize;
+    fn has_base(&self) -> bool;
+    /// Widens elements `range` of input `slot` into `dst`.
+    fn read(&self, slot: usize, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()>;
 }
 
 /// How a method uses a base model.
