@@ -1,4 +1,162 @@
-"""Fisher-weighted averaging and Fisher-dampened deltas."""
+"""Fisher-weighted averaging and Fisher-dampened deltas.
+
+Fishers are diagonal (one value per weight), stored as safetensors with the model's own
+tensor names: :func:`merge_fast.torch.estimate_fisher` and ``merge-fast fisher`` write them.
+"""
 from __future__ import annotations
 
-__all__: list = []
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .._errors import ConfigError, TensorMismatch
+from .._folders import (
+    MergeResult,
+    TensorPlan,
+    execute,
+    open_checkpoint,
+    out_dtype_code,
+)
+from ._dispatch import Model, _is_path, as_list, merge
+
+__all__ = ["fisher_weighted", "fisher_dampened", "layer_importance", "layer_of"]
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_of(name: str) -> Optional[int]:
+    """The layer index in a tensor name (``model.layers.7.mlp...`` -> 7), or None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_importance(fisher: Union[str, Path], names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """F̂_layer for every tensor: each layer's mean Fisher (over all its tensors' entries),
+    min-max normalized across layers. A tensor outside numbered layers gets its own mean
+    Fisher on the same scale, clipped to [0, 1]. With a single layer (or equal means) every
+    value is 0: nothing to rank, so nothing is dampened at the layer level."""
+    ck = open_checkpoint(fisher)
+    names = list(names) if names is not None else ck.names()
+    sums: Dict[Optional[int], List[float]] = {}
+    tensor_mean: Dict[str, float] = {}
+    for n in names:
+        f = ck.read_f32(n).astype(np.float64)
+        tensor_mean[n] = float(f.mean()) if f.size else 0.0
+        acc = sums.setdefault(layer_of(n), [0.0, 0.0])
+        acc[0] += float(f.sum())
+        acc[1] += f.size
+    layer_mean = {k: s / max(c, 1) for k, (s, c) in sums.items() if k is not None}
+    if not layer_mean:
+        return {n: 0.0 for n in names}
+    lo, hi = min(layer_mean.values()), max(layer_mean.values())
+    span = hi - lo
+
+    def norm(v: float) -> float:
+        return 0.0 if span <= 0 else float(min(max((v - lo) / span, 0.0), 1.0))
+
+    return {n: norm(layer_mean[layer_of(n)] if layer_of(n) is not None else tensor_mean[n]) for n in names}
+
+
+def _missing(fisher_ck, names: Sequence[str], fisher_path: Any) -> None:
+    missing = [n for n in names if n not in fisher_ck]
+    if missing:
+        raise TensorMismatch(
+            f"tensor mismatch for '{missing[0]}': {len(missing)} tensor(s) have no Fisher in {fisher_path}, "
+            f"e.g. {missing[:5]} (estimate the Fisher for every merged parameter)"
+        )
+
+
+def fisher_weighted(
+    models: Sequence[Model],
+    fishers: Sequence[Model],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    epsilon: float = 1e-8,
+    fisher_normalize: str = "none",
+    **options: Any,
+):
+    """Fisher-weighted average (Matena & Raffel 2022): ``Σ λ_i (F_i+ε) θ_i / Σ λ_i (F_i+ε)``.
+
+    ``fishers[i]`` is the diagonal Fisher of ``models[i]``: an array of the same shape, or a
+    safetensors file/folder with the same tensor names. ``weights`` are the λ_i.
+    ``fisher_normalize="mean"`` divides each F_i by its mean over the tensor first.
+    """
+    if len(fishers) != len(models):
+        raise ConfigError(f"config error: {len(models)} models but {len(fishers)} Fishers")
+    params = {"weight": as_list(weights), "epsilon": epsilon, "fisher_normalize": fisher_normalize}
+    if not all(_is_path(m) for m in list(models) + list(fishers)):
+        return merge("fisher_weighted", list(models) + list(fishers), params=params, **options)
+    return _fisher_folders("fisher_weighted", None, list(models), list(fishers), params, **options)
+
+
+def fisher_dampened(
+    base: Model,
+    models: Sequence[Model],
+    fisher: Model,
+    *,
+    scale: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
+    normalization: str = "log",
+    layer_importance: Optional[float] = None,
+    **options: Any,
+):
+    """Fisher-dampened delta: ``θ_IT + s · (1 − F̂_param) · (1 − F̂_layer) · Δ_avg``.
+
+    ``base`` is θ_IT, ``Δ_avg`` the (weighted) average of ``models[i] − base`` and
+    ``fisher`` the Fisher of θ_IT. F̂_param normalizes the Fisher within each tensor
+    (``normalization``: "log" (default; min-max of ln F, robust to the many orders of
+    magnitude raw Fishers span), "minmax" or "rank"). On folders F̂_layer comes from
+    :func:`layer_importance`; on arrays pass ``layer_importance`` (default 0).
+    """
+    params = {"weight": as_list(weights), "scale": scale, "normalization": normalization}
+    if not all(_is_path(m) for m in [base, fisher, *models]):
+        params["layer_importance"] = layer_importance or 0.0
+        return merge("fisher_dampened", list(models) + [fisher], base=base, params=params, **options)
+    if layer_importance is not None:
+        raise ConfigError("config error: layer_importance is computed from the Fisher on folder merges")
+    return _fisher_folders("fisher_dampened", base, list(models), [fisher], params, **options)
+
+
+def _fisher_folders(
+    method: str,
+    base: Optional[Model],
+    models: List[Model],
+    fishers: List[Model],
+    params: Dict[str, Any],
+    *,
+    out: Optional[Union[str, Path]] = None,
+    dtype: str = "float32",
+    out_dtype: Optional[str] = None,
+    seed: int = 0,
+    **run_options: Any,
+) -> MergeResult:
+    if out is None:
+        raise ConfigError("config error: folder merges need out=PATH")
+    code = out_dtype_code(dtype, out_dtype)
+    model_paths = ([str(base)] if base is not None else []) + [str(m) for m in models]
+    ckpts = [open_checkpoint(p) for p in model_paths]
+    names = ckpts[0].names()
+    for p, c in zip(model_paths[1:], ckpts[1:]):
+        missing = [n for n in names if n not in c]
+        if missing:
+            raise TensorMismatch(f"tensor mismatch for '{missing[0]}': missing from {p} ({len(missing)} tensor(s))")
+    fisher_ckpts = [open_checkpoint(f) for f in fishers]
+    for f, fc in zip(fishers, fisher_ckpts):
+        _missing(fc, names, f)
+    importance = layer_importance(fishers[0], names) if method == "fisher_dampened" else {}
+    paths = model_paths + [str(f) for f in fishers]
+    nf = len(model_paths)
+    plans = []
+    for name in names:
+        src = [{"kind": "tensor", "input": i, "tensor": name} for i in range(len(paths))]
+        p = {k: v for k, v in params.items() if v is not None}
+        if method == "fisher_dampened":
+            p["layer_importance"] = importance[name]
+            plans.append(TensorPlan(name, method, p, src[0], src[1:], code))
+        else:
+            plans.append(TensorPlan(name, method, p, None, src[:nf] + src[nf:], code))
+    recipe = {"method": method, "base_model": str(base) if base is not None else None,
+              "models": [str(m) for m in models], "fishers": [str(f) for f in fishers], "parameters": params}
+    return execute(paths, plans, out, recipe=recipe, side_files_from=model_paths[0], out_dtype=code, seed=seed, **run_options)

@@ -1,14 +1,19 @@
-//! Registry of the Data-aware merges: Fisher-weighted averaging and Fisher-dampened deltas.
+//! Registry of the data-aware merges: Fisher-weighted averaging and Fisher-dampened deltas.
 use super::Method;
 use crate::error::Result;
 use crate::params::Params;
 
+pub mod fisher_dampened;
+pub mod fisher_weighted;
+
 /// Method names this family builds.
-pub const NAMES: &[&str] = &[];
+pub const NAMES: &[&str] = &["fisher_weighted", "fisher_dampened"];
 
 /// Builds `name` if this family has it.
-pub fn build(name: &str, _p: &Params, _n_inputs: usize, _has_base: bool) -> Option<Result<Box<dyn Method>>> {
-    match name {
-        _ => None,
-    }
+pub fn build(name: &str, p: &Params, n_inputs: usize, has_base: bool) -> Option<Result<Box<dyn Method>>> {
+    Some(match name {
+        "fisher_weighted" => fisher_weighted::FisherWeighted::build(p, n_inputs, has_base).map(|m| Box::new(m) as _),
+        "fisher_dampened" => fisher_dampened::FisherDampened::build(p, n_inputs, has_base).map(|m| Box::new(m) as _),
+        _ => return None,
+    })
 }

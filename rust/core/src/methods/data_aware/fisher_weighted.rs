@@ -1,0 +1,93 @@
+//! Fisher-weighted averaging (Matena & Raffel 2022):
+//! `θ = Σ λ_i (F_i + ε) θ_i / Σ λ_i (F_i + ε)`, elementwise with diagonal Fishers.
+//!
+//! Inputs are the n models followed by their n Fishers (same tensor name in each Fisher
+//! file). With `fisher_normalize: "mean"` each F_i is first divided by its mean over the
+//! tensor, so models whose Fishers differ in overall scale (more data, other losses) weigh
+//! in by where they are confident rather than by how large their Fisher is.
+use crate::error::{Error, Result};
+use crate::methods::{check_arity, BaseRule, Ctx, Method};
+use crate::params::Params;
+
+pub struct FisherWeighted {
+    weights: Vec<f64>,
+    epsilon: f64,
+    normalize: bool,
+}
+
+impl FisherWeighted {
+    pub fn build(p: &Params, n_inputs: usize, has_base: bool) -> Result<Self> {
+        check_arity("fisher_weighted", has_base, BaseRule::Forbidden, n_inputs, 2, None)?;
+        if n_inputs % 2 != 0 {
+            return Err(Error::config(format!("fisher_weighted: needs one Fisher per model, got {n_inputs} inputs")));
+        }
+        let n = n_inputs / 2;
+        let weights = p.per_model("weight", n, Some(1.0))?;
+        let epsilon = p.f64("epsilon", 1e-8)?;
+        if epsilon < 0.0 || !epsilon.is_finite() {
+            return Err(Error::config(format!("fisher_weighted: epsilon must be >= 0, got {epsilon}")));
+        }
+        let normalize = match p.opt_str("fisher_normalize")?.unwrap_or("none") {
+            "none" => false,
+            "mean" => true,
+            other => return Err(Error::config(format!("fisher_weighted: fisher_normalize must be 'none' or 'mean', got '{other}'"))),
+        };
+        Ok(FisherWeighted { weights, epsilon, normalize })
+    }
+
+    fn n(&self) -> usize {
+        self.weights.len()
+    }
+}
+
+impl Method for FisherWeighted {
+    fn n_stats(&self) -> usize {
+        // Per-model Fisher sums (for the mean) and the element count.
+        if self.normalize {
+            self.n() + 1
+        } else {
+            0
+        }
+    }
+
+    fn accumulate(&self, _: Option<&[f32]>, inputs: &[&[f32]], stats: &mut [f64]) {
+        let n = self.n();
+        for (i, f) in inputs[n..].iter().enumerate() {
+            stats[i] += f.iter().map(|&x| x as f64).sum::<f64>();
+        }
+        stats[n] += inputs[0].len() as f64;
+    }
+
+    fn apply(&self, ctx: &Ctx, _: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
+        let n = self.n();
+        let (models, fishers) = inputs.split_at(n);
+        let mut scale = vec![1f64; n];
+        if self.normalize {
+            for (i, s) in scale.iter_mut().enumerate() {
+                let mean = stats[i] / stats[n].max(1.0);
+                // An all-zero Fisher stays zero: only ε weighs that model in.
+                *s = if mean > 0.0 { 1.0 / mean } else { 1.0 };
+            }
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            let (mut num, mut den) = (0f64, 0f64);
+            for i in 0..n {
+                let f = fishers[i][j] as f64;
+                if f < 0.0 {
+                    return Err(Error::numerical(ctx.tensor, format!("Fisher of model #{i} is negative ({f}) at element {}", ctx.offset + j)));
+                }
+                let w = self.weights[i] * (f * scale[i] + self.epsilon);
+                num += w * models[i][j] as f64;
+                den += w;
+            }
+            // Every Fisher zero and ε = 0: fall back to the weighted average.
+            *o = if den > 0.0 {
+                (num / den) as f32
+            } else {
+                let wsum: f64 = self.weights.iter().sum();
+                ((0..n).map(|i| self.weights[i] * models[i][j] as f64).sum::<f64>() / wsum) as f32
+            };
+        }
+        Ok(())
+    }
+}
