@@ -234,8 +234,10 @@ def assert_matches_reference(got, ref64, scale, dtype, name="", rtol32=2e-6, max
 # numpy reference formulas (float64), shared by the array and folder tests
 # --------------------------------------------------------------------------------------
 def ref_slerp(a, b, t):
-    """mergekit's slerp in float64. Returns a list of (result, scale) candidates: one, or two
-    when the dot product is so close to the 0.9995 threshold that an f32 engine may
+    """mergekit's slerp in float64, except where a tensor's norm is <= 1e-8: there the angle
+    is undefined and merge_fast lerps (mergekit would take cos = 0 and shrink the other
+    tensor by sin(tπ/2), a known defect). Returns a list of (result, scale) candidates: one,
+    or two when the dot product is so close to the 0.9995 threshold that an f32 engine may
     legitimately take the other branch."""
     a64 = np.asarray(a, dtype=np.float64)
     b64 = np.asarray(b, dtype=np.float64)
@@ -255,6 +257,8 @@ def ref_slerp(a, b, t):
         c1 = np.sin(t * th) / s
         return c0 * a64 + c1 * b64, abs(c0) * np.abs(a64) + abs(c1) * np.abs(b64)
 
+    if na <= 1e-8 or nb <= 1e-8:
+        return [lerp()]
     if abs(abs(d) - 0.9995) < 2e-5:
         return [lerp(), slerp()]
     return [lerp()] if abs(d) > 0.9995 else [slerp()]

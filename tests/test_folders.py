@@ -458,3 +458,32 @@ def test_out_dtype_recorded_in_config(mf, model_family, tmp_path, out_dtype):
         else:
             assert dst[k] == src[k], k
     check_loads_in_transformers(out)
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["t_nan", "t_inf", "lam_nan", "weight_inf", "threads_0", "threads_neg"],
+)
+def test_invalid_numbers_are_config_errors(mf, llama_f32, tmp_path, call):
+    """Non-finite parameters and bad thread counts: ConfigError with a message that says
+    what is wrong (not a JSON parser's complaint, not an OverflowError)."""
+    fam = llama_f32
+    out = tmp_path / "o"
+    a, b, base = str(fam.a), str(fam.b), str(fam.base)
+    fns = {
+        "t_nan": lambda: mf.slerp(a, b, t=float("nan"), out=str(out)),
+        "t_inf": lambda: mf.slerp(a, b, t=float("inf"), out=str(out)),
+        "lam_nan": lambda: mf.task_arithmetic(base, [a], weights=[1.0], lam=float("nan"), out=str(out)),
+        "weight_inf": lambda: mf.linear([a, b], weights=[float("inf"), 1.0], out=str(out)),
+        "threads_0": lambda: mf.slerp(a, b, t=0.3, out=str(out), threads=0),
+        "threads_neg": lambda: mf.slerp(a, b, t=0.3, out=str(out), threads=-1),
+    }
+    with pytest.raises(mf.ConfigError) as ei:
+        fns[call]()
+    msg = str(ei.value).lower()
+    if call.startswith("threads"):
+        assert "thread" in msg, msg
+    else:
+        assert any(w in msg for w in ("finite", "nan", "inf")), f"message does not say the value is not finite: {msg}"
+        assert "expected value at line" not in msg, f"raw JSON parser error leaked: {msg}"
+    assert not out.exists()

@@ -11,8 +11,10 @@ Vocabulary (``VOCAB_SIZE`` = 32)::
 Tasks (the loss/accuracy count only the answer tokens and the final EOS):
 
 * ``reverse``: ``BOS <reverse> x_1..x_n SEP x_n..x_1 EOS``  (sequence reversal)
-* ``modadd``:  ``BOS <modadd> k x_1..x_n SEP (x_1+k)%N .. (x_n+k)%N EOS``  (modular addition
-  of a key ``k`` to every symbol, N = ``N_SYM``)
+* ``modadd``:  ``BOS <modadd> x_1..x_n SEP (x_1+K)%N .. (x_n+K)%N EOS``  (modular addition
+  of the constant K = ``MODADD_K`` to every symbol, N = ``N_SYM``, in order). A variant with a
+  per-example key ``k`` in the prompt did not leave its loss plateau (~1.94) within 400 steps
+  for this model size, so the constant-offset version is used to keep the bench fast.
 
 with ``n`` uniform in ``[MIN_LEN, MAX_LEN]`` and symbols uniform. Training and held-out data
 come from disjoint seeds.
@@ -30,9 +32,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+try:  # no "Loading weights"/"Writing model shards" bars in the bench output
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except Exception:  # pragma: no cover
+    pass
+
 PAD, BOS, SEP, EOS, T_REV, T_ADD = 0, 1, 2, 3, 4, 5
 SYM0 = 6
 N_SYM = 10
+MODADD_K = 3
 VOCAB_SIZE = 32
 MIN_LEN, MAX_LEN = 3, 8
 TASKS = ("reverse", "modadd")
@@ -75,9 +86,8 @@ def make_example(task: str, g: torch.Generator):
         prompt = [BOS, T_REV] + [SYM0 + v for v in x] + [SEP]
         ans = [SYM0 + v for v in reversed(x)] + [EOS]
     elif task == "modadd":
-        k = int(torch.randint(0, N_SYM, (1,), generator=g))
-        prompt = [BOS, T_ADD, SYM0 + k] + [SYM0 + v for v in x] + [SEP]
-        ans = [SYM0 + (v + k) % N_SYM for v in x] + [EOS]
+        prompt = [BOS, T_ADD] + [SYM0 + v for v in x] + [SEP]
+        ans = [SYM0 + (v + MODADD_K) % N_SYM for v in x] + [EOS]
     else:
         raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
     return prompt + ans, len(prompt)
@@ -200,10 +210,10 @@ class QualitySetup:
         return cls(**json.loads(Path(workdir, "setup.json").read_text()))
 
 
-def make_quality_setup(workdir, seed: int = 0, steps: int = 300, *, hidden: int = 128,
-                       layers: int = 4, heads: int = 4, batch_size: int = 64, lr: float = 1e-3,
+def make_quality_setup(workdir, seed: int = 0, steps: int = 200, *, hidden: int = 128,
+                       layers: int = 2, heads: int = 4, batch_size: int = 32, lr: float = 2e-3,
                        n_fisher: int = 256, fisher_mode: str = "empirical",
-                       tasks: Sequence[str] = TASKS, threads: Optional[int] = None,
+                       tasks: Sequence[str] = TASKS, threads: Optional[int] = 1,
                        verbose: bool = False) -> QualitySetup:
     """Build the benchmark inputs in ``workdir``:
 
@@ -218,7 +228,7 @@ def make_quality_setup(workdir, seed: int = 0, steps: int = 300, *, hidden: int 
     from transformers import LlamaForCausalLM
 
     mft = _ensure_mft()
-    if threads:
+    if threads:  # 1 by default: on a shared 2-core box, 2 OMP threads can be 5-10x slower
         torch.set_num_threads(threads)
     log = print if verbose else None
     wd = Path(workdir)

@@ -2,7 +2,7 @@
 """Merge-quality benchmark: build (or reuse) the two-task setup, merge the two fine-tunes with
 each method, evaluate every model on both tasks' held-out sets, print a table.
 
-    python benches/quality/run.py --workdir /tmp/mf_quality [--seed 0] [--steps 300]
+    python benches/quality/run.py --workdir /tmp/mf_quality [--seed 0] [--steps 200]
                                   [--methods average,task_arithmetic,fisher] [--json out.json]
 
 MERGE CALL POINT: every merge goes through one callable
@@ -37,7 +37,7 @@ def merge_fast_merge(method_name, dirs, fisher_paths, out_dir):
     raise NotImplementedError("merge_fast merges are not wired into the quality bench yet")
 
 
-def run(workdir, seed=0, steps=300, methods=DEFAULT_METHODS, merge=None, rebuild=False,
+def run(workdir, seed=0, steps=200, methods=DEFAULT_METHODS, merge=None, rebuild=False,
         n_eval=512, setup_kwargs=None, verbose=True):
     merge = merge or quality.reference_merge
     wd = Path(workdir)
@@ -94,7 +94,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/mf_quality")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--n-fisher", type=int, default=256)

@@ -3,13 +3,13 @@ tensors in, the same kind and dtype out. Values are widened to float32, merged b
 kernels (the very ones folder merges use), and rounded once back to the input dtype."""
 from __future__ import annotations
 
-import json
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from . import _core
 from ._errors import ConfigError, TensorMismatch
+from ._folders import check_threads, plan_json
 
 
 def _is_torch(x: Any) -> bool:
@@ -67,5 +67,6 @@ def merge_arrays(
             raise TensorMismatch(f"tensor mismatch for 'array': model #{i} has shape {tuple(m.shape)}, expected {shape}")
     b = _to_f32(base, "base") if base is not None else None
     xs = [_to_f32(m, f"model #{i}") for i, m in enumerate(models)]
-    out = _core.merge_arrays(method, json.dumps(params), list(shape), b, xs, seed=seed, threads=threads)
+    check_threads(threads)
+    out = _core.merge_arrays(method, plan_json(params), list(shape), b, xs, seed=seed, threads=threads)
     return restore(out)

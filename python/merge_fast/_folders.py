@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -68,6 +69,30 @@ class TensorPlan:
         if self.dtype:
             d["dtype"] = self.dtype
         return d
+
+
+def check_threads(threads: Optional[int]) -> None:
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"config error: threads must be a positive integer, got {threads!r}")
+
+
+def _non_finite(x: Any, path: str) -> Optional[str]:
+    if isinstance(x, float) and not math.isfinite(x):
+        return path
+    if isinstance(x, dict):
+        return next((p for k, v in x.items() if (p := _non_finite(v, k if not path else f"{path}.{k}"))), None)
+    if isinstance(x, (list, tuple)):
+        return next((p for i, v in enumerate(x) if (p := _non_finite(v, f"{path}[{i}]"))), None)
+    return None
+
+
+def plan_json(obj: Any) -> str:
+    """JSON for the engine; a NaN or infinite parameter is a ConfigError naming it (JSON has
+    no such numbers, and no merge parameter may be one)."""
+    bad = _non_finite(obj, "")
+    if bad is not None:
+        raise ConfigError(f"config error: parameter '{bad.split('.')[-1]}' must be a finite number ({bad})")
+    return json.dumps(obj, allow_nan=False)
 
 
 def open_checkpoint(path: PathLike) -> "_core.Checkpoint":
@@ -188,6 +213,9 @@ def execute(
     for p in paths:
         if Path(p).absolute() == out:
             raise ConfigError(f"config error: output {out} is also an input; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config error: output {out} exists and is not a folder")
+    check_threads(threads)
     try:
         shard = parse_size(max_shard_size)
     except ValueError as e:
@@ -203,7 +231,7 @@ def execute(
     t0 = time.perf_counter()
     try:
         with staged_dir(out) as tmp:
-            stats = _core.execute_plan(json.dumps(plan), str(tmp), threads=threads, progress=cb)
+            stats = _core.execute_plan(plan_json(plan), str(tmp), threads=threads, progress=cb)
             copy_side_files(Path(side_files_from), tmp, out_dtype)
             if extra_files is not None:
                 extra_files(tmp)

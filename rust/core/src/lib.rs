@@ -2,6 +2,7 @@
 //! sharded safetensors. No Python here; `cargo test` covers it.
 pub mod dtype;
 pub mod engine;
+pub mod linalg;
 pub mod error;
 pub mod methods;
 pub mod params;

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 
@@ -54,27 +55,215 @@ pub struct TensorSpec {
 pub enum Source {
     /// A stored tensor, read as it is.
     Tensor { input: usize, tensor: String },
+    /// A LoRA-adapted weight, materialized on the fly: `base + scale · B·A` (PEFT layout:
+    /// A is `[r, in]`, B is `[out, r]`, base `[out, in]`). With `transpose` (PEFT embedding
+    /// adapters: A `[r, num_embeddings]`, B `[dim, r]`) the delta is `(B·A)ᵀ`.
+    Lora {
+        base: Box<Source>,
+        a: TensorRef,
+        b: TensorRef,
+        scale: f64,
+        #[serde(default)]
+        transpose: bool,
+    },
+    /// Rows gathered from other sources along axis 0 (vocabulary permutations): output row
+    /// `i` is the mean of the listed `[source, row]` pairs of `rows[i]`, zeros when empty.
+    Rows { sources: Vec<Source>, shape: Vec<usize>, rows: Vec<Vec<(usize, usize)>> },
+}
+
+/// One stored tensor of one input.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorRef {
+    pub input: usize,
+    pub tensor: String,
 }
 
 /// A source bound to its checkpoint, ready to read.
 pub enum Reader<'a> {
     Tensor { ckpt: &'a Checkpoint, info: &'a TensorInfo },
+    Lora(Box<LoraReader<'a>>),
+    Rows(Box<RowsReader<'a>>),
+}
+
+/// `base + scale · B·A`, computed for any element range; the (small) factors are read once
+/// on first use and kept, B·A itself is never materialized.
+pub struct LoraReader<'a> {
+    base: Reader<'a>,
+    a: (&'a Checkpoint, &'a TensorInfo),
+    b: (&'a Checkpoint, &'a TensorInfo),
+    scale: f32,
+    transpose: bool,
+    rank: usize,
+    cols: usize,
+    /// (A as `[r, n]`, B transposed to `[r, m]`): delta[i, j] = Σ_k A'[k, ·] B'[k, ·].
+    factors: OnceLock<Result<(Vec<f32>, Vec<f32>), String>>,
+}
+
+pub struct RowsReader<'a> {
+    sources: Vec<Reader<'a>>,
+    shape: Vec<usize>,
+    row_len: usize,
+    rows: &'a [Vec<(usize, usize)>],
+    dtype: Dtype,
+}
+
+fn bind_ref<'a>(r: &TensorRef, ckpts: &'a [Checkpoint], out_name: &str) -> Result<(&'a Checkpoint, &'a TensorInfo)> {
+    lookup(r.input, &r.tensor, ckpts, out_name)
+}
+
+fn lookup<'a>(input: usize, tensor: &str, ckpts: &'a [Checkpoint], out_name: &str) -> Result<(&'a Checkpoint, &'a TensorInfo)> {
+    let ckpt = ckpts
+        .get(input)
+        .ok_or_else(|| Error::config(format!("output '{out_name}': source names input #{input}, but only {} inputs are given", ckpts.len())))?;
+    let info = ckpt.info(tensor).ok_or_else(|| {
+        Error::mismatch(tensor, format!("missing from {} (needed for output '{out_name}')", ckpt.root().display()))
+    })?;
+    if info.dtype.is_none() {
+        return Err(Error::invalid(ckpt.shard_path(info), Some(tensor), format!("dtype {:?} cannot be merged (only float tensors)", info.raw_dtype)));
+    }
+    Ok((ckpt, info))
+}
+
+impl LoraReader<'_> {
+    fn factors(&self) -> Result<&(Vec<f32>, Vec<f32>)> {
+        self.factors
+            .get_or_init(|| {
+                let read = |(c, i): (&Checkpoint, &TensorInfo)| -> Result<Vec<f32>> {
+                    let mut v = vec![0f32; i.numel()];
+                    c.read_f32(i, 0..i.numel(), &mut v)?;
+                    Ok(v)
+                };
+                let (a, b) = (read(self.a).map_err(|e| e.to_string())?, read(self.b).map_err(|e| e.to_string())?);
+                let r = self.rank;
+                // B is [m, r]; store it as [r, m] so both factors are read along rows.
+                let m = b.len() / r;
+                let mut bt = vec![0f32; b.len()];
+                for i in 0..m {
+                    for k in 0..r {
+                        bt[k * m + i] = b[i * r + k];
+                    }
+                }
+                Ok((a, bt))
+            })
+            .as_ref()
+            .map_err(|e| Error::config(format!("reading LoRA factors: {e}")))
+    }
+
+    fn read(&self, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        self.base.read(range.clone(), dst)?;
+        let (a, bt) = self.factors()?;
+        let (r, cols) = (self.rank, self.cols);
+        let (na, nb) = (a.len() / r, bt.len() / r);
+        let mut pos = range.start;
+        while pos < range.end {
+            let row = pos / cols;
+            let c0 = pos % cols;
+            let c1 = cols.min(c0 + (range.end - pos));
+            let out = &mut dst[pos - range.start..pos - range.start + (c1 - c0)];
+            for k in 0..r {
+                // Normal: delta[row, c] = Σ_k B[row,k] A[k,c]; transposed: Σ_k B[c,k] A[k,row].
+                let (coef, vec) = if self.transpose {
+                    (a[k * na + row], &bt[k * nb + c0..k * nb + c1])
+                } else {
+                    (bt[k * nb + row], &a[k * na + c0..k * na + c1])
+                };
+                let coef = coef * self.scale;
+                out.iter_mut().zip(vec).for_each(|(o, &v)| *o += coef * v);
+            }
+            pos += c1 - c0;
+        }
+        Ok(())
+    }
+}
+
+impl RowsReader<'_> {
+    fn read(&self, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        let n = self.row_len.max(1);
+        let mut tmp = Vec::new();
+        let mut pos = range.start;
+        while pos < range.end {
+            let row = pos / n;
+            let c0 = pos % n;
+            let c1 = n.min(c0 + (range.end - pos));
+            let out = &mut dst[pos - range.start..pos - range.start + (c1 - c0)];
+            out.iter_mut().for_each(|o| *o = 0.0);
+            let list = &self.rows[row];
+            tmp.resize(c1 - c0, 0.0);
+            for &(s, r) in list {
+                self.sources[s].read(r * n + c0..r * n + c1, &mut tmp)?;
+                out.iter_mut().zip(&tmp).for_each(|(o, &v)| *o += v);
+            }
+            if list.len() > 1 {
+                let inv = 1.0 / list.len() as f32;
+                out.iter_mut().for_each(|o| *o *= inv);
+            }
+            pos += c1 - c0;
+        }
+        Ok(())
+    }
 }
 
 impl<'a> Reader<'a> {
-    fn bind(src: &Source, ckpts: &'a [Checkpoint], out_name: &str) -> Result<Reader<'a>> {
+    fn bind(src: &'a Source, ckpts: &'a [Checkpoint], out_name: &str) -> Result<Reader<'a>> {
         match src {
             Source::Tensor { input, tensor } => {
-                let ckpt = ckpts
-                    .get(*input)
-                    .ok_or_else(|| Error::config(format!("output '{out_name}': source names input #{input}, but only {} inputs are given", ckpts.len())))?;
-                let info = ckpt.info(tensor).ok_or_else(|| {
-                    Error::mismatch(tensor.as_str(), format!("missing from {} (needed for output '{out_name}')", ckpt.root().display()))
-                })?;
-                if info.dtype.is_none() {
-                    return Err(Error::invalid(ckpt.shard_path(info), Some(tensor), format!("dtype {:?} cannot be merged (only float tensors)", info.raw_dtype)));
-                }
+                let (ckpt, info) = lookup(*input, tensor, ckpts, out_name)?;
                 Ok(Reader::Tensor { ckpt, info })
+            }
+            Source::Lora { base, a, b, scale, transpose } => {
+                let base = Reader::bind(base, ckpts, out_name)?;
+                let (a, b) = (bind_ref(a, ckpts, out_name)?, bind_ref(b, ckpts, out_name)?);
+                let what = || format!("LoRA factors {} {:?} and {} {:?}", a.1.name, a.1.shape, b.1.name, b.1.shape);
+                let shape = base.shape().to_vec();
+                if shape.len() != 2 || a.1.shape.len() != 2 || b.1.shape.len() != 2 {
+                    return Err(Error::mismatch(out_name, format!("{} need a 2-D base weight, got {shape:?}", what())));
+                }
+                let (rows, cols) = (shape[0], shape[1]);
+                let (ra, na) = (a.1.shape[0], a.1.shape[1]);
+                let (mb, rb) = (b.1.shape[0], b.1.shape[1]);
+                if ra != rb {
+                    return Err(Error::mismatch(out_name, format!("rank mismatch: {} (A has rank {ra}, B has rank {rb})", what())));
+                }
+                let fits = if *transpose { na == rows && mb == cols } else { mb == rows && na == cols };
+                if !fits {
+                    return Err(Error::mismatch(out_name, format!("{} do not fit base weight {} of shape {shape:?}", what(), base.describe())));
+                }
+                if !scale.is_finite() {
+                    return Err(Error::config(format!("output '{out_name}': LoRA scale must be finite, got {scale}")));
+                }
+                Ok(Reader::Lora(Box::new(LoraReader {
+                    base,
+                    a,
+                    b,
+                    scale: *scale as f32,
+                    transpose: *transpose,
+                    rank: ra.max(1),
+                    cols,
+                    factors: OnceLock::new(),
+                })))
+            }
+            Source::Rows { sources, shape, rows } => {
+                let readers = sources.iter().map(|s| Reader::bind(s, ckpts, out_name)).collect::<Result<Vec<_>>>()?;
+                if shape.is_empty() || rows.len() != shape[0] {
+                    return Err(Error::config(format!("output '{out_name}': row gather lists {} rows for shape {shape:?}", rows.len())));
+                }
+                let row_len: usize = shape[1..].iter().product();
+                for r in &readers {
+                    if r.shape().len() != shape.len() || r.shape()[1..] != shape[1..] {
+                        return Err(Error::mismatch(out_name, format!("row source {} has shape {:?}, rows of {:?} expected", r.describe(), r.shape(), &shape[1..])));
+                    }
+                }
+                for (i, list) in rows.iter().enumerate() {
+                    for &(s, r) in list {
+                        let src = readers.get(s).ok_or_else(|| Error::config(format!("output '{out_name}': row {i} names source #{s} of {}", readers.len())))?;
+                        if r >= src.shape()[0] {
+                            return Err(Error::config(format!("output '{out_name}': row {i} takes row {r} of {}, which has {}", src.describe(), src.shape()[0])));
+                        }
+                    }
+                }
+                let dtype = readers.first().map(|r| r.dtype()).unwrap_or(Dtype::F32);
+                Ok(Reader::Rows(Box::new(RowsReader { sources: readers, shape: shape.clone(), row_len, rows: rows.as_slice(), dtype })))
             }
         }
     }
@@ -82,18 +271,24 @@ impl<'a> Reader<'a> {
     pub fn shape(&self) -> &[usize] {
         match self {
             Reader::Tensor { info, .. } => &info.shape,
+            Reader::Lora(l) => l.base.shape(),
+            Reader::Rows(r) => &r.shape,
         }
     }
 
     pub fn dtype(&self) -> Dtype {
         match self {
             Reader::Tensor { info, .. } => info.dtype.expect("checked at bind"),
+            Reader::Lora(l) => l.base.dtype(),
+            Reader::Rows(r) => r.dtype,
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
             Reader::Tensor { ckpt, info } => format!("'{}' in {}", info.name, ckpt.root().display()),
+            Reader::Lora(l) => format!("{} + LoRA '{}'/'{}' in {}", l.base.describe(), l.a.1.name, l.b.1.name, l.a.0.root().display()),
+            Reader::Rows(r) => format!("rows gathered from [{}]", r.sources.iter().map(|s| s.describe()).collect::<Vec<_>>().join(", ")),
         }
     }
 
@@ -101,18 +296,28 @@ impl<'a> Reader<'a> {
     pub fn nbytes(&self) -> u64 {
         match self {
             Reader::Tensor { info, .. } => info.span.len() as u64,
+            Reader::Lora(l) => l.base.nbytes() + l.a.1.span.len() as u64 + l.b.1.span.len() as u64,
+            Reader::Rows(r) => r.sources.iter().map(|s| s.nbytes()).sum(),
         }
     }
 
     pub fn read(&self, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
         match self {
             Reader::Tensor { ckpt, info } => ckpt.read_f32(info, range, dst),
+            Reader::Lora(l) => l.read(range, dst),
+            Reader::Rows(r) => r.read(range, dst),
         }
     }
 
     pub fn release(&self) {
         match self {
             Reader::Tensor { ckpt, info } => ckpt.release(info),
+            Reader::Lora(l) => {
+                l.base.release();
+                l.a.0.release(l.a.1);
+                l.b.0.release(l.b.1);
+            }
+            Reader::Rows(r) => r.sources.iter().for_each(|s| s.release()),
         }
     }
 }

@@ -39,6 +39,7 @@ pub fn procrustes_batch(pairs: &[(MatRef<'_>, MatRef<'_>)]) -> Result<Vec<Vec<f3
 }
 
 /// faer-level Procrustes: `R` (`kb x ka`) for `A` (`m x ka`) and `B` (`m x kb`).
+/// Inputs are assumed finite (the slice API [`procrustes`] checks).
 pub fn procrustes_faer(
     a: faer::MatRef<'_, f32>,
     b: faer::MatRef<'_, f32>,
@@ -47,7 +48,11 @@ pub fn procrustes_faer(
     if a.nrows() != b.nrows() {
         return Err(Error::mismatch(
             super::WHAT,
-            format!("procrustes: A has {} rows but B has {}", a.nrows(), b.nrows()),
+            format!(
+                "procrustes: A has {} rows but B has {}",
+                a.nrows(),
+                b.nrows()
+            ),
         ));
     }
     let (ka, kb) = (a.ncols(), b.ncols());

@@ -1,8 +1,8 @@
 //! Exact thin SVD (faer, or LAPACK `sgesdd` with the `lapack` feature) and randomized
 //! top-k SVD (Halko, Martinsson & Tropp 2011, algorithms 4.4 + 5.1).
 use faer::dyn_stack::{MemBuffer, MemStack};
-use faer::linalg::householder::apply_block_householder_sequence_on_the_left_in_place_with_conj;
 use faer::linalg::householder::apply_block_householder_sequence_on_the_left_in_place_scratch;
+use faer::linalg::householder::apply_block_householder_sequence_on_the_left_in_place_with_conj;
 use faer::linalg::matmul::matmul;
 use faer::linalg::qr::no_pivoting::factor as qr;
 use faer::linalg::svd::{self as fsvd, ComputeSvdVectors};
@@ -82,7 +82,13 @@ impl Svd {
     }
 
     fn empty(m: usize, n: usize) -> Self {
-        Svd { u: Vec::new(), s: Vec::new(), vt: Vec::new(), m, n }
+        Svd {
+            u: Vec::new(),
+            s: Vec::new(),
+            vt: Vec::new(),
+            m,
+            n,
+        }
     }
 
     /// Flip component signs so the largest-|.| entry of each column of `u` is positive.
@@ -140,7 +146,8 @@ pub(crate) fn exact_rowmajor(x: &[f32], m: usize, n: usize, par: Par) -> Result<
 }
 
 /// faer thin SVD of a faer matrix: `(U, s, V)` with `U` `m x r`, `V` `n x r`.
-/// Exposed for callers that already hold faer matrices.
+/// Exposed for callers that already hold faer matrices; unlike [`svd`] it does not
+/// check for NaN/inf (faer then fails to converge or returns garbage).
 pub fn svd_faer_mat(a: faer::MatRef<'_, f32>, par: Par) -> Result<(Mat<f32>, Vec<f32>, Mat<f32>)> {
     let (m, n) = a.shape();
     let r = m.min(n);
@@ -148,8 +155,14 @@ pub fn svd_faer_mat(a: faer::MatRef<'_, f32>, par: Par) -> Result<(Mat<f32>, Vec
     let mut v = Mat::<f32>::zeros(n, r);
     let mut s = faer::diag::Diag::<f32>::zeros(r);
     let thin = ComputeSvdVectors::Thin;
-    let mut buf =
-        MemBuffer::new(fsvd::svd_scratch::<f32>(m, n, thin, thin, par, Default::default()));
+    let mut buf = MemBuffer::new(fsvd::svd_scratch::<f32>(
+        m,
+        n,
+        thin,
+        thin,
+        par,
+        Default::default(),
+    ));
     fsvd::svd(
         a,
         s.as_mut(),
@@ -205,23 +218,35 @@ mod lapack_backend {
         let mut u = vec![0.0f32; r * m]; // LAPACK's VT (r x m)
         let mut iwork = vec![0i32; 8 * r];
         let mut info = 0i32;
-        let mut lwork_q = [0.0f32];
-        let call = |work: &mut [f32], lwork: i32, a: &mut [f32], s: &mut [f32], vt: &mut [f32], u: &mut [f32], iwork: &mut [i32], info: &mut i32| unsafe {
+        // SAFETY (both calls): buffers are sized for jobz = 'S' with these leading
+        // dimensions: A n x m (lda = n), U n x r (ldu = n), VT r x m (ldvt = r), 8r iwork.
+        let mut query = [0.0f32];
+        unsafe {
             lapack::sgesdd(
-                b'S', mi, ni, a, mi, s, vt, mi, u, ri, work, lwork, iwork, info,
+                b'S', mi, ni, &mut a, mi, &mut s, &mut vt, mi, &mut u, ri, &mut query, -1,
+                &mut iwork, &mut info,
             )
         };
-        call(&mut lwork_q, -1, &mut a, &mut s, &mut vt, &mut u, &mut iwork, &mut info);
         if info != 0 {
-            return Err(Error::numerical(WHAT, format!("sgesdd workspace query failed (info={info})")));
+            let msg = format!("sgesdd workspace query failed (info={info})");
+            return Err(Error::numerical(WHAT, msg));
         }
-        // The f32 workspace size can round down for large problems; pad it a little.
-        let lwork = (lwork_q[0] as f64 * 1.01) as usize + 64;
+        // The size comes back as an f32 and can round down for large problems: pad it.
+        let lwork = (query[0] as f64 * 1.01) as usize + 64;
         let mut work = vec![0.0f32; lwork];
         let lwork_i: i32 = lwork.try_into().map_err(too_big)?;
-        call(&mut work, lwork_i, &mut a, &mut s, &mut vt, &mut u, &mut iwork, &mut info);
+        unsafe {
+            lapack::sgesdd(
+                b'S', mi, ni, &mut a, mi, &mut s, &mut vt, mi, &mut u, ri, &mut work, lwork_i,
+                &mut iwork, &mut info,
+            )
+        };
         if info != 0 {
-            return Err(Error::numerical(WHAT, format!("sgesdd failed (info={info})")));
+            // info > 0: the divide-and-conquer iteration did not converge.
+            return Err(Error::numerical(
+                WHAT,
+                format!("sgesdd failed (info={info})"),
+            ));
         }
         Ok(Svd { u, s, vt, m, n })
     }
@@ -261,7 +286,9 @@ pub fn svd_topk_batch(
     power_iters: usize,
     seed: u64,
 ) -> Result<Vec<TopkSvd>> {
-    par_map(mats, |a| svd_topk(a.data, a.rows, a.cols, k, oversample, power_iters, seed))
+    par_map(mats, |a| {
+        svd_topk(a.data, a.rows, a.cols, k, oversample, power_iters, seed)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -291,7 +318,11 @@ fn topk(
         let mut svd = exact_rowmajor(x, m, n, par)?;
         svd.truncate(k);
         let energy = energy_of(&svd.s);
-        return Ok(TopkSvd { svd, energy, exact: true });
+        return Ok(TopkSvd {
+            svd,
+            energy,
+            exact: true,
+        });
     }
 
     let a = faer::MatRef::from_row_major_slice(x, m, n);
@@ -303,14 +334,28 @@ fn topk(
     for _ in 0..power_iters {
         // Re-orthonormalize after each product: otherwise the small singular directions
         // drown in rounding after (s_1/s_l)^(2q) growth.
-        matmul(z.as_mut(), Accum::Replace, a.transpose(), q.as_ref(), 1.0, par);
+        matmul(
+            z.as_mut(),
+            Accum::Replace,
+            a.transpose(),
+            q.as_ref(),
+            1.0,
+            par,
+        );
         let zq = orthonormalize(z.as_ref(), par);
         matmul(y.as_mut(), Accum::Replace, a, zq.as_ref(), 1.0, par);
         q = orthonormalize(y.as_ref(), par);
     }
 
     // Bᵀ = Xᵀ Q (n x l); Bᵀ = P S Wᵀ, so X ≈ Q B = (Q W) S Pᵀ.
-    matmul(z.as_mut(), Accum::Replace, a.transpose(), q.as_ref(), 1.0, par);
+    matmul(
+        z.as_mut(),
+        Accum::Replace,
+        a.transpose(),
+        q.as_ref(),
+        1.0,
+        par,
+    );
     let (p, s, w) = svd_faer_mat(z.as_ref(), par)?;
     let s: Vec<f32> = s[..k].to_vec();
     let mut vt = vec![0.0f32; k * n];
@@ -327,7 +372,11 @@ fn topk(
     let mut svd = Svd { u, s, vt, m, n };
     svd.normalize_signs();
     let energy = energy_of(&svd.s);
-    Ok(TopkSvd { svd, energy, exact: false })
+    Ok(TopkSvd {
+        svd,
+        energy,
+        exact: false,
+    })
 }
 
 /// Orthonormal basis (thin Q of a Householder QR) of the columns of `a` (`m x l`, `l <= m`).
@@ -338,12 +387,17 @@ pub fn orthonormalize(a: faer::MatRef<'_, f32>, par: Par) -> Mat<f32> {
     let mut qr_mat = a.to_owned();
     let mut coeff = Mat::<f32>::zeros(bs, size);
     let mut q = Mat::<f32>::identity(m, size);
-    let req = qr::qr_in_place_scratch::<f32>(m, l, bs, par, Default::default()).or(
-        apply_block_householder_sequence_on_the_left_in_place_scratch::<f32>(m, bs, size),
-    );
+    let req = qr::qr_in_place_scratch::<f32>(m, l, bs, par, Default::default())
+        .or(apply_block_householder_sequence_on_the_left_in_place_scratch::<f32>(m, bs, size));
     let mut buf = MemBuffer::new(req);
     let stack = MemStack::new(&mut buf);
-    qr::qr_in_place(qr_mat.as_mut(), coeff.as_mut(), par, stack, Default::default());
+    qr::qr_in_place(
+        qr_mat.as_mut(),
+        coeff.as_mut(),
+        par,
+        stack,
+        Default::default(),
+    );
     apply_block_householder_sequence_on_the_left_in_place_with_conj(
         qr_mat.get(.., ..size),
         coeff.as_ref(),
@@ -371,7 +425,11 @@ pub fn gaussian_matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
         let u2 = (h2 >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
         let radius = (-2.0 * u1.ln()).sqrt();
         let angle = std::f64::consts::TAU * u2;
-        (if idx & 1 == 0 { radius * angle.cos() } else { radius * angle.sin() }) as f32
+        (if idx & 1 == 0 {
+            radius * angle.cos()
+        } else {
+            radius * angle.sin()
+        }) as f32
     })
 }
 

@@ -1,0 +1,260 @@
+"""mergekit's config schema, parsed and checked key by key (each error names its key and
+line). Structure only: models, files and tensors are checked by the planner."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._source import ConfigSource, KeyPath
+from .params import check_setting
+
+TOP_KEYS = {
+    "models", "slices", "merge_method", "base_model", "dtype", "out_dtype", "tokenizer_source",
+    "tokenizer", "chat_template", "parameters", "name", "modules",
+}
+DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "torch.float32": "float32",
+                  "torch.bfloat16": "bfloat16", "torch.float16": "float16", "half": "float16", "float": "float32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """A model folder, optionally with a PEFT LoRA adapter applied (``base+adapter``)."""
+
+    path: str
+    lora: Optional[str] = None
+
+    @property
+    def key(self) -> Tuple[str, Optional[str]]:
+        return (os.path.abspath(self.path), os.path.abspath(self.lora) if self.lora else None)
+
+    def __str__(self) -> str:
+        return f"{self.path}+{self.lora}" if self.lora else self.path
+
+    def same(self, other: "ModelRef") -> bool:
+        return other is not None and self.key == other.key
+
+
+@dataclasses.dataclass
+class SourceDef:
+    model: ModelRef
+    layer_range: Optional[Tuple[int, int]]
+    parameters: Optional[Dict[str, Any]]
+    path: KeyPath  # key path of this entry
+
+
+@dataclasses.dataclass
+class SliceDef:
+    sources: List[SourceDef]
+    base_model: Optional[ModelRef]
+    parameters: Optional[Dict[str, Any]]
+    path: KeyPath
+
+
+@dataclasses.dataclass
+class MergeConfig:
+    src: ConfigSource
+    merge_method: str
+    base_model: Optional[ModelRef]
+    models: Optional[List[SourceDef]]
+    slices: Optional[List[SliceDef]]
+    parameters: Optional[Dict[str, Any]]
+    dtype: Optional[str]
+    out_dtype: Optional[str]
+    tokenizer_source: Optional[Any]  # "base" | "union" | ModelRef | None
+    chat_template: Optional[str]
+
+    def referenced_models(self) -> List[ModelRef]:
+        """Every model, in config order (base first), without repeats."""
+        out: List[ModelRef] = []
+
+        def add(m: Optional[ModelRef]) -> None:
+            if m is not None and not any(m.same(o) for o in out):
+                out.append(m)
+
+        add(self.base_model)
+        for s in self.models or []:
+            add(s.model)
+        for sl in self.slices or []:
+            add(sl.base_model)
+            for s in sl.sources:
+                add(s.model)
+        if isinstance(self.tokenizer_source, ModelRef):
+            add(self.tokenizer_source)
+        return out
+
+
+def _resolve_path(p: str, src: ConfigSource) -> str:
+    """Paths as written; relative ones are tried against the working folder first, then
+    against the config file's folder."""
+    path = os.path.expanduser(p)
+    if os.path.isabs(path) or os.path.exists(path) or not src.filename:
+        return path
+    alt = os.path.join(os.path.dirname(os.path.abspath(src.filename)), path)
+    return alt if os.path.exists(alt) else path
+
+
+def parse_model_ref(src: ConfigSource, path: KeyPath, value: Any) -> ModelRef:
+    if isinstance(value, dict):
+        extra = set(value) - {"model", "lora", "override_architecture"}
+        if extra:
+            raise src.error(path + (sorted(extra)[0],), "unknown key in a model reference (allowed: model, lora)")
+        if "override_architecture" in value:
+            raise src.error(path + ("override_architecture",), "override_architecture is not supported")
+        m = value.get("model")
+        if isinstance(m, dict):  # mergekit's serialized ModelPath {path, revision}
+            if m.get("revision"):
+                raise src.error(path + ("model", "revision"), "revisions need the model hub; use a local folder")
+            m = m.get("path")
+        lora = value.get("lora")
+        if isinstance(lora, dict):
+            lora = lora.get("path")
+        if not isinstance(m, str) or not m:
+            raise src.error(path + ("model",), "a model reference needs 'model: PATH'")
+        if lora is not None and not isinstance(lora, str):
+            raise src.error(path + ("lora",), "lora must be a path to a PEFT adapter folder")
+        return ModelRef(_resolve_path(m, src), _resolve_path(lora, src) if lora else None)
+    if not isinstance(value, str) or not value.strip():
+        raise src.error(path, f"expected a model path, got {value!r}")
+    parts = value.split("+")
+    if len(parts) > 2:
+        raise src.error(path, f"cannot parse model reference {value!r} (use MODEL or MODEL+LORA_ADAPTER)")
+    if "@" in parts[0] and not os.path.exists(parts[0]):
+        raise src.error(path, f"model {parts[0]!r}: revisions (@...) need the model hub; use a local folder")
+    return ModelRef(_resolve_path(parts[0], src), _resolve_path(parts[1], src) if len(parts) == 2 else None)
+
+
+def _params(src: ConfigSource, path: KeyPath, value: Any) -> Optional[Dict[str, Any]]:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise src.error(path, "parameters must be a mapping of name: value")
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise src.error(path + (k,), "parameter names must be strings")
+        if v is None:
+            raise src.error(path + (k,), f"parameter '{k}' has no value")
+        check_setting(src, path + (k,), v)
+    return value
+
+
+def _check_keys(src: ConfigSource, path: KeyPath, d: Any, allowed: set, what: str) -> None:
+    if not isinstance(d, dict):
+        raise src.error(path, f"expected a mapping for {what}, got {type(d).__name__}")
+    for k in d:
+        if k not in allowed:
+            raise src.error(path + (k,), f"unknown key '{k}' in {what} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _layer_range(src: ConfigSource, path: KeyPath, v: Any) -> Tuple[int, int]:
+    if (not isinstance(v, (list, tuple)) or len(v) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        raise src.error(path, f"layer_range must be [start, end] (integers, end excluded), got {v!r}")
+    a, b = v
+    if a < 0 or b <= a:
+        raise src.error(path, f"layer_range [{a}, {b}] is empty or negative (end is excluded)")
+    return (a, b)
+
+
+def _dtype(src: ConfigSource, key: str, v: Any) -> Optional[str]:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v2 = _DTYPE_ALIASES.get(v, v)
+        if v2 in DTYPES:
+            return v2
+    raise src.error((key,), f"{key} must be one of {', '.join(DTYPES)}, got {v!r}")
+
+
+def parse(src: ConfigSource) -> MergeConfig:
+    d = src.data
+    if not isinstance(d, dict):
+        raise src.error((), "a merge config is a mapping (merge_method, models or slices, ...)")
+    _check_keys(src, (), d, TOP_KEYS, "the config")
+    if "modules" in d:
+        raise src.error(("modules",), "multi-module configs ('modules') are not supported; use models or slices")
+    method = d.get("merge_method")
+    if not isinstance(method, str) or not method:
+        raise src.error(("merge_method",), "merge_method is required (e.g. linear, slerp, ties)")
+    has_models, has_slices = d.get("models") is not None, d.get("slices") is not None
+    if has_models == has_slices:
+        raise src.error((), "give exactly one of 'models' or 'slices'")
+    base = parse_model_ref(src, ("base_model",), d["base_model"]) if d.get("base_model") is not None else None
+    models = slices = None
+    if has_models:
+        if not isinstance(d["models"], list) or not d["models"]:
+            raise src.error(("models",), "models must be a non-empty list")
+        models = []
+        for i, m in enumerate(d["models"]):
+            p = ("models", i)
+            if isinstance(m, str):
+                m = {"model": m}
+            _check_keys(src, p, m, {"model", "parameters"}, "a model entry")
+            if "model" not in m:
+                raise src.error(p, "a model entry needs 'model'")
+            models.append(SourceDef(parse_model_ref(src, p + ("model",), m["model"]), None,
+                                    _params(src, p + ("parameters",), m.get("parameters")), p))
+    else:
+        if not isinstance(d["slices"], list) or not d["slices"]:
+            raise src.error(("slices",), "slices must be a non-empty list")
+        slices = []
+        for i, s in enumerate(d["slices"]):
+            p = ("slices", i)
+            _check_keys(src, p, s, {"sources", "base_model", "parameters", "residual_weight"}, "a slice")
+            if s.get("residual_weight") is not None:
+                raise src.error(p + ("residual_weight",), "residual_weight is not supported")
+            if not isinstance(s.get("sources"), list) or not s["sources"]:
+                raise src.error(p + ("sources",), "a slice needs a non-empty 'sources' list")
+            sources = []
+            for j, so in enumerate(s["sources"]):
+                q = p + ("sources", j)
+                _check_keys(src, q, so, {"model", "layer_range", "parameters"}, "a slice source")
+                if "model" not in so:
+                    raise src.error(q, "a slice source needs 'model'")
+                if "layer_range" not in so:
+                    raise src.error(q, "a slice source needs 'layer_range: [start, end]'")
+                sources.append(SourceDef(parse_model_ref(src, q + ("model",), so["model"]),
+                                         _layer_range(src, q + ("layer_range",), so["layer_range"]),
+                                         _params(src, q + ("parameters",), so.get("parameters")), q))
+            sb = parse_model_ref(src, p + ("base_model",), s["base_model"]) if s.get("base_model") is not None else None
+            slices.append(SliceDef(sources, sb, _params(src, p + ("parameters",), s.get("parameters")), p))
+    tok = d.get("tokenizer_source")
+    if d.get("tokenizer") is not None:
+        t = d["tokenizer"]
+        _check_keys(src, ("tokenizer",), t, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer")
+        if tok is not None:
+            raise src.error(("tokenizer",), "give tokenizer_source or tokenizer, not both")
+        if t.get("tokens") or t.get("pad_to_multiple_of"):
+            bad = "tokens" if t.get("tokens") else "pad_to_multiple_of"
+            raise src.error(("tokenizer", bad), f"tokenizer.{bad} is not supported (use tokenizer_source)")
+        tok = t.get("source")
+    if tok is not None:
+        if tok in ("base", "union"):
+            pass
+        else:
+            tok = parse_model_ref(src, ("tokenizer_source",), tok)
+            if tok.lora:
+                raise src.error(("tokenizer_source",), "a tokenizer source cannot carry a LoRA")
+    ct = d.get("chat_template")
+    if ct is not None and not isinstance(ct, str):
+        raise src.error(("chat_template",), "chat_template must be a string (a template or a built-in name)")
+    if d.get("name") is not None and not isinstance(d["name"], str):
+        raise src.error(("name",), "name must be a string")
+    return MergeConfig(
+        src=src,
+        merge_method=method,
+        base_model=base,
+        models=models,
+        slices=slices,
+        parameters=_params(src, ("parameters",), d.get("parameters")),
+        dtype=_dtype(src, "dtype", d.get("dtype")),
+        out_dtype=_dtype(src, "out_dtype", d.get("out_dtype")),
+        tokenizer_source=tok,
+        chat_template=ct,
+    )
+
+
+def model_dir(ref: ModelRef) -> Path:
+    return Path(ref.path)

@@ -1,0 +1,210 @@
+"""PEFT LoRA adapters as merge inputs.
+
+An adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) applied to a
+base model is read as the weights ``W + scale · B·A`` (scale = ``lora_alpha / r``, or
+``lora_alpha / sqrt(r)`` with ``use_rslora``), computed by the Rust reader element range
+by element range: the full delta is never materialized, the merged model never written
+unless asked for. Use it in configs as ``model: base+adapter`` or
+``model: {model: base, lora: adapter}``, or directly::
+
+    merge_fast.lora.apply("base", "adapter", out="merged")   # like peft's merge_and_unload
+
+Supported: ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
+``fan_in_fan_out`` (GPT-2 Conv1D weights), embedding adapters (``lora_embedding_A/B``), and
+whole tensors saved in the adapter (``modules_to_save``, trained biases), which replace the
+base's. Not supported (clear error): DoRA (``use_dora``), conv LoRA, non-LoRA PEFT types.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from ._errors import ConfigError
+
+PathLike = Union[str, Path]
+_PREFIX = "base_model.model."
+_ADAPTER_FILES = ("adapter_model.safetensors",)
+
+
+@dataclasses.dataclass
+class LoraModule:
+    """One adapted weight: base tensor name, factor names in the adapter file, its scale."""
+
+    target: str  # base tensor name, e.g. model.layers.0.self_attn.q_proj.weight
+    a: str
+    b: str
+    rank: int
+    scale: float
+    transpose: bool
+    a_shape: Tuple[int, ...]
+    b_shape: Tuple[int, ...]
+
+
+@dataclasses.dataclass
+class Adapter:
+    path: Path
+    file: Path
+    config: Dict[str, Any]
+    modules: Dict[str, LoraModule]  # by target tensor name
+    replacements: Dict[str, Tuple[str, Tuple[int, ...]]]  # base tensor name -> (adapter tensor, shape)
+
+    def sources(self, base_input: int, adapter_input: int, base_source: Callable[[str], dict]) -> Dict[str, dict]:
+        """Plan sources for every base tensor this adapter changes."""
+        out: Dict[str, dict] = {}
+        for name, m in self.modules.items():
+            out[name] = {
+                "kind": "lora",
+                "base": base_source(name),
+                "a": {"input": adapter_input, "tensor": m.a},
+                "b": {"input": adapter_input, "tensor": m.b},
+                "scale": m.scale,
+                "transpose": m.transpose,
+            }
+        for name, (t, _) in self.replacements.items():
+            out[name] = {"kind": "tensor", "input": adapter_input, "tensor": t}
+        return out
+
+
+def _err(path: Path, msg: str) -> ConfigError:
+    return ConfigError(f"config error: LoRA adapter {path}: {msg}")
+
+
+def _pattern_value(patterns: Dict[str, Any], module: str, default: Any) -> Any:
+    # PEFT matches pattern keys against the end of the module name (regex allowed).
+    for key, v in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return v
+    return default
+
+
+def read_adapter(path: PathLike, base_shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Adapter:
+    """Reads and validates a PEFT LoRA adapter folder. With `base_shapes` (the base model's
+    tensor name -> shape) it also checks that every target exists in the base and fits."""
+    from . import _core
+
+    p = Path(path)
+    if not p.is_dir():
+        raise _err(p, "no such folder")
+    cfg_file = p / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise _err(p, "adapter_config.json is missing (is this a PEFT adapter folder?)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise _err(p, f"cannot read adapter_config.json: {e}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise _err(p, f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    if cfg.get("use_dora"):
+        raise _err(p, "DoRA adapters (use_dora: true) are not supported")
+    r_cfg = cfg.get("r")
+    alpha_cfg = cfg.get("lora_alpha")
+    if not isinstance(r_cfg, int) or r_cfg <= 0:
+        raise _err(p, f"adapter_config.json: r must be a positive integer, got {r_cfg!r}")
+    if not isinstance(alpha_cfg, (int, float)) or isinstance(alpha_cfg, bool):
+        raise _err(p, f"adapter_config.json: lora_alpha must be a number, got {alpha_cfg!r}")
+    rslora = bool(cfg.get("use_rslora", False))
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+    file = next((p / f for f in _ADAPTER_FILES if (p / f).is_file()), None)
+    if file is None:
+        if (p / "adapter_model.bin").is_file():
+            raise _err(p, "adapter_model.bin (pickle) is not supported; save the adapter with safe_serialization")
+        raise _err(p, "adapter_model.safetensors is missing")
+    ck = _core.Checkpoint(str(file))
+    tensors = {n: (dt, tuple(shape)) for n, dt, shape in ck.tensors()}
+
+    factors: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
+    kinds: Dict[str, bool] = {}
+    replacements: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+    pat = re.compile(r"^(?P<mod>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
+    for name, (_dt, shape) in tensors.items():
+        bare = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+        m = pat.match(bare)
+        if m is None:
+            if ".lora_" in bare:
+                raise _err(p, f"cannot interpret tensor {name!r}")
+            target = bare.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+            replacements[target] = (name, shape)
+            continue
+        mod = m.group("mod")
+        factors.setdefault(mod, {})[m.group("ab")] = (name, shape)
+        kinds[mod] = m.group("emb") is not None
+    modules: Dict[str, LoraModule] = {}
+    for mod, ab in sorted(factors.items()):
+        if "A" not in ab or "B" not in ab:
+            missing = "A" if "A" not in ab else "B"
+            raise _err(p, f"module {mod!r} has lora_{'BA'[missing == 'B']} but no lora_{missing}")
+        (a, ash), (b, bsh) = ab["A"], ab["B"]
+        if len(ash) != 2 or len(bsh) != 2:
+            raise _err(p, f"module {mod!r}: only 2-D (linear/embedding) LoRA factors are supported, got A {list(ash)}, B {list(bsh)}")
+        emb = kinds[mod]
+        rank = ash[0] if not emb else ash[0]
+        if bsh[1] != rank:
+            raise _err(p, f"module {mod!r}: rank mismatch, lora_A {list(ash)} has rank {rank} but lora_B {list(bsh)} has rank {bsh[1]}")
+        want_r = _pattern_value(cfg.get("rank_pattern") or {}, mod, r_cfg)
+        if rank != want_r:
+            raise _err(p, f"module {mod!r}: factors have rank {rank} but adapter_config.json says r = {want_r}")
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, mod, alpha_cfg)
+        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        target = mod + ".weight"
+        modules[target] = LoraModule(target, a, b, rank, float(scale), emb or fan_in_fan_out, ash, bsh)
+    if not modules and not replacements:
+        raise _err(p, f"{file.name} holds no LoRA tensors")
+    ad = Adapter(p, file, cfg, modules, replacements)
+    if base_shapes is not None:
+        check_against_base(ad, base_shapes)
+    return ad
+
+
+def check_against_base(ad: Adapter, base_shapes: Dict[str, Tuple[int, ...]]) -> None:
+    p = ad.path
+    for target, m in ad.modules.items():
+        if target not in base_shapes:
+            raise _err(p, f"target module {target[:-len('.weight')]!r} is not in the base model (no tensor {target!r})")
+        shape = tuple(base_shapes[target])
+        if len(shape) != 2:
+            raise _err(p, f"target {target!r} has shape {list(shape)}; only 2-D weights can take a LoRA")
+        rows, cols = shape
+        if m.transpose:
+            ok = m.a_shape[1] == rows and m.b_shape[0] == cols
+        else:
+            ok = m.b_shape[0] == rows and m.a_shape[1] == cols
+        if not ok:
+            raise _err(p, f"module {target!r}: lora_A {list(m.a_shape)} and lora_B {list(m.b_shape)} do not fit the base weight {list(shape)}")
+    for target, (name, shape) in ad.replacements.items():
+        if target not in base_shapes:
+            raise _err(p, f"tensor {name!r} replaces {target!r}, which is not in the base model")
+        if tuple(base_shapes[target]) != tuple(shape):
+            raise _err(p, f"tensor {name!r} has shape {list(shape)}, base {target!r} has {list(base_shapes[target])}")
+    targets = ad.config.get("target_modules")
+    if isinstance(targets, list):
+        mods = {t.rsplit(".", 1)[0] for t in base_shapes}
+        for t in targets:
+            if not any(m == t or m.endswith("." + t) for m in mods):
+                raise _err(p, f"target module {t!r} (adapter_config.json target_modules) is not in the base model")
+
+
+def apply(
+    base: PathLike,
+    adapter: PathLike,
+    out: PathLike,
+    *,
+    out_dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    progress: Any = False,
+) -> "Any":
+    """Writes ``base`` with the adapter merged in (what peft's ``merge_and_unload`` gives),
+    streaming tensor by tensor."""
+    from .config import run
+
+    cfg = {"merge_method": "passthrough", "models": [{"model": {"model": str(base), "lora": str(adapter)}}]}
+    if out_dtype:
+        cfg["out_dtype"] = out_dtype
+    return run(cfg, out, threads=threads, out_shard_size=max_shard_size, progress=progress, write_model_card=False)
+
+
+__all__ = ["Adapter", "LoraModule", "read_adapter", "check_against_base", "apply"]

@@ -1,0 +1,189 @@
+//! Arcee Fusion (mergekit `arcee_fusion`): keeps only the model's most important changes.
+//! Per element, `importance = |x − base| · KL_row`, where `KL_row = Σ p·ln(p/q)` with
+//! `p = softmax(x) + 1e-8`, `q = softmax(base) + 1e-8` over each row (last dimension; a
+//! 1-D tensor is one row). The threshold is `median + 1.5·(Q3 − Q1)` of the importances,
+//! quantiles taken as `sorted[floor(q·(n−1))]`; elements with `importance ≥ threshold`
+//! take `base + (x − base)`, the others keep the base.
+//!
+//! mergekit estimates the quantiles of tensors over 1,000,000 elements from 1,000,000
+//! samples drawn with replacement by an unseeded generator (so its output is not
+//! reproducible); we draw the same number of samples from the counter-based RNG keyed on
+//! the seed and tensor name, so results are deterministic. Smaller tensors use every
+//! element, as mergekit.
+//!
+//! Memory: `prepare` computes one KL value per row (rows are read whole, two slots), then
+//! the importances (or the sample) in one f32 scratch buffer of at most 1,000,000 values;
+//! `apply` runs elementwise on chunks.
+use super::common::Layout;
+use crate::engine::CHUNK;
+use crate::error::Result;
+use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
+use crate::params::Params;
+use crate::rng::{stream_key, uniform};
+use rayon::prelude::*;
+
+pub const SAMPLE: usize = 1_000_000;
+
+pub struct ArceeFusion;
+
+impl ArceeFusion {
+    pub fn build(_p: &Params, n: usize, has_base: bool) -> Result<Self> {
+        check_arity("arcee_fusion", has_base, BaseRule::Required, n, 1, Some(1))?;
+        Ok(ArceeFusion)
+    }
+}
+
+fn row_len(shape: &[usize]) -> usize {
+    match Layout::last_dim(shape) {
+        Layout::Rows { len } => len,
+        Layout::Cols { .. } => unreachable!(),
+    }
+}
+
+/// KL(softmax(x) + 1e-8 ‖ softmax(b) + 1e-8) of one row.
+pub fn row_kl(x: &[f32], b: &[f32]) -> f32 {
+    let mx = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let mb = b.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let sx: f64 = x.iter().map(|&v| (v as f64 - mx).exp()).sum();
+    let sb: f64 = b.iter().map(|&v| (v as f64 - mb).exp()).sum();
+    let mut kl = 0f64;
+    for (&xv, &bv) in x.iter().zip(b) {
+        let p = (xv as f64 - mx).exp() / sx + 1e-8;
+        let q = (bv as f64 - mb).exp() / sb + 1e-8;
+        kl += p * (p / q).ln();
+    }
+    kl as f32
+}
+
+#[inline]
+fn importance(x: f32, b: f32, kl: f32) -> f32 {
+    (x - b).abs() * kl
+}
+
+impl Method for ArceeFusion {
+    fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
+        let numel = io.numel();
+        if numel == 0 {
+            return Ok(vec![0.0]);
+        }
+        let len = row_len(ctx.shape);
+        let rows = numel.div_ceil(len);
+        // Blocks of whole rows (about one chunk each, at least one row).
+        let per = (CHUNK / len).max(1);
+        let blocks: Vec<usize> = (0..rows).step_by(per).collect();
+        let kl: Vec<f32> = blocks
+            .par_iter()
+            .map(|&r0| {
+                let r1 = (r0 + per).min(rows);
+                let span = r0 * len..(r1 * len).min(numel);
+                let (mut b, mut x) = (vec![0f32; span.len()], vec![0f32; span.len()]);
+                io.read(0, span.clone(), &mut b)?;
+                io.read(1, span, &mut x)?;
+                Ok(x.chunks(len).zip(b.chunks(len)).map(|(xr, br)| row_kl(xr, br)).collect::<Vec<f32>>())
+            })
+            .collect::<Result<Vec<_>>>()?
+            .concat();
+        // Importances: every element, or a deterministic sample with replacement.
+        let mut vals: Vec<f32> = if numel <= SAMPLE {
+            let mut v = vec![0f32; numel];
+            let (mut b, mut x) = (vec![0f32; CHUNK], vec![0f32; CHUNK]);
+            for s in (0..numel).step_by(CHUNK) {
+                let e = (s + CHUNK).min(numel);
+                io.read(0, s..e, &mut b[..e - s])?;
+                io.read(1, s..e, &mut x[..e - s])?;
+                for j in s..e {
+                    v[j] = importance(x[j - s], b[j - s], kl[j / len]);
+                }
+            }
+            v
+        } else {
+            let key = stream_key(ctx.seed, ctx.tensor, 0xA7CE_F051);
+            let mut idx: Vec<usize> = (0..SAMPLE).map(|i| ((uniform(key, i as u64) * numel as f64) as usize).min(numel - 1)).collect();
+            idx.sort_unstable();
+            let mut v = Vec::with_capacity(SAMPLE);
+            let (mut b, mut x) = (vec![0f32; CHUNK], vec![0f32; CHUNK]);
+            let mut k = 0;
+            for s in (0..numel).step_by(CHUNK) {
+                let e = (s + CHUNK).min(numel);
+                if k >= idx.len() || idx[k] >= e {
+                    continue;
+                }
+                io.read(0, s..e, &mut b[..e - s])?;
+                io.read(1, s..e, &mut x[..e - s])?;
+                while k < idx.len() && idx[k] < e {
+                    let j = idx[k];
+                    v.push(importance(x[j - s], b[j - s], kl[j / len]));
+                    k += 1;
+                }
+            }
+            v
+        };
+        let n = vals.len();
+        let mut q = |f: f32| -> f32 {
+            let i = ((f * (n - 1) as f32) as usize).min(n - 1);
+            *vals.select_nth_unstable_by(i, |a, b| a.total_cmp(b)).1
+        };
+        let (q1, med, q3) = (q(0.25), q(0.5), q(0.75));
+        let thr = med + 1.5f32 * (q3 - q1);
+        let mut out = Vec::with_capacity(1 + rows);
+        out.push(thr as f64);
+        out.extend(kl.iter().map(|&k| k as f64));
+        Ok(out)
+    }
+
+    fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
+        let b = base.expect("arity checked at build");
+        let thr = stats[0] as f32;
+        let len = row_len(ctx.shape);
+        let mut segs = Layout::Rows { len }.segments(ctx.offset);
+        for ((o, &x), &bv) in out.iter_mut().zip(inputs[0]).zip(b) {
+            let kl = stats[1 + segs.next().unwrap()] as f32;
+            *o = if importance(x, bv, kl) >= thr { bv + (x - bv) } else { bv };
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::common::testing::{rand, run};
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keeps_outliers() {
+        let (r, c) = (40, 50);
+        let n = r * c;
+        let base = rand(n, 1);
+        let noise = rand(n, 2);
+        let x: Vec<f32> = (0..n).map(|j| base[j] + 0.01 * noise[j] + if j % 97 == 0 { 1.0 } else { 0.0 }).collect();
+        let y = run("arcee_fusion", json!({}), &[r, c], Some(&base), &[&x]).unwrap();
+        // Reference in f64 from the formulas.
+        let kl: Vec<f64> = (0..r).map(|i| row_kl(&x[i * c..(i + 1) * c], &base[i * c..(i + 1) * c]) as f64).collect();
+        let imp: Vec<f64> = (0..n).map(|j| (x[j] - base[j]).abs() as f64 * kl[j / c]).collect();
+        let mut s = imp.clone();
+        s.sort_by(|a, b| a.total_cmp(b));
+        let qi = |f: f64| s[(f * (n - 1) as f64) as usize];
+        let thr = qi(0.5) + 1.5 * (qi(0.75) - qi(0.25));
+        let mut kept = 0;
+        for j in 0..n {
+            let want = if imp[j] >= thr { x[j] } else { base[j] };
+            if (imp[j] - thr).abs() > 1e-6 * thr.abs() {
+                assert!((y[j] - want).abs() <= 1e-6 * want.abs().max(1.0), "{j}");
+            }
+            kept += usize::from(imp[j] >= thr);
+        }
+        assert!(kept > 0 && kept < n);
+        assert!(run("arcee_fusion", json!({}), &[r, c], Some(&base), &[&x, &x]).is_err());
+    }
+
+    #[test]
+    fn sampled_is_deterministic() {
+        let n = 1_100_000;
+        let base = rand(n, 1);
+        let x = rand(n, 2);
+        let y1 = run("arcee_fusion", json!({}), &[1100, 1000], Some(&base), &[&x]).unwrap();
+        let y2 = run("arcee_fusion", json!({}), &[1100, 1000], Some(&base), &[&x]).unwrap();
+        assert_eq!(y1, y2);
+    }
+}

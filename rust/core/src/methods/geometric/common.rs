@@ -1,0 +1,246 @@
+//! Helpers shared by the geometric family: cutting a tensor into vectors (whole tensor,
+//! rows along the last dimension, or vectors along dimension 0), streaming per-vector
+//! statistics in `prepare` with bounded memory and a fixed reduction order, and Gram
+//! matrices (all pairwise dot products) of the inputs.
+use crate::engine::CHUNK;
+use crate::error::Result;
+use crate::methods::TensorIo;
+use rayon::prelude::*;
+
+/// How a tensor is cut into the vectors that per-vector math works on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Contiguous vectors of `len` elements (`len` = numel: the whole flattened tensor).
+    Rows { len: usize },
+    /// Vectors along dimension 0: flat element j belongs to vector `j % inner`.
+    Cols { inner: usize },
+}
+
+impl Layout {
+    /// The whole flattened tensor as one vector.
+    pub fn whole(shape: &[usize]) -> Layout {
+        Layout::Rows { len: shape.iter().product::<usize>().max(1) }
+    }
+
+    /// Vectors along the last dimension (torch's `dim=-1`); a 1-D tensor is one vector.
+    pub fn last_dim(shape: &[usize]) -> Layout {
+        match shape.last() {
+            Some(&d) if shape.len() >= 2 => Layout::Rows { len: d.max(1) },
+            _ => Layout::whole(shape),
+        }
+    }
+
+    /// Vectors along the first dimension (torch's `dim=0` moved last); a 1-D tensor is
+    /// one vector.
+    pub fn first_dim(shape: &[usize]) -> Layout {
+        if shape.len() <= 1 {
+            return Layout::whole(shape);
+        }
+        Layout::Cols { inner: shape[1..].iter().product::<usize>().max(1) }
+    }
+
+    /// Number of vectors in a tensor of `numel` elements.
+    pub fn count(&self, numel: usize) -> usize {
+        match *self {
+            Layout::Rows { len } => numel.div_ceil(len).max(1),
+            Layout::Cols { inner } => inner,
+        }
+    }
+
+    /// Vector index of each element from flat index `start` on.
+    #[inline]
+    pub fn segments(&self, start: usize) -> Segments {
+        match *self {
+            Layout::Rows { len } => Segments { seg: start / len, pos: start % len, period: len, rows: true },
+            Layout::Cols { inner } => Segments { seg: start % inner, pos: 0, period: inner, rows: false },
+        }
+    }
+}
+
+/// Iterator over the vector index of consecutive flat elements (no division per element).
+pub struct Segments {
+    seg: usize,
+    pos: usize,
+    period: usize,
+    rows: bool,
+}
+
+impl Iterator for Segments {
+    type Item = usize;
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        let s = self.seg;
+        if self.rows {
+            self.pos += 1;
+            if self.pos == self.period {
+                self.pos = 0;
+                self.seg += 1;
+            }
+        } else {
+            self.seg += 1;
+            if self.seg == self.period {
+                self.seg = 0;
+            }
+        }
+        Some(s)
+    }
+}
+
+/// Most groups a statistics pass is split into (each with its own accumulator). Fixed, so
+/// results never depend on the thread count.
+const GROUPS: usize = 16;
+
+/// Per-vector statistics: `k` f64 sums per vector of `layout`. `f(values, acc)` is called
+/// for every element with the value of each input slot there (slot 0 is the base when
+/// there is one) and the `k` accumulators of the element's vector. Streams the inputs in
+/// fixed chunks over a fixed number of groups, folded in order: deterministic, and memory
+/// bounded by one chunk per slot per worker plus `GROUPS` accumulators.
+pub fn vector_stats<F>(io: &dyn TensorIo, layout: Layout, k: usize, f: F) -> Result<Vec<f64>>
+where
+    F: Fn(&[f32], &mut [f64]) + Sync,
+{
+    let numel = io.numel();
+    let nseg = layout.count(numel);
+    let mut total = vec![0f64; nseg * k];
+    if numel == 0 || k == 0 {
+        return Ok(total);
+    }
+    let slots = io.slots();
+    let nchunks = numel.div_ceil(CHUNK);
+    let groups = nchunks.min(GROUPS);
+    let per = nchunks.div_ceil(groups);
+    let parts: Vec<(usize, Vec<f64>)> = (0..groups)
+        .into_par_iter()
+        .map(|g| {
+            let start = (g * per * CHUNK).min(numel);
+            let end = ((g + 1) * per * CHUNK).min(numel);
+            if start >= end {
+                return Ok((0, Vec::new()));
+            }
+            // Segments this group touches.
+            let (seg0, nacc) = match layout {
+                Layout::Rows { len } => (start / len, (end - 1) / len - start / len + 1),
+                Layout::Cols { inner } => (0, inner),
+            };
+            let mut acc = vec![0f64; nacc * k];
+            let mut bufs = vec![vec![0f32; CHUNK]; slots];
+            let mut vals = vec![0f32; slots];
+            let mut s = start;
+            while s < end {
+                let e = (s + CHUNK).min(end);
+                for (slot, b) in bufs.iter_mut().enumerate() {
+                    io.read(slot, s..e, &mut b[..e - s])?;
+                }
+                let mut segs = layout.segments(s);
+                for i in 0..e - s {
+                    for (v, b) in vals.iter_mut().zip(&bufs) {
+                        *v = b[i];
+                    }
+                    let seg = segs.next().unwrap() - seg0;
+                    f(&vals, &mut acc[seg * k..(seg + 1) * k]);
+                }
+                s = e;
+            }
+            Ok((seg0, acc))
+        })
+        .collect::<Result<_>>()?;
+    for (seg0, acc) in parts {
+        total[seg0 * k..seg0 * k + acc.len()].iter_mut().zip(&acc).for_each(|(t, a)| *t += a);
+    }
+    Ok(total)
+}
+
+/// Index of pair (i, j), i <= j, in the packed upper triangle of an n×n symmetric matrix.
+#[inline]
+pub fn tri(n: usize, i: usize, j: usize) -> usize {
+    let (i, j) = if i <= j { (i, j) } else { (j, i) };
+    i * n - i * (i + 1) / 2 + j
+}
+
+/// Accumulates the packed Gram matrix (upper triangle with diagonal) of the `n` vectors
+/// `x[i]` into `g` (length n(n+1)/2).
+#[inline]
+pub fn gram_accumulate(x: &[f64], g: &mut [f64]) {
+    let n = x.len();
+    let mut idx = 0;
+    for i in 0..n {
+        let xi = x[i];
+        for &xj in &x[i..] {
+            g[idx] += xi * xj;
+            idx += 1;
+        }
+    }
+    debug_assert_eq!(idx, n * (n + 1) / 2);
+}
+
+/// Whole-tensor Gram matrix of the vectors `value(slots)` (one per model), streamed.
+pub fn whole_gram<V>(io: &dyn TensorIo, n: usize, value: V) -> Result<Vec<f64>>
+where
+    V: Fn(&[f32], &mut [f64]) + Sync,
+{
+    let shape = [io.numel()];
+    let k = n * (n + 1) / 2;
+    vector_stats(io, Layout::whole(&shape), k, |vals, acc| {
+        // n is small (checked against MAX_MODELS at build): a stack buffer suffices.
+        let mut x = [0f64; MAX_MODELS];
+        value(vals, &mut x[..n]);
+        gram_accumulate(&x[..n], acc);
+    })
+}
+
+/// Most models a Gram-matrix method takes (stack buffers per element).
+pub const MAX_MODELS: usize = 64;
+
+/// `Σ c_i x_i` elementwise in f32, models summed in order.
+#[inline]
+pub fn combine_f32(inputs: &[&[f32]], c: &[f32], out: &mut [f32]) {
+    super::super::weighted_sum(inputs, c, out);
+}
+
+#[cfg(test)]
+pub mod testing {
+    //! Runs a method through the real engine on in-memory arrays.
+    use crate::engine::{merge_arrays, pool};
+    use crate::methods::build;
+    use serde_json::Value;
+
+    pub fn run(name: &str, params: Value, shape: &[usize], base: Option<&[f32]>, inputs: &[&[f32]]) -> crate::Result<Vec<f32>> {
+        let map = params.as_object().cloned().unwrap_or_default();
+        let m = build(name, &map, inputs.len(), base.is_some())?;
+        let p = pool(Some(2)).unwrap();
+        merge_arrays(m.as_ref(), "t", shape, 7, base, inputs, &p)
+    }
+
+    /// Deterministic pseudo-random values.
+    pub fn rand(n: usize, key: u64) -> Vec<f32> {
+        let k = crate::rng::stream_key(key, "test", 0);
+        (0..n).map(|i| crate::rng::normal(k, i as u64) as f32).collect()
+    }
+
+    pub fn close(a: &[f32], b: &[f64], tol: f64) {
+        assert_eq!(a.len(), b.len());
+        for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+            assert!((x as f64 - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts() {
+        assert_eq!(Layout::last_dim(&[3, 4]), Layout::Rows { len: 4 });
+        assert_eq!(Layout::last_dim(&[5]), Layout::Rows { len: 5 });
+        assert_eq!(Layout::last_dim(&[]), Layout::Rows { len: 1 });
+        assert_eq!(Layout::first_dim(&[3, 4, 2]), Layout::Cols { inner: 8 });
+        let s: Vec<usize> = Layout::Rows { len: 3 }.segments(2).take(5).collect();
+        assert_eq!(s, vec![0, 1, 1, 1, 2]);
+        let s: Vec<usize> = Layout::Cols { inner: 3 }.segments(2).take(5).collect();
+        assert_eq!(s, vec![2, 0, 1, 2, 0]);
+        assert_eq!(tri(3, 0, 0), 0);
+        assert_eq!(tri(3, 1, 2), 4);
+        assert_eq!(tri(3, 2, 2), 5);
+    }
+}

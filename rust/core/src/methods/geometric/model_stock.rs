@@ -1,0 +1,149 @@
+//! Model Stock (Jang et al. 2024; mergekit `model_stock`). With `w_0` the base and
+//! `Δ_i = w_i − w_0` for the N ≥ 2 fine-tunes, `cos` is the mean over all pairs of
+//! `⟨Δ_a, Δ_b⟩ / max(|Δ_a||Δ_b|, 1e-6)` (each clamped to [−1, 1]),
+//! `t = N·cos / (1 + (N − 1)·cos)` and the result is `t · mean(w_i) + (1 − t) · w_0`.
+//! Flattened over the whole tensor by default; `filter_wise: true` computes one `t` per
+//! row along the last dimension (a 1-D tensor is one row).
+//!
+//! Deliberate departure: the mean cosine is clamped to [0, 1] before computing `t`.
+//! mergekit uses it as is, so anti-correlated updates give `t < 0` (extrapolating away
+//! from the models' average) or, for `cos < −1/(N−1)`, an unbounded `t` near the pole of
+//! `1 + (N−1)·cos` (mergekit keeps the base only when that is within 1e-6 of 0). Model
+//! Stock's geometry assumes the updates spread around a centre at `cos ≥ 0`; with no
+//! positive agreement the estimate collapses to the base (`t = 0`), which we return.
+//!
+//! Memory: the pairwise dot products and norms are streamed (whole-tensor mode) or
+//! gathered per row in `prepare` (filter-wise: one f64 per row and statistic); `apply`
+//! runs elementwise on chunks.
+use super::common::{tri, vector_stats, Layout, MAX_MODELS};
+use crate::error::{Error, Result};
+use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
+use crate::params::Params;
+
+pub struct ModelStock {
+    n: usize,
+    filter_wise: bool,
+}
+
+impl ModelStock {
+    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
+        check_arity("model_stock", has_base, BaseRule::Required, n, 2, None)?;
+        if n > MAX_MODELS {
+            return Err(Error::config(format!("model_stock: at most {MAX_MODELS} models, got {n}")));
+        }
+        Ok(ModelStock { n, filter_wise: p.bool("filter_wise", false)? })
+    }
+
+    fn layout(&self, shape: &[usize]) -> Layout {
+        if self.filter_wise {
+            Layout::last_dim(shape)
+        } else {
+            Layout::whole(shape)
+        }
+    }
+
+    /// The interpolation factor from the packed Gram matrix of the deltas.
+    pub fn t_from_gram(n: usize, g: &[f64]) -> f64 {
+        let norm = |i: usize| g[tri(n, i, i)].max(0.0).sqrt();
+        let mut sum = 0.0;
+        let mut pairs = 0usize;
+        for a in 0..n {
+            for b in a + 1..n {
+                sum += (g[tri(n, a, b)] / (norm(a) * norm(b)).max(1e-6)).clamp(-1.0, 1.0);
+                pairs += 1;
+            }
+        }
+        let cos = (sum / pairs as f64).clamp(0.0, 1.0);
+        let nf = n as f64;
+        nf * cos / (1.0 + (nf - 1.0) * cos)
+    }
+}
+
+impl Method for ModelStock {
+    fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
+        let n = self.n;
+        let k = n * (n + 1) / 2;
+        let g = vector_stats(io, self.layout(ctx.shape), k, |v, acc| {
+            let mut d = [0f64; MAX_MODELS];
+            let b = v[0];
+            for (di, &x) in d.iter_mut().zip(&v[1..]) {
+                *di = (x - b) as f64;
+            }
+            super::common::gram_accumulate(&d[..n], acc);
+        })?;
+        Ok(g.chunks(k).map(|gs| Self::t_from_gram(n, gs)).collect())
+    }
+
+    fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
+        let base = base.expect("arity checked at build");
+        let inv_n = self.n as f32;
+        let mut segs = self.layout(ctx.shape).segments(ctx.offset);
+        for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+            let t = stats[segs.next().unwrap()] as f32;
+            let mut s = 0f32;
+            for x in inputs {
+                s += x[j];
+            }
+            let avg = s / inv_n;
+            *o = t * avg + (1.0 - t) * b;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::common::testing::{close, rand, run};
+    use super::*;
+    use serde_json::json;
+
+    fn reference(rows: usize, len: usize, base: &[f32], xs: &[&[f32]]) -> Vec<f64> {
+        let n = xs.len();
+        let mut out = vec![0f64; base.len()];
+        for r in 0..rows {
+            let span = r * len..(r + 1) * len;
+            let d: Vec<Vec<f64>> = xs.iter().map(|x| span.clone().map(|j| x[j] as f64 - base[j] as f64).collect()).collect();
+            let dot = |a: &Vec<f64>, b: &Vec<f64>| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+            let mut cs = vec![];
+            for a in 0..n {
+                for b in a + 1..n {
+                    cs.push((dot(&d[a], &d[b]) / (dot(&d[a], &d[a]).sqrt() * dot(&d[b], &d[b]).sqrt()).max(1e-6)).clamp(-1.0, 1.0));
+                }
+            }
+            let c = (cs.iter().sum::<f64>() / cs.len() as f64).max(0.0);
+            let t = n as f64 * c / (1.0 + (n as f64 - 1.0) * c);
+            for j in span {
+                let avg = xs.iter().map(|x| x[j] as f64).sum::<f64>() / n as f64;
+                out[j] = t * avg + (1.0 - t) * base[j] as f64;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn whole_and_filter_wise() {
+        let (rows, len) = (300, 257);
+        let n = rows * len;
+        let base = rand(n, 1);
+        let common = rand(n, 9);
+        let mk = |k: u64| -> Vec<f32> { let r = rand(n, k); (0..n).map(|j| base[j] + 0.1 * common[j] + 0.1 * r[j]).collect() };
+        let (a, b, c) = (mk(2), mk(3), mk(4));
+        let y = run("model_stock", json!({}), &[rows, len], Some(&base), &[&a, &b, &c]).unwrap();
+        close(&y, &reference(1, n, &base, &[&a, &b, &c]), 1e-5);
+        let y = run("model_stock", json!({"filter_wise": true}), &[rows, len], Some(&base), &[&a, &b]).unwrap();
+        close(&y, &reference(rows, len, &base, &[&a, &b]), 1e-5);
+        // Anti-correlated updates: clamped to the base.
+        let neg: Vec<f32> = (0..n).map(|j| 2.0 * base[j] - a[j]).collect();
+        let y = run("model_stock", json!({}), &[rows, len], Some(&base), &[&a, &neg]).unwrap();
+        assert_eq!(y, base);
+        assert!(run("model_stock", json!({}), &[n], Some(&base), &[&a]).is_err());
+    }
+
+    #[test]
+    fn t_values() {
+        // Two orthogonal unit deltas: cos 0 -> t 0; identical deltas: cos 1 -> t 1.
+        assert_eq!(ModelStock::t_from_gram(2, &[1.0, 0.0, 1.0]), 0.0);
+        assert!((ModelStock::t_from_gram(2, &[1.0, 1.0, 1.0]) - 1.0).abs() < 1e-12);
+        assert!((ModelStock::t_from_gram(2, &[1.0, 0.5, 1.0]) - 2.0 / 3.0).abs() < 1e-12);
+    }
+}

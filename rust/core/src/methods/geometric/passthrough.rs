@@ -1,0 +1,49 @@
+//! Passthrough (mergekit `passthrough`): the single input, copied exactly, or multiplied by
+//! the optional `scale`. Frankenmerge slice plans use it for every copied tensor.
+use crate::error::{Error, Result};
+use crate::methods::{check_arity, BaseRule, Ctx, Method};
+use crate::params::Params;
+
+pub struct Passthrough {
+    scale: Option<f32>,
+}
+
+impl Passthrough {
+    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
+        check_arity("passthrough", has_base, BaseRule::Forbidden, n, 1, Some(1))?;
+        let scale = match p.per_model("scale", 1, Some(f64::NAN))?[0] {
+            s if s.is_nan() => None,
+            s if !s.is_finite() => return Err(Error::config(format!("passthrough: scale must be finite, got {s}"))),
+            s => Some(s as f32),
+        };
+        Ok(Passthrough { scale })
+    }
+}
+
+impl Method for Passthrough {
+    fn apply(&self, _: &Ctx, _: Option<&[f32]>, inputs: &[&[f32]], _: &[f64], out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(inputs[0]);
+        if let Some(s) = self.scale {
+            out.iter_mut().for_each(|o| *o *= s);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::common::testing::{rand, run};
+    use serde_json::json;
+
+    #[test]
+    fn copies_and_scales() {
+        let x = rand(70_000, 1);
+        assert_eq!(run("passthrough", json!({}), &[70_000], None, &[&x]).unwrap(), x);
+        let y = run("passthrough", json!({"scale": 0.5}), &[70_000], None, &[&x]).unwrap();
+        assert!(y.iter().zip(&x).all(|(a, b)| *a == 0.5 * b));
+        let y = run("passthrough", json!({"scale": [2.0]}), &[70_000], None, &[&x]).unwrap();
+        assert!(y.iter().zip(&x).all(|(a, b)| *a == 2.0 * b));
+        assert!(run("passthrough", json!({}), &[70_000], None, &[&x, &x]).is_err());
+        assert!(run("passthrough", json!({}), &[70_000], Some(&x), &[&x]).is_err());
+    }
+}

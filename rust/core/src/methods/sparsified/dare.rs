@@ -1,0 +1,71 @@
+//! DARE (Yu et al. 2024, "Language Models are Super Mario") random drop: each entry of `Δ_i`
+//! survives with probability `density` (density ≥ 1: all, untouched; ≤ 0: none).
+//!
+//! The draw for element `g` of model `i` is `uniform(stream_key(seed, tensor, i), g) < density`
+//! (rng.rs, counter-based): the mask depends only on (seed, tensor name, model index, element
+//! index), never on threads or chunking.
+//!
+//! Rescale: the DARE paper multiplies survivors by `1/density`. mergekit 0.1.5 does NOT: with
+//! `rescale: true` (its default for dare_ties / dare_linear) it multiplies the survivors by
+//! `‖Δ‖₁ / ‖mask·Δ‖₁` (the L1 norm of the whole tensor's delta before / after dropping), which
+//! equals `1/density` only in expectation. That is our default too (`rescale_mode: l1`);
+//! `rescale_mode: density` gives the paper's `1/density`.
+use super::gta::{Mode, Sparsifier};
+use crate::error::Result;
+use crate::methods::{Ctx, TensorIo};
+use crate::params::Params;
+use crate::rng::{stream_key, uniform};
+
+pub struct Random {
+    density: Vec<f64>,
+}
+
+impl Random {
+    pub fn build(name: &str, p: &Params, n: usize) -> Result<Self> {
+        Ok(Random { density: super::ties::densities(name, p, n)? })
+    }
+}
+
+/// The keep decision of element `g` of model `i` (exposed for tests).
+#[inline]
+pub fn kept(seed: u64, tensor: &str, i: usize, g: usize, density: f64) -> bool {
+    uniform(stream_key(seed, tensor, i as u64), g as u64) < density
+}
+
+impl Sparsifier for Random {
+    fn prepare(&self, _: &Ctx, _: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
+        let d = self.density[i];
+        Ok((if d >= 1.0 { Mode::Keep } else if d <= 0.0 { Mode::Drop } else { Mode::Partial }, vec![]))
+    }
+
+    fn mask(&self, ctx: &Ctx, _: usize, i: usize, _: &[f64], delta: &mut [f32]) {
+        let key = stream_key(ctx.seed, ctx.tensor, i as u64);
+        let d = self.density[i];
+        for (j, x) in delta.iter_mut().enumerate() {
+            if uniform(key, (ctx.offset + j) as u64) >= d {
+                *x = 0.0;
+            }
+        }
+    }
+
+    fn density(&self, i: usize) -> f64 {
+        self.density[i]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_rate_and_independence() {
+        let n = 100_000;
+        let a: Vec<bool> = (0..n).map(|g| kept(7, "w", 0, g, 0.3)).collect();
+        let b: Vec<bool> = (0..n).map(|g| kept(7, "w", 1, g, 0.3)).collect();
+        let frac = a.iter().filter(|&&k| k).count() as f64 / n as f64;
+        assert!((frac - 0.3).abs() < 0.01, "{frac}");
+        let both = a.iter().zip(&b).filter(|(x, y)| **x && **y).count() as f64 / n as f64;
+        assert!((both - 0.09).abs() < 0.01, "{both}");
+        assert_ne!(a, (0..n).map(|g| kept(8, "w", 0, g, 0.3)).collect::<Vec<_>>());
+    }
+}

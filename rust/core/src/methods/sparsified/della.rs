@@ -1,0 +1,147 @@
+//! DELLA (Deep et al. 2024) "MagPrune" as mergekit 0.1.5 does it: within each row of `Δ_i`
+//! (the last axis of a 2-D tensor; the whole tensor when it has fewer than 2 axes), rank the
+//! entries by `|Δ|` ascending (`r = 0 … m−1`, ties by index) and keep each one with probability
+//! `p = (density − ε) + 2ε · r/(m−1)`: large entries are more likely kept. density ≥ 1 keeps
+//! everything, density ≤ 0 nothing; otherwise `density ± ε` must lie in (0, 1) (mergekit's
+//! check). Survivors are then rescaled like DARE (mergekit: L1 norm match by default;
+//! `rescale_mode: density` multiplies by `1/density`, the mean keep probability — the DELLA
+//! paper's per-entry `1/p` is not offered).
+//!
+//! Departures (both where mergekit cannot run or is ill-defined): a row of one entry is kept
+//! with probability `density` (mergekit divides 0 by 0); tensors with more than 2 axes are
+//! ranked along their flattened trailing axes (mergekit ranks along axis 1).
+//!
+//! The draw for element `g` of model `i` is `uniform(stream_key(seed, tensor, i), g) < p`.
+//! `prepare` ranks row by row (bounded buffers) and stores the keep mask as bits (1/32 of an
+//! f32 tensor per model), so `apply` stays elementwise.
+use super::gta::{Mode, Sparsifier};
+use super::sparsify::mag_key;
+use crate::engine::CHUNK;
+use crate::error::{Error, Result};
+use crate::methods::{Ctx, TensorIo};
+use crate::params::Params;
+use crate::rng::{stream_key, uniform};
+use rayon::prelude::*;
+
+pub struct MagPrune {
+    density: Vec<f64>,
+    epsilon: Vec<f64>,
+}
+
+impl MagPrune {
+    pub fn build(name: &str, p: &Params, n: usize) -> Result<Self> {
+        let density = super::ties::densities(name, p, n)?;
+        let epsilon = p.per_model("epsilon", n, Some(0.15))?;
+        for (&d, &e) in density.iter().zip(&epsilon) {
+            if !e.is_finite() {
+                return Err(Error::config(format!("{name}: epsilon must be finite, got {e}")));
+            }
+            if d > 0.0 && d < 1.0 && (d + e >= 1.0 || d - e <= 0.0) {
+                return Err(Error::config(format!(
+                    "{name}: epsilon must be chosen such that density ± epsilon is in (0, 1); got density {d}, epsilon {e}"
+                )));
+            }
+        }
+        Ok(MagPrune { density, epsilon })
+    }
+
+    /// Row length used for ranking.
+    pub fn row_len(shape: &[usize], numel: usize) -> usize {
+        if shape.len() < 2 {
+            numel.max(1)
+        } else {
+            shape[1..].iter().product::<usize>().max(1)
+        }
+    }
+}
+
+/// Keep probability of rank `r` (0-based, ascending |Δ|) in a row of `m`.
+#[inline]
+pub fn keep_prob(r: usize, m: usize, density: f64, eps: f64) -> f64 {
+    if m <= 1 {
+        return density;
+    }
+    (density - eps) + (r as f64 / (m - 1) as f64) * 2.0 * eps
+}
+
+/// Keep decisions for the rows in `[start, end)` (whole rows of `m`).
+fn rows_kept(io: &dyn TensorIo, i: usize, start: usize, end: usize, m: usize, key: u64, d: f64, e: f64) -> Result<Vec<bool>> {
+    let len = end - start;
+    let (mut b, mut x) = (vec![0f32; len], vec![0f32; len]);
+    io.read(0, start..end, &mut b)?;
+    io.read(i + 1, start..end, &mut x)?;
+    let keys: Vec<u32> = x.iter().zip(&b).map(|(&x, &b)| mag_key(x - b)).collect();
+    let mut kept = vec![false; len];
+    let mut order: Vec<u32> = Vec::with_capacity(m);
+    for r0 in (0..len).step_by(m) {
+        let row = &keys[r0..r0 + m];
+        order.clear();
+        order.extend(0..m as u32);
+        order.sort_unstable_by_key(|&j| (row[j as usize], j));
+        for (rank, &j) in order.iter().enumerate() {
+            let g = start + r0 + j as usize;
+            kept[r0 + j as usize] = uniform(key, g as u64) < keep_prob(rank, m, d, e);
+        }
+    }
+    Ok(kept)
+}
+
+impl Sparsifier for MagPrune {
+    fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
+        let (d, e) = (self.density[i], self.epsilon[i]);
+        if d >= 1.0 {
+            return Ok((Mode::Keep, vec![]));
+        }
+        if d <= 0.0 {
+            return Ok((Mode::Drop, vec![]));
+        }
+        let numel = io.numel();
+        let m = Self::row_len(ctx.shape, numel);
+        let rows_per_block = (CHUNK / m).max(1);
+        let blocks: Vec<(usize, usize)> =
+            (0..numel).step_by(rows_per_block * m).map(|s| (s, (s + rows_per_block * m).min(numel))).collect();
+        let key = stream_key(ctx.seed, ctx.tensor, i as u64);
+        let mut words = vec![0u32; numel.div_ceil(32)];
+        // Waves of blocks in parallel keep the temporary decisions bounded.
+        for wave in blocks.chunks(64) {
+            let parts: Vec<Vec<bool>> = wave.par_iter().map(|&(s, t)| rows_kept(io, i, s, t, m, key, d, e)).collect::<Result<_>>()?;
+            for (&(s, _), kept) in wave.iter().zip(parts) {
+                for (j, k) in kept.into_iter().enumerate() {
+                    if k {
+                        words[(s + j) / 32] |= 1 << ((s + j) % 32);
+                    }
+                }
+            }
+        }
+        Ok((Mode::Partial, words.into_iter().map(|w| w as f64).collect()))
+    }
+
+    fn mask(&self, ctx: &Ctx, _: usize, _: usize, state: &[f64], delta: &mut [f32]) {
+        for (j, x) in delta.iter_mut().enumerate() {
+            let g = ctx.offset + j;
+            if (state[g / 32] as u32 >> (g % 32)) & 1 == 0 {
+                *x = 0.0;
+            }
+        }
+    }
+
+    fn density(&self, i: usize) -> f64 {
+        self.density[i]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probabilities() {
+        assert_eq!(keep_prob(0, 5, 0.5, 0.1), 0.4);
+        assert!((keep_prob(4, 5, 0.5, 0.1) - 0.6).abs() < 1e-12);
+        assert!((keep_prob(2, 5, 0.5, 0.1) - 0.5).abs() < 1e-12);
+        assert_eq!(keep_prob(0, 1, 0.5, 0.1), 0.5);
+        assert_eq!(MagPrune::row_len(&[4, 8], 32), 8);
+        assert_eq!(MagPrune::row_len(&[32], 32), 32);
+        assert_eq!(MagPrune::row_len(&[2, 3, 4], 24), 12);
+    }
+}

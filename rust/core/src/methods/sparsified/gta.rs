@@ -1,0 +1,239 @@
+//! The kernel shared by ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della
+//! and della_linear (mergekit's "generalized task arithmetic"), with mergekit 0.1.5's order of
+//! operations:
+//!
+//! 1. `Δ_i = θ_i − θ_base`, sparsified by the method's [`Sparsifier`] (magnitude top-k,
+//!    random drop, magnitude window, magnitude-ranked random drop);
+//! 2. optional rescale of each sparsified `Δ_i` so that its norm (L1 by default, the only
+//!    norm mergekit uses) equals the norm before sparsification; no rescale when either norm
+//!    is < 1e-7, nor when nothing was removed (density ≥ 1). `rescale_mode: density` gives the
+//!    DARE paper's `1/density` instead;
+//! 3. `Δ_i ← w_i Δ_i`;
+//! 4. with sign consensus (the `*ties` methods and `della`): elect the sign of `Σ_i w_i Δ_i`
+//!    per element (≥ 0 counts as +), keep the entries whose sign equals it (zeros never
+//!    agree), sum them; `normalize` divides by the agreeing weights `Σ w_i` (0 → 1): the
+//!    weighted disjoint mean. `disjoint_mean: count` divides by the number of agreeing models
+//!    instead (the TIES paper's disjoint mean, which has no per-model weights);
+//!    `consensus: count` elects by the count of signs (mergekit's unused "count" variant);
+//!    without consensus: `Σ_i w_i Δ_i`, `normalize` divides by `Σ w_i` (|Σ| < 1e-8 → 1);
+//! 5. `θ = θ_base + λ · mixed`.
+//!
+//! Memory: `prepare` handles one model at a time with at most one whole-tensor `u32` scratch
+//! buffer (dropped before the next model); `apply` is elementwise on engine chunks.
+use super::sparsify::{chunk_of, delta_into, elect, n_chunks, par_chunks, sign, Rescale, RESCALE_EPS};
+use crate::engine::CHUNK;
+use crate::error::{Error, Result};
+use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
+use crate::params::Params;
+
+/// What sparsification leaves of one model's delta on one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Untouched (density ≥ 1): no mask, no rescale.
+    Keep = 0,
+    /// Nothing survives.
+    Drop = 1,
+    /// A mask given by the sparsifier's state; rescaled when asked.
+    Partial = 2,
+}
+
+pub trait Sparsifier: Send + Sync {
+    /// Whole-tensor preparation of model `i` (slot `i + 1`; slot 0 is the base).
+    fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)>;
+    /// Zeroes the dropped entries of model `i`'s delta on the chunk at `ctx.offset`.
+    fn mask(&self, ctx: &Ctx, chunk: usize, i: usize, state: &[f64], delta: &mut [f32]);
+    /// Model `i`'s density (for `rescale_mode: density`).
+    fn density(&self, i: usize) -> f64;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consensus {
+    Sum,
+    Count,
+}
+
+pub struct Gta {
+    sparsifier: Box<dyn Sparsifier>,
+    weights: Vec<f32>,
+    consensus: Option<Consensus>,
+    /// Disjoint mean by the number of agreeing models (paper) instead of their weights.
+    count_mean: bool,
+    normalize: bool,
+    lambda: f32,
+    rescale: Rescale,
+    /// `Σ w_i` (or 1 when |Σ| < 1e-8), for normalize without consensus.
+    linear_divisor: f32,
+}
+
+/// Per-method defaults (mergekit's registry).
+pub struct Spec {
+    pub consensus: bool,
+    pub normalize: bool,
+    pub rescale: bool,
+}
+
+/// Reads the parameters every method of the family shares and builds the kernel.
+pub fn build(name: &str, p: &Params, n: usize, has_base: bool, spec: Spec, sparsifier: Box<dyn Sparsifier>) -> Result<Box<dyn Method>> {
+    check_arity(name, has_base, BaseRule::Required, n, 1, None)?;
+    let w = p.per_model("weight", n, Some(1.0))?;
+    if let Some(x) = w.iter().find(|x| !x.is_finite()) {
+        return Err(Error::config(format!("{name}: weight must be finite, got {x}")));
+    }
+    let lambda = match (p.opt_f64("lambda")?, p.opt_f64("lam")?) {
+        (Some(_), Some(_)) => return Err(Error::config(format!("{name}: give 'lambda' or 'lam', not both"))),
+        (a, b) => a.or(b).unwrap_or(1.0),
+    };
+    if !lambda.is_finite() {
+        return Err(Error::config(format!("{name}: lambda must be finite, got {lambda}")));
+    }
+    let normalize = p.bool("normalize", spec.normalize)?;
+    // mergekit's int8_mask only changes the dtype of its consensus mask, not the result.
+    p.bool("int8_mask", false)?;
+    let rescale_flag = p.bool("rescale", spec.rescale)?;
+    let rescale = match p.opt_str("rescale_mode")? {
+        None => {
+            if rescale_flag {
+                Rescale::L1
+            } else {
+                Rescale::None
+            }
+        }
+        Some(s) => {
+            let r = Rescale::parse(s).ok_or_else(|| {
+                Error::config(format!("{name}: rescale_mode must be one of l1, l2, linf, density, none; got '{s}'"))
+            })?;
+            // rescale given as false explicitly (its default may be either)
+            if r != Rescale::None && !p.bool("rescale", true)? {
+                return Err(Error::config(format!("{name}: rescale is false but rescale_mode is '{s}'")));
+            }
+            r
+        }
+    };
+    let (consensus, count_mean) = if spec.consensus {
+        let c = match p.opt_str("consensus")?.unwrap_or("sum") {
+            "sum" => Consensus::Sum,
+            "count" => Consensus::Count,
+            other => return Err(Error::config(format!("{name}: consensus must be 'sum' or 'count', got '{other}'"))),
+        };
+        let m = match p.opt_str("disjoint_mean")?.unwrap_or("weights") {
+            "weights" => false,
+            "count" => true,
+            other => return Err(Error::config(format!("{name}: disjoint_mean must be 'weights' or 'count', got '{other}'"))),
+        };
+        (Some(c), m)
+    } else {
+        (None, false)
+    };
+    let total: f32 = w.iter().map(|&x| x as f32).sum();
+    Ok(Box::new(Gta {
+        sparsifier,
+        weights: w.iter().map(|&x| x as f32).collect(),
+        consensus,
+        count_mean,
+        normalize,
+        lambda: lambda as f32,
+        rescale,
+        linear_divisor: if total.abs() < 1e-8 { 1.0 } else { total },
+    }))
+}
+
+const HEAD: usize = 4; // per model: mode, scale, start, len
+
+impl Gta {
+    fn scale(&self, ctx: &Ctx, io: &dyn TensorIo, i: usize, state: &[f64]) -> Result<f64> {
+        let norm = self.rescale;
+        match norm {
+            Rescale::None => return Ok(1.0),
+            Rescale::Density => return Ok(1.0 / self.sparsifier.density(i)),
+            _ => {}
+        }
+        let parts = par_chunks(io, &[0, i + 1], |c, r, v| {
+            let mut d = vec![0f32; r.len()];
+            delta_into(v[1], v[0], &mut d);
+            let (mut before, mut after) = (0f64, 0f64);
+            d.iter().for_each(|&x| norm.acc(&mut before, x));
+            self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, state, &mut d);
+            d.iter().for_each(|&x| norm.acc(&mut after, x));
+            Ok((before, after))
+        })?;
+        let (b, a) = parts.iter().fold((0.0, 0.0), |(b, a), &(pb, pa)| (norm.fold(b, pb), norm.fold(a, pa)));
+        let (b, a) = (norm.finish(b), norm.finish(a));
+        Ok(if b < RESCALE_EPS || a < RESCALE_EPS { 1.0 } else { b / a })
+    }
+}
+
+impl Method for Gta {
+    fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
+        let n = io.slots() - 1;
+        let mut head = Vec::with_capacity(HEAD * n);
+        let mut body = Vec::new();
+        for i in 0..n {
+            let (mode, state) = if io.numel() == 0 { (Mode::Keep, vec![]) } else { self.sparsifier.prepare(ctx, io, i)? };
+            let scale = if mode == Mode::Partial { self.scale(ctx, io, i, &state)? } else { 1.0 };
+            if !scale.is_finite() {
+                return Err(Error::numerical(ctx.tensor, format!("model #{i}: rescale factor {scale}")));
+            }
+            head.extend([mode as u8 as f64, scale, (HEAD * n + body.len()) as f64, state.len() as f64]);
+            body.extend(state);
+        }
+        debug_assert!(n_chunks(io.numel()) * CHUNK >= io.numel());
+        head.extend(body);
+        Ok(head)
+    }
+
+    fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
+        let base = base.expect("arity checked at build");
+        let (n, len) = (inputs.len(), out.len());
+        let chunk = chunk_of(ctx)?;
+        let mut d = vec![0f32; n * len];
+        for (i, di) in d.chunks_mut(len.max(1)).enumerate().take(n) {
+            let h = &stats[HEAD * i..HEAD * (i + 1)];
+            let (mode, scale, start, slen) = (h[0] as u8, h[1] as f32, h[2] as usize, h[3] as usize);
+            if mode == Mode::Drop as u8 {
+                continue; // stays zero
+            }
+            delta_into(inputs[i], base, di);
+            if mode == Mode::Partial as u8 {
+                self.sparsifier.mask(ctx, chunk, i, &stats[start..start + slen], di);
+                if scale != 1.0 {
+                    di.iter_mut().for_each(|x| *x *= scale);
+                }
+            }
+            let w = self.weights[i];
+            di.iter_mut().for_each(|x| *x *= w);
+        }
+        match self.consensus {
+            Some(c) => {
+                for j in 0..len {
+                    let maj = elect((0..n).map(|i| d[i * len + j]), c == Consensus::Count);
+                    let (mut mixed, mut div) = (0f32, 0f32);
+                    for i in 0..n {
+                        let v = d[i * len + j];
+                        if sign(v) == maj {
+                            mixed += v;
+                            div += if self.count_mean { 1.0 } else { self.weights[i] };
+                        }
+                    }
+                    if self.normalize {
+                        mixed /= if div == 0.0 { 1.0 } else { div };
+                    }
+                    out[j] = mixed;
+                }
+            }
+            None => {
+                out.copy_from_slice(&d[..len]);
+                for i in 1..n {
+                    out.iter_mut().zip(&d[i * len..(i + 1) * len]).for_each(|(o, &v)| *o += v);
+                }
+                if self.normalize {
+                    out.iter_mut().for_each(|o| *o /= self.linear_divisor);
+                }
+            }
+        }
+        if self.lambda != 1.0 {
+            out.iter_mut().for_each(|o| *o *= self.lambda);
+        }
+        out.iter_mut().zip(base).for_each(|(o, &b)| *o += b);
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! SCE (Wan et al. 2024, FuseChat: "select, calculate, erase") as mergekit 0.1.5 does it.
+//! With task vectors `τ_i = θ_i − θ_base`:
+//!
+//! 1. select (only when `select_topk` < 1): per element the population variance of the `τ_i`
+//!    across models; keep the `k = ⌊nnz(var) · select_topk⌋` elements with the largest variance
+//!    (mergekit computes k in float32; so do we), zero the rest in every `τ_i`
+//!    (`select_topk` ≤ 0 or k = 0: all zeroed). Ties at the k-th variance: lowest index first.
+//! 2. calculate: `w_i = mean(τ_i²) / Σ_j mean(τ_j²)` over the whole (selected) tensor, or
+//!    `1/n` when that sum is below 1e-6;
+//! 3. erase: elect the sign of `Σ_i τ_i` (≥ 0 is +) per element; keep agreeing entries;
+//!    `θ = θ_base + Σ_agree w_i τ_i / max(Σ_agree w_i, 1e-6)`.
+//!
+//! mergekit takes no per-model weight for SCE and neither do we. `int8_mask` is accepted and
+//! changes nothing. Memory: one `u32` per element while finding the variance threshold;
+//! `apply` is elementwise.
+use super::gta::Mode;
+use super::sparsify::{chunk_of, delta_into, elect, par_chunks, sign, Window};
+use crate::error::{Error, Result};
+use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
+use crate::params::Params;
+
+pub struct Sce {
+    topk: f64,
+}
+
+impl Sce {
+    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
+        check_arity("sce", has_base, BaseRule::Required, n, 1, None)?;
+        p.bool("int8_mask", false)?;
+        let topk = p.f64("select_topk", 1.0)?;
+        if !topk.is_finite() {
+            return Err(Error::config(format!("sce: select_topk must be finite, got {topk}")));
+        }
+        Ok(Sce { topk })
+    }
+}
+
+/// Population variance across models of `τ_i[j]` (computed in f64, rounded to f32).
+#[inline]
+fn variance(tv: &[Vec<f32>], j: usize) -> f32 {
+    let n = tv.len() as f64;
+    let mean = tv.iter().map(|t| t[j] as f64).sum::<f64>() / n;
+    (tv.iter().map(|t| (t[j] as f64 - mean).powi(2)).sum::<f64>() / n) as f32
+}
+
+/// Task vectors of one chunk from the slot slices (`v[0]` the base).
+fn task_vectors(v: &[&[f32]]) -> Vec<Vec<f32>> {
+    v[1..]
+        .iter()
+        .map(|x| {
+            let mut t = vec![0f32; x.len()];
+            delta_into(x, v[0], &mut t);
+            t
+        })
+        .collect()
+}
+
+fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
+    let tv = task_vectors(v);
+    out.iter_mut().enumerate().for_each(|(j, o)| *o = !variance(&tv, j).to_bits());
+}
+
+const HEAD: usize = 1; // mode, then n weights, then the window
+
+impl Sce {
+    /// Applies the selection to one chunk's task vectors.
+    fn select(&self, mode: u8, window: &[f64], chunk: usize, tv: &mut [Vec<f32>]) {
+        if mode == Mode::Keep as u8 {
+            return;
+        }
+        if mode == Mode::Drop as u8 {
+            tv.iter_mut().for_each(|t| t.fill(0.0));
+            return;
+        }
+        let len = tv[0].len();
+        let keys: Vec<u32> = (0..len).map(|j| !variance(tv, j).to_bits()).collect();
+        Window::decide(window, chunk, &keys, |j, kept| {
+            if !kept {
+                tv.iter_mut().for_each(|t| t[j] = 0.0);
+            }
+        });
+    }
+}
+
+impl Method for Sce {
+    fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
+        let n = io.slots() - 1;
+        let numel = io.numel();
+        let slots: Vec<usize> = (0..=n).collect();
+        let (mode, mut window) = if self.topk >= 1.0 || numel == 0 {
+            (Mode::Keep, vec![])
+        } else if self.topk <= 0.0 {
+            (Mode::Drop, vec![])
+        } else {
+            let nnz: u64 = par_chunks(io, &slots, |_, _, v| {
+                let tv = task_vectors(v);
+                Ok((0..tv[0].len()).filter(|&j| variance(&tv, j) != 0.0).count() as u64)
+            })?
+            .iter()
+            .sum();
+            let k = ((nnz as f32) * (self.topk as f32)) as usize;
+            if k == 0 {
+                (Mode::Drop, vec![])
+            } else {
+                let w = Window::find(io, &slots, 0, k.min(numel), &var_keys_desc)?;
+                let mut st = vec![];
+                w.pack(&mut st);
+                (Mode::Partial, st)
+            }
+        };
+        // Mean squares of the selected task vectors, folded in chunk order.
+        let parts = par_chunks(io, &slots, |c, _, v| {
+            let mut tv = task_vectors(v);
+            self.select(mode as u8, &window, c, &mut tv);
+            Ok(tv.iter().map(|t| t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect::<Vec<f64>>())
+        })?;
+        let mut ms = vec![0f64; n];
+        for p in &parts {
+            ms.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        ms.iter_mut().for_each(|m| *m /= numel.max(1) as f64);
+        let total: f64 = ms.iter().sum();
+        let weights: Vec<f64> = if total.abs() < 1e-6 { vec![1.0 / n as f64; n] } else { ms.iter().map(|m| m / total).collect() };
+        if weights.iter().any(|w| !w.is_finite()) {
+            return Err(Error::numerical(ctx.tensor, "sce: non-finite model weights (are the inputs finite?)"));
+        }
+        let mut stats = vec![mode as u8 as f64];
+        stats.extend(weights);
+        stats.append(&mut window);
+        Ok(stats)
+    }
+
+    fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
+        let base = base.expect("arity checked at build");
+        let n = inputs.len();
+        let chunk = chunk_of(ctx)?;
+        let weights: Vec<f32> = stats[HEAD..HEAD + n].iter().map(|&w| w as f32).collect();
+        let mut slices = vec![base];
+        slices.extend_from_slice(inputs);
+        let mut tv = task_vectors(&slices);
+        self.select(stats[0] as u8, &stats[HEAD + n..], chunk, &mut tv);
+        for (j, o) in out.iter_mut().enumerate() {
+            let maj = elect(tv.iter().map(|t| t[j]), false);
+            let (mut num, mut den) = (0f32, 0f32);
+            for (t, &w) in tv.iter().zip(&weights) {
+                if sign(t[j]) == maj {
+                    num += t[j] * w;
+                    den += w;
+                }
+            }
+            *o = base[j] + num / den.max(1e-6);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,355 @@
+//! Shared pieces of the sparsify-and-merge family.
+//!
+//! * [`Window`]: keep the elements whose *stable* rank by a `u32` sort key lies in
+//!   `[lo, hi)`, with bounded memory. `find` streams the keys into ONE scratch buffer, finds the
+//!   two boundary keys with `select_nth_unstable` (never a full sort), drops the buffer, and
+//!   counts, per engine chunk, how many keys fall below / on each boundary. `apply` then
+//!   decides any chunk elementwise: keys strictly inside the boundaries are kept, keys on a
+//!   boundary are ranked by index (lowest index first), so exactly `hi − lo` elements survive
+//!   whatever the ties and whatever the thread count.
+//! * Sort keys: the bit pattern of `|x|` orders like `|x|` (ascending); its complement orders
+//!   descending.
+//! * Norm accumulators for mergekit's "rescale to the norm before masking" step.
+//! * Chunk streaming over a `TensorIo` in fixed engine chunks, folded in chunk order.
+//! * Packing of per-model state into the engine's `Vec<f64>` statistics (integers < 2^53 are
+//!   exact in f64).
+use crate::engine::CHUNK;
+use crate::error::{Error, Result};
+use crate::methods::{Ctx, TensorIo};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Ascending magnitude key: non-negative floats order like their bit patterns.
+#[inline]
+pub fn mag_key(x: f32) -> u32 {
+    x.abs().to_bits()
+}
+
+/// Descending magnitude key.
+#[inline]
+pub fn mag_key_desc(x: f32) -> u32 {
+    !mag_key(x)
+}
+
+pub fn n_chunks(numel: usize) -> usize {
+    numel.div_ceil(CHUNK)
+}
+
+/// The engine chunk an `apply` call starts at (apply must start on a chunk boundary).
+pub fn chunk_of(ctx: &Ctx) -> Result<usize> {
+    if ctx.offset % CHUNK != 0 {
+        return Err(Error::numerical(ctx.tensor, format!("sparsified kernels need chunk-aligned pieces, got offset {}", ctx.offset)));
+    }
+    Ok(ctx.offset / CHUNK)
+}
+
+/// Runs `f(chunk index, element range, slot slices)` on every engine chunk in parallel
+/// (reading only `slots`, in that order) and returns the results in chunk order.
+pub fn par_chunks<T, F>(io: &dyn TensorIo, slots: &[usize], f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(usize, Range<usize>, &[&[f32]]) -> Result<T> + Sync,
+{
+    let numel = io.numel();
+    (0..n_chunks(numel))
+        .into_par_iter()
+        .map_init(
+            || vec![Vec::<f32>::new(); slots.len()],
+            |bufs, c| {
+                let r = c * CHUNK..((c + 1) * CHUNK).min(numel);
+                for (b, &s) in bufs.iter_mut().zip(slots) {
+                    b.resize(r.len(), 0.0);
+                    io.read(s, r.clone(), b)?;
+                }
+                let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
+                f(c, r, &views)
+            },
+        )
+        .collect()
+}
+
+/// `x − base` into `out`, exactly as every kernel of the family computes a delta (f32).
+#[inline]
+pub fn delta_into(x: &[f32], base: &[f32], out: &mut [f32]) {
+    out.iter_mut().zip(x.iter().zip(base)).for_each(|(o, (&v, &b))| *o = v - b);
+}
+
+/// Keys of one chunk, computed from the slot slices `par_chunks` read.
+pub type KeyFn<'a> = dyn Fn(&[&[f32]], &mut [u32]) + Sync + 'a;
+
+/// A rank window, ready for `apply` (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub lo: u64,
+    pub hi: u64,
+    pub a: u32,
+    pub b: u32,
+    pub less_a: u64,
+    pub less_b: u64,
+    /// Per chunk: how many keys equal `a` (resp. `b`) in the chunks before it.
+    pub eq_a: Vec<u64>,
+    pub eq_b: Vec<u64>,
+}
+
+impl Window {
+    /// Finds the window `[lo, hi)` (0 ≤ lo < hi ≤ numel) of the keys `key_fn` gives for the
+    /// chunks of `slots`. Memory: one `u32` per element, freed before returning.
+    pub fn find(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Window> {
+        let numel = io.numel();
+        assert!(lo < hi && hi <= numel, "window [{lo}, {hi}) of {numel}");
+        let (a, b) = {
+            let mut keys = vec![0u32; numel];
+            keys.par_chunks_mut(CHUNK).enumerate().try_for_each_init(
+                || vec![Vec::<f32>::new(); slots.len()],
+                |bufs, (c, out)| -> Result<()> {
+                    let r = c * CHUNK..c * CHUNK + out.len();
+                    for (buf, &s) in bufs.iter_mut().zip(slots) {
+                        buf.resize(r.len(), 0.0);
+                        io.read(s, r.clone(), buf)?;
+                    }
+                    let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
+                    key_fn(&views, out);
+                    Ok(())
+                },
+            )?;
+            let a = *keys.select_nth_unstable(lo).1;
+            let b = if hi - 1 == lo { a } else { *keys[lo + 1..].select_nth_unstable(hi - 2 - lo).1 };
+            (a, b)
+        };
+        let counts = par_chunks(io, slots, |_, r, views| {
+            let mut k = vec![0u32; r.len()];
+            key_fn(views, &mut k);
+            let mut c = [0u64; 4]; // less_a, eq_a, less_b, eq_b
+            for &x in &k {
+                c[0] += u64::from(x < a);
+                c[1] += u64::from(x == a);
+                c[2] += u64::from(x < b);
+                c[3] += u64::from(x == b);
+            }
+            Ok(c)
+        })?;
+        let (mut less_a, mut less_b, mut ea, mut eb) = (0, 0, 0, 0);
+        let (mut eq_a, mut eq_b) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
+        for c in &counts {
+            eq_a.push(ea);
+            eq_b.push(eb);
+            less_a += c[0];
+            ea += c[1];
+            less_b += c[2];
+            eb += c[3];
+        }
+        Ok(Window { lo: lo as u64, hi: hi as u64, a, b, less_a, less_b, eq_a, eq_b })
+    }
+
+    pub fn pack(&self, out: &mut Vec<f64>) {
+        out.extend([self.lo, self.hi, self.a as u64, self.b as u64, self.less_a, self.less_b, self.eq_a.len() as u64].map(|v| v as f64));
+        out.extend(self.eq_a.iter().map(|&v| v as f64));
+        out.extend(self.eq_b.iter().map(|&v| v as f64));
+    }
+
+    /// Calls `keep(j, kept)` for every key of the chunk `chunk` (keys in index order).
+    pub fn decide(packed: &[f64], chunk: usize, keys: &[u32], mut keep: impl FnMut(usize, bool)) {
+        let g = |i: usize| packed[i] as u64;
+        let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize);
+        let (mut ca, mut cb) = (g(7 + chunk), g(7 + nc + chunk));
+        for (j, &k) in keys.iter().enumerate() {
+            let kept = if k == a {
+                let r = less_a + ca;
+                ca += 1;
+                cb += u64::from(k == b);
+                r >= lo && r < hi
+            } else if k == b {
+                let r = less_b + cb;
+                cb += 1;
+                r >= lo && r < hi
+            } else {
+                k > a && k < b
+            };
+            keep(j, kept);
+        }
+    }
+}
+
+/// Zeroes the dropped entries of `delta` (one chunk) by the window packed in `packed`.
+pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], key: fn(f32) -> u32) {
+    let keys: Vec<u32> = delta.iter().map(|&d| key(d)).collect();
+    Window::decide(packed, chunk, &keys, |j, kept| {
+        if !kept {
+            delta[j] = 0.0;
+        }
+    });
+}
+
+/// Which norm mergekit's rescale matches (its `RescaleNorm`), or the paper's `1/density`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rescale {
+    None,
+    L1,
+    L2,
+    Linf,
+    /// Survivors multiplied by `1/density` (the DARE paper's rescale).
+    Density,
+}
+
+impl Rescale {
+    pub fn parse(s: &str) -> Option<Rescale> {
+        Some(match s {
+            "none" => Rescale::None,
+            "l1" => Rescale::L1,
+            "l2" => Rescale::L2,
+            "linf" => Rescale::Linf,
+            "density" => Rescale::Density,
+            _ => return None,
+        })
+    }
+
+    #[inline]
+    pub fn acc(self, acc: &mut f64, x: f32) {
+        let x = x as f64;
+        match self {
+            Rescale::L2 => *acc += x * x,
+            Rescale::Linf => *acc = acc.max(x.abs()),
+            _ => *acc += x.abs(),
+        }
+    }
+
+    pub fn fold(self, a: f64, b: f64) -> f64 {
+        if self == Rescale::Linf {
+            a.max(b)
+        } else {
+            a + b
+        }
+    }
+
+    pub fn finish(self, v: f64) -> f64 {
+        if self == Rescale::L2 {
+            v.sqrt()
+        } else {
+            v
+        }
+    }
+}
+
+/// mergekit's guard: no rescale when either norm is below this.
+pub const RESCALE_EPS: f64 = 1e-7;
+
+/// mergekit's sign election: +1 when the sum (or the sign count) is ≥ 0, else −1. Returns
+/// the elected sign as ±1.0.
+#[inline]
+pub fn elect(vals: impl Iterator<Item = f32>, by_count: bool) -> f32 {
+    let s: f32 = if by_count { vals.map(sign).sum() } else { vals.sum() };
+    if s >= 0.0 {
+        1.0
+    } else {
+        -1.0
+    }
+}
+
+/// torch.sign: −1, 0 or +1 (0 for ±0).
+#[inline]
+pub fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// An in-memory TensorIo for unit tests (slot 0 is the base when `has_base`).
+    pub struct Mem {
+        pub data: Vec<Vec<f32>>,
+        pub has_base: bool,
+    }
+
+    impl TensorIo for Mem {
+        fn numel(&self) -> usize {
+            self.data[0].len()
+        }
+        fn slots(&self) -> usize {
+            self.data.len()
+        }
+        fn has_base(&self) -> bool {
+            self.has_base
+        }
+        fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+            dst.copy_from_slice(&self.data[slot][range]);
+            Ok(())
+        }
+    }
+
+    fn kept_by_window(vals: &[f32], lo: usize, hi: usize, desc: bool) -> Vec<bool> {
+        let io = Mem { data: vec![vals.to_vec()], has_base: false };
+        let key: fn(f32) -> u32 = if desc { mag_key_desc } else { mag_key };
+        let kf = move |v: &[&[f32]], out: &mut [u32]| v[0].iter().zip(out).for_each(|(&x, o)| *o = key(x));
+        let w = Window::find(&io, &[0], lo, hi, &kf).unwrap();
+        let mut packed = vec![];
+        w.pack(&mut packed);
+        let mut kept = vec![];
+        for (c, ch) in vals.chunks(CHUNK).enumerate() {
+            let keys: Vec<u32> = ch.iter().map(|&x| key(x)).collect();
+            Window::decide(&packed, c, &keys, |_, k| kept.push(k));
+        }
+        kept
+    }
+
+    /// Reference: stable sort by key, keep ranks [lo, hi).
+    fn reference(vals: &[f32], lo: usize, hi: usize, desc: bool) -> Vec<bool> {
+        let mut idx: Vec<usize> = (0..vals.len()).collect();
+        let key = |i: usize| if desc { mag_key_desc(vals[i]) } else { mag_key(vals[i]) };
+        idx.sort_by_key(|&i| key(i)); // stable
+        let mut kept = vec![false; vals.len()];
+        for &i in &idx[lo..hi] {
+            kept[i] = true;
+        }
+        kept
+    }
+
+    #[test]
+    fn window_matches_stable_sort_with_ties_across_chunks() {
+        // Few distinct magnitudes so the boundaries fall on big tie groups that straddle chunks.
+        let n = 3 * CHUNK + 123;
+        let vals: Vec<f32> = (0..n).map(|i| ((crate::rng::mix64(i as u64) % 7) as f32 - 3.0) * 0.5).collect();
+        for &(lo, hi) in &[(0, 1), (0, n), (10, 20), (n / 3, 2 * n / 3), (n - 1, n), (5, n - 5), (0, n / 7)] {
+            for desc in [false, true] {
+                let got = kept_by_window(&vals, lo, hi, desc);
+                assert_eq!(got, reference(&vals, lo, hi, desc), "lo {lo} hi {hi} desc {desc}");
+                assert_eq!(got.iter().filter(|&&k| k).count(), hi - lo);
+            }
+        }
+    }
+
+    #[test]
+    fn window_distinct_values() {
+        let vals: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 - 500.0).collect();
+        for (lo, hi) in [(0, 100), (900, 1000), (3, 997)] {
+            assert_eq!(kept_by_window(&vals, lo, hi, true), reference(&vals, lo, hi, true));
+            assert_eq!(kept_by_window(&vals, lo, hi, false), reference(&vals, lo, hi, false));
+        }
+    }
+
+    #[test]
+    fn keys_order_like_magnitudes() {
+        let xs = [0.0f32, -0.0, 1e-30, -2.0, 3.5, f32::INFINITY];
+        for &x in &xs {
+            for &y in &xs {
+                assert_eq!(mag_key(x).cmp(&mag_key(y)), x.abs().partial_cmp(&y.abs()).unwrap());
+                assert_eq!(mag_key_desc(x).cmp(&mag_key_desc(y)), y.abs().partial_cmp(&x.abs()).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn election() {
+        assert_eq!(elect([1.0, -0.5].into_iter(), false), 1.0);
+        assert_eq!(elect([1.0, -1.5].into_iter(), false), -1.0);
+        assert_eq!(elect([0.0, 0.0].into_iter(), false), 1.0); // ties go positive
+        assert_eq!(elect([3.0, -0.1, -0.1].into_iter(), true), -1.0);
+        assert_eq!(sign(-0.0), 0.0);
+    }
+}

@@ -1,0 +1,59 @@
+//! TIES (Yadav et al. 2023) trimming as mergekit 0.1.5 does it ("magnitude"): keep the
+//! `k = max(1, ⌊density · n⌋)` entries of each `Δ_i` with the largest `|Δ|` (density ≥ 1
+//! keeps all, density ≤ 0 none). Entries tied at the k-th magnitude are kept lowest index
+//! first, so exactly k survive (mergekit's `argsort` leaves that order unspecified).
+//! Memory: one `u32` per element of scratch while finding the threshold, then elementwise.
+use super::gta::{Mode, Sparsifier};
+use super::sparsify::{mag_key_desc, mask_by_window, Window};
+use crate::error::{Error, Result};
+use crate::methods::{Ctx, TensorIo};
+use crate::params::Params;
+
+pub struct Magnitude {
+    density: Vec<f64>,
+}
+
+/// Per-model `density` (default 1: no trimming), finite.
+pub fn densities(name: &str, p: &Params, n: usize) -> Result<Vec<f64>> {
+    let d = p.per_model("density", n, Some(1.0))?;
+    if let Some(x) = d.iter().find(|x| !x.is_finite()) {
+        return Err(Error::config(format!("{name}: density must be finite, got {x}")));
+    }
+    Ok(d)
+}
+
+impl Magnitude {
+    pub fn build(name: &str, p: &Params, n: usize) -> Result<Self> {
+        Ok(Magnitude { density: densities(name, p, n)? })
+    }
+}
+
+/// Descending-magnitude keys of `model − base` for one chunk (`v = [base, model]`).
+pub fn delta_keys_desc(v: &[&[f32]], out: &mut [u32]) {
+    out.iter_mut().zip(v[1].iter().zip(v[0])).for_each(|(o, (&x, &b))| *o = mag_key_desc(x - b));
+}
+
+impl Sparsifier for Magnitude {
+    fn prepare(&self, _: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
+        let (n, d) = (io.numel(), self.density[i]);
+        if d >= 1.0 {
+            return Ok((Mode::Keep, vec![]));
+        }
+        if d <= 0.0 {
+            return Ok((Mode::Drop, vec![]));
+        }
+        let k = ((d * n as f64) as usize).clamp(1, n);
+        let w = Window::find(io, &[0, i + 1], 0, k, &delta_keys_desc)?;
+        let mut st = vec![];
+        w.pack(&mut st);
+        Ok((Mode::Partial, st))
+    }
+
+    fn mask(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], delta: &mut [f32]) {
+        mask_by_window(state, chunk, delta, mag_key_desc);
+    }
+
+    fn density(&self, i: usize) -> f64 {
+        self.density[i]
+    }
+}
