@@ -30,11 +30,20 @@ DEFAULT_METHODS = ("average", "task_arithmetic", "fisher")
 
 
 def merge_fast_merge(method_name, dirs, fisher_paths, out_dir):
-    """MERGE CALL POINT (Rust engine). TODO(lead): replace the body by the merge_fast API, e.g.
-    average -> merge_fast linear (weights 1,1), task_arithmetic -> base=dirs[0], lambda=1,
-    fisher -> Fisher-weighted average with fisher_paths (eps=1e-8). Must match
-    quality.reference_merge numerically."""
-    raise NotImplementedError("merge_fast merges are not wired into the quality bench yet")
+    """MERGE CALL POINT (Rust engine): the same three merges through merge_fast's public API
+    (lead: adjust if the API changes). Must match quality.reference_merge numerically."""
+    import merge_fast as mf
+
+    base, models = dirs[0], list(dirs[1:])
+    if method_name == "average":
+        mf.linear(models, out=out_dir)
+    elif method_name == "task_arithmetic":
+        mf.task_arithmetic(base, models, lam=1.0, out=out_dir)
+    elif method_name == "fisher":
+        mf.fisher_weighted(models, list(fisher_paths), epsilon=1e-8, out=out_dir)
+    else:
+        raise ValueError(f"merge_fast_merge: unknown method {method_name!r}")
+    return out_dir
 
 
 def run(workdir, seed=0, steps=200, methods=DEFAULT_METHODS, merge=None, rebuild=False,

@@ -20,12 +20,19 @@ from ._errors import (
 from ._folders import MergeResult
 from . import methods as _methods
 from .methods import *  # noqa: F401,F403
+from .subspace import subspace_masks
+from . import config, lora
+from .config import run
 
 __all__ = [
     "__version__",
     "Checkpoint",
     "MergeResult",
+    "run",
+    "config",
+    "lora",
     *_methods.__all__,
+    "subspace_masks",
     "MergeError",
     "InvalidCheckpoint",
     "TensorMismatch",

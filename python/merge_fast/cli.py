@@ -63,6 +63,25 @@ def _cmd_task_arithmetic(args: argparse.Namespace) -> int:
     return _report(args, result)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import run
+
+    if args.cuda or args.device not in (None, "cpu"):
+        print("merge-fast: note: merge_fast computes on the CPU; --cuda/--device are ignored", file=sys.stderr)
+    result = run(
+        args.config,
+        args.out,
+        out_shard_size=args.out_shard_size,
+        copy_tokenizer=args.copy_tokenizer,
+        allow_crimes=args.allow_crimes,
+        random_seed=args.random_seed,
+        write_model_card=args.write_model_card,
+        threads=args.threads,
+        progress=(not args.quiet) and sys.stderr.isatty(),
+    )
+    return _report(args, result)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -102,6 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=1.0, help="scale of the summed task vectors (default 1)")
     _common(p)
     _COMMANDS["task-arithmetic"] = _cmd_task_arithmetic
+
+    p = sub.add_parser("run", help="run a mergekit-style YAML config (like mergekit-yaml CONFIG OUT)")
+    p.add_argument("config", help="merge config (mergekit's YAML schema)")
+    p.add_argument("out", help="output model folder (written atomically; replaced if it exists)")
+    B = argparse.BooleanOptionalAction
+    p.add_argument("--out-shard-size", default="5B",
+                   help="largest output shard: mergekit's 5B/500M (bytes as mergekit counts them) or 5GB, 1GiB (default 5B)")
+    p.add_argument("--copy-tokenizer", action=B, default=True, help="copy the tokenizer to the output (default: yes)")
+    p.add_argument("--allow-crimes", action=B, default=False, help="allow merging models of different architectures")
+    p.add_argument("--random-seed", type=int, default=None, help="seed for randomized methods (DARE, DELLA...)")
+    p.add_argument("--write-model-card", action=B, default=True,
+                   help="write README.md and mergekit_config.yml into the output (default: yes, as mergekit)")
+    p.add_argument("--lazy-unpickle", action=B, default=False, help="accepted for mergekit compatibility; no effect")
+    p.add_argument("--low-cpu-memory", action=B, default=False, help="accepted for mergekit compatibility; no effect")
+    p.add_argument("--trust-remote-code", action=B, default=False, help="accepted for mergekit compatibility; no effect")
+    p.add_argument("--cuda", action=B, default=False, help="not used: merge_fast computes on the CPU")
+    p.add_argument("--device", default=None, help="not used: merge_fast computes on the CPU")
+    p.add_argument("--threads", "-j", "--num-threads", type=int, default=None,
+                   help="worker threads (default: one per core); results do not depend on it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
+    _COMMANDS["run"] = _cmd_run
     return parser
 
 

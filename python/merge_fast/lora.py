@@ -65,7 +65,8 @@ class Adapter:
                 "transpose": m.transpose,
             }
         for name, (t, _) in self.replacements.items():
-            out[name] = {"kind": "tensor", "input": adapter_input, "tensor": t}
+            if name not in self.modules:  # a saved copy of an adapted layer's base weight
+                out[name] = {"kind": "tensor", "input": adapter_input, "tensor": t}
         return out
 
 
@@ -126,7 +127,7 @@ def read_adapter(path: PathLike, base_shapes: Optional[Dict[str, Tuple[int, ...]
         if m is None:
             if ".lora_" in bare:
                 raise _err(p, f"cannot interpret tensor {name!r}")
-            target = bare.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+            target = bare.replace(".modules_to_save.default.", ".").replace(".original_module.", ".").replace(".base_layer.", ".")
             replacements[target] = (name, shape)
             continue
         mod = m.group("mod")

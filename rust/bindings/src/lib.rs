@@ -4,7 +4,9 @@ use pyo3::prelude::*;
 
 mod checkpoint;
 mod errors;
+mod linalg;
 mod merge;
+mod subspace;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -12,5 +14,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     checkpoint::register(m)?;
     merge::register(m)?;
+    linalg::register(m)?;
+    subspace::register(m)?;
     Ok(())
 }

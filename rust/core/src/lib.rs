@@ -9,6 +9,7 @@ pub mod params;
 pub mod plan;
 pub mod reader;
 pub mod rng;
+pub mod subspace;
 pub mod writer;
 
 pub use error::{Error, Result};

@@ -16,19 +16,12 @@ use super::Method;
 use crate::error::Result;
 use crate::params::Params;
 
-#[path = "sparsified/breadcrumbs.rs"]
 pub mod breadcrumbs;
-#[path = "sparsified/dare.rs"]
 pub mod dare;
-#[path = "sparsified/della.rs"]
 pub mod della;
-#[path = "sparsified/gta.rs"]
 pub mod gta;
-#[path = "sparsified/sce.rs"]
 pub mod sce;
-#[path = "sparsified/sparsify.rs"]
 pub mod sparsify;
-#[path = "sparsified/ties.rs"]
 pub mod ties;
 
 use gta::Spec;

@@ -191,12 +191,6 @@ where
 /// Most models a Gram-matrix method takes (stack buffers per element).
 pub const MAX_MODELS: usize = 64;
 
-/// `Σ c_i x_i` elementwise in f32, models summed in order.
-#[inline]
-pub fn combine_f32(inputs: &[&[f32]], c: &[f32], out: &mut [f32]) {
-    super::super::weighted_sum(inputs, c, out);
-}
-
 #[cfg(test)]
 pub mod testing {
     //! Runs a method through the real engine on in-memory arrays.

@@ -1,0 +1,123 @@
+"""mergekit-compatible YAML configs.
+
+>>> import merge_fast as mf
+>>> mf.run("merge.yml", out="merged")                 # or a dict, or YAML text
+>>> plan = mf.config.plan("merge.yml")                # validate and plan only; writes nothing
+
+Supported schema (mergekit's): ``merge_method``, ``base_model``, ``models`` (each
+``model`` + ``parameters``) or ``slices`` (each ``sources`` with ``model``,
+``layer_range`` and ``parameters``; ``base_model`` and ``parameters`` per slice),
+``parameters`` (scalars, gradients, ``{filter, value}`` lists; merge_fast also takes
+``{regex, value}``), ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base``, ``union`` or
+a model), ``tokenizer: {source}``, ``chat_template`` and model references of the form
+``path``, ``path+lora_adapter`` or ``{model: path, lora: adapter}``.
+Every check (method, parameters, layer ranges, shapes, folders) runs before anything is
+written; each error is a :class:`merge_fast.ConfigError` naming the config key and line.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from .._errors import ConfigError
+from .._folders import MergeResult, ProgressArg, execute
+from .._output import parse_size
+from . import output as _output
+from ._source import load as _load
+from .methods import MERGEKIT_METHODS
+from .planner import Plan, Planner
+from .schema import MergeConfig, ModelRef, parse as _parse
+from .tokenizer import plan_vocabulary
+
+ConfigLike = Union[str, Path, Dict[str, Any]]
+
+__all__ = ["run", "plan", "load", "parse_shard_size", "MergeConfig", "Plan", "MERGEKIT_METHODS"]
+
+
+def load(config: ConfigLike) -> MergeConfig:
+    """Parses and checks the structure of a config (no model is opened)."""
+    return _parse(_load(config))
+
+
+def parse_shard_size(size: Union[int, str]) -> int:
+    """mergekit's sizes (``5B``, ``500M``, ``1000K``, a plain number: bytes, counted as
+    mergekit's writer counts them) and ours (``5GB``, ``500MB``, ``1GiB``)."""
+    if isinstance(size, int):
+        return parse_size(size)
+    s = str(size).strip()
+    if s and s[-1] in "kKmMbB" and s[:-1].replace(".", "", 1).isdigit():
+        mult = {"k": 10**3, "m": 10**6, "b": 10**9}[s[-1].lower()]
+        return int(float(s[:-1]) * mult)
+    return parse_size(s)
+
+
+def plan(config: ConfigLike, *, allow_crimes: bool = False) -> Plan:
+    """Validates `config` against the model folders and returns the tensor plan."""
+    cfg = config if isinstance(config, MergeConfig) else load(config)
+    p = Planner(cfg, allow_crimes=allow_crimes).plan()
+    plan_vocabulary(cfg, p)
+    return p
+
+
+def run(
+    config: ConfigLike,
+    out: Union[str, Path],
+    *,
+    out_shard_size: Union[int, str] = "5B",
+    copy_tokenizer: bool = True,
+    allow_crimes: bool = False,
+    random_seed: Optional[int] = None,
+    write_model_card: bool = True,
+    threads: Optional[int] = None,
+    progress: ProgressArg = False,
+    lazy_unpickle: bool = False,
+    low_cpu_memory: bool = False,
+    cuda: bool = False,
+    trust_remote_code: bool = False,
+) -> MergeResult:
+    """Runs a mergekit-style config into `out` (written atomically).
+
+    ``lazy_unpickle`` and ``low_cpu_memory`` are accepted for mergekit compatibility and do
+    nothing (inputs are always memory-mapped and streamed). ``cuda`` prints a notice:
+    merge_fast computes on the CPU."""
+    if cuda:
+        print("merge-fast: --cuda ignored: merge_fast computes on the CPU (streamed, multi-threaded)", file=sys.stderr)
+    del lazy_unpickle, low_cpu_memory, trust_remote_code
+    cfg = config if isinstance(config, MergeConfig) else load(config)
+    try:
+        shard = parse_shard_size(out_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"config error: out_shard_size: {e}") from None
+    p = plan(cfg, allow_crimes=allow_crimes)
+    chat_template = _output.resolve_chat_template(cfg, cfg.src.error)
+    out = Path(out)
+    text = _output.config_text(cfg)
+    vocab = p.vocab or {}
+    tok_folder = vocab.get("tokenizer_folder") if copy_tokenizer else None
+
+    def extra(tmp: Path) -> None:
+        _output.fix_config_json(tmp, p, cfg, vocab.get("vocab_size"))
+        _output.write_tokenizer(tmp, tok_folder, chat_template)
+        if write_model_card:
+            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, p.method), encoding="utf-8")
+            (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
+
+    recipe = {
+        "merge_fast_version": __import__("merge_fast")._core.__version__,
+        "method": cfg.merge_method,
+        "config": text,
+    }
+    return execute(
+        p.paths,
+        p.tensors,
+        out,
+        recipe=recipe,
+        side_files_from=p.donor.ref.path,
+        out_dtype=p.out_dtype,
+        threads=threads,
+        max_shard_size=shard,
+        progress=progress,
+        seed=0 if random_seed is None else int(random_seed),
+        extra_files=extra,
+    )

@@ -1,0 +1,54 @@
+"""Subspace masks: the top-r singular directions of ``W_IT − W_PT`` per 2-D tensor, for
+projecting gradients out of the instruction-tuned subspace while training
+(:class:`merge_fast.torch.SubspaceProjector` loads them)."""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+from . import _core
+from ._errors import ConfigError
+from ._folders import check_threads, open_checkpoint
+
+PathLike = Union[str, Path]
+
+
+def subspace_masks(
+    it_dir: PathLike,
+    pt_dir: PathLike,
+    rank: int,
+    out: PathLike,
+    *,
+    include: Optional[str] = None,
+    seed: int = 0,
+    threads: Optional[int] = None,
+) -> Dict[str, Tuple[int, float, bool]]:
+    """Writes ``<name>.U`` (out × r) and ``<name>.V`` (in × r) float32 tensors to the
+    safetensors file ``out`` for every 2-D float tensor of ``it_dir`` (those matching the
+    regex ``include`` if given), computed by randomized SVD (seeded; exact SVD when r is
+    close to the matrix size). Returns ``{name: (rank, captured_energy, exact)}``; the
+    energies are also stored in the file's metadata."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"config error: rank must be a positive integer, got {rank!r}")
+    check_threads(threads)
+    it = open_checkpoint(it_dir)
+    open_checkpoint(pt_dir)
+    pattern = re.compile(include) if include else None
+    names = [n for n, dtype, shape in it.tensors()
+             if len(shape) == 2 and dtype in ("F32", "F16", "BF16", "F64") and (pattern is None or pattern.search(n))]
+    if not names:
+        raise ConfigError(f"config error: no 2-D float tensor in {it_dir} matches {include!r}")
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.merge-fast-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        result = _core.subspace_masks(str(it_dir), str(pt_dir), names, rank, str(tmp), seed=seed, threads=threads,
+                                      metadata={"it_model": str(it_dir), "pt_model": str(pt_dir), "seed": str(seed)})
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dict(result)
