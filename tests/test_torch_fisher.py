@@ -342,3 +342,19 @@ def test_quality_bench_setup_smoke(tmp_path):
     assert torch.allclose(Mf[k], (fa_ * A[k] + fb_ * B[k]) / (fa_ + fb_), atol=1e-5)
     r = quality.evaluate(out_f, "modadd", n=32)
     assert 0.0 <= r["token_acc"] <= 1.0 and r["loss"] == r["loss"]
+
+
+def test_import_merge_fast_does_not_import_torch():
+    import subprocess
+
+    code = ("import sys\n"
+            "try:\n    import merge_fast\nexcept ImportError as e:\n    print('SKIP', e); sys.exit(0)\n"
+            "print('TORCH' if 'torch' in sys.modules else 'OK')\n")
+    env = dict(__import__("os").environ)
+    env["PYTHONPATH"] = str(REPO / "python") + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    out = r.stdout.strip()
+    if out.startswith("SKIP"):
+        pytest.skip(f"merge_fast not importable here: {out}")
+    assert out == "OK", (out, r.stderr[-2000:])

@@ -309,3 +309,20 @@ def test_lora_fan_in_fan_out_gpt2():
     assert s > 1e-4
     assert (U.double().T @ dW_stored).abs().max() < 1e-5 * s
     assert (dW_stored @ V.double()).abs().max() < 1e-5 * s
+
+
+def test_tied_weights_single_hook():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, tie_word_embeddings=True))
+    U = orth(64, 2, 0)
+    with pytest.raises(ValueError, match="tied"):
+        mft.SubspaceProjector(model, {"lm_head.weight": {"U": U},
+                                      "model.embed_tokens.weight": {"U": U}})
+    b = batch(5)
+    with mft.SubspaceProjector(model, {"lm_head.weight": {"U": U}}):
+        g = grads(model, b)["model.embed_tokens.weight"]
+    assert (U.double().T @ g.double()).abs().max() < 1e-6

@@ -147,7 +147,6 @@ def _fisher_folders(
         _missing(fc, names, f)
     importance = layer_importance(fishers[0], names) if method == "fisher_dampened" else {}
     paths = model_paths + [str(f) for f in fishers]
-    nf = len(model_paths)
     plans = []
     for name in names:
         src = [{"kind": "tensor", "input": i, "tensor": name} for i in range(len(paths))]
@@ -156,7 +155,7 @@ def _fisher_folders(
             p["layer_importance"] = importance[name]
             plans.append(TensorPlan(name, method, p, src[0], src[1:], code))
         else:
-            plans.append(TensorPlan(name, method, p, None, src[:nf] + src[nf:], code))
+            plans.append(TensorPlan(name, method, p, None, src, code))  # models, then Fishers
     recipe = {"method": method, "base_model": str(base) if base is not None else None,
               "models": [str(m) for m in models], "fishers": [str(f) for f in fishers], "parameters": params}
     return execute(paths, plans, out, recipe=recipe, side_files_from=model_paths[0], out_dtype=code, seed=seed, **run_options)

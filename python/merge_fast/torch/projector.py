@@ -263,6 +263,10 @@ class SubspaceProjector:
     def _add(self, t: _Target, keep_reference: bool):
         if t.kind == "frozen":
             return
+        for o in self.targets:
+            if o.param is t.param:  # tied weights: one hook per tensor, never two
+                raise ValueError(f"masks for {o.name!r} and {t.name!r} target the same (tied) "
+                                 f"tensor; give one mask per shared tensor")
         if keep_reference:
             t.ref = t.param.detach().clone()
         t.handle = t.param.register_hook(self._make_hook(t))
