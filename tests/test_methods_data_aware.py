@@ -198,3 +198,27 @@ def test_bad_parameters(mf, rng):
         mf.fisher_weighted([a, b], [f])
     with pytest.raises(mf.ConfigError, match="layer_importance"):
         mf.fisher_dampened(a, [b], f, layer_importance=1.5)
+
+
+def test_cli_data_aware_commands(mf, model_family, tmp_path, rng, capsys):
+    from merge_fast.cli import main
+
+    fam = model_family("llama", "float32")
+    _write_fisher(fam.a, tmp_path / "fa.safetensors", rng)
+    _write_fisher(fam.b, tmp_path / "fb.safetensors", rng)
+    assert main(["fisher-weighted", str(fam.a), str(fam.b), "--fishers", str(tmp_path / "fa.safetensors"),
+                 str(tmp_path / "fb.safetensors"), "--weights", "1", "3", "-o", str(tmp_path / "cli"), "-q"]) == 0
+    mf.fisher_weighted([str(fam.a), str(fam.b)], [str(tmp_path / "fa.safetensors"), str(tmp_path / "fb.safetensors")],
+                       weights=[1, 3], out=str(tmp_path / "api"))
+    cli, api = read_folder_f32(tmp_path / "cli"), read_folder_f32(tmp_path / "api")
+    assert cli.keys() == api.keys() and all(np.array_equal(cli[k], api[k]) for k in cli)
+
+    assert main(["fisher-dampened", str(fam.base), str(fam.a), "--fisher", str(tmp_path / "fa.safetensors"),
+                 "--scale", "0.5", "-o", str(tmp_path / "damp"), "-q"]) == 0
+    assert (tmp_path / "damp" / "model.safetensors").exists()
+    assert main(["subspace-masks", str(fam.a), str(fam.base), "--rank", "2", "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert "masks for" in capsys.readouterr().out
+    # Bad input: an error message, exit code 1, nothing written.
+    assert main(["fisher-dampened", str(fam.base), str(fam.a), "--fisher", str(tmp_path / "nope.safetensors"),
+                 "-o", str(tmp_path / "bad"), "-q"]) == 1
+    assert not (tmp_path / "bad").exists()

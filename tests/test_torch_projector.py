@@ -323,6 +323,8 @@ def test_tied_weights_single_hook():
         mft.SubspaceProjector(model, {"lm_head.weight": {"U": U},
                                       "model.embed_tokens.weight": {"U": U}})
     b = batch(5)
+    raw = grads(model, b)["model.embed_tokens.weight"]  # the failed constructor left no hook
+    assert (U.double().T @ raw.double()).abs().max() > 1e-4
     with mft.SubspaceProjector(model, {"lm_head.weight": {"U": U}}):
         g = grads(model, b)["model.embed_tokens.weight"]
     assert (U.double().T @ g.double()).abs().max() < 1e-6

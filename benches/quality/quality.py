@@ -7,6 +7,7 @@ Everything is seeded and CPU-only; no tokenizer is needed (tokens are built by h
 Vocabulary (``VOCAB_SIZE`` = 32)::
 
     0 PAD  1 BOS  2 SEP  3 EOS  4 <reverse>  5 <modadd>  6..6+N_SYM-1 symbols s_0..s_{N_SYM-1}
+    16 <copy> (only used by the "pretrained" setup's warm-up)
 
 Tasks (the loss/accuracy count only the answer tokens and the final EOS):
 
@@ -16,8 +17,21 @@ Tasks (the loss/accuracy count only the answer tokens and the final EOS):
   per-example key ``k`` in the prompt did not leave its loss plateau (~1.94) within 400 steps
   for this model size, so the constant-offset version is used to keep the bench fast.
 
+* ``copy``:    ``BOS <copy> x_1..x_n SEP x_1..x_n EOS``  (generic "pretraining" task of the
+  ``setup="pretrained"`` variant: it teaches the prompt/answer format, reading the prompt
+  symbols, emitting symbols and EOS at the right length - but neither target task: the
+  <reverse>/<modadd> tokens never occur in it, the answer order is the prompt order and no
+  symbol is shifted)
+
 with ``n`` uniform in ``[MIN_LEN, MAX_LEN]`` and symbols uniform. Training and held-out data
 come from disjoint seeds.
+
+Two setups (``make_quality_setup(setup=...)``):
+
+* ``"random"`` (the literal setup): both fine-tunes start from the same RANDOM init.
+* ``"pretrained"`` (the regime of Matena & Raffel 2022): the same random init is first
+  "pretrained" on ``copy`` (``pretrain_steps``), and both fine-tunes start from that shared
+  pretrained model, which is then the ``base`` of task arithmetic / TIES.
 """
 from __future__ import annotations
 
@@ -43,10 +57,13 @@ except Exception:  # pragma: no cover
 PAD, BOS, SEP, EOS, T_REV, T_ADD = 0, 1, 2, 3, 4, 5
 SYM0 = 6
 N_SYM = 10
+T_COPY = SYM0 + N_SYM  # 16: an otherwise unused id
 MODADD_K = 3
 VOCAB_SIZE = 32
 MIN_LEN, MAX_LEN = 3, 8
 TASKS = ("reverse", "modadd")
+PRETRAIN_TASK = "copy"
+SETUPS = ("random", "pretrained")
 EVAL_SEED_OFFSET = 1_000_003
 
 
@@ -88,8 +105,11 @@ def make_example(task: str, g: torch.Generator):
     elif task == "modadd":
         prompt = [BOS, T_ADD] + [SYM0 + v for v in x] + [SEP]
         ans = [SYM0 + (v + MODADD_K) % N_SYM for v in x] + [EOS]
+    elif task == "copy":
+        prompt = [BOS, T_COPY] + [SYM0 + v for v in x] + [SEP]
+        ans = [SYM0 + v for v in x] + [EOS]
     else:
-        raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+        raise ValueError(f"unknown task {task!r}; tasks: {TASKS + (PRETRAIN_TASK,)}")
     return prompt + ans, len(prompt)
 
 
@@ -196,6 +216,8 @@ class QualitySetup:
     fishers: List[str]         # Fisher safetensors files, one per task
     config: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    setup: str = "random"      # "random" | "pretrained" (see the module docstring)
+    init: Optional[str] = None  # the random init folder ("pretrained": base = after warm-up)
 
     @property
     def dirs(self) -> List[str]:
@@ -211,22 +233,35 @@ class QualitySetup:
 
 
 def make_quality_setup(workdir, seed: int = 0, steps: int = 200, *, hidden: int = 128,
-                       layers: int = 2, heads: int = 4, batch_size: int = 32, lr: float = 2e-3,
-                       n_fisher: int = 256, fisher_mode: str = "empirical",
-                       tasks: Sequence[str] = TASKS, threads: Optional[int] = 1,
+                       layers: int = 2, heads: int = 4, batch_size: int = 32,
+                       lr: Optional[float] = None, n_fisher: int = 256,
+                       fisher_mode: str = "empirical", tasks: Sequence[str] = TASKS,
+                       setup: str = "random", pretrain_steps: int = 500,
+                       pretrain_lr: float = 2e-3, threads: Optional[int] = 1,
                        verbose: bool = False) -> QualitySetup:
     """Build the benchmark inputs in ``workdir``:
 
-    ``base/`` (the shared random init), ``<task>/`` (fine-tuned copies, ``steps`` AdamW steps
-    each on their own task), ``fisher_<task>.safetensors`` (empirical Fisher of each fine-tune
-    on ``n_fisher`` examples of its own task, per-sequence log-likelihood of the answer), and
-    ``setup.json``. All Hugging Face folders are written with ``save_pretrained`` (safetensors).
+    ``init/`` (the shared random init), ``base/`` (the model both fine-tunes start from),
+    ``<task>/`` (fine-tuned copies, ``steps`` AdamW steps each on their own task),
+    ``fisher_<task>.safetensors`` (empirical Fisher of each fine-tune on ``n_fisher`` examples
+    of its own task, per-sequence log-likelihood of the answer), and ``setup.json``. All
+    Hugging Face folders are written with ``save_pretrained`` (safetensors).
 
-    The full default takes well under two minutes on 2 CPU cores; the test-suite size
-    (``steps=60, hidden=64, layers=2, n_fisher=64``) takes a few seconds.
+    ``setup="random"`` (the literal setup): ``base`` = the random init; fine-tune lr
+    ``lr`` (default 2e-3).
+    ``setup="pretrained"``: ``base`` = the random init after ``pretrain_steps`` AdamW steps
+    (lr ``pretrain_lr``) on the generic ``copy`` task; fine-tune lr ``lr`` (default 1e-3,
+    half the warm-up lr, as fine-tuning usually uses a smaller lr than pretraining).
+
+    The full default takes about one ("random") or two ("pretrained") minutes on one CPU
+    thread; the test-suite size takes a few seconds.
     """
     from transformers import LlamaForCausalLM
 
+    if setup not in SETUPS:
+        raise ValueError(f"unknown setup {setup!r}; setups: {SETUPS}")
+    if lr is None:
+        lr = 2e-3 if setup == "random" else 1e-3
     mft = _ensure_mft()
     if threads:  # 1 by default: on a shared 2-core box, 2 OMP threads can be 5-10x slower
         torch.set_num_threads(threads)
@@ -236,9 +271,16 @@ def make_quality_setup(workdir, seed: int = 0, steps: int = 200, *, hidden: int 
     cfg = make_config(hidden, layers, heads)
     torch.manual_seed(seed)
     base = LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(str(wd / "init"))
+    timings = {}
+    if setup == "pretrained":
+        t0 = time.time()
+        train(base, PRETRAIN_TASK, pretrain_steps, seed=seed * 7919 + 7,
+              batch_size=batch_size, lr=pretrain_lr, log=log)
+        timings["pretrain"] = {"train_s": round(time.time() - t0, 2)}
     base.save_pretrained(str(wd / "base"))
     init = {k: v.clone() for k, v in base.state_dict().items()}
-    models, fishers, timings = [], [], {}
+    models, fishers = [], []
     for ti, task in enumerate(tasks):
         t0 = time.time()
         m = LlamaForCausalLM(cfg)
@@ -258,15 +300,17 @@ def make_quality_setup(workdir, seed: int = 0, steps: int = 200, *, hidden: int 
             log(f"  [{task}] train {t1 - t0:.1f}s, fisher {time.time() - t1:.1f}s")
         models.append(str(d))
         fishers.append(str(fp))
-    setup = QualitySetup(workdir=str(wd), seed=seed, steps=steps, tasks=list(tasks),
-                         base=str(wd / "base"), models=models, fishers=fishers,
-                         config={"hidden": hidden, "layers": layers, "heads": heads,
-                                 "batch_size": batch_size, "lr": lr, "n_fisher": n_fisher,
-                                 "fisher_mode": fisher_mode,
-                                 "n_params": sum(p.numel() for p in base.parameters())},
-                         timings=timings)
-    setup.save()
-    return setup
+    config = {"hidden": hidden, "layers": layers, "heads": heads, "batch_size": batch_size,
+              "lr": lr, "n_fisher": n_fisher, "fisher_mode": fisher_mode,
+              "n_params": sum(p.numel() for p in base.parameters())}
+    if setup == "pretrained":
+        config.update(pretrain_task=PRETRAIN_TASK, pretrain_steps=pretrain_steps,
+                      pretrain_lr=pretrain_lr)
+    qs = QualitySetup(workdir=str(wd), seed=seed, steps=steps, tasks=list(tasks),
+                      base=str(wd / "base"), models=models, fishers=fishers, config=config,
+                      timings=timings, setup=setup, init=str(wd / "init"))
+    qs.save()
+    return qs
 
 
 # ----------------------------------------------------------------------------- reference merges
@@ -301,10 +345,13 @@ def reference_merge(method_name: str, dirs: Sequence[str], fisher_paths: Sequenc
 
     * ``average``:          θ = Σ λ_i θ_i / Σ λ_i
     * ``task_arithmetic``:  θ = θ_base + lam · Σ λ_i (θ_i − θ_base)
+      (``task_arithmetic_<x>``, e.g. ``task_arithmetic_0.5``: lam = x)
     * ``fisher``:           θ = Σ λ_i (F_i+ε) θ_i / Σ λ_i (F_i+ε)   (tensors without a Fisher:
       plain weighted average)
     """
     base_dir, models = dirs[0], list(dirs[1:])
+    if method_name.startswith("task_arithmetic_"):
+        method_name, lam = "task_arithmetic", float(method_name[len("task_arithmetic_"):])
     w = [1.0] * len(models) if weights is None else list(weights)
     states = [_read_state(d) for d in models]
     out = {}

@@ -88,6 +88,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, quiet=args.quiet)
 
 
+def _cmd_fisher(args: argparse.Namespace) -> int:
+    try:
+        from .torch import fisher_main
+    except ImportError as e:
+        print(f"merge-fast fisher needs torch and transformers ({e}); pip install 'merge-fast[torch]'", file=sys.stderr)
+        return 1
+    return fisher_main(args.args)
+
+
+def _cmd_subspace_masks(args: argparse.Namespace) -> int:
+    from .subspace import subspace_masks
+
+    info = subspace_masks(args.it, args.pt, args.rank, args.out, include=args.include, seed=args.seed, threads=args.threads)
+    if not args.quiet:
+        energy = sum(e for _, e, _ in info.values()) / max(len(info), 1)
+        print(f"wrote rank-{args.rank} masks for {len(info)} tensors to {args.out} (mean captured energy {energy:.3f})")
+    return 0
+
+
+def _cmd_fisher_weighted(args: argparse.Namespace) -> int:
+    from .methods.data_aware import fisher_weighted
+
+    result = fisher_weighted(args.models, args.fishers, weights=args.weights, epsilon=args.epsilon,
+                             fisher_normalize=args.fisher_normalize, **_options(args))
+    return _report(args, result)
+
+
+def _cmd_fisher_dampened(args: argparse.Namespace) -> int:
+    from .methods.data_aware import fisher_dampened
+
+    result = fisher_dampened(args.base, args.models, args.fisher, scale=args.scale, weights=args.weights,
+                             normalization=args.normalization, **_options(args))
+    return _report(args, result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="merge-fast",
@@ -143,10 +178,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
     _COMMANDS["run"] = _cmd_run
+
+    p = sub.add_parser("fisher-weighted", help="Fisher-weighted average (Matena & Raffel 2022)")
+    p.add_argument("models", nargs="+", help="model folders")
+    p.add_argument("--fishers", nargs="+", required=True, help="one Fisher .safetensors per model, same order")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="per-model λ (default 1)")
+    p.add_argument("--epsilon", type=float, default=1e-8, help="added to every Fisher entry (default 1e-8)")
+    p.add_argument("--fisher-normalize", choices=["none", "mean"], default="none",
+                   help="divide each Fisher by its per-tensor mean first")
+    _common(p)
+    _COMMANDS["fisher-weighted"] = _cmd_fisher_weighted
+
+    p = sub.add_parser("fisher-dampened", help="θ_IT + s·(1−F̂_param)·(1−F̂_layer)·Δ_avg")
+    p.add_argument("base", help="the instruction-tuned model θ_IT")
+    p.add_argument("models", nargs="+", help="models whose deltas from the base are averaged")
+    p.add_argument("--fisher", required=True, help="Fisher of the base (.safetensors)")
+    p.add_argument("--scale", type=float, default=1.0, help="s (default 1)")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="delta weights (default equal)")
+    p.add_argument("--normalization", choices=["log", "minmax", "rank"], default="log",
+                   help="per-tensor Fisher normalization (default log: raw Fishers span many orders of magnitude)")
+    _common(p)
+    _COMMANDS["fisher-dampened"] = _cmd_fisher_dampened
+
+    p = sub.add_parser("fisher", add_help=False, help="estimate a diagonal Fisher with torch (see merge-fast fisher --help)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    _COMMANDS["fisher"] = _cmd_fisher
+
+    p = sub.add_parser("subspace-masks", help="top-r singular vectors of W_IT − W_PT per 2-D tensor")
+    p.add_argument("it", help="instruction-tuned model")
+    p.add_argument("pt", help="pretrained model")
+    p.add_argument("--rank", type=int, required=True, help="singular vectors kept per tensor")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    p.add_argument("--include", default=None, help="regex: only tensors whose name matches")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+    _COMMANDS["subspace-masks"] = _cmd_subspace_masks
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fisher"]:
+        # Its options (and --help) belong to merge_fast.torch's own parser.
+        return _cmd_fisher(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)

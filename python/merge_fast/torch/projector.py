@@ -152,27 +152,31 @@ class SubspaceProjector:
 
         params = dict(model.named_parameters(remove_duplicate=False))
         modules = dict(model.named_modules())
-        for name, m in masks.items():
-            U = m.get("U")
-            V = m.get("V")
-            if U is None and V is None:
-                raise ValueError(f"mask for {name!r} has neither 'U' nor 'V'")
-            found = self._resolve(name, U, V, params, modules, adapter_name)
-            if not found:
-                msg = (f"mask {name!r} matches no parameter or LoRA layer of the model")
-                if strict:
-                    raise KeyError(msg)
-                warnings.warn(msg + "; skipped")
-                continue
-            for t in found:
-                self._add(t, keep_reference)
-                if (lora_project_init and t.kind == "lora_A" and t.right is not None
-                        and self.mode == "project"):
-                    with torch.no_grad():
-                        W = t.param
-                        W.copy_(self._transform(W.float(), t.left, t.right, 1.0).to(W.dtype))
-                        if t.ref is not None:
-                            t.ref.copy_(W)
+        try:
+            for name, m in masks.items():
+                U = m.get("U")
+                V = m.get("V")
+                if U is None and V is None:
+                    raise ValueError(f"mask for {name!r} has neither 'U' nor 'V'")
+                found = self._resolve(name, U, V, params, modules, adapter_name)
+                if not found:
+                    msg = (f"mask {name!r} matches no parameter or LoRA layer of the model")
+                    if strict:
+                        raise KeyError(msg)
+                    warnings.warn(msg + "; skipped")
+                    continue
+                for t in found:
+                    self._add(t, keep_reference)
+                    if (lora_project_init and t.kind == "lora_A" and t.right is not None
+                            and self.mode == "project"):
+                        with torch.no_grad():
+                            W = t.param
+                            W.copy_(self._transform(W.float(), t.left, t.right, 1.0).to(W.dtype))
+                            if t.ref is not None:
+                                t.ref.copy_(W)
+        except BaseException:
+            self.remove()  # no hook left behind on a bad mask
+            raise
 
     # ------------------------------------------------------------------ resolution
     def _check(self, name, what, M, dim, pname):
