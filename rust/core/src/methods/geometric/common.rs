@@ -90,14 +90,16 @@ impl Iterator for Segments {
 /// results never depend on the thread count.
 const GROUPS: usize = 16;
 
-/// Per-vector statistics: `k` f64 sums per vector of `layout`. `f(values, acc)` is called
-/// for every element with the value of each input slot there (slot 0 is the base when
-/// there is one) and the `k` accumulators of the element's vector. Streams the inputs in
-/// fixed chunks over a fixed number of groups, folded in order: deterministic, and memory
-/// bounded by one chunk per slot per worker plus `GROUPS` accumulators.
+/// Per-vector statistics: `k` f64 sums per vector of `layout`. `f(run, acc)` is called on
+/// runs of consecutive elements that all belong to one vector, with each input slot's
+/// values over the run (slot 0 is the base when there is one) and that vector's `k`
+/// accumulators (rows: runs as long as the row's part in a chunk; vectors along dim 0:
+/// runs of one element). Streams the inputs in fixed chunks over a fixed number of
+/// groups, folded in order: deterministic, and memory bounded by one chunk per slot per
+/// worker plus `GROUPS` accumulators.
 pub fn vector_stats<F>(io: &dyn TensorIo, layout: Layout, k: usize, f: F) -> Result<Vec<f64>>
 where
-    F: Fn(&[f32], &mut [f64]) + Sync,
+    F: Fn(&[&[f32]], &mut [f64]) + Sync,
 {
     let numel = io.numel();
     let nseg = layout.count(numel);
@@ -124,20 +126,35 @@ where
             };
             let mut acc = vec![0f64; nacc * k];
             let mut bufs = vec![vec![0f32; CHUNK]; slots];
-            let mut vals = vec![0f32; slots];
             let mut s = start;
             while s < end {
                 let e = (s + CHUNK).min(end);
                 for (slot, b) in bufs.iter_mut().enumerate() {
                     io.read(slot, s..e, &mut b[..e - s])?;
                 }
-                let mut segs = layout.segments(s);
-                for i in 0..e - s {
-                    for (v, b) in vals.iter_mut().zip(&bufs) {
-                        *v = b[i];
+                let mut run: Vec<&[f32]> = Vec::with_capacity(slots);
+                match layout {
+                    Layout::Rows { len } => {
+                        let mut p = s;
+                        while p < e {
+                            let seg = p / len;
+                            let q = ((seg + 1) * len).min(e);
+                            run.clear();
+                            run.extend(bufs.iter().map(|b| &b[p - s..q - s]));
+                            let a = seg - seg0;
+                            f(&run, &mut acc[a * k..(a + 1) * k]);
+                            p = q;
+                        }
                     }
-                    let seg = segs.next().unwrap() - seg0;
-                    f(&vals, &mut acc[seg * k..(seg + 1) * k]);
+                    Layout::Cols { .. } => {
+                        let mut segs = layout.segments(s);
+                        for i in 0..e - s {
+                            let seg = segs.next().unwrap();
+                            run.clear();
+                            run.extend(bufs.iter().map(|b| &b[i..i + 1]));
+                            f(&run, &mut acc[seg * k..(seg + 1) * k]);
+                        }
+                    }
                 }
                 s = e;
             }
@@ -157,38 +174,63 @@ pub fn tri(n: usize, i: usize, j: usize) -> usize {
     i * n - i * (i + 1) / 2 + j
 }
 
-/// Accumulates the packed Gram matrix (upper triangle with diagonal) of the `n` vectors
-/// `x[i]` into `g` (length n(n+1)/2).
+/// `Σ (x − b)(y − b)` over a run in f64 (differences rounded to f32 first, as a torch
+/// implementation computing task vectors in f32 would), four partial sums so it
+/// vectorizes; `b` absent: `Σ x·y`.
 #[inline]
-pub fn gram_accumulate(x: &[f64], g: &mut [f64]) {
-    let n = x.len();
-    let mut idx = 0;
-    for i in 0..n {
-        let xi = x[i];
-        for &xj in &x[i..] {
-            g[idx] += xi * xj;
-            idx += 1;
+pub fn dot(x: &[f32], y: &[f32], b: Option<&[f32]>) -> f64 {
+    let mut acc = [0f64; 4];
+    let n4 = x.len() / 4 * 4;
+    let mut tail = 0f64;
+    match b {
+        None => {
+            for (xs, ys) in x[..n4].chunks_exact(4).zip(y[..n4].chunks_exact(4)) {
+                for l in 0..4 {
+                    acc[l] += xs[l] as f64 * ys[l] as f64;
+                }
+            }
+            for j in n4..x.len() {
+                tail += x[j] as f64 * y[j] as f64;
+            }
+        }
+        Some(b) => {
+            for ((xs, ys), bs) in x[..n4].chunks_exact(4).zip(y[..n4].chunks_exact(4)).zip(b[..n4].chunks_exact(4)) {
+                for l in 0..4 {
+                    acc[l] += (xs[l] - bs[l]) as f64 * (ys[l] - bs[l]) as f64;
+                }
+            }
+            for j in n4..x.len() {
+                tail += (x[j] - b[j]) as f64 * (y[j] - b[j]) as f64;
+            }
         }
     }
-    debug_assert_eq!(idx, n * (n + 1) / 2);
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
-/// Whole-tensor Gram matrix of the vectors `value(slots)` (one per model), streamed.
-pub fn whole_gram<V>(io: &dyn TensorIo, n: usize, value: V) -> Result<Vec<f64>>
-where
-    V: Fn(&[f32], &mut [f64]) + Sync,
-{
+/// Adds the packed Gram matrix (upper triangle with diagonal) of the vectors
+/// `run[idx[i]]` (minus `run[base]` when given) over one run to `acc`.
+#[inline]
+pub fn gram_run(run: &[&[f32]], idx: &[usize], base: Option<usize>, acc: &mut [f64]) {
+    let b = base.map(|s| run[s]);
+    let n = idx.len();
+    let mut t = 0;
+    for i in 0..n {
+        for j in i..n {
+            acc[t] += dot(run[idx[i]], run[idx[j]], b);
+            t += 1;
+        }
+    }
+}
+
+/// Whole-tensor packed Gram matrix of the slots `idx` (minus slot `base` when given).
+pub fn whole_gram(io: &dyn TensorIo, idx: &[usize], base: Option<usize>) -> Result<Vec<f64>> {
+    let n = idx.len();
     let shape = [io.numel()];
-    let k = n * (n + 1) / 2;
-    vector_stats(io, Layout::whole(&shape), k, |vals, acc| {
-        // n is small (checked against MAX_MODELS at build): a stack buffer suffices.
-        let mut x = [0f64; MAX_MODELS];
-        value(vals, &mut x[..n]);
-        gram_accumulate(&x[..n], acc);
-    })
+    vector_stats(io, Layout::whole(&shape), n * (n + 1) / 2, |run, acc| gram_run(run, idx, base, acc))
 }
 
-/// Most models a Gram-matrix method takes (stack buffers per element).
+/// Most models the Gram-matrix methods take (their statistics grow as n², and the
+/// iteration on coefficients as n² per step).
 pub const MAX_MODELS: usize = 64;
 
 #[cfg(test)]
@@ -199,9 +241,20 @@ pub mod testing {
     use serde_json::Value;
 
     pub fn run(name: &str, params: Value, shape: &[usize], base: Option<&[f32]>, inputs: &[&[f32]]) -> crate::Result<Vec<f32>> {
+        run_threads(2, name, params, shape, base, inputs)
+    }
+
+    pub fn run_threads(
+        threads: usize,
+        name: &str,
+        params: Value,
+        shape: &[usize],
+        base: Option<&[f32]>,
+        inputs: &[&[f32]],
+    ) -> crate::Result<Vec<f32>> {
         let map = params.as_object().cloned().unwrap_or_default();
         let m = build(name, &map, inputs.len(), base.is_some())?;
-        let p = pool(Some(2)).unwrap();
+        let p = pool(Some(threads)).unwrap();
         merge_arrays(m.as_ref(), "t", shape, 7, base, inputs, &p)
     }
 
@@ -222,6 +275,30 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_count_does_not_change_results() {
+        use super::testing::{rand, run_threads};
+        use serde_json::json;
+        let (r, c) = (700, 1003); // many chunks, rows straddling chunk boundaries
+        let n = r * c;
+        let (base, a, b) = (rand(n, 1), rand(n, 2), rand(n, 3));
+        let cases = [
+            ("model_stock", json!({"filter_wise": true})),
+            ("model_stock", json!({})),
+            ("nuslerp", json!({"weight": [1.0, 2.0], "nuslerp_flatten": false, "nuslerp_row_wise": true})),
+            ("multislerp", json!({"weight": [1.0, 2.0]})),
+            ("karcher", json!({})),
+            ("ramplus_tl", json!({})),
+            ("arcee_fusion", json!({})),
+        ];
+        for (name, p) in cases {
+            let xs: Vec<&[f32]> = if name == "arcee_fusion" { vec![&a] } else { vec![&a, &b] };
+            let one = run_threads(1, name, p.clone(), &[r, c], Some(&base), &xs).unwrap();
+            let three = run_threads(3, name, p, &[r, c], Some(&base), &xs).unwrap();
+            assert_eq!(one, three, "{name}");
+        }
+    }
 
     #[test]
     fn layouts() {

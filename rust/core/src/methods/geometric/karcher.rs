@@ -131,11 +131,8 @@ impl Method for Karcher {
             return Ok(vec![1.0]);
         }
         let hb = io.has_base();
-        let g = whole_gram(io, n, |v, x| {
-            for (i, xi) in x.iter_mut().enumerate() {
-                *xi = v[slot(i, n, hb)] as f64;
-            }
-        })?;
+        let idx: Vec<usize> = (0..n).map(|i| slot(i, n, hb)).collect();
+        let g = whole_gram(io, &idx, None)?;
         Ok(self.coefficients(&g))
     }
 

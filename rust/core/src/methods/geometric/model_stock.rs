@@ -15,7 +15,7 @@
 //! Memory: the pairwise dot products and norms are streamed (whole-tensor mode) or
 //! gathered per row in `prepare` (filter-wise: one f64 per row and statistic); `apply`
 //! runs elementwise on chunks.
-use super::common::{tri, vector_stats, Layout, MAX_MODELS};
+use super::common::{gram_run, tri, vector_stats, Layout, MAX_MODELS};
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
 use crate::params::Params;
@@ -63,14 +63,8 @@ impl Method for ModelStock {
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let n = self.n;
         let k = n * (n + 1) / 2;
-        let g = vector_stats(io, self.layout(ctx.shape), k, |v, acc| {
-            let mut d = [0f64; MAX_MODELS];
-            let b = v[0];
-            for (di, &x) in d.iter_mut().zip(&v[1..]) {
-                *di = (x - b) as f64;
-            }
-            super::common::gram_accumulate(&d[..n], acc);
-        })?;
+        let idx: Vec<usize> = (1..=n).collect();
+        let g = vector_stats(io, self.layout(ctx.shape), k, |run, acc| gram_run(run, &idx, Some(0), acc))?;
         Ok(g.chunks(k).map(|gs| Self::t_from_gram(n, gs)).collect())
     }
 

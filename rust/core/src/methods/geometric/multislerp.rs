@@ -72,12 +72,8 @@ impl Method for MultiSlerp {
             return Ok(vec![]);
         }
         let off = usize::from(io.has_base());
-        let g = whole_gram(io, n, |v, x| {
-            let b = if off == 1 { v[0] } else { 0.0 };
-            for (xi, &vi) in x.iter_mut().zip(&v[off..]) {
-                *xi = (vi - b) as f64;
-            }
-        })?;
+        let idx: Vec<usize> = (off..off + n).collect();
+        let g = whole_gram(io, &idx, io.has_base().then_some(0))?;
         Ok(self.coefficients(&g))
     }
 

@@ -15,7 +15,7 @@
 //!
 //! Memory: per-vector dot products and norms are streamed in `prepare` (one coefficient
 //! pair per vector); `apply` runs elementwise on chunks.
-use super::common::{vector_stats, Layout};
+use super::common::{dot, vector_stats, Layout};
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
 use crate::params::Params;
@@ -72,12 +72,13 @@ impl NuSlerp {
 impl Method for NuSlerp {
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let off = usize::from(io.has_base());
-        let g = vector_stats(io, self.layout(ctx.shape), 3, |v, acc| {
-            let b = if off == 1 { v[0] } else { 0.0 };
-            let (x, y) = ((v[off] - b) as f64, (v[off + 1] - b) as f64);
-            acc[0] += x * y;
-            acc[1] += x * x;
-            acc[2] += y * y;
+        let base = io.has_base().then_some(0);
+        let g = vector_stats(io, self.layout(ctx.shape), 3, |run, acc| {
+            let b = base.map(|s| run[s]);
+            let (x, y) = (run[off], run[off + 1]);
+            acc[0] += dot(x, y, b);
+            acc[1] += dot(x, x, b);
+            acc[2] += dot(y, y, b);
         })?;
         let mut out = Vec::with_capacity(g.len() / 3 * 2);
         for s in g.chunks(3) {
