@@ -44,7 +44,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DATA = REPO_ROOT / "bench_data"
@@ -179,11 +179,15 @@ def _base_values(name: str, shape: Tuple[int, ...], seed: int):
 
 
 def tensor_values(name: str, shape: Tuple[int, ...], seed: int,
-                  base_seed: Optional[int] = None, delta_std: float = 0.0):
+                  base_seed: Optional[int] = None, delta_std: float = 0.0,
+                  delta_corr: float = 0.0):
     """bf16 (ml_dtypes) values of one tensor, exactly as :func:`generate_model` writes them.
 
     ``base_seed`` None: an independent model from ``seed``.  Otherwise a fine-tune of the base
-    model ``base_seed``: base + ``delta_std`` * N(0, 1) drawn from ``seed``.
+    model ``base_seed``: base + ``delta_std`` * (sqrt(c) * S + sqrt(1 - c) * N) with
+    c = ``delta_corr``, N ~ N(0, 1) drawn from ``seed`` and S ~ N(0, 1) shared by every
+    fine-tune of that base (so two fine-tunes' deltas have correlation ~c: with c > 0 the
+    TIES sign election has a majority to find).
     """
     import ml_dtypes
     import numpy as np
@@ -194,6 +198,13 @@ def tensor_values(name: str, shape: Tuple[int, ...], seed: int,
         x = _base_values(name, shape, base_seed)
         rng = np.random.default_rng(_tensor_seed(seed, "delta:" + name))
         d = rng.standard_normal(shape, dtype=np.float32)
+        if delta_corr > 0.0:
+            d *= np.float32((1.0 - delta_corr) ** 0.5)
+            srng = np.random.default_rng(_tensor_seed(base_seed, "shared-delta:" + name))
+            sh = srng.standard_normal(shape, dtype=np.float32)
+            sh *= np.float32(delta_corr ** 0.5)
+            d += sh
+            del sh
         d *= np.float32(delta_std)
         x += d
         del d
@@ -216,24 +227,28 @@ def plan_shards(spec: LlamaSpec) -> List[List[Tuple[str, Tuple[int, ...]]]]:
     return shards
 
 
-def _meta(spec: LlamaSpec, seed: int, base_seed: Optional[int], delta_std: float) -> dict:
-    return {
+def _meta(spec: LlamaSpec, seed: int, base_seed: Optional[int], delta_std: float,
+          delta_corr: float = 0.0) -> dict:
+    m = {
         "generator_version": GENERATOR_VERSION,
         "spec": dataclasses.asdict(spec),
         "seed": seed,
         "base_seed": base_seed,
         "delta_std": delta_std if base_seed is not None else 0.0,
     }
+    if base_seed is not None and delta_corr:
+        m["delta_corr"] = delta_corr
+    return m
 
 
 def generate_model(out_dir: Path | str, spec: LlamaSpec, seed: int,
                    base_seed: Optional[int] = None, delta_std: float = 0.0,
-                   force: bool = False, verbose: bool = True) -> Path:
+                   delta_corr: float = 0.0, force: bool = False, verbose: bool = True) -> Path:
     """Write a Llama-shaped bf16 checkpoint to ``out_dir`` (cached; see module doc)."""
     import safetensors.numpy
 
     out_dir = Path(out_dir)
-    meta = _meta(spec, seed, base_seed, delta_std)
+    meta = _meta(spec, seed, base_seed, delta_std, delta_corr)
     meta_path = out_dir / "bench_meta.json"
     if not force and meta_path.exists():
         try:
@@ -255,7 +270,7 @@ def generate_model(out_dir: Path | str, spec: LlamaSpec, seed: int,
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {}
         for name, shape in shard:
-            tensors[name] = tensor_values(name, shape, seed, base_seed, delta_std)
+            tensors[name] = tensor_values(name, shape, seed, base_seed, delta_std, delta_corr)
             weight_map[name] = fname
         safetensors.numpy.save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
         del tensors
@@ -287,19 +302,24 @@ def ensure_pair(size: str, root: Path | str = BENCH_DATA) -> Tuple[Path, Path]:
 
 
 def ensure_model_set(size: str, n_finetunes: int = 2, delta_std: float = 0.002,
-                     base_seed: int = 100, root: Path | str = BENCH_DATA) -> Tuple[Path, List[Path]]:
+                     delta_corr: float = 0.0, base_seed: int = 100,
+                     root: Path | str = BENCH_DATA) -> Tuple[Path, List[Path]]:
     """A base model and ``n_finetunes`` fine-tunes (base + delta_std * N(0, 1), seeds 101...).
 
     Default delta_std = 0.002 = 10% of the weights' std (0.02): deltas are small enough to be
     'fine-tunes' (cosine to the base ~0.995) yet far above bf16 rounding of the base (~1e-4).
+    ``delta_corr`` > 0 correlates the fine-tunes' deltas (see :func:`tensor_values`).
     For TIES / DARE / model_stock / task_arithmetic benches.
     """
     spec = get_spec(size)
     root = Path(root)
     base = generate_model(root / f"{spec.name}_base{base_seed}", spec, seed=base_seed)
     tag = f"{delta_std:g}".replace(".", "p")
+    if delta_corr:
+        tag += "_c" + f"{delta_corr:g}".replace(".", "p")
     fts = [generate_model(root / f"{spec.name}_base{base_seed}_ft{k + 1}_d{tag}", spec,
-                          seed=base_seed + k + 1, base_seed=base_seed, delta_std=delta_std)
+                          seed=base_seed + k + 1, base_seed=base_seed, delta_std=delta_std,
+                          delta_corr=delta_corr)
            for k in range(n_finetunes)]
     return base, fts
 
@@ -588,6 +608,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--base-seed", type=int, default=None)
     g.add_argument("--delta-std", type=float, default=0.002)
+    g.add_argument("--delta-corr", type=float, default=0.0)
     g.add_argument("--force", action="store_true")
     f = sub.add_parser("io-floor", help="read inputs once + write N bytes (timed by caller)")
     f.add_argument("--inputs", nargs="+", required=True)
@@ -597,7 +618,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "generate":
         generate_model(a.out, get_spec(a.size), a.seed, a.base_seed,
-                       a.delta_std if a.base_seed is not None else 0.0, force=a.force)
+                       a.delta_std if a.base_seed is not None else 0.0, a.delta_corr,
+                       force=a.force)
     else:
         print(json.dumps(io_floor(a.inputs, a.out_file, a.out_bytes, fsync=a.fsync)))
     return 0

@@ -24,7 +24,8 @@ pages are not flushed on the next one's clock.  No contender fsyncs.
 
 Wall time is the subprocess's (interpreter start and imports included -- what a user waits for).
 Memory: ``peak RSS`` = the child's ``VmHWM`` (kernel high-water mark of RSS, polled every 10 ms,
-summed over its process tree; *includes file-backed pages of memory-mapped inputs*); ``anon`` = polled peak of RssAnon+RssShmem over the process tree
+summed over its process tree; *includes file-backed pages of memory-mapped inputs*);
+``anon`` = polled peak of RssAnon+RssShmem over the process tree
 (private memory only).  See ``_common.py``.
 
 On repeat 1 the outputs are checked against each other (tensor names, shapes, dtype, max |diff|,
@@ -212,9 +213,10 @@ def clean(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
 
 
-def sample_names(a: Path, size: str) -> Optional[List[str]]:
-    """None = compare all tensors (small sizes); a representative sample for big ones."""
-    if size in ("tiny", "125m"):
+def sample_names(a: Path, size: str, check_all: bool = False) -> Optional[List[str]]:
+    """None = compare all tensors (tiny, or --check-all); a representative sample otherwise
+    (embeddings, lm_head, final norm, every projection and a norm of the first and last layer)."""
+    if size == "tiny" or check_all:
         return None
     spec = C.get_spec(size)
     last = spec.layers - 1
@@ -248,7 +250,8 @@ def run_size_method(size: str, method: str, a: Path, b: Path, contenders: List[C
     for row in rows:
         if row.contender.kind in unavailable:
             row.status, row.note = "unavailable", unavailable[row.contender.kind]
-    outs = {r.contender.key: work / f"{size}_{method}_{r.contender.key.replace('[', '_').strip(']')}"
+    outs = {r.contender.key:
+            work / f"{size}_{method}_{r.contender.key.replace('[', '_').strip(']')}"
             for r in rows}
     for rep in range(args.repeats):
         for row in rows:
@@ -293,7 +296,7 @@ def run_size_method(size: str, method: str, a: Path, b: Path, contenders: List[C
                 continue  # keep repeat-1 outputs for the agreement check
             clean(out)
         if rep == 0:
-            agreement_check(size, method, a, rows, outs)
+            agreement_check(size, method, a, rows, outs, args.check_all)
             for row in rows:
                 clean(outs[row.contender.key])
     return rows
@@ -302,7 +305,8 @@ def run_size_method(size: str, method: str, a: Path, b: Path, contenders: List[C
 AGREEMENT: List[dict] = []
 
 
-def agreement_check(size: str, method: str, a: Path, rows: List[Row], outs) -> None:
+def agreement_check(size: str, method: str, a: Path, rows: List[Row], outs,
+                    check_all: bool = False) -> None:
     done = {r.contender.key: outs[r.contender.key] for r in rows
             if r.status == "ok" and r.runs and r.runs[0].ok and r.contender.kind != "io-floor"
             and outs[r.contender.key].is_dir()}
@@ -316,7 +320,7 @@ def agreement_check(size: str, method: str, a: Path, rows: List[Row], outs) -> N
         pairs.append((mf_keys[0], "mergekit"))
     for k in mf_keys[1:]:
         pairs.append((k, mf_keys[0]))
-    names = sample_names(a, size)
+    names = sample_names(a, size, check_all)
     for x, y in pairs:
         t0 = time.perf_counter()
         try:
@@ -462,7 +466,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(C.BENCH_DATA))
     ap.add_argument("--keep-data", action="store_true",
                     help="keep the generated models (default: delete 1.1b inputs at the end)")
-    ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
+    ap.add_argument("--check-all", action="store_true",
+                    help="agreement check on every tensor (default: a sample, except tiny)")
     ap.add_argument("--markdown", action="store_true", help="also print a README-ready table")
     ap.add_argument("--json", default=None, help="write all raw results to this file")
     ap.add_argument("-v", "--verbose", action="store_true")
