@@ -406,3 +406,123 @@ def test_cli_bad_config_exit_code(models, tmp_path, capsys):
     assert main(["run", str(cfg), str(tmp_path / "out"), "-q"]) == 1
     assert "wieght" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_row_gather_source(models, tensors, tmp_path):
+    """The `rows` source (vocabulary permutations): each output row is the mean of the
+    listed (source, row) pairs, zeros when the list is empty."""
+    import json as _json
+
+    name = "model.embed_tokens.weight"
+    a, b = tensors["a"][name], tensors["b"][name]
+    rows = [[[0, (i + 1) % a.shape[0]]] for i in range(a.shape[0])]
+    rows[3] = [[0, 5], [1, 7]]
+    rows[4] = []
+    plan = {"inputs": [str(models["a"]), str(models["b"])], "tensors": [{
+        "name": name, "method": "linear", "params": {"weight": [1.0]},
+        "inputs": [{"kind": "rows", "sources": [{"kind": "tensor", "input": 0, "tensor": name},
+                                                 {"kind": "tensor", "input": 1, "tensor": name}],
+                    "shape": list(a.shape), "rows": rows}]}]}
+    out = tmp_path / "rows"
+    out.mkdir()
+    _core.execute_plan(_json.dumps(plan), str(out))
+    got = read_folder_f32(out)[name]
+    ref = np.roll(a, -1, axis=0)
+    ref[3] = (a[5] + b[7]) / 2
+    ref[4] = 0
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+
+
+def _other_vocab_model(root: Path) -> Path:
+    """A llama model with a different tokenizer: t0..t99 then u0..u35 (136 tokens)."""
+    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = build_model_dirs(root, "llama", names=("y",), layers=N_LAYERS, vocab=136, seed=7)["y"]
+    vocab = {f"t{i}": i for i in range(100)} | {f"u{i}": 100 + i for i in range(36)}
+    tok = Tokenizer(tmodels.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1", bos_token="t2", pad_token="t3")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).unlink(missing_ok=True)
+    fast.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def other_vocab(tmp_path_factory):
+    return _other_vocab_model(tmp_path_factory.mktemp("vocab"))
+
+
+def test_tokenizer_union_permutes_embedding_rows(models, tensors, other_vocab, tmp_path):
+    from transformers import AutoTokenizer
+
+    y = read_folder_f32(other_vocab)
+    a = tensors["a"]
+    cfg = {"merge_method": "linear", "tokenizer_source": "union",
+           "models": [{"model": str(models["a"]), "parameters": {"weight": 0.5}},
+                      {"model": str(other_vocab), "parameters": {"weight": 0.5}}]}
+    # without tokenizer_source the vocabularies clash
+    with pytest.raises(mf.ConfigError, match="tokenizer_source"):
+        mf.config.plan(cfg | {"tokenizer_source": None})
+    out = tmp_path / "out"
+    mf.run(cfg, out=out)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    v = tok.get_vocab()
+    assert len(v) == 164 and json.loads((out / "config.json").read_text())["vocab_size"] == 164
+    got = read_folder_f32(out)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        e = got[name]
+        assert e.shape[0] == 164
+        np.testing.assert_allclose(e[v["t5"]], 0.5 * a[name][5] + 0.5 * y[name][5], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(e[v["t110"]], a[name][110], rtol=1e-6, atol=1e-7)  # only in a
+        np.testing.assert_allclose(e[v["u3"]], y[name][103], rtol=1e-6, atol=1e-7)  # only in y
+    load_logits_finite(out)
+
+
+def test_tokenizer_source_model_permutes_to_its_vocabulary(models, tensors, other_vocab, tmp_path):
+    y = read_folder_f32(other_vocab)
+    a = tensors["a"]
+    cfg = {"merge_method": "linear", "tokenizer_source": str(other_vocab), "parameters": {"weight": 1.0},
+           "models": [{"model": str(models["a"])}, {"model": str(other_vocab)}]}
+    out = tmp_path / "out"
+    mf.run(cfg, out=out)
+    got = read_folder_f32(out)["model.embed_tokens.weight"]
+    assert got.shape[0] == 136
+    name = "model.embed_tokens.weight"
+    np.testing.assert_allclose(got[7], 0.5 * (a[name][7] + y[name][7]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got[120], y[name][120], rtol=1e-6, atol=1e-7)  # u20: a lacks it
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 136
+    assert (out / "tokenizer.json").read_bytes() == (other_vocab / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_tokens_sources(models, tensors, other_vocab, tmp_path):
+    """mergekit's tokenizer.tokens: a model's row, forced rows, zeros, another token's row,
+    and a new token added to the tokenizer."""
+    from transformers import AutoTokenizer
+
+    y = read_folder_f32(other_vocab)
+    a = tensors["a"]
+    cfg = {"merge_method": "linear", "parameters": {"weight": 0.5},
+           "models": [{"model": str(models["a"])}, {"model": str(other_vocab)}],
+           "tokenizer": {"source": "union", "tokens": {
+               "t5": {"source": str(other_vocab), "force": True},
+               "t110": {"source": {"kind": "zero"}},
+               "newtok": {"source": {"kind": "model_token", "model": str(other_vocab), "token": "u7"}},
+           }}}
+    out = tmp_path / "out"
+    mf.run(cfg, out=out)
+    v = AutoTokenizer.from_pretrained(str(out)).get_vocab()
+    assert "newtok" in v and len(v) == 165
+    e = read_folder_f32(out)["model.embed_tokens.weight"]
+    n = "model.embed_tokens.weight"
+    np.testing.assert_allclose(e[v["t5"]], y[n][5], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(e[v["t110"]], 0.5 * a[n][110], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(e[v["newtok"]], y[n][107], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(e[v["t6"]], 0.5 * (a[n][6] + y[n][6]), rtol=1e-6, atol=1e-7)
+    # a token source that lacks the token: ConfigError at its key, nothing written
+    bad = json.loads(json.dumps(cfg))
+    bad["tokenizer"]["tokens"] = {"u3": {"source": str(models["a"])}}
+    with pytest.raises(mf.ConfigError, match=r"tokenizer\.tokens\.u3"):
+        mf.run(bad, out=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

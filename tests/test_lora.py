@@ -149,3 +149,16 @@ def test_adapter_not_fitting_base_is_refused(models, base_t, tmp_path):
     st_write(ad / "adapter_model.safetensors", t)
     with pytest.raises(mf.ConfigError, match="do not fit"):
         mf.lora.read_adapter(ad, {n: v.shape for n, v in base_t.items()})
+
+
+def test_adapter_trained_on_bare_backbone_names(models, base_t, tmp_path):
+    """PEFT names without the LM's `model.` prefix are matched to the base's tensors."""
+    ad = tmp_path / "adapter"
+    t = make_adapter(ad, base_t)
+    renamed = {k.replace("base_model.model.model.", "base_model.model."): v for k, v in t.items()}
+    st_write(ad / "adapter_model.safetensors", renamed)
+    out = tmp_path / "out"
+    mf.lora.apply(models["base"], ad, out)
+    got = read_folder_f32(out)
+    ref = numpy_merge(base_t, t, 2.0)
+    np.testing.assert_allclose(got[Q.format(i=1)], ref[Q.format(i=1)], rtol=1e-5, atol=1e-6)

@@ -66,7 +66,7 @@ def _cmd_task_arithmetic(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import run
 
-    if args.cuda or args.device not in (None, "cpu"):
+    if args.cuda or args.gpu_rich or args.device not in (None, "cpu"):
         print("merge-fast: note: merge_fast computes on the CPU; --cuda/--device are ignored", file=sys.stderr)
     result = run(
         args.config,
@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker threads (default: one per core); results do not depend on it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
+    g = p.add_argument_group("other mergekit options (accepted, no effect here)")
+    for flag in ("--clone-tensors", "--safe-serialization", "--read-to-gpu", "--multi-gpu", "--async-write"):
+        g.add_argument(flag, action=B, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--gpu-rich", action="store_true", help=argparse.SUPPRESS)
+    for opt in ("--lora-merge-cache", "--lora-merge-dtype", "--transformers-cache", "--write-threads"):
+        g.add_argument(opt, default=None, help=argparse.SUPPRESS)
     _COMMANDS["run"] = _cmd_run
 
     p = sub.add_parser("fisher-weighted", help="Fisher-weighted average (Matena & Raffel 2022)")

@@ -160,8 +160,21 @@ def read_adapter(path: PathLike, base_shapes: Optional[Dict[str, Tuple[int, ...]
     return ad
 
 
+def _align(name: str, base_shapes: Dict[str, Tuple[int, ...]]) -> str:
+    """The base's name for an adapter target: PEFT prefixes differ when the adapter was
+    trained on the bare backbone (``layers.0...``) rather than the LM (``model.layers.0...``)."""
+    if name in base_shapes:
+        return name
+    for cand in ("model." + name, name.removeprefix("model.")):
+        if cand in base_shapes:
+            return cand
+    return name
+
+
 def check_against_base(ad: Adapter, base_shapes: Dict[str, Tuple[int, ...]]) -> None:
     p = ad.path
+    ad.modules = {_align(t, base_shapes): dataclasses.replace(m, target=_align(t, base_shapes)) for t, m in ad.modules.items()}
+    ad.replacements = {_align(t, base_shapes): v for t, v in ad.replacements.items()}
     for target, m in ad.modules.items():
         if target not in base_shapes:
             raise _err(p, f"target module {target[:-len('.weight')]!r} is not in the base model (no tensor {target!r})")

@@ -9,7 +9,8 @@ Supported schema (mergekit's): ``merge_method``, ``base_model``, ``models`` (eac
 ``layer_range`` and ``parameters``; ``base_model`` and ``parameters`` per slice),
 ``parameters`` (scalars, gradients, ``{filter, value}`` lists; merge_fast also takes
 ``{regex, value}``), ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base``, ``union`` or
-a model), ``tokenizer: {source}``, ``chat_template`` and model references of the form
+a model; embedding rows are permuted per model, see tokenizer.py), ``tokenizer: {source,
+tokens}``, ``chat_template`` and model references of the form
 ``path``, ``path+lora_adapter`` or ``{model: path, lora: adapter}``.
 Every check (method, parameters, layer ranges, shapes, folders) runs before anything is
 written; each error is a :class:`merge_fast.ConfigError` naming the config key and line.
@@ -28,7 +29,6 @@ from ._source import load as _load
 from .methods import MERGEKIT_METHODS
 from .planner import Plan, Planner
 from .schema import MergeConfig, ModelRef, parse as _parse
-from .tokenizer import plan_vocabulary
 
 ConfigLike = Union[str, Path, Dict[str, Any]]
 
@@ -55,9 +55,7 @@ def parse_shard_size(size: Union[int, str]) -> int:
 def plan(config: ConfigLike, *, allow_crimes: bool = False) -> Plan:
     """Validates `config` against the model folders and returns the tensor plan."""
     cfg = config if isinstance(config, MergeConfig) else load(config)
-    p = Planner(cfg, allow_crimes=allow_crimes).plan()
-    plan_vocabulary(cfg, p)
-    return p
+    return Planner(cfg, allow_crimes=allow_crimes).plan()
 
 
 def run(
@@ -93,12 +91,13 @@ def run(
     chat_template = _output.resolve_chat_template(cfg, cfg.src.error)
     out = Path(out)
     text = _output.config_text(cfg)
-    vocab = p.vocab or {}
-    tok_folder = vocab.get("tokenizer_folder") if copy_tokenizer else None
+    vp = p.vocab
+    tok_folder = (vp.tokenizer_folder if vp is not None else _output.model_folder(p.donor.ref)) if copy_tokenizer else None
+    builder = vp.builder if (vp is not None and copy_tokenizer) else None
 
     def extra(tmp: Path) -> None:
-        _output.fix_config_json(tmp, p, cfg, vocab.get("vocab_size"))
-        _output.write_tokenizer(tmp, tok_folder, chat_template)
+        _output.fix_config_json(tmp, p, cfg, vp.size if vp is not None else None)
+        _output.write_tokenizer(tmp, tok_folder, chat_template, builder)
         if write_model_card:
             (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, p.method), encoding="utf-8")
             (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
@@ -108,6 +107,28 @@ def run(
         "method": cfg.merge_method,
         "config": text,
     }
+    try:
+        return _execute(p, out, recipe, shard, threads, progress, random_seed, extra)
+    except ConfigError as e:
+        raise _with_location(cfg, e) from None
+
+
+def _with_location(cfg: MergeConfig, e: ConfigError) -> ConfigError:
+    """A kernel's parameter complaint, pointed at the config key that set the parameter."""
+    import re
+
+    msg = str(e)
+    m = re.search(r"parameter(?:\(s\))? '?([A-Za-z_][A-Za-z0-9_]*)", msg)
+    if m is None:
+        return e
+    name = m.group(1)
+    for path in cfg.src.lines:
+        if len(path) >= 2 and path[-1] == name and path[-2] == "parameters":
+            return ConfigError(f"{msg} (set at {cfg.src.where(path)})")
+    return e
+
+
+def _execute(p, out, recipe, shard, threads, progress, random_seed, extra):
     return execute(
         p.paths,
         p.tensors,

@@ -91,8 +91,8 @@ def load(config: Union[str, Path, Dict[str, Any]]) -> ConfigSource:
     """A path to a YAML file, YAML text (anything with a newline or a ':'), or a dict."""
     if isinstance(config, dict):
         return ConfigSource(config, None, None, {})
-    if isinstance(config, Path) or (isinstance(config, str) and "\n" not in config and not config.strip().endswith(":")
-                                    and (Path(config).suffix in (".yml", ".yaml") or Path(config).exists())):
+    if isinstance(config, Path) or (isinstance(config, str) and "\n" not in config
+                                    and (":" not in config or Path(config).suffix in (".yml", ".yaml") or Path(config).exists())):
         p = Path(config)
         if not p.is_file():
             raise ConfigError(f"config error: config file {p} not found")

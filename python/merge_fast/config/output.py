@@ -29,6 +29,20 @@ BUILTIN_CHAT_TEMPLATES = {
         "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
     ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "exaone": (
+        "{% for message in messages %}{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+    ),
 }
 
 
@@ -51,6 +65,10 @@ def fix_config_json(out: Path, plan, cfg: MergeConfig, vocab_size: Optional[int]
     if vocab_size is not None and "vocab_size" in data:
         data["vocab_size"] = vocab_size
     f.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def model_folder(ref: ModelRef) -> Path:
+    return _folder(ref)
 
 
 def _folder(ref: ModelRef) -> Path:
@@ -89,16 +107,20 @@ def resolve_chat_template(cfg: MergeConfig, where) -> Optional[str]:
     return ct
 
 
-def write_tokenizer(out: Path, tok_folder: Optional[Path], chat_template: Optional[str]) -> None:
-    """Replaces the tokenizer files in `out` with those of `tok_folder` (None: no tokenizer)."""
+def write_tokenizer(out: Path, tok_folder: Optional[Path], chat_template: Optional[str], builder=None) -> None:
+    """Replaces the tokenizer files in `out` with those of `tok_folder`, or those `builder`
+    writes (neither: no tokenizer)."""
     for name in TOKENIZER_FILES:
         (out / name).unlink(missing_ok=True)
-    if tok_folder is None:
+    if builder is not None:
+        builder(out)
+    elif tok_folder is None:
         return
-    for name in TOKENIZER_FILES:
-        f = tok_folder / name
-        if f.is_file():
-            shutil.copy2(f, out / name)
+    else:
+        for name in TOKENIZER_FILES:
+            f = tok_folder / name
+            if f.is_file():
+                shutil.copy2(f, out / name)
     if chat_template:
         (out / "chat_template.jinja").write_text(chat_template)
         tc = out / "tokenizer_config.json"
@@ -128,7 +150,7 @@ def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str) 
         f"# {name}",
         "",
         "This model is a merge of pre-trained language models made with "
-        "[merge_fast](https://github.com/) from a mergekit-compatible configuration.",
+        "merge_fast from a mergekit-compatible configuration.",
         "",
         "## Merge details",
         "",

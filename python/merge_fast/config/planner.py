@@ -22,6 +22,7 @@ from ._source import KeyPath
 from .methods import NO_OP_PARAMS, MethodSpec, spec_for
 from .params import interpolate_t, resolve
 from .schema import MergeConfig, ModelRef, SliceDef, SourceDef
+from .tokenizer import VocabPlan, prepare as prepare_vocab
 
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|layer|blocks|block))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _PRE_RE = re.compile(r"(embed_tokens|\bwte\b|\bwpe\b|embed_in|word_embeddings|position_embeddings|token_type_embeddings|\bembeddings?\b)")
@@ -66,7 +67,7 @@ class Plan:
     layer_origin: List[Tuple[ModelInfo, int]]  # per output layer: (model, source layer)
     method: str  # kernel actually used
     out_dtype: Optional[str]  # safetensors code
-    vocab: Optional[Dict[str, Any]] = None  # tokenizer plan (see tokenizer.py)
+    vocab: Optional[VocabPlan] = None  # tokenizer_source plan (see tokenizer.py)
 
 
 def _classify(names: Sequence[str]) -> Tuple[Dict[int, List[Tuple[str, str]]], Optional[str], List[str], List[str]]:
@@ -249,6 +250,7 @@ class Planner:
             self.model(cfg.tokenizer_source, ("tokenizer_source",))
         self._check_architectures()
         self._check_param_names(spec, slices)
+        vocab = prepare_vocab(cfg, self)
         code = out_dtype_code(cfg.dtype or "float32", cfg.out_dtype)
 
         # Per slice: which source is the base, structure checks.
@@ -302,7 +304,10 @@ class Planner:
                 if n not in info.shapes:
                     raise src.error(s.path + ("model",), f"tensor {n!r} (for output {out_name!r}) is missing from {s.model}")
                 shapes.append(info.shapes[n])
-            if len(set(shapes)) > 1:
+            is_vocab = vocab is not None and VOCAB_RE.search(out_name) is not None and all(len(sh) == 2 for sh in shapes)
+            if is_vocab and len({sh[1:] for sh in shapes}) == 1:
+                pass  # rows are permuted to the output vocabulary below
+            elif len(set(shapes)) > 1:
                 desc = ", ".join(f"{s.model}: {list(sh)}" for s, sh in zip(sl.sources, shapes))
                 hint = " (different vocabularies: set tokenizer_source)" if VOCAB_RE.search(out_name) else ""
                 raise src.error(sl.path, f"tensor shape mismatch for {out_name!r}: {desc}{hint}")
@@ -312,8 +317,17 @@ class Planner:
             if fallback_passthrough:
                 m = "linear"
                 params = {"weight": [float(params.get("scale", [1.0])[0] or 1.0)], "normalize": False}
-            base = infos[base_idx].source(in_names[base_idx]) if base_idx is not None else None
-            srcs = [infos[i].source(in_names[i]) for i in inputs]
+            all_srcs = [info.source(n) for info, n in zip(infos, in_names)]
+            if is_vocab:
+                keys = [info.ref.key for info in infos]
+                n_rows = [sh[0] for sh in shapes]
+                for i in range(len(all_srcs)):
+                    rows = vocab.rows_for(keys, n_rows, i)
+                    if rows is not None:
+                        all_srcs[i] = {"kind": "rows", "sources": [info.source(n) for info, n in zip(infos, in_names)],
+                                       "shape": [vocab.size, *shapes[i][1:]], "rows": rows}
+            base = all_srcs[base_idx] if base_idx is not None else None
+            srcs = [all_srcs[i] for i in inputs]
             if out_name in seen_names:
                 raise src.error(sl.path, f"output tensor {out_name!r} is produced twice")
             seen_names[out_name] = sl.path
@@ -351,4 +365,4 @@ class Planner:
         donor_ref = cfg.base_model or cfg.referenced_models()[0]
         donor = self.model(donor_ref, ("base_model",) if cfg.base_model else ("models",))
         return Plan(list(self.paths), tensors, donor, self.models, out_layer, layer_origin,
-                    "linear" if fallback_passthrough else method, code)
+                    "linear" if fallback_passthrough else method, code, vocab)

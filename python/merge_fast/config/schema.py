@@ -54,6 +54,18 @@ class SliceDef:
 
 
 @dataclasses.dataclass
+class TokenSpec:
+    """One entry of ``tokenizer.tokens``: where a token's embedding row comes from."""
+
+    kind: str  # "model" (that model's row for this token) | "model_token" | "zero"
+    model: Optional[ModelRef]
+    token: Optional[str]
+    token_id: Optional[int]
+    force: bool
+    path: KeyPath
+
+
+@dataclasses.dataclass
 class MergeConfig:
     src: ConfigSource
     merge_method: str
@@ -65,6 +77,7 @@ class MergeConfig:
     out_dtype: Optional[str]
     tokenizer_source: Optional[Any]  # "base" | "union" | ModelRef | None
     chat_template: Optional[str]
+    tokens: Dict[str, TokenSpec] = dataclasses.field(default_factory=dict)
 
     def referenced_models(self) -> List[ModelRef]:
         """Every model, in config order (base first), without repeats."""
@@ -221,15 +234,18 @@ def parse(src: ConfigSource) -> MergeConfig:
             sb = parse_model_ref(src, p + ("base_model",), s["base_model"]) if s.get("base_model") is not None else None
             slices.append(SliceDef(sources, sb, _params(src, p + ("parameters",), s.get("parameters")), p))
     tok = d.get("tokenizer_source")
+    tokens: Dict[str, TokenSpec] = {}
     if d.get("tokenizer") is not None:
         t = d["tokenizer"]
         _check_keys(src, ("tokenizer",), t, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer")
         if tok is not None:
             raise src.error(("tokenizer",), "give tokenizer_source or tokenizer, not both")
-        if t.get("tokens") or t.get("pad_to_multiple_of"):
-            bad = "tokens" if t.get("tokens") else "pad_to_multiple_of"
-            raise src.error(("tokenizer", bad), f"tokenizer.{bad} is not supported (use tokenizer_source)")
+        if t.get("pad_to_multiple_of"):
+            raise src.error(("tokenizer", "pad_to_multiple_of"), "tokenizer.pad_to_multiple_of is not supported")
         tok = t.get("source")
+        if tok is None:
+            raise src.error(("tokenizer",), "tokenizer needs 'source' (base, union or a model)")
+        tokens = _tokens(src, t.get("tokens"))
     if tok is not None:
         if tok in ("base", "union"):
             pass
@@ -253,7 +269,44 @@ def parse(src: ConfigSource) -> MergeConfig:
         out_dtype=_dtype(src, "out_dtype", d.get("out_dtype")),
         tokenizer_source=tok,
         chat_template=ct,
+        tokens=tokens,
     )
+
+
+def _tokens(src: ConfigSource, value: Any) -> Dict[str, TokenSpec]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise src.error(("tokenizer", "tokens"), "tokens must map token strings to {source, force}")
+    out: Dict[str, TokenSpec] = {}
+    for tok, spec in value.items():
+        p = ("tokenizer", "tokens", tok)
+        _check_keys(src, p, spec, {"source", "force"}, "a token entry")
+        force = spec.get("force", False)
+        if not isinstance(force, bool):
+            raise src.error(p + ("force",), "force must be true or false")
+        s = spec.get("source")
+        if isinstance(s, dict) and "kind" in s:
+            kind = s["kind"]
+            if kind == "zero":
+                _check_keys(src, p + ("source",), s, {"kind"}, "a zero token source")
+                out[str(tok)] = TokenSpec("zero", None, None, None, force, p)
+                continue
+            if kind != "model_token":
+                raise src.error(p + ("source", "kind"), f"unknown token source kind {kind!r} (model_token or zero)")
+            _check_keys(src, p + ("source",), s, {"kind", "model", "token", "token_id"}, "a model_token source")
+            if ("token" in s) == ("token_id" in s):
+                raise src.error(p + ("source",), "a model_token source needs exactly one of token or token_id")
+            tid = s.get("token_id")
+            if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
+                raise src.error(p + ("source", "token_id"), "token_id must be a non-negative integer")
+            out[str(tok)] = TokenSpec("model_token", parse_model_ref(src, p + ("source", "model"), s.get("model")),
+                                      s.get("token"), tid, force, p)
+        elif s is None:
+            raise src.error(p, "a token entry needs 'source'")
+        else:
+            out[str(tok)] = TokenSpec("model", parse_model_ref(src, p + ("source",), s), None, None, force, p)
+    return out
 
 
 def model_dir(ref: ModelRef) -> Path:

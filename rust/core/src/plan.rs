@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 
@@ -86,8 +86,8 @@ pub enum Reader<'a> {
     Rows(Box<RowsReader<'a>>),
 }
 
-/// `base + scale · B·A`, computed for any element range; the (small) factors are read once
-/// on first use and kept, B·A itself is never materialized.
+/// `base + scale · B·A`, computed for any element range; the (small) factors are read on
+/// first use and dropped on `release`, B·A itself is never materialized.
 pub struct LoraReader<'a> {
     base: Reader<'a>,
     a: (&'a Checkpoint, &'a TensorInfo),
@@ -97,7 +97,7 @@ pub struct LoraReader<'a> {
     rank: usize,
     cols: usize,
     /// (A as `[r, n]`, B transposed to `[r, m]`): delta[i, j] = Σ_k A'[k, ·] B'[k, ·].
-    factors: OnceLock<Result<(Vec<f32>, Vec<f32>), String>>,
+    factors: Mutex<Option<Arc<(Vec<f32>, Vec<f32>)>>>,
 }
 
 pub struct RowsReader<'a> {
@@ -126,33 +126,42 @@ fn lookup<'a>(input: usize, tensor: &str, ckpts: &'a [Checkpoint], out_name: &st
 }
 
 impl LoraReader<'_> {
-    fn factors(&self) -> Result<&(Vec<f32>, Vec<f32>)> {
-        self.factors
-            .get_or_init(|| {
-                let read = |(c, i): (&Checkpoint, &TensorInfo)| -> Result<Vec<f32>> {
-                    let mut v = vec![0f32; i.numel()];
-                    c.read_f32(i, 0..i.numel(), &mut v)?;
-                    Ok(v)
-                };
-                let (a, b) = (read(self.a).map_err(|e| e.to_string())?, read(self.b).map_err(|e| e.to_string())?);
-                let r = self.rank;
-                // B is [m, r]; store it as [r, m] so both factors are read along rows.
-                let m = b.len() / r;
-                let mut bt = vec![0f32; b.len()];
-                for i in 0..m {
-                    for k in 0..r {
-                        bt[k * m + i] = b[i * r + k];
-                    }
-                }
-                Ok((a, bt))
-            })
-            .as_ref()
-            .map_err(|e| Error::config(format!("reading LoRA factors: {e}")))
+    fn factors(&self) -> Result<Arc<(Vec<f32>, Vec<f32>)>> {
+        let mut slot = self.factors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = slot.as_ref() {
+            return Ok(Arc::clone(f));
+        }
+        let read = |(c, i): (&Checkpoint, &TensorInfo)| -> Result<Vec<f32>> {
+            let mut v = vec![0f32; i.numel()];
+            c.read_f32(i, 0..i.numel(), &mut v)?;
+            Ok(v)
+        };
+        let (a, b) = (read(self.a)?, read(self.b)?);
+        let r = self.rank;
+        // B is [m, r]; store it as [r, m] so both factors are read along rows.
+        let m = b.len() / r;
+        let mut bt = vec![0f32; b.len()];
+        for i in 0..m {
+            for k in 0..r {
+                bt[k * m + i] = b[i * r + k];
+            }
+        }
+        let f = Arc::new((a, bt));
+        *slot = Some(Arc::clone(&f));
+        Ok(f)
+    }
+
+    fn release(&self) {
+        *self.factors.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.base.release();
+        self.a.0.release(self.a.1);
+        self.b.0.release(self.b.1);
     }
 
     fn read(&self, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
         self.base.read(range.clone(), dst)?;
-        let (a, bt) = self.factors()?;
+        let f = self.factors()?;
+        let (a, bt) = (&f.0, &f.1);
         let (r, cols) = (self.rank, self.cols);
         let (na, nb) = (a.len() / r, bt.len() / r);
         let mut pos = range.start;
@@ -240,7 +249,7 @@ impl<'a> Reader<'a> {
                     transpose: *transpose,
                     rank: ra.max(1),
                     cols,
-                    factors: OnceLock::new(),
+                    factors: Mutex::new(None),
                 })))
             }
             Source::Rows { sources, shape, rows } => {
@@ -312,11 +321,7 @@ impl<'a> Reader<'a> {
     pub fn release(&self) {
         match self {
             Reader::Tensor { ckpt, info } => ckpt.release(info),
-            Reader::Lora(l) => {
-                l.base.release();
-                l.a.0.release(l.a.1);
-                l.b.0.release(l.b.1);
-            }
+            Reader::Lora(l) => l.release(),
             Reader::Rows(r) => r.sources.iter().for_each(|s| s.release()),
         }
     }
@@ -376,4 +381,93 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
         jobs.push(Job { name: &t.name, shape, dtype, method, base, inputs });
     }
     Ok(jobs)
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+    use crate::writer::{OutSpec, ShardedWriter};
+
+    fn vals(n: usize, seed: u64) -> Vec<f32> {
+        (0..n).map(|i| crate::rng::normal(seed, i as u64) as f32).collect()
+    }
+
+    fn write(dir: &std::path::Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let specs = tensors.iter().map(|(n, s, _)| OutSpec { name: n.to_string(), dtype: Dtype::F32, shape: s.clone() }).collect();
+        let w = ShardedWriter::create(dir, specs, u64::MAX, &BTreeMap::new()).unwrap();
+        for (i, (_, _, v)) in tensors.iter().enumerate() {
+            let mut b = vec![0u8; v.len() * 4];
+            crate::dtype::encode_f32(Dtype::F32, v, &mut b);
+            w.write(i, 0, &b).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    fn read_ranges(r: &Reader, n: usize) -> Vec<f32> {
+        // odd-sized pieces that start and stop mid-row
+        let mut out = vec![0f32; n];
+        let mut s = 0;
+        let mut step = 7;
+        while s < n {
+            let e = (s + step).min(n);
+            r.read(s..e, &mut out[s..e]).unwrap();
+            s = e;
+            step = step * 3 % 101 + 5;
+        }
+        out
+    }
+
+    #[test]
+    fn lora_and_rows_sources_match_naive_formulas() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (m, n, r) = (13usize, 11usize, 3usize);
+        let (w, a, b, at, bt) = (vals(m * n, 1), vals(r * n, 2), vals(m * r, 3), vals(r * m, 4), vals(n * r, 5));
+        write(&tmp.path().join("base"), &[("w", vec![m, n], w.clone())]);
+        write(&tmp.path().join("ad"), &[("A", vec![r, n], a.clone()), ("B", vec![m, r], b.clone()),
+                                        ("At", vec![r, m], at.clone()), ("Bt", vec![n, r], bt.clone())]);
+        let ckpts = vec![Checkpoint::open(tmp.path().join("base")).unwrap(), Checkpoint::open(tmp.path().join("ad")).unwrap()];
+        let base = || Box::new(Source::Tensor { input: 0, tensor: "w".into() });
+        let tr = |t: &str| TensorRef { input: 1, tensor: t.into() };
+        let lora = Source::Lora { base: base(), a: tr("A"), b: tr("B"), scale: 0.5, transpose: false };
+        let got = read_ranges(&Reader::bind(&lora, &ckpts, "w").unwrap(), m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let d: f32 = (0..r).map(|k| b[i * r + k] * a[k * n + j]).sum();
+                assert!((got[i * n + j] - (w[i * n + j] + 0.5 * d)).abs() < 1e-5);
+            }
+        }
+        // transposed (embedding / fan_in_fan_out): A [r, m], B [n, r], delta = (B·A)ᵀ
+        let lt = Source::Lora { base: base(), a: tr("At"), b: tr("Bt"), scale: 2.0, transpose: true };
+        let got = read_ranges(&Reader::bind(&lt, &ckpts, "w").unwrap(), m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let d: f32 = (0..r).map(|k| bt[j * r + k] * at[k * m + i]).sum();
+                assert!((got[i * n + j] - (w[i * n + j] + 2.0 * d)).abs() < 1e-5);
+            }
+        }
+        // factors that do not fit, and a rank mismatch, are refused at bind
+        let bad = Source::Lora { base: base(), a: tr("At"), b: tr("B"), scale: 1.0, transpose: false };
+        assert!(matches!(Reader::bind(&bad, &ckpts, "w"), Err(Error::TensorMismatch { .. })));
+        let bad = Source::Lora { base: base(), a: tr("A"), b: tr("Bt"), scale: 1.0, transpose: false };
+        assert!(Reader::bind(&bad, &ckpts, "w").is_err());
+        // rows: reversed rows of w, row 2 the mean of w[0] and w[1], row 3 zeros
+        let mut rows: Vec<Vec<(usize, usize)>> = (0..m).map(|i| vec![(0, m - 1 - i)]).collect();
+        rows[2] = vec![(0, 0), (0, 1)];
+        rows[3] = vec![];
+        let rs = Source::Rows { sources: vec![*base()], shape: vec![m, n], rows };
+        let got = read_ranges(&Reader::bind(&rs, &ckpts, "w").unwrap(), m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let want = match i {
+                    2 => (w[j] + w[n + j]) / 2.0,
+                    3 => 0.0,
+                    _ => w[(m - 1 - i) * n + j],
+                };
+                assert!((got[i * n + j] - want).abs() < 1e-6);
+            }
+        }
+        let oob = Source::Rows { sources: vec![*base()], shape: vec![m, n], rows: vec![vec![(0, m)]; m] };
+        assert!(Reader::bind(&oob, &ckpts, "w").is_err());
+    }
 }
