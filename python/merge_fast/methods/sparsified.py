@@ -8,7 +8,8 @@ operations) unless a documented option asks for the paper's form. With ``Δ_i = 
 2. ``rescale`` (mergekit: L1) multiplies the survivors by ``‖Δ_i‖₁ / ‖sparsified Δ_i‖₁`` so the
    delta keeps its L1 norm (skipped when either norm is < 1e-7);
    ``rescale_mode="density"`` multiplies by ``1/density`` (the DARE paper) instead, and
-   ``"l2"``/``"linf"`` match those norms;
+   ``"l2"``/``"linf"`` match those norms. Giving ``rescale_mode`` turns rescaling on (with an
+   explicit ``rescale=False`` it is an error); ``rescale=None`` means the method's default;
 3. ``Δ_i ← w_i Δ_i`` (``weights`` default to 1 for every model; mergekit requires them);
 4. the ``*ties`` methods and ``della`` elect, per element, the sign of ``Σ w_i Δ_i`` (a zero sum
    counts as positive) and keep only the entries with that sign (zeros never count);
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
+
 from ._dispatch import Model, as_list, merge
 
 __all__ = [
@@ -48,8 +51,11 @@ PerModel = Union[float, Sequence[float], None]
 
 
 def _per_model(x: PerModel):
-    if x is None or isinstance(x, (int, float)):
-        return None if x is None else float(x)
+    """A number for every model (any numeric scalar) or one value per model."""
+    if x is None:
+        return None
+    if np.ndim(x) == 0:
+        return float(x)
     return as_list(x)
 
 

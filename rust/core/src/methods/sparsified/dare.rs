@@ -42,9 +42,7 @@ impl Sparsifier for Random {
         let key = stream_key(ctx.seed, ctx.tensor, i as u64);
         let d = self.density[i];
         for (j, x) in delta.iter_mut().enumerate() {
-            if uniform(key, (ctx.offset + j) as u64) >= d {
-                *x = 0.0;
-            }
+            *x = if uniform(key, (ctx.offset + j) as u64) < d { *x } else { 0.0 };
         }
     }
 

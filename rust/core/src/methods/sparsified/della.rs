@@ -64,23 +64,28 @@ pub fn keep_prob(r: usize, m: usize, density: f64, eps: f64) -> f64 {
     (density - eps) + (r as f64 / (m - 1) as f64) * 2.0 * eps
 }
 
-/// Keep decisions for the rows in `[start, end)` (whole rows of `m`).
-fn rows_kept(io: &dyn TensorIo, i: usize, start: usize, end: usize, m: usize, key: u64, d: f64, e: f64) -> Result<Vec<bool>> {
-    let len = end - start;
-    let (mut b, mut x) = (vec![0f32; len], vec![0f32; len]);
-    io.read(0, start..end, &mut b)?;
-    io.read(i + 1, start..end, &mut x)?;
-    let keys: Vec<u32> = x.iter().zip(&b).map(|(&x, &b)| mag_key(x - b)).collect();
-    let mut kept = vec![false; len];
-    let mut order: Vec<u32> = Vec::with_capacity(m);
-    for r0 in (0..len).step_by(m) {
-        let row = &keys[r0..r0 + m];
-        order.clear();
-        order.extend(0..m as u32);
-        order.sort_unstable_by_key(|&j| (row[j as usize], j));
-        for (rank, &j) in order.iter().enumerate() {
-            let g = start + r0 + j as usize;
-            kept[r0 + j as usize] = uniform(key, g as u64) < keep_prob(rank, m, d, e);
+/// Keep decisions for the rows in `[start, end)` (whole rows of `m`). Each row is ranked by
+/// sorting `(|Δ| key << 32 | index)` words (unique, so the order is fully determined), read in
+/// engine-chunk pieces: a row costs 8 bytes per entry while it is ranked, nothing more.
+fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u64, (d, e): (f64, f64)) -> Result<Vec<bool>> {
+    let (start, end) = rows;
+    let mut kept = vec![false; end - start];
+    let (mut b, mut x) = (Vec::new(), Vec::new());
+    let mut words: Vec<u64> = Vec::with_capacity(m);
+    for row in (start..end).step_by(m) {
+        words.clear();
+        for s in (row..row + m).step_by(CHUNK) {
+            let t = (s + CHUNK).min(row + m);
+            b.resize(t - s, 0f32);
+            x.resize(t - s, 0f32);
+            io.read(0, s..t, &mut b)?;
+            io.read(i + 1, s..t, &mut x)?;
+            words.extend(x.iter().zip(&b).enumerate().map(|(j, (&x, &b))| (u64::from(mag_key(x - b)) << 32) | (s - row + j) as u64));
+        }
+        words.sort_unstable();
+        for (rank, &w) in words.iter().enumerate() {
+            let j = (w & 0xFFFF_FFFF) as usize;
+            kept[row - start + j] = uniform(key, (row + j) as u64) < keep_prob(rank, m, d, e);
         }
     }
     Ok(kept)
@@ -97,6 +102,9 @@ impl Sparsifier for MagPrune {
         }
         let numel = io.numel();
         let m = Self::row_len(ctx.shape, numel);
+        if m > u32::MAX as usize {
+            return Err(Error::config(format!("{}: rows of {m} entries are too long to rank", ctx.tensor)));
+        }
         let rows_per_block = (CHUNK / m).max(1);
         let blocks: Vec<(usize, usize)> =
             (0..numel).step_by(rows_per_block * m).map(|s| (s, (s + rows_per_block * m).min(numel))).collect();
@@ -104,7 +112,7 @@ impl Sparsifier for MagPrune {
         let mut words = vec![0u32; numel.div_ceil(32)];
         // Waves of blocks in parallel keep the temporary decisions bounded.
         for wave in blocks.chunks(64) {
-            let parts: Vec<Vec<bool>> = wave.par_iter().map(|&(s, t)| rows_kept(io, i, s, t, m, key, d, e)).collect::<Result<_>>()?;
+            let parts: Vec<Vec<bool>> = wave.par_iter().map(|&st| rows_kept(io, i, st, m, key, (d, e))).collect::<Result<_>>()?;
             for (&(s, _), kept) in wave.iter().zip(parts) {
                 for (j, k) in kept.into_iter().enumerate() {
                     if k {

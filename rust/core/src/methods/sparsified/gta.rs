@@ -20,8 +20,7 @@
 //!
 //! Memory: `prepare` handles one model at a time with at most one whole-tensor `u32` scratch
 //! buffer (dropped before the next model); `apply` is elementwise on engine chunks.
-use super::sparsify::{chunk_of, delta_into, elect, n_chunks, par_chunks, sign, Rescale, RESCALE_EPS};
-use crate::engine::CHUNK;
+use super::sparsify::{chunk_of, delta_into, par_chunks, sign, Rescale, RESCALE_EPS};
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
 use crate::params::Params;
@@ -176,7 +175,6 @@ impl Method for Gta {
             head.extend([mode as u8 as f64, scale, (HEAD * n + body.len()) as f64, state.len() as f64]);
             body.extend(state);
         }
-        debug_assert!(n_chunks(io.numel()) * CHUNK >= io.numel());
         head.extend(body);
         Ok(head)
     }
@@ -204,20 +202,28 @@ impl Method for Gta {
         }
         match self.consensus {
             Some(c) => {
-                for j in 0..len {
-                    let maj = elect((0..n).map(|i| d[i * len + j]), c == Consensus::Count);
-                    let (mut mixed, mut div) = (0f32, 0f32);
-                    for i in 0..n {
-                        let v = d[i * len + j];
-                        if sign(v) == maj {
-                            mixed += v;
-                            div += if self.count_mean { 1.0 } else { self.weights[i] };
-                        }
+                // Branch-free per model (vectorizes): s = Σ_i d_i (or Σ sign), then the agreeing sums.
+                let mut maj = vec![0f32; len];
+                for di in d.chunks(len.max(1)).take(n) {
+                    if c == Consensus::Count {
+                        maj.iter_mut().zip(di).for_each(|(s, &v)| *s += sign(v));
+                    } else {
+                        maj.iter_mut().zip(di).for_each(|(s, &v)| *s += v);
                     }
-                    if self.normalize {
-                        mixed /= if div == 0.0 { 1.0 } else { div };
+                }
+                maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
+                let mut div = vec![0f32; len];
+                out.iter_mut().for_each(|o| *o = 0.0);
+                for (i, di) in d.chunks(len.max(1)).enumerate().take(n) {
+                    let wi = if self.count_mean { 1.0 } else { self.weights[i] };
+                    for j in 0..len {
+                        let agree = di[j] * maj[j] > 0.0; // sign(d) == elected sign; zeros never agree
+                        out[j] += if agree { di[j] } else { 0.0 };
+                        div[j] += if agree { wi } else { 0.0 };
                     }
-                    out[j] = mixed;
+                }
+                if self.normalize {
+                    out.iter_mut().zip(&div).for_each(|(o, &v)| *o /= if v == 0.0 { 1.0 } else { v });
                 }
             }
             None => {

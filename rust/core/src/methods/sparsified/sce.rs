@@ -14,7 +14,7 @@
 //! changes nothing. Memory: one `u32` per element while finding the variance threshold;
 //! `apply` is elementwise.
 use super::gta::Mode;
-use super::sparsify::{chunk_of, delta_into, elect, par_chunks, sign, Window};
+use super::sparsify::{chunk_of, delta_into, par_chunks, Window};
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
 use crate::params::Params;
@@ -139,16 +139,22 @@ impl Method for Sce {
         slices.extend_from_slice(inputs);
         let mut tv = task_vectors(&slices);
         self.select(stats[0] as u8, &stats[HEAD + n..], chunk, &mut tv);
-        for (j, o) in out.iter_mut().enumerate() {
-            let maj = elect(tv.iter().map(|t| t[j]), false);
-            let (mut num, mut den) = (0f32, 0f32);
-            for (t, &w) in tv.iter().zip(&weights) {
-                if sign(t[j]) == maj {
-                    num += t[j] * w;
-                    den += w;
-                }
+        let len = out.len();
+        let mut maj = vec![0f32; len];
+        for t in &tv {
+            maj.iter_mut().zip(t).for_each(|(s, &v)| *s += v);
+        }
+        maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
+        let (mut num, mut den) = (vec![0f32; len], vec![0f32; len]);
+        for (t, &w) in tv.iter().zip(&weights) {
+            for j in 0..len {
+                let agree = t[j] * maj[j] > 0.0; // sign(τ) == elected sign; zeros never agree
+                num[j] += if agree { t[j] * w } else { 0.0 };
+                den[j] += if agree { w } else { 0.0 };
             }
-            *o = base[j] + num / den.max(1e-6);
+        }
+        for j in 0..len {
+            out[j] = base[j] + num[j] / den[j].max(1e-6);
         }
         Ok(())
     }

@@ -9,7 +9,7 @@
 //!   whatever the ties and whatever the thread count.
 //! * Sort keys: the bit pattern of `|x|` orders like `|x|` (ascending); its complement orders
 //!   descending.
-//! * Norm accumulators for mergekit's "rescale to the norm before masking" step.
+//! * Norm accumulators for mergekit's "rescale to the norm before masking" step; torch.sign.
 //! * Chunk streaming over a `TensorIo` in fixed engine chunks, folded in chunk order.
 //! * Packing of per-model state into the engine's `Vec<f64>` statistics (integers < 2^53 are
 //!   exact in f64).
@@ -37,7 +37,7 @@ pub fn n_chunks(numel: usize) -> usize {
 
 /// The engine chunk an `apply` call starts at (apply must start on a chunk boundary).
 pub fn chunk_of(ctx: &Ctx) -> Result<usize> {
-    if ctx.offset % CHUNK != 0 {
+    if !ctx.offset.is_multiple_of(CHUNK) {
         return Err(Error::numerical(ctx.tensor, format!("sparsified kernels need chunk-aligned pieces, got offset {}", ctx.offset)));
     }
     Ok(ctx.offset / CHUNK)
@@ -153,17 +153,14 @@ impl Window {
         let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize);
         let (mut ca, mut cb) = (g(7 + chunk), g(7 + nc + chunk));
         for (j, &k) in keys.iter().enumerate() {
-            let kept = if k == a {
-                let r = less_a + ca;
-                ca += 1;
+            // Keys on a boundary are rare: rank them by index; the rest is a range test.
+            let kept = if k == a || k == b {
+                let r = if k == a { less_a + ca } else { less_b + cb };
+                ca += u64::from(k == a);
                 cb += u64::from(k == b);
                 r >= lo && r < hi
-            } else if k == b {
-                let r = less_b + cb;
-                cb += 1;
-                r >= lo && r < hi
             } else {
-                k > a && k < b
+                (k > a) & (k < b)
             };
             keep(j, kept);
         }
@@ -173,11 +170,7 @@ impl Window {
 /// Zeroes the dropped entries of `delta` (one chunk) by the window packed in `packed`.
 pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], key: fn(f32) -> u32) {
     let keys: Vec<u32> = delta.iter().map(|&d| key(d)).collect();
-    Window::decide(packed, chunk, &keys, |j, kept| {
-        if !kept {
-            delta[j] = 0.0;
-        }
-    });
+    Window::decide(packed, chunk, &keys, |j, kept| delta[j] = if kept { delta[j] } else { 0.0 });
 }
 
 /// Which norm mergekit's rescale matches (its `RescaleNorm`), or the paper's `1/density`.
@@ -232,18 +225,6 @@ impl Rescale {
 
 /// mergekit's guard: no rescale when either norm is below this.
 pub const RESCALE_EPS: f64 = 1e-7;
-
-/// mergekit's sign election: +1 when the sum (or the sign count) is ≥ 0, else −1. Returns
-/// the elected sign as ±1.0.
-#[inline]
-pub fn elect(vals: impl Iterator<Item = f32>, by_count: bool) -> f32 {
-    let s: f32 = if by_count { vals.map(sign).sum() } else { vals.sum() };
-    if s >= 0.0 {
-        1.0
-    } else {
-        -1.0
-    }
-}
 
 /// torch.sign: −1, 0 or +1 (0 for ±0).
 #[inline]
@@ -345,11 +326,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn election() {
-        assert_eq!(elect([1.0, -0.5].into_iter(), false), 1.0);
-        assert_eq!(elect([1.0, -1.5].into_iter(), false), -1.0);
-        assert_eq!(elect([0.0, 0.0].into_iter(), false), 1.0); // ties go positive
-        assert_eq!(elect([3.0, -0.1, -0.1].into_iter(), true), -1.0);
-        assert_eq!(sign(-0.0), 0.0);
+    fn torch_sign() {
+        assert_eq!([sign(-0.0), sign(0.0), sign(-3.0), sign(1e-30)], [0.0, 0.0, -1.0, 1.0]);
     }
 }
