@@ -526,3 +526,28 @@ def test_tokenizer_tokens_sources(models, tensors, other_vocab, tmp_path):
     with pytest.raises(mf.ConfigError, match=r"tokenizer\.tokens\.u3"):
         mf.run(bad, out=tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_merge_fast_options_reach_the_kernel_from_configs(tmp_path, models):
+    """merge_fast's own sparsification options (here the paper's 1/density DARE rescale)
+    work from a config exactly as from the Python API."""
+    base, a, b = (str(models[k]) for k in ("base", "a", "b"))
+    cfg = textwrap.dedent(f"""
+        merge_method: dare_ties
+        base_model: {base}
+        models:
+          - model: {a}
+            parameters: {{weight: 0.5, density: 0.5}}
+          - model: {b}
+            parameters: {{weight: 0.5, density: 0.5}}
+        parameters:
+          rescale_mode: density
+        dtype: float32
+        """)
+    mf.run(cfg, tmp_path / "cfg", write_model_card=False)
+    mf.dare_ties(base, [a, b], weights=[0.5, 0.5], density=[0.5, 0.5], rescale_mode="density", out=str(tmp_path / "api"))
+    x, y = read_folder_f32(tmp_path / "cfg"), read_folder_f32(tmp_path / "api")
+    assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    with pytest.raises(mf.ConfigError, match="rescale_mode"):
+        mf.run(cfg.replace("rescale_mode: density", "rescale_mode: 3"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

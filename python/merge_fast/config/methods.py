@@ -18,7 +18,7 @@ REQUIRED = object()
 # (used when given), "ignored" (the base, if listed, is just another input).
 @dataclasses.dataclass(frozen=True)
 class Param:
-    kind: str  # "float" | "bool" | "int"
+    kind: str  # "float" | "bool" | "int" | "str"
     default: object = REQUIRED
     per_model: bool = False
     # per-model parameters of methods with a base: not resolved for the base ("non_base")
@@ -52,6 +52,10 @@ def _gta(normalize: bool, rescale: bool, **extra: Param) -> Dict[str, Param]:
         "lambda": Param("float", 1.0),
         "weight": Param("float", REQUIRED, per_model=True),
         "density": Param("float", 1.0, per_model=True),
+        # merge_fast's options beyond mergekit (see merge_fast.methods.sparsified)
+        "rescale_mode": Param("str", None),
+        "disjoint_mean": Param("str", None),
+        "consensus": Param("str", None),
     }
     p.update(extra)
     return p

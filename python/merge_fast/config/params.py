@@ -90,6 +90,10 @@ def convert(kind: Optional[str], value: Any) -> Any:
             except ValueError:
                 return value
         return value
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {value!r}")
     if kind == "bool":
         if isinstance(value, bool):
             return value
