@@ -6,42 +6,17 @@ Builds tiny random-init transformers models locally (no hub), one per family.
 
 from __future__ import annotations
 
-import atexit
-import importlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PYDIR = os.path.join(os.path.dirname(HERE), "python")
 sys.path.insert(0, HERE)
 
-
-def _import_arch():
-    """Import merge_fast.arch; if merge_fast/__init__ cannot import (compiled core not
-    built), import it through a temporary stub package that only contains ``arch``."""
-    if PYDIR not in sys.path:
-        sys.path.insert(0, PYDIR)
-    try:
-        return importlib.import_module("merge_fast.arch")
-    except ImportError:
-        for m in [m for m in sys.modules if m == "merge_fast" or m.startswith("merge_fast.")]:
-            del sys.modules[m]
-        stub = tempfile.mkdtemp(prefix="merge_fast_arch_stub_")
-        atexit.register(shutil.rmtree, stub, True)
-        os.makedirs(os.path.join(stub, "merge_fast"))
-        open(os.path.join(stub, "merge_fast", "__init__.py"), "w").close()
-        os.symlink(os.path.join(PYDIR, "merge_fast", "arch"), os.path.join(stub, "merge_fast", "arch"))
-        sys.path.insert(0, stub)
-        return importlib.import_module("merge_fast.arch")
-
-
-arch = _import_arch()
+import merge_fast.arch as arch  # noqa: E402
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -54,7 +29,7 @@ from merge_fast.arch import (  # noqa: E402
     plan_canonical, plan_decanonical,
 )
 
-QED_YAML = os.path.join(PYDIR, "merge_fast", "arch", "examples", "qed.yaml")
+QED_YAML = os.path.join(os.path.dirname(arch.__file__), "examples", "qed.yaml")
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-import types
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,33 +16,7 @@ pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _import_mft():
-    """Import merge_fast.torch without needing the compiled core: if `import merge_fast` fails
-    (e.g. the Rust extension is not built), register an in-memory stub parent package pointing
-    at python/merge_fast just long enough to import the torch subpackage."""
-    try:
-        return importlib.import_module("merge_fast.torch")
-    except ImportError:
-        pass
-    py = str(REPO / "python")
-    if py not in sys.path:
-        sys.path.insert(0, py)
-    try:
-        return importlib.import_module("merge_fast.torch")
-    except ImportError:
-        pass
-    stub = types.ModuleType("merge_fast")
-    stub.__path__ = [str(REPO / "python" / "merge_fast")]
-    sys.modules["merge_fast"] = stub
-    try:
-        return importlib.import_module("merge_fast.torch")
-    finally:
-        # leave no stub behind for other test modules (they should see the real failure)
-        if sys.modules.get("merge_fast") is stub:
-            del sys.modules["merge_fast"]
-
-
-mft = _import_mft()
+import merge_fast.torch as mft  # noqa: E402
 torch.set_num_threads(2)
 
 
@@ -304,7 +276,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 def test_import_merge_fast_torch_is_separate():
     """The torch subpackage must not import the compiled core."""
-    src = (REPO / "python" / "merge_fast" / "torch")
+    src = Path(mft.__file__).parent
     for f in src.glob("*.py"):
         assert "_core" not in f.read_text(), f
 
@@ -347,14 +319,7 @@ def test_quality_bench_setup_smoke(tmp_path):
 def test_import_merge_fast_does_not_import_torch():
     import subprocess
 
-    code = ("import sys\n"
-            "try:\n    import merge_fast\nexcept ImportError as e:\n    print('SKIP', e); sys.exit(0)\n"
-            "print('TORCH' if 'torch' in sys.modules else 'OK')\n")
-    env = dict(__import__("os").environ)
-    env["PYTHONPATH"] = str(REPO / "python") + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=120)
+    code = "import sys, merge_fast\nprint('TORCH' if 'torch' in sys.modules else 'OK')\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     out = r.stdout.strip()
-    if out.startswith("SKIP"):
-        pytest.skip(f"merge_fast not importable here: {out}")
     assert out == "OK", (out, r.stderr[-2000:])

@@ -3,9 +3,6 @@ two-sided), remove(), LoRA A/B (PEFT, incl. fan_in_fan_out), reprojection under 
 and the <name>.U / <name>.V mask file format."""
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -16,30 +13,7 @@ pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _import_mft():
-    """Import merge_fast.torch without the compiled core (see test_torch_fisher.py)."""
-    try:
-        return importlib.import_module("merge_fast.torch")
-    except ImportError:
-        pass
-    py = str(REPO / "python")
-    if py not in sys.path:
-        sys.path.insert(0, py)
-    try:
-        return importlib.import_module("merge_fast.torch")
-    except ImportError:
-        pass
-    stub = types.ModuleType("merge_fast")
-    stub.__path__ = [str(REPO / "python" / "merge_fast")]
-    sys.modules["merge_fast"] = stub
-    try:
-        return importlib.import_module("merge_fast.torch")
-    finally:
-        if sys.modules.get("merge_fast") is stub:
-            del sys.modules["merge_fast"]
-
-
-mft = _import_mft()
+import merge_fast.torch as mft  # noqa: E402
 torch.set_num_threads(2)
 
 
