@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 from .errors import CanonicalKeyError, FusedTensorError, MappingFileError, UnknownTensorError
 from .fused import SplitPart, SplitSpec

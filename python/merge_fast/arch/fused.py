@@ -28,7 +28,7 @@ Layouts of a :class:`SplitSpec` (sizes along the split axis, canonical orientati
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np

@@ -28,7 +28,7 @@ from . import output as _output
 from ._source import load as _load
 from .methods import MERGEKIT_METHODS
 from .planner import Plan, Planner
-from .schema import MergeConfig, ModelRef, parse as _parse
+from .schema import MergeConfig, parse as _parse
 
 ConfigLike = Union[str, Path, Dict[str, Any]]
 

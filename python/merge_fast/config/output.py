@@ -6,7 +6,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 import yaml
 
@@ -170,7 +170,7 @@ def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str) 
         lines += ["", "### Parameters", ""]
         lines += [f"- `{k}`: `{json.dumps(v)}`" for k, v in params.items()]
     if cfg.slices:
-        lines += ["", f"### Layers", "", f"{len(cfg.slices)} slice(s):", ""]
+        lines += ["", "### Layers", "", f"{len(cfg.slices)} slice(s):", ""]
         for sl in cfg.slices:
             lines.append("- " + ", ".join(f"`{s.model}` layers {s.layer_range[0]}-{s.layer_range[1] - 1}" for s in sl.sources))
     lines += ["", "### Configuration", "", "The following YAML configuration was used to produce this model:", "",

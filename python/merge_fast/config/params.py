@@ -52,7 +52,7 @@ def check_setting(src: ConfigSource, path: KeyPath, setting: Any) -> None:
 def _check_cond(src: ConfigSource, path: KeyPath, d: dict) -> None:
     extra = set(d) - {"filter", "value", "regex"}
     if extra:
-        raise src.error(path + (sorted(extra)[0],), f"unknown key in a conditional value (allowed: filter, regex, value)")
+        raise src.error(path + (sorted(extra)[0],), "unknown key in a conditional value (allowed: filter, regex, value)")
     if "value" not in d:
         raise src.error(path, "a conditional value needs 'value'")
     if "filter" in d and "regex" in d:
