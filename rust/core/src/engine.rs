@@ -69,7 +69,7 @@ impl TensorIo for Slices<'_> {
     }
 }
 
-fn split<'b>(bufs: &'b [Vec<f32>], len: usize, has_base: bool) -> (Option<&'b [f32]>, Vec<&'b [f32]>) {
+fn split(bufs: &[Vec<f32>], len: usize, has_base: bool) -> (Option<&[f32]>, Vec<&[f32]>) {
     let mut it = bufs.iter().map(|b| &b[..len]);
     let base = if has_base { it.next() } else { None };
     (base, it.collect())

@@ -88,6 +88,9 @@ pub enum Reader<'a> {
 
 /// `base + scale · B·A`, computed for any element range; the (small) factors are read on
 /// first use and dropped on `release`, B·A itself is never materialized.
+/// (A as `[r, n]`, B transposed to `[r, m]`): delta[i, j] = Σ_k A'[k, ·] B'[k, ·].
+type LoraFactors = Arc<(Vec<f32>, Vec<f32>)>;
+
 pub struct LoraReader<'a> {
     base: Reader<'a>,
     a: (&'a Checkpoint, &'a TensorInfo),
@@ -96,8 +99,7 @@ pub struct LoraReader<'a> {
     transpose: bool,
     rank: usize,
     cols: usize,
-    /// (A as `[r, n]`, B transposed to `[r, m]`): delta[i, j] = Σ_k A'[k, ·] B'[k, ·].
-    factors: Mutex<Option<Arc<(Vec<f32>, Vec<f32>)>>>,
+    factors: Mutex<Option<LoraFactors>>,
 }
 
 pub struct RowsReader<'a> {

@@ -283,7 +283,7 @@ fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)>
             name,
         });
     }
-    infos.sort_by(|a, b| (a.span.start, a.span.end).cmp(&(b.span.start, b.span.end)));
+    infos.sort_by_key(|a| (a.span.start, a.span.end));
     for w in infos.windows(2) {
         if w[1].span.start < w[0].span.end {
             return Err(Error::invalid(file, Some(&w[1].name), format!("data overlaps tensor '{}'", w[0].name)));

@@ -125,7 +125,7 @@ impl ShardedWriter {
             }
             let mut hbytes = serde_json::to_vec(&header).unwrap();
             // Pad with spaces so the data section starts 8-aligned.
-            while hbytes.len() % 8 != 0 {
+            while !hbytes.len().is_multiple_of(8) {
                 hbytes.push(b' ');
             }
             let data_start = 8 + hbytes.len() as u64;

@@ -18,7 +18,7 @@ pub struct FisherWeighted {
 impl FisherWeighted {
     pub fn build(p: &Params, n_inputs: usize, has_base: bool) -> Result<Self> {
         check_arity("fisher_weighted", has_base, BaseRule::Forbidden, n_inputs, 2, None)?;
-        if n_inputs % 2 != 0 {
+        if !n_inputs.is_multiple_of(2) {
             return Err(Error::config(format!("fisher_weighted: needs one Fisher per model, got {n_inputs} inputs")));
         }
         let n = n_inputs / 2;
