@@ -23,6 +23,8 @@ from .methods import *  # noqa: F401,F403
 from .subspace import subspace_masks
 from . import config, lora
 from .config import run
+from .linalg import procrustes, svd
+from .crossarch import align, procrustes_absorb
 
 __all__ = [
     "__version__",
@@ -33,6 +35,10 @@ __all__ = [
     "lora",
     *_methods.__all__,
     "subspace_masks",
+    "svd",
+    "procrustes",
+    "align",
+    "procrustes_absorb",
     "MergeError",
     "InvalidCheckpoint",
     "TensorMismatch",

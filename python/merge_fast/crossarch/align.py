@@ -1,0 +1,387 @@
+"""Residual-stream alignment of a donor onto an anchor (orthogonal Procrustes).
+
+Notation (torch ``Linear`` convention, ``y = W x``, weights ``[out, in]``; embeddings
+``[vocab, hidden]``): the donor's residual stream ``h_d`` (width ``d_d``) is mapped onto the
+anchor's (width ``d_a``) by ``R`` (``d_d x d_a``), ``h_a = Rᵀ h_d``, ``h_d = R h_a``.
+
+**Estimating R.** ``R = argmin ||E_a[S_a] - E_d[S_d] R||_F`` over (semi-)orthogonal ``R``
+(:func:`merge_fast.procrustes`), where ``S_a``/``S_d`` are the embedding rows of the tokens
+the two tokenizers share (intersection of the ``tokenizer.json`` vocabularies, matched by
+token string; ``vocab.json`` as a fallback), or all rows when the vocabularies are identical
+(or neither folder has a tokenizer and the row counts agree). Without any shared token the
+top right-singular subspaces of the two embeddings are matched instead
+(:func:`.projection.subspace_map`, a heuristic).
+
+**Carrying every residual-stream tensor through R** (donor layer ``j`` feeds anchor layer
+``i``, see :func:`depth_map`):
+
+* writes to the stream: ``embed`` rows ``E R``, ``pos_embed`` rows ``P R``; ``attn.o`` and
+  ``mlp.down`` weights ``Rᵀ W``, their biases ``Rᵀ b``;
+* reads from the stream through a norm (``attn.q/k/v``, ``mlp.gate/up``, ``lm_head``):
+  an elementwise norm gain does not commute with a rotation, so - as SliceGPT does - the
+  donor's gain ``g_d`` (``offset + weight``, Gemma offset 1) is first folded into the reading
+  linear (``W diag(g_d)``; a LayerNorm bias ``β_d`` goes into the linear's bias,
+  ``b + W β_d``), the result is rotated (``W diag(g_d) R``) and then re-expressed with the
+  **anchor's** gain: ``W' = W diag(g_d) R diag(1/g_a)`` and the anchor's norm tensors are
+  written. For RMSNorm families of equal width this is exact (the aligned donor computes
+  the same function as the donor); LayerNorm's mean-centring is not carried (approximate).
+  When the donor is narrower, the RMS normalisation's ``1/sqrt(d)`` changes, so reading
+  weights are also scaled by ``sqrt(d_d / d_a)``.
+* norms feeding the MLP: ``mlp_norm`` when the donor has one, else ``attn_norm`` (parallel
+  blocks such as Phi); the final norm feeds ``lm_head`` (tied donors: the embedding).
+* per-head ``q_norm``/``k_norm``, biases of reading linears: not in the stream, unchanged.
+* inner widths that differ (heads x head_dim, intermediate): :func:`.projection.match_axis`.
+* vocabulary rows (``embed``, ``lm_head``): anchor row ``t`` takes the donor row of the same
+  token; anchor tokens the donor lacks keep the anchor's row.
+
+Sandwich norms (Gemma-2/3 ``attn_post_norm``/``mlp_post_norm``) and post-norm models
+(BERT, OPT with ``do_layer_norm_before=False``) have a norm between a writing linear and
+the stream, which no rotation can pass through: they raise :class:`ConfigError` naming
+the tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .._errors import ConfigError, TensorMismatch
+from ..arch import PASSTHROUGH_PREFIX
+from ..arch.roles import CanonicalKey
+from ..linalg import procrustes
+from ._model import FamilyArg, ModelView
+from ._writer import write_canonical_model
+from .projection import match_axis, subspace_map
+
+__all__ = ["AlignResult", "Alignment", "align", "depth_map", "estimate_rotation"]
+
+PathLike = Union[str, Path]
+
+READ_ROLES = {"attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up"}
+WRITE_ROLES = {"attn.o", "mlp.down"}
+NORM_ROLES = {"attn_norm", "mlp_norm", "final_norm"}
+UNSUPPORTED_ROLES = {
+    "attn_post_norm": "sandwich (post-sub-layer) norms sit between a writing linear and the residual stream",
+    "mlp_post_norm": "sandwich (post-sub-layer) norms sit between a writing linear and the residual stream",
+    "embed_norm": "a norm on the embeddings sits between the embedding and the residual stream",
+    "embed_proj_in": "the embedding is projected into the stream (OPT project_in)",
+    "embed_proj_out": "the stream is projected before the head (OPT project_out)",
+}
+
+
+def depth_map(anchor_layers: int, donor_layers: int) -> List[int]:
+    """Donor layer feeding each anchor layer, by relative depth:
+    ``j(i) = round(i * (Ld - 1) / (La - 1))`` (``j = 0`` when ``La == 1``). Rounding is half
+    away from zero, so the first and last layers always meet."""
+    if donor_layers <= 0:
+        return [0] * anchor_layers
+    if anchor_layers <= 1:
+        return [0] * anchor_layers
+    return [int(np.floor(i * (donor_layers - 1) / (anchor_layers - 1) + 0.5)) for i in range(anchor_layers)]
+
+
+def _check_placement(view: ModelView) -> None:
+    placement = str(view.family.attributes.get("norm_placement", "pre"))
+    post = placement.startswith("post") or (
+        view.family.name == "opt" and view.config.get("do_layer_norm_before", True) is False
+    )
+    if post or placement.startswith("sandwich"):
+        first = next(
+            (k for k in view.keys if CanonicalKey.parse(k).role in ("attn_norm", "attn_post_norm")), view.keys[0]
+        )
+        raise ConfigError(
+            f"config error: tensor '{view.family.from_canonical(first)}' of {view.path}: {view.family.name} uses "
+            f"{'post' if post else 'sandwich'}-norm blocks, where a norm sits between a writing linear and the "
+            f"residual stream; a residual-stream rotation cannot pass through it"
+        )
+    for k in view.keys:
+        role = CanonicalKey.parse(k).role
+        if role in UNSUPPORTED_ROLES:
+            raise ConfigError(
+                f"config error: tensor '{view.family.from_canonical(k)}' of {view.path}: {UNSUPPORTED_ROLES[role]}; "
+                f"cannot align it"
+            )
+
+
+@dataclasses.dataclass
+class Alignment:
+    """How a donor maps onto an anchor."""
+
+    rotation: np.ndarray  # R, (d_donor, d_anchor)
+    method: str  # "all_rows" | "shared_tokens" | "subspace"
+    anchor_rows: np.ndarray  # embedding rows of the anchor matched ...
+    donor_rows: np.ndarray  # ... to these rows of the donor
+    residual: float  # ||E_a[S] - E_d[S] R||_F / ||E_a[S]||_F
+
+
+def _row_pairs(anchor: ModelView, donor: ModelView) -> Tuple[str, np.ndarray, np.ndarray]:
+    va, vd = anchor.vocab, donor.vocab
+    na, nd = anchor.vocab_rows, donor.vocab_rows
+    if va is not None and vd is not None and va != vd:
+        pairs = sorted((ia, vd[t]) for t, ia in va.items() if t in vd and ia < na and vd[t] < nd)
+        if not pairs:
+            return "subspace", np.zeros(0, np.int64), np.zeros(0, np.int64)
+        a = np.fromiter((p[0] for p in pairs), np.int64, len(pairs))
+        d = np.fromiter((p[1] for p in pairs), np.int64, len(pairs))
+        return "shared_tokens", a, d
+    if (va is not None and va == vd) or na == nd:
+        n = min(na, nd)
+        return "all_rows", np.arange(n), np.arange(n)
+    return "subspace", np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
+def estimate_rotation(anchor: ModelView, donor: ModelView, *, seed: int = 0) -> Alignment:
+    """Procrustes ``R`` from embedding rows (see module docstring)."""
+    method, ra, rd = _row_pairs(anchor, donor)
+    Ea = anchor.get("embed.weight")
+    Ed = donor.get("embed.weight")
+    if method == "subspace":
+        R = subspace_map(Ea, Ed, seed=seed)
+        return Alignment(R, method, ra, rd, float("nan"))
+    A = Ea if method == "all_rows" and len(ra) == Ea.shape[0] else np.ascontiguousarray(Ea[ra])
+    B = Ed if method == "all_rows" and len(rd) == Ed.shape[0] else np.ascontiguousarray(Ed[rd])
+    R = procrustes(A, B)
+    # relative residual, in row blocks (no full-size temporaries)
+    num = den = 0.0
+    for s in range(0, A.shape[0], 4096):
+        a = A[s:s + 4096].astype(np.float64)
+        num += float(np.square(a - B[s:s + 4096].astype(np.float64) @ R).sum())
+        den += float(np.square(a).sum())
+    res = float(np.sqrt(num / den)) if den > 0 else 0.0
+    return Alignment(R, method, ra, rd, res)
+
+
+class DonorAligner:
+    """Produces a donor's tensors in the anchor's basis and shapes, one canonical key at a time."""
+
+    def __init__(self, anchor: ModelView, donor: ModelView, alignment: Optional[Alignment] = None, seed: int = 0):
+        _check_placement(anchor)
+        _check_placement(donor)
+        self.anchor, self.donor = anchor, donor
+        self.al = alignment or estimate_rotation(anchor, donor, seed=seed)
+        self.R = self.al.rotation
+        self.layers = depth_map(anchor.num_layers, donor.num_layers)
+        da, dd = anchor.hidden, donor.hidden
+        self.read_scale = np.float32(np.sqrt(dd / da)) if dd < da else np.float32(1.0)
+        self._proj: Dict[str, np.ndarray] = {}
+
+    # -------------------------------------------------------------- helpers
+    def donor_key(self, key: str) -> str:
+        k = CanonicalKey.parse(key)
+        if k.layer is None:
+            return key
+        if k.layer >= len(self.layers):
+            return key
+        return str(CanonicalKey(self.layers[k.layer], k.role, k.param))
+
+    def _norm_for(self, view: ModelView, key: CanonicalKey, layer: Optional[int]) -> Optional[str]:
+        if key.role == "lm_head":
+            return "final_norm"
+        if key.role.startswith("attn."):
+            return f"layers.{layer}.attn_norm"
+        if key.role.startswith("mlp."):
+            m = f"layers.{layer}.mlp_norm"
+            return m if view.has(m + ".weight") else f"layers.{layer}.attn_norm"
+        return None
+
+    def _rows(self, anchor_val: np.ndarray, donor_rows: np.ndarray) -> np.ndarray:
+        """Anchor-vocabulary matrix: donor rows of shared tokens, anchor rows elsewhere."""
+        out = np.array(anchor_val, dtype=np.float32, copy=True)
+        ra, rd = self.al.anchor_rows, self.al.donor_rows
+        if self.al.method == "subspace":
+            n = min(out.shape[0], donor_rows.shape[0])
+            ra, rd = np.arange(n), np.arange(n)
+        out[ra] = donor_rows[rd]
+        return out
+
+    def _inner(self, key: str, W: np.ndarray, axis: int) -> np.ndarray:
+        if W.shape[axis] == self.anchor.shape(key)[axis]:
+            return W
+        W2, P = match_axis(self.anchor.get(key), W, axis)
+        self._proj[key] = P
+        return W2
+
+    # -------------------------------------------------------------- main entry
+    def aligned(self, key: str) -> Tuple[str, Optional[np.ndarray]]:
+        """``(status, value)`` for an anchor canonical key:
+
+        * ``("anchor", None)``: the anchor's own tensor is the answer (norms, passthrough,
+          tensors outside the residual stream the donor cannot supply in the anchor's shape);
+        * ``("missing", None)``: the donor has no counterpart for this role;
+        * ``("donor", array)``: the donor's tensor in the anchor's basis and shape.
+        """
+        if key.startswith(PASSTHROUGH_PREFIX):
+            return "anchor", None
+        A, D = self.anchor, self.donor
+        k = CanonicalKey.parse(key)
+        dkey = self.donor_key(key)
+        dk = CanonicalKey.parse(dkey)
+        role, param = k.role, k.param
+        ashape = A.shape(key)
+        if role in NORM_ROLES:
+            return "anchor", None
+        R = self.R
+        if role == "embed":
+            Ed = D.get("embed.weight") @ R
+            return "donor", self._rows(A.get(key), Ed)
+        if role == "pos_embed":
+            P = D.get(dkey)
+            if P is None:
+                return "missing", None
+            P = P @ R
+            out = np.array(A.get(key), dtype=np.float32, copy=True)
+            n = min(out.shape[0], P.shape[0])
+            out[:n] = P[:n]
+            return "donor", out
+        if role == "lm_head":
+            if param == "bias":
+                b = D.get(dkey)
+                if b is None:
+                    return "missing", None
+                return "donor", self._rows(A.get(key)[:, None], b[:, None])[:, 0]
+            W = D.get("lm_head.weight")
+            if W is None:
+                W = D.get("embed.weight")  # tied donor
+            W = self._read_side(W, D, A, k, None, dk_layer=None)
+            return "donor", self._rows(A.get(key), W)
+        if role in READ_ROLES:
+            Wd = D.get(str(CanonicalKey(dk.layer, role, "weight")))
+            if Wd is None:
+                return "missing", None
+            if param == "weight":
+                W = self._read_side(Wd, D, A, k, k.layer, dk_layer=dk.layer)
+                return "donor", self._inner(key, W, 0)
+            # bias: b + W beta_d (LayerNorm bias folded), projected like the weight
+            b = D.get(dkey)
+            beta = D.get(f"{self._norm_for(D, dk, dk.layer)}.bias")
+            if b is None and beta is None:
+                return "missing", None
+            bb = np.zeros(Wd.shape[0], np.float32) if b is None else b.astype(np.float32)
+            if beta is not None:
+                bb = bb + Wd @ beta
+            wkey = str(CanonicalKey(k.layer, role, "weight"))
+            if bb.shape[0] != ashape[0]:
+                P = self._proj.get(wkey)
+                if P is None:
+                    self.aligned(wkey)
+                    P = self._proj.get(wkey)
+                if P is None:
+                    return "anchor", None
+                bb = P.T @ bb
+            return "donor", np.ascontiguousarray(bb, dtype=np.float32)
+        if role in WRITE_ROLES:
+            X = D.get(dkey)
+            if X is None:
+                return "missing", None
+            if param == "bias":
+                return "donor", np.ascontiguousarray(R.T @ X, dtype=np.float32)
+            W = np.ascontiguousarray(R.T @ X)
+            return "donor", self._inner(key, W, 1)
+        # Roles outside the residual stream (q_norm/k_norm, heads, custom): the donor's own
+        # tensor when the shapes agree, else the anchor's.
+        X = D.get(dkey)
+        if X is None:
+            return "missing", None
+        if tuple(X.shape) != tuple(ashape):
+            return "anchor", None
+        return "donor", np.ascontiguousarray(X, dtype=np.float32)
+
+    def _read_side(self, Wd, D: ModelView, A: ModelView, k: CanonicalKey, a_layer, dk_layer) -> np.ndarray:
+        nd = self._norm_for(D, CanonicalKey(dk_layer, k.role, "weight") if dk_layer is not None else k, dk_layer)
+        gd = D.gain(nd + ".weight")
+        if gd is not None:  # W diag(g_d) R == W (diag(g_d) R): scale R's rows, not W
+            W = Wd @ (gd[:, None] * self.R)
+        else:
+            W = Wd @ self.R
+        del Wd
+        if self.read_scale != 1.0:
+            W *= self.read_scale
+        na = self._norm_for(A, k, a_layer)
+        ga = A.gain(na + ".weight")
+        if ga is not None:
+            safe = np.abs(ga) > 1e-12
+            W /= np.where(safe, ga, 1.0)[None, :].astype(np.float32)
+            W[:, ~safe] = 0.0
+        return np.ascontiguousarray(W, dtype=np.float32)
+
+
+@dataclasses.dataclass
+class AlignResult:
+    """What :func:`align` estimated (and wrote, when ``out`` was given)."""
+
+    rotation: np.ndarray
+    method: str
+    matched_rows: int
+    residual: float
+    layer_map: List[int]
+    path: Optional[Path] = None
+    tensors_written: int = 0
+    filled_from_anchor: List[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+def align(
+    anchor: PathLike,
+    donor: PathLike,
+    out: Optional[PathLike] = None,
+    *,
+    missing: str = "error",
+    anchor_family: FamilyArg = None,
+    donor_family: FamilyArg = None,
+    out_dtype: Optional[str] = None,
+    max_shard_size: Union[int, str] = "128MB",
+    seed: int = 0,
+) -> AlignResult:
+    """Rotate ``donor``'s residual stream onto ``anchor``'s and (with ``out``) write the aligned
+    donor under the anchor's tensor names, config and tokenizer.
+
+    Args:
+        anchor, donor: model folders (safetensors + config.json; tokenizer.json to match
+            vocabularies by token).
+        out: output folder (written atomically); ``None`` only estimates.
+        missing: an anchor tensor the donor has no counterpart for: ``"error"``
+            (TensorMismatch naming it) or ``"anchor"`` (keep the anchor's tensor; listed in
+            ``filled_from_anchor``).
+        anchor_family, donor_family: family name, :class:`merge_fast.arch.Family` or mapping
+            file for checkpoints that are not detected automatically.
+        out_dtype: ``"float32"``/``"bfloat16"``/``"float16"``; default each anchor tensor's dtype.
+
+    Returns:
+        :class:`AlignResult` with the estimated ``rotation`` ``R`` (``d_donor x d_anchor``,
+        ``h_anchor = Rᵀ h_donor``) and the depth map.
+    """
+    if missing not in ("error", "anchor"):
+        raise ConfigError(f"config error: missing must be 'error' or 'anchor', got {missing!r}")
+    t0 = time.perf_counter()
+    A = ModelView(anchor, anchor_family, is_anchor=True)
+    D = ModelView(donor, donor_family)
+    al = DonorAligner(A, D, seed=seed)
+    res = AlignResult(al.R, al.al.method, int(len(al.al.anchor_rows)), al.al.residual, al.layers)
+    if out is None:
+        res.seconds = time.perf_counter() - t0
+        return res
+    filled: List[str] = []
+
+    def value(key: str) -> np.ndarray:
+        status, v = al.aligned(key)
+        if status == "donor":
+            return v
+        if status == "missing":
+            if missing == "error":
+                raise TensorMismatch(
+                    f"tensor mismatch for '{A.family.from_canonical(key)}' (canonical '{key}'): donor {D.path} "
+                    f"({D.family.name}) has no '{al.donor_key(key)}'"
+                )
+            filled.append(key)
+        return A.get(key)
+
+    recipe = {"method": "align", "anchor": str(anchor), "donor": str(donor), "rotation_method": al.al.method}
+    wr = write_canonical_model(A, value, out, recipe=recipe, out_dtype=out_dtype, max_shard_size=max_shard_size)
+    res.path, res.tensors_written = wr.path, wr.tensors_written
+    res.filled_from_anchor = filled
+    res.seconds = time.perf_counter() - t0
+    return res
