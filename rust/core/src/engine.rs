@@ -46,11 +46,19 @@ impl TensorIo for Job<'_> {
     }
 }
 
-/// In-memory inputs (the array API).
-struct Slices<'s> {
+/// In-memory inputs (the array API, and tests of kernels that use `TensorIo`).
+pub struct Slices<'s> {
     numel: usize,
     has_base: bool,
     data: Vec<&'s [f32]>,
+}
+
+impl<'s> Slices<'s> {
+    /// Slot 0 is `base` when given, then `inputs`; all must have the same length.
+    pub fn new(base: Option<&'s [f32]>, inputs: &[&'s [f32]]) -> Self {
+        let data: Vec<&[f32]> = base.into_iter().chain(inputs.iter().copied()).collect();
+        Slices { numel: data.first().map_or(0, |d| d.len()), has_base: base.is_some(), data }
+    }
 }
 
 impl TensorIo for Slices<'_> {
@@ -221,7 +229,7 @@ pub fn merge_arrays(
             return Err(Error::mismatch(tensor, format!("an input has {} elements, expected {numel} for shape {shape:?}", x.len())));
         }
     }
-    let io = Slices { numel, has_base: base.is_some(), data: base.into_iter().chain(inputs.iter().copied()).collect() };
+    let io = Slices::new(base, inputs);
     let mut out = vec![0f32; numel];
     let dst = SharedOut(out.as_mut_ptr());
     let sink = |off: usize, vals: &[f32], _: &mut Vec<u8>| {

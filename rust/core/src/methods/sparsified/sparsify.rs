@@ -242,30 +242,8 @@ pub fn sign(x: f32) -> f32 {
 pub(crate) mod tests {
     use super::*;
 
-    /// An in-memory TensorIo for unit tests (slot 0 is the base when `has_base`).
-    pub struct Mem {
-        pub data: Vec<Vec<f32>>,
-        pub has_base: bool,
-    }
-
-    impl TensorIo for Mem {
-        fn numel(&self) -> usize {
-            self.data[0].len()
-        }
-        fn slots(&self) -> usize {
-            self.data.len()
-        }
-        fn has_base(&self) -> bool {
-            self.has_base
-        }
-        fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
-            dst.copy_from_slice(&self.data[slot][range]);
-            Ok(())
-        }
-    }
-
     fn kept_by_window(vals: &[f32], lo: usize, hi: usize, desc: bool) -> Vec<bool> {
-        let io = Mem { data: vec![vals.to_vec()], has_base: false };
+        let io = crate::engine::Slices::new(None, &[vals]);
         let key: fn(f32) -> u32 = if desc { mag_key_desc } else { mag_key };
         let kf = move |v: &[&[f32]], out: &mut [u32]| v[0].iter().zip(out).for_each(|(&x, o)| *o = key(x));
         let w = Window::find(&io, &[0], lo, hi, &kf).unwrap();
