@@ -304,3 +304,42 @@ def test_unknown_family_names_tensor(anchor, root):
     (d / "config.json").write_text(json.dumps({"model_type": "mystery_net"}))
     with pytest.raises(mf.ConfigError, match=r"blocks\.0\.mixer\.w|tok\.table"):
         mf.procrustes_absorb(anchor, [d], out=root / "mystery_out")
+
+
+def test_custom_family_through_mapping_file(rotated, anchor, root):
+    """A donor in a custom layout (examples/qed.yaml: fused wqkv and w13) is rejected with a
+    ConfigError naming a tensor, then aligned once its mapping file is given."""
+    from safetensors.numpy import save_file
+
+    from merge_fast.arch import EXAMPLES_DIR
+
+    d, Q, _ = rotated
+    src = read_all(d)
+    cfg = json.loads((anchor / "config.json").read_text())
+    t = {"qed.tok_emb.weight": src["model.embed_tokens.weight"], "qed.norm_f.weight": src["model.norm.weight"]}
+    for i in range(cfg["num_hidden_layers"]):
+        p, q = f"model.layers.{i}.", f"qed.blocks.{i}."
+        t[q + "norm1.weight"] = src[p + "input_layernorm.weight"]
+        t[q + "attn.wqkv.weight"] = np.concatenate([src[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        t[q + "attn.wo.weight"] = src[p + "self_attn.o_proj.weight"]
+        t[q + "norm2.weight"] = src[p + "post_attention_layernorm.weight"]
+        t[q + "ffn.w13.weight"] = np.concatenate([src[p + "mlp.gate_proj.weight"], src[p + "mlp.up_proj.weight"]])
+        t[q + "ffn.w2.weight"] = src[p + "mlp.down_proj.weight"]
+    qd = root / "qed_donor"
+    qd.mkdir()
+    save_file(t, str(qd / "model.safetensors"))
+    (qd / "config.json").write_text(json.dumps({
+        "model_type": "qed", "d_model": HIDDEN, "n_layers": cfg["num_hidden_layers"], "n_heads": 4, "n_kv_heads": 2,
+        "d_ff": cfg["intermediate_size"]}))
+    with pytest.raises(mf.ConfigError, match=r"qed\."):
+        mf.align(anchor, qd, out=root / "qed_out")
+    qed = EXAMPLES_DIR / "qed.yaml"
+    with pytest.raises(mf.TensorMismatch, match=r"k_proj\.bias"):  # qed has no attention biases
+        mf.align(anchor, qd, out=root / "qed_out", donor_family=qed)
+    res = mf.align(anchor, qd, out=root / "qed_out", donor_family=qed, missing="anchor")
+    assert "layers.0.attn.q.bias" in res.filled_from_anchor
+    np.testing.assert_allclose(res.rotation, Q.T, atol=1e-4)
+    got, ref = read_all(root / "qed_out"), read_all(anchor)
+    for k in ref:
+        if k != "lm_head.weight":  # qed ties its head to the embedding
+            np.testing.assert_allclose(got[k], ref[k], atol=5e-5, err_msg=k)

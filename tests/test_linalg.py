@@ -172,7 +172,6 @@ def test_procrustes_recovers_rotation():
 
 
 def test_procrustes_rank_deficient_still_orthogonal():
-    g = rng(12)
     A = rank_deficient(80, 10, 3, seed=13)
     B = np.zeros((80, 10), np.float32)
     B[:, :5] = A[:, :5]

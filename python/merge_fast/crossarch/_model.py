@@ -14,7 +14,6 @@ from ..arch import (
     PASSTHROUGH_PREFIX,
     ArchError,
     Family,
-    MissingTensorError,
     UnknownFamilyError,
     UnknownTensorError,
     apply_recipe,

@@ -58,7 +58,13 @@ impl Checkpoint {
     fn read_f32<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let info = self.inner.get(name).map_err(to_py)?;
         let mut out = vec![0f32; info.numel()];
-        py.detach(|| self.inner.read_f32(info, 0..info.numel(), &mut out)).map_err(to_py)?;
+        py.detach(|| {
+            let r = self.inner.read_f32(info, 0..info.numel(), &mut out);
+            // Callers read tensor by tensor: drop the mapped pages so RSS stays flat.
+            self.inner.release(info);
+            r
+        })
+        .map_err(to_py)?;
         Ok(PyArray1::from_vec(py, out))
     }
 

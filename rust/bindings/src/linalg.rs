@@ -93,7 +93,7 @@ fn svd_stack<'py>(
                 if j < dr {
                     vt.extend_from_slice(&d.vt[j * n..(j + 1) * n]);
                 } else {
-                    vt.extend(std::iter::repeat(0.0).take(n));
+                    vt.resize(vt.len() + n, 0.0);
                 }
             }
         }
