@@ -222,3 +222,29 @@ def test_cli_data_aware_commands(mf, model_family, tmp_path, rng, capsys):
     assert main(["fisher-dampened", str(fam.base), str(fam.a), "--fisher", str(tmp_path / "nope.safetensors"),
                  "-o", str(tmp_path / "bad"), "-q"]) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_fisher_dampened_with_lora_deltas(mf, model_family, tmp_path, rng):
+    """The Luchador recipe's deltas: LoRA adapters trained on θ_IT, Δ_i = B_i A_i α/r."""
+    from test_lora import make_adapter, numpy_merge
+
+    fam = model_family("llama", "float32")
+    it = read_folder_f32(fam.base)
+    ad1 = make_adapter(tmp_path / "ad1", it, r=4, alpha=8, seed=1)
+    ad2 = make_adapter(tmp_path / "ad2", it, r=2, alpha=2, modules=("q_proj", "down_proj"), seed=2)
+    F = _write_fisher(fam.base, tmp_path / "f.safetensors", rng)
+    m1, m2 = numpy_merge(it, ad1, 8 / 4), numpy_merge(it, ad2, 2 / 2)
+    r = mf.fisher_dampened(str(fam.base), [f"{fam.base}+{tmp_path / 'ad1'}", f"{fam.base}+{tmp_path / 'ad2'}"],
+                           str(tmp_path / "f.safetensors"), scale=0.8, out=str(tmp_path / "out"))
+    from merge_fast.methods.data_aware import layer_importance
+
+    imp = layer_importance(tmp_path / "f.safetensors")
+    O = read_folder_f32(tmp_path / "out")
+    for n in it:
+        ref = ref_fisher_dampened(it[n], [m1[n], m2[n]], F[n], 0.8, imp[n])
+        np.testing.assert_allclose(O[n], ref, rtol=1e-5, atol=1e-6, err_msg=n)
+    # Exactly the adapted tensors outside the most important layer (F̂_layer = 1) move.
+    adapted = {n for n in it if not np.array_equal(m1[n], it[n]) or not np.array_equal(m2[n], it[n])}
+    moved = {n for n in it if not np.array_equal(O[n], it[n])}
+    assert moved == {n for n in adapted if imp[n] < 1.0} and len(moved) >= 3
+    assert r.tensors_written == len(it)

@@ -105,7 +105,8 @@ def fisher_dampened(
     """Fisher-dampened delta: ``θ_IT + s · (1 − F̂_param) · (1 − F̂_layer) · Δ_avg``.
 
     ``base`` is θ_IT, ``Δ_avg`` the (weighted) average of ``models[i] − base`` and
-    ``fisher`` the Fisher of θ_IT. F̂_param normalizes the Fisher within each tensor
+    ``fisher`` the Fisher of θ_IT. On folders a model may be ``folder+adapter`` (a PEFT
+    LoRA): ``f"{it}+{adapter}"`` makes that delta ``B·A·α/r``, streamed chunk by chunk. F̂_param normalizes the Fisher within each tensor
     (``normalization``: "log" (default; min-max of ln F, robust to the many orders of
     magnitude raw Fishers span), "minmax" or "rank"). On folders F̂_layer comes from
     :func:`layer_importance`; on arrays pass ``layer_importance`` (default 0).
@@ -117,6 +118,16 @@ def fisher_dampened(
     if layer_importance is not None:
         raise ConfigError("config error: layer_importance is computed from the Fisher on folder merges")
     return _fisher_folders("fisher_dampened", base, list(models), [fisher], params, **options)
+
+
+def _model_ref(m: Model):
+    """A model folder, or ``folder+adapter`` (mergekit's form) for a PEFT LoRA on top of it."""
+    m = str(m)
+    if "+" in m:
+        path, adapter = m.split("+", 1)
+        if Path(adapter, "adapter_config.json").is_file():
+            return path, adapter
+    return m, None
 
 
 def _fisher_folders(
@@ -132,30 +143,53 @@ def _fisher_folders(
     seed: int = 0,
     **run_options: Any,
 ) -> MergeResult:
+    from ..lora import read_adapter
+
     if out is None:
         raise ConfigError("config error: folder merges need out=PATH")
     code = out_dtype_code(dtype, out_dtype)
-    model_paths = ([str(base)] if base is not None else []) + [str(m) for m in models]
-    ckpts = [open_checkpoint(p) for p in model_paths]
-    names = ckpts[0].names()
-    for p, c in zip(model_paths[1:], ckpts[1:]):
+    refs = ([(str(base), None)] if base is not None else []) + [_model_ref(m) for m in models]
+    # One input per distinct folder or adapter, in first-seen order.
+    paths: List[str] = []
+
+    def input_of(p: str) -> int:
+        if p not in paths:
+            paths.append(p)
+        return paths.index(p)
+
+    ckpts = {}
+    for path, _ in refs:
+        if path not in ckpts:
+            ckpts[path] = open_checkpoint(path)
+            input_of(path)
+    names = ckpts[refs[0][0]].names()
+    for path, c in ckpts.items():
         missing = [n for n in names if n not in c]
         if missing:
-            raise TensorMismatch(f"tensor mismatch for '{missing[0]}': missing from {p} ({len(missing)} tensor(s))")
+            raise TensorMismatch(f"tensor mismatch for '{missing[0]}': missing from {path} ({len(missing)} tensor(s))")
+    shapes = {n: tuple(s) for n, _, s in ckpts[refs[0][0]].tensors()}
+    # Each model's source per tensor: the stored tensor, or base + B·A·scale for a LoRA.
+    per_model = []
+    for path, adapter in refs:
+        plain = {n: {"kind": "tensor", "input": input_of(path), "tensor": n} for n in names}
+        if adapter is not None:
+            ad = read_adapter(adapter, shapes)
+            plain.update(ad.sources(input_of(path), input_of(str(ad.file)), lambda n, i=input_of(path): {"kind": "tensor", "input": i, "tensor": n}))
+        per_model.append(plain)
     fisher_ckpts = [open_checkpoint(f) for f in fishers]
     for f, fc in zip(fishers, fisher_ckpts):
         _missing(fc, names, f)
+    fisher_inputs = [input_of(str(f)) for f in fishers]
     importance = layer_importance(fishers[0], names) if method == "fisher_dampened" else {}
-    paths = model_paths + [str(f) for f in fishers]
     plans = []
     for name in names:
-        src = [{"kind": "tensor", "input": i, "tensor": name} for i in range(len(paths))]
+        srcs = [pm[name] for pm in per_model] + [{"kind": "tensor", "input": i, "tensor": name} for i in fisher_inputs]
         p = {k: v for k, v in params.items() if v is not None}
         if method == "fisher_dampened":
             p["layer_importance"] = importance[name]
-            plans.append(TensorPlan(name, method, p, src[0], src[1:], code))
+            plans.append(TensorPlan(name, method, p, srcs[0], srcs[1:], code))
         else:
-            plans.append(TensorPlan(name, method, p, None, src, code))  # models, then Fishers
+            plans.append(TensorPlan(name, method, p, None, srcs, code))  # models, then Fishers
     recipe = {"method": method, "base_model": str(base) if base is not None else None,
               "models": [str(m) for m in models], "fishers": [str(f) for f in fishers], "parameters": params}
-    return execute(paths, plans, out, recipe=recipe, side_files_from=model_paths[0], out_dtype=code, seed=seed, **run_options)
+    return execute(paths, plans, out, recipe=recipe, side_files_from=refs[0][0], out_dtype=code, seed=seed, **run_options)
