@@ -343,3 +343,26 @@ def test_custom_family_through_mapping_file(rotated, anchor, root):
     for k in ref:
         if k != "lm_head.weight":  # qed ties its head to the embedding
             np.testing.assert_allclose(got[k], ref[k], atol=5e-5, err_msg=k)
+
+
+def test_procrustes_absorb_from_a_config(anchor, donors, root):
+    """merge_method: procrustes_absorb in YAML gives the Python API's bytes."""
+    cfg = f"""
+merge_method: procrustes_absorb
+base_model: {anchor}
+models:
+  - model: {donors["llama"]}
+  - model: {donors["phi"]}
+    parameters: {{weight: 0.5}}
+parameters: {{beta: 0.6, attn_rank: 2, mlp_rank: 3}}
+"""
+    mf.run(cfg, root / "cfg_absorb")
+    mf.procrustes_absorb(anchor, [donors["llama"], donors["phi"]], weights=[1.0, 0.5], beta=0.6, attn_rank=2,
+                         mlp_rank=3, out=root / "api_absorb")
+    files = sorted(p.name for p in (root / "api_absorb").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (root / "cfg_absorb").glob("*.safetensors"))
+    for f in files:
+        assert (root / "cfg_absorb" / f).read_bytes() == (root / "api_absorb" / f).read_bytes()
+    with pytest.raises(mf.ConfigError, match="line 8.*betta"):
+        mf.run(cfg.replace("beta:", "betta:"), root / "cfg_bad")
+    assert not (root / "cfg_bad").exists()

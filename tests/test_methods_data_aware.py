@@ -248,3 +248,48 @@ def test_fisher_dampened_with_lora_deltas(mf, model_family, tmp_path, rng):
     moved = {n for n in it if not np.array_equal(O[n], it[n])}
     assert moved == {n for n in adapted if imp[n] < 1.0} and len(moved) >= 3
     assert r.tensors_written == len(it)
+
+
+def test_fisher_merges_from_configs(mf, model_family, tmp_path, rng):
+    """merge_method: fisher_weighted / fisher_dampened in YAML give the Python API's bytes."""
+    from test_lora import make_adapter
+
+    fam = model_family("llama", "float32")
+    _write_fisher(fam.a, tmp_path / "fa.safetensors", rng)
+    _write_fisher(fam.b, tmp_path / "fb.safetensors", rng)
+    cfg = f"""
+merge_method: fisher_weighted
+models:
+  - model: {fam.a}
+    parameters: {{fisher: {tmp_path / 'fa.safetensors'}, weight: 2.0}}
+  - model: {fam.b}
+    parameters: {{fisher: {tmp_path / 'fb.safetensors'}}}
+parameters: {{epsilon: 1.0e-6}}
+"""
+    mf.run(cfg, tmp_path / "cfg_fw")
+    mf.fisher_weighted([str(fam.a), str(fam.b)], [str(tmp_path / "fa.safetensors"), str(tmp_path / "fb.safetensors")],
+                       weights=[2.0, 1.0], epsilon=1e-6, out=str(tmp_path / "api_fw"))
+    x, y = read_folder_f32(tmp_path / "cfg_fw"), read_folder_f32(tmp_path / "api_fw")
+    assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    assert (tmp_path / "cfg_fw" / "README.md").exists() and (tmp_path / "cfg_fw" / "mergekit_config.yml").exists()
+
+    make_adapter(tmp_path / "ad", read_folder_f32(fam.base), seed=3)
+    cfg = f"""
+merge_method: fisher_dampened
+base_model: {fam.base}
+models:
+  - model: {fam.a}
+  - model: {fam.base}+{tmp_path / 'ad'}
+parameters: {{fisher: {tmp_path / 'fa.safetensors'}, scale: 0.5, normalization: rank}}
+"""
+    mf.run(cfg, tmp_path / "cfg_fd")
+    mf.fisher_dampened(str(fam.base), [str(fam.a), f"{fam.base}+{tmp_path / 'ad'}"], str(tmp_path / "fa.safetensors"),
+                       scale=0.5, normalization="rank", out=str(tmp_path / "api_fd"))
+    x, y = read_folder_f32(tmp_path / "cfg_fd"), read_folder_f32(tmp_path / "api_fd")
+    assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+    with pytest.raises(mf.ConfigError, match="line 7.*scael"):
+        mf.run(cfg.replace("scale:", "scael:"), tmp_path / "bad")
+    with pytest.raises(mf.ConfigError, match="parameters.fisher"):
+        mf.run(cfg.replace(f"fisher: {tmp_path / 'fa.safetensors'}, ", ""), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -87,6 +87,9 @@ def run(
         shard = parse_shard_size(out_shard_size)
     except ValueError as e:
         raise ConfigError(f"config error: out_shard_size: {e}") from None
+    if cfg.merge_method in _RECIPES:
+        return _run_recipe(cfg, Path(out), shard=shard, threads=threads, progress=progress,
+                           seed=random_seed or 0, write_model_card=write_model_card)
     p = plan(cfg, allow_crimes=allow_crimes)
     chat_template = _output.resolve_chat_template(cfg, cfg.src.error)
     out = Path(out)
@@ -111,6 +114,82 @@ def run(
         return _execute(p, out, recipe, shard, threads, progress, random_seed, extra)
     except ConfigError as e:
         raise _with_location(cfg, e) from None
+
+
+# merge_fast's own methods whose inputs go beyond models (Fisher files, donors of other
+# families): `models` only (no slices); allowed parameters (model-level, global-level).
+_RECIPES = {
+    "fisher_weighted": ({"weight", "fisher"}, {"epsilon", "fisher_normalize"}),
+    "fisher_dampened": ({"weight"}, {"fisher", "scale", "normalization"}),
+    "procrustes_absorb": ({"weight"}, {"beta", "attn_rank", "mlp_rank", "embed_rank", "attn_tol", "mlp_tol",
+                                       "embed_tol", "include_embeddings", "strict", "oversample", "power_iters"}),
+}
+
+
+def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, seed: int,
+                write_model_card: bool) -> Any:
+    """Runs fisher_weighted, fisher_dampened or procrustes_absorb from a config:
+
+    - fisher_weighted: ``models: [{model, parameters: {fisher: PATH, weight}}]``, global
+      ``epsilon``, ``fisher_normalize``;
+    - fisher_dampened: ``base_model`` (θ_IT), ``models`` (fine-tunes or ``base+adapter``
+      LoRAs; their deltas are averaged, ``weight`` per model), global ``fisher: PATH``,
+      ``scale``, ``normalization``;
+    - procrustes_absorb: ``base_model`` is the anchor, ``models`` the donors (any family),
+      global parameters as in :func:`merge_fast.procrustes_absorb`.
+    """
+    from ..methods.data_aware import fisher_dampened, fisher_weighted
+
+    method, err = cfg.merge_method, cfg.src.error
+    model_keys, global_keys = _RECIPES[method]
+    if cfg.slices or not cfg.models:
+        raise err(("merge_method",), f"{method} takes `models`, not `slices`")
+    glob = dict(cfg.parameters or {})
+    for k in glob:
+        if k not in global_keys:
+            raise err(("parameters", k), f"unknown parameter '{k}' for {method} (allowed: {', '.join(sorted(global_keys))})")
+    per_model = []
+    for s in cfg.models:
+        p = dict(s.parameters or {})
+        for k in p:
+            if k not in model_keys:
+                raise err(tuple(s.path) + ("parameters", k), f"unknown model parameter '{k}' for {method}")
+        per_model.append(p)
+
+    def ref(r) -> str:
+        return r.path + (f"+{r.lora}" if r.lora else "")
+
+    base = ref(cfg.base_model) if cfg.base_model is not None else None
+    pairs = [(ref(s.model), p) for s, p in zip(cfg.models, per_model) if ref(s.model) != base]
+    models = [m for m, _ in pairs]
+    weights = [float(p.get("weight", 1.0)) for _, p in pairs]
+    text = _output.config_text(cfg)
+
+    def card(tmp: Path) -> None:
+        if write_model_card:
+            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, method), encoding="utf-8")
+            (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
+
+    opts = dict(out=str(out), dtype=cfg.dtype or "float32", out_dtype=cfg.out_dtype, threads=threads,
+                max_shard_size=shard, progress=progress, seed=seed, extra_files=card)
+    if method == "fisher_weighted":
+        if base is not None:
+            raise err(("base_model",), "fisher_weighted takes no base_model")
+        missing = [m for m, p in pairs if "fisher" not in p]
+        if missing:
+            raise err(("models",), f"fisher_weighted needs parameters.fisher for every model; missing for {missing}")
+        return fisher_weighted(models, [p["fisher"] for _, p in pairs], weights=weights, **glob, **opts)
+    if base is None:
+        raise err(("base_model",), f"{method} needs a base_model")
+    if method == "fisher_dampened":
+        if "fisher" not in glob:
+            raise err(("parameters",), "fisher_dampened needs parameters.fisher (the Fisher of the base model)")
+        fisher = glob.pop("fisher")
+        return fisher_dampened(base, models, fisher, weights=weights, **glob, **opts)
+    from ..crossarch import procrustes_absorb
+
+    # Its writer buffers one output shard, so it keeps its own (small) shard size.
+    return procrustes_absorb(base, models, out=str(out), weights=weights, seed=seed, **glob)
 
 
 def _with_location(cfg: MergeConfig, e: ConfigError) -> ConfigError:
