@@ -49,7 +49,8 @@ def stream_key(seed: int, tensor: str, sub: int) -> int:
 
 
 def uniform(key: int, idx: np.ndarray) -> np.ndarray:
-    z = _mix_np(np.uint64(key) ^ _mix_np(idx.astype(np.uint64)))
+    with np.errstate(over="ignore"):
+        z = _mix_np(np.uint64(key) + idx.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

@@ -21,10 +21,11 @@ pub fn stream_key(seed: u64, tensor: &str, sub: u64) -> u64 {
     mix64(mix64(seed ^ mix64(h)) ^ sub.wrapping_mul(0xD6E8_FEB8_6659_FD93))
 }
 
-/// Uniform in [0, 1) for element `i` of a stream.
+/// Uniform in [0, 1) for element `i` of a stream: the i-th output of SplitMix64 seeded
+/// with `key` (one mixing step per draw; DARE's masks are bound by this cost).
 #[inline]
 pub fn uniform(key: u64, i: u64) -> f64 {
-    (mix64(key ^ mix64(i)) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    (mix64(key.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 /// Standard normal for element `i` of a stream (Box-Muller on two counter draws).

@@ -1,0 +1,729 @@
+#!/usr/bin/env python
+"""Methods benchmark: merge_fast ties / dare_ties / model_stock vs mergekit, base + 2 fine-tunes.
+
+For each size a synthetic Llama-shaped bf16 *model set* is used (see ``_common.py``
+``ensure_model_set``): a base (seed 100) and two fine-tunes ``base + 0.002 * delta`` whose deltas
+are correlated (``--delta-corr``, default 0.5, so TIES sign election has a majority to find and
+model_stock's cosine -- hence its interpolation factor t = 2c/(1+c) -- is far from 0).
+Every contender runs ``--repeats`` times in its own subprocess, contenders interleaved
+round-robin (repeat 1 of all, then repeat 2 of all, ...) so machine noise spreads over all:
+
+* ``io-floor``    read every input byte once (base + 2 fine-tunes) + write one output-sized file
+                  (16 MB blocks, no fsync, one thread) -- context only, no target;
+* ``merge_fast``  ``mf.ties`` / ``mf.dare_ties`` / ``mf.model_stock`` (Python API in a fresh
+                  ``python -c``), bf16 in, bf16 out, default threads, 5GB output shards;
+* ``mergekit``    ``mergekit-yaml cfg.yml OUT --lazy-unpickle --no-copy-tokenizer --quiet``
+                  (CPU, ``dtype: bfloat16``, default threads, dare_ties with ``--random-seed``).
+
+The equivalent configurations (both tools' defaults otherwise):
+
+* ties:        density 0.5, weight 0.5 per fine-tune, normalize true (both tools' default);
+* dare_ties:   density 0.5, weight 0.5 per fine-tune, rescale on / normalize off (defaults),
+               fixed seed (``--seed``, default 42) for both tools -- their RNGs differ, so the
+               masks differ and only statistics are compared;
+* model_stock: no parameters (filter_wise false).
+
+Caching, timing and memory are as in ``bench_engine.py``: inputs are read into the page cache
+before timing (never dropped: shared machine), ``os.sync()`` before every timed run, wall time
+is the subprocess's (imports included), ``peak RSS`` = polled ``VmHWM`` summed over the process
+tree (*includes file-backed pages of memory-mapped inputs*), ``anon`` = polled peak
+RssAnon+RssShmem (private memory).
+
+Agreement, on the repeat-1 outputs (a sample of tensors: embeddings, lm_head, final norm, every
+projection + a norm of the first and last layer; all tensors for tiny or ``--check-all``):
+
+* ties, model_stock: merge_fast vs mergekit, max |diff|, max bf16 ulp, elements that differ.
+  mergekit computes in bf16 (``dtype: bfloat16``), merge_fast in f32 then rounds once, so a few
+  ulps are expected; ties' trimming thresholds over bf16 magnitudes can also tip elements that
+  tie at the threshold;
+* dare_ties: per tool, the fraction of elements bit-equal to the base, mean |out - base| and
+  the sign agreement of (out - base) with the fine-tunes' mean delta, and the relative gap of
+  those statistics between the tools.
+
+Targets (defined on the 1.1b set): merge_fast >= 5x faster than mergekit per method, merge_fast
+peak RSS <= 1.5 GB (1536 MiB, VmHWM; the anon line is printed too).
+
+    python benches/bench_methods.py --sizes tiny                  # smoke test, < 1 min
+    python benches/bench_methods.py --sizes 125m,1.1b --markdown  # the full bench
+    python benches/bench_methods.py --sizes 1.1b --only ties --repeats 1
+    python benches/bench_methods.py --sizes 1.1b --repeats 3 --mergekit-repeats 1  # mergekit once
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("ties", "dare_ties", "model_stock")
+WEIGHTS = (0.5, 0.5)
+DENSITY = 0.5
+
+TARGET_SPEEDUP = 5.0
+TARGET_RSS_MB = 1536.0  # 1.5 GB
+
+
+@dataclasses.dataclass
+class Contender:
+    key: str
+    label: str
+    kind: str  # io-floor | merge_fast | mergekit
+
+
+@dataclasses.dataclass
+class Row:
+    size: str
+    method: str
+    contender: Contender
+    runs: List[C.RunResult] = dataclasses.field(default_factory=list)
+    status: str = "ok"  # ok | unavailable | failed
+    note: str = ""
+    extra: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+    def walls(self) -> List[float]:
+        return [r.wall_s for r in self.runs if r.ok]
+
+    @property
+    def med(self) -> float:
+        return C.median(self.walls())
+
+    @property
+    def cpu(self) -> float:
+        return C.median([r.user_s + r.sys_s for r in self.runs if r.ok])
+
+    @property
+    def rss(self) -> float:
+        xs = [r.peak_rss_mb for r in self.runs if r.ok]
+        return max(xs) if xs else float("nan")
+
+    @property
+    def anon(self) -> float:
+        xs = [r.peak_anon_mb for r in self.runs if r.ok]
+        return max(xs) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Availability
+# --------------------------------------------------------------------------------------------
+
+
+MF_ENV: Dict[str, str] = {}
+
+
+def mf_available(python: str) -> tuple[bool, str]:
+    code = ("import merge_fast as mf; mf.ties; mf.dare_ties; mf.model_stock; "
+            "print(getattr(mf, '__version__', '?'), getattr(mf, '__file__', '?'))")
+    in_tree = str(C.REPO_ROOT / "python")
+    last = "?"
+    for extra in ({}, {"PYTHONPATH": os.pathsep.join(
+            [in_tree] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}):
+        try:
+            p = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, **extra), cwd="/")
+        except Exception as e:  # noqa: BLE001
+            return False, f"{type(e).__name__}: {e}"
+        if p.returncode == 0:
+            MF_ENV.clear()
+            MF_ENV.update(extra)
+            return True, p.stdout.strip() + (" (via PYTHONPATH=python/)" if extra else "")
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+    return False, last
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def mf_cmd(python: str, method: str, base: Path, fts: List[Path], out: Path, args) -> List[str]:
+    models = "[" + ", ".join(repr(str(p)) for p in fts) + "]"
+    opts = (f"out={str(out)!r}, threads={args.threads!r}, max_shard_size='5GB', "
+            f"progress=False")
+    if method == "ties":
+        call = (f"mf.ties({str(base)!r}, {models}, weights={list(WEIGHTS)!r}, "
+                f"density={DENSITY!r}, {opts})")
+    elif method == "dare_ties":
+        call = (f"mf.dare_ties({str(base)!r}, {models}, weights={list(WEIGHTS)!r}, "
+                f"density={DENSITY!r}, seed={args.seed!r}, {opts})")
+    elif method == "model_stock":
+        call = f"mf.model_stock({str(base)!r}, {models}, {opts})"
+    else:
+        raise ValueError(method)
+    code = ("import json, merge_fast as mf\n"
+            f"r = {call}\n"
+            "print(json.dumps({k: getattr(r, k, None) for k in ('tensors_written', "
+            "'bytes_read', 'bytes_written', 'seconds')}))\n")
+    return [python, "-c", code]
+
+
+def mergekit_yaml(method: str, base: Path, fts: List[Path]) -> str:
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    for p, w in zip(fts, WEIGHTS):
+        lines.append(f"  - model: {p}")
+        if method in ("ties", "dare_ties"):
+            lines += ["    parameters:", f"      density: {DENSITY}", f"      weight: {w}"]
+    if method == "ties":
+        lines += ["parameters:", "  normalize: true"]
+    lines.append("dtype: bfloat16")
+    return "\n".join(lines) + "\n"
+
+
+def build_cmd(c: Contender, method: str, base: Path, fts: List[Path], out: Path, args,
+              work: Path) -> List[str]:
+    if c.kind == "io-floor":
+        ins = C.shard_files(base) + [f for p in fts for f in C.shard_files(p)]
+        return [sys.executable, str(HERE / "_common.py"), "io-floor", "--inputs",
+                *map(str, ins), "--out-file", str(out) + ".bin",
+                "--out-bytes", str(C.dir_bytes(base))]
+    if c.kind == "merge_fast":
+        return mf_cmd(args.mf_python, method, base, fts, out, args)
+    if c.kind == "mergekit":
+        cfg = work / f"mergekit_{method}.yml"
+        cfg.write_text(mergekit_yaml(method, base, fts))
+        cmd = [args.mergekit, str(cfg), str(out), "--lazy-unpickle", "--no-copy-tokenizer",
+               "--quiet"]
+        if method == "dare_ties":
+            cmd += ["--random-seed", str(args.seed)]
+        if args.threads:
+            cmd += ["-j", str(args.threads)]
+        return cmd
+    raise ValueError(c.kind)
+
+
+def clean(out: Path) -> None:
+    for p in (out, Path(str(out) + ".bin")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+    if out.parent.is_dir():  # temp folders a tool left beside its target
+        for p in out.parent.iterdir():
+            if out.name in p.name:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+
+
+def sample_names(size: str, check_all: bool = False) -> Optional[List[str]]:
+    if size == "tiny" or check_all:
+        return None
+    spec = C.get_spec(size)
+    names = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
+    for n in (0, spec.layers - 1):
+        p = f"model.layers.{n}."
+        names += [p + s for s in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                  "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                                  "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                                  "mlp.down_proj.weight", "input_layernorm.weight")]
+    return names
+
+
+def out_shards(out: Path) -> str:
+    files = sorted(out.glob("*.safetensors"))
+    if not files:
+        return "-"
+    big = max(f.stat().st_size for f in files)
+    return f"{len(files)} shard(s) <= " + (f"{big / 1e6:.0f} MB" if big >= 1e6 else
+                                           f"{big / 1e3:.0f} kB")
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement
+# --------------------------------------------------------------------------------------------
+
+
+AGREEMENT: List[dict] = []
+
+
+def dare_stats(out_dir: Path, base: Path, fts: List[Path], names: Optional[List[str]]) -> dict:
+    """Statistics of a dare_ties output: fraction of elements bit-equal to the base, mean
+    |out - base|, and the fraction of changed elements whose delta has the sign of the
+    fine-tunes' summed delta (the TIES-elected sign, up to DARE's drops)."""
+    import torch
+    from safetensors import safe_open
+
+    wo, wb = C.weight_map(out_dir), C.weight_map(base)
+    wfs = [C.weight_map(p) for p in fts]
+    handles: dict = {}
+
+    def get(path: Path, name: str):
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path].get_tensor(name)
+
+    n_el = n_eq = n_changed = n_sign = 0
+    sum_abs = 0.0
+    todo = [n for n in (names if names is not None else sorted(wo)) if n in wo and n in wb]
+    for n in todo:
+        o, b = get(wo[n], n), get(wb[n], n)
+        n_el += o.numel()
+        n_eq += int((o.view(torch.int16) == b.view(torch.int16)).sum().item())
+        d = o.to(torch.float32) - b.to(torch.float32)
+        sum_abs += float(d.abs().sum(dtype=torch.float64).item())
+        s = sum(get(w[n], n).to(torch.float32) for w in wfs) - len(wfs) * b.to(torch.float32)
+        ch = d != 0
+        n_changed += int(ch.sum().item())
+        n_sign += int(((torch.sign(d) == torch.sign(s)) & ch).sum().item())
+        del o, b, d, s, ch
+    return {"n_tensors": len(todo), "n_elems": n_el, "frac_eq_base": n_eq / max(n_el, 1),
+            "mean_abs_delta": sum_abs / max(n_el, 1),
+            "sign_agree": n_sign / max(n_changed, 1)}
+
+
+def _ulp_bf16(x):
+    """bf16 unit in the last place at |x| (the ulp of the bf16 binade of x; min normal for 0)."""
+    import torch
+
+    ax = x.abs().clamp_min(2.0 ** -126)
+    return torch.exp2(torch.floor(torch.log2(ax)) - 7)
+
+
+def reference(method: str, name: str, base_t, ft_ts):
+    """f32 reference of mergekit 0.1.5's ties / model_stock formulas (f64 for the reductions),
+    for one tensor; returns f32 (the bench rounds it to bf16 once)."""
+    import torch
+
+    b = base_t.to(torch.float32)
+    ds = [f.to(torch.float32) - b for f in ft_ts]
+    if method == "ties":
+        trimmed = []
+        for d in ds:
+            n = d.numel()
+            k = max(1, int(DENSITY * n))
+            flat = d.reshape(-1)
+            mag = flat.abs()
+            # k-th largest magnitude; bf16 deltas take few distinct values, so many elements tie
+            # at it: keep the lowest-index ones (merge_fast's documented rule; mergekit's
+            # argsort leaves that order unspecified)
+            thr = torch.topk(mag, k, sorted=False).values.min()
+            keep = mag > thr
+            at = mag == thr
+            need = k - int(keep.sum().item())
+            keep |= at & (torch.cumsum(at, 0) <= need)
+            trimmed.append((flat * keep).reshape(d.shape))
+        wd = torch.stack([t * w for t, w in zip(trimmed, WEIGHTS)])
+        sign = torch.where(wd.sum(0) >= 0, 1.0, -1.0)
+        mask = torch.sign(wd) == sign
+        mixed = (wd * mask).sum(0)
+        div = (torch.tensor(WEIGHTS, dtype=torch.float32).view(-1, *[1] * b.dim()) * mask).sum(0)
+        div[div == 0] = 1.0
+        return b + mixed / div
+    if method == "model_stock":
+        x, y = ds[0].reshape(-1).double(), ds[1].reshape(-1).double()
+        c = float((x @ y) / max(float(x.norm() * y.norm()), 1e-8))
+        n = len(ds)
+        t = n * c / (1 + (n - 1) * c)
+        avg = sum(f.to(torch.float32) for f in ft_ts) / n
+        return t * avg + (1 - t) * b
+    raise ValueError(method)
+
+
+def ref_check(out_dirs: Dict[str, Path], method: str, base: Path, fts: List[Path],
+              names: Optional[List[str]]) -> dict:
+    """Each tool's output vs the f32 reference rounded once to bf16: fraction of elements
+    bit-equal, fraction more than 1 bf16 ulp (at the reference's magnitude) off, max |diff|."""
+    import torch
+    from safetensors import safe_open
+
+    wb = C.weight_map(base)
+    wfs = [C.weight_map(p) for p in fts]
+    wos = {k: C.weight_map(d) for k, d in out_dirs.items()}
+    handles: dict = {}
+
+    def get(path: Path, name: str):
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path].get_tensor(name)
+
+    acc = {k: {"n": 0, "eq": 0, "gt1": 0, "max_abs": 0.0} for k in out_dirs}
+    todo = [n for n in (names if names is not None else sorted(wb))
+            if all(n in w for w in wos.values())]
+    for n in todo:
+        r = reference(method, n, get(wb[n], n), [get(w[n], n) for w in wfs])
+        rb = r.to(torch.bfloat16)
+        u = _ulp_bf16(r)
+        for k, w in wos.items():
+            o = get(w[n], n)
+            a = acc[k]
+            a["n"] += o.numel()
+            a["eq"] += int((o.view(torch.int16) == rb.view(torch.int16)).sum().item())
+            e = (o.to(torch.float32) - r).abs()
+            a["max_abs"] = max(a["max_abs"], float(e.max().item()))
+            a["gt1"] += int((e > u).sum().item())
+            del o, e
+        del r, rb, u
+    return {k: {"frac_eq_ref": a["eq"] / max(a["n"], 1), "frac_gt1ulp": a["gt1"] / max(a["n"], 1),
+                "max_abs_vs_ref": a["max_abs"]} for k, a in acc.items()}
+
+
+def agreement_check(size: str, method: str, base: Path, fts: List[Path], rows: List[Row],
+                    outs: Dict[str, Path], check_all: bool) -> None:
+    done = {r.contender.kind: outs[r.contender.key] for r in rows
+            if r.status == "ok" and r.runs and r.runs[0].ok and r.contender.kind != "io-floor"
+            and outs[r.contender.key].is_dir()}
+    if "merge_fast" not in done or "mergekit" not in done:
+        return
+    names = sample_names(size, check_all)
+    t0 = time.perf_counter()
+    try:
+        if method == "dare_ties":
+            sm = dare_stats(done["merge_fast"], base, fts, names)
+            sk = dare_stats(done["mergekit"], base, fts, names)
+            res = {"kind": "stats", "merge_fast": sm, "mergekit": sk,
+                   "rel_gap_mean_abs_delta": abs(sm["mean_abs_delta"] - sk["mean_abs_delta"])
+                   / max(sk["mean_abs_delta"], 1e-30),
+                   "gap_frac_eq_base": abs(sm["frac_eq_base"] - sk["frac_eq_base"])}
+            # the names/shapes/dtypes part of the usual comparison still applies
+            cmp = C.compare_outputs(done["merge_fast"], done["mergekit"],
+                                    (names or [])[:1] if names else None)
+            res.update(names_equal=cmp["names_equal"], shapes_equal=cmp["shapes_equal"],
+                       dtypes_equal=cmp["dtypes_equal"], dtype_a=cmp.get("dtype_a"),
+                       dtype_b=cmp.get("dtype_b"))
+        else:
+            res = {"kind": "values", **C.compare_outputs(done["merge_fast"], done["mergekit"],
+                                                         names)}
+            if not getattr(agreement_check, "no_ref", False):
+                res["vs_ref"] = ref_check(done, method, base, fts, names)
+    except Exception as e:  # noqa: BLE001
+        res = {"error": f"{type(e).__name__}: {e}"}
+    res.update(size=size, method=method, a="merge_fast", b="mergekit", sampled=names is not None)
+    AGREEMENT.append(res)
+    print(f"  check {size} {method}: " + fmt_agree(res)
+          + f" ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
+
+
+def fmt_agree(r: dict) -> str:
+    if "error" in r:
+        return "ERROR " + r["error"]
+    if r.get("kind") == "stats":
+        m, k = r["merge_fast"], r["mergekit"]
+        s = (f"{m['n_tensors']} tensors{' (sample)' if r['sampled'] else ''}, "
+             f"frac == base: merge_fast {m['frac_eq_base']:.4f} vs mergekit "
+             f"{k['frac_eq_base']:.4f} (gap {r['gap_frac_eq_base']:.4f}); mean |out - base|: "
+             f"{m['mean_abs_delta']:.4g} vs {k['mean_abs_delta']:.4g} (rel gap "
+             f"{r['rel_gap_mean_abs_delta']:.2%}); sign(out - base) == sign(sum delta): "
+             f"{m['sign_agree']:.4f} vs {k['sign_agree']:.4f}")
+    else:
+        s = (f"{r['n_compared']} tensors{' (sample)' if r['sampled'] else ''}, max|diff| "
+             f"{r['max_abs']:.3g} (max|diff|/max|ref| {r.get('max_rel', 0):.2g}), max ordered-bits dist "
+             f"{r['max_ulp']}, {r['n_diff']}/{r['n_elems']} elems differ "
+             f"({r['n_diff'] / max(r['n_elems'], 1):.2e})")
+        if r.get("worst_tensor"):
+            s += f", worst {r['worst_tensor']}"
+        for k, v in (r.get("vs_ref") or {}).items():
+            s += (f"; {k} vs f32 reference: {v['frac_eq_ref']:.4%} bit-equal to it rounded "
+                  f"once, {v['frac_gt1ulp']:.2e} more than 1 bf16 ulp (at the element's magnitude) "
+                  f"off, max|diff| {v['max_abs_vs_ref']:.3g}")
+        if not r["names_equal"]:
+            s += f"; NAME SETS DIFFER (only merge_fast: {r['only_a']}, only mergekit: " \
+                 f"{r['only_b']})"
+    if not r.get("shapes_equal", True):
+        s += "; SHAPES DIFFER"
+    if not r.get("dtypes_equal", True):
+        s += f"; DTYPES DIFFER ({r.get('dtype_a')} vs {r.get('dtype_b')})"
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Main loop
+# --------------------------------------------------------------------------------------------
+
+
+def run_size_method(size: str, method: str, base: Path, fts: List[Path],
+                    contenders: List[Contender], args, work: Path,
+                    unavailable: Dict[str, str], deadline: float) -> List[Row]:
+    rows = [Row(size, method, c) for c in contenders]
+    for row in rows:
+        if row.contender.kind in unavailable:
+            row.status, row.note = "unavailable", unavailable[row.contender.kind]
+    outs = {r.contender.key: work / f"{size}_{method}_{r.contender.key}" for r in rows}
+    for rep in range(args.repeats):
+        if rep > 0 and time.perf_counter() > deadline:
+            print(f"  {size} {method}: --max-minutes reached, stopping after {rep} repeat(s)",
+                  file=sys.stderr, flush=True)
+            for row in rows:
+                if row.status == "ok":
+                    row.extra["repeats_cut"] = rep
+            break
+        for row in rows:
+            if row.status != "ok":
+                continue
+            c = row.contender
+            if c.kind == "mergekit" and rep >= args.mergekit_repeats:
+                continue
+            out = outs[c.key]
+            clean(out)
+            cmd = build_cmd(c, method, base, fts, out, args, work)
+            os.sync()
+            env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+            if c.kind == "merge_fast":
+                env.update(MF_ENV)
+            r = C.run_measured(cmd, env=env, timeout=args.timeout)
+            row.runs.append(r)
+            tag = f"{size:>5} {method:<11} {c.label:<16} rep {rep + 1}/{args.repeats}"
+            if not r.ok:
+                row.status = "failed"
+                tail = (r.stderr.strip().splitlines() or r.stdout.strip().splitlines()
+                        or ["?"])[-1]
+                row.note = f"rc={r.returncode}: {tail[:200]}"
+                print(f"  {tag}: FAILED {row.note}", file=sys.stderr, flush=True)
+                if args.verbose:
+                    print(r.stderr[-4000:], file=sys.stderr)
+                continue
+            print(f"  {tag}: {r.wall_s:7.2f} s  cpu {r.user_s + r.sys_s:6.1f} s  rss "
+                  f"{r.peak_rss_mb:6.0f} MB  anon {r.peak_anon_mb:6.0f} MB  load "
+                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+            if rep == 0 and c.kind == "merge_fast":
+                row.extra["shards"] = out_shards(out)
+                try:
+                    row.extra["api"] = json.loads(r.stdout.strip().splitlines()[-1])
+                except (ValueError, IndexError):
+                    pass
+            if rep == 0 and c.kind != "io-floor":
+                continue  # keep repeat-1 outputs for the agreement check
+            clean(out)
+        if rep == 0:
+            agreement_check(size, method, base, fts, rows, outs, args.check_all)
+            for row in rows:
+                clean(outs[row.contender.key])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def fnum(x: float, fmt: str = "{:.2f}") -> str:
+    return "-" if x != x else fmt.format(x)
+
+
+def table(rows: List[Row], markdown: bool) -> str:
+    hdr = ["contender", "size", "method", "runs", "median s", "min / max s", "CPU s",
+           "peak RSS MB", "anon MB", "x I/O floor", "speedup vs mergekit", "note"]
+    by: Dict[tuple, List[Row]] = {}
+    for r in rows:
+        by.setdefault((r.size, r.method), []).append(r)
+    body = []
+    for (size, method), rs in by.items():
+        floor = next((r.med for r in rs if r.contender.kind == "io-floor"), float("nan"))
+        mk = next((r.med for r in rs if r.contender.kind == "mergekit"), float("nan"))
+        for r in rs:
+            w = r.walls()
+            note = r.note if r.status != "ok" else ""
+            if r.status == "ok" and "shards" in r.extra:
+                note = f"out {r.extra['shards']}"
+                api_s = (r.extra.get("api") or {}).get("seconds")
+                if isinstance(api_s, (int, float)):
+                    note += f"; in-process {api_s:.2f} s (rep 1)"
+            if r.status != "ok" and not w:
+                body.append([r.contender.label, size, method, "0", r.status, "", "", "", "",
+                             "", "", note[:80]])
+                continue
+            body.append([
+                r.contender.label, size, method, str(len(w)), fnum(r.med),
+                f"{fnum(min(w))} / {fnum(max(w))}" if w else "-", fnum(r.cpu, "{:.1f}"),
+                fnum(r.rss, "{:.0f}"), fnum(r.anon, "{:.0f}"),
+                fnum(r.med / floor) if r.contender.kind != "io-floor" else "1.00",
+                fnum(mk / r.med) if r.contender.kind == "merge_fast" else "-",
+                note[:80],
+            ])
+    lines = []
+    if markdown:
+        lines.append("| " + " | ".join(hdr) + " |")
+        lines.append("|" + "|".join("---" if i in (0, 1, 2, 11) else "---:"
+                                    for i in range(len(hdr))) + "|")
+        for b in body:
+            lines.append("| " + " | ".join(b) + " |")
+    else:
+        widths = [max(len(hdr[i]), *(len(b[i]) for b in body)) if body else len(hdr[i])
+                  for i in range(len(hdr))]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(hdr, widths)))
+        lines.append("  ".join("-" * w for w in widths))
+        for b in body:
+            lines.append("  ".join(x.ljust(w) for x, w in zip(b, widths)))
+    return "\n".join(lines)
+
+
+def targets(rows: List[Row]) -> List[str]:
+    out = []
+    by: Dict[tuple, List[Row]] = {}
+    for r in rows:
+        by.setdefault((r.size, r.method), []).append(r)
+    for (size, method), rs in by.items():
+        note = "" if size == "1.1b" else "  (targets are defined for 1.1b; informational)"
+        mk = next((r for r in rs if r.contender.kind == "mergekit"), None)
+        mf = next((r for r in rs if r.contender.kind == "merge_fast"), None)
+        if mf is None or mf.status != "ok" or not mf.walls():
+            why = mf.note if mf else "not run"
+            out.append(f"{'N/A ' if mf is None or mf.status == 'unavailable' else 'FAIL'} "
+                       f"{size} {method}: merge_fast {mf.status if mf else ''} ({why})")
+            continue
+        n = len(mf.walls())
+        if mk and mk.walls():
+            sp = mk.med / mf.med
+            out.append(f"{'PASS' if sp >= TARGET_SPEEDUP else 'FAIL'} {size} {method}: "
+                       f"{sp:.1f}x faster than mergekit ({mk.med:.2f} s vs {mf.med:.2f} s, "
+                       f"median of {len(mk.walls())}/{n}); target >= {TARGET_SPEEDUP}x{note}")
+        elif mk:
+            out.append(f"N/A  {size} {method}: mergekit {mk.status} ({mk.note})")
+        out.append(f"{'PASS' if mf.rss <= TARGET_RSS_MB else 'FAIL'} {size} {method}: "
+                   f"merge_fast peak RSS {mf.rss:.0f} MB (VmHWM, incl. file-backed mmap pages, "
+                   f"max of {n}); target <= {TARGET_RSS_MB:.0f} MB{note}")
+        out.append(f"{'PASS' if mf.anon <= TARGET_RSS_MB else 'FAIL'} {size} {method}: "
+                   f"merge_fast peak anon {mf.anon:.0f} MB (RssAnon+RssShmem, polled); "
+                   f"target <= {TARGET_RSS_MB:.0f} MB{note}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--sizes", default="125m,1.1b",
+                    help=f"comma list of {','.join(C.SPECS)} (default 125m,1.1b)")
+    ap.add_argument("--only", default=",".join(METHODS), help="methods: " + ",".join(METHODS))
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="runs per contender, median reported (default 3; 1 for --sizes tiny)")
+    ap.add_argument("--contenders", default="io-floor,merge_fast,mergekit",
+                    help="subset of io-floor,merge_fast,mergekit")
+    ap.add_argument("--mergekit-repeats", type=int, default=None,
+                    help="run mergekit only on the first N repeats (default: all); its "
+                         "median is then over N runs -- for when a mergekit run takes minutes")
+    ap.add_argument("--mf-python", default=sys.executable,
+                    help="interpreter that has merge_fast installed")
+    ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml") or "mergekit-yaml")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for merge_fast / mergekit (default: their default)")
+    ap.add_argument("--seed", type=int, default=42, help="dare_ties seed (both tools)")
+    ap.add_argument("--delta-std", type=float, default=0.002,
+                    help="fine-tune delta std (weights' std is 0.02)")
+    ap.add_argument("--delta-corr", type=float, default=0.5,
+                    help="correlation of the two fine-tunes' deltas")
+    ap.add_argument("--data", default=str(C.BENCH_DATA))
+    ap.add_argument("--keep-data", action="store_true",
+                    help="keep the generated models (default: delete 1.1b inputs at the end)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no new repeat after this many minutes (repeat 1 always runs)")
+    ap.add_argument("--check-all", action="store_true",
+                    help="agreement check on every tensor (default: a sample, except tiny)")
+    ap.add_argument("--markdown", action="store_true", help="also print a README-ready table")
+    ap.add_argument("--json", default=None, help="write all raw results to this file")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+
+    sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
+    for s in sizes:
+        C.get_spec(s)
+    if args.repeats is None:
+        args.repeats = 1 if sizes == ["tiny"] else 3
+    if args.mergekit_repeats is None:
+        args.mergekit_repeats = args.repeats
+    methods = [m.strip() for m in args.only.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m}; known: {', '.join(METHODS)}")
+    kinds = [k.strip() for k in args.contenders.split(",")]
+    data = Path(args.data)
+    work = data / "out_methods"
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = (time.perf_counter() + 60 * args.max_minutes if args.max_minutes
+                else float("inf"))
+
+    unavailable: Dict[str, str] = {}
+    ok, info = mf_available(args.mf_python)
+    print(f"merge_fast: {'available ' + info if ok else 'UNAVAILABLE (' + info + ')'}",
+          file=sys.stderr)
+    if not ok:
+        unavailable["merge_fast"] = f"unavailable: {info}"
+    if shutil.which(args.mergekit) is None and not Path(args.mergekit).exists():
+        unavailable["mergekit"] = "mergekit-yaml not found"
+
+    contenders: List[Contender] = []
+    if "io-floor" in kinds:
+        contenders.append(Contender("io-floor", "I/O floor", "io-floor"))
+    if "merge_fast" in kinds:
+        contenders.append(Contender("merge_fast", "merge_fast", "merge_fast"))
+    if "mergekit" in kinds:
+        label = "mergekit"
+        try:
+            import importlib.metadata as md
+            label = f"mergekit {md.version('mergekit')}"
+        except Exception:  # noqa: BLE001
+            pass
+        contenders.append(Contender("mergekit", label, "mergekit"))
+
+    t_start = time.perf_counter()
+    load0 = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows: List[Row] = []
+    generated: List[Path] = []
+    for size in sizes:
+        print(f"[{size}] preparing base + 2 fine-tunes in {data}", file=sys.stderr, flush=True)
+        base, fts = C.ensure_model_set(size, 2, args.delta_std, args.delta_corr, root=data)
+        generated += [base, *fts]
+        nbytes = C.warm_page_cache(C.shard_files(base) + [f for p in fts
+                                                          for f in C.shard_files(p)])
+        print(f"[{size}] warmed page cache ({nbytes / 1e9:.2f} GB read)", file=sys.stderr,
+              flush=True)
+        for method in methods:
+            rows += run_size_method(size, method, base, fts, contenders, args, work,
+                                    unavailable, deadline)
+
+    total = time.perf_counter() - t_start
+    print()
+    print(f"# merge_fast methods bench  ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"repeats={args.repeats}, total {total:.0f} s)")
+    print(f"# load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"(load at start: {load0})")
+    print(f"# base + 2 fine-tunes (delta std {args.delta_std:g}, corr {args.delta_corr:g}); "
+          f"ties/dare_ties density {DENSITY} weight {WEIGHTS[0]} each, dare_ties seed "
+          f"{args.seed}; bf16 in/out")
+    print("# wall = median subprocess wall time (imports included); CPU = median user+sys; "
+          "inputs in page cache; no fsync; peak RSS = max over repeats of VmHWM (incl. "
+          "file-backed mmap pages); anon = polled RssAnon+RssShmem")
+    print(table(rows, markdown=False))
+    if args.markdown:
+        print()
+        print(table(rows, markdown=True))
+    print()
+    print("Agreement (repeat 1 outputs, merge_fast vs mergekit):")
+    for r in AGREEMENT:
+        print(f"  {r['size']} {r['method']}: {fmt_agree(r)}")
+    if not AGREEMENT:
+        print("  (nothing to compare)")
+    print()
+    print("Targets:")
+    for line in targets(rows):
+        print("  " + line)
+
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args),
+            "rows": [{"size": r.size, "method": r.method, "contender": r.contender.key,
+                      "status": r.status, "note": r.note, "extra": r.extra,
+                      "runs": [{k: v for k, v in dataclasses.asdict(x).items()
+                                if k not in ("stdout", "stderr")} for x in r.runs]}
+                     for r in rows],
+            "agreement": AGREEMENT, "targets": targets(rows)}, indent=2, default=str))
+    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep_data:
+        for p in generated:
+            if C.get_spec(p.name.split("_")[0]).n_bytes > 1e9:
+                shutil.rmtree(p, ignore_errors=True)
+    return 1 if any(r.status == "failed" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
