@@ -44,7 +44,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DATA = REPO_ROOT / "bench_data"
@@ -627,3 +627,64 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main())
+
+
+# --------------------------------------------------------------------------------------
+# Shared by the benchmark scripts: one row of results, output cleanup, formatting
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Row:
+    size: str
+    method: str
+    contender: Any  # each benchmark's own Contender (key, label, kind, ...)
+    runs: List[RunResult] = dataclasses.field(default_factory=list)
+    status: str = "ok"  # ok | unavailable | failed | skipped
+    note: str = ""
+    extra: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+    def walls(self) -> List[float]:
+        return [r.wall_s for r in self.runs if r.ok]
+
+    @property
+    def med(self) -> float:
+        return median(self.walls())
+
+    @property
+    def cpu(self) -> float:
+        return median([r.user_s + r.sys_s for r in self.runs if r.ok])
+
+    @property
+    def rss(self) -> float:
+        xs = [r.peak_rss_mb for r in self.runs if r.ok]
+        return max(xs) if xs else float("nan")
+
+    @property
+    def anon(self) -> float:
+        xs = [r.peak_anon_mb for r in self.runs if r.ok]
+        return max(xs) if xs else float("nan")
+
+
+def clean(out: Path) -> None:
+    for p in (out, Path(str(out) + ".bin")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+    if out.parent.is_dir():  # temp folders a tool left beside its target
+        for p in out.parent.iterdir():
+            if out.name in p.name:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+
+
+def out_shards(out: Path) -> str:
+    files = sorted(out.glob("*.safetensors"))
+    if not files:
+        return "-"
+    big = max(f.stat().st_size for f in files)
+    return f"{len(files)} shard(s) <= " + (f"{big / 1e6:.0f} MB" if big >= 1e6 else
+                                           f"{big / 1e3:.0f} kB")
+
+
+def fnum(x: float, fmt: str = "{:.2f}") -> str:
+    return "-" if x != x else fmt.format(x)  # NaN -> '-'
+

@@ -52,6 +52,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from _common import Row, clean, fnum, out_shards  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LINEAR_WEIGHTS = (0.5, 0.5)
@@ -69,38 +70,6 @@ class Contender:
     label: str
     kind: str  # io-floor | merge_fast | naive | mergekit
     shard: Optional[str] = None
-
-
-@dataclasses.dataclass
-class Row:
-    size: str
-    method: str
-    contender: Contender
-    runs: List[C.RunResult] = dataclasses.field(default_factory=list)
-    status: str = "ok"  # ok | unavailable | failed | skipped
-    note: str = ""
-    extra: Dict[str, object] = dataclasses.field(default_factory=dict)
-
-    def walls(self) -> List[float]:
-        return [r.wall_s for r in self.runs if r.ok]
-
-    @property
-    def med(self) -> float:
-        return C.median(self.walls())
-
-    @property
-    def cpu(self) -> float:
-        return C.median([r.user_s + r.sys_s for r in self.runs if r.ok])
-
-    @property
-    def rss(self) -> float:
-        xs = [r.peak_rss_mb for r in self.runs if r.ok]
-        return max(xs) if xs else float("nan")
-
-    @property
-    def anon(self) -> float:
-        xs = [r.peak_anon_mb for r in self.runs if r.ok]
-        return max(xs) if xs else float("nan")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,18 +170,6 @@ def build_cmd(c: Contender, method: str, a: Path, b: Path, out: Path, args,
     raise ValueError(c.kind)
 
 
-def clean(out: Path) -> None:
-    for p in (out, Path(str(out) + ".bin")):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists():
-            p.unlink()
-    if out.parent.is_dir():  # temp folders a tool left beside its target
-        for p in out.parent.iterdir():
-            if out.name in p.name:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-
-
 def sample_names(a: Path, size: str, check_all: bool = False) -> Optional[List[str]]:
     """None = compare all tensors (tiny, or --check-all); a representative sample otherwise
     (embeddings, lm_head, final norm, every projection and a norm of the first and last layer)."""
@@ -228,15 +185,6 @@ def sample_names(a: Path, size: str, check_all: bool = False) -> Optional[List[s
                                   "mlp.gate_proj.weight", "mlp.up_proj.weight",
                                   "mlp.down_proj.weight", "input_layernorm.weight")]
     return names
-
-
-def out_shards(out: Path) -> str:
-    files = sorted(out.glob("*.safetensors"))
-    if not files:
-        return "-"
-    big = max(f.stat().st_size for f in files)
-    return f"{len(files)} shard(s) <= " + (f"{big / 1e6:.0f} MB" if big >= 1e6 else
-                                           f"{big / 1e3:.0f} kB")
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,10 +301,6 @@ def fmt_agree(r: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-
-
-def fnum(x: float, fmt: str = "{:.2f}") -> str:
-    return "-" if x != x else fmt.format(x)  # NaN -> '-'
 
 
 def table(rows: List[Row], markdown: bool) -> str:
