@@ -25,6 +25,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """A progress bar only on a terminal, and never with --quiet."""
+    return (not args.quiet) and sys.stderr.isatty()
+
+
 def _options(args: argparse.Namespace) -> dict:
     return dict(
         out=args.out,
@@ -33,7 +38,7 @@ def _options(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         out_dtype=args.out_dtype,
         seed=args.seed,
-        progress=(not args.quiet) and sys.stderr.isatty(),
+        progress=_progress(args),
     )
 
 
@@ -77,7 +82,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         random_seed=args.random_seed,
         write_model_card=args.write_model_card,
         threads=args.threads,
-        progress=(not args.quiet) and sys.stderr.isatty(),
+        progress=_progress(args),
     )
     return _report(args, result)
 

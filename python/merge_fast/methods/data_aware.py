@@ -59,12 +59,12 @@ def layer_importance(fisher: Union[str, Path], names: Optional[Sequence[str]] = 
     return {n: norm(layer_mean[layer_of(n)] if layer_of(n) is not None else tensor_mean[n]) for n in names}
 
 
-def _missing(fisher_ck, names: Sequence[str], fisher_path: Any) -> None:
-    missing = [n for n in names if n not in fisher_ck]
+def _require(ckpt, names: Sequence[str], path: Any, what: str = "missing from", hint: str = "") -> None:
+    """TensorMismatch naming the first of `names` that `ckpt` lacks, and how many."""
+    missing = [n for n in names if n not in ckpt]
     if missing:
         raise TensorMismatch(
-            f"tensor mismatch for '{missing[0]}': {len(missing)} tensor(s) have no Fisher in {fisher_path}, "
-            f"e.g. {missing[:5]} (estimate the Fisher for every merged parameter)"
+            f"tensor mismatch for '{missing[0]}': {len(missing)} tensor(s) {what} {path}, e.g. {missing[:5]}{hint}"
         )
 
 
@@ -164,9 +164,7 @@ def _fisher_folders(
             input_of(path)
     names = ckpts[refs[0][0]].names()
     for path, c in ckpts.items():
-        missing = [n for n in names if n not in c]
-        if missing:
-            raise TensorMismatch(f"tensor mismatch for '{missing[0]}': missing from {path} ({len(missing)} tensor(s))")
+        _require(c, names, path)
     shapes = {n: tuple(s) for n, _, s in ckpts[refs[0][0]].tensors()}
     # Each model's source per tensor: the stored tensor, or base + B·A·scale for a LoRA.
     per_model = []
@@ -178,7 +176,7 @@ def _fisher_folders(
         per_model.append(plain)
     fisher_ckpts = [open_checkpoint(f) for f in fishers]
     for f, fc in zip(fishers, fisher_ckpts):
-        _missing(fc, names, f)
+        _require(fc, names, f, "have no Fisher in", " (estimate the Fisher for every merged parameter)")
     fisher_inputs = [input_of(str(f)) for f in fishers]
     importance = layer_importance(fishers[0], names) if method == "fisher_dampened" else {}
     plans = []
