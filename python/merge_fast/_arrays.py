@@ -43,7 +43,8 @@ def _to_f32(x: Any, what: str) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
         raise ConfigError(f"{what}: expected a floating-point array, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+    # "A": an unaligned buffer (e.g. np.frombuffer at an odd offset) is copied, not refused.
+    return np.require(a, np.float32, ["C", "A"]).reshape(-1)
 
 
 def is_array(x: Any) -> bool:
