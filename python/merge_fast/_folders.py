@@ -234,7 +234,7 @@ def execute(
         "tensors": [t.to_json() for t in plans],
         "seed": int(seed),
         "max_shard_size": shard,
-        "metadata": {"merge_fast": json.dumps(recipe, sort_keys=True)},
+        "metadata": {"merge_fast": json.dumps(plain(recipe), sort_keys=True)},
     }
     cb, bar = _progress_callback(progress, f"merging into {out.name}")
     t0 = time.perf_counter()
