@@ -68,6 +68,6 @@ def merge_arrays(
             raise TensorMismatch(f"tensor mismatch for 'array': model #{i} has shape {tuple(m.shape)}, expected {shape}")
     b = _to_f32(base, "base") if base is not None else None
     xs = [_to_f32(m, f"model #{i}") for i, m in enumerate(models)]
-    check_threads(threads)
+    threads = check_threads(threads)
     out = _core.merge_arrays(method, plan_json(params), list(shape), b, xs, seed=seed, threads=threads)
     return restore(out)

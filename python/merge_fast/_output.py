@@ -9,7 +9,6 @@ at the target (and SIGTERM is handled like Ctrl-C while it runs)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import numbers
 import os
@@ -74,8 +73,11 @@ def _describe(folder: Path, entries: List[str]) -> str:
 
 
 def _guard_inputs(real: Path, out: PathLike, inputs: Iterable[Optional[PathLike]], what: str) -> None:
-    cwd = Path(os.path.realpath(os.getcwd()))
-    if _within(cwd, real):
+    try:
+        cwd: Optional[Path] = Path(os.path.realpath(os.getcwd()))
+    except OSError:  # the current directory was deleted: nothing there to protect
+        cwd = None
+    if cwd is not None and _within(cwd, real):
         raise ConfigError(f"config error: {what} {out} ({real}) is or contains the current directory {cwd}; "
                           "choose a new folder")
     for i in inputs:
@@ -249,15 +251,20 @@ def _sigterm_raises() -> Iterator[None]:
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Holds SIGINT/SIGTERM back during the final moves (a few renames), so they are never
-    left half done."""
-    main = threading.current_thread() is threading.main_thread()
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if main else None
+    left half done; a signal that arrived meanwhile is raised again afterwards. (Python
+    handlers, not the signal mask: the engine's worker threads would still take the signal.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: List[int] = []
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        for n in got:
+            signal.raise_signal(n)
 
 
 def _io_error(e: OSError, what: str) -> MergeIOError:
