@@ -131,6 +131,21 @@ def test_subspace_masks_output_file_not_an_input(mf, fam):
     assert _snap(fam.a, fam.b) == before
 
 
+def test_fisher_output_file_not_an_input(mf, fam, tmp_path):
+    """`merge-fast fisher` refuses to write its Fisher over (or into) the model it reads,
+    before loading anything."""
+    pytest.importorskip("torch")
+    from merge_fast.torch.fisher import fisher_main
+
+    data = tmp_path / "texts.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    before = _snap(fam.a)
+    for out in (fam.a / "model.safetensors", fam.a / "fisher.safetensors", data):
+        with pytest.raises(mf.ConfigError, match="input"):
+            fisher_main([str(fam.a), "--data", str(data), "--out", str(out)])
+    assert _snap(fam.a) == before and data.read_text() == '{"text": "hello world"}\n'
+
+
 # --------------------------------------------------------- existing targets: overwrite
 def test_existing_user_folder_never_replaced(mf, fam, tmp_path):
     """A non-empty folder that merge_fast did not write: refused without overwrite, and with
