@@ -236,6 +236,7 @@ def test_mount_point_target_staged_inside(mf, fam, tmp_path):
     expected = _expected_slerp(mf, fam, tmp_path, 0.3)
     with tmpfs(tmp_path / "mnt", "64m") as mnt:
         assert os.path.ismount(mnt)
+        (mnt / "lost+found").mkdir()  # as on a fresh ext4 filesystem: not a reason to refuse, and kept
         mf.slerp(str(fam.a), str(fam.b), t=0.3, out=str(mnt), max_shard_size="8KB")
         assert os.path.ismount(mnt)
         got = read_folder_native(mnt)
@@ -243,6 +244,7 @@ def test_mount_point_target_staged_inside(mf, fam, tmp_path):
         mf.slerp(str(fam.a), str(fam.b), t=0.3, out=str(mnt), overwrite=True)  # single file now
         names = os.listdir(mnt)
         assert "model.safetensors.index.json" not in names and not [n for n in names if n.startswith((".", "model-"))]
+        assert (mnt / "lost+found").is_dir()
         got = read_folder_native(mnt)
         assert all(np.array_equal(got[k], expected[k]) for k in expected)
 

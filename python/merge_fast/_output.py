@@ -120,7 +120,7 @@ def _has_our_metadata(f: Path) -> bool:
 def looks_like_merge_output(folder: Path) -> bool:
     """Only files (a merge writes no subfolder), and mergekit's config copy or a safetensors
     file with merge_fast's recipe metadata."""
-    entries = [e for e in folder.iterdir() if not _STAGING.match(e.name)]
+    entries = [folder / e for e in _entries(folder)]
     if any(e.is_dir() for e in entries):
         return False
     return any(e.name in _OURS for e in entries) or any(
@@ -128,7 +128,11 @@ def looks_like_merge_output(folder: Path) -> bool:
 
 
 def _entries(folder: Path) -> List[str]:
-    return [e for e in os.listdir(folder) if not _STAGING.match(e)]
+    """What a folder holds besides our staging folders (and an ext4 mount root's lost+found)."""
+    names = [e for e in os.listdir(folder) if not _STAGING.match(e)]
+    if "lost+found" in names and os.path.ismount(folder):
+        names.remove("lost+found")
+    return names
 
 
 def check_output_dir(out: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, overwrite: bool = False) -> Path:
