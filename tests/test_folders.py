@@ -424,14 +424,16 @@ def test_progress_true_and_seed_accepted(mf, llama_f32, tmp_path, capsys):
 
 
 def test_merge_into_existing_folder_replaces_it_cleanly(mf, model_family, tmp_path):
-    """Re-merging into an existing output (sharded before, single file now) must not leave
-    stale shards or a stale index.json that would make loaders read old weights."""
+    """Re-merging into an existing output (sharded before, single file now; overwrite=True)
+    must not leave stale shards or a stale index.json that would make loaders read old weights."""
     sh = model_family("llama", "float32", True)
     out = tmp_path / "merged"
     mf.slerp(str(sh.a), str(sh.b), t=0.3, out=str(out), max_shard_size="10KB")
     assert (out / "model.safetensors.index.json").exists()
     (out / "stray_user_file.txt").write_text("x")
-    mf.slerp(str(sh.a), str(sh.b), t=0.7, out=str(out))
+    with pytest.raises(mf.ConfigError, match="exists and is not empty.*overwrite"):
+        mf.slerp(str(sh.a), str(sh.b), t=0.7, out=str(out))
+    mf.slerp(str(sh.a), str(sh.b), t=0.7, out=str(out), overwrite=True)
     names = sorted(p.name for p in out.iterdir())
     assert "model.safetensors.index.json" not in names, f"stale index left: {names}"
     assert not [n for n in names if n.startswith("model-")], f"stale shards left: {names}"

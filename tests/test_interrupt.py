@@ -1,5 +1,6 @@
 """Interrupted merges: an exception from the progress callable aborts the merge and leaves
-nothing; a process killed with SIGKILL mid-merge never leaves a partial folder at the target."""
+nothing; SIGINT and SIGTERM abort cleanly; a process killed with SIGKILL mid-merge never
+leaves a partial folder at the target, and the next run removes its staged folder."""
 from __future__ import annotations
 
 import json
@@ -122,36 +123,6 @@ def _complete(out: Path, expected_names: set) -> bool:
     return names == expected_names
 
 
-def test_sigkill_mid_merge_leaves_no_target(big_pair, tmp_path):
-    a, b = big_pair
-    work = tmp_path / "work"
-    work.mkdir()
-    out = work / "merged"
-    p = subprocess.Popen([sys.executable, "-c", CHILD, str(a), str(b), str(out), "0.05"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        # wait for the first progress line, then for a temp folder to exist beside the target
-        line = p.stdout.readline()
-        assert line.startswith("P"), f"child did not report progress: {line!r} {p.stderr.read() if p.poll() is not None else ''}"
-        deadline = time.time() + 30
-        seen = []
-        while time.time() < deadline and not seen:
-            seen = os.listdir(work)
-            time.sleep(0.005)
-        assert seen, "no temporary folder appeared beside the target while merging"
-        assert p.poll() is None, "merge finished before it could be killed (slow progress should prevent that)"
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == -signal.SIGKILL
-    assert not out.exists(), "SIGKILL mid-merge left a folder at the target path"
-    for name in os.listdir(work):  # a leftover temp folder is tolerable; it must not be named like the target
-        assert name != "merged"
-
-
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.4])
 def test_sigkill_at_any_time_target_absent_or_complete(big_pair, tmp_path, delay):
     """Kill a full-speed merge at some moment: the target is either absent or complete."""
@@ -181,29 +152,134 @@ def test_sigkill_at_any_time_target_absent_or_complete(big_pair, tmp_path, delay
         assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr.read())
 
 
-def test_sigint_mid_merge_cleans_up(big_pair, tmp_path):
-    """Ctrl-C (SIGINT) during a merge: KeyboardInterrupt, non-zero exit, no target, and the
-    temporary folder removed (the Python exception path can clean up, unlike SIGKILL)."""
-    a, b = big_pair
+# ------------------------------------------------ SIGINT / SIGTERM, deterministically
+# The child's progress callback writes a marker after the first tensor and then waits for
+# the signal, so the signal always lands while the merge is provably in progress (a
+# temporary folder exists, no output yet), whatever the machine's load.
+SIGNAL_CHILD = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    a, b, out, marker, mode = sys.argv[1:6]
+
+    def progress(done, total, bd, bt):
+        if done == 1:
+            pathlib.Path(marker).write_text("merging")
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                time.sleep(0.01)  # the signal's handler runs here
+            print("no signal arrived", flush=True)
+
+    if mode == "api":
+        import merge_fast as mf
+        mf.slerp(a, b, t=0.3, out=out, progress=progress)
+    else:  # the CLI's own main(), with the blocking callback in place of its progress bar
+        from merge_fast import _folders, cli
+        _folders._progress_callback = lambda _p, _d: (progress, None)
+        sys.exit(cli.main(["slerp", a, b, "--t", "0.3", "-o", out]))
+    print("DONE", flush=True)
+    """
+)
+
+
+def _signal_mid_merge(fam, tmp_path, sig, mode):
     work = tmp_path / "work"
     work.mkdir()
-    out = work / "merged"
-    p = subprocess.Popen([sys.executable, "-c", CHILD, str(a), str(b), str(out), "0.05"],
+    out, marker = work / "merged", tmp_path / "marker"
+    p = subprocess.Popen([sys.executable, "-c", SIGNAL_CHILD, str(fam.a), str(fam.b), str(out), str(marker), mode],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = p.stdout.readline()
-        assert line.startswith("P"), line
-        deadline = time.time() + 30
-        while time.time() < deadline and not os.listdir(work):
+        deadline = time.monotonic() + 60
+        while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert p.poll() is None, "merge finished before SIGINT"
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
+        assert marker.exists(), f"child never reached the first tensor: {p.communicate(timeout=5)}"
+        staged = os.listdir(work)
+        assert len(staged) == 1 and ".merge-fast-tmp-" in staged[0] and p.poll() is None, staged
+        p.send_signal(sig)
+        stdout, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode != 0, "SIGINT mid-merge: exit code 0"
-    assert "KeyboardInterrupt" in err, f"expected KeyboardInterrupt, stderr: {err[-2000:]}"
-    assert not out.exists(), "SIGINT mid-merge left a folder at the target"
-    assert os.listdir(work) == [], f"SIGINT left {os.listdir(work)} beside the target"
+    assert "DONE" not in stdout and "no signal" not in stdout, stdout
+    assert not out.exists(), f"{sig.name} mid-merge left a folder at the target"
+    assert os.listdir(work) == [], f"{sig.name} left {os.listdir(work)} beside the target"
+    return p.returncode, err
+
+
+def test_sigint_mid_merge_cleans_up(model_family, tmp_path):
+    """Ctrl-C (SIGINT) during a merge: KeyboardInterrupt, non-zero exit, no target, and the
+    temporary folder removed (the Python exception path can clean up, unlike SIGKILL)."""
+    rc, err = _signal_mid_merge(model_family("llama", "float32", False), tmp_path, signal.SIGINT, "api")
+    assert rc != 0, "SIGINT mid-merge: exit code 0"
+    assert "KeyboardInterrupt" in err, err[-2000:]
+
+
+def test_sigterm_mid_merge_cleans_up(model_family, tmp_path):
+    """SIGTERM (kill, systemd, a job scheduler) is handled like Ctrl-C: MergeInterrupted,
+    non-zero exit, staged folder removed."""
+    rc, err = _signal_mid_merge(model_family("llama", "float32", False), tmp_path, signal.SIGTERM, "api")
+    assert rc == 1, (rc, err[-2000:])
+    assert "MergeInterrupted" in err or "Terminated" in err, err[-2000:]
+    assert "interrupted by SIGTERM; no output written" in err
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_cli_signal_mid_merge(model_family, tmp_path, sig, code):
+    """The CLI: 128 + signal number, a one-line message, no traceback, nothing left."""
+    rc, err = _signal_mid_merge(model_family("llama", "float32", False), tmp_path, sig, "cli")
+    assert rc == code, (rc, err)
+    assert "Traceback" not in err and "no output written" in err, err
+
+
+def test_sigterm_handler_restored(mf, model_family, tmp_path):
+    """The SIGTERM handler exists only while a merge runs; a caller's own handler is kept."""
+    fam = model_family("llama", "float32", False)
+    seen = []
+
+    def progress(*_):
+        seen.append(signal.getsignal(signal.SIGTERM))
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    mf.slerp(str(fam.a), str(fam.b), t=0.3, out=str(tmp_path / "o1"), progress=progress)
+    assert seen and seen[0] not in (signal.SIG_DFL, None)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def mine(*_):
+        pass
+
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        seen.clear()
+        mf.slerp(str(fam.a), str(fam.b), t=0.3, out=str(tmp_path / "o2"), progress=progress)
+        assert seen[0] is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_sigkill_mid_merge_leftover_removed_by_next_run(mf, model_family, tmp_path):
+    """SIGKILL mid-merge leaves no folder at the target; the staged folder stays (nothing can run); the next merge into the same
+    target sees that its process is gone, removes it and says so."""
+    fam = model_family("llama", "float32", False)
+    work = tmp_path / "work"
+    work.mkdir()
+    out, marker = work / "merged", tmp_path / "marker"
+    p = subprocess.Popen([sys.executable, "-c", SIGNAL_CHILD, str(fam.a), str(fam.b), str(out), str(marker), "api"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert marker.exists()
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not out.exists(), "SIGKILL mid-merge left a folder at the target path"
+    left = os.listdir(work)
+    assert len(left) == 1 and left[0].startswith(f".merged.merge-fast-tmp-{p.pid}-"), left
+    with pytest.warns(UserWarning, match=rf"removed .*{left[0]}.*process {p.pid} no longer runs"):
+        mf.slerp(str(fam.a), str(fam.b), t=0.3, out=str(out))
+    assert os.listdir(work) == ["merged"]

@@ -41,14 +41,14 @@ def merge_fast_merge(method_name, dirs, fisher_paths, out_dir):
 
     base, models = dirs[0], list(dirs[1:])
     if method_name == "average":
-        mf.linear(models, out=out_dir)
+        mf.linear(models, out=out_dir, overwrite=True)
     elif method_name == "task_arithmetic" or method_name.startswith("task_arithmetic_"):
         lam = 1.0 if method_name == "task_arithmetic" else float(method_name.split("_")[-1])
-        mf.task_arithmetic(base, models, lam=lam, out=out_dir)
+        mf.task_arithmetic(base, models, lam=lam, out=out_dir, overwrite=True)
     elif method_name == "ties":
-        mf.ties(base, models, density=TIES_DENSITY, lam=1.0, out=out_dir)
+        mf.ties(base, models, density=TIES_DENSITY, lam=1.0, out=out_dir, overwrite=True)
     elif method_name == "fisher":
-        mf.fisher_weighted(models, list(fisher_paths), epsilon=1e-8, out=out_dir)
+        mf.fisher_weighted(models, list(fisher_paths), epsilon=1e-8, out=out_dir, overwrite=True)
     else:
         raise ValueError(f"merge_fast_merge: unknown method {method_name!r}")
     return out_dir

@@ -43,7 +43,8 @@ def _to_f32(x: Any, what: str) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
         raise ConfigError(f"{what}: expected a floating-point array, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+    # "A": an unaligned buffer (e.g. np.frombuffer at an odd offset) is copied, not refused.
+    return np.require(a, np.float32, ["C", "A"]).reshape(-1)
 
 
 def is_array(x: Any) -> bool:
@@ -67,6 +68,6 @@ def merge_arrays(
             raise TensorMismatch(f"tensor mismatch for 'array': model #{i} has shape {tuple(m.shape)}, expected {shape}")
     b = _to_f32(base, "base") if base is not None else None
     xs = [_to_f32(m, f"model #{i}") for i, m in enumerate(models)]
-    check_threads(threads)
+    threads = check_threads(threads)
     out = _core.merge_arrays(method, plan_json(params), list(shape), b, xs, seed=seed, threads=threads)
     return restore(out)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _core
 from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch
-from ._output import parse_size, staged_dir
+from ._output import check_output_dir, check_threads, parse_size, staged_dir
 
 PathLike = Union[str, Path]
 ProgressArg = Union[bool, Callable[[int, int, int, int], Any], None]
@@ -71,9 +71,16 @@ class TensorPlan:
         return d
 
 
-def check_threads(threads: Optional[int]) -> None:
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"config error: threads must be a positive integer, got {threads!r}")
+def plain(x: Any) -> Any:
+    """Numpy scalars (``np.float32(0.5)``, ``np.int64(3)``) as Python numbers, in nested
+    dicts and lists too: they are accepted wherever a number is."""
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if type(x).__module__ == "numpy" and hasattr(x, "item") and getattr(x, "ndim", None) == 0:
+        return x.item()
+    return x
 
 
 def _non_finite(x: Any, path: str) -> Optional[str]:
@@ -89,6 +96,7 @@ def _non_finite(x: Any, path: str) -> Optional[str]:
 def plan_json(obj: Any) -> str:
     """JSON for the engine; a NaN or infinite parameter is a ConfigError naming it (JSON has
     no such numbers, and no merge parameter may be one)."""
+    obj = plain(obj)
     bad = _non_finite(obj, "")
     if bad is not None:
         raise ConfigError(f"config error: parameter '{bad.split('.')[-1]}' must be a finite number ({bad})")
@@ -207,15 +215,16 @@ def execute(
     progress: ProgressArg = False,
     seed: int = 0,
     extra_files: Optional[Callable[[Path], None]] = None,
+    overwrite: bool = False,
+    inputs: Sequence[PathLike] = (),
 ) -> MergeResult:
-    """Runs planned tensors into `out` atomically and returns what was written."""
+    """Runs planned tensors into `out` atomically and returns what was written. `inputs`:
+    folders read besides `paths` (model folders of adapters, tokenizer sources), which the
+    output must not touch either."""
+    protected = [*paths, side_files_from, *inputs]
+    check_output_dir(out, protected, overwrite=overwrite)
     out = Path(out).absolute()
-    for p in paths:
-        if Path(p).absolute() == out:
-            raise ConfigError(f"config error: output {out} is also an input; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"config error: output {out} exists and is not a folder")
-    check_threads(threads)
+    threads = check_threads(threads)
     try:
         shard = parse_size(max_shard_size)
     except ValueError as e:
@@ -225,12 +234,12 @@ def execute(
         "tensors": [t.to_json() for t in plans],
         "seed": int(seed),
         "max_shard_size": shard,
-        "metadata": {"merge_fast": json.dumps(recipe, sort_keys=True)},
+        "metadata": {"merge_fast": json.dumps(plain(recipe), sort_keys=True)},
     }
     cb, bar = _progress_callback(progress, f"merging into {out.name}")
     t0 = time.perf_counter()
     try:
-        with staged_dir(out) as tmp:
+        with staged_dir(out, protected, overwrite=overwrite) as tmp:
             stats = _core.execute_plan(plan_json(plan), str(tmp), threads=threads, progress=cb)
             copy_side_files(Path(side_files_from), tmp, out_dtype)
             if extra_files is not None:
@@ -262,7 +271,10 @@ def merge_folders(
     max_shard_size: Union[int, str] = "5GB",
     progress: ProgressArg = False,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> MergeResult:
+    check_output_dir(out, [base, *models], overwrite=overwrite)
+    check_threads(threads)
     code = out_dtype_code(dtype, out_dtype)
     paths, plans = same_tensor_plan(method, base, models, lambda _name: params, code)
     recipe = {
@@ -286,4 +298,5 @@ def merge_folders(
         max_shard_size=max_shard_size,
         progress=progress,
         seed=seed,
+        overwrite=overwrite,
     )

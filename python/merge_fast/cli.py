@@ -8,13 +8,16 @@ from typing import Callable, Dict, List, Optional
 from ._errors import MergeError
 
 Command = Callable[[argparse.Namespace], int]
+_OVERWRITE_HELP = "replace an existing output folder that holds a previous merge output (anything else is refused)"
+_THREADS_HELP = "worker threads, 1 to 1024 (default: one per core); results do not depend on it"
 _COMMANDS: Dict[str, Command] = {}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("merge options")
-    g.add_argument("-o", "--out", required=True, help="output model folder (written atomically; replaced if it exists)")
-    g.add_argument("--threads", type=int, default=None, help="worker threads (default: one per core); results do not depend on it")
+    g.add_argument("-o", "--out", required=True, help="output model folder (written atomically; must be new or empty)")
+    g.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    g.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     g.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 500MB, 5GB, 1GiB (default 5GB)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype as in mergekit configs; merge_fast always computes in float32, and "
@@ -39,6 +42,7 @@ def _options(args: argparse.Namespace) -> dict:
         out_dtype=args.out_dtype,
         seed=args.seed,
         progress=_progress(args),
+        overwrite=args.overwrite,
     )
 
 
@@ -83,6 +87,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         write_model_card=args.write_model_card,
         threads=args.threads,
         progress=_progress(args),
+        overwrite=args.overwrite,
     )
     return _report(args, result)
 
@@ -164,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a mergekit-style YAML config (like mergekit-yaml CONFIG OUT)")
     p.add_argument("config", help="merge config (mergekit's YAML schema)")
-    p.add_argument("out", help="output model folder (written atomically; replaced if it exists)")
+    p.add_argument("out", help="output model folder (written atomically; must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     B = argparse.BooleanOptionalAction
     p.add_argument("--out-shard-size", default="5B",
                    help="largest output shard: mergekit's 5B/500M (bytes as mergekit counts them) or 5GB, 1GiB (default 5B)")
@@ -178,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action=B, default=False, help="accepted for mergekit compatibility; no effect")
     p.add_argument("--cuda", action=B, default=False, help="not used: merge_fast computes on the CPU")
     p.add_argument("--device", default=None, help="not used: merge_fast computes on the CPU")
-    p.add_argument("--threads", "-j", "--num-threads", type=int, default=None,
-                   help="worker threads (default: one per core); results do not depend on it")
+    p.add_argument("--threads", "-j", "--num-threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
     g = p.add_argument_group("other mergekit options (accepted, no effect here)")
@@ -222,21 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output .safetensors file")
     p.add_argument("--include", default=None, help="regex: only tensors whose name matches")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("-q", "--quiet", action="store_true")
     _COMMANDS["subspace-masks"] = _cmd_subspace_masks
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ._output import Terminated
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["fisher"]:
-        # Its options (and --help) belong to merge_fast.torch's own parser.
-        return _cmd_fisher(argparse.Namespace(args=argv[1:]))
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == ["fisher"]:
+            # Its options (and --help) belong to merge_fast.torch's own parser.
+            return _cmd_fisher(argparse.Namespace(args=argv[1:]))
+        args = build_parser().parse_args(argv)
         return _COMMANDS[args.command](args)
+    except Terminated as e:
+        print(f"merge-fast: {e}", file=sys.stderr)
+        return 128 + e.signum
     except MergeError as e:
+        print(f"merge-fast: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the environment (disk, permissions), never worth a traceback
         print(f"merge-fast: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

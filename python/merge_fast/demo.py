@@ -92,7 +92,7 @@ def run_demo(workdir: Optional[str] = None, quiet: bool = False) -> int:
     write_model(b, CONFIG, seed=1, base_seed=0, noise=0.5)
     say(f"made two Llama-architecture models ({sum(np.prod(s) for s in llama_shapes(CONFIG).values()) / 1e6:.1f}M params, bf16) "
         f"in {root} ({time.perf_counter() - t0:.2f} s)")
-    r = slerp(str(a), str(b), t=0.5, out=str(out), progress=(not quiet) and sys.stderr.isatty())
+    r = slerp(str(a), str(b), t=0.5, out=str(out), progress=(not quiet) and sys.stderr.isatty(), overwrite=True)
     print(f"slerp t=0.5: {r}")
     try:
         import torch  # noqa: F401

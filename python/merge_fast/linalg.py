@@ -28,7 +28,7 @@ def _as_f32(x: Any, what: str) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype.kind not in "fiu":
         raise ConfigError(f"config error: {what} must be a real numeric array, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    return np.require(a, np.float32, ["C", "A"])  # copies an unaligned buffer too
 
 
 def _stack(x: Any, what: str) -> Tuple[np.ndarray, bool]:

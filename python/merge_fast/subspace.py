@@ -3,6 +3,7 @@ projecting gradients out of the instruction-tuned subspace while training
 (:class:`merge_fast.torch.SubspaceProjector` loads them)."""
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import uuid
@@ -10,8 +11,9 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 from . import _core
-from ._errors import ConfigError
-from ._folders import check_threads, open_checkpoint
+from ._errors import ConfigError, MergeError, MergeIOError
+from ._folders import open_checkpoint
+from ._output import check_output_file, check_threads, remove_stale
 
 PathLike = Union[str, Path]
 
@@ -31,9 +33,11 @@ def subspace_masks(
     regex ``include`` if given), computed by randomized SVD (seeded; exact SVD when r is
     close to the matrix size). Returns ``{name: (rank, captured_energy, exact)}``; the
     energies are also stored in the file's metadata."""
-    if not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ConfigError(f"config error: rank must be a positive integer, got {rank!r}")
-    check_threads(threads)
+    rank = int(rank)
+    threads = check_threads(threads)
+    out = check_output_file(out, [it_dir, pt_dir])
     it = open_checkpoint(it_dir)
     open_checkpoint(pt_dir)
     pattern = re.compile(include) if include else None
@@ -41,13 +45,20 @@ def subspace_masks(
              if len(shape) == 2 and dtype in ("F32", "F16", "BF16", "F64") and (pattern is None or pattern.search(n))]
     if not names:
         raise ConfigError(f"config error: no 2-D float tensor in {it_dir} matches {include!r}")
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MergeIOError(f"I/O error: cannot create the folder of {out}: {e.strerror or e}") from None
+    remove_stale(out.parent, out.name)
     tmp = out.parent / f".{out.name}.merge-fast-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         result = _core.subspace_masks(str(it_dir), str(pt_dir), names, rank, str(tmp), seed=seed, threads=threads,
                                       metadata={"it_model": str(it_dir), "pt_model": str(pt_dir), "seed": str(seed)})
         os.replace(tmp, out)
+    except OSError as e:
+        if isinstance(e, MergeError):
+            raise
+        raise MergeIOError(f"I/O error: cannot write {out}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

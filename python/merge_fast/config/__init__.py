@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Union
 
 from .._errors import ConfigError
 from .._folders import MergeResult, ProgressArg, execute
-from .._output import parse_size
+from .._output import check_output_dir, check_threads, parse_size
 from . import output as _output
 from ._source import load as _load
 from .methods import MERGEKIT_METHODS
@@ -73,8 +73,10 @@ def run(
     low_cpu_memory: bool = False,
     cuda: bool = False,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> MergeResult:
-    """Runs a mergekit-style config into `out` (written atomically).
+    """Runs a mergekit-style config into `out` (written atomically). An existing non-empty
+    `out` is replaced only with ``overwrite`` and only if it holds a previous merge output.
 
     ``lazy_unpickle`` and ``low_cpu_memory`` are accepted for mergekit compatibility and do
     nothing (inputs are always memory-mapped and streamed). ``cuda`` prints a notice:
@@ -83,13 +85,16 @@ def run(
         print("merge-fast: --cuda ignored: merge_fast computes on the CPU (streamed, multi-threaded)", file=sys.stderr)
     del lazy_unpickle, low_cpu_memory, trust_remote_code
     cfg = config if isinstance(config, MergeConfig) else load(config)
+    inputs = _inputs(cfg)
+    check_output_dir(out, inputs, overwrite=overwrite)
+    threads = check_threads(threads)
     try:
         shard = parse_shard_size(out_shard_size)
     except ValueError as e:
         raise ConfigError(f"config error: out_shard_size: {e}") from None
     if cfg.merge_method in _RECIPES:
         return _run_recipe(cfg, Path(out), shard=shard, threads=threads, progress=progress,
-                           seed=random_seed or 0, write_model_card=write_model_card)
+                           seed=random_seed or 0, write_model_card=write_model_card, overwrite=overwrite)
     p = plan(cfg, allow_crimes=allow_crimes)
     chat_template = _output.resolve_chat_template(cfg, cfg.src.error)
     out = Path(out)
@@ -111,9 +116,19 @@ def run(
         "config": text,
     }
     try:
-        return _execute(p, out, recipe, shard, threads, progress, random_seed, extra)
+        return _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overwrite, inputs)
     except ConfigError as e:
         raise _with_location(cfg, e) from None
+
+
+def _inputs(cfg: MergeConfig) -> list:
+    """Every path a config reads: models, adapters, tokenizer source, Fisher files."""
+    paths = [p for m in cfg.referenced_models() for p in (m.path, m.lora) if p]
+    for params in [cfg.parameters or {}] + [s.parameters or {} for s in cfg.models or []]:
+        f = params.get("fisher") if isinstance(params, dict) else None
+        if isinstance(f, (str, Path)):
+            paths.append(f)
+    return paths
 
 
 # merge_fast's own methods whose inputs go beyond models (Fisher files, donors of other
@@ -127,7 +142,7 @@ _RECIPES = {
 
 
 def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, seed: int,
-                write_model_card: bool) -> Any:
+                write_model_card: bool, overwrite: bool) -> Any:
     """Runs fisher_weighted, fisher_dampened or procrustes_absorb from a config:
 
     - fisher_weighted: ``models: [{model, parameters: {fisher: PATH, weight}}]``, global
@@ -171,7 +186,7 @@ def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, s
             (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
 
     opts = dict(out=str(out), dtype=cfg.dtype or "float32", out_dtype=cfg.out_dtype, threads=threads,
-                max_shard_size=shard, progress=progress, seed=seed, extra_files=card)
+                max_shard_size=shard, progress=progress, seed=seed, extra_files=card, overwrite=overwrite)
     if method == "fisher_weighted":
         if base is not None:
             raise err(("base_model",), "fisher_weighted takes no base_model")
@@ -189,7 +204,7 @@ def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, s
     from ..crossarch import procrustes_absorb
 
     # Its writer buffers one output shard, so it keeps its own (small) shard size.
-    return procrustes_absorb(base, models, out=str(out), weights=weights, seed=seed, **glob)
+    return procrustes_absorb(base, models, out=str(out), weights=weights, seed=seed, overwrite=overwrite, **glob)
 
 
 def _with_location(cfg: MergeConfig, e: ConfigError) -> ConfigError:
@@ -207,7 +222,7 @@ def _with_location(cfg: MergeConfig, e: ConfigError) -> ConfigError:
     return e
 
 
-def _execute(p, out, recipe, shard, threads, progress, random_seed, extra):
+def _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overwrite, inputs):
     return execute(
         p.paths,
         p.tensors,
@@ -220,4 +235,6 @@ def _execute(p, out, recipe, shard, threads, progress, random_seed, extra):
         progress=progress,
         seed=0 if random_seed is None else int(random_seed),
         extra_files=extra,
+        overwrite=overwrite,
+        inputs=inputs,
     )

@@ -11,6 +11,11 @@ from .._errors import ConfigError
 
 KeyPath = Tuple[Union[str, int], ...]
 
+# Real configs are a few KB; these bound the work a hostile one can cause.
+MAX_CONFIG_BYTES = 1_000_000
+# Nodes after expanding every alias ("billion laughs" expands 9 aliases to 10**9).
+MAX_EXPANDED_NODES = 100_000
+
 
 def key_str(path: KeyPath) -> str:
     """('slices', 0, 'sources', 1, 'layer_range') -> 'slices[0].sources[1].layer_range'."""
@@ -52,6 +57,34 @@ class ConfigSource:
         return ConfigError(f"config error: {self.where(path)}: {msg}")
 
 
+def _expanded_size(node: yaml.Node, name: str) -> int:
+    """Node count with every alias expanded, computed once per distinct node (linear time);
+    raises ConfigError past MAX_EXPANDED_NODES or on a recursive alias."""
+    sizes: Dict[int, int] = {}
+    busy: set = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in busy:
+            raise ConfigError(f"config error: {name} line {n.start_mark.line + 1}: recursive YAML alias")
+        busy.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in n.value)
+        else:
+            total = 1
+        busy.discard(id(n))
+        if total > MAX_EXPANDED_NODES:
+            raise ConfigError(f"config error: {name} line {n.start_mark.line + 1}: YAML aliases expand to more than "
+                              f"{MAX_EXPANDED_NODES} values; refusing (is this an alias bomb?)")
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
 def _walk(node: yaml.Node, path: KeyPath, lines: Dict[KeyPath, int], filename: str) -> None:
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
@@ -74,8 +107,13 @@ def _walk(node: yaml.Node, path: KeyPath, lines: Dict[KeyPath, int], filename: s
 
 def parse_text(text: str, filename: Optional[str] = None) -> ConfigSource:
     name = filename or "config"
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config error: {name} is {len(text)} characters; configs are limited to "
+                          f"{MAX_CONFIG_BYTES} (1 MB)")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _expanded_size(node, name)  # before anything walks the aliases
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -90,13 +128,25 @@ def parse_text(text: str, filename: Optional[str] = None) -> ConfigSource:
 def load(config: Union[str, Path, Dict[str, Any]]) -> ConfigSource:
     """A path to a YAML file, YAML text (anything with a newline or a ':'), or a dict."""
     if isinstance(config, dict):
-        return ConfigSource(config, None, None, {})
+        from .._folders import plain
+
+        return ConfigSource(plain(config), None, None, {})
     if isinstance(config, Path) or (isinstance(config, str) and "\n" not in config
                                     and (":" not in config or Path(config).suffix in (".yml", ".yaml") or Path(config).exists())):
         p = Path(config)
         if not p.is_file():
             raise ConfigError(f"config error: config file {p} not found")
-        return parse_text(p.read_text(encoding="utf-8"), str(p))
+        try:
+            if p.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config error: config file {p} is {p.stat().st_size} bytes; configs are "
+                                  f"limited to {MAX_CONFIG_BYTES} (1 MB)")
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config error: config file {p} is not UTF-8 text (byte {e.start}); "
+                              "is it a YAML file?") from None
+        except OSError as e:
+            raise ConfigError(f"config error: cannot read config file {p}: {e.strerror or e}") from None
+        return parse_text(text, str(p))
     if isinstance(config, str):
         return parse_text(config, None)
     raise ConfigError(f"config error: expected a YAML file path, YAML text or a dict, got {type(config).__name__}")

@@ -19,7 +19,7 @@ import numpy as np
 from .. import _core
 from .._errors import ConfigError
 from .._folders import OUT_DTYPES, copy_side_files
-from .._output import parse_size, staged_dir
+from .._output import check_output_dir, parse_size, staged_dir
 from ..arch import apply_output_recipe, plan_decanonical
 from ._model import ModelView
 
@@ -43,16 +43,6 @@ def _out_code(out_dtype: Optional[str]) -> Optional[str]:
     return OUT_DTYPES[out_dtype]
 
 
-def _check_out(out: Path, inputs: List[Path]) -> Path:
-    out = Path(out).absolute()
-    for p in inputs:
-        if Path(p).absolute() == out:
-            raise ConfigError(f"config error: output {out} is also an input; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"config error: output {out} exists and is not a folder")
-    return out
-
-
 def write_canonical_model(
     anchor: ModelView,
     value: Callable[[str], np.ndarray],
@@ -62,6 +52,7 @@ def write_canonical_model(
     out_dtype: Optional[str] = None,
     max_shard_size: Union[int, str] = "128MB",
     inputs: Optional[List[Path]] = None,
+    overwrite: bool = False,
 ) -> WriteResult:
     """Writes every stored tensor of ``anchor`` (same names, shapes, order), each canonical
     part taken from ``value(key)`` (float32, canonical shape)."""
@@ -70,7 +61,9 @@ def write_canonical_model(
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise ConfigError(f"config error: {e}") from None
-    out = _check_out(Path(out), [anchor.folder, *(inputs or [])])
+    protected = [anchor.folder, *(inputs or [])]
+    check_output_dir(out, protected, overwrite=overwrite)
+    out = Path(out).absolute()
     fam = anchor.family
     canon_shapes = {k: r.shape for k, r in anchor.recipes.items()}
     out_recipes = plan_decanonical(canon_shapes, anchor.config, fam, source_family=fam.name)
@@ -97,7 +90,7 @@ def write_canonical_model(
     written = 0
     nbytes = 0
     weight_map: Dict[str, str] = {}
-    with staged_dir(out) as tmp:
+    with staged_dir(out, protected, overwrite=overwrite) as tmp:
         for si, names in enumerate(shards):
             batch = []
             for n in names:
@@ -124,14 +117,15 @@ def write_canonical_model(
     return WriteResult(out, written, nbytes, [out / fname(i) for i in range(total)], time.perf_counter() - t0)
 
 
-def copy_model_verbatim(src: Path, out: Union[str, Path]) -> WriteResult:
+def copy_model_verbatim(src: Path, out: Union[str, Path], *, overwrite: bool = False) -> WriteResult:
     """Copies a model folder's weight files and side files unchanged (atomically)."""
     t0 = time.perf_counter()
     src = Path(src)
-    out = _check_out(Path(out), [src])
+    check_output_dir(out, [src], overwrite=overwrite)
+    out = Path(out).absolute()
     files = []
     nbytes = 0
-    with staged_dir(out) as tmp:
+    with staged_dir(out, [src], overwrite=overwrite) as tmp:
         for f in sorted(src.iterdir()):
             if f.is_file() and (f.suffix == ".safetensors" or f.name == "model.safetensors.index.json"):
                 shutil.copy2(f, tmp / f.name)

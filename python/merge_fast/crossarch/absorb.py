@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .._errors import ConfigError, TensorMismatch
+from .._output import check_output_dir
 from ..arch.roles import CanonicalKey
 from ..linalg import svd
 from ._model import FamilyArg, ModelView
@@ -139,11 +140,13 @@ def procrustes_absorb(
     oversample: int = 10,
     power_iters: int = 2,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> AbsorbResult:
     """Absorb the Procrustes-aligned, filtered deltas of ``donors`` (any supported families)
     into ``anchor`` and write the result under the anchor's names to ``out``.
 
     See the module docstring for β, ranks, tolerances, depth mapping and projection.
+    ``overwrite`` replaces an existing ``out`` holding a previous merge output.
     """
     beta = _check_param("beta", beta, 0.0, 1.0)
     attn_rank, mlp_rank, embed_rank = (_check_rank(n, v) for n, v in
@@ -164,6 +167,7 @@ def procrustes_absorb(
     fams = list(donor_families) if donor_families is not None else [None] * len(donors)
     if len(fams) != len(donors):
         raise ConfigError(f"config error: donor_families has {len(fams)} entries for {len(donors)} donors")
+    check_output_dir(out, [anchor, *donors], overwrite=overwrite)
     t0 = time.perf_counter()
     A = ModelView(anchor, anchor_family, is_anchor=True)
     views = [ModelView(d, f) for d, f in zip(donors, fams)]
@@ -186,7 +190,7 @@ def procrustes_absorb(
         layer_maps=[al.layers for al in aligners], absorbed=absorbed, missing=missing,
     )
     if beta == 1.0:
-        wr = copy_model_verbatim(A.folder, out)
+        wr = copy_model_verbatim(A.folder, out, overwrite=overwrite)
         return AbsorbResult(wr.path, len(A.shapes), wr.bytes_written, time.perf_counter() - t0, files=wr.files,
                             **common)
     scale = np.float32(1.0 - beta)
@@ -233,7 +237,7 @@ def procrustes_absorb(
         "seed": seed,
     }
     wr = write_canonical_model(A, value, out, recipe=recipe, out_dtype=out_dtype, max_shard_size=max_shard_size,
-                               inputs=[v.folder for v in views])
+                               inputs=[v.folder for v in views], overwrite=overwrite)
     return AbsorbResult(wr.path, wr.tensors_written, wr.bytes_written, time.perf_counter() - t0, files=wr.files,
                         **common)
 
@@ -241,7 +245,7 @@ def procrustes_absorb(
 _PARAMS = {
     "beta", "attn_rank", "mlp_rank", "embed_rank", "attn_tol", "mlp_tol", "embed_tol", "weights",
     "include_embeddings", "strict", "anchor_family", "donor_families", "out_dtype", "max_shard_size",
-    "oversample", "power_iters", "seed",
+    "oversample", "power_iters", "seed", "overwrite",
 }
 
 

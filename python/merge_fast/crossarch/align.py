@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .._errors import ConfigError, TensorMismatch
+from .._output import check_output_dir
 from ..arch import PASSTHROUGH_PREFIX
 from ..arch.roles import CanonicalKey
 from ..linalg import procrustes
@@ -334,6 +335,7 @@ def align(
     out_dtype: Optional[str] = None,
     max_shard_size: Union[int, str] = "128MB",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> AlignResult:
     """Rotate ``donor``'s residual stream onto ``anchor``'s and (with ``out``) write the aligned
     donor under the anchor's tensor names, config and tokenizer.
@@ -348,6 +350,7 @@ def align(
         anchor_family, donor_family: family name, :class:`merge_fast.arch.Family` or mapping
             file for checkpoints that are not detected automatically.
         out_dtype: ``"float32"``/``"bfloat16"``/``"float16"``; default each anchor tensor's dtype.
+        overwrite: replace an existing ``out`` holding a previous merge output.
 
     Returns:
         :class:`AlignResult` with the estimated ``rotation`` ``R`` (``d_donor x d_anchor``,
@@ -355,6 +358,8 @@ def align(
     """
     if missing not in ("error", "anchor"):
         raise ConfigError(f"config error: missing must be 'error' or 'anchor', got {missing!r}")
+    if out is not None:
+        check_output_dir(out, [anchor, donor], overwrite=overwrite)
     t0 = time.perf_counter()
     A = ModelView(anchor, anchor_family, is_anchor=True)
     D = ModelView(donor, donor_family)
@@ -379,7 +384,8 @@ def align(
         return A.get(key)
 
     recipe = {"method": "align", "anchor": str(anchor), "donor": str(donor), "rotation_method": al.al.method}
-    wr = write_canonical_model(A, value, out, recipe=recipe, out_dtype=out_dtype, max_shard_size=max_shard_size)
+    wr = write_canonical_model(A, value, out, recipe=recipe, out_dtype=out_dtype, max_shard_size=max_shard_size,
+                               inputs=[D.folder], overwrite=overwrite)
     res.path, res.tensors_written = wr.path, wr.tensors_written
     res.filled_from_anchor = filled
     res.seconds = time.perf_counter() - t0

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from .._errors import ConfigError, TensorMismatch
+from .._output import check_output_dir
 from .._folders import (
     MergeResult,
     TensorPlan,
@@ -149,6 +150,8 @@ def _fisher_folders(
         raise ConfigError("config error: folder merges need out=PATH")
     code = out_dtype_code(dtype, out_dtype)
     refs = ([(str(base), None)] if base is not None else []) + [_model_ref(m) for m in models]
+    protected = [r for ref in refs for r in ref if r is not None] + [str(f) for f in fishers]
+    check_output_dir(out, protected, overwrite=run_options.get("overwrite", False))
     # One input per distinct folder or adapter, in first-seen order.
     paths: List[str] = []
 
@@ -190,4 +193,5 @@ def _fisher_folders(
             plans.append(TensorPlan(name, method, p, None, srcs, code))  # models, then Fishers
     recipe = {"method": method, "base_model": str(base) if base is not None else None,
               "models": [str(m) for m in models], "fishers": [str(f) for f in fishers], "parameters": params}
-    return execute(paths, plans, out, recipe=recipe, side_files_from=refs[0][0], out_dtype=code, seed=seed, **run_options)
+    return execute(paths, plans, out, recipe=recipe, side_files_from=refs[0][0], out_dtype=code, seed=seed,
+                   inputs=protected, **run_options)

@@ -455,6 +455,9 @@ def fisher_main(argv: Optional[Sequence[str]] = None) -> int:
     [--mode empirical|sampled] [--max-examples N] [--seq-len L] [--batch-size B]
     [--device DEV] [--dtype D] [--params REGEX] [--seed S] [--quiet]``. Returns 0."""
     args = _build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from .._output import check_output_file
+
+    check_output_file(args.out, [args.model_dir, args.data])  # before loading anything
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import load_jsonl_texts, make_batches, tokenize_texts
