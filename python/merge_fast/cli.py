@@ -23,6 +23,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="dtype of the written tensors (default: each tensor's input dtype)")
     g.add_argument("--seed", type=int, default=0, help="seed for randomized methods")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    g.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
+
+
+_CACHE_HELP = ("Hugging Face cache for models given as hub repo ids (org/name[@revision]); "
+               "default: HF_HUB_CACHE or HF_HOME/hub")
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -39,6 +44,7 @@ def _options(args: argparse.Namespace) -> dict:
         out_dtype=args.out_dtype,
         seed=args.seed,
         progress=_progress(args),
+        cache_dir=args.cache_dir,
     )
 
 
@@ -83,6 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         write_model_card=args.write_model_card,
         threads=args.threads,
         progress=_progress(args),
+        cache_dir=args.cache_dir,
     )
     return _report(args, result)
 
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _COMMANDS["slerp"] = _cmd_slerp
 
     p = sub.add_parser("linear", help="weighted average of models")
-    p.add_argument("models", nargs="+", help="model folders")
+    p.add_argument("models", nargs="+", help="model folders or hub repo ids (org/name[@revision])")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model (default: equal)")
     p.add_argument("--no-normalize", action="store_true", help="weighted sum instead of weighted average")
     _common(p)
@@ -163,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     _COMMANDS["task-arithmetic"] = _cmd_task_arithmetic
 
     p = sub.add_parser("run", help="run a mergekit-style YAML config (like mergekit-yaml CONFIG OUT)")
-    p.add_argument("config", help="merge config (mergekit's YAML schema)")
+    p.add_argument("config", help="merge config (mergekit's YAML schema); models are local paths or hub repo "
+                                  "ids (org/name, org/name@revision, org/name+org/lora)")
     p.add_argument("out", help="output model folder (written atomically; replaced if it exists)")
     B = argparse.BooleanOptionalAction
     p.add_argument("--out-shard-size", default="5B",
@@ -182,12 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker threads (default: one per core); results do not depend on it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
+    p.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
     g = p.add_argument_group("other mergekit options (accepted, no effect here)")
     for flag in ("--clone-tensors", "--safe-serialization", "--read-to-gpu", "--multi-gpu", "--async-write"):
         g.add_argument(flag, action=B, default=None, help=argparse.SUPPRESS)
     g.add_argument("--gpu-rich", action="store_true", help=argparse.SUPPRESS)
-    for opt in ("--lora-merge-cache", "--lora-merge-dtype", "--transformers-cache", "--write-threads"):
+    for opt in ("--lora-merge-cache", "--lora-merge-dtype", "--write-threads"):
         g.add_argument(opt, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--transformers-cache", dest="cache_dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _COMMANDS["run"] = _cmd_run
 
     p = sub.add_parser("fisher-weighted", help="Fisher-weighted average (Matena & Raffel 2022)")

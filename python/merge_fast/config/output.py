@@ -135,7 +135,7 @@ def _model_list(cfg: MergeConfig) -> List[ModelRef]:
             and not (isinstance(cfg.tokenizer_source, ModelRef) and m.same(cfg.tokenizer_source))]
 
 
-def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str) -> str:
+def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str, hub_inputs=()) -> str:
     models = _model_list(cfg)
     base = cfg.base_model
     meta = {
@@ -173,6 +173,11 @@ def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str) 
         lines += ["", "### Layers", "", f"{len(cfg.slices)} slice(s):", ""]
         for sl in cfg.slices:
             lines.append("- " + ", ".join(f"`{s.model}` layers {s.layer_range[0]}-{s.layer_range[1] - 1}" for s in sl.sources))
+    if hub_inputs:
+        lines += ["", "### Hub inputs", "", "Resolved on the Hugging Face Hub to these commits (pin them with `@commit` "
+                  "to repeat this merge exactly):", ""]
+        lines += [f"- `{h.repo_id}`" + (f" `{h.filename}`" if h.filename else "")
+                  + f" (revision `{h.revision or 'main'}`): commit `{h.commit}`" for h in hub_inputs]
     lines += ["", "### Configuration", "", "The following YAML configuration was used to produce this model:", "",
               "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
