@@ -208,7 +208,12 @@ def _hf_error(e: BaseException, r: Request, repo: str, filename: Optional[str], 
                              "or it is private/gated and no valid token was sent: check the name, or log in "
                              "(`hf auth login`) / set HF_TOKEN")
     if isinstance(e, hfe.RemoteEntryNotFoundError):
-        return ModelNotFound(f"{what} {where}: file {filename or '?'} not found on the Hub")
+        if filename is None:  # which file of a snapshot: the end of the request's URL
+            from urllib.parse import unquote
+
+            url = str(getattr(getattr(e, "response", None), "url", ""))
+            filename = unquote(url.split("/resolve/", 1)[1].split("/", 1)[-1]) if "/resolve/" in url else "?"
+        return ModelNotFound(f"{what} {where}: file {filename} not found on the Hub")
     if isinstance(e, (hfe.LocalEntryNotFoundError, hfe.OfflineModeIsEnabled, hfe.CachedRepoTreeNotFoundError,
                       hfe.IncompleteSnapshotError)):
         if offline():
@@ -305,7 +310,12 @@ def _download_folder(repo: str, revision: Optional[str], kind: str, cache: Path,
             wm = json.loads(Path(p).read_text()).get("weight_map") or {}
         except ValueError as e:
             raise ModelNotFound(f"{_where(repo, revision)}: {index} is not valid JSON ({e})") from None
-        return sorted(set(wm.values())) + [index]
+        shards = sorted(set(wm.values()))
+        absent = [f for f in shards if f not in files]
+        if absent:
+            raise ModelNotFound(f"model {_where(repo, revision)}: file {absent[0]} not found on the Hub "
+                                f"({index} names it; {len(absent)} such file(s))")
+        return shards + [index]
 
     if kind == "adapter":
         weights = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if f in top][:1]
