@@ -178,7 +178,8 @@ def test_lora_on_a_hub_model(hub, llama_f32, tmp_path, monkeypatch):
 
 
 BAD = {
-    "missing_repo": ("org/missing", "'org/missing'", "not found on the Hugging Face Hub"),
+    "missing_repo": ("org/missing", "'org/missing'", "no such repo on the Hugging Face Hub", "HF_TOKEN"),
+    "gated_repo": ("org/gated", "'org/gated'", "is gated", "HF_TOKEN"),
     "missing_revision": ("org/a@nope", "revision 'nope' not found", "org/a"),
     "missing_file": ("org/gappy", "file model.safetensors not found", "org/gappy"),
     "missing_shard": ("org/sharded", "not found", "model-0000"),
@@ -191,6 +192,7 @@ def test_bad_references_fail_before_anything_is_written(hub, llama_f32, llama_f3
     ref, *want = BAD[case]
     hub.add("org/a", folder_files(llama_f32.a))
     hub.add("org/gappy", folder_files(llama_f32.b))
+    hub.add("org/gated", folder_files(llama_f32.b), gated=True)
     hub.hide.add(("org/gappy", "model.safetensors"))  # listed, but the download is 404
     sharded = folder_files(llama_f32_sharded.a)
     shards = sorted(set(json.loads(sharded["model.safetensors.index.json"])["weight_map"].values()))

@@ -204,8 +204,8 @@ def _hf_error(e: BaseException, r: Request, repo: str, filename: Optional[str], 
         return ModelNotFound(f"{what} {where}: revision {r.revision!r} not found on the Hub "
                              "(give a branch, tag or commit hash of the repo)")
     if isinstance(e, hfe.RepositoryNotFoundError):
-        return ModelNotFound(f"{what} {r.name!r} is not a local path and {where} was not found on the Hugging Face Hub, "
-                             "or it is private/gated and no valid token was sent: check the name, or log in "
+        return ModelNotFound(f"{what} {where} not found: no such local path, and no such repo on the Hugging Face Hub "
+                             "(or it is private/gated and no valid token was sent): check the name, or log in "
                              "(`hf auth login`) / set HF_TOKEN")
     if isinstance(e, hfe.RemoteEntryNotFoundError):
         if filename is None:  # which file of a snapshot: the end of the request's URL
