@@ -281,6 +281,24 @@ def test_python_api_sharded_and_cli(hub, llama_f32_sharded, tmp_path):
     assert not (tmp_path / "cli2").exists()
 
 
+def test_fisher_merge_with_hub_models_and_a_hub_fisher_file(hub, llama_f32, tmp_path):
+    fam = llama_f32
+    rng = np.random.default_rng(3)
+    fish = {}
+    for n, m in (("a", fam.a), ("b", fam.b)):
+        fish[n] = tmp_path / f"fisher_{n}.safetensors"
+        st_write(fish[n], {k: rng.random(v.shape).astype(np.float32) for k, v in read_folder_native(m).items()})
+    hub.add("org/a", folder_files(fam.a))
+    hub.add("org/b", folder_files(fam.b))
+    fisher_commit = hub.add("org/fishers", {"fisher_a.safetensors": fish["a"].read_bytes()})
+    mf.fisher_weighted(["org/a", "org/b"], ["org/fishers/fisher_a.safetensors", fish["b"]], out=tmp_path / "hub_out")
+    mf.fisher_weighted([fam.a, fam.b], [fish["a"], fish["b"]], out=tmp_path / "local_out")
+    assert_same_tensors(tmp_path / "hub_out", tmp_path / "local_out")
+    pinned = {(h["repo_id"], h.get("filename")): h["commit"] for h in recipe(tmp_path / "hub_out")["hub_inputs"]}
+    assert pinned[("org/fishers", "fisher_a.safetensors")] == fisher_commit
+    assert hub.downloads("org/fishers") == ["fisher_a.safetensors"]
+
+
 def test_bin_only_hub_repo(hub, llama_f32, tmp_path):
     torch = pytest.importorskip("torch")
     sd = {k: torch.from_numpy(np.array(v)) for k, v in read_folder_native(llama_f32.b).items()}
