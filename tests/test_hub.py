@@ -136,6 +136,9 @@ def test_revisions_give_their_own_weights(hub, llama_f32, tmp_path):
     assert any(a[k].tobytes() != b[k].tobytes() for k in a)
     got = {h["repo_id"] + "@" + h["revision"]: h["commit"] for h in recipe(outs["v1"])["hub_inputs"]}
     assert got["org/m@v1"] == v1 and v1 != main
+    card = (outs["v1"] / "README.md").read_text()
+    assert "base_model:\n- org/base\n- org/m\n" in card  # metadata takes repo ids
+    assert f"`org/m` (revision `v1`): commit `{v1}`" in card
 
 
 def make_adapter(folder: Path, base: dict, r: int = 4, alpha: int = 8) -> dict:
@@ -316,10 +319,12 @@ def test_bin_only_hub_repo(hub, llama_f32, tmp_path):
     assert list((tmp_path / "hf" / "merge_fast" / "bin-cache").iterdir())
 
 
-def test_resolution_is_lazy():
-    """Local merges never import huggingface_hub (it costs import time)."""
-    code = ("import sys, merge_fast; from merge_fast.hub import split_reference; "
-            "assert 'huggingface_hub' not in sys.modules and 'torch' not in sys.modules; "
+def test_resolution_is_lazy(llama_f32, tmp_path):
+    """Local merges never import huggingface_hub (about 1 s of imports) nor torch."""
+    code = ("import sys, merge_fast as mf; from merge_fast.hub import split_reference; "
+            f"mf.linear([{str(llama_f32.a)!r}, {str(llama_f32.b)!r}], out={str(tmp_path / 'out')!r}); "
+            f"mf.run('merge_method: passthrough\\nmodels:\\n  - model: {llama_f32.a}\\n', {str(tmp_path / 'out2')!r}); "
+            "assert 'huggingface_hub' not in sys.modules and 'torch' not in sys.modules, 'eager import'; "
             "print(split_reference('org/m@v2+org/lora@abc'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
