@@ -302,6 +302,20 @@ def test_fisher_merge_with_hub_models_and_a_hub_fisher_file(hub, llama_f32, tmp_
     assert hub.downloads("org/fishers") == ["fisher_a.safetensors"]
 
 
+def test_other_folder_functions_take_hub_ids(hub, llama_f32, tmp_path):
+    from conftest import st_read
+
+    hub.add("org/a", folder_files(llama_f32.a))
+    hub.add("org/base", folder_files(llama_f32.base))
+    mf.subspace_masks("org/a", "org/base", 2, tmp_path / "hub.safetensors")
+    mf.subspace_masks(llama_f32.a, llama_f32.base, 2, tmp_path / "local.safetensors")
+    h, l = st_read(tmp_path / "hub.safetensors")[1], st_read(tmp_path / "local.safetensors")[1]
+    assert sorted(h) == sorted(l) and all(h[k].tobytes() == l[k].tobytes() for k in h)
+    r_hub = mf.align("org/a", "org/base")
+    r_local = mf.align(llama_f32.a, llama_f32.base)
+    np.testing.assert_array_equal(r_hub.rotation, r_local.rotation)
+
+
 def test_bin_only_hub_repo(hub, llama_f32, tmp_path):
     torch = pytest.importorskip("torch")
     sd = {k: torch.from_numpy(np.array(v)) for k, v in read_folder_native(llama_f32.b).items()}

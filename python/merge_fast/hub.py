@@ -413,3 +413,13 @@ def resolve_paths(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] =
     out = [(str(done[Request(m, mrev, kind)].path), str(done[Request(a, arev, "adapter")].path) if a else None)
            for m, mrev, a, arev in split]
     return out, list(dict.fromkeys(r.hub for r in done.values() if r.hub is not None))
+
+
+def local_models(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] = None, what: str = "this function") -> List[str]:
+    """Local folders for model references that take no adapter (hub ids downloaded)."""
+    local, _ = resolve_paths(models, cache_dir=cache_dir)
+    bad = [str(m) for m, (_, a) in zip(models, local) if a is not None]
+    if bad:
+        raise ConfigError(f"config error: {bad[0]}: a LoRA adapter (+adapter) is not supported by {what}; "
+                          "merge it first with merge_fast.lora.apply")
+    return [p for p, _ in local]

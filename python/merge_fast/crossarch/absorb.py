@@ -139,11 +139,13 @@ def procrustes_absorb(
     oversample: int = 10,
     power_iters: int = 2,
     seed: int = 0,
+    cache_dir: Optional[PathLike] = None,
 ) -> AbsorbResult:
     """Absorb the Procrustes-aligned, filtered deltas of ``donors`` (any supported families)
     into ``anchor`` and write the result under the anchor's names to ``out``.
 
-    See the module docstring for β, ranks, tolerances, depth mapping and projection.
+    See the module docstring for β, ranks, tolerances, depth mapping and projection. Models
+    may be hub repo ids (``org/name[@revision]``, downloaded into ``cache_dir``).
     """
     beta = _check_param("beta", beta, 0.0, 1.0)
     attn_rank, mlp_rank, embed_rank = (_check_rank(n, v) for n, v in
@@ -165,6 +167,9 @@ def procrustes_absorb(
     if len(fams) != len(donors):
         raise ConfigError(f"config error: donor_families has {len(fams)} entries for {len(donors)} donors")
     t0 = time.perf_counter()
+    from ..hub import local_models
+
+    anchor, *donors = local_models([anchor, *donors], cache_dir=cache_dir, what="procrustes_absorb")
     A = ModelView(anchor, anchor_family, is_anchor=True)
     views = [ModelView(d, f) for d, f in zip(donors, fams)]
     aligners = [DonorAligner(A, v, seed=seed) for v in views]

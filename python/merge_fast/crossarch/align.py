@@ -334,13 +334,15 @@ def align(
     out_dtype: Optional[str] = None,
     max_shard_size: Union[int, str] = "128MB",
     seed: int = 0,
+    cache_dir: Optional[PathLike] = None,
 ) -> AlignResult:
     """Rotate ``donor``'s residual stream onto ``anchor``'s and (with ``out``) write the aligned
     donor under the anchor's tensor names, config and tokenizer.
 
     Args:
         anchor, donor: model folders (safetensors + config.json; tokenizer.json to match
-            vocabularies by token).
+            vocabularies by token), or hub repo ids (``org/name[@revision]``, downloaded
+            into ``cache_dir``).
         out: output folder (written atomically); ``None`` only estimates.
         missing: an anchor tensor the donor has no counterpart for: ``"error"``
             (TensorMismatch naming it) or ``"anchor"`` (keep the anchor's tensor; listed in
@@ -356,6 +358,9 @@ def align(
     if missing not in ("error", "anchor"):
         raise ConfigError(f"config error: missing must be 'error' or 'anchor', got {missing!r}")
     t0 = time.perf_counter()
+    from ..hub import local_models
+
+    anchor, donor = local_models([anchor, donor], cache_dir=cache_dir, what="align")
     A = ModelView(anchor, anchor_family, is_anchor=True)
     D = ModelView(donor, donor_family)
     al = DonorAligner(A, D, seed=seed)
