@@ -15,6 +15,9 @@ unknown revision 404 ``RevisionNotFound``, a missing file 404 ``EntryNotFound``,
 files that are listed but cannot be downloaded.
 
 Runs in a daemon thread; ``stop()`` ends it, and it stops by itself after ``lifetime`` s.
+Tests use the ``hub`` fixture (``from hub_server import hub``): a started server with
+HF_ENDPOINT pointing at it and HF_HUB_CACHE in the test's tmp_path; ``go_offline`` then
+stops it and sets HF_HUB_OFFLINE=1, so what runs next runs from the cache alone.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 from urllib.parse import unquote, urlsplit
+
+import pytest
 
 
 @dataclass
@@ -75,6 +80,10 @@ class HubServer:
         repo.token = token
         repo.gated = gated
         return commit
+
+    def add_folder(self, repo_id: str, folder: Path, revision: str = "main", **kw) -> str:
+        """Serves a local model folder's files as a hub repo; returns the commit hash."""
+        return self.add(repo_id, folder_files(folder), revision, **kw)
 
     def downloads(self, repo_id: str) -> List[str]:
         """Files of `repo_id` fetched with GET (not HEAD), in order."""
@@ -212,3 +221,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             return self._send(206, data[start:], headers)
         self._send(200, data, headers, head)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hfc
+
+    server = HubServer(lifetime=120).start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # conftest sets it for every other test
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", False)  # read by huggingface_hub at import
+    yield server
+    server.stop()
+
+
+def go_offline(monkeypatch, server: HubServer) -> None:
+    """No server and offline mode: whatever runs now runs from the cache alone."""
+    import huggingface_hub.constants as hfc
+
+    server.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)

@@ -14,36 +14,13 @@ import numpy as np
 import pytest
 
 from conftest import merge_fast_cli, read_folder_native, st_read_header, st_write
-from hub_server import HubServer, folder_files
+from hub_server import HubServer, folder_files, go_offline, hub  # noqa: F401  (hub: the fixture)
 
-pytest.importorskip("huggingface_hub")
-import huggingface_hub.constants as hfc  # noqa: E402
-
-import merge_fast as mf  # noqa: E402
+import merge_fast as mf
 
 EXTRA = {"README.md": b"# a model card\n", "pytorch_model.bin": b"not read when safetensors exist",
          "onnx/model.onnx": b"not read", "consolidated.pth": b"not read"}
 WANTED = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    server = HubServer(lifetime=120).start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", False)
-    yield server
-    server.stop()
-
-
-def go_offline(monkeypatch, server: HubServer) -> None:
-    """No server and offline mode: whatever runs now runs from the cache alone."""
-    server.stop()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
 
 
 def files_of(folder: Path) -> dict:
