@@ -11,8 +11,9 @@ requests for a model repo, as read from its source:
 Errors carry the ``X-Error-Code`` header the real Hub sends, which huggingface_hub maps to its
 exceptions: an unknown (or private, without the token) repo is 401 ``RepoNotFound``, an
 unknown revision 404 ``RevisionNotFound``, a missing file 404 ``EntryNotFound``, a gated repo
-403 ``GatedRepo``. ``drop`` names files whose download breaks off after the headers, ``hide``
-files that are listed but cannot be downloaded.
+403 ``GatedRepo``. ``drop`` names files whose download breaks off half-way and whose resumed
+downloads (``Range``) break off before any byte; ``flaky`` files break off half-way once, then
+resume; ``hide`` files are listed but cannot be downloaded.
 
 Runs in a daemon thread; ``stop()`` ends it, and it stops by itself after ``lifetime`` s.
 Tests use the ``hub`` fixture (``from hub_server import hub``): a started server with
@@ -60,7 +61,8 @@ def folder_files(folder: Path) -> Dict[str, bytes]:
 class HubServer:
     def __init__(self, lifetime: float = 300.0):
         self.repos: Dict[str, Repo] = {}
-        self.drop: Set[Tuple[str, str]] = set()  # (repo, filename) whose GET breaks off
+        self.drop: Set[Tuple[str, str]] = set()  # (repo, filename): breaks off half-way, resumes fail
+        self.flaky: Set[Tuple[str, str]] = set()  # (repo, filename): breaks off half-way once
         self.hide: Set[Tuple[str, str]] = set()  # (repo, filename) listed, but 404 to download
         self.requests: List[Tuple[str, str]] = []  # (method, path) of every request
         self.lock = threading.Lock()
@@ -204,18 +206,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         data = r.files[name]
         headers = {"X-Repo-Commit": r.commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                    "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
-        if not head and (repo_id, name) in self.hub.drop:
-            # Headers promise the whole file, then the connection dies before any byte.
-            self.send_response(200)
+        rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        key = (repo_id, name)
+        if not head and (key in self.hub.drop or (key in self.hub.flaky and not rng)):
+            with self.hub.lock:
+                self.hub.flaky.discard(key)
+            # The headers promise the whole file (or the rest); the connection dies half-way
+            # (first request) or before any byte (resumed requests).
+            start = int(rng.group(1)) if rng else 0
+            self.send_response(206 if rng else 200)
             for k, v in headers.items():
                 self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
             self.end_headers()
+            if not rng:
+                self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
-        rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if rng and not head:
             start = int(rng.group(1))
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"

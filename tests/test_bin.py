@@ -107,3 +107,23 @@ def test_without_torch_says_how_to_install(llama_f32, tmp_path):
                        env={"HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "PATH": "/usr/bin:/bin"})
     assert "pip install torch" in r.stdout and "a_bin" in r.stdout, r.stdout + r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bin_lora_adapter(llama_f32, tmp_path, cache):
+    """adapter_model.bin (older peft) is converted like model weights."""
+    rng = np.random.default_rng(2)
+    base = read_folder_native(llama_f32.base)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    lt = {f"base_model.model.{q[:-7]}.lora_A.weight": rng.standard_normal((2, base[q].shape[1])).astype(np.float32),
+          f"base_model.model.{q[:-7]}.lora_B.weight": rng.standard_normal((base[q].shape[0], 2)).astype(np.float32)}
+    ad = tmp_path / "adapter"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                        "target_modules": ["q_proj"]}))
+    torch.save({k: torch.from_numpy(v) for k, v in lt.items()}, ad / "adapter_model.bin")
+    mf.lora.apply(llama_f32.base, ad, tmp_path / "out")
+    got = read_folder_native(tmp_path / "out")
+    b, a = lt[f"base_model.model.{q[:-7]}.lora_B.weight"], lt[f"base_model.model.{q[:-7]}.lora_A.weight"]
+    np.testing.assert_allclose(got[q], base[q] + 2.0 * (b.astype(np.float64) @ a), rtol=1e-5, atol=1e-5)
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert got[k].tobytes() == base[k].tobytes()

@@ -209,9 +209,12 @@ def test_dropped_connection_is_a_clear_error_and_a_rerun_resumes(hub, llama_f32,
     assert not (tmp_path / "out").exists()
     assert sorted(os.listdir(tmp_path)) == sorted(set(before) | {"hf"})
     hub.drop.clear()
-    mf.linear(["org/a", "org/b"], out=tmp_path / "out")
-    mf.linear([llama_f32.a, llama_f32.b], out=tmp_path / "local")
+    hub.add("org/c", folder_files(llama_f32.base))
+    hub.flaky.add(("org/c", "model.safetensors"))  # breaks off once: huggingface_hub resumes it
+    mf.linear(["org/a", "org/b", "org/c"], out=tmp_path / "out")
+    mf.linear([llama_f32.a, llama_f32.b, llama_f32.base], out=tmp_path / "local")
     assert_same_tensors(tmp_path / "out", tmp_path / "local")
+    assert hub.downloads("org/c").count("model.safetensors") == 2 and not hub.flaky
 
 
 def test_offline_without_a_cached_copy(hub, llama_f32, tmp_path, monkeypatch):
@@ -250,13 +253,18 @@ def test_python_api_sharded_and_cli(hub, llama_f32_sharded, tmp_path):
     assert not (tmp_path / "hf").exists()  # cache_dir, not HF_HUB_CACHE
     cfg = write_cfg(tmp_path, "merge_method: task_arithmetic\nbase_model: org/sa\nmodels:\n"
                               "  - model: org/sb\n    parameters: {weight: 0.5}\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # everything is in `cache` by now
-    r = subprocess.run([*merge_fast_cli(), "run", str(cfg), str(tmp_path / "cli"), "--cache-dir", str(cache), "-q"],
-                       capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 0, r.stderr
-    assert_same_tensors(tmp_path / "cli", tmp_path / "local")
+    cli_cache = tmp_path / "cli_cache"
+    for mode, out in (("0", tmp_path / "online" / "cli"), ("1", tmp_path / "offline" / "cli")):
+        env = {**os.environ, "HF_HUB_OFFLINE": mode}  # HF_ENDPOINT points at the stand-in
+        r = subprocess.run([*merge_fast_cli(), "run", str(cfg), str(out), "--cache-dir", str(cli_cache), "-q"],
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        assert_same_tensors(out, tmp_path / "local")
+    assert files_of(tmp_path / "online" / "cli") == files_of(tmp_path / "offline" / "cli")
+    assert (cli_cache / "models--org--sb" / "snapshots").is_dir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
     r = subprocess.run([*merge_fast_cli(), "run", str(cfg), str(tmp_path / "cli2"), "-q"],
-                       capture_output=True, text=True, timeout=120, env={**env, "HF_HUB_CACHE": str(tmp_path / "empty")})
+                       capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1 and "org/sa" in r.stderr and "HF_HUB_OFFLINE" in r.stderr, r.stderr
     assert not (tmp_path / "cli2").exists()
 
