@@ -221,7 +221,8 @@ def _hf_error(e: BaseException, r: Request, repo: str, filename: Optional[str], 
                                  "run once online to download it, or point --cache-dir / HF_HUB_CACHE at a cache that has it")
         return ModelNotFound(f"{what} {where}: the Hub could not be reached and no complete copy is in the cache {cache}: "
                              f"check the connection or HF_ENDPOINT ({type(e).__name__}: {str(e).splitlines()[0]})")
-    if isinstance(e, hfe.HfHubHTTPError):
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, hfe.HfHubHTTPError) and not (isinstance(status, int) and status >= 500):
         return ModelNotFound(f"{what} {where}: the Hub refused the request ({str(e).splitlines()[0]}); "
                              "for a private repo log in (`hf auth login`) or set HF_TOKEN")
     first = str(e).splitlines()[0] if str(e) else ""
@@ -240,12 +241,12 @@ def _fetch(r: Request, cache_dir: Optional[PathLike], progress: bool) -> Resolve
     if repo is None or not _REPO_RE.match(repo):
         what = "ORG/REPO/FILE of a hub repo" if r.kind == "file" else "a Hugging Face repo id (org/name)"
         kind = {"model": "model", "adapter": "LoRA adapter", "file": "file"}[r.kind]
-        return _raise(ModelNotFound(f"{kind} {r.name!r} not found: no such local path, and not {what}"))
+        raise ModelNotFound(f"{kind} {r.name!r} not found: no such local path, and not {what}")
     try:
         import huggingface_hub  # noqa: F401
     except ImportError:
-        return _raise(ConfigError(f"config error: {r.name!r} is not a local path; hub models need huggingface_hub "
-                                  "(pip install huggingface_hub)"))
+        raise ConfigError(f"config error: {r.name!r} is not a local path; hub models need huggingface_hub "
+                          "(pip install huggingface_hub)") from None
     cache = hub_cache_dir(cache_dir)
     try:
         if r.kind == "file":
@@ -259,10 +260,6 @@ def _fetch(r: Request, cache_dir: Optional[PathLike], progress: bool) -> Resolve
     parts = path.parts
     commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts else "unknown"
     return Resolved(path, HubInput(repo, r.revision, commit, r.kind, filename))
-
-
-def _raise(e: MergeError):
-    raise e
 
 
 def _quiet_tqdm():

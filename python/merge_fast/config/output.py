@@ -163,8 +163,10 @@ def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str, 
     if method_used != cfg.merge_method:
         lines += ["", f"(Computed with merge_fast's `{method_used}` kernel, which gives the same result here.)"]
     lines += ["", "### Models merged", ""]
-    lines += [f"- `{m}`" + (" (with LoRA adapter `%s`)" % m.lora if m.lora else "") for m in models] or ["- (base only)"]
-    if base is not None and base.lora:
+    # (a hub reference's label already shows its +adapter as written)
+    lines += [f"- `{m}`" + (" (with LoRA adapter `%s`)" % m.lora if m.lora and not m.label else "")
+              for m in models] or ["- (base only)"]
+    if base is not None and base.lora and not base.label:
         lines += [f"- base `{base.path}` with LoRA adapter `{base.lora}`"]
     params = cfg.parameters or {}
     if params:
