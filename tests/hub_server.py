@@ -66,6 +66,7 @@ class HubServer:
         self.hide: Set[Tuple[str, str]] = set()  # (repo, filename) listed, but 404 to download
         self.requests: List[Tuple[str, str]] = []  # (method, path) of every request
         self.lock = threading.Lock()
+        self.connections: Set[socket.socket] = set()  # open keep-alive connections
         self.lifetime = lifetime
         self._httpd: Optional[http.server.ThreadingHTTPServer] = None
 
@@ -120,6 +121,12 @@ class HubServer:
             self._timer.cancel()
             httpd.shutdown()
             httpd.server_close()
+            with self.lock:  # clients' pooled keep-alive connections die too
+                for c in self.connections:
+                    try:
+                        c.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
 
 _API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+)|/tree/(?P<tree>[^/]+))?/?$")
@@ -133,6 +140,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.hub.lock:
+            self.hub.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.hub.lock:
+            self.hub.connections.discard(self.connection)
+        super().finish()
 
     def _send(self, code: int, body: bytes = b"", headers: Optional[Dict[str, str]] = None, head: bool = False) -> None:
         self.send_response(code)

@@ -229,6 +229,20 @@ def test_offline_without_a_cached_copy(hub, llama_f32, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_unreachable_hub_falls_back_to_the_cache(hub, llama_f32, tmp_path):
+    hub.add("org/a", folder_files(llama_f32.a))
+    hub.add("org/b", folder_files(llama_f32.b))
+    mf.linear(["org/a", "org/b"], out=tmp_path / "first")
+    hub.stop()  # connection refused, but HF_HUB_OFFLINE is not set
+    mf.linear(["org/a", "org/b"], out=tmp_path / "second")
+    mf.linear([llama_f32.a, llama_f32.b], out=tmp_path / "local")
+    assert_same_tensors(tmp_path / "second", tmp_path / "local")
+    with pytest.raises(mf.ModelNotFound) as ei:
+        mf.linear(["org/a", "org/c"], out=tmp_path / "third")
+    assert "'org/c'" in str(ei.value) and "could not be reached" in str(ei.value), str(ei.value)
+    assert not (tmp_path / "third").exists()
+
+
 def test_private_repo_needs_the_token(hub, llama_f32, tmp_path, monkeypatch):
     hub.add("org/a", folder_files(llama_f32.a))
     hub.add("org/private", folder_files(llama_f32.b), token="hf_test_secret")

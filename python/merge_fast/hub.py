@@ -217,10 +217,12 @@ def _hf_error(e: BaseException, r: Request, repo: str, filename: Optional[str], 
     if isinstance(e, (hfe.LocalEntryNotFoundError, hfe.OfflineModeIsEnabled, hfe.CachedRepoTreeNotFoundError,
                       hfe.IncompleteSnapshotError)):
         if offline():
-            return ModelNotFound(f"{what} {where} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set: "
-                                 "run once online to download it, or point --cache-dir / HF_HUB_CACHE at a cache that has it")
-        return ModelNotFound(f"{what} {where}: the Hub could not be reached and no complete copy is in the cache {cache}: "
-                             f"check the connection or HF_ENDPOINT ({type(e).__name__}: {str(e).splitlines()[0]})")
+            return ModelNotFound(f"{what} {where}: no such local path, and not in the Hugging Face cache {cache} while "
+                                 "HF_HUB_OFFLINE is set: run once online to download it, or point --cache-dir / "
+                                 "HF_HUB_CACHE at a cache that has it")
+        return ModelNotFound(f"{what} {where}: no such local path, the Hugging Face Hub could not be reached, and no "
+                             f"complete copy is in the cache {cache}: check the name, the connection or HF_ENDPOINT "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, hfe.HfHubHTTPError) and not (isinstance(status, int) and status >= 500):
         return ModelNotFound(f"{what} {where}: the Hub refused the request ({str(e).splitlines()[0]}); "
