@@ -103,12 +103,17 @@ def test_revisions_give_their_own_weights(hub, llama_f32, tmp_path):
               "      - {model: org/base, layer_range: [0, 2]}\n      - {model: org/m, revision: v1, layer_range: [0, 2]}\n")
     outs["key"] = tmp_path / "out_key"
     mf.run(write_cfg(tmp_path, slices, "key.yml"), outs["key"])
+    # ... and so does mergekit's serialized form {model: {path, revision}}.
+    outs["long"] = tmp_path / "out_long"
+    mf.run({"merge_method": "slerp", "base_model": "org/base", "parameters": {"t": 0.4},
+            "models": [{"model": "org/base"}, {"model": {"model": {"path": "org/m", "revision": "v1"}}}]}, outs["long"])
     for tag, src in [("main", fam.a), ("v1", fam.b)]:
         local = tmp_path / f"local_{tag}"
         mf.run(write_cfg(tmp_path, text.format(m=src), f"local_{tag}.yml"), local)
         assert_same_tensors(outs[tag], local)
     assert_same_tensors(outs["commit"], outs["v1"])
     assert_same_tensors(outs["key"], outs["v1"])
+    assert_same_tensors(outs["long"], outs["v1"])
     a, b = read_folder_native(outs["main"]), read_folder_native(outs["v1"])
     assert any(a[k].tobytes() != b[k].tobytes() for k in a)
     got = {h["repo_id"] + "@" + h["revision"]: h["commit"] for h in recipe(outs["v1"])["hub_inputs"]}
@@ -116,6 +121,20 @@ def test_revisions_give_their_own_weights(hub, llama_f32, tmp_path):
     card = (outs["v1"] / "README.md").read_text()
     assert "base_model:\n- org/base\n- org/m\n" in card  # metadata takes repo ids
     assert f"`org/m` (revision `v1`): commit `{v1}`" in card
+
+
+def test_tokenizer_source_from_the_hub(hub, llama_f32, tmp_path):
+    fam = llama_f32
+    tok = folder_files(fam.b)
+    tc = json.loads(tok["tokenizer_config.json"])
+    tc["model_max_length"] = 77  # tells this tokenizer apart
+    tok["tokenizer_config.json"] = json.dumps(tc).encode()
+    hub.add("org/a", folder_files(fam.a))
+    hub.add("org/tok", tok)
+    mf.run("merge_method: linear\nparameters: {weight: 1}\ntokenizer_source: org/tok\nmodels:\n  - model: org/a\n",
+           tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 77
+    assert_same_tensors(tmp_path / "out", fam.a)
 
 
 def make_adapter(folder: Path, base: dict, r: int = 4, alpha: int = 8) -> dict:
