@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ._errors import ConfigError, MergeError, MergeIOError, ModelNotFound
 
-__all__ = ["HubInput", "Resolved", "Request", "split_reference", "resolve", "resolve_config", "resolve_paths", "local_models",
-           "hub_cache_dir", "ModelNotFound"]
+__all__ = ["HubInput", "Resolved", "Request", "split_reference", "resolve", "resolve_config", "resolve_paths",
+           "local_models", "hub_cache_dir", "ModelNotFound"]
 
 PathLike = Union[str, Path]
 

@@ -140,7 +140,8 @@ def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str, 
     base = cfg.base_model
     meta = {
         # hub inputs by repo id (the card's metadata takes ids; revisions are listed below)
-        "base_model": [str(m).split("+")[0].rsplit("@", 1)[0] if m.label else str(m) for m in ([base] if base else []) + models],
+        "base_model": [str(m).split("+")[0].rsplit("@", 1)[0] if m.label else str(m)
+                       for m in ([base] if base else []) + models],
         "library_name": "transformers",
         "tags": ["merge_fast", "mergekit", "merge"],
     }
