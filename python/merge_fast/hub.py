@@ -193,29 +193,27 @@ def _where(repo: str, revision: Optional[str]) -> str:
 
 def _hf_error(e: BaseException, r: Request, repo: str, filename: Optional[str], cache: Path) -> MergeError:
     """huggingface_hub's exception as one of ours, saying what to do."""
-    from huggingface_hub import errors as hfe
-
+    hfe = _HfErrors()
     what = {"model": "model", "adapter": "LoRA adapter", "file": "file"}[r.kind]
     where = _where(repo, r.revision)
-    if isinstance(e, hfe.GatedRepoError):
+    if isinstance(e, hfe.gated):
         return ModelNotFound(f"{what} {where} is gated: accept its terms on the repo page, then log in "
                              "(`hf auth login`) or set HF_TOKEN")
-    if isinstance(e, hfe.RevisionNotFoundError):
+    if isinstance(e, hfe.revision):
         return ModelNotFound(f"{what} {where}: revision {r.revision!r} not found on the Hub "
                              "(give a branch, tag or commit hash of the repo)")
-    if isinstance(e, hfe.RepositoryNotFoundError):
+    if isinstance(e, hfe.repo):
         return ModelNotFound(f"{what} {where} not found: no such local path, and no such repo on the Hugging Face Hub "
                              "(or it is private/gated and no valid token was sent): check the name, or log in "
                              "(`hf auth login`) / set HF_TOKEN")
-    if isinstance(e, hfe.RemoteEntryNotFoundError):
+    if isinstance(e, hfe.entry):
         if filename is None:  # which file of a snapshot: the end of the request's URL
             from urllib.parse import unquote
 
             url = str(getattr(getattr(e, "response", None), "url", ""))
             filename = unquote(url.split("/resolve/", 1)[1].split("/", 1)[-1]) if "/resolve/" in url else "?"
         return ModelNotFound(f"{what} {where}: file {filename} not found on the Hub")
-    if isinstance(e, (hfe.LocalEntryNotFoundError, hfe.OfflineModeIsEnabled, hfe.CachedRepoTreeNotFoundError,
-                      hfe.IncompleteSnapshotError)):
+    if isinstance(e, hfe.not_cached):
         if offline():
             return ModelNotFound(f"{what} {where}: no such local path, and not in the Hugging Face cache {cache} while "
                                  "HF_HUB_OFFLINE is set: run once online to download it, or point --cache-dir / "
@@ -224,12 +222,45 @@ def _hf_error(e: BaseException, r: Request, repo: str, filename: Optional[str], 
                              f"complete copy is in the cache {cache}: check the name, the connection or HF_ENDPOINT "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     status = getattr(getattr(e, "response", None), "status_code", None)
-    if isinstance(e, hfe.HfHubHTTPError) and not (isinstance(status, int) and status >= 500):
+    if isinstance(e, hfe.http) and not (isinstance(status, int) and status >= 500):
         return ModelNotFound(f"{what} {where}: the Hub refused the request ({str(e).splitlines()[0]}); "
                              "for a private repo log in (`hf auth login`) or set HF_TOKEN")
     first = str(e).splitlines()[0] if str(e) else ""
     return MergeIOError(f"{what} {where}: download failed ({type(e).__name__}: {first}); nothing was written. "
                         "Run again to resume the download")
+
+
+class _HfErrors:
+    """huggingface_hub's exception classes by role; names and modules moved between
+    releases (0.x: requests, 1.x: httpx, 2.x: httpx2), so each role is a tuple of whichever
+    classes this installation has."""
+
+    def __init__(self) -> None:
+        import sys
+
+        try:
+            from huggingface_hub import errors as mod
+        except ImportError:  # before 0.23
+            from huggingface_hub import utils as mod
+
+        def cls(*names: str) -> Tuple[type, ...]:
+            return tuple(c for n in names if isinstance(c := getattr(mod, n, None), type))
+
+        self.gated = cls("GatedRepoError")
+        self.revision = cls("RevisionNotFoundError")
+        self.repo = cls("RepositoryNotFoundError")
+        self.entry = cls("RemoteEntryNotFoundError", "EntryNotFoundError")
+        self.http = cls("HfHubHTTPError")
+        self.offline = cls("OfflineModeIsEnabled")
+        self.not_cached = cls("LocalEntryNotFoundError", "OfflineModeIsEnabled", "CachedRepoTreeNotFoundError",
+                              "IncompleteSnapshotError")
+        # The hub is unreachable (not a refusal): the transport's connection and timeout errors.
+        net: List[type] = list(self.offline)
+        for module, names in (("httpx2", ("ConnectError", "TimeoutException")),
+                              ("httpx", ("ConnectError", "TimeoutException")), ("requests", ("ConnectionError", "Timeout"))):
+            m = sys.modules.get(module)
+            net += [c for n in names if isinstance(c := getattr(m, n, None), type)] if m is not None else []
+        self.unreachable = tuple(net)
 
 
 def _fetch(r: Request, cache_dir: Optional[PathLike], progress: bool) -> Resolved:
@@ -248,7 +279,7 @@ def _fetch(r: Request, cache_dir: Optional[PathLike], progress: bool) -> Resolve
         import huggingface_hub  # noqa: F401
     except ImportError:
         raise ConfigError(f"config error: {r.name!r} is not a local path; hub models need huggingface_hub "
-                          "(pip install huggingface_hub)") from None
+                          "(pip install huggingface_hub, or pip install 'merge-fast[hub]')") from None
     cache = hub_cache_dir(cache_dir)
     try:
         if r.kind == "file":
@@ -283,9 +314,8 @@ def _download_file(repo: str, filename: str, revision: Optional[str], cache: Pat
 
 
 def _download_folder(repo: str, revision: Optional[str], kind: str, cache: Path, progress: bool) -> str:
-    import httpx2
-    from huggingface_hub import HfApi, get_cached_repo_tree, hf_hub_download, snapshot_download
-    from huggingface_hub import errors as hfe
+    import huggingface_hub as hf
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     local_only = offline()
     files: Optional[List[str]] = None
@@ -295,11 +325,15 @@ def _download_folder(repo: str, revision: Optional[str], kind: str, cache: Path,
             files = [s.rfilename for s in (info.siblings or [])]
             if not files:
                 files = HfApi(endpoint=_endpoint()).list_repo_files(repo, revision=revision)
-        except (httpx2.ConnectError, httpx2.TimeoutException, hfe.OfflineModeIsEnabled):
+        except _HfErrors().unreachable:
             # Unreachable hub (not a refusal): use the cached copy, as huggingface_hub does.
             local_only = True
     if files is None:
-        files = [f.path for f in get_cached_repo_tree(repo, revision=revision, cache_dir=str(cache))]
+        if hasattr(hf, "get_cached_repo_tree"):  # 2.x: the repo's listing, cached when downloaded
+            files = [f.path for f in hf.get_cached_repo_tree(repo, revision=revision, cache_dir=str(cache))]
+        else:  # older releases: what the cached snapshot holds
+            snap = snapshot_download(repo, revision=revision, cache_dir=str(cache), local_files_only=True)
+            files = [f.name for f in Path(snap).iterdir()]
     top = [f for f in files if "/" not in f]
 
     def index_files(index: str) -> List[str]:
