@@ -361,3 +361,13 @@ def test_resolution_is_lazy(llama_f32, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "('org/m', 'v2', 'org/lora', 'abc')"
+
+
+def test_without_huggingface_hub_says_how_to_install(tmp_path):
+    code = ("import sys; sys.modules['huggingface_hub'] = None\n"
+            "import merge_fast as mf\n"
+            f"try:\n    mf.linear(['org/a', 'org/b'], out={str(tmp_path / 'out')!r})\n"
+            "except mf.ConfigError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install huggingface_hub" in r.stdout and "'org/a'" in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "out").exists()
