@@ -381,55 +381,64 @@ def _download_folder(repo: str, revision: Optional[str], kind: str, cache: Path,
 # ------------------------------------------------------------------ configs
 def resolve_config(cfg: Any, *, cache_dir: Optional[PathLike] = None, progress: bool = False) -> Tuple[Any, List[HubInput]]:
     """Every model reference of a parsed config (merge_fast.config.schema.MergeConfig)
-    resolved to local folders; returns the new config and its hub inputs, pinned."""
-    from .config.schema import ModelRef, TokenSpec
+    resolved to local folders; returns the new config and its hub inputs, pinned.
+
+    The config is walked generically (every ModelRef in any dataclass field, list or dict),
+    so new parts of the schema need nothing here; errors name the nearest config key."""
+    from .config.schema import ModelRef
 
     where: Dict[Request, Tuple[Any, ...]] = {}  # first config key naming each reference
 
-    def collect(m: Any, key: Tuple[Any, ...]) -> None:
-        if isinstance(m, ModelRef):
-            where.setdefault(Request(m.path, m.revision, "model"), key)
-            if m.lora:
-                where.setdefault(Request(m.lora, m.lora_revision, "adapter"), key)
+    def collect(m: Any, key: Tuple[Any, ...]) -> Any:
+        where.setdefault(Request(m.path, m.revision, "model"), key)
+        if m.lora:
+            where.setdefault(Request(m.lora, m.lora_revision, "adapter"), key)
+        return m
 
-    collect(cfg.base_model, ("base_model",))
-    collect(cfg.tokenizer_source, ("tokenizer_source",))
-    for s in cfg.models or []:
-        collect(s.model, tuple(s.path) + ("model",))
-    for sl in cfg.slices or []:
-        collect(sl.base_model, tuple(sl.path) + ("base_model",))
-        for s in sl.sources:
-            collect(s.model, tuple(s.path) + ("model",))
-    for t in (cfg.tokens or {}).values():
-        collect(t.model, tuple(t.path))
+    _walk(cfg, (), ModelRef, collect)
     done, errors = resolve_each(list(where), cache_dir=cache_dir, progress=progress)
     located: List[MergeError] = []
     for r, e in errors.items():
         msg = str(e).removeprefix("config error: ")
         located.append(type(e)(f"config error: {cfg.src.where(where[r])}: {msg}"))
     raise_all(located)
-    inputs = list(dict.fromkeys(r.hub for r in done.values() if r.hub is not None))
 
-    def new(m: Any) -> Any:
-        if not isinstance(m, ModelRef):
-            return m
+    def new(m: Any, key: Tuple[Any, ...]) -> Any:
         p = done[Request(m.path, m.revision, "model")]
         a = done[Request(m.lora, m.lora_revision, "adapter")] if m.lora else None
         if p.path == Path(os.path.expanduser(m.path)) and (a is None or a.path == Path(os.path.expanduser(m.lora))):
             return m  # local and read as it is
         return ModelRef(str(p.path), str(a.path) if a else None, label=m.label or str(m))
 
-    rep = dataclasses.replace
-    out = rep(
-        cfg,
-        base_model=new(cfg.base_model),
-        tokenizer_source=new(cfg.tokenizer_source),
-        models=[rep(s, model=new(s.model)) for s in cfg.models] if cfg.models is not None else None,
-        slices=[rep(sl, base_model=new(sl.base_model), sources=[rep(s, model=new(s.model)) for s in sl.sources])
-                for sl in cfg.slices] if cfg.slices is not None else None,
-        tokens={k: (rep(t, model=new(t.model)) if isinstance(t, TokenSpec) else t) for k, t in (cfg.tokens or {}).items()},
-    )
-    return out, inputs
+    inputs = list(dict.fromkeys(r.hub for r in done.values() if r.hub is not None))
+    return _walk(cfg, (), ModelRef, new), inputs
+
+
+def _walk(obj: Any, key: Tuple[Any, ...], ref_type: type, visit: Any) -> Any:
+    """`obj` with every `ref_type` inside replaced by visit(ref, config key); parts without
+    any replacement are returned as they are. A dataclass with a tuple ``path`` (SourceDef,
+    SliceDef, TokenSpec) carries its own config key."""
+    if isinstance(obj, ref_type):
+        return visit(obj, key)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        own = getattr(obj, "path", None)
+        base = tuple(own) if isinstance(own, tuple) else key
+        changes = {}
+        for f in dataclasses.fields(obj):
+            if f.name in ("src", "path"):
+                continue
+            v = getattr(obj, f.name)
+            nv = _walk(v, base + (f.name,), ref_type, visit)
+            if nv is not v:
+                changes[f.name] = nv
+        return dataclasses.replace(obj, **changes) if changes else obj
+    if isinstance(obj, (list, tuple)):
+        items = [_walk(x, key + (i,), ref_type, visit) for i, x in enumerate(obj)]
+        return type(obj)(items) if any(a is not b for a, b in zip(items, obj)) else obj
+    if isinstance(obj, dict):
+        d = {k: _walk(v, key + (k,), ref_type, visit) for k, v in obj.items()}
+        return d if any(d[k] is not obj[k] for k in obj) else obj
+    return obj
 
 
 def resolve_paths(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] = None, progress: bool = False,
