@@ -112,7 +112,8 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
 def _cmd_subspace_masks(args: argparse.Namespace) -> int:
     from .subspace import subspace_masks
 
-    info = subspace_masks(args.it, args.pt, args.rank, args.out, include=args.include, seed=args.seed, threads=args.threads)
+    info = subspace_masks(args.it, args.pt, args.rank, args.out, include=args.include, seed=args.seed, threads=args.threads,
+                          cache_dir=args.cache_dir)
     if not args.quiet:
         energy = sum(e for _, e, _ in info.values()) / max(len(info), 1)
         print(f"wrote rank-{args.rank} masks for {len(info)} tensors to {args.out} (mean captured energy {energy:.3f})")
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", default=None, help="regex: only tensors whose name matches")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
     p.add_argument("-q", "--quiet", action="store_true")
     _COMMANDS["subspace-masks"] = _cmd_subspace_masks
     return parser

@@ -317,6 +317,8 @@ def _download_folder(repo: str, revision: Optional[str], kind: str, cache: Path,
     import huggingface_hub as hf
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
+    revision = revision or "main"  # what huggingface_hub's downloads take for "no revision"
+
     local_only = offline()
     files: Optional[List[str]] = None
     if not local_only:
