@@ -10,6 +10,13 @@ from ._core import (
     TensorMismatch,
 )
 
+
+
+class ModelNotFound(ConfigError):
+    """A model reference that is neither a local path nor a reachable hub repo (missing,
+    private or gated repo, missing revision or file, offline without a cached copy)."""
+
+
 __all__ = [
     "MergeError",
     "InvalidCheckpoint",
@@ -18,4 +25,5 @@ __all__ = [
     "NumericalError",
     "MergeIOError",
     "MergeInterrupted",
+    "ModelNotFound",
 ]

@@ -272,11 +272,22 @@ def merge_folders(
     progress: ProgressArg = False,
     seed: int = 0,
     overwrite: bool = False,
+    cache_dir: Optional[PathLike] = None,
 ) -> MergeResult:
     check_output_dir(out, [base, *models], overwrite=overwrite)
     check_threads(threads)
     code = out_dtype_code(dtype, out_dtype)
-    paths, plans = same_tensor_plan(method, base, models, lambda _name: params, code)
+    from .hub import resolve_paths
+
+    refs = ([base] if base is not None else []) + list(models)
+    local, hub_inputs = resolve_paths(refs, cache_dir=cache_dir, progress=progress is True)
+    with_adapter = [str(r) for r, (_, a) in zip(refs, local) if a is not None]
+    if with_adapter:
+        raise ConfigError(f"config error: {with_adapter[0]}: MODEL+ADAPTER references work in configs "
+                          "(merge_fast.run) and merge_fast.lora.apply, not in this function")
+    lbase = local[0][0] if base is not None else None
+    paths, plans = same_tensor_plan(method, lbase, [p for p, _ in local[1 if base is not None else 0:]],
+                                    lambda _name: params, code)
     recipe = {
         "merge_fast_version": _core.__version__,
         "method": method,
@@ -287,6 +298,8 @@ def merge_folders(
         "out_dtype": out_dtype,
         "seed": seed,
     }
+    if hub_inputs:
+        recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
     return execute(
         paths,
         plans,

@@ -52,10 +52,20 @@ def parse_shard_size(size: Union[int, str]) -> int:
     return parse_size(s)
 
 
-def plan(config: ConfigLike, *, allow_crimes: bool = False) -> Plan:
-    """Validates `config` against the model folders and returns the tensor plan."""
+def plan(config: ConfigLike, *, allow_crimes: bool = False, cache_dir: Optional[Union[str, Path]] = None) -> Plan:
+    """Validates `config` against the model folders and returns the tensor plan (hub
+    references are downloaded into the cache first, see :mod:`merge_fast.hub`)."""
     cfg = config if isinstance(config, MergeConfig) else load(config)
+    cfg, _ = _resolve_refs(cfg, cache_dir, False)
     return Planner(cfg, allow_crimes=allow_crimes).plan()
+
+
+def _resolve_refs(cfg: MergeConfig, cache_dir, progress) -> tuple:
+    """Local folders for every model reference (hub downloads, .bin conversions), before
+    anything is written; also the pinned hub inputs for the card and the recipe."""
+    from ..hub import resolve_config
+
+    return resolve_config(cfg, cache_dir=cache_dir, progress=bool(progress) and not callable(progress))
 
 
 def run(
@@ -74,13 +84,15 @@ def run(
     cuda: bool = False,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
 ) -> MergeResult:
     """Runs a mergekit-style config into `out` (written atomically). An existing non-empty
     `out` is replaced only with ``overwrite`` and only if it holds a previous merge output.
 
     ``lazy_unpickle`` and ``low_cpu_memory`` are accepted for mergekit compatibility and do
     nothing (inputs are always memory-mapped and streamed). ``cuda`` prints a notice:
-    merge_fast computes on the CPU."""
+    merge_fast computes on the CPU. Hub references go to ``cache_dir`` (default: the
+    standard Hugging Face cache)."""
     if cuda:
         print("merge-fast: --cuda ignored: merge_fast computes on the CPU (streamed, multi-threaded)", file=sys.stderr)
     del lazy_unpickle, low_cpu_memory, trust_remote_code
@@ -92,10 +104,14 @@ def run(
         shard = parse_shard_size(out_shard_size)
     except ValueError as e:
         raise ConfigError(f"config error: out_shard_size: {e}") from None
+    cfg, hub_inputs = _resolve_refs(cfg, cache_dir, progress)
     if cfg.merge_method in _RECIPES:
         return _run_recipe(cfg, Path(out), shard=shard, threads=threads, progress=progress,
-                           seed=random_seed or 0, write_model_card=write_model_card, overwrite=overwrite)
-    p = plan(cfg, allow_crimes=allow_crimes)
+                           seed=random_seed or 0, write_model_card=write_model_card, overwrite=overwrite,
+                           hub_inputs=hub_inputs, cache_dir=cache_dir)
+    inputs = _inputs(cfg)  # the local folders the references resolved to
+    check_output_dir(out, inputs, overwrite=overwrite)
+    p = Planner(cfg, allow_crimes=allow_crimes).plan()
     chat_template = _output.resolve_chat_template(cfg, cfg.src.error)
     out = Path(out)
     text = _output.config_text(cfg)
@@ -107,7 +123,8 @@ def run(
         _output.fix_config_json(tmp, p, cfg, vp.size if vp is not None else None)
         _output.write_tokenizer(tmp, tok_folder, chat_template, builder)
         if write_model_card:
-            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, p.method), encoding="utf-8")
+            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, p.method, hub_inputs),
+                                           encoding="utf-8")
             (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
 
     recipe = {
@@ -115,6 +132,8 @@ def run(
         "method": cfg.merge_method,
         "config": text,
     }
+    if hub_inputs:
+        recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
     try:
         return _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overwrite, inputs)
     except ConfigError as e:
@@ -142,7 +161,7 @@ _RECIPES = {
 
 
 def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, seed: int,
-                write_model_card: bool, overwrite: bool) -> Any:
+                write_model_card: bool, overwrite: bool, hub_inputs=(), cache_dir=None) -> Any:
     """Runs fisher_weighted, fisher_dampened or procrustes_absorb from a config:
 
     - fisher_weighted: ``models: [{model, parameters: {fisher: PATH, weight}}]``, global
@@ -182,11 +201,12 @@ def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, s
 
     def card(tmp: Path) -> None:
         if write_model_card:
-            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, method), encoding="utf-8")
+            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, method, hub_inputs), encoding="utf-8")
             (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
 
     opts = dict(out=str(out), dtype=cfg.dtype or "float32", out_dtype=cfg.out_dtype, threads=threads,
-                max_shard_size=shard, progress=progress, seed=seed, extra_files=card, overwrite=overwrite)
+                max_shard_size=shard, progress=progress, seed=seed, extra_files=card, overwrite=overwrite,
+                cache_dir=cache_dir)
     if method == "fisher_weighted":
         if base is not None:
             raise err(("base_model",), "fisher_weighted takes no base_model")

@@ -21,17 +21,28 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "tor
 
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
-    """A model folder, optionally with a PEFT LoRA adapter applied (``base+adapter``)."""
+    """A model (local path or hub repo id, with its revision), optionally with a PEFT LoRA
+    adapter applied (``base+adapter``). After hub resolution (merge_fast.hub) ``path`` and
+    ``lora`` are local folders and ``label`` keeps the reference as written."""
 
     path: str
     lora: Optional[str] = None
+    revision: Optional[str] = None
+    lora_revision: Optional[str] = None
+    label: Optional[str] = dataclasses.field(default=None, compare=False)
 
     @property
-    def key(self) -> Tuple[str, Optional[str]]:
-        return (os.path.abspath(self.path), os.path.abspath(self.lora) if self.lora else None)
+    def key(self) -> Tuple[Any, ...]:
+        return (os.path.abspath(self.path), os.path.abspath(self.lora) if self.lora else None,
+                self.revision, self.lora_revision)
 
     def __str__(self) -> str:
-        return f"{self.path}+{self.lora}" if self.lora else self.path
+        if self.label:
+            return self.label
+        m = f"{self.path}@{self.revision}" if self.revision else self.path
+        if not self.lora:
+            return m
+        return f"{m}+{self.lora}@{self.lora_revision}" if self.lora_revision else f"{m}+{self.lora}"
 
     def same(self, other: "ModelRef") -> bool:
         return other is not None and self.key == other.key
@@ -109,34 +120,62 @@ def _resolve_path(p: str, src: ConfigSource) -> str:
     return alt if os.path.exists(alt) else path
 
 
-def parse_model_ref(src: ConfigSource, path: KeyPath, value: Any) -> ModelRef:
+def _ref_part(src: ConfigSource, path: KeyPath, text: str) -> Tuple[str, Optional[str]]:
+    """'org/name@rev' -> (name, rev); a path that exists is taken as it is."""
+    local = _resolve_path(text, src)
+    if os.path.exists(local) or "@" not in text:
+        return local, None
+    name, rev = text.rsplit("@", 1)
+    if not name or not rev:
+        raise src.error(path, f"cannot parse model reference {text!r} (use NAME@REVISION)")
+    return _resolve_path(name, src), rev
+
+
+def parse_model_ref(src: ConfigSource, path: KeyPath, value: Any, revision: Any = None) -> ModelRef:
+    """mergekit's forms: ``path``, ``org/name@revision``, ``model+adapter`` (each side a local
+    path or a hub repo id), ``{model: ..., lora: ...}`` (each a string or ``{path, revision}``);
+    `revision` is a ``revision:`` key beside the reference."""
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise src.error(path[:-1] + ("revision",), "revision must be a branch, tag or commit hash")
     if isinstance(value, dict):
         extra = set(value) - {"model", "lora", "override_architecture"}
         if extra:
             raise src.error(path + (sorted(extra)[0],), "unknown key in a model reference (allowed: model, lora)")
         if "override_architecture" in value:
             raise src.error(path + ("override_architecture",), "override_architecture is not supported")
-        m = value.get("model")
-        if isinstance(m, dict):  # mergekit's serialized ModelPath {path, revision}
-            if m.get("revision"):
-                raise src.error(path + ("model", "revision"), "revisions need the model hub; use a local folder")
-            m = m.get("path")
-        lora = value.get("lora")
-        if isinstance(lora, dict):
-            lora = lora.get("path")
-        if not isinstance(m, str) or not m:
+        parts = []
+        for k in ("model", "lora"):
+            v, rev = value.get(k), None
+            if isinstance(v, dict):  # mergekit's serialized ModelPath {path, revision}
+                v, rev = v.get("path"), v.get("revision")
+                if rev is not None and (not isinstance(rev, str) or not rev):
+                    raise src.error(path + (k, "revision"), "revision must be a branch, tag or commit hash")
+            if v is not None and (not isinstance(v, str) or not v):
+                raise src.error(path + (k,), "a model reference needs 'model: PATH'" if k == "model"
+                                else "lora must be a path to a PEFT adapter folder or a hub repo id")
+            if v is not None and rev is None:
+                v, rev = _ref_part(src, path + (k,), v)
+            elif v is not None:
+                v = _resolve_path(v, src)
+            parts.append((v, rev))
+        (m, mrev), (lora, lrev) = parts
+        if m is None:
             raise src.error(path + ("model",), "a model reference needs 'model: PATH'")
-        if lora is not None and not isinstance(lora, str):
-            raise src.error(path + ("lora",), "lora must be a path to a PEFT adapter folder")
-        return ModelRef(_resolve_path(m, src), _resolve_path(lora, src) if lora else None)
-    if not isinstance(value, str) or not value.strip():
-        raise src.error(path, f"expected a model path, got {value!r}")
-    parts = value.split("+")
-    if len(parts) > 2:
-        raise src.error(path, f"cannot parse model reference {value!r} (use MODEL or MODEL+LORA_ADAPTER)")
-    if "@" in parts[0] and not os.path.exists(parts[0]):
-        raise src.error(path, f"model {parts[0]!r}: revisions (@...) need the model hub; use a local folder")
-    return ModelRef(_resolve_path(parts[0], src), _resolve_path(parts[1], src) if len(parts) == 2 else None)
+    else:
+        if not isinstance(value, str) or not value.strip():
+            raise src.error(path, f"expected a model path, got {value!r}")
+        if os.path.exists(_resolve_path(value, src)):
+            return ModelRef(_resolve_path(value, src), revision=revision)
+        texts = value.split("+")
+        if len(texts) > 2 or not all(texts):
+            raise src.error(path, f"cannot parse model reference {value!r} (use MODEL or MODEL+LORA_ADAPTER)")
+        m, mrev = _ref_part(src, path, texts[0])
+        lora, lrev = _ref_part(src, path, texts[1]) if len(texts) == 2 else (None, None)
+    if revision is not None:
+        if mrev is not None and mrev != revision:
+            raise src.error(path[:-1] + ("revision",), f"revision {revision!r} contradicts {m}@{mrev}")
+        mrev = revision
+    return ModelRef(m, lora, mrev, lrev)
 
 
 def _params(src: ConfigSource, path: KeyPath, value: Any) -> Optional[Dict[str, Any]]:
@@ -204,10 +243,10 @@ def parse(src: ConfigSource) -> MergeConfig:
             p = ("models", i)
             if isinstance(m, str):
                 m = {"model": m}
-            _check_keys(src, p, m, {"model", "parameters"}, "a model entry")
+            _check_keys(src, p, m, {"model", "parameters", "revision"}, "a model entry")
             if "model" not in m:
                 raise src.error(p, "a model entry needs 'model'")
-            models.append(SourceDef(parse_model_ref(src, p + ("model",), m["model"]), None,
+            models.append(SourceDef(parse_model_ref(src, p + ("model",), m["model"], m.get("revision")), None,
                                     _params(src, p + ("parameters",), m.get("parameters")), p))
     else:
         if not isinstance(d["slices"], list) or not d["slices"]:
@@ -223,12 +262,12 @@ def parse(src: ConfigSource) -> MergeConfig:
             sources = []
             for j, so in enumerate(s["sources"]):
                 q = p + ("sources", j)
-                _check_keys(src, q, so, {"model", "layer_range", "parameters"}, "a slice source")
+                _check_keys(src, q, so, {"model", "layer_range", "parameters", "revision"}, "a slice source")
                 if "model" not in so:
                     raise src.error(q, "a slice source needs 'model'")
                 if "layer_range" not in so:
                     raise src.error(q, "a slice source needs 'layer_range: [start, end]'")
-                sources.append(SourceDef(parse_model_ref(src, q + ("model",), so["model"]),
+                sources.append(SourceDef(parse_model_ref(src, q + ("model",), so["model"], so.get("revision")),
                                          _layer_range(src, q + ("layer_range",), so["layer_range"]),
                                          _params(src, q + ("parameters",), so.get("parameters")), q))
             sb = parse_model_ref(src, p + ("base_model",), s["base_model"]) if s.get("base_model") is not None else None
