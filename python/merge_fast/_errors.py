@@ -10,7 +10,15 @@ from ._core import (
     TensorMismatch,
 )
 
+
+
+class MergeWarning(UserWarning):
+    """Something merge_fast ran anyway but the user should know (an ignored config key, a
+    degenerate tensor a kernel resolved by a fallback)."""
+
+
 __all__ = [
+    "MergeWarning",
     "MergeError",
     "InvalidCheckpoint",
     "TensorMismatch",

@@ -18,14 +18,15 @@ written; each error is a :class:`merge_fast.ConfigError` naming the config key a
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from .._errors import ConfigError
+from .._errors import ConfigError, MergeWarning
 from .._folders import MergeResult, ProgressArg, execute
 from .._output import parse_size
 from . import output as _output
-from ._source import load as _load
+from ._source import load as _load, load_all as _load_all
 from .methods import MERGEKIT_METHODS
 from .planner import Plan, Planner
 from .schema import MergeConfig, parse as _parse
@@ -35,9 +36,11 @@ ConfigLike = Union[str, Path, Dict[str, Any]]
 __all__ = ["run", "plan", "load", "parse_shard_size", "MergeConfig", "Plan", "MERGEKIT_METHODS"]
 
 
-def load(config: ConfigLike) -> MergeConfig:
-    """Parses and checks the structure of a config (no model is opened)."""
-    return _parse(_load(config))
+def load(config: ConfigLike, *, strict: bool = False) -> MergeConfig:
+    """Parses and checks the structure of a config (no model is opened). Keys mergekit
+    ignores are :class:`merge_fast.MergeWarning` warnings, or errors with `strict`; every
+    problem is reported in one :class:`merge_fast.ConfigError`."""
+    return _parse(_load(config), strict=strict)
 
 
 def parse_shard_size(size: Union[int, str]) -> int:
@@ -52,9 +55,9 @@ def parse_shard_size(size: Union[int, str]) -> int:
     return parse_size(s)
 
 
-def plan(config: ConfigLike, *, allow_crimes: bool = False) -> Plan:
+def plan(config: ConfigLike, *, allow_crimes: bool = False, strict: bool = False) -> Plan:
     """Validates `config` against the model folders and returns the tensor plan."""
-    cfg = config if isinstance(config, MergeConfig) else load(config)
+    cfg = config if isinstance(config, MergeConfig) else load(config, strict=strict)
     return Planner(cfg, allow_crimes=allow_crimes).plan()
 
 
@@ -73,6 +76,8 @@ def run(
     low_cpu_memory: bool = False,
     cuda: bool = False,
     trust_remote_code: bool = False,
+    strict: bool = False,
+    stage: Optional[str] = None,
 ) -> MergeResult:
     """Runs a mergekit-style config into `out` (written atomically).
 
@@ -82,7 +87,17 @@ def run(
     if cuda:
         print("merge-fast: --cuda ignored: merge_fast computes on the CPU (streamed, multi-threaded)", file=sys.stderr)
     del lazy_unpickle, low_cpu_memory, trust_remote_code
-    cfg = config if isinstance(config, MergeConfig) else load(config)
+    if not isinstance(config, MergeConfig):
+        srcs = _load_all(config)
+        if len(srcs) > 1 or stage is not None:
+            from .stages import run_stages
+
+            opts = dict(out_shard_size=out_shard_size, copy_tokenizer=copy_tokenizer, allow_crimes=allow_crimes,
+                        random_seed=random_seed, write_model_card=write_model_card, threads=threads,
+                        progress=progress, strict=strict)
+            return run_stages(srcs, Path(out), stage, run, opts)
+        config = srcs[0]
+    cfg = config if isinstance(config, MergeConfig) else _parse(config, strict=strict)
     try:
         shard = parse_shard_size(out_shard_size)
     except ValueError as e:
@@ -95,8 +110,18 @@ def run(
     out = Path(out)
     text = _output.config_text(cfg)
     vp = p.vocab
-    tok_folder = (vp.tokenizer_folder if vp is not None else _output.model_folder(p.donor.ref)) if copy_tokenizer else None
-    builder = vp.builder if (vp is not None and copy_tokenizer) else None
+    # As mergekit: a tokenizer the config asks for (tokenizer_source / tokenizer) is always
+    # written; --no-copy-tokenizer only stops the plain copy from the base, and a bare
+    # chat_template then has no tokenizer to go with (mergekit warns and skips it too).
+    if vp is not None:
+        tok_folder, builder = vp.tokenizer_folder, vp.builder
+    elif copy_tokenizer:
+        tok_folder, builder = _output.model_folder(p.donor.ref), None
+    else:
+        tok_folder = builder = None
+        if chat_template:
+            warnings.warn("merge-fast: chat_template is set but --no-copy-tokenizer leaves the output without a "
+                          "tokenizer; the chat template is not written (as mergekit)", MergeWarning, stacklevel=2)
 
     def extra(tmp: Path) -> None:
         _output.fix_config_json(tmp, p, cfg, vp.size if vp is not None else None)
@@ -170,7 +195,7 @@ def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, s
             (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, method), encoding="utf-8")
             (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
 
-    opts = dict(out=str(out), dtype=cfg.dtype or "float32", out_dtype=cfg.out_dtype, threads=threads,
+    opts = dict(out=str(out), dtype=cfg.dtype or "float32", out_dtype=cfg.out_dtype or cfg.dtype, threads=threads,
                 max_shard_size=shard, progress=progress, seed=seed, extra_files=card)
     if method == "fisher_weighted":
         if base is not None:

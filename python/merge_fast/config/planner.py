@@ -166,25 +166,6 @@ class Planner:
             raise self.src.error(first.where, f"models of different architectures ({desc}); pass --allow-crimes to merge anyway")
 
     # ------------------------------------------------------------ parameters
-    def _check_param_names(self, spec: Optional[MethodSpec], slices: List[SliceDef]) -> None:
-        scopes: List[Tuple[Optional[dict], KeyPath, bool]] = [(self.cfg.parameters, ("parameters",), False)]
-        for sl in slices:
-            scopes.append((sl.parameters, sl.path + ("parameters",), False))
-            for s in sl.sources:
-                scopes.append((s.parameters, s.path + ("parameters",), True))
-        for params, path, per_source in scopes:
-            for k in params or {}:
-                if k in NO_OP_PARAMS:
-                    continue
-                if spec is None:
-                    continue
-                if k not in spec.params:
-                    known = ", ".join(sorted(spec.params)) or "none"
-                    raise self.src.error(path + (k,), f"unknown parameter '{k}' for merge_method {spec.name} (its parameters: {known})")
-                if per_source and not spec.params[k].per_model:
-                    raise self.src.error(path + (k,), f"parameter '{k}' of {spec.name} is shared by all models; set it under the "
-                                                      "top-level or the slice 'parameters', not per model (mergekit would ignore it here)")
-
     def _tensor_params(self, spec: Optional[MethodSpec], sl: SliceDef, inputs: List[Tuple[SourceDef, str]],
                        out_name: str, t: float) -> Dict[str, Any]:
         g = (self.cfg.parameters, ("parameters",))
@@ -249,9 +230,10 @@ class Planner:
         if isinstance(cfg.tokenizer_source, ModelRef):
             self.model(cfg.tokenizer_source, ("tokenizer_source",))
         self._check_architectures()
-        self._check_param_names(spec, slices)
         vocab = prepare_vocab(cfg, self)
-        code = out_dtype_code(cfg.dtype or "float32", cfg.out_dtype)
+        # As mergekit: the output has `out_dtype`, else the compute `dtype` (merged tensors
+        # come out of the computation in it), else each input tensor's dtype.
+        code = out_dtype_code(cfg.dtype or "float32", cfg.out_dtype or cfg.dtype)
 
         # Per slice: which source is the base, structure checks.
         slice_roles: List[Tuple[Optional[int], List[int]]] = []
