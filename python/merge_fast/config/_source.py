@@ -25,6 +25,10 @@ def key_str(path: KeyPath) -> str:
     return out or "<top level>"
 
 
+# Names seen in public configs for a known key that difflib would not find.
+_RENAMED = {"pattern": "filter", "regexp": "regex", "weights": "weight", "densities": "density"}
+
+
 class ConfigSource:
     """The parsed config plus the line of each key (when it came from YAML text)."""
 
@@ -61,7 +65,7 @@ class ConfigSource:
         """Records a key mergekit would ignore (run anyway; an error under strict), with the
         known name it most resembles."""
         key = str(path[-1])
-        close = difflib.get_close_matches(key, sorted(set(known)), n=1, cutoff=0.6)
+        close = [_RENAMED[key]] if _RENAMED.get(key) in known else difflib.get_close_matches(key, sorted(set(known)), n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         self.ignored.setdefault(key, []).append(f"{self.where(path)}: unknown key '{key}' in {what}{hint}; "
                                                 f"{note or 'ignored, as mergekit does'}")
