@@ -51,7 +51,7 @@ EXPECT = {
     "metrics-small.yml": "refused: merge_method",
     "linear_small.yml": "refused: merge_method",
     "whisper-merge-multilingual.yml": "refused: base_model",  # slerp without a base
-    "whisper-lora-multilingual.yml": "refused: base_model",
+    "whisper-lora-multilingual.yml": "refused: listed twice",  # `lora:` beside `model:` is ignored by both
 }
 
 LLAMA = ("TheBloke/Llama-2-13B-fp16", "psmathur/orca_mini_v3_13b", "garage-bAInd/Platypus2-13B",
