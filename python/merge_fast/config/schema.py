@@ -303,8 +303,11 @@ def parse(src: ConfigSource, *, strict: bool = False) -> MergeConfig:
     modules = None
     models = slices = None
     if d.get("modules") is not None:
-        src.errors.append(src.error(("modules",), "multi-module configs ('modules') are not supported yet; "
-                                                  "use models or slices"))
+        from .modules import parse_modules
+
+        if d.get("models") is not None or d.get("slices") is not None:
+            src.errors.append(src.error(("modules",), "give exactly one of 'models', 'slices' or 'modules'"))
+        modules = src.collect(parse_modules, src, d["modules"])
     else:
         got = src.collect(_inputs, src, d)
         if got is not None:
