@@ -12,8 +12,12 @@ Supported schema (mergekit's): ``merge_method``, ``base_model``, ``models`` (eac
 a model; embedding rows are permuted per model, see tokenizer.py), ``tokenizer: {source,
 tokens}``, ``chat_template`` and model references of the form
 ``path``, ``path+lora_adapter`` or ``{model: path, lora: adapter}``.
+``modules`` (per-module models/slices/parameters, see modules.py) and multi-stage files
+(several YAML documents with ``name``, as mergekit-multi writes them; see stages.py).
 Every check (method, parameters, layer ranges, shapes, folders) runs before anything is
-written; each error is a :class:`merge_fast.ConfigError` naming the config key and line.
+written; all problems of a config come in one :class:`merge_fast.ConfigError`, each naming
+its key and line. Keys mergekit ignores are :class:`merge_fast.MergeWarning` warnings
+(``strict=True`` refuses them).
 """
 from __future__ import annotations
 
