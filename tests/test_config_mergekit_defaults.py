@@ -258,3 +258,50 @@ def test_multi_stage_errors(models, tmp_path):
     with pytest.raises(mf.ConfigError, match="stage \\(unnamed\\)"):
         mf.run(bad, out=tmp_path / "out")
     assert sorted(x.name for x in tmp_path.iterdir()) == []
+
+
+def test_sce_with_extra_parameters_runs_like_mergekit(models, tmp_path):
+    """Public sce configs carry ties-style parameters sce does not take; mergekit ignores them."""
+    text = textwrap.dedent("""
+        merge_method: sce
+        base_model: {base}
+        models:
+          - model: {a}
+            parameters: {{weight: 0.6, density: 0.5, epsilon: 0.1}}
+          - model: {b}
+            parameters: {{weight: 0.4, density: 0.5, gamma: 0.01}}
+        parameters:
+          select_topk: 0.5
+          normalize: true
+          lambda: 1.1
+          rescale: false
+        dtype: float32
+        """).format(**{k: str(v) for k, v in models.items()})
+    with pytest.warns(mf.MergeWarning) as rec:
+        mf.run(text, out=tmp_path / "mf")
+    warned = {k for k in ("weight", "density", "epsilon", "gamma", "normalize", "lambda", "rescale")
+              if any(f"unknown key '{k}'" in str(w.message) for w in rec)}
+    assert warned == {"weight", "density", "epsilon", "gamma", "normalize", "lambda", "rescale"}
+    run_mergekit(text, tmp_path / "mk")
+    ref, got = read_folder_f32(tmp_path / "mk"), read_folder_f32(tmp_path / "mf")
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_model_stock_singularity_keeps_the_base_with_a_warning(models, tmp_path):
+    tb, ta = read_folder_f32(models["base"]), read_folder_f32(models["a"])
+    opp = tmp_path / "opp"
+    import shutil
+
+    shutil.copytree(models["a"], opp)
+    for f in opp.glob("*.safetensors"):
+        f.unlink()
+    (opp / "model.safetensors.index.json").unlink(missing_ok=True)
+    # exactly opposite task vectors: cos = -1 = -1/(N-1) for N = 2, the pole of t
+    st_write(opp / "model.safetensors", {k: (2 * tb[k].astype(np.float64) - ta[k]).astype(np.float32) for k in tb})
+    text = f"merge_method: model_stock\nbase_model: {models['base']}\nmodels:\n  - model: {models['a']}\n  - model: {opp}\n"
+    with pytest.warns(mf.MergeWarning, match="singularity"):
+        mf.run(text, out=tmp_path / "out")
+    got = read_folder_f32(tmp_path / "out")
+    n = "model.layers.0.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(got[n], tb[n])
