@@ -233,10 +233,14 @@ def test_two_stage_file_equals_the_two_configs_by_hand(models, tmp_path):
     ref1, got1 = read_folder_f32(by_hand / "first"), read_folder_f32(tmp_path / "only1")
     for k in ref1:
         np.testing.assert_array_equal(got1[k], ref1[k], err_msg=k)
-    # mf.run takes the text as well
+    # mf.run takes the text as well, and a list of dicts
+    import yaml
+
     mf.run(multi, out=tmp_path / "from_text")
+    mf.run(list(yaml.safe_load_all(multi)), out=tmp_path / "from_dicts")
     for k in ref:
         np.testing.assert_array_equal(read_folder_f32(tmp_path / "from_text")[k], ref[k], err_msg=k)
+        np.testing.assert_array_equal(read_folder_f32(tmp_path / "from_dicts")[k], ref[k], err_msg=k)
 
 
 def test_multi_stage_errors(models, tmp_path):

@@ -9,6 +9,7 @@ Every document is parsed and checked before the first stage runs.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -121,7 +122,7 @@ def run_stages(srcs: List[ConfigSource], out: Path, stage: Optional[str], run: C
         for n in order:
             src = by_name[n]
             if isinstance(src.data, dict):
-                src.data = dict(src.data)
+                src.data = copy.deepcopy(src.data)  # never change the caller's dicts
                 src.data.pop("name", None)
                 for path, r in list(_refs(src.data)):
                     s = _stage_of(r, named)
