@@ -15,6 +15,7 @@ from ._errors import (
     MergeInterrupted,
     MergeIOError,
     ModelNotFound,
+    MergeWarning,
     NumericalError,
     TensorMismatch,
 )
@@ -48,4 +49,5 @@ __all__ = [
     "MergeIOError",
     "MergeInterrupted",
     "ModelNotFound",
+    "MergeWarning",
 ]

@@ -17,7 +17,13 @@ class ModelNotFound(ConfigError):
     private or gated repo, missing revision or file, offline without a cached copy)."""
 
 
+class MergeWarning(UserWarning):
+    """Something merge_fast ran anyway but the user should know (an ignored config key, a
+    degenerate tensor a kernel resolved by a fallback)."""
+
+
 __all__ = [
+    "MergeWarning",
     "MergeError",
     "InvalidCheckpoint",
     "TensorMismatch",

@@ -7,11 +7,12 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _core
-from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch
+from ._errors import ConfigError, InvalidCheckpoint, MergeWarning, TensorMismatch
 from ._output import check_output_dir, check_threads, parse_size, staged_dir
 
 PathLike = Union[str, Path]
@@ -248,6 +249,8 @@ def execute(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
+    for note in stats.get("warnings", ()):
+        warnings.warn(f"merge-fast: {note}", MergeWarning, stacklevel=3)
     return MergeResult(
         path=out,
         tensors_written=stats["tensors_written"],

@@ -95,6 +95,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=_progress(args),
         overwrite=args.overwrite,
         cache_dir=args.cache_dir,
+        strict=args.strict,
+        stage=args.stage,
     )
     return _report(args, result)
 
@@ -185,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest output shard: mergekit's 5B/500M (bytes as mergekit counts them) or 5GB, 1GiB (default 5B)")
     p.add_argument("--copy-tokenizer", action=B, default=True, help="copy the tokenizer to the output (default: yes)")
     p.add_argument("--allow-crimes", action=B, default=False, help="allow merging models of different architectures")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse keys mergekit would ignore (unknown or misplaced keys and parameters); default: warn")
+    p.add_argument("--stage", default=None, metavar="NAME",
+                   help="multi-stage config (several YAML documents): write only stage NAME (and run what it needs)")
     p.add_argument("--random-seed", type=int, default=None, help="seed for randomized methods (DARE, DELLA...)")
     p.add_argument("--write-model-card", action=B, default=True,
                    help="write README.md and mergekit_config.yml into the output (default: yes, as mergekit)")
@@ -249,6 +255,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ._output import Terminated
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"merge-fast: warning: {str(message).removeprefix('merge-fast: ')}", file=sys.stderr)
+
+    warnings.showwarning = show
     try:
         if argv[:1] == ["fisher"]:
             # Its options (and --help) belong to merge_fast.torch's own parser.

@@ -62,6 +62,9 @@ def fix_config_json(out: Path, plan, cfg: MergeConfig, vocab_size: Optional[int]
             src = info.config.get("layer_types")
             new.append(src[idx] if isinstance(src, list) and idx < len(src) else (lt[min(idx, len(lt) - 1)] if lt else None))
         data["layer_types"] = new
+    for (section, k), n in getattr(plan, "module_layers", {}).items():
+        if isinstance(data.get(section), dict) and k in data[section]:
+            data[section][k] = n
     if vocab_size is not None and "vocab_size" in data:
         data["vocab_size"] = vocab_size
     f.write_text(json.dumps(data, indent=2) + "\n")
