@@ -14,6 +14,7 @@ from ._errors import (
     MergeError,
     MergeInterrupted,
     MergeIOError,
+    MergeWarning,
     NumericalError,
     TensorMismatch,
 )
@@ -46,4 +47,5 @@ __all__ = [
     "NumericalError",
     "MergeIOError",
     "MergeInterrupted",
+    "MergeWarning",
 ]

@@ -10,7 +10,14 @@ from ._core import (
     TensorMismatch,
 )
 
+
+
+class MergeWarning(UserWarning):
+    """A merge that was accepted but deserves a look (e.g. inputs of different dtypes)."""
+
+
 __all__ = [
+    "MergeWarning",
     "MergeError",
     "InvalidCheckpoint",
     "TensorMismatch",

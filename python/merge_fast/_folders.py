@@ -7,11 +7,12 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _core
-from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch
+from ._errors import ConfigError, InvalidCheckpoint, MergeWarning, TensorMismatch
 from ._output import parse_size, staged_dir
 
 PathLike = Union[str, Path]
@@ -47,6 +48,8 @@ class MergeResult:
     bytes_written: int
     seconds: float
     files: List[Path] = dataclasses.field(default_factory=list)
+    # what the user should know about the accepted merge (also warned, and in the metadata)
+    notes: List[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         mb = self.bytes_written / 1e6
@@ -239,7 +242,11 @@ def execute(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
+    notes = list(stats.get("notes", []))
+    for note in notes:
+        warnings.warn(f"merge_fast: {note}", MergeWarning, stacklevel=3)
     return MergeResult(
+        notes=notes,
         path=out,
         tensors_written=stats["tensors_written"],
         bytes_read=stats["bytes_read"],

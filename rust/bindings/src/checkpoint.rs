@@ -15,7 +15,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     #[new]
     fn new(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| reader::Checkpoint::open(&path)).map_err(to_py)?;
+        let inner = crate::errors::work(py, || reader::Checkpoint::open(&path)).map_err(to_py)?;
         Ok(Checkpoint { inner })
     }
 
@@ -58,7 +58,7 @@ impl Checkpoint {
     fn read_f32<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let info = self.inner.get(name).map_err(to_py)?;
         let mut out = vec![0f32; info.numel()];
-        py.detach(|| {
+        crate::errors::work(py, || {
             let r = self.inner.read_f32(info, 0..info.numel(), &mut out);
             // Callers read tensor by tensor: drop the mapped pages so RSS stays flat.
             self.inner.release(info);

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
@@ -115,15 +115,21 @@ fn bind_ref<'a>(r: &TensorRef, ckpts: &'a [Checkpoint], out_name: &str) -> Resul
 }
 
 fn lookup<'a>(input: usize, tensor: &str, ckpts: &'a [Checkpoint], out_name: &str) -> Result<(&'a Checkpoint, &'a TensorInfo)> {
+    let (ckpt, info) = find(input, tensor, ckpts, out_name)?;
+    if info.dtype.is_none() {
+        return Err(Error::invalid(ckpt.shard_path(info), Some(tensor), format!("dtype {:?} cannot be merged (only float tensors)", info.raw_dtype)));
+    }
+    Ok((ckpt, info))
+}
+
+/// A stored tensor of any dtype.
+fn find<'a>(input: usize, tensor: &str, ckpts: &'a [Checkpoint], out_name: &str) -> Result<(&'a Checkpoint, &'a TensorInfo)> {
     let ckpt = ckpts
         .get(input)
         .ok_or_else(|| Error::config(format!("output '{out_name}': source names input #{input}, but only {} inputs are given", ckpts.len())))?;
     let info = ckpt.info(tensor).ok_or_else(|| {
         Error::mismatch(tensor, format!("missing from {} (needed for output '{out_name}')", ckpt.root().display()))
     })?;
-    if info.dtype.is_none() {
-        return Err(Error::invalid(ckpt.shard_path(info), Some(tensor), format!("dtype {:?} cannot be merged (only float tensors)", info.raw_dtype)));
-    }
     Ok((ckpt, info))
 }
 
@@ -295,6 +301,15 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The checkpoint folder (or file) the data comes from.
+    pub fn root(&self) -> &Path {
+        match self {
+            Reader::Tensor { ckpt, .. } => ckpt.root(),
+            Reader::Lora(l) => l.base.root(),
+            Reader::Rows(r) => r.sources.first().map_or(Path::new(""), |s| s.root()),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Reader::Tensor { ckpt, info } => format!("'{}' in {}", info.name, ckpt.root().display()),
@@ -333,7 +348,11 @@ impl<'a> Reader<'a> {
 pub struct Job<'a> {
     pub name: &'a str,
     pub shape: Vec<usize>,
+    /// Output dtype (float tensors).
     pub dtype: Dtype,
+    /// Set for a non-float tensor (I64 position ids, U8 quantization metadata...): copied
+    /// unchanged from the first source, after checking every source holds the same bytes.
+    pub raw: Option<safetensors::Dtype>,
     pub method: Box<dyn Method>,
     pub base: Option<Reader<'a>>,
     pub inputs: Vec<Reader<'a>>,
@@ -358,8 +377,13 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
         if !seen.insert(t.name.as_str()) {
             return Err(Error::config(format!("output tensor '{}' is planned twice", t.name)));
         }
-        let base = t.base.as_ref().map(|s| Reader::bind(s, ckpts, &t.name)).transpose()?;
-        let inputs = t.inputs.iter().map(|s| Reader::bind(s, ckpts, &t.name)).collect::<Result<Vec<_>>>()?;
+        let raw = raw_dtype(t, ckpts)?;
+        let bind = |s: &'a Source| match (raw, s) {
+            (Some(_), Source::Tensor { input, tensor }) => find(*input, tensor, ckpts, &t.name).map(|(ckpt, info)| Reader::Tensor { ckpt, info }),
+            _ => Reader::bind(s, ckpts, &t.name),
+        };
+        let base = t.base.as_ref().map(bind).transpose()?;
+        let inputs = t.inputs.iter().map(bind).collect::<Result<Vec<_>>>()?;
         let first = base.as_ref().or(inputs.first()).ok_or_else(|| Error::config(format!("output '{}' has no inputs", t.name)))?;
         let shape = first.shape().to_vec();
         for r in base.iter().chain(&inputs) {
@@ -369,6 +393,7 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
             }
         }
         let dtype = match &t.dtype {
+            _ if raw.is_some() => Dtype::F32, // unused: raw tensors keep their dtype
             Some(d) => Dtype::parse(d).filter(|d| d.writable()).ok_or_else(|| {
                 Error::config(format!("output '{}': cannot write dtype '{d}' (float32, float16 or bfloat16)", t.name))
             })?,
@@ -380,9 +405,33 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
                 Error::Config(m) => Error::config(format!("output '{}': {m}", t.name)),
                 e => e,
             })?;
-        jobs.push(Job { name: &t.name, shape, dtype, method, base, inputs });
+        jobs.push(Job { name: &t.name, shape, dtype, raw, method, base, inputs });
     }
     Ok(jobs)
+}
+
+/// `Some(dtype)` when the output's sources are stored non-float tensors (all of one dtype);
+/// a mix of float and non-float sources is a mismatch naming the tensor.
+fn raw_dtype(t: &TensorSpec, ckpts: &[Checkpoint]) -> Result<Option<safetensors::Dtype>> {
+    let kind = |s: &Source| match s {
+        Source::Tensor { input, tensor } => {
+            let c = ckpts.get(*input)?;
+            c.info(tensor).and_then(|i| i.dtype.is_none().then_some((i.raw_dtype, c.root())))
+        }
+        _ => None,
+    };
+    let kinds: Vec<_> = t.base.iter().chain(&t.inputs).map(kind).collect();
+    let Some((first, root)) = kinds.iter().flatten().next().copied() else { return Ok(None) };
+    if let Some(i) = kinds.iter().position(|k| k.map(|k| k.0) != Some(first)) {
+        let other = match kinds[i] {
+            Some((d, r)) => format!("{d:?} in {}", r.display()),
+            None => "a float tensor (or an adapter/row source)".into(),
+        };
+        return Err(Error::mismatch(t.name.as_str(), format!(
+            "{first:?} in {} but {other}: non-float tensors are copied unchanged, so every model must hold the same dtype and values",
+            root.display())));
+    }
+    Ok(Some(first))
 }
 
 #[cfg(test)]
@@ -396,7 +445,7 @@ mod source_tests {
 
     fn write(dir: &std::path::Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
         std::fs::create_dir_all(dir).unwrap();
-        let specs = tensors.iter().map(|(n, s, _)| OutSpec { name: n.to_string(), dtype: Dtype::F32, shape: s.clone() }).collect();
+        let specs = tensors.iter().map(|(n, s, _)| OutSpec::new(n.to_string(), Dtype::F32, s.clone())).collect();
         let w = ShardedWriter::create(dir, specs, u64::MAX, &BTreeMap::new()).unwrap();
         for (i, (_, _, v)) in tensors.iter().enumerate() {
             let mut b = vec![0u8; v.len() * 4];

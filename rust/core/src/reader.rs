@@ -147,6 +147,11 @@ impl Checkpoint {
                 }
             }
         }
+        if tensors.is_empty() {
+            // Merging it would "succeed" with an empty model.
+            let file = if shards.len() == 1 { shards[0].path.clone() } else { root.clone() };
+            return Err(Error::invalid(file, None, "holds no tensors"));
+        }
         Ok(Checkpoint { root, shards, tensors, order })
     }
 

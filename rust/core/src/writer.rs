@@ -15,11 +15,34 @@ pub struct OutSpec {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
+    /// A non-float tensor (I64, U8, BOOL...) copied byte for byte: written with this dtype
+    /// (`dtype` is then ignored).
+    pub raw: Option<safetensors::Dtype>,
 }
 
 impl OutSpec {
+    pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> Self {
+        OutSpec { name: name.into(), dtype, shape, raw: None }
+    }
+
     pub fn nbytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
+        let n = self.shape.iter().product::<usize>();
+        match self.raw {
+            Some(r) => (n * r.bitsize()).div_ceil(8),
+            None => n * self.dtype.size(),
+        }
+    }
+
+    /// Element size in bytes, for alignment.
+    fn align(&self) -> usize {
+        self.raw.map_or(self.dtype.size(), |r| r.bitsize().div_ceil(8))
+    }
+
+    fn dtype_name(&self) -> String {
+        match self.raw {
+            Some(r) => serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| format!("{r:?}")),
+            None => self.dtype.as_str().to_owned(),
+        }
     }
 }
 
@@ -98,7 +121,7 @@ impl ShardedWriter {
             if !seen.insert(&s.name) {
                 return Err(Error::config(format!("output tensor '{}' is planned twice", s.name)));
             }
-            if !s.dtype.writable() {
+            if s.raw.is_none() && !s.dtype.writable() {
                 return Err(Error::config(format!("output tensor '{}': cannot write dtype {}", s.name, s.dtype)));
             }
         }
@@ -108,7 +131,7 @@ impl ShardedWriter {
         let mut files = Vec::with_capacity(n);
         for (si, mut group) in groups.into_iter().enumerate() {
             // Wider dtypes first keeps every tensor naturally aligned (as safetensors does).
-            group.sort_by_key(|&i| std::cmp::Reverse(specs[i].dtype.size()));
+            group.sort_by_key(|&i| std::cmp::Reverse(specs[i].align()));
             let mut header = serde_json::Map::new();
             header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap());
             let mut off = 0usize;
@@ -118,7 +141,7 @@ impl ShardedWriter {
                 let len = s.nbytes();
                 header.insert(
                     s.name.clone(),
-                    serde_json::json!({"dtype": s.dtype.as_str(), "shape": s.shape, "data_offsets": [off, off + len]}),
+                    serde_json::json!({"dtype": s.dtype_name(), "shape": s.shape, "data_offsets": [off, off + len]}),
                 );
                 rel.push((i, off, len));
                 off += len;
