@@ -7,12 +7,11 @@ import json
 import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _core
-from ._errors import ConfigError, InvalidCheckpoint, MergeWarning, TensorMismatch
+from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch, warn
 from ._output import parse_size, staged_dir
 
 PathLike = Union[str, Path]
@@ -244,7 +243,7 @@ def execute(
     seconds = time.perf_counter() - t0
     notes = list(stats.get("notes", []))
     for note in notes:
-        warnings.warn(f"merge_fast: {note}", MergeWarning, stacklevel=3)
+        warn(f"merge_fast: {note}")
     return MergeResult(
         notes=notes,
         path=out,

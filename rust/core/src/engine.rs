@@ -39,11 +39,13 @@ pub const INPUT_DTYPES_KEY: &str = "merge_fast_input_dtypes";
 
 /// A note (and metadata entry) when some tensor merges inputs of different float dtypes
 /// (e.g. a BF16 model with an F32 one): accepted, computed in f32, written in one dtype.
-fn mixed_dtypes(jobs: &[Job]) -> Option<(String, String)> {
+/// Data-aware merges are skipped: their statistics (Fisher, Gram) are F32 by design.
+fn mixed_dtypes(plan: &PlanSpec, jobs: &[Job]) -> Option<(String, String)> {
     use std::collections::{BTreeMap, BTreeSet};
     let mut per_input: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
     let (mut mixed, mut example) = (0usize, None);
-    for j in jobs.iter().filter(|j| j.raw.is_none()) {
+    let skip = crate::methods::data_aware::NAMES;
+    for (_, j) in plan.tensors.iter().zip(jobs).filter(|(t, j)| j.raw.is_none() && !skip.contains(&t.method.as_str())) {
         let first = j.sources().next().map(|s| s.dtype());
         if j.sources().any(|s| Some(s.dtype()) != first) {
             mixed += 1;
@@ -292,7 +294,7 @@ pub fn run(
     let mut metadata = plan.metadata.clone();
     metadata.insert("format".into(), "pt".into());
     let mut notes = Vec::new();
-    if let Some((note, per_input)) = mixed_dtypes(&jobs) {
+    if let Some((note, per_input)) = mixed_dtypes(plan, &jobs) {
         metadata.insert(INPUT_DTYPES_KEY.into(), per_input);
         notes.push(note);
     }

@@ -12,8 +12,7 @@ pub struct NearSwap {
 impl NearSwap {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity("nearswap", has_base, BaseRule::Required, n, 1, Some(1))?;
-        // a distance threshold: 0 would silently give the base
-        let t = p.require_f64("t", Range::POSITIVE)?;
+        let t = p.require_f64("t", Range::NON_NEG)?;
         Ok(NearSwap { t: t as f32 })
     }
 }
