@@ -26,19 +26,12 @@ impl Checkpoint {
 
     /// Tensor names in file order.
     fn names(&self) -> Vec<String> {
-        self.inner.names().to_vec()
+        self.inner.names().map(str::to_owned).collect()
     }
 
     /// `[(name, dtype, shape)]` in file order; dtype is the safetensors name ("BF16").
     fn tensors(&self) -> Vec<(String, String, Vec<usize>)> {
-        self.inner
-            .names()
-            .iter()
-            .map(|n| {
-                let i = self.inner.info(n).expect("listed");
-                (n.clone(), format!("{:?}", i.raw_dtype), i.shape.clone())
-            })
-            .collect()
+        self.inner.infos().iter().map(|i| (i.name.clone(), format!("{:?}", i.raw_dtype), i.shape.clone())).collect()
     }
 
     fn __len__(&self) -> usize {

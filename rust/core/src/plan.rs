@@ -27,6 +27,10 @@ pub struct PlanSpec {
     /// Written into every shard's `__metadata__` (with `format: pt`).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Parameter sets shared by many tensors (`TensorSpec::params_id`): one JSON map per
+    /// tensor costs hundreds of bytes, and most merges have a handful of distinct sets.
+    #[serde(default)]
+    pub param_sets: Vec<Map<String, Value>>,
 }
 
 fn default_shard() -> u64 {
@@ -40,6 +44,9 @@ pub struct TensorSpec {
     pub method: String,
     #[serde(default)]
     pub params: Map<String, Value>,
+    /// Index into `PlanSpec::param_sets`, instead of `params`.
+    #[serde(default)]
+    pub params_id: Option<usize>,
     #[serde(default)]
     pub base: Option<Source>,
     #[serde(default)]
@@ -53,8 +60,12 @@ pub struct TensorSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Source {
-    /// A stored tensor, read as it is.
-    Tensor { input: usize, tensor: String },
+    /// A stored tensor, read as it is; `tensor` defaults to the output tensor's name.
+    Tensor {
+        input: usize,
+        #[serde(default)]
+        tensor: Option<String>,
+    },
     /// A LoRA-adapted weight, materialized on the fly: `base + scale · B·A` (PEFT layout:
     /// A is `[r, in]`, B is `[out, r]`, base `[out, in]`). With `transpose` (PEFT embedding
     /// adapters: A `[r, num_embeddings]`, B `[dim, r]`) the delta is `(B·A)ᵀ`.
@@ -225,7 +236,7 @@ impl<'a> Reader<'a> {
     fn bind(src: &'a Source, ckpts: &'a [Checkpoint], out_name: &str) -> Result<Reader<'a>> {
         match src {
             Source::Tensor { input, tensor } => {
-                let (ckpt, info) = lookup(*input, tensor, ckpts, out_name)?;
+                let (ckpt, info) = lookup(*input, tensor.as_deref().unwrap_or(out_name), ckpts, out_name)?;
                 Ok(Reader::Tensor { ckpt, info })
             }
             Source::Lora { base, a, b, scale, transpose } => {
@@ -379,7 +390,9 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
         }
         let raw = raw_dtype(t, ckpts)?;
         let bind = |s: &'a Source| match (raw, s) {
-            (Some(_), Source::Tensor { input, tensor }) => find(*input, tensor, ckpts, &t.name).map(|(ckpt, info)| Reader::Tensor { ckpt, info }),
+            (Some(_), Source::Tensor { input, tensor }) => {
+                find(*input, tensor.as_deref().unwrap_or(&t.name), ckpts, &t.name).map(|(ckpt, info)| Reader::Tensor { ckpt, info })
+            }
             _ => Reader::bind(s, ckpts, &t.name),
         };
         let base = t.base.as_ref().map(bind).transpose()?;
@@ -400,7 +413,13 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
             None if first.dtype().writable() => first.dtype(),
             None => Dtype::F32,
         };
-        let method = methods::build(&t.method, &t.params, inputs.len(), base.is_some())
+        let params = match t.params_id {
+            None => &t.params,
+            Some(k) => plan.param_sets.get(k).filter(|_| t.params.is_empty()).ok_or_else(|| {
+                Error::config(format!("output '{}': params_id {k} with {} parameter sets (and no inline params)", t.name, plan.param_sets.len()))
+            })?,
+        };
+        let method = methods::build(&t.method, params, inputs.len(), base.is_some())
             .map_err(|e| match e {
                 Error::Config(m) => Error::config(format!("output '{}': {m}", t.name)),
                 e => e,
@@ -416,7 +435,7 @@ fn raw_dtype(t: &TensorSpec, ckpts: &[Checkpoint]) -> Result<Option<safetensors:
     let kind = |s: &Source| match s {
         Source::Tensor { input, tensor } => {
             let c = ckpts.get(*input)?;
-            c.info(tensor).and_then(|i| i.dtype.is_none().then_some((i.raw_dtype, c.root())))
+            c.info(tensor.as_deref().unwrap_or(&t.name)).and_then(|i| i.dtype.is_none().then_some((i.raw_dtype, c.root())))
         }
         _ => None,
     };
@@ -478,7 +497,7 @@ mod source_tests {
         write(&tmp.path().join("ad"), &[("A", vec![r, n], a.clone()), ("B", vec![m, r], b.clone()),
                                         ("At", vec![r, m], at.clone()), ("Bt", vec![n, r], bt.clone())]);
         let ckpts = vec![Checkpoint::open(tmp.path().join("base")).unwrap(), Checkpoint::open(tmp.path().join("ad")).unwrap()];
-        let base = || Box::new(Source::Tensor { input: 0, tensor: "w".into() });
+        let base = || Box::new(Source::Tensor { input: 0, tensor: Some("w".into()) });
         let tr = |t: &str| TensorRef { input: 1, tensor: t.into() };
         let lora = Source::Lora { base: base(), a: tr("A"), b: tr("B"), scale: 0.5, transpose: false };
         let got = read_ranges(&Reader::bind(&lora, &ckpts, "w").unwrap(), m * n);

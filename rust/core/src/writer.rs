@@ -132,21 +132,32 @@ impl ShardedWriter {
         for (si, mut group) in groups.into_iter().enumerate() {
             // Wider dtypes first keeps every tensor naturally aligned (as safetensors does).
             group.sort_by_key(|&i| std::cmp::Reverse(specs[i].align()));
-            let mut header = serde_json::Map::new();
-            header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap());
+            // The header as text, keys sorted (as a JSON map would write them), built without
+            // a JSON tree: that costs several hundred bytes per tensor on 100k-tensor models.
+            let mut header: BTreeMap<&str, String> = BTreeMap::new();
+            header.insert("__metadata__", serde_json::to_string(metadata).unwrap());
             let mut off = 0usize;
             let mut rel = Vec::with_capacity(group.len());
             for &i in &group {
                 let s = &specs[i];
                 let len = s.nbytes();
-                header.insert(
-                    s.name.clone(),
-                    serde_json::json!({"dtype": s.dtype_name(), "shape": s.shape, "data_offsets": [off, off + len]}),
-                );
+                let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+                header.insert(&s.name, format!(r#"{{"dtype":"{}","shape":[{shape}],"data_offsets":[{off},{}]}}"#, s.dtype_name(), off + len));
                 rel.push((i, off, len));
                 off += len;
             }
-            let mut hbytes = serde_json::to_vec(&header).unwrap();
+            let mut hbytes = Vec::with_capacity(header.iter().map(|(k, v)| k.len() + v.len() + 8).sum());
+            hbytes.push(b'{');
+            for (k, (name, entry)) in header.iter().enumerate() {
+                if k > 0 {
+                    hbytes.push(b',');
+                }
+                hbytes.extend_from_slice(serde_json::to_string(name).unwrap().as_bytes());
+                hbytes.push(b':');
+                hbytes.extend_from_slice(entry.as_bytes());
+            }
+            hbytes.push(b'}');
+            drop(header);
             // Pad with spaces so the data section starts 8-aligned.
             while !hbytes.len().is_multiple_of(8) {
                 hbytes.push(b' ');

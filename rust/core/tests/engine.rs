@@ -64,12 +64,11 @@ fn run(plan: &PlanSpec, out: &Path, threads: usize) -> Result<engine::Summary, E
 fn read_all(dir: &Path) -> BTreeMap<String, Vec<f32>> {
     let c = Checkpoint::open(dir).unwrap();
     c.names()
-        .iter()
         .map(|n| {
             let i = c.info(n).unwrap();
             let mut v = vec![0f32; i.numel()];
             c.read_f32(i, 0..i.numel(), &mut v).unwrap();
-            (n.clone(), v)
+            (n.to_owned(), v)
         })
         .collect()
 }
