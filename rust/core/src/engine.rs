@@ -209,6 +209,22 @@ fn check_finite(tensor: &str, out: &[f32], offset: usize) -> Result<()> {
     }
 }
 
+/// A finite f32 that rounds to ±inf in a 16-bit output dtype (|x| ≥ 65520 in F16) would be
+/// a silently wrong number in the file: an error naming the tensor, element and value.
+fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], bytes: &[u8], offset: usize) -> Result<()> {
+    let exp: u16 = match dt {
+        crate::dtype::Dtype::F16 => 0x7c00,
+        crate::dtype::Dtype::BF16 => 0x7f80,
+        _ => return Ok(()),
+    };
+    let bad = bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & exp == exp);
+    match bad {
+        None => Ok(()),
+        Some(i) => Err(Error::numerical(tensor, format!(
+            "the merged value {} at element {} does not fit in {dt} (the output dtype)", vals[i], offset + i))),
+    }
+}
+
 fn chunk_starts(numel: usize) -> Vec<usize> {
     (0..numel).step_by(CHUNK).collect()
 }
@@ -322,6 +338,7 @@ pub fn run(
         let sink = |off: usize, vals: &[f32], bytes: &mut Vec<u8>| {
             bytes.resize(vals.len() * sz, 0);
             encode_f32(dt, vals, bytes);
+            check_fits(job.name, dt, vals, bytes, off)?;
             writer.write(idx, off * sz, bytes)
         };
         let ctx = Ctx { tensor: job.name, shape: &job.shape, offset: 0, seed: plan.seed };
