@@ -24,6 +24,7 @@ from .subspace import subspace_masks
 from . import config, lora
 from .config import run
 from .linalg import procrustes, svd
+from .lora_extract import extract_lora
 from .crossarch import align, procrustes_absorb
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "run",
     "config",
     "lora",
+    "extract_lora",
     *_methods.__all__,
     "subspace_masks",
     "svd",

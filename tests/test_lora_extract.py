@@ -1,0 +1,121 @@
+"""LoRA extraction (mf.extract_lora / merge-fast extract-lora): round trips through our
+``base+adapter`` input path and through peft (PeftModel.from_pretrained, forward passes,
+merge_and_unload), and reported errors against numpy's truncated SVD (Eckart–Young)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import read_folder_native
+
+import merge_fast as mf
+from merge_fast import ConfigError
+from merge_fast.cli import main as cli_main
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+RANK = 4
+
+
+def _load(path):
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def low_rank_ft(model_family, tmp_path_factory):
+    """The tiny Llama base and a fine-tune whose every linear weight moved by an exact
+    rank-≤3 delta; the embeddings, lm_head and one norm moved by full-rank noise."""
+    fam = model_family("llama", "float32", False)
+    model = _load(fam.base)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                k = 1 + len(name) % 3
+                p.add_(0.05 * torch.randn(p.shape[0], k, generator=g) @ torch.randn(k, p.shape[1], generator=g))
+            elif "embed" in name or "lm_head" in name or name.endswith("layers.0.input_layernorm.weight"):
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    d = tmp_path_factory.mktemp("lora_extract") / "ft"
+    model.save_pretrained(str(d))
+    return fam, d
+
+
+def test_low_rank_delta_round_trips_through_our_reader_and_peft(low_rank_ft, tmp_path):
+    fam, ft = low_rank_ft
+    adapter = tmp_path / "adapter"
+    errors = mf.extract_lora(fam.base, ft, RANK, adapter)
+    assert len(errors) >= 14 and max(errors.values()) < 1e-5, errors
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == RANK and cfg["lora_alpha"] == RANK and cfg["peft_type"] == "LORA"
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(cfg["target_modules"])
+    # Embeddings and lm_head at full rank (as mergekit), the changed norm too; unchanged norms not.
+    assert cfg["modules_to_save"] == ["lm_head", "model.embed_tokens", "model.layers.0.input_layernorm"]
+    meta = mf.Checkpoint(str(adapter / "adapter_model.safetensors")).metadata()
+    assert json.loads(meta["merge_fast.lora_errors"]) == pytest.approx(errors)
+
+    want = read_folder_native(ft)
+    # 1. Our base+adapter input path.
+    res = mf.lora.apply(fam.base, adapter, tmp_path / "ours")
+    got = read_folder_native(res.path if hasattr(res, "path") else tmp_path / "ours")
+    assert sorted(got) == sorted(want)
+    for k, w in want.items():
+        assert np.abs(got[k] - w).max() <= 1e-6 * max(1.0, np.abs(w).max()), k
+    # 2. peft: forward passes agree with the fine-tune, and merge_and_unload gives its weights.
+    pm = peft.PeftModel.from_pretrained(_load(fam.base), str(adapter)).eval()
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _load(ft)(ids).logits
+        out = pm(ids).logits
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), (out - ref).abs().max()
+    merged = pm.merge_and_unload().state_dict()
+    for k, w in want.items():
+        assert np.abs(merged[k].numpy() - w).max() <= 1e-6 * max(1.0, np.abs(w).max()), k
+
+
+def test_full_rank_delta_error_is_the_eckart_young_error(model_family, tmp_path):
+    fam = model_family("llama", "float32", False)
+    base, ft = read_folder_native(fam.base), read_folder_native(fam.a)
+    exact = mf.extract_lora(fam.base, fam.a, 3, tmp_path / "exact", exact=True)
+    rand = mf.extract_lora(fam.base, fam.a, 3, tmp_path / "rand", seed=1)
+    assert exact.keys() == rand.keys() and len(exact) >= 14
+    for k in exact:
+        d = ft[k].astype(np.float64) - base[k].astype(np.float64)
+        s = np.linalg.svd(d, compute_uv=False)
+        optimal = np.sqrt((s[3:] ** 2).sum() / (s ** 2).sum())
+        assert exact[k] == pytest.approx(optimal, rel=1e-4), k
+        # Randomized (seeded): never better than optimal, and close to it.
+        assert optimal * (1 - 1e-4) <= rand[k] <= optimal * 1.1, (k, rand[k], optimal)
+    # Seeded: the same seed gives the same bytes.
+    again = tmp_path / "rand2"
+    mf.extract_lora(fam.base, fam.a, 3, again, seed=1)
+    assert (again / "adapter_model.safetensors").read_bytes() == (tmp_path / "rand" / "adapter_model.safetensors").read_bytes()
+
+
+def test_energy_threshold_cli_and_errors(low_rank_ft, tmp_path):
+    fam, ft = low_rank_ft
+    out = tmp_path / "cli"
+    assert cli_main(["extract-lora", str(fam.base), str(ft), "--rank", "8", "--energy", "0.999", "-o", str(out), "-q"]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    ck = mf.Checkpoint(str(out / "adapter_model.safetensors"))
+    shapes = {n: s for n, _, s in ck.tensors()}
+    # Deltas of rank 1-3: the threshold keeps exactly their rank, recorded in rank_pattern.
+    base, want = read_folder_native(fam.base), read_folder_native(ft)
+    for mod, k in cfg["rank_pattern"].items():
+        w = mod + ".weight"
+        assert k == np.linalg.matrix_rank(want[w].astype(np.float64) - base[w], tol=1e-4), mod
+        assert shapes[f"base_model.model.{mod}.lora_A.weight"] == [k, base[w].shape[1]]
+        assert cfg["alpha_pattern"][mod] == k
+    assert len(cfg["rank_pattern"]) >= 14
+    got = read_folder_native(mf.lora.apply(fam.base, out, tmp_path / "m").path)
+    for k, w in want.items():
+        assert np.abs(got[k] - w).max() <= 1e-6 * max(1.0, np.abs(w).max()), k
+    with pytest.raises(ConfigError, match="rank"):
+        mf.extract_lora(fam.base, ft, 0, tmp_path / "bad")
+    with pytest.raises(ConfigError, match="energy"):
+        mf.extract_lora(fam.base, ft, 2, tmp_path / "bad", energy=1.5)
+    assert not (tmp_path / "bad").exists()
