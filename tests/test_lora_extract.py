@@ -119,3 +119,44 @@ def test_energy_threshold_cli_and_errors(low_rank_ft, tmp_path):
     with pytest.raises(ConfigError, match="energy"):
         mf.extract_lora(fam.base, ft, 2, tmp_path / "bad", energy=1.5)
     assert not (tmp_path / "bad").exists()
+
+
+def _peft_adapter(base_dir, path, r, alpha, targets, seed):
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    pm = peft.get_peft_model(_load(base_dir), cfg)
+    pm.save_pretrained(str(path))
+
+
+def test_merge_adapters_matches_peft_add_weighted_adapter_svd(llama_f32, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    base = llama_f32.base
+    # Different ranks and alphas (scales 2 and 0.75), partly different target modules.
+    _peft_adapter(base, tmp_path / "a1", 2, 4, ["q_proj", "v_proj", "down_proj"], 1)
+    _peft_adapter(base, tmp_path / "a2", 4, 3, ["q_proj", "v_proj", "up_proj"], 2)
+    ranks = mf.merge_lora_adapters([tmp_path / "a1", tmp_path / "a2"], [0.7, 0.4], tmp_path / "ours", rank=3)
+    assert set(ranks.values()) == {3} and len(ranks) == 8
+
+    pm = peft.PeftModel.from_pretrained(_load(base), str(tmp_path / "a1"), adapter_name="a1")
+    pm.load_adapter(str(tmp_path / "a2"), adapter_name="a2")
+    pm.add_weighted_adapter(["a1", "a2"], [0.7, 0.4], "m", combination_type="svd", svd_rank=3)
+    theirs = {k: v.detach().double().numpy() for k, v in get_peft_model_state_dict(pm, adapter_name="m").items()}
+    ck = mf.Checkpoint(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    ours = {n: ck.read_f32(n).reshape(s).astype(np.float64) for n, _, s in ck.tensors()}
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        if ".lora_A" not in name:
+            continue
+        bname = name.replace("lora_A", "lora_B")
+        got, want = ours[bname] @ ours[name], theirs[bname] @ theirs[name]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 3
+    # peft loads ours, and it acts as peft's merged adapter does.
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    pm.set_adapter("m")
+    with torch.no_grad():
+        want_logits = pm(ids).logits
+        got_logits = peft.PeftModel.from_pretrained(_load(base), str(tmp_path / "ours")).eval()(ids).logits
+    assert torch.allclose(got_logits, want_logits, atol=1e-4, rtol=1e-4)

@@ -150,6 +150,16 @@ def _cmd_extract_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge_loras(args: argparse.Namespace) -> int:
+    from .lora_merge import merge_adapters
+
+    weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
+    ranks = merge_adapters(args.adapters, weights, args.out, rank=args.rank, out_dtype=args.out_dtype)
+    if not args.quiet:
+        print(f"wrote a LoRA adapter of {len(ranks)} modules (rank {max(ranks.values(), default=0)}) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="merge-fast",
@@ -279,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the adapter tensors (default: the fine-tune's)")
     p.add_argument("-q", "--quiet", action="store_true")
     _COMMANDS["extract-lora"] = _cmd_extract_lora
+
+    p = sub.add_parser("merge-loras", help="combine LoRA adapters into one: SVD of Σ w_i B_i A_i to rank r (as PEFT's svd)")
+    p.add_argument("adapters", nargs="+", help="PEFT LoRA adapter folders")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter (default 1)")
+    p.add_argument("--rank", type=int, default=None, help="rank of the result (default: the largest r)")
+    p.add_argument("-o", "--out", required=True, help="output adapter folder (written atomically)")
+    p.add_argument("--out-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("-q", "--quiet", action="store_true")
+    _COMMANDS["merge-loras"] = _cmd_merge_loras
     return parser
 
 
