@@ -1,6 +1,7 @@
 //! SVD-based data-free merges of task matrices `Δ_i = θ_i − θ_base`, each on whole 2-D
-//! tensors (exact thin SVDs in f32, faer, sequential per tensor so results never depend
-//! on the thread count). Tensors that are not 2-D get the mean task vector,
+//! tensors (exact thin SVDs in f32, faer). Each SVD runs sequentially (faer's own
+//! parallelism changes rounding with the thread count); the independent ones (one per task,
+//! the two polar factors) run in parallel, so results never depend on the thread count. Tensors that are not 2-D get the mean task vector,
 //! `θ_base + α · mean_i Δ_i`, as FusionBench's implementations do.
 //!
 //! - `tsv_merge` (Gargiulo et al. 2025, TSV-M): `k = ⌊r/T⌋` (`r = min(m, n)`, `T` models)
@@ -19,7 +20,7 @@
 //!   `scaling_factor` (default 1), `common_space_fraction` (default 0.8).
 use super::{check_arity, BaseRule, Ctx, Method};
 use crate::error::{Error, Result};
-use crate::linalg::svd_faer_mat;
+use crate::linalg::{par_map, svd_faer_mat};
 use crate::params::Params;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
@@ -100,13 +101,14 @@ impl Method for Spectral {
                 let mut u = Mat::<f32>::zeros(m, t * k);
                 let mut v = Mat::<f32>::zeros(n, t * k);
                 let mut s = vec![0f32; t * k];
-                for (i, d) in deltas.iter().enumerate() {
-                    let (ui, si, vi) = svd(d.as_ref())?;
+                let parts = par_map(&deltas, |d| svd(d.as_ref()))?;
+                for (i, (ui, si, vi)) in parts.iter().enumerate() {
                     u.subcols_mut(i * k, k).copy_from(ui.subcols(0, k));
                     v.subcols_mut(i * k, k).copy_from(vi.subcols(0, k));
                     s[i * k..(i + 1) * k].copy_from_slice(&si[..k]);
                 }
-                usv(&polar(u.as_ref(), &svd)?, &s, &polar(v.as_ref(), &svd)?)
+                let (pu, pv) = rayon::join(|| polar(u.as_ref(), &svd), || polar(v.as_ref(), &svd));
+                usv(&pu?, &s, &pv?)
             }
             Kind::IsoC => {
                 let mut sum = deltas[0].clone();
@@ -127,13 +129,15 @@ impl Method for Spectral {
                 let mut v = Mat::<f32>::zeros(n, r);
                 let mut s = vec![0f32; r];
                 if k > 0 {
-                    let mut proj = Mat::<f32>::zeros(c, n);
-                    for (i, d) in deltas.iter().enumerate() {
+                    let parts = par_map(&deltas, |d| {
                         // Δ_i − U_c (U_cᵀ Δ_i)
+                        let mut proj = Mat::<f32>::zeros(c, n);
                         matmul(proj.as_mut(), Accum::Replace, uc.transpose(), d.as_ref(), 1.0, Par::Seq);
                         let mut w = d.clone();
                         matmul(w.as_mut(), Accum::Add, uc, proj.as_ref(), -1.0, Par::Seq);
-                        let (ui, si, vi) = svd(w.as_ref())?;
+                        svd(w.as_ref())
+                    })?;
+                    for (i, (ui, si, vi)) in parts.iter().enumerate() {
                         u.subcols_mut(i * k, k).copy_from(ui.subcols(0, k));
                         v.subcols_mut(i * k, k).copy_from(vi.subcols(0, k));
                         s[i * k..(i + 1) * k].copy_from_slice(&si[..k]);
@@ -143,7 +147,8 @@ impl Method for Spectral {
                 v.subcols_mut(t * k, c).copy_from(vs.subcols(0, c));
                 s[t * k..].copy_from_slice(&ss[..c]);
                 let mean = s.iter().map(|&x| x as f64).sum::<f64>() / r as f64;
-                usv(&polar(u.as_ref(), &svd)?, &vec![mean as f32; r], &polar(v.as_ref(), &svd)?)
+                let (pu, pv) = rayon::join(|| polar(u.as_ref(), &svd), || polar(v.as_ref(), &svd));
+                usv(&pu?, &vec![mean as f32; r], &pv?)
             }
         };
         for i in 0..m {
@@ -173,7 +178,7 @@ fn cts_split(r: usize, t: usize, frac: f64) -> (usize, usize) {
 
 /// The polar factor `P Qᵀ` of `a = P S Qᵀ`: the matrix with orthonormal columns nearest to
 /// `a` (Procrustes). Columns of `a` must not outnumber its rows.
-fn polar(a: MatRef<'_, f32>, svd: &dyn Fn(MatRef<'_, f32>) -> Result<(Mat<f32>, Vec<f32>, Mat<f32>)>) -> Result<Mat<f32>> {
+fn polar(a: MatRef<'_, f32>, svd: &(dyn Fn(MatRef<'_, f32>) -> Result<(Mat<f32>, Vec<f32>, Mat<f32>)> + Sync)) -> Result<Mat<f32>> {
     let mut out = Mat::<f32>::zeros(a.nrows(), a.ncols());
     if a.ncols() == 0 {
         return Ok(out);
