@@ -178,3 +178,20 @@ def test_folders_tensor_by_tensor_and_config(name, folders, tmp_path):
     via_cfg = read_folder_native(tmp_path / "cfg")
     for k in got:
         assert via_cfg[k].tobytes() == got[k].tobytes(), k
+
+
+def test_cli_subcommands_equal_the_api(folders, tmp_path):
+    from merge_fast.cli import main
+
+    fam, _ = folders
+    models = [str(fam.base), str(fam.a), str(fam.b)]
+    cases = [("tsv-merge", ["--alpha", "0.5"], mf.tsv_merge, {"alpha": 0.5}),
+             ("iso-c", ["--scaling-factor", "1.5"], mf.iso_c, {"scaling_factor": 1.5}),
+             ("iso-cts", ["--scaling-factor", "1.5", "--common-space-fraction", "0.5"], mf.iso_cts,
+              {"scaling_factor": 1.5, "common_space_fraction": 0.5})]
+    for cmd, flags, fn, kw in cases:
+        assert main([cmd, *models, *flags, "-o", str(tmp_path / cmd), "-q"]) == 0
+        fn(fam.base, [fam.a, fam.b], out=tmp_path / f"api-{cmd}", **kw)
+        got, want = read_folder_native(tmp_path / cmd), read_folder_native(tmp_path / f"api-{cmd}")
+        assert sorted(got) == sorted(want)
+        assert all(got[k].tobytes() == want[k].tobytes() for k in got), cmd
