@@ -160,3 +160,30 @@ def test_merge_adapters_matches_peft_add_weighted_adapter_svd(llama_f32, tmp_pat
         want_logits = pm(ids).logits
         got_logits = peft.PeftModel.from_pretrained(_load(base), str(tmp_path / "ours")).eval()(ids).logits
     assert torch.allclose(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_conv1d_weights_use_fan_in_fan_out(tmp_path):
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=128, n_positions=32)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if p.ndim == 2 and "wte" not in name and "wpe" not in name:
+                p.add_(0.05 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g))
+    base.save_pretrained(str(tmp_path / "ft"))
+    errors = mf.extract_lora(tmp_path / "base", tmp_path / "ft", 2, tmp_path / "ad")
+    assert max(errors.values()) < 1e-5 and any("c_attn" in k for k in errors)
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    pm = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "base")),
+                                        str(tmp_path / "ad")).eval()
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "ft")).eval()(ids).logits
+        assert torch.allclose(pm(ids).logits, ref, atol=1e-4, rtol=1e-4)
+    got = read_folder_native(mf.lora.apply(tmp_path / "base", tmp_path / "ad", tmp_path / "m").path)
+    want = read_folder_native(tmp_path / "ft")
+    for k, w in want.items():
+        assert np.abs(got[k] - w).max() <= 1e-6 * max(1.0, np.abs(w).max()), k

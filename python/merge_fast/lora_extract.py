@@ -13,6 +13,8 @@ but saved at full rank under ``modules_to_save``, and so are modules named in
 ``modules_to_save`` and modules with a changed tensor that is not a 2-D weight (norms,
 biases); modules whose tensors are all unchanged are left out of ``modules_to_save``.
 
+GPT-2's Conv1D weights (stored in × out) are written with ``fan_in_fan_out: true``.
+
 Streamed: one tensor pair is read at a time; only the factors (and full-rank copies) are
 kept until the adapter file is written. The relative reconstruction error
 ``|Δ − B A|_F / |Δ|_F`` of each factored tensor (0 for a zero delta) goes into the
@@ -28,7 +30,7 @@ from typing import Dict, Iterable, Optional, Union
 import numpy as np
 
 from . import _core
-from ._errors import ConfigError, TensorMismatch
+from ._errors import ConfigError, MergeError, TensorMismatch
 from ._folders import open_checkpoint
 from .linalg import svd
 from ._output import staged_dir
@@ -39,6 +41,15 @@ _FLOATS = ("F32", "F16", "BF16", "F64")
 # Module names mergekit treats as embeddings (input and output).
 _EMBED = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_out|wte|wpe|word_embeddings|embed_positions|lm_head|embeddings)$")
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_CONV1D_MODELS = ("gpt2",)
+
+
+def _model_type(path: PathLike) -> Optional[str]:
+    cfg = Path(path) / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def extract_lora(
@@ -95,6 +106,9 @@ def extract_lora(
             full_modules.add(mod)  # a changed norm or bias: not expressible as a LoRA
     lora_names = [n for n in lora_names if module(n) not in full_modules]
 
+    # GPT-2's Conv1D stores weights as (in, out): PEFT's fan_in_fan_out layout, B A = Δᵀ.
+    fan_in_fan_out = _model_type(finetuned) in _CONV1D_MODELS
+
     def dtype_of(n: str) -> str:
         return _DTYPES[out_dtype] if out_dtype else f_info[n][0]
 
@@ -102,8 +116,13 @@ def extract_lora(
     for n in lora_names:
         rows, cols = f_info[n][1]
         delta = (f_ck.read_f32(n) - b_ck.read_f32(n)).reshape(rows, cols)
+        if fan_in_fan_out:
+            rows, cols, delta = cols, rows, np.ascontiguousarray(delta.T)
         k = min(rank, rows, cols)
-        u, s, vt = svd(delta, None if exact else k, seed=seed)
+        try:
+            u, s, vt = svd(delta, None if exact else k, seed=seed)
+        except MergeError as e:
+            raise type(e)(f"tensor {n}: {e}") from None
         u, s, vt = u[:, :k], s[:k], vt[:k]
         total = float(np.dot(delta.ravel().astype(np.float64), delta.ravel().astype(np.float64)))
         if energy is not None and total > 0:
@@ -137,7 +156,7 @@ def extract_lora(
         "modules_to_save": sorted(full_modules) or None,
         "use_rslora": False,
         "lora_dropout": 0.0,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "inference_mode": True,
     }
