@@ -187,3 +187,26 @@ def test_gpt2_conv1d_weights_use_fan_in_fan_out(tmp_path):
     want = read_folder_native(tmp_path / "ft")
     for k, w in want.items():
         assert np.abs(got[k] - w).max() <= 1e-6 * max(1.0, np.abs(w).max()), k
+
+
+def test_changed_bias_saves_its_module_at_full_rank(model_family, tmp_path):
+    """Qwen2's q/k/v projections have biases; a changed bias cannot be a LoRA, so (as for
+    norms) its module is saved whole and target_modules switch to full names so PEFT does
+    not also wrap it."""
+    fam = model_family("qwen2", "float32", False)
+    errors = mf.extract_lora(fam.base, fam.a, 2, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert "model.layers.0.self_attn.q_proj" in cfg["modules_to_save"]
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "o_proj", "up_proj"]
+    # Had only some q_proj been saved whole, the short name would catch it: full names then.
+    from merge_fast.lora_extract import _targets
+    assert _targets(["m.0.q_proj", "m.0.o_proj"], ["m.1.q_proj"]) == ["m.0.o_proj", "m.0.q_proj"]
+    assert not any("q_proj" in k for k in errors)
+    pm = peft.PeftModel.from_pretrained(_load(fam.base), str(tmp_path / "ad")).eval()
+    merged = pm.merge_and_unload().state_dict()
+    ours = read_folder_native(mf.lora.apply(fam.base, tmp_path / "ad", tmp_path / "m").path)
+    want = read_folder_native(fam.a)
+    for k in want:
+        if "q_proj" in k or "norm" in k or "embed" in k or "lm_head" in k:
+            assert np.array_equal(ours[k], want[k]), k  # saved whole
+        assert np.abs(merged[k].numpy() - ours[k]).max() <= 1e-6 * max(1.0, np.abs(ours[k]).max()), k

@@ -152,7 +152,7 @@ def extract_lora(
         "lora_alpha": rank,
         "rank_pattern": {m: k for m, k in ranks.items() if k != rank},
         "alpha_pattern": {m: k for m, k in ranks.items() if k != rank},
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "target_modules": _targets(ranks, full_modules),
         "modules_to_save": sorted(full_modules) or None,
         "use_rslora": False,
         "lora_dropout": 0.0,
@@ -166,6 +166,16 @@ def extract_lora(
         _core.save_file(str(tmp / "adapter_model.safetensors"), tensors, meta)
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return errors
+
+
+def _targets(factored: Iterable[str], full: Iterable[str]) -> list:
+    """target_modules as PEFT matches them (name or '.'-suffix): the last name components,
+    as mergekit writes them, unless one of those would also catch a module saved at full
+    rank (e.g. a q_proj with a changed bias); then the full module names."""
+    short = {m.rsplit(".", 1)[-1] for m in factored}
+    if any(m.rsplit(".", 1)[-1] in short for m in full):
+        return sorted(factored)
+    return sorted(short)
 
 
 __all__ = ["extract_lora"]
