@@ -153,6 +153,11 @@ def test_merge_adapters_matches_peft_add_weighted_adapter_svd(llama_f32, tmp_pat
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 3
+    # The CLI writes the same bytes.
+    assert cli_main(["merge-loras", str(tmp_path / "a1"), str(tmp_path / "a2"), "--weights", "0.7", "0.4",
+                     "--rank", "3", "-o", str(tmp_path / "cli"), "-q"]) == 0
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "ours" / name).read_bytes()
     # peft loads ours, and it acts as peft's merged adapter does.
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     pm.set_adapter("m")
