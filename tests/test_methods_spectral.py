@@ -26,7 +26,10 @@ def ref_mean(base, xs, alpha):
 
 
 def ref_tsv(base, xs, alpha=1.0):
+    """alpha: a number (scales the result) or one per model (scales each Δ_i first)."""
     b = f64(base)
+    if not np.isscalar(alpha):
+        xs, alpha = [b + a * (f64(x) - b) for a, x in zip(alpha, xs)], 1.0
     if b.ndim != 2:
         return ref_mean(base, xs, alpha)
     t, r = len(xs), min(b.shape)
@@ -104,6 +107,9 @@ def test_arrays_match_numpy(name, shape, t):
 def test_parameters_scale_and_split():
     base, xs = task_set((24, 18), 3, seed=5)
     close(mf.tsv_merge(base, xs, alpha=0.3), ref_tsv(base, xs, 0.3), "tsv alpha")
+    close(mf.tsv_merge(base, xs, alpha=[0.3, 1.2, -0.5]), ref_tsv(base, xs, [0.3, 1.2, -0.5]), "tsv per-model alpha")
+    b1, x1 = task_set((19,), 3, seed=6)
+    close(mf.tsv_merge(b1, x1, alpha=[0.3, 1.2, -0.5]), ref_tsv(b1, x1, [0.3, 1.2, -0.5]), "tsv per-model alpha 1-D")
     close(mf.iso_c(base, xs, scaling_factor=1.5), ref_iso_c(base, xs, 1.5), "iso_c scale")
     for f in (0.0, 0.25, 0.5, 1.0):
         close(mf.iso_cts(base, xs, scaling_factor=0.7, common_space_fraction=f),

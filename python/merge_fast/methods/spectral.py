@@ -13,20 +13,23 @@ keywords. In configs: ``merge_method: tsv_merge`` / ``iso_c`` / ``iso_cts`` with
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
-from ._dispatch import Model, merge
+from ._dispatch import Model, as_list, merge
 
 __all__ = ["tsv_merge", "iso_c", "iso_cts"]
 
 
-def tsv_merge(base: Model, models: Sequence[Model], *, alpha: float = 1.0, **options: Any):
+def tsv_merge(base: Model, models: Sequence[Model], *, alpha: Union[float, Sequence[float]] = 1.0, **options: Any):
     """TSV-M: for each 2-D tensor, the top ``k = ⌊r/T⌋`` singular triplets of every ``Δ_i``
     are stacked (``U``: rows × Tk, ``s``, ``V``: cols × Tk); each stack is replaced by its
     polar factor (``P Qᵀ`` of its SVD ``P S Qᵀ``, i.e. orthogonal Procrustes), and
     ``θ = θ_base + alpha · U⊥ diag(s) V⊥ᵀ``. With more models than ``r`` (``k = 0``) the
-    tensor keeps the base, as in FusionBench."""
-    return merge("tsv_merge", models, base=base, params={"alpha": alpha}, **options)
+    tensor keeps the base, as in FusionBench. ``alpha`` may also be one value per model:
+    each ``Δ_i`` is scaled by ``alpha_i`` first (FusionBench's list form; a scalar equals
+    the same value for every model, since TSV-M is homogeneous in the task vectors)."""
+    a = alpha if isinstance(alpha, (int, float)) else as_list(alpha)
+    return merge("tsv_merge", models, base=base, params={"alpha": a}, **options)
 
 
 def iso_c(base: Model, models: Sequence[Model], *, scaling_factor: float = 1.0, **options: Any):

@@ -8,7 +8,7 @@
 //!   leading singular triplets of each `Δ_i`, stacked into `U` (m × Tk), `s`, `V` (n × Tk);
 //!   each stack replaced by its polar factor (`P Qᵀ` from its thin SVD `P S Qᵀ`, the nearest
 //!   matrix with orthonormal columns); `θ = θ_base + α · U⊥ diag(s) V⊥ᵀ`. Parameter `alpha`
-//!   (default 1). With more models than `r` (k = 0) the tensor keeps the base, as FusionBench.
+//!   (default 1), a number or one per model (each `Δ_i` scaled by `α_i` first, as FusionBench). With more models than `r` (k = 0) the tensor keeps the base, as FusionBench.
 //! - `iso_c` (Marczak et al. 2025): `U S Vᵀ = svd(Σ Δ_i)`,
 //!   `θ = θ_base + α · mean(S) · U Vᵀ` over all `r` components. Parameter `scaling_factor`.
 //! - `iso_cts`: `c` common directions from `svd(Σ Δ_i)` and `k` per task from
@@ -36,6 +36,9 @@ enum Kind {
 
 pub struct Spectral {
     kind: Kind,
+    /// Scale of each task vector before merging (TSV-M's per-model `alpha`; 1 otherwise).
+    pre: Vec<f32>,
+    /// Scale of the merged task matrix.
     alpha: f32,
 }
 
@@ -61,11 +64,17 @@ impl Spectral {
                 ("scaling_factor", Kind::IsoCts { common: f })
             }
         };
-        let alpha = p.f64(key, 1.0)?;
-        if !alpha.is_finite() {
-            return Err(Error::config(format!("{name}: {key} must be finite, got {alpha}")));
+        // TSV-M is positively homogeneous in each task vector, so a scalar alpha scaling the
+        // result equals the same alpha scaling every task vector: one per-model list serves
+        // both of FusionBench's forms.
+        let (pre, alpha) = match kind {
+            Kind::Tsv => (p.per_model(key, n, Some(1.0))?, 1.0),
+            _ => (vec![1.0; n], p.f64(key, 1.0)?),
+        };
+        if let Some(bad) = pre.iter().chain([&alpha]).find(|a| !a.is_finite()) {
+            return Err(Error::config(format!("{name}: {key} must be finite, got {bad}")));
         }
-        Ok(Spectral { kind, alpha: alpha as f32 })
+        Ok(Spectral { kind, pre: pre.iter().map(|&a| a as f32).collect(), alpha: alpha as f32 })
     }
 }
 
@@ -82,13 +91,17 @@ impl Method for Spectral {
                 // Not a matrix: the mean task vector.
                 let inv = 1.0 / inputs.len() as f32;
                 for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
-                    let s: f32 = inputs.iter().map(|x| x[j] - b).sum();
+                    let s: f32 = inputs.iter().zip(&self.pre).map(|(x, w)| w * (x[j] - b)).sum();
                     *o = b + self.alpha * (s * inv);
                 }
                 return Ok(());
             }
         };
-        let deltas: Vec<Mat<f32>> = inputs.iter().map(|x| Mat::from_fn(m, n, |i, j| x[i * n + j] - base[i * n + j])).collect();
+        let deltas: Vec<Mat<f32>> = inputs
+            .iter()
+            .zip(&self.pre)
+            .map(|(x, &w)| Mat::from_fn(m, n, |i, j| w * (x[i * n + j] - base[i * n + j])))
+            .collect();
         if deltas.iter().any(|d| !d.as_ref().is_all_finite()) {
             return Err(Error::numerical(ctx.tensor, "a task vector contains NaN or infinite values"));
         }
@@ -230,6 +243,13 @@ mod tests {
             let one = run_threads(1, name, json!({}), &[m, n], Some(&b), &[&a, &c]).unwrap();
             let two = run_threads(2, name, json!({}), &[m, n], Some(&b), &[&a, &c]).unwrap();
             assert_eq!(one, two);
+        }
+        // Per-model alpha: a list equal to the scalar when all equal (homogeneity).
+        let c2 = rand(m * n, 4);
+        let scalar = run("tsv_merge", json!({"alpha": 0.5}), &[m, n], Some(&b), &[&a, &c2]).unwrap();
+        let list = run("tsv_merge", json!({"alpha": [0.5, 0.5]}), &[m, n], Some(&b), &[&a, &c2]).unwrap();
+        for (x, y) in scalar.iter().zip(&list) {
+            assert!((x - y).abs() < 1e-5);
         }
         assert!(run("iso_cts", json!({"common_space_fraction": 1.5}), &[m, n], Some(&b), &[&a]).is_err());
         assert!(run("iso_c", json!({"alpha": 1.0}), &[m, n], Some(&b), &[&a]).is_err());
