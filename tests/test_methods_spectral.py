@@ -201,3 +201,11 @@ def test_cli_subcommands_equal_the_api(folders, tmp_path):
         got, want = read_folder_native(tmp_path / cmd), read_folder_native(tmp_path / f"api-{cmd}")
         assert sorted(got) == sorted(want)
         assert all(got[k].tobytes() == want[k].tobytes() for k in got), cmd
+
+
+@pytest.mark.parametrize("name", list(REFS))
+def test_non_finite_task_vector_is_a_numerical_error(name):
+    base, xs = task_set((6, 5), 2, seed=4)
+    xs[1][2, 3] = np.inf
+    with pytest.raises(mf.NumericalError, match="NaN or infinite"):
+        CALLS[name](base, xs)
