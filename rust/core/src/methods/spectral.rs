@@ -27,6 +27,9 @@ use faer::{Accum, Mat, MatRef, Par};
 
 pub const NAMES: &[&str] = &["tsv_merge", "iso_c", "iso_cts"];
 
+/// A thin SVD as faer gives it: `(U, s, V)`.
+type Factors = (Mat<f32>, Vec<f32>, Mat<f32>);
+
 #[derive(Clone, Copy)]
 enum Kind {
     Tsv,
@@ -191,7 +194,7 @@ fn cts_split(r: usize, t: usize, frac: f64) -> (usize, usize) {
 
 /// The polar factor `P Qᵀ` of `a = P S Qᵀ`: the matrix with orthonormal columns nearest to
 /// `a` (Procrustes). Columns of `a` must not outnumber its rows.
-fn polar(a: MatRef<'_, f32>, svd: &(dyn Fn(MatRef<'_, f32>) -> Result<(Mat<f32>, Vec<f32>, Mat<f32>)> + Sync)) -> Result<Mat<f32>> {
+fn polar(a: MatRef<'_, f32>, svd: &(dyn Fn(MatRef<'_, f32>) -> Result<Factors> + Sync)) -> Result<Mat<f32>> {
     let mut out = Mat::<f32>::zeros(a.nrows(), a.ncols());
     if a.ncols() == 0 {
         return Ok(out);
