@@ -38,6 +38,9 @@ CASES = {
     "passthrough": (False, 1, {}),
     "fisher_weighted": (False, 4, {}),  # two models, then their Fishers
     "fisher_dampened": (True, 2, {}),  # one fine-tune, then the base's Fisher
+    "tsv_merge": (True, 2, {}),
+    "iso_c": (True, 2, {}),
+    "iso_cts": (True, 2, {}),
 }
 
 

@@ -26,6 +26,8 @@ from .subspace import subspace_masks
 from . import config, lora
 from .config import run
 from .linalg import procrustes, svd
+from .lora_extract import extract_lora
+from .lora_merge import merge_adapters as merge_lora_adapters
 from .crossarch import align, procrustes_absorb
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "run",
     "config",
     "lora",
+    "extract_lora",
+    "merge_lora_adapters",
     *_methods.__all__,
     "subspace_masks",
     "svd",

@@ -143,6 +143,39 @@ def _cmd_fisher_dampened(args: argparse.Namespace) -> int:
     return _report(args, result)
 
 
+def _cmd_spectral(args: argparse.Namespace) -> int:
+    from .methods import spectral
+
+    fn = getattr(spectral, args.command.replace("-", "_"))
+    extra = {"alpha": args.alpha} if args.command == "tsv-merge" else {"scaling_factor": args.scaling_factor}
+    if args.command == "iso-cts":
+        extra["common_space_fraction"] = args.common_space_fraction
+    return _report(args, fn(args.base, args.models, **extra, **_options(args)))
+
+
+def _cmd_extract_lora(args: argparse.Namespace) -> int:
+    from .lora_extract import extract_lora
+
+    errors = extract_lora(args.base, args.finetuned, args.rank, args.out, energy=args.energy,
+                          modules_to_save=args.modules_to_save or (), exact=args.exact, seed=args.seed,
+                          out_dtype=args.out_dtype, overwrite=args.overwrite)
+    if not args.quiet:
+        worst = max(errors.values(), default=0.0)
+        print(f"wrote a rank-{args.rank} LoRA of {len(errors)} tensors to {args.out} (worst relative error {worst:.3g})")
+    return 0
+
+
+def _cmd_merge_loras(args: argparse.Namespace) -> int:
+    from .lora_merge import merge_adapters
+
+    weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
+    ranks = merge_adapters(args.adapters, weights, args.out, rank=args.rank, out_dtype=args.out_dtype,
+                           overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote a LoRA adapter of {len(ranks)} modules (rank {max(ranks.values(), default=0)}) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="merge-fast",
@@ -248,6 +281,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
     p.add_argument("-q", "--quiet", action="store_true")
     _COMMANDS["subspace-masks"] = _cmd_subspace_masks
+
+    for name, text in (("tsv-merge", "TSV-M: per-task top singular vectors, orthogonalised (Gargiulo et al. 2025)"),
+                       ("iso-c", "Iso-C: SVD of the summed task vectors with a flat spectrum (Marczak et al. 2025)"),
+                       ("iso-cts", "Iso-CTS: common plus task-specific subspaces, flat spectrum (Marczak et al. 2025)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("base", help="base model")
+        p.add_argument("models", nargs="+", help="fine-tuned models")
+        if name == "tsv-merge":
+            p.add_argument("--alpha", type=float, default=1.0, help="scale of the merged task matrix (default 1)")
+        else:
+            p.add_argument("--scaling-factor", type=float, default=1.0, help="scale of the merged task matrix (default 1)")
+        if name == "iso-cts":
+            p.add_argument("--common-space-fraction", type=float, default=0.8,
+                           help="share of the directions taken from the common subspace (default 0.8)")
+        _common(p)
+        _COMMANDS[name] = _cmd_spectral
+
+    p = sub.add_parser("extract-lora", help="PEFT LoRA adapter approximating FINETUNED − BASE (top-r SVD per linear weight)")
+    p.add_argument("base", help="base model")
+    p.add_argument("finetuned", help="fine-tuned model")
+    p.add_argument("--rank", type=int, required=True, help="LoRA rank r (per tensor at most)")
+    p.add_argument("-o", "--out", required=True, help="output adapter folder (written atomically)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="keep per tensor the fewest components (<= rank) capturing this share of |Δ|_F² (0-1]")
+    p.add_argument("--modules-to-save", nargs="+", default=None,
+                   help="modules saved at full rank (embeddings and lm_head always are, as mergekit)")
+    p.add_argument("--exact", action="store_true", help="exact SVD instead of the seeded randomized one")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
+    p.add_argument("--out-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the adapter tensors (default: the fine-tune's)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p.add_argument("-q", "--quiet", action="store_true")
+    _COMMANDS["extract-lora"] = _cmd_extract_lora
+
+    p = sub.add_parser("merge-loras", help="combine LoRA adapters into one: SVD of Σ w_i B_i A_i to rank r (as PEFT's svd)")
+    p.add_argument("adapters", nargs="+", help="PEFT LoRA adapter folders")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter (default 1)")
+    p.add_argument("--rank", type=int, default=None, help="rank of the result (default: the largest r)")
+    p.add_argument("-o", "--out", required=True, help="output adapter folder (written atomically)")
+    p.add_argument("--out-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p.add_argument("-q", "--quiet", action="store_true")
+    _COMMANDS["merge-loras"] = _cmd_merge_loras
     return parser
 
 

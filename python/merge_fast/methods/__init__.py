@@ -9,5 +9,7 @@ from .geometric import *  # noqa: F401,F403
 from .geometric import __all__ as _geometric
 from .sparsified import *  # noqa: F401,F403
 from .sparsified import __all__ as _sparsified
+from .spectral import *  # noqa: F401,F403
+from .spectral import __all__ as _spectral
 
-__all__ = ["merge", *_basic, *_sparsified, *_geometric, *_data_aware]
+__all__ = ["merge", *_basic, *_sparsified, *_geometric, *_data_aware, *_spectral]

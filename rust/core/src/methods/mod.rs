@@ -13,6 +13,7 @@ pub mod task_arithmetic;
 pub mod data_aware;
 pub mod geometric;
 pub mod sparsified;
+pub mod spectral;
 
 /// What a kernel knows about the piece of tensor it is given.
 #[derive(Debug, Clone, Copy)]
@@ -116,7 +117,7 @@ const BASIC: &[&str] = &["linear", "task_arithmetic", "slerp"];
 
 /// Every method name `build` knows.
 pub fn names() -> Vec<&'static str> {
-    [BASIC, sparsified::NAMES, geometric::NAMES, data_aware::NAMES].concat()
+    [BASIC, sparsified::NAMES, geometric::NAMES, data_aware::NAMES, spectral::NAMES].concat()
 }
 
 /// Builds the kernel for one tensor. `n_inputs` counts the models other than the base.
@@ -129,6 +130,7 @@ pub fn build(name: &str, params: &Map<String, Value>, n_inputs: usize, has_base:
         other => sparsified::build(other, &p, n_inputs, has_base)
             .or_else(|| geometric::build(other, &p, n_inputs, has_base))
             .or_else(|| data_aware::build(other, &p, n_inputs, has_base))
+            .or_else(|| spectral::build(other, &p, n_inputs, has_base))
             .unwrap_or_else(|| Err(Error::config(format!("unknown merge method '{other}' (known: {})", names().join(", ")))))?,
     };
     p.finish()?;
