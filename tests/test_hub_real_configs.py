@@ -342,3 +342,49 @@ def test_multi_stage_resolves_every_stage_before_the_first_runs(world, tmp_path)
         mf.run(text, out=tmp_path / "out", progress=lambda *a: calls.append(a))
     assert calls == [], "stage 1 ran before stage 2's references were resolved"
     assert set(tmp_path.iterdir()) == before, "something was written"
+
+
+OVERRIDE = """
+merge_method: linear
+base_model:
+  model: {a}
+  override_architecture: MistralForCausalLM
+models:
+  - model: {{model: {a}, override_architecture: MistralForCausalLM}}
+    parameters: {{weight: 0.6}}
+  - model: {{model: {b}, override_architecture: MistralForCausalLM}}
+    parameters: {{weight: 0.4}}
+dtype: float32
+"""
+
+
+def test_override_architecture_as_mergekit(world, tmp_path):
+    """mergekit's per-model `override_architecture`: the models are read as that
+    architecture, and the written config.json names it (compared with mergekit's)."""
+    if MERGEKIT_ERR is not None:
+        pytest.skip(f"mergekit cannot be imported: {MERGEKIT_ERR}")
+    _, d, _ = world
+    text = OVERRIDE.format(a=d["a"], b=d["b"])
+    ours, ref = tmp_path / "ours", tmp_path / "mergekit"
+    mf.run(text, out=ours)
+    run_mergekit(text, ref)
+    got, want = (json.loads((p / "config.json").read_text()) for p in (ours, ref))
+    assert got["architectures"] == want["architectures"] == ["MistralForCausalLM"]
+    assert json.loads((d["a"] / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    t_got, t_ref = read_folder_f32(ours), read_folder_f32(ref)
+    assert sorted(t_got) == sorted(t_ref)
+    for k in t_ref:
+        np.testing.assert_allclose(t_got[k], t_ref[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    # Overriding only one model: the architectures differ, which our check (as mergekit's)
+    # refuses without allow_crimes.
+    one = text.replace("  - model: {model: %s, override_architecture: MistralForCausalLM}" % d["b"], f"  - model: {d['b']}")
+    assert one != text
+    with pytest.raises(mf.ConfigError, match="different architectures"):
+        mf.run(one, out=tmp_path / "one")
+    with pytest.raises(RuntimeError, match="mix different architectures"):
+        run_mergekit(one, tmp_path / "mk_one")
+    mf.run(one, out=tmp_path / "crimes", allow_crimes=True)
+    assert json.loads((tmp_path / "crimes" / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    with pytest.raises(mf.ConfigError, match="override_architecture"):
+        mf.run(text.replace("override_architecture: MistralForCausalLM\nmodels", "override_architecture: 7\nmodels"),
+               out=tmp_path / "bad")

@@ -410,7 +410,8 @@ def resolve_config(cfg: Any, *, cache_dir: Optional[PathLike] = None, progress: 
         a = done[Request(m.lora, m.lora_revision, "adapter")] if m.lora else None
         if p.path == Path(os.path.expanduser(m.path)) and (a is None or a.path == Path(os.path.expanduser(m.lora))):
             return m  # local and read as it is
-        return ModelRef(str(p.path), str(a.path) if a else None, label=m.label or str(m))
+        return dataclasses.replace(m, path=str(p.path), lora=str(a.path) if a else None, revision=None,
+                                   lora_revision=None, label=m.label or str(m))
 
     inputs = list(dict.fromkeys(r.hub for r in done.values() if r.hub is not None))
     return _walk(cfg, (), ModelRef, new), inputs
