@@ -388,3 +388,33 @@ def test_override_architecture_as_mergekit(world, tmp_path):
     with pytest.raises(mf.ConfigError, match="override_architecture"):
         mf.run(text.replace("override_architecture: MistralForCausalLM\nmodels", "override_architecture: 7\nmodels"),
                out=tmp_path / "bad")
+
+
+def test_folder_functions_take_model_plus_adapter(world, tmp_path):
+    """subspace_masks / align with ``org/base+org/lora``: read through a copy with the
+    adapter merged in (W + α/r·B·A, checked with numpy), cached and reused."""
+    from conftest import st_read
+
+    _, d, root = world
+    lora_cache = root / "hf" / "merge_fast" / "lora-cache"
+    mf.subspace_masks("org/base+org/lora", "org/base", 2, tmp_path / "with_lora.safetensors")
+    (merged,) = list(lora_cache.iterdir())
+    base, ad, got = read_folder_f32(d["base"]), st_read(d["lora"] / "adapter_model.safetensors")[1], read_folder_f32(merged)
+    assert sorted(got) == sorted(base)
+    changed = 0
+    for k, w in base.items():
+        a = ad.get(f"base_model.model.{k[:-len('.weight')]}.lora_A.weight")
+        ref = w if a is None else w.astype(np.float64) + 2.0 * (
+            ad[f"base_model.model.{k[:-len('.weight')]}.lora_B.weight"].astype(np.float64) @ a)
+        changed += a is not None
+        np.testing.assert_allclose(got[k], ref, rtol=1e-6, atol=1e-6, err_msg=k)
+    assert changed == 2 * LAYERS
+    # the function read exactly that folder; a second call reuses it
+    mf.subspace_masks(merged, "org/base", 2, tmp_path / "from_folder.safetensors")
+    x, y = st_read(tmp_path / "with_lora.safetensors")[1], st_read(tmp_path / "from_folder.safetensors")[1]
+    assert sorted(x) == sorted(y) and all(x[k].tobytes() == y[k].tobytes() for k in x)
+    stamp = (merged / "config.json").stat().st_mtime_ns
+    r1 = mf.align("org/base+org/lora", "org/base")
+    r2 = mf.align(merged, "org/base")
+    np.testing.assert_array_equal(r1.rotation, r2.rotation)
+    assert list(lora_cache.iterdir()) == [merged] and (merged / "config.json").stat().st_mtime_ns == stamp
