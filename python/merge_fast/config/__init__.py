@@ -11,7 +11,9 @@ Supported schema (mergekit's): ``merge_method``, ``base_model``, ``models`` (eac
 ``{regex, value}``), ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base``, ``union`` or
 a model; embedding rows are permuted per model, see tokenizer.py), ``tokenizer: {source,
 tokens}``, ``chat_template`` and model references of the form
-``path``, ``path+lora_adapter`` or ``{model: path, lora: adapter}``.
+``path``, ``path+lora_adapter`` or ``{model: path, lora: adapter, override_architecture: Cls}``
+(the model's config is read, and for the base or first model written, with
+``architectures: [Cls]``).
 ``modules`` (per-module models/slices/parameters, see modules.py) and multi-stage files
 (several YAML documents with ``name``, as mergekit-multi writes them; see stages.py).
 Every check (method, parameters, layer ranges, shapes, folders) runs before anything is
