@@ -27,7 +27,7 @@ import merge_fast as mf
 from conftest import build_model_dirs, read_folder_f32, read_folder_native, st_write, ulp_distance
 from hub_server import HubServer
 from test_config import _other_vocab_model
-from test_hub import make_adapter
+from test_hub import make_adapter, recipe
 
 try:
     import yaml
@@ -325,6 +325,12 @@ def test_multi_stage_file_with_hub_ids(world, tmp_path, monkeypatch):
     server, d, _ = world
     text = MULTI.format(tail=TAIL)
     ours = run_online_then_offline(server, text, tmp_path, monkeypatch)
+    # the final output pins every hub input, stage 1's included, with its commit
+    pinned = {(h["repo_id"], h["revision"], h["commit"]) for h in recipe(ours)["hub_inputs"]}
+    want = {("org/a", "v1"), ("org/b", "main"), ("org/base", "main"), ("org/c", "main")}
+    assert pinned == {(r, v, server.repos[r].revisions[v].commit) for r, v in want}
+    card = (ours / "README.md").read_text()
+    assert server.repos["org/a"].revisions["v1"].commit in card and "stage1" in card
     first, second = (local_text(t, d) for t in text.split("---\n"))
     s1 = tmp_path / "mk_stage1"
     run_mergekit(first.replace("name: stage1\n", ""), s1)

@@ -127,6 +127,7 @@ def run(
     except ValueError as e:
         raise ConfigError(f"config error: out_shard_size: {e}") from None
     cfg, hub_inputs = _resolve_refs(cfg, cache_dir, progress)
+    hub_inputs = list(dict.fromkeys([*cfg.earlier_hub_inputs, *hub_inputs]))
     if cfg.merge_method in _RECIPES:
         return _run_recipe(cfg, Path(out), shard=shard, threads=threads, progress=progress,
                            seed=random_seed or 0, write_model_card=write_model_card, overwrite=overwrite,

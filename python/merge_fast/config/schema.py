@@ -93,6 +93,9 @@ class MergeConfig:
     chat_template: Optional[str]
     tokens: Dict[str, TokenSpec] = dataclasses.field(default_factory=dict)
     modules: Optional[Dict[str, "ModuleDef"]] = None  # see modules.py
+    # multi-stage files: the hub inputs of the earlier stages this one is built from, pinned
+    # in its card and recipe with its own (merge_fast.hub.HubInput)
+    earlier_hub_inputs: Tuple[Any, ...] = ()
 
     def referenced_models(self) -> List[ModelRef]:
         """Every model, in config order (base first), without repeats."""
