@@ -410,7 +410,8 @@ def resolve_config(cfg: Any, *, cache_dir: Optional[PathLike] = None, progress: 
         a = done[Request(m.lora, m.lora_revision, "adapter")] if m.lora else None
         if p.path == Path(os.path.expanduser(m.path)) and (a is None or a.path == Path(os.path.expanduser(m.lora))):
             return m  # local and read as it is
-        return ModelRef(str(p.path), str(a.path) if a else None, label=m.label or str(m))
+        return dataclasses.replace(m, path=str(p.path), lora=str(a.path) if a else None, revision=None,
+                                   lora_revision=None, label=m.label or str(m))
 
     inputs = list(dict.fromkeys(r.hub for r in done.values() if r.hub is not None))
     return _walk(cfg, (), ModelRef, new), inputs
@@ -459,11 +460,29 @@ def resolve_paths(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] =
     return out, list(dict.fromkeys(r.hub for r in done.values() if r.hub is not None))
 
 
-def local_models(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] = None, what: str = "this function") -> List[str]:
-    """Local folders for model references that take no adapter (hub ids downloaded)."""
+def local_models(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] = None) -> List[str]:
+    """Local folders for model references (hub ids downloaded). A ``model+adapter`` is read
+    through a copy with the adapter merged in (merge_fast.lora.apply, as configs read it),
+    kept in ``<cache>/../merge_fast/lora-cache`` and reused while neither input changes."""
     local, _ = resolve_paths(models, cache_dir=cache_dir)
-    bad = [str(m) for m, (_, a) in zip(models, local) if a is not None]
-    if bad:
-        raise ConfigError(f"config error: {bad[0]}: a LoRA adapter (+adapter) is not supported by {what}; "
-                          "merge it first with merge_fast.lora.apply")
-    return [p for p, _ in local]
+    return [p if a is None else str(_merged_adapter(p, a, cache_dir)) for p, a in local]
+
+
+def _merged_adapter(model: str, adapter: str, cache_dir: Optional[PathLike]) -> Path:
+    import hashlib
+
+    h = hashlib.sha256()
+    for folder in (model, adapter):  # paths and file stamps: a changed input is a new entry
+        root = Path(folder).resolve()
+        h.update(str(root).encode() + b"\0")
+        for f in sorted(root.iterdir()) if root.is_dir() else [root]:
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    out = hub_cache_dir(cache_dir).parent / "merge_fast" / "lora-cache" / h.hexdigest()[:24]
+    if not (out / "config.json").is_file():  # outputs are written atomically: present is complete
+        from .lora import apply
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        apply(model, adapter, out)
+    return out

@@ -41,7 +41,7 @@ def subspace_masks(
     threads = check_threads(threads)
     from .hub import local_models
 
-    it_dir, pt_dir = local_models([it_dir, pt_dir], cache_dir=cache_dir, what="subspace_masks")
+    it_dir, pt_dir = local_models([it_dir, pt_dir], cache_dir=cache_dir)
     out = check_output_file(out, [it_dir, pt_dir])
     it = open_checkpoint(it_dir)
     open_checkpoint(pt_dir)

@@ -11,7 +11,9 @@ Supported schema (mergekit's): ``merge_method``, ``base_model``, ``models`` (eac
 ``{regex, value}``), ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base``, ``union`` or
 a model; embedding rows are permuted per model, see tokenizer.py), ``tokenizer: {source,
 tokens}``, ``chat_template`` and model references of the form
-``path``, ``path+lora_adapter`` or ``{model: path, lora: adapter}``.
+``path``, ``path+lora_adapter`` or ``{model: path, lora: adapter, override_architecture: Cls}``
+(the model's config is read, and for the base or first model written, with
+``architectures: [Cls]``).
 ``modules`` (per-module models/slices/parameters, see modules.py) and multi-stage files
 (several YAML documents with ``name``, as mergekit-multi writes them; see stages.py).
 Every check (method, parameters, layer ranges, shapes, folders) runs before anything is
@@ -125,6 +127,7 @@ def run(
     except ValueError as e:
         raise ConfigError(f"config error: out_shard_size: {e}") from None
     cfg, hub_inputs = _resolve_refs(cfg, cache_dir, progress)
+    hub_inputs = list(dict.fromkeys([*cfg.earlier_hub_inputs, *hub_inputs]))
     if cfg.merge_method in _RECIPES:
         return _run_recipe(cfg, Path(out), shard=shard, threads=threads, progress=progress,
                            seed=random_seed or 0, write_model_card=write_model_card, overwrite=overwrite,

@@ -65,6 +65,8 @@ def fix_config_json(out: Path, plan, cfg: MergeConfig, vocab_size: Optional[int]
     for (section, k), n in getattr(plan, "module_layers", {}).items():
         if isinstance(data.get(section), dict) and k in data[section]:
             data[section][k] = n
+    if donor.ref.override_architecture:
+        data["architectures"] = [donor.ref.override_architecture]
     if vocab_size is not None and "vocab_size" in data:
         data["vocab_size"] = vocab_size
     f.write_text(json.dumps(data, indent=2) + "\n")

@@ -129,6 +129,8 @@ class Planner:
                 config = json.loads(cfg_file.read_text())
             except ValueError as e:
                 raise self.src.error(where, f"{cfg_file}: invalid JSON: {e}") from None
+        if ref.override_architecture:
+            config = {**config, "architectures": [ref.override_architecture]}
         layers, prefix, pre, post = _classify(names)
         key = next((k for k in _NUM_LAYER_KEYS if isinstance(config.get(k), int)), None) if self.keep is None else None
         n_layers = config[key] if key else (max(layers) + 1 if layers else 0)

@@ -30,6 +30,9 @@ class ModelRef:
     revision: Optional[str] = None
     lora_revision: Optional[str] = None
     label: Optional[str] = dataclasses.field(default=None, compare=False)
+    # mergekit's per-reference `override_architecture`: the model's config.json is read (and,
+    # for the base/first model, written) with `architectures: [this]`.
+    override_architecture: Optional[str] = dataclasses.field(default=None, compare=False)
 
     @property
     def key(self) -> Tuple[Any, ...]:
@@ -90,6 +93,9 @@ class MergeConfig:
     chat_template: Optional[str]
     tokens: Dict[str, TokenSpec] = dataclasses.field(default_factory=dict)
     modules: Optional[Dict[str, "ModuleDef"]] = None  # see modules.py
+    # multi-stage files: the hub inputs of the earlier stages this one is built from, pinned
+    # in its card and recipe with its own (merge_fast.hub.HubInput)
+    earlier_hub_inputs: Tuple[Any, ...] = ()
 
     def referenced_models(self) -> List[ModelRef]:
         """Every model, in config order (base first), without repeats."""
@@ -139,12 +145,16 @@ def parse_model_ref(src: ConfigSource, path: KeyPath, value: Any, revision: Any 
     `revision` is a ``revision:`` key beside the reference."""
     if revision is not None and (not isinstance(revision, str) or not revision):
         raise src.error(path[:-1] + ("revision",), "revision must be a branch, tag or commit hash")
+    override = None
     if isinstance(value, dict):
         extra = set(value) - {"model", "lora", "override_architecture"}
         if extra:
-            raise src.error(path + (sorted(extra)[0],), "unknown key in a model reference (allowed: model, lora)")
-        if "override_architecture" in value:
-            raise src.error(path + ("override_architecture",), "override_architecture is not supported")
+            raise src.error(path + (sorted(extra)[0],),
+                            "unknown key in a model reference (allowed: model, lora, override_architecture)")
+        override = value.get("override_architecture")
+        if override is not None and (not isinstance(override, str) or not override.strip()):
+            raise src.error(path + ("override_architecture",),
+                            "override_architecture must be an architecture class name (e.g. LlamaForCausalLM)")
         parts = []
         for k in ("model", "lora"):
             v, rev = value.get(k), None
@@ -177,7 +187,7 @@ def parse_model_ref(src: ConfigSource, path: KeyPath, value: Any, revision: Any 
         if mrev is not None and mrev != revision:
             raise src.error(path[:-1] + ("revision",), f"revision {revision!r} contradicts {m}@{mrev}")
         mrev = revision
-    return ModelRef(m, lora, mrev, lrev)
+    return ModelRef(m, lora, mrev, lrev, override_architecture=override)
 
 
 def _params(src: ConfigSource, path: KeyPath, value: Any) -> Optional[Dict[str, Any]]:

@@ -10,6 +10,7 @@ Every document is parsed and checked before the first stage runs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -129,16 +130,63 @@ def run_stages(srcs: List[ConfigSource], out: Path, stage: Optional[str], run: C
                     if s is not None:
                         _set(src.data, path, folders[s] + r[len(s):])
             try:
-                cfgs[n] = parse(src, strict=opts.get("strict", False))
+                cfgs[n] = _name_stages(parse(src, strict=opts.get("strict", False)), tmp)
             except ConfigError as e:
                 errors.append(f"stage {n or '(unnamed)'}: {str(e).removeprefix('config error: ')}")
         if errors:
             raise ConfigError("config error: " + "\n".join(errors))
+        hub = _prefetch({n: cfgs[n] for n in order if n in needed}, tmp, opts.get("cache_dir"), opts.get("progress"))
         result = None
         for n in order:
             if n not in needed:
                 continue
             dest = out if n == final else Path(folders[n])
-            result = run(cfgs[n], dest, **opts)
+            earlier: Set[str] = set()  # every stage this one is built from, directly or not
+            todo = list(deps[n])
+            while todo:
+                d = todo.pop()
+                if d not in earlier:
+                    earlier.add(d)
+                    todo += deps[d]
+            pinned = tuple(dict.fromkeys(h for d in sorted(earlier) for h in hub[d]))
+            result = run(dataclasses.replace(cfgs[n], earlier_hub_inputs=pinned), dest, **opts)
         return result
 
+
+
+def _prefetch(cfgs: Dict[Optional[str], Any], tmp: str, cache_dir: Any, progress: Any) -> Dict[Optional[str], List[Any]]:
+    """Every hub reference of every stage to be run, downloaded (in parallel, all failures in
+    one error) before the first stage writes anything; references to earlier stages' outputs
+    (folders under `tmp`, not written yet) are left out. Each stage then resolves its
+    references again, from the cache. Returns each stage's hub inputs, pinned."""
+    from ..hub import Request, raise_all, resolve_each, _walk
+    from .schema import ModelRef
+
+    where: Dict[Request, str] = {}
+    reqs: Dict[Optional[str], List[Request]] = {}
+    for n, cfg in cfgs.items():
+        def collect(m: Any, key: KeyPath, cfg: Any = cfg, mine: List[Request] = reqs.setdefault(n, [])) -> Any:
+            for name, rev, kind in ((m.path, m.revision, "model"), (m.lora, m.lora_revision, "adapter")):
+                if name and not os.path.abspath(os.path.expanduser(name)).startswith(tmp + os.sep):
+                    where.setdefault(Request(name, rev, kind), cfg.src.where(key))
+                    mine.append(Request(name, rev, kind))
+            return m
+
+        _walk(cfg, (), ModelRef, collect)
+    done, errors = resolve_each(list(where), cache_dir=cache_dir, progress=bool(progress) and not callable(progress))
+    raise_all([type(e)(f"config error: {where[r]}: {str(e).removeprefix('config error: ')}") for r, e in errors.items()])
+    return {n: [done[r].hub for r in rs if done[r].hub is not None] for n, rs in reqs.items()}
+
+
+def _name_stages(cfg: Any, tmp: str) -> Any:
+    """References to earlier stages keep their stage name as their label, so the card names
+    the stage, not the temporary folder (removed after the run, and different each run)."""
+    from ..hub import _walk
+    from .schema import ModelRef
+
+    def label(m: Any, key: KeyPath) -> Any:
+        if m.label is None and m.path.startswith(tmp + os.sep):
+            return dataclasses.replace(m, label=str(dataclasses.replace(m, path=os.path.relpath(m.path, tmp))))
+        return m
+
+    return _walk(cfg, (), ModelRef, label)

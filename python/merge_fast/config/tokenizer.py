@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .schema import MergeConfig, ModelRef, TokenSpec
 
@@ -193,7 +193,7 @@ def prepare(cfg: MergeConfig, planner) -> Optional[VocabPlan]:
         folder = None
 
         def builder(out: Path, tok=tok) -> None:
-            tok.save_pretrained(str(out))
+            _save(tok, out)
     else:
         info = models[ts.key]
         folder = _folder(ts)
@@ -211,7 +211,19 @@ def prepare(cfg: MergeConfig, planner) -> Optional[VocabPlan]:
             folder = None
 
             def builder(out: Path, tok=tok) -> None:
-                tok.save_pretrained(str(out))
+                _save(tok, out)
         target = dict(tok.get_vocab())
     size = max(target.values()) + 1 if target else 0
     return VocabPlan(target, size, vocabs, base_ref.key, folder, builder, tokens=cfg.tokens, src=src)
+
+
+def _save(tok: Any, out: Path) -> None:
+    """Saves a built tokenizer without the loading options transformers records in
+    tokenizer_config.json (``local_files_only`` follows HF_HUB_OFFLINE at merge time, so the
+    same merge online and offline would differ)."""
+    tok.save_pretrained(str(out))
+    p = Path(out) / "tokenizer_config.json"
+    if p.exists():
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+        if cfg.pop("local_files_only", None) is not None:
+            p.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -173,7 +173,7 @@ def procrustes_absorb(
     t0 = time.perf_counter()
     from ..hub import local_models
 
-    anchor, *donors = local_models([anchor, *donors], cache_dir=cache_dir, what="procrustes_absorb")
+    anchor, *donors = local_models([anchor, *donors], cache_dir=cache_dir)
     A = ModelView(anchor, anchor_family, is_anchor=True)
     views = [ModelView(d, f) for d, f in zip(donors, fams)]
     aligners = [DonorAligner(A, v, seed=seed) for v in views]

@@ -365,7 +365,7 @@ def align(
     t0 = time.perf_counter()
     from ..hub import local_models
 
-    anchor, donor = local_models([anchor, donor], cache_dir=cache_dir, what="align")
+    anchor, donor = local_models([anchor, donor], cache_dir=cache_dir)
     A = ModelView(anchor, anchor_family, is_anchor=True)
     D = ModelView(donor, donor_family)
     al = DonorAligner(A, D, seed=seed)
