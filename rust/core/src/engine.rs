@@ -60,7 +60,14 @@ fn mixed_dtypes(plan: &PlanSpec, jobs: &[Job]) -> Option<(String, String)> {
     let note = format!(
         "inputs of different dtypes ({}) in {mixed} tensor(s), e.g. '{name}': merged in float32 and written as {out}",
         list.join("; "));
-    Some((note, serde_json::to_string(&per_input).expect("strings serialize")))
+    // The metadata names each input by its folder's name, not its absolute path, so that the
+    // same inputs give the same bytes wherever they sit (hub cache, temporary stage folders).
+    let mut by_name: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
+    for (k, v) in per_input {
+        let name = Path::new(&k).file_name().map_or(k.clone(), |n| n.to_string_lossy().into_owned());
+        by_name.entry(name).or_default().extend(v);
+    }
+    Some((note, serde_json::to_string(&by_name).expect("strings serialize")))
 }
 
 /// Copies a non-float tensor from its first source after checking that every source holds
