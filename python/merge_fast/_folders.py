@@ -207,8 +207,10 @@ def execute(
     progress: ProgressArg = False,
     seed: int = 0,
     extra_files: Optional[Callable[[Path], None]] = None,
+    fsync: bool = True,
 ) -> MergeResult:
-    """Runs planned tensors into `out` atomically and returns what was written."""
+    """Runs planned tensors into `out` atomically and returns what was written (fsynced
+    before the final rename unless ``fsync=False``, for scratch merges)."""
     out = Path(out).absolute()
     for p in paths:
         if Path(p).absolute() == out:
@@ -230,7 +232,7 @@ def execute(
     cb, bar = _progress_callback(progress, f"merging into {out.name}")
     t0 = time.perf_counter()
     try:
-        with staged_dir(out) as tmp:
+        with staged_dir(out, fsync=fsync) as tmp:
             stats = _core.execute_plan(plan_json(plan), str(tmp), threads=threads, progress=cb)
             copy_side_files(Path(side_files_from), tmp, out_dtype)
             if extra_files is not None:
@@ -262,6 +264,7 @@ def merge_folders(
     max_shard_size: Union[int, str] = "5GB",
     progress: ProgressArg = False,
     seed: int = 0,
+    fsync: bool = True,
 ) -> MergeResult:
     code = out_dtype_code(dtype, out_dtype)
     paths, plans = same_tensor_plan(method, base, models, lambda _name: params, code)
@@ -286,4 +289,5 @@ def merge_folders(
         max_shard_size=max_shard_size,
         progress=progress,
         seed=seed,
+        fsync=fsync,
     )

@@ -1,6 +1,8 @@
 """Atomic output folders: a merge writes into a hidden temporary folder beside the target
 and renames it into place only when every file is complete, so an interrupted or failed
-merge never leaves something that looks like a model at the target."""
+merge never leaves something that looks like a model at the target. With ``fsync`` (the
+default) every file and the folder reach the disk before the rename, and the rename itself
+after it, so a power cut after "done" cannot lose or truncate the merge."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +14,7 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def staged_dir(target: Path) -> Iterator[Path]:
+def staged_dir(target: Path, fsync: bool = True) -> Iterator[Path]:
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -23,7 +25,32 @@ def staged_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if fsync:
+        fsync_tree(tmp)
     _replace(tmp, target, tag)
+    if fsync:
+        _fsync_path(target.parent)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsyncs every regular file under `path`, then every folder (deepest first)."""
+    dirs = []
+    for root, _, files in os.walk(path):
+        dirs.append(root)
+        for f in files:
+            p = os.path.join(root, f)
+            if os.path.isfile(p) and not os.path.islink(p):
+                _fsync_path(p)
+    for d in reversed(dirs):
+        _fsync_path(d)
+
+
+def _fsync_path(path: "str | Path") -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace(tmp: Path, target: Path, tag: str) -> None:

@@ -29,11 +29,14 @@ def merge(
     max_shard_size: Union[int, str] = "5GB",
     progress: ProgressArg = False,
     seed: int = 0,
+    fsync: bool = True,
 ) -> Union[Any, MergeResult]:
     """Merges ``models`` (and ``base``) with the named method and its parameters.
 
-    Arrays in, array out; folders in, ``out`` folder written. Per-model parameters (such
-    as ``weight``) are lists with one value per model in ``models`` (base excluded).
+    Arrays in, array out; folders in, ``out`` folder written (every file fsynced before it
+    is renamed into place; ``fsync=False`` skips that, for scratch merges). Per-model
+    parameters (such as ``weight``) are lists with one value per model in ``models`` (base
+    excluded).
     """
     params = {k: v for k, v in (params or {}).items() if v is not None}
     everything = list(models) + ([base] if base is not None else [])
@@ -44,7 +47,7 @@ def merge(
             raise ConfigError("config error: folder merges need out=PATH")
         return merge_folders(
             method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
-            max_shard_size=max_shard_size, progress=progress, seed=seed,
+            max_shard_size=max_shard_size, progress=progress, seed=seed, fsync=fsync,
         )
     if all(is_array(m) for m in everything):
         if out is not None:
