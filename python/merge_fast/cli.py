@@ -22,7 +22,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written tensors (default: each tensor's input dtype)")
     g.add_argument("--seed", type=int, default=0, help="seed for randomized methods")
+    _no_fsync(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+
+
+def _no_fsync(g) -> None:
+    g.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="do not fsync the output before renaming it into place (faster; for scratch merges)")
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -39,6 +45,7 @@ def _options(args: argparse.Namespace) -> dict:
         out_dtype=args.out_dtype,
         seed=args.seed,
         progress=_progress(args),
+        fsync=args.fsync,
     )
 
 
@@ -83,6 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         write_model_card=args.write_model_card,
         threads=args.threads,
         progress=_progress(args),
+        fsync=args.fsync,
     )
     return _report(args, result)
 
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="not used: merge_fast computes on the CPU")
     p.add_argument("--threads", "-j", "--num-threads", type=int, default=None,
                    help="worker threads (default: one per core); results do not depend on it")
+    _no_fsync(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
     g = p.add_argument_group("other mergekit options (accepted, no effect here)")

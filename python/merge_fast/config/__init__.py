@@ -73,8 +73,10 @@ def run(
     low_cpu_memory: bool = False,
     cuda: bool = False,
     trust_remote_code: bool = False,
+    fsync: bool = True,
 ) -> MergeResult:
-    """Runs a mergekit-style config into `out` (written atomically).
+    """Runs a mergekit-style config into `out` (written atomically, fsynced before the
+    final rename unless ``fsync=False``).
 
     ``lazy_unpickle`` and ``low_cpu_memory`` are accepted for mergekit compatibility and do
     nothing (inputs are always memory-mapped and streamed). ``cuda`` prints a notice:
@@ -89,7 +91,7 @@ def run(
         raise ConfigError(f"config error: out_shard_size: {e}") from None
     if cfg.merge_method in _RECIPES:
         return _run_recipe(cfg, Path(out), shard=shard, threads=threads, progress=progress,
-                           seed=random_seed or 0, write_model_card=write_model_card)
+                           seed=random_seed or 0, write_model_card=write_model_card, fsync=fsync)
     p = plan(cfg, allow_crimes=allow_crimes)
     chat_template = _output.resolve_chat_template(cfg, cfg.src.error)
     out = Path(out)
@@ -111,7 +113,7 @@ def run(
         "config": text,
     }
     try:
-        return _execute(p, out, recipe, shard, threads, progress, random_seed, extra)
+        return _execute(p, out, recipe, shard, threads, progress, random_seed, extra, fsync)
     except ConfigError as e:
         raise _with_location(cfg, e) from None
 
@@ -127,7 +129,7 @@ _RECIPES = {
 
 
 def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, seed: int,
-                write_model_card: bool) -> Any:
+                write_model_card: bool, fsync: bool = True) -> Any:
     """Runs fisher_weighted, fisher_dampened or procrustes_absorb from a config:
 
     - fisher_weighted: ``models: [{model, parameters: {fisher: PATH, weight}}]``, global
@@ -171,7 +173,7 @@ def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, s
             (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
 
     opts = dict(out=str(out), dtype=cfg.dtype or "float32", out_dtype=cfg.out_dtype, threads=threads,
-                max_shard_size=shard, progress=progress, seed=seed, extra_files=card)
+                max_shard_size=shard, progress=progress, seed=seed, extra_files=card, fsync=fsync)
     if method == "fisher_weighted":
         if base is not None:
             raise err(("base_model",), "fisher_weighted takes no base_model")
@@ -207,7 +209,7 @@ def _with_location(cfg: MergeConfig, e: ConfigError) -> ConfigError:
     return e
 
 
-def _execute(p, out, recipe, shard, threads, progress, random_seed, extra):
+def _execute(p, out, recipe, shard, threads, progress, random_seed, extra, fsync=True):
     return execute(
         p.paths,
         p.tensors,
@@ -220,4 +222,5 @@ def _execute(p, out, recipe, shard, threads, progress, random_seed, extra):
         progress=progress,
         seed=0 if random_seed is None else int(random_seed),
         extra_files=extra,
+        fsync=fsync,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from .._arrays import is_array, merge_arrays
 from .._errors import ConfigError
 from .._folders import MergeResult, ProgressArg, merge_folders
 
@@ -49,6 +48,8 @@ def merge(
             method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
             max_shard_size=max_shard_size, progress=progress, seed=seed, fsync=fsync,
         )
+    from .._arrays import is_array, merge_arrays  # numpy: only where arrays are merged
+
     if all(is_array(m) for m in everything):
         if out is not None:
             raise ConfigError("config error: out= is for folder merges; array merges return the result")

@@ -16,6 +16,12 @@ const BITS: u32 = 16;
 pub const BUCKETS: usize = 1 << BITS;
 const LOW: u32 = (1 << BITS) - 1;
 
+/// Smallest run of chunks one histogram accumulator covers: about 4 per thread in all, so
+/// zeroing and merging the 512 KiB histograms stays negligible next to the counting.
+pub fn min_chunks_per_hist(n_chunks: usize) -> usize {
+    (n_chunks / (4 * rayon::current_num_threads())).max(1)
+}
+
 /// Counts of the high 16 bits of a set of keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HighHist(pub Vec<u64>);
@@ -40,6 +46,7 @@ impl HighHist {
     /// Histogram of `keys` in parallel over engine chunks.
     pub fn of(keys: &[u32]) -> HighHist {
         keys.par_chunks(CHUNK)
+            .with_min_len(min_chunks_per_hist(keys.len().div_ceil(CHUNK)))
             .fold(HighHist::new, |mut h, c| {
                 h.add(c);
                 h
@@ -73,23 +80,33 @@ fn locate(counts: &[u64], r: u64) -> (usize, u64) {
 /// The keys at the given ranks (0-based, ascending) of `keys`, whose high-bit histogram is
 /// `hist`: exactly `sorted(keys)[r]` for each `r` (every `r < keys.len()`).
 pub fn select_ranks(keys: &[u32], hist: &HighHist, ranks: &[usize]) -> Vec<u32> {
+    assert!(ranks.len() <= 3, "at most 3 ranks at once");
     debug_assert_eq!(hist.total(), keys.len() as u64);
     let located: Vec<(usize, u64)> = ranks.iter().map(|&r| locate(&hist.0, r as u64)).collect();
     let mut buckets: Vec<u32> = located.iter().map(|&(b, _)| b as u32).collect();
     buckets.sort_unstable();
     buckets.dedup();
     let nb = buckets.len();
-    // Low-bit histograms of the wanted buckets only (bucket `i` at `i * BUCKETS`).
+    // Low-bit histograms of the wanted buckets only (bucket `i` at `i * BUCKETS`); unused
+    // slots hold a value no 16-bit high part equals.
+    let mut want = [u32::MAX; 3];
+    want[..nb].copy_from_slice(&buckets);
     let tally = |mut h: Vec<u64>, c: &[u32]| {
         for &k in c {
-            if let Some(i) = buckets.iter().position(|&b| b == k >> BITS) {
-                h[i * BUCKETS + (k & LOW) as usize] += 1;
+            let (hi, lo) = (k >> BITS, (k & LOW) as usize);
+            if hi == want[0] {
+                h[lo] += 1;
+            } else if hi == want[1] {
+                h[BUCKETS + lo] += 1;
+            } else if hi == want[2] {
+                h[2 * BUCKETS + lo] += 1;
             }
         }
         h
     };
     let low = keys
         .par_chunks(CHUNK)
+        .with_min_len(min_chunks_per_hist(keys.len().div_ceil(CHUNK)))
         .fold(|| vec![0u64; nb * BUCKETS], tally)
         .reduce(
             || vec![0u64; nb * BUCKETS],
@@ -213,5 +230,40 @@ mod tests {
         let ranks = [0, 1, n / 3, n / 3 + 1, n - 2, n - 1];
         assert_eq!(select(&keys, &ranks), reference(&keys, &ranks));
         assert_eq!(select(&[7], &[0]), vec![7]);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// `cargo test --profile quick -p merge_fast_core select_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn select_timing() {
+        let n = 32000 * 2048;
+        let keys: Vec<u32> = (0..n).map(|i| (((crate::rng::normal(7, i as u64) * 0.002) as f32).abs().to_bits())).collect();
+        let ranks = [n / 2, n - n / 100];
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let mut k = keys.clone();
+            let a = *k.select_nth_unstable(ranks[0]).1;
+            let b = *k[ranks[0] + 1..].select_nth_unstable(ranks[1] - ranks[0] - 1).1;
+            let t_sel = t.elapsed();
+            let t = std::time::Instant::now();
+            let k2 = keys.clone();
+            let t_clone = t.elapsed();
+            let t = std::time::Instant::now();
+            let h = HighHist::of(&k2);
+            let t_hist = t.elapsed();
+            let t = std::time::Instant::now();
+            let s: u64 = k2.par_iter().map(|&x| x as u64).sum();
+            println!("plain sum pass {:?} ({s})", t.elapsed());
+            let t = std::time::Instant::now();
+            let got = select_ranks(&k2, &h, &ranks);
+            let t_low = t.elapsed();
+            assert_eq!(got, vec![a, b]);
+            println!("select_nth x2 {:?} (incl. clone {t_clone:?}); radix: high hist {t_hist:?} + low pass {t_low:?}", t_sel);
+        }
     }
 }

@@ -14,7 +14,7 @@
 //! * Chunk streaming over a `TensorIo` in fixed engine chunks, folded in chunk order.
 //! * Packing of per-model state into the engine's `Vec<f64>` statistics (integers < 2^53 are
 //!   exact in f64).
-use super::select::{select_ranks, HighHist};
+use super::select::{min_chunks_per_hist, select_ranks, HighHist};
 use crate::engine::CHUNK;
 use crate::error::{Error, Result};
 use crate::methods::{Ctx, TensorIo};
@@ -86,6 +86,7 @@ pub fn keys_and_hist(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn) -> Resu
     let hist = keys
         .par_chunks_mut(CHUNK)
         .enumerate()
+        .with_min_len(min_chunks_per_hist(n_chunks(io.numel())))
         .try_fold(
             || (vec![Vec::<f32>::new(); slots.len()], HighHist::new()),
             |(mut bufs, mut hist), (c, out)| -> Result<_> {
