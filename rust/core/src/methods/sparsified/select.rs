@@ -80,7 +80,10 @@ fn locate(counts: &[u64], r: u64) -> (usize, u64) {
 /// The keys at the given ranks (0-based, ascending) of `keys`, whose high-bit histogram is
 /// `hist`: exactly `sorted(keys)[r]` for each `r` (every `r < keys.len()`).
 pub fn select_ranks(keys: &[u32], hist: &HighHist, ranks: &[usize]) -> Vec<u32> {
-    assert!(ranks.len() <= 3, "at most 3 ranks at once");
+    if ranks.len() > 3 {
+        // One pass handles up to 3 buckets.
+        return ranks.chunks(3).flat_map(|r| select_ranks(keys, hist, r)).collect();
+    }
     debug_assert_eq!(hist.total(), keys.len() as u64);
     let located: Vec<(usize, u64)> = ranks.iter().map(|&r| locate(&hist.0, r as u64)).collect();
     let mut buckets: Vec<u32> = located.iter().map(|&(b, _)| b as u32).collect();
