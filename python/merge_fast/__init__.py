@@ -22,13 +22,38 @@ from ._errors import (
 from ._folders import MergeResult
 from . import methods as _methods
 from .methods import *  # noqa: F401,F403
-from .subspace import subspace_masks
-from . import config, lora
-from .config import run
-from .linalg import procrustes, svd
-from .lora_extract import extract_lora
-from .lora_merge import merge_adapters as merge_lora_adapters
-from .crossarch import align, procrustes_absorb
+
+# Imported on first use (PEP 562), so `import merge_fast` and the CLI load neither numpy nor
+# the config / cross-architecture machinery unless the work needs them.
+_LAZY = {
+    "subspace_masks": ("subspace", "subspace_masks"),
+    "config": ("config", None),
+    "lora": ("lora", None),
+    "run": ("config", "run"),
+    "svd": ("linalg", "svd"),
+    "procrustes": ("linalg", "procrustes"),
+    "align": ("crossarch", "align"),
+    "procrustes_absorb": ("crossarch", "procrustes_absorb"),
+    "extract_lora": ("lora_extract", "extract_lora"),
+    "merge_lora_adapters": ("lora_merge", "merge_adapters"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'merge_fast' has no attribute {name!r}")
+    import importlib
+
+    mod, attr = _LAZY[name]
+    m = importlib.import_module(f".{mod}", __name__)
+    value = m if attr is None else getattr(m, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",

@@ -234,10 +234,12 @@ def execute(
     extra_files: Optional[Callable[[Path], None]] = None,
     overwrite: bool = False,
     inputs: Sequence[PathLike] = (),
+    fsync: bool = True,
 ) -> MergeResult:
-    """Runs planned tensors into `out` atomically and returns what was written. `inputs`:
-    folders read besides `paths` (model folders of adapters, tokenizer sources), which the
-    output must not touch either."""
+    """Runs planned tensors into `out` atomically and returns what was written (fsynced
+    before the final rename unless ``fsync=False``, for scratch merges). `inputs`: folders
+    read besides `paths` (model folders of adapters, tokenizer sources), which the output
+    must not touch either."""
     protected = [*paths, side_files_from, *inputs]
     check_output_dir(out, protected, overwrite=overwrite)
     out = Path(out).absolute()
@@ -269,7 +271,7 @@ def execute(
     cb, bar = _progress_callback(progress, f"merging into {out.name}")
     t0 = time.perf_counter()
     try:
-        with staged_dir(out, protected, overwrite=overwrite) as tmp:
+        with staged_dir(out, protected, overwrite=overwrite, fsync=fsync) as tmp:
             stats = _core.execute_plan(text, str(tmp), threads=threads, progress=cb)
             copy_side_files(Path(side_files_from), tmp, out_dtype)
             if extra_files is not None:
@@ -307,6 +309,7 @@ def merge_folders(
     seed: int = 0,
     overwrite: bool = False,
     cache_dir: Optional[PathLike] = None,
+    fsync: bool = True,
 ) -> MergeResult:
     check_output_dir(out, [base, *models], overwrite=overwrite)
     check_threads(threads)
@@ -346,4 +349,5 @@ def merge_folders(
         progress=progress,
         seed=seed,
         overwrite=overwrite,
+        fsync=fsync,
     )

@@ -5,7 +5,9 @@ refuse an output that would touch an input, the current directory or a folder me
 did not write, before any merge work; :func:`staged_dir` writes into a hidden temporary
 folder on the target's filesystem and moves it into place only when every file is
 complete, so an interrupted or failed merge never leaves something that looks like a model
-at the target (and SIGTERM is handled like Ctrl-C while it runs)."""
+at the target (and SIGTERM is handled like Ctrl-C while it runs). With ``fsync`` (the
+default) every file and folder reach the disk before the final move, and the move itself
+after it, so a power cut after "done" cannot lose or truncate a merge."""
 from __future__ import annotations
 
 import contextlib
@@ -277,10 +279,12 @@ def _io_error(e: OSError, what: str) -> MergeIOError:
 
 
 @contextlib.contextmanager
-def staged_dir(target: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(target: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, overwrite: bool = False,
+               fsync: bool = True) -> Iterator[Path]:
     """Yields an empty folder on the target's filesystem; on success moves its contents to
-    `target` (replacing a previous merge output only with ``overwrite``). On any error,
-    SIGINT or SIGTERM the staged folder is removed and nothing at the target changes.
+    `target` (replacing a previous merge output only with ``overwrite``; fsynced first unless
+    ``fsync`` is off). On any error, SIGINT or SIGTERM the staged folder is removed and
+    nothing at the target changes.
 
     Staging is beside the target (one rename at the end), or inside it when the target is a
     mount point (a folder on another filesystem than its parent cannot be renamed)."""
@@ -309,6 +313,8 @@ def staged_dir(target: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, o
                     raise
                 raise _io_error(e, f"writing output {target}") from e
             _check_unchanged(sizes)
+            if fsync:
+                fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -322,6 +328,29 @@ def staged_dir(target: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, o
             if isinstance(e, OSError) and not isinstance(e, MergeError):
                 raise _io_error(e, f"cannot move the finished merge into {real}; the output was discarded") from None
             raise
+    if fsync:
+        _fsync_path(real if mount else real.parent)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsyncs every regular file under `path`, then every folder (deepest first)."""
+    dirs = []
+    for root, _, files in os.walk(path):
+        dirs.append(root)
+        for f in files:
+            p = os.path.join(root, f)
+            if os.path.isfile(p) and not os.path.islink(p):
+                _fsync_path(p)
+    for d in reversed(dirs):
+        _fsync_path(d)
+
+
+def _fsync_path(path: "str | Path") -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace(tmp: Path, target: Path, tag: str) -> None:

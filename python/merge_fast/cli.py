@@ -25,12 +25,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written tensors (default: each tensor's input dtype)")
     g.add_argument("--seed", type=int, default=0, help="seed for randomized methods")
+    _no_fsync(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     g.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
 
 
 _CACHE_HELP = ("Hugging Face cache for models given as hub repo ids (org/name[@revision]); "
                "default: HF_HUB_CACHE or HF_HOME/hub")
+
+
+def _no_fsync(g) -> None:
+    g.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="do not fsync the output before renaming it into place (faster; for scratch merges)")
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -49,6 +55,7 @@ def _options(args: argparse.Namespace) -> dict:
         progress=_progress(args),
         overwrite=args.overwrite,
         cache_dir=args.cache_dir,
+        fsync=args.fsync,
     )
 
 
@@ -97,6 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         strict=args.strict,
         stage=args.stage,
+        fsync=args.fsync,
     )
     return _report(args, result)
 
@@ -233,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda", action=B, default=False, help="not used: merge_fast computes on the CPU")
     p.add_argument("--device", default=None, help="not used: merge_fast computes on the CPU")
     p.add_argument("--threads", "-j", "--num-threads", type=int, default=None, help=_THREADS_HELP)
+    _no_fsync(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
     p.add_argument("--cache-dir", default=None, help=_CACHE_HELP)

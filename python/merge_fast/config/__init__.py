@@ -97,9 +97,11 @@ def run(
     cache_dir: Optional[Union[str, Path]] = None,
     strict: bool = False,
     stage: Optional[str] = None,
+    fsync: bool = True,
 ) -> MergeResult:
-    """Runs a mergekit-style config into `out` (written atomically). An existing non-empty
-    `out` is replaced only with ``overwrite`` and only if it holds a previous merge output.
+    """Runs a mergekit-style config into `out` (written atomically, fsynced before the
+    final rename unless ``fsync=False``). An existing non-empty `out` is replaced only with
+    ``overwrite`` and only if it holds a previous merge output.
 
     ``lazy_unpickle`` and ``low_cpu_memory`` are accepted for mergekit compatibility and do
     nothing (inputs are always memory-mapped and streamed). ``cuda`` prints a notice:
@@ -116,7 +118,7 @@ def run(
             check_output_dir(out, [], overwrite=overwrite)  # the final output, before any stage runs
             opts = dict(out_shard_size=out_shard_size, copy_tokenizer=copy_tokenizer, allow_crimes=allow_crimes,
                         random_seed=random_seed, write_model_card=write_model_card, threads=threads,
-                        progress=progress, strict=strict, overwrite=overwrite, cache_dir=cache_dir)
+                        progress=progress, strict=strict, overwrite=overwrite, cache_dir=cache_dir, fsync=fsync)
             return run_stages(srcs, Path(out), stage, run, opts)
         config = srcs[0]
     cfg = config if isinstance(config, MergeConfig) else _parse(config, strict=strict)
@@ -131,7 +133,7 @@ def run(
     if cfg.merge_method in _RECIPES:
         return _run_recipe(cfg, Path(out), shard=shard, threads=threads, progress=progress,
                            seed=random_seed or 0, write_model_card=write_model_card, overwrite=overwrite,
-                           hub_inputs=hub_inputs, cache_dir=cache_dir)
+                           hub_inputs=hub_inputs, cache_dir=cache_dir, fsync=fsync)
     inputs = _inputs(cfg)  # the local folders the references resolved to
     check_output_dir(out, inputs, overwrite=overwrite)
     p = Planner(cfg, allow_crimes=allow_crimes).plan()
@@ -168,7 +170,7 @@ def run(
     if hub_inputs:
         recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
     try:
-        return _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overwrite, inputs)
+        return _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overwrite, inputs, fsync)
     except ConfigError as e:
         raise _with_location(cfg, e) from None
 
@@ -194,7 +196,7 @@ _RECIPES = {
 
 
 def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, seed: int,
-                write_model_card: bool, overwrite: bool, hub_inputs=(), cache_dir=None) -> Any:
+                write_model_card: bool, overwrite: bool, hub_inputs=(), cache_dir=None, fsync: bool = True) -> Any:
     """Runs fisher_weighted, fisher_dampened or procrustes_absorb from a config:
 
     - fisher_weighted: ``models: [{model, parameters: {fisher: PATH, weight}}]``, global
@@ -239,7 +241,7 @@ def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, s
 
     opts = dict(out=str(out), dtype=cfg.dtype or "float32", out_dtype=cfg.out_dtype or cfg.dtype, threads=threads,
                 max_shard_size=shard, progress=progress, seed=seed, extra_files=card, overwrite=overwrite,
-                cache_dir=cache_dir)
+                cache_dir=cache_dir, fsync=fsync)
     if method == "fisher_weighted":
         if base is not None:
             raise err(("base_model",), "fisher_weighted takes no base_model")
@@ -275,7 +277,7 @@ def _with_location(cfg: MergeConfig, e: ConfigError) -> ConfigError:
     return e
 
 
-def _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overwrite, inputs):
+def _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overwrite, inputs, fsync=True):
     return execute(
         p.paths,
         p.tensors,
@@ -290,4 +292,5 @@ def _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overw
         extra_files=extra,
         overwrite=overwrite,
         inputs=inputs,
+        fsync=fsync,
     )

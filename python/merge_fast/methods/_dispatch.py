@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from .._arrays import is_array, merge_arrays
 from .._errors import ConfigError
 from .._folders import MergeResult, ProgressArg, merge_folders
 
@@ -31,6 +30,7 @@ def merge(
     seed: int = 0,
     overwrite: bool = False,
     cache_dir: Optional[Union[str, Path]] = None,
+    fsync: bool = True,
 ) -> Union[Any, MergeResult]:
     """Merges ``models`` (and ``base``) with the named method and its parameters.
 
@@ -39,7 +39,8 @@ def merge(
     path that does not exist is a Hugging Face Hub repo id (``org/name[@revision]``),
     downloaded into ``cache_dir`` (default: the standard HF cache; see merge_fast.hub).
     ``overwrite``: replace an existing, non-empty ``out`` that holds a previous merge
-    output (anything else is refused).
+    output (anything else is refused). Every file is fsynced before it is renamed into
+    place; ``fsync=False`` skips that, for scratch merges.
     """
     params = {k: v for k, v in (params or {}).items() if v is not None}
     everything = list(models) + ([base] if base is not None else [])
@@ -52,7 +53,10 @@ def merge(
             method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
             max_shard_size=max_shard_size, progress=progress, seed=seed, overwrite=overwrite,
             cache_dir=cache_dir,
+            fsync=fsync,
         )
+    from .._arrays import is_array, merge_arrays  # numpy: only where arrays are merged
+
     if all(is_array(m) for m in everything):
         if out is not None:
             raise ConfigError("config error: out= is for folder merges; array merges return the result")

@@ -9,8 +9,6 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import numpy as np
-
 from .._errors import ConfigError, TensorMismatch
 from .._output import check_output_dir
 from .._folders import (
@@ -38,6 +36,8 @@ def layer_importance(fisher: Union[str, Path], names: Optional[Sequence[str]] = 
     min-max normalized across layers. A tensor outside numbered layers gets its own mean
     Fisher on the same scale, clipped to [0, 1]. With a single layer (or equal means) every
     value is 0: nothing to rank, so nothing is dampened at the layer level."""
+    import numpy as np  # lazily: `import merge_fast` stays numpy-free
+
     ck = open_checkpoint(fisher)
     names = list(names) if names is not None else ck.names()
     sums: Dict[Optional[int], List[float]] = {}

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
+import numbers
 
 from ._dispatch import Model, as_list, merge
 
@@ -54,7 +54,7 @@ def _per_model(x: PerModel):
     """A number for every model (any numeric scalar) or one value per model."""
     if x is None:
         return None
-    if np.ndim(x) == 0:
+    if isinstance(x, numbers.Number) or getattr(x, "ndim", None) == 0:  # numpy-free for scalars
         return float(x)
     return as_list(x)
 

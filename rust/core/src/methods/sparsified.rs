@@ -21,6 +21,7 @@ pub mod dare;
 pub mod della;
 pub mod gta;
 pub mod sce;
+pub mod select;
 pub mod sparsify;
 pub mod ties;
 

@@ -12,11 +12,13 @@
 //! element, as mergekit.
 //!
 //! Memory: `prepare` computes one KL value per row (rows are read whole, two slots), then
-//! the importances (or the sample) in one f32 scratch buffer of at most 1,000,000 values;
+//! the importances (or the sample) in one f32 scratch buffer of at most 1,000,000 values,
+//! whose quantiles are radix-selected (exact, as a sort would give them);
 //! `apply` runs elementwise on chunks.
 use super::common::Layout;
 use crate::engine::CHUNK;
 use crate::error::Result;
+use crate::methods::sparsified::select::{select_ranks, HighHist};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
 use crate::params::Params;
 use crate::rng::{stream_key, uniform};
@@ -55,6 +57,22 @@ pub fn row_kl(x: &[f32], b: &[f32]) -> f32 {
     kl as f32
 }
 
+/// A `u32` that orders like `f32::total_cmp`, and back.
+#[inline]
+fn total_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+#[inline]
+fn from_total_key(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & 0x7FFF_FFFF } else { !k })
+}
+
 #[inline]
 fn importance(x: f32, b: f32, kl: f32) -> f32 {
     (x - b).abs() * kl
@@ -84,7 +102,7 @@ impl Method for ArceeFusion {
             .collect::<Result<Vec<_>>>()?
             .concat();
         // Importances: every element, or a deterministic sample with replacement.
-        let mut vals: Vec<f32> = if numel <= SAMPLE {
+        let vals: Vec<f32> = if numel <= SAMPLE {
             let mut v = vec![0f32; numel];
             let (mut b, mut x) = (vec![0f32; CHUNK], vec![0f32; CHUNK]);
             for s in (0..numel).step_by(CHUNK) {
@@ -119,11 +137,11 @@ impl Method for ArceeFusion {
             v
         };
         let n = vals.len();
-        let mut q = |f: f32| -> f32 {
-            let i = ((f * (n - 1) as f32) as usize).min(n - 1);
-            *vals.select_nth_unstable_by(i, |a, b| a.total_cmp(b)).1
-        };
-        let (q1, med, q3) = (q(0.25), q(0.5), q(0.75));
+        let rank = |f: f32| ((f * (n - 1) as f32) as usize).min(n - 1);
+        let keys: Vec<u32> = vals.par_iter().map(|&v| total_key(v)).collect();
+        drop(vals);
+        let q = select_ranks(&keys, &HighHist::of(&keys), &[rank(0.25), rank(0.5), rank(0.75)]);
+        let (q1, med, q3) = (from_total_key(q[0]), from_total_key(q[1]), from_total_key(q[2]));
         let thr = med + 1.5f32 * (q3 - q1);
         let mut out = Vec::with_capacity(1 + rows);
         out.push(thr as f64);
@@ -175,6 +193,17 @@ mod tests {
         }
         assert!(kept > 0 && kept < n);
         assert!(run("arcee_fusion", json!({}), &[r, c], Some(&base), &[&x, &x]).is_err());
+    }
+
+    #[test]
+    fn total_keys_order_like_total_cmp() {
+        let xs = [f32::NEG_INFINITY, -1.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, f32::INFINITY, f32::NAN, -f32::NAN];
+        for &x in &xs {
+            assert_eq!(from_total_key(total_key(x)).to_bits(), x.to_bits());
+            for &y in &xs {
+                assert_eq!(total_key(x).cmp(&total_key(y)), x.total_cmp(&y), "{x} {y}");
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! `prepare` ranks row by row (bounded buffers) and stores the keep mask as bits (1/32 of an
 //! f32 tensor per model), so `apply` stays elementwise.
 use super::gta::{Mode, Sparsifier};
+use super::select::radix_sort_pairs;
 use super::sparsify::mag_key;
 use crate::engine::CHUNK;
 use crate::error::{Error, Result};
@@ -62,13 +63,14 @@ pub fn keep_prob(r: usize, m: usize, density: f64, eps: f64) -> f64 {
 }
 
 /// Keep decisions for the rows in `[start, end)` (whole rows of `m`). Each row is ranked by
-/// sorting `(|Δ| key << 32 | index)` words (unique, so the order is fully determined), read in
-/// engine-chunk pieces: a row costs 8 bytes per entry while it is ranked, nothing more.
+/// radix-sorting `(|Δ| key << 32 | index)` words (unique, so the order is fully determined),
+/// read in engine-chunk pieces: a row costs 16 bytes per entry while it is ranked.
 fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u64, (d, e): (f64, f64)) -> Result<Vec<bool>> {
     let (start, end) = rows;
     let mut kept = vec![false; end - start];
     let (mut b, mut x) = (Vec::new(), Vec::new());
     let mut words: Vec<u64> = Vec::with_capacity(m);
+    let mut tmp: Vec<u64> = Vec::with_capacity(m);
     for row in (start..end).step_by(m) {
         words.clear();
         for s in (row..row + m).step_by(CHUNK) {
@@ -79,7 +81,7 @@ fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u
             io.read(i + 1, s..t, &mut x)?;
             words.extend(x.iter().zip(&b).enumerate().map(|(j, (&x, &b))| (u64::from(mag_key(x - b)) << 32) | (s - row + j) as u64));
         }
-        words.sort_unstable();
+        radix_sort_pairs(&mut words, &mut tmp);
         for (rank, &w) in words.iter().enumerate() {
             let j = (w & 0xFFFF_FFFF) as usize;
             kept[row - start + j] = uniform(key, (row + j) as u64) < keep_prob(rank, m, d, e);

@@ -14,10 +14,12 @@
 //! changes nothing. Memory: one `u32` per element while finding the variance threshold;
 //! `apply` is elementwise.
 use super::gta::Mode;
-use super::sparsify::{chunk_of, delta_into, par_chunks, Window};
+use super::sparsify::{chunk_of, delta_into, keys_and_hist, par_chunks, Window};
+use crate::engine::CHUNK;
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
 use crate::params::{Params, Range};
+use rayon::prelude::*;
 
 pub struct Sce {
     topk: f64,
@@ -51,6 +53,9 @@ fn task_vectors(v: &[&[f32]]) -> Vec<Vec<f32>> {
         })
         .collect()
 }
+
+/// The descending key of a zero variance.
+const ZERO_VAR: u32 = !0u32;
 
 fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
     let tv = task_vectors(v);
@@ -89,17 +94,16 @@ impl Method for Sce {
         } else if self.topk <= 0.0 {
             (Mode::Drop, vec![])
         } else {
-            let nnz: u64 = par_chunks(io, &slots, |_, _, v| {
-                let tv = task_vectors(v);
-                Ok((0..tv[0].len()).filter(|&j| variance(&tv, j) != 0.0).count() as u64)
-            })?
-            .iter()
-            .sum();
+            // One pass: every variance key and its histogram; nnz counts the keys of a zero
+            // variance (`!0.0.to_bits()`, the largest descending key) out.
+            let (keys, hist) = keys_and_hist(io, &slots, &var_keys_desc)?;
+            let zeros: usize = keys.par_chunks(CHUNK).map(|c| c.iter().filter(|&&k| k == ZERO_VAR).count()).sum();
+            let nnz = (numel - zeros) as u64;
             let k = ((nnz as f32) * (self.topk as f32)) as usize;
             if k == 0 {
                 (Mode::Drop, vec![])
             } else {
-                let w = Window::find(io, &slots, 0, k.min(numel), &var_keys_desc)?;
+                let w = Window::from_keys(&keys, &hist, 0, k.min(numel));
                 let mut st = vec![];
                 w.pack(&mut st);
                 (Mode::Partial, st)

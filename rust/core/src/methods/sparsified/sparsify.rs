@@ -1,9 +1,10 @@
 //! Shared pieces of the sparsify-and-merge family.
 //!
 //! * [`Window`]: keep the elements whose *stable* rank by a `u32` sort key lies in
-//!   `[lo, hi)`, with bounded memory. `find` streams the keys into ONE scratch buffer, finds the
-//!   two boundary keys with `select_nth_unstable` (never a full sort), drops the buffer, and
-//!   counts, per engine chunk, how many keys fall below / on each boundary. `apply` then
+//!   `[lo, hi)`, with bounded memory. `find` computes the keys into ONE scratch buffer in a
+//!   parallel pass that also histograms their high bits, radix-selects the two boundary keys
+//!   (`select.rs`: no sort, O(1) work per element), and counts, per engine chunk, how many
+//!   keys fall below / on each boundary. `apply` then
 //!   decides any chunk elementwise: keys strictly inside the boundaries are kept, keys on a
 //!   boundary are ranked by index (lowest index first), so exactly `hi − lo` elements survive
 //!   whatever the ties and whatever the thread count.
@@ -13,6 +14,7 @@
 //! * Chunk streaming over a `TensorIo` in fixed engine chunks, folded in chunk order.
 //! * Packing of per-model state into the engine's `Vec<f64>` statistics (integers < 2^53 are
 //!   exact in f64).
+use super::select::{min_chunks_per_hist, select_ranks, HighHist};
 use crate::engine::CHUNK;
 use crate::error::{Error, Result};
 use crate::methods::{Ctx, TensorIo};
@@ -77,6 +79,33 @@ pub fn delta_into(x: &[f32], base: &[f32], out: &mut [f32]) {
 /// Keys of one chunk, computed from the slot slices `par_chunks` read.
 pub type KeyFn<'a> = dyn Fn(&[&[f32]], &mut [u32]) + Sync + 'a;
 
+/// Every key of a tensor (index order, from the chunks of `slots`) and their high-bit
+/// histogram, in one parallel pass. Memory: one `u32` per element.
+pub fn keys_and_hist(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn) -> Result<(Vec<u32>, HighHist)> {
+    let mut keys = vec![0u32; io.numel()];
+    let hist = keys
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .with_min_len(min_chunks_per_hist(n_chunks(io.numel())))
+        .try_fold(
+            || (vec![Vec::<f32>::new(); slots.len()], HighHist::new()),
+            |(mut bufs, mut hist), (c, out)| -> Result<_> {
+                let r = c * CHUNK..c * CHUNK + out.len();
+                for (buf, &s) in bufs.iter_mut().zip(slots) {
+                    buf.resize(r.len(), 0.0);
+                    io.read(s, r.clone(), buf)?;
+                }
+                let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
+                key_fn(&views, out);
+                hist.add(out);
+                Ok((bufs, hist))
+            },
+        )
+        .map(|r| r.map(|(_, h)| h))
+        .try_reduce(HighHist::new, |a, b| Ok(a.merge(b)))?;
+    Ok((keys, hist))
+}
+
 /// A rank window, ready for `apply` (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
@@ -97,37 +126,28 @@ impl Window {
     pub fn find(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Window> {
         let numel = io.numel();
         assert!(lo < hi && hi <= numel, "window [{lo}, {hi}) of {numel}");
-        let (a, b) = {
-            let mut keys = vec![0u32; numel];
-            keys.par_chunks_mut(CHUNK).enumerate().try_for_each_init(
-                || vec![Vec::<f32>::new(); slots.len()],
-                |bufs, (c, out)| -> Result<()> {
-                    let r = c * CHUNK..c * CHUNK + out.len();
-                    for (buf, &s) in bufs.iter_mut().zip(slots) {
-                        buf.resize(r.len(), 0.0);
-                        io.read(s, r.clone(), buf)?;
-                    }
-                    let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
-                    key_fn(&views, out);
-                    Ok(())
-                },
-            )?;
-            let a = *keys.select_nth_unstable(lo).1;
-            let b = if hi - 1 == lo { a } else { *keys[lo + 1..].select_nth_unstable(hi - 2 - lo).1 };
-            (a, b)
-        };
-        let counts = par_chunks(io, slots, |_, r, views| {
-            let mut k = vec![0u32; r.len()];
-            key_fn(views, &mut k);
-            let mut c = [0u64; 4]; // less_a, eq_a, less_b, eq_b
-            for &x in &k {
-                c[0] += u64::from(x < a);
-                c[1] += u64::from(x == a);
-                c[2] += u64::from(x < b);
-                c[3] += u64::from(x == b);
-            }
-            Ok(c)
-        })?;
+        let (keys, hist) = keys_and_hist(io, slots, key_fn)?;
+        Ok(Window::from_keys(&keys, &hist, lo, hi))
+    }
+
+    /// The window `[lo, hi)` of `keys` (all of a tensor's keys in index order, `hist` their
+    /// high-bit histogram): radix-selects the boundary keys, then counts per engine chunk.
+    pub fn from_keys(keys: &[u32], hist: &HighHist, lo: usize, hi: usize) -> Window {
+        let ab = select_ranks(keys, hist, &[lo, hi - 1]);
+        let (a, b) = (ab[0], ab[1]);
+        let counts: Vec<[u64; 4]> = keys
+            .par_chunks(CHUNK)
+            .map(|k| {
+                let mut c = [0u64; 4]; // less_a, eq_a, less_b, eq_b
+                for &x in k {
+                    c[0] += u64::from(x < a);
+                    c[1] += u64::from(x == a);
+                    c[2] += u64::from(x < b);
+                    c[3] += u64::from(x == b);
+                }
+                c
+            })
+            .collect();
         let (mut less_a, mut less_b, mut ea, mut eb) = (0, 0, 0, 0);
         let (mut eq_a, mut eq_b) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
         for c in &counts {
@@ -138,7 +158,7 @@ impl Window {
             less_b += c[2];
             eb += c[3];
         }
-        Ok(Window { lo: lo as u64, hi: hi as u64, a, b, less_a, less_b, eq_a, eq_b })
+        Window { lo: lo as u64, hi: hi as u64, a, b, less_a, less_b, eq_a, eq_b }
     }
 
     pub fn pack(&self, out: &mut Vec<f64>) {

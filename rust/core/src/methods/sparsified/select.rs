@@ -1,0 +1,272 @@
+//! Exact selection by rank over `u32` keys without sorting: a radix (histogram) select.
+//!
+//! * [`HighHist`]: counts of the keys' high 16 bits. Built in the same parallel pass that
+//!   computes the keys (any order of additions gives the same integer counts).
+//! * [`select_ranks`]: for each wanted rank, the bucket holding it comes from the high
+//!   histogram's prefix sums; one more parallel pass histograms the low 16 bits of only the
+//!   keys in those buckets, which pins the exact key. O(1) work per element per pass, no
+//!   element moved, and the result is the key a full sort would put at that rank — so
+//!   callers that break ties by index stay exact.
+//! * [`radix_sort_pairs`]: a stable LSD radix sort of `(key, index)` words by key, for the
+//!   rankings that need every rank (DELLA's rows).
+use crate::engine::CHUNK;
+use rayon::prelude::*;
+
+const BITS: u32 = 16;
+pub const BUCKETS: usize = 1 << BITS;
+const LOW: u32 = (1 << BITS) - 1;
+
+/// Smallest run of chunks one histogram accumulator covers: about 4 per thread in all, so
+/// zeroing and merging the 512 KiB histograms stays negligible next to the counting.
+pub fn min_chunks_per_hist(n_chunks: usize) -> usize {
+    (n_chunks / (4 * rayon::current_num_threads())).max(1)
+}
+
+/// Counts of the high 16 bits of a set of keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HighHist(pub Vec<u64>);
+
+impl HighHist {
+    pub fn new() -> Self {
+        HighHist(vec![0; BUCKETS])
+    }
+
+    #[inline]
+    pub fn add(&mut self, keys: &[u32]) {
+        for &k in keys {
+            self.0[(k >> BITS) as usize] += 1;
+        }
+    }
+
+    pub fn merge(mut self, other: HighHist) -> HighHist {
+        self.0.iter_mut().zip(&other.0).for_each(|(a, b)| *a += b);
+        self
+    }
+
+    /// Histogram of `keys` in parallel over engine chunks.
+    pub fn of(keys: &[u32]) -> HighHist {
+        keys.par_chunks(CHUNK)
+            .with_min_len(min_chunks_per_hist(keys.len().div_ceil(CHUNK)))
+            .fold(HighHist::new, |mut h, c| {
+                h.add(c);
+                h
+            })
+            .reduce(HighHist::new, HighHist::merge)
+    }
+
+    fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+impl Default for HighHist {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The bucket of `counts` holding rank `r` and `r`'s rank within that bucket.
+fn locate(counts: &[u64], r: u64) -> (usize, u64) {
+    let mut below = 0u64;
+    for (b, &c) in counts.iter().enumerate() {
+        if r < below + c {
+            return (b, r - below);
+        }
+        below += c;
+    }
+    unreachable!("rank {r} out of {below} keys")
+}
+
+/// The keys at the given ranks (0-based, ascending) of `keys`, whose high-bit histogram is
+/// `hist`: exactly `sorted(keys)[r]` for each `r` (every `r < keys.len()`).
+pub fn select_ranks(keys: &[u32], hist: &HighHist, ranks: &[usize]) -> Vec<u32> {
+    if ranks.len() > 3 {
+        // One pass handles up to 3 buckets.
+        return ranks.chunks(3).flat_map(|r| select_ranks(keys, hist, r)).collect();
+    }
+    debug_assert_eq!(hist.total(), keys.len() as u64);
+    let located: Vec<(usize, u64)> = ranks.iter().map(|&r| locate(&hist.0, r as u64)).collect();
+    let mut buckets: Vec<u32> = located.iter().map(|&(b, _)| b as u32).collect();
+    buckets.sort_unstable();
+    buckets.dedup();
+    let nb = buckets.len();
+    // Low-bit histograms of the wanted buckets only (bucket `i` at `i * BUCKETS`); unused
+    // slots hold a value no 16-bit high part equals.
+    let mut want = [u32::MAX; 3];
+    want[..nb].copy_from_slice(&buckets);
+    let tally = |mut h: Vec<u64>, c: &[u32]| {
+        for &k in c {
+            let (hi, lo) = (k >> BITS, (k & LOW) as usize);
+            if hi == want[0] {
+                h[lo] += 1;
+            } else if hi == want[1] {
+                h[BUCKETS + lo] += 1;
+            } else if hi == want[2] {
+                h[2 * BUCKETS + lo] += 1;
+            }
+        }
+        h
+    };
+    let low = keys
+        .par_chunks(CHUNK)
+        .with_min_len(min_chunks_per_hist(keys.len().div_ceil(CHUNK)))
+        .fold(|| vec![0u64; nb * BUCKETS], tally)
+        .reduce(
+            || vec![0u64; nb * BUCKETS],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    located
+        .iter()
+        .map(|&(b, r)| {
+            let i = buckets.iter().position(|&x| x == b as u32).expect("bucket listed");
+            let (l, _) = locate(&low[i * BUCKETS..(i + 1) * BUCKETS], r);
+            ((b as u32) << BITS) | l as u32
+        })
+        .collect()
+}
+
+/// Sorts `words` (`key << 32 | index`, indices distinct) ascending, i.e. by key and, among
+/// equal keys, by index — the order `sort_unstable` gives them — given that `words` is in
+/// ascending index order on entry (LSD passes are stable). `tmp` is scratch.
+pub fn radix_sort_pairs(words: &mut Vec<u64>, tmp: &mut Vec<u64>) {
+    debug_assert!(words.windows(2).all(|w| (w[0] as u32) < (w[1] as u32)), "indices ascending");
+    let n = words.len();
+    let mut counts = [[0usize; 256]; 4];
+    for &w in words.iter() {
+        let k = (w >> 32) as u32;
+        for (p, c) in counts.iter_mut().enumerate() {
+            c[((k >> (8 * p)) & 0xFF) as usize] += 1;
+        }
+    }
+    tmp.clear();
+    tmp.resize(n, 0);
+    for (p, c) in counts.iter().enumerate() {
+        if c.iter().any(|&x| x == n) {
+            continue; // this byte is the same everywhere: the pass would not move anything
+        }
+        let mut pos = [0usize; 256];
+        let mut s = 0;
+        for (d, &x) in c.iter().enumerate() {
+            pos[d] = s;
+            s += x;
+        }
+        let shift = 32 + 8 * p;
+        for &w in words.iter() {
+            let d = ((w >> shift) & 0xFF) as usize;
+            tmp[pos[d]] = w;
+            pos[d] += 1;
+        }
+        std::mem::swap(words, tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn select(keys: &[u32], ranks: &[usize]) -> Vec<u32> {
+        let mut h = HighHist::new();
+        h.add(keys);
+        assert_eq!(h, HighHist::of(keys));
+        select_ranks(keys, &h, ranks)
+    }
+
+    fn reference(keys: &[u32], ranks: &[usize]) -> Vec<u32> {
+        let mut s = keys.to_vec();
+        s.sort();
+        ranks.iter().map(|&r| s[r]).collect()
+    }
+
+    /// Keys of |x| for awkward floats: zeros, subnormals, ties, huge values.
+    fn float_keys() -> impl Strategy<Value = Vec<u32>> {
+        let x = prop_oneof![
+            Just(0.0f32),
+            Just(-0.0f32),
+            Just(f32::from_bits(1)),
+            (1u32..0x0080_0000).prop_map(f32::from_bits), // subnormals
+            Just(1.0f32),
+            Just(-1.0f32),
+            any::<f32>().prop_filter("finite", |v| v.is_finite()),
+            (-4i32..4).prop_map(|v| v as f32 * 0.25),
+        ];
+        prop::collection::vec(x.prop_map(super::super::sparsify::mag_key), 1..3000)
+    }
+
+    proptest! {
+        #[test]
+        fn matches_sort(keys in float_keys(), picks in prop::collection::vec(any::<prop::sample::Index>(), 1..4)) {
+            let n = keys.len();
+            let mut ranks: Vec<usize> = picks.iter().map(|p| p.index(n)).collect();
+            ranks.extend([0, n - 1]);
+            prop_assert_eq!(select(&keys, &ranks), reference(&keys, &ranks));
+            let desc: Vec<u32> = keys.iter().map(|k| !k).collect();
+            prop_assert_eq!(select(&desc, &ranks), reference(&desc, &ranks));
+        }
+
+        #[test]
+        fn raw_keys_match_sort(keys in prop::collection::vec(any::<u32>(), 1..2000), p in any::<prop::sample::Index>()) {
+            let r = [p.index(keys.len())];
+            prop_assert_eq!(select(&keys, &r), reference(&keys, &r));
+        }
+
+        #[test]
+        fn radix_sort_matches(keys in float_keys()) {
+            let mut w: Vec<u64> = keys.iter().enumerate().map(|(i, &k)| (u64::from(k) << 32) | i as u64).collect();
+            let mut want = w.clone();
+            want.sort_unstable();
+            radix_sort_pairs(&mut w, &mut vec![]);
+            prop_assert_eq!(w, want);
+        }
+    }
+
+    #[test]
+    fn multi_chunk_and_one_value() {
+        // Several chunks (parallel fold), everything tied, and one bucket holding both ranks.
+        let n = 5 * CHUNK + 17;
+        let same = vec![0x3A00_1234u32; n];
+        assert_eq!(select(&same, &[0, n / 2, n - 1]), vec![0x3A00_1234; 3]);
+        let keys: Vec<u32> = (0..n).map(|i| (crate::rng::mix64(i as u64) as u32) & 0x0003_FFFF).collect();
+        let ranks = [0, 1, n / 3, n / 3 + 1, n - 2, n - 1];
+        assert_eq!(select(&keys, &ranks), reference(&keys, &ranks));
+        assert_eq!(select(&[7], &[0]), vec![7]);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// `cargo test --profile quick -p merge_fast_core select_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn select_timing() {
+        let n = 32000 * 2048;
+        let keys: Vec<u32> = (0..n).map(|i| (((crate::rng::normal(7, i as u64) * 0.002) as f32).abs().to_bits())).collect();
+        let ranks = [n / 2, n - n / 100];
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let mut k = keys.clone();
+            let a = *k.select_nth_unstable(ranks[0]).1;
+            let b = *k[ranks[0] + 1..].select_nth_unstable(ranks[1] - ranks[0] - 1).1;
+            let t_sel = t.elapsed();
+            let t = std::time::Instant::now();
+            let k2 = keys.clone();
+            let t_clone = t.elapsed();
+            let t = std::time::Instant::now();
+            let h = HighHist::of(&k2);
+            let t_hist = t.elapsed();
+            let t = std::time::Instant::now();
+            let s: u64 = k2.par_iter().map(|&x| x as u64).sum();
+            println!("plain sum pass {:?} ({s})", t.elapsed());
+            let t = std::time::Instant::now();
+            let got = select_ranks(&k2, &h, &ranks);
+            let t_low = t.elapsed();
+            assert_eq!(got, vec![a, b]);
+            println!("select_nth x2 {:?} (incl. clone {t_clone:?}); radix: high hist {t_hist:?} + low pass {t_low:?}", t_sel);
+        }
+    }
+}

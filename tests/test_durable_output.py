@@ -1,0 +1,73 @@
+"""Durable output: before the staged folder is renamed into place every file in it and the
+folder itself are fsynced, and the parent folder after the rename; ``fsync=False`` /
+``--no-fsync`` skip all of it. A spy records which paths the real ``os.fsync`` was called on
+(read back from /proc/self/fd) during real merges."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def fsynced(monkeypatch):
+    calls: list[str] = []
+    real = os.fsync
+
+    def spy(fd):
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return calls
+
+
+def _check_durable(calls: list[str], out: Path) -> None:
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert any(f.endswith(".safetensors") for f in files)
+    stage = [c for c in calls if Path(c).name.startswith(f".{out.name}.merge-fast-tmp-")]
+    assert len(stage) == 1, calls  # the staging folder itself, once
+    synced = sorted(Path(c).name for c in calls if Path(c).parent == Path(stage[0]))
+    assert synced == files  # every shard, index and side file, exactly once
+    assert calls.index(stage[0]) == len(calls) - 2  # the folder after its files
+    assert calls[-1] == str(out.parent)  # the parent after the rename
+
+
+def test_folder_merge_fsyncs_every_file_then_folders(mf, llama_f32, tmp_path, fsynced):
+    out = tmp_path / "out"
+    mf.task_arithmetic(str(llama_f32.base), [str(llama_f32.a), str(llama_f32.b)], out=str(out))
+    _check_durable(fsynced, out)
+    fsynced.clear()
+    mf.task_arithmetic(str(llama_f32.base), [str(llama_f32.a)], out=str(tmp_path / "scratch"), fsync=False)
+    assert fsynced == []
+    assert (tmp_path / "scratch" / "config.json").is_file()
+
+
+def test_cli_no_fsync(llama_f32, tmp_path, fsynced):
+    from merge_fast.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["linear", str(llama_f32.a), str(llama_f32.b), "-o", str(out), "-q"]) == 0
+    _check_durable(fsynced, out)
+    fsynced.clear()
+    assert main(["linear", str(llama_f32.a), str(llama_f32.b), "-o", str(tmp_path / "cli2"), "-q", "--no-fsync"]) == 0
+    assert fsynced == [] and (tmp_path / "cli2" / "config.json").is_file()
+
+
+def test_config_run_fsync_option(mf, llama_f32, tmp_path, fsynced):
+    from merge_fast.cli import main
+
+    cfg = {"models": [{"model": str(llama_f32.a)}, {"model": str(llama_f32.b)}], "merge_method": "linear",
+           "parameters": {"weight": 1.0}}
+    out = tmp_path / "run"
+    mf.run(cfg, out=out)
+    _check_durable(fsynced, out)  # README.md, mergekit_config.yml and tokenizer files included
+    assert "mergekit_config.yml" in os.listdir(out)
+    fsynced.clear()
+    mf.run(cfg, out=tmp_path / "run2", fsync=False)
+    assert fsynced == []
+    cfg_file = tmp_path / "c.yml"
+    cfg_file.write_text(f"merge_method: linear\nparameters:\n  weight: 1.0\nmodels:\n  - model: {llama_f32.a}\n  - model: {llama_f32.b}\n")
+    assert main(["run", str(cfg_file), str(tmp_path / "run3"), "--no-fsync", "-q"]) == 0
+    assert fsynced == [] and (tmp_path / "run3" / "model.safetensors").is_file()
