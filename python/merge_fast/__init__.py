@@ -25,6 +25,7 @@ from . import config, lora
 from .config import run
 from .linalg import procrustes, svd
 from .crossarch import align, procrustes_absorb
+from .merge_state import combine, finalize, partial
 
 __all__ = [
     "__version__",
@@ -39,6 +40,9 @@ __all__ = [
     "procrustes",
     "align",
     "procrustes_absorb",
+    "partial",
+    "combine",
+    "finalize",
     "MergeError",
     "InvalidCheckpoint",
     "TensorMismatch",

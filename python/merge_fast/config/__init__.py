@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Union
 
 from .._errors import ConfigError
 from .._folders import MergeResult, ProgressArg, execute
+from ..distributed import with_executor
 from .._output import check_output_dir, check_threads, parse_size
 from . import output as _output
 from ._source import load as _load
@@ -58,6 +59,7 @@ def plan(config: ConfigLike, *, allow_crimes: bool = False) -> Plan:
     return Planner(cfg, allow_crimes=allow_crimes).plan()
 
 
+@with_executor
 def run(
     config: ConfigLike,
     out: Union[str, Path],
@@ -74,9 +76,13 @@ def run(
     cuda: bool = False,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    executor: str = "local",
+    ray_address: Optional[str] = None,
 ) -> MergeResult:
     """Runs a mergekit-style config into `out` (written atomically). An existing non-empty
     `out` is replaced only with ``overwrite`` and only if it holds a previous merge output.
+    ``executor="ray"`` runs the merge as Ray tasks (``ray_address`` as ``ray.init``'s;
+    see :mod:`merge_fast.distributed`); the output is byte-identical.
 
     ``lazy_unpickle`` and ``low_cpu_memory`` are accepted for mergekit compatibility and do
     nothing (inputs are always memory-mapped and streamed). ``cuda`` prints a notice:

@@ -27,6 +27,11 @@ pub struct PlanSpec {
     /// Written into every shard's `__metadata__` (with `format: pt`).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Run only the tensors of these output shards (indices into the full layout) and write
+    /// only their files, laid out exactly as in the full run; no index. A distributed
+    /// executor runs disjoint subsets in separate processes and writes the index itself.
+    #[serde(default)]
+    pub only_shards: Option<Vec<usize>>,
 }
 
 fn default_shard() -> u64 {
