@@ -125,6 +125,8 @@ class RayRunner:
                 ray.cancel(r, force=True)
             raise
         per_task = [results[r] for r in refs]
+        if progress is not None:  # the tasks' last reports to the counter may still be in flight
+            progress(n_tensors, n_tensors, total_bytes, total_bytes)
         self.last = {"groups": groups, "results": per_task}
         files = [name for name, _, _ in shards]
         bytes_written = sum(t["bytes_written"] for t in per_task)
