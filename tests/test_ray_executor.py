@@ -243,3 +243,26 @@ def test_bad_input_fails_on_driver_before_any_task(cluster, models, tmp_path, mo
     assert type(remote.value) is type(local.value) and str(remote.value) == str(local.value)
     assert not (tmp_path / "ray").exists() and not (tmp_path / "local").exists()
     assert not [p for p in tmp_path.iterdir() if "merge-fast" in p.name]
+
+
+def test_error_inside_a_task_is_the_local_error(cluster, tmp_path):
+    """A data error found only while merging (an infinite weight) is raised by the task and
+    re-raised on the driver as the same MergeError a local run raises; no output is left."""
+    import numpy as np
+
+    from conftest import st_write
+
+    for k, bad in (("x", False), ("y", True)):
+        (tmp_path / k).mkdir()
+        w = np.ones((8, 8), np.float32)
+        if bad:
+            w[3, 5] = np.inf
+        st_write(tmp_path / k / "model.safetensors", {"w": w, "v": np.ones(4, np.float32)})
+    with pytest.raises(mf.MergeError) as local:
+        mf.linear([tmp_path / "x", tmp_path / "y"], out=tmp_path / "local")
+    with pytest.raises(mf.MergeError) as remote:
+        with use_executor("ray", max_retries=0):
+            mf.linear([tmp_path / "x", tmp_path / "y"], out=tmp_path / "ray")
+    assert type(remote.value) is type(local.value) and str(remote.value) == str(local.value)
+    assert "'w'" in str(remote.value)
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("x", "y")]

@@ -72,6 +72,10 @@ def run_shards(plan_json: str, out_dir: str, shards: List[int], threads: Optiona
     stats = dict(_core.execute_plan(json.dumps(plan), out_dir, threads=threads, progress=cb))
     stats["sha256"] = {Path(f).name: _sha256(Path(f)) for f in stats["files"]}
     stats["files"] = [Path(f).name for f in stats["files"]]
+    import resource
+
+    stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker, so far
+    stats["node"] = _node()
     return stats
 
 
@@ -118,12 +122,20 @@ class RayRunner:
                 ray.cancel(r, force=True)
             cause = getattr(e, "cause", None)
             if isinstance(cause, MergeError):
-                raise cause from None
-            raise
+                raise cause from None  # the error a local run raises, on the driver
+            raise MergeError(f"merge task failed on the Ray cluster: {e}") from e
+        except ray.exceptions.RayError as e:  # a worker or node lost beyond max_retries
+            for r in pending:
+                ray.cancel(r, force=True)
+            raise MergeError(f"merge task failed on the Ray cluster after {self.max_retries} "
+                             f"retries: {type(e).__name__}: {e}") from e
         except BaseException:
             for r in pending:
                 ray.cancel(r, force=True)
             raise
+        finally:
+            if counter is not None:
+                ray.kill(counter)
         per_task = [results[r] for r in refs]
         if progress is not None:  # the tasks' last reports to the counter may still be in flight
             progress(n_tensors, n_tensors, total_bytes, total_bytes)
