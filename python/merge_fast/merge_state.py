@@ -354,7 +354,8 @@ def finalize(state: PathLike, *, out: PathLike, base: Optional[PathLike] = None,
     protected = [s.folder, *([base] if base is not None else [])]
     check_output_dir(out, protected, overwrite=overwrite)
     out_abs = Path(out).absolute()
-    stage = out_abs.parent / f".{out_abs.name}.merge-fast-finalize-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # Named like a staging folder, so a later merge into `out` removes it if we are killed.
+    stage = out_abs.parent / f".{out_abs.name}.merge-fast-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir(parents=True)
     try:
         entries = [(n, "F32", t["shape"]) for n, t in info["tensors"].items()]
