@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
