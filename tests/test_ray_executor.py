@@ -266,3 +266,19 @@ def test_error_inside_a_task_is_the_local_error(cluster, tmp_path):
     assert type(remote.value) is type(local.value) and str(remote.value) == str(local.value)
     assert "'w'" in str(remote.value)
     assert not [p for p in tmp_path.iterdir() if p.name not in ("x", "y")]
+
+
+def test_task_that_cannot_see_an_input_names_node_and_path(tmp_path):
+    """What one task does when its node lacks an input (run here without Ray: the same code)."""
+    import json
+    import socket
+
+    from merge_fast.distributed._ray import run_shards
+
+    plan = {"inputs": [str(tmp_path / "nowhere")], "tensors": [], "max_shard_size": 1000}
+    with pytest.raises(mf.InvalidCheckpoint) as e:
+        run_shards(json.dumps(plan), str(tmp_path), [0], None)
+    assert str(tmp_path / "nowhere") in str(e.value) and socket.gethostname() in str(e.value)
+    plan["inputs"] = []
+    with pytest.raises(mf.MergeIOError, match="staging folder .*gone.* is not visible on node"):
+        run_shards(json.dumps(plan), str(tmp_path / "gone"), [0], None)
