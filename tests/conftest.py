@@ -321,6 +321,19 @@ def tiny_config(arch: str, hidden=32, layers=2, vocab=128, inter=64, heads=4):
         return Qwen2Config(num_key_value_heads=max(1, heads // 2), **common)
     if arch == "gpt_neox":
         return GPTNeoXConfig(**common)
+    if arch == "mistral":
+        from transformers import MistralConfig
+
+        return MistralConfig(num_key_value_heads=max(1, heads // 2), **common)
+    if arch == "phi":
+        from transformers import PhiConfig
+
+        return PhiConfig(**common)
+    if arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=inter, vocab_size=vocab, n_positions=64,
+                          bos_token_id=2, eos_token_id=1)
     raise ValueError(arch)
 
 

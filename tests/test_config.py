@@ -249,9 +249,16 @@ def test_linear_models_with_weights_and_tokenizer_options(models, tensors, tmp_p
     import yaml
 
     assert yaml.safe_load((out / "mergekit_config.yml").read_text())["merge_method"] == "linear"
+    # --no-copy-tokenizer stops only the plain copy: a tokenizer the config asks for is
+    # written (mergekit 0.1.5 does the same), with its chat template
     out2 = tmp_path / "out2"
-    mf.run(cfg | {"chat_template": None}, out=out2, copy_tokenizer=False, write_model_card=False)
-    assert not (out2 / "tokenizer.json").exists() and not (out2 / "README.md").exists()
+    mf.run(cfg, out=out2, copy_tokenizer=False, write_model_card=False)
+    assert (out2 / "tokenizer.json").read_bytes() == (models["b"] / "tokenizer.json").read_bytes()
+    assert "im_start" in (out2 / "chat_template.jinja").read_text() and not (out2 / "README.md").exists()
+    out3 = tmp_path / "out3"
+    with pytest.warns(mf.MergeWarning, match="chat_template"):
+        mf.run({k: v for k, v in cfg.items() if k != "tokenizer_source"}, out=out3, copy_tokenizer=False)
+    assert not (out3 / "tokenizer.json").exists() and not (out3 / "chat_template.jinja").exists()
 
 
 def test_cli_run_with_mergekit_flags(models, tmp_path, capsys):
@@ -384,6 +391,10 @@ BAD = {
 }
 
 
+# Keys mergekit ignores: warnings by default, errors under strict.
+STRICT_ONLY = {"unknown_param", "shared_param_per_model", "unknown_top_key"}
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_configs_raise_config_error_and_write_nothing(models, tmp_path, case):
     text, where, what = BAD[case]
@@ -391,7 +402,7 @@ def test_bad_configs_raise_config_error_and_write_nothing(models, tmp_path, case
     out = tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(mf.ConfigError) as ei:
-        mf.run(cfg, out=out)
+        mf.run(cfg, out=out, strict=case in STRICT_ONLY)
     msg = str(ei.value)
     assert where in msg and what in msg, msg
     assert "merge.yml" in msg
@@ -403,7 +414,7 @@ def test_cli_bad_config_exit_code(models, tmp_path, capsys):
     from merge_fast.cli import main
 
     cfg = write_cfg(tmp_path, BAD["unknown_param"][0], a=models["a"], b=models["b"])
-    assert main(["run", str(cfg), str(tmp_path / "out"), "-q"]) == 1
+    assert main(["run", str(cfg), str(tmp_path / "out"), "-q", "--strict"]) == 1
     assert "wieght" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

@@ -247,9 +247,8 @@ def models(tmp_path_factory):
         pytest.skip(f"mergekit cannot be imported: {MERGEKIT_ERR}")
     root = tmp_path_factory.mktemp("parity")
     d = build_model_dirs(root, "llama", names=("base", "a", "b"), layers=N_LAYERS, noise=0.02)
-    # "c": a fine-tune whose task vector agrees with a's (cos > 0), for methods whose
-    # behaviour on uncorrelated (cos ~ 0 or < 0) task vectors is a documented departure
-    # from mergekit (model_stock clamps the mean cosine to [0, 1]).
+    # "c": a fine-tune whose task vector agrees with a's (cos > 0), so model_stock's t is
+    # well away from 0 (negative cosines: tests/test_config_mergekit_defaults.py).
     import shutil
 
     tb, ta, tbb = (read_folder_f32(d[k]) for k in ("base", "a", "b"))

@@ -56,7 +56,7 @@ def mag(*xs):
 
 
 # ===================================================================== references (f64)
-def ref_model_stock(base, xs, filter_wise=False):
+def ref_model_stock(base, xs, filter_wise=False, clamp=False):
     b = f64(base)
     shape = b.shape
     if filter_wise and b.ndim >= 2:
@@ -71,8 +71,12 @@ def ref_model_stock(base, xs, filter_wise=False):
         for j in range(i + 1, n):
             den = np.maximum(np.linalg.norm(ds[i], axis=-1) * np.linalg.norm(ds[j], axis=-1), 1e-6)
             cos.append(np.clip((ds[i] * ds[j]).sum(-1) / den, -1, 1))
-    c = np.clip(np.mean(cos, axis=0), 0.0, 1.0)[:, None]  # merge_fast clamps at 0 (mergekit: no)
-    t = n * c / (1 + (n - 1) * c)
+    c = np.mean(cos, axis=0)[:, None]
+    if clamp:  # merge_fast's clamp_cosine option (mergekit: no clamp)
+        c = np.clip(c, 0.0, 1.0)
+    den = 1 + (n - 1) * c
+    singular = np.abs(den) < 1e-6  # mergekit keeps the base at the pole
+    t = np.where(singular, 0.0, n * c / np.where(singular, 1.0, den))
     avg = sum(ws) / n
     return (t * avg + (1 - t) * rows).reshape(shape)
 
@@ -246,9 +250,18 @@ def test_model_stock_edges():
     close(mf.model_stock(base, [a, a, a]), f64(a), mag(a), 2e-6, "identical")
     # zero deltas: cos 0 -> t 0 -> the base
     np.testing.assert_array_equal(mf.model_stock(base, [base, base]), base)
-    # anti-correlated (mean cos < 0): merge_fast clamps to the base (mergekit extrapolates)
+    # exactly opposite deltas (cos = -1, the pole for N = 2): the base, with a warning
     opp = (2 * base - a).astype(F32)
     np.testing.assert_array_equal(mf.model_stock(base, [a, opp]), base)
+    # slightly anti-correlated (mean cos < 0): mergekit's t < 0 by default, the base when clamped
+    c3 = (base - 0.3 * (a - base) + 0.01 * rnd(40, 30)).astype(F32)
+    b3 = finetunes(base, 2)[1]
+    got = mf.model_stock(base, [a, b3, c3])
+    ref = ref_model_stock(base, [a, b3, c3])
+    close(got, ref, mag(a, b3, c3), 2e-6, "negative cos")
+    assert np.abs(ref - ref_model_stock(base, [a, b3, c3], clamp=True)).max() > 1e-3  # the cases differ
+    close(mf.model_stock(base, [a, b3, c3], clamp_cosine=True), ref_model_stock(base, [a, b3, c3], clamp=True),
+          mag(a, b3, c3), 2e-6, "clamped")
     # colinear deltas of different length: cos 1 -> t 1 -> plain average
     b2 = (base + 3 * (a - base)).astype(F32)
     close(mf.model_stock(base, [a, b2]), (f64(a) + f64(b2)) / 2, mag(a, b2), 2e-6, "colinear")

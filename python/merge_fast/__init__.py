@@ -14,6 +14,8 @@ from ._errors import (
     MergeError,
     MergeInterrupted,
     MergeIOError,
+    ModelNotFound,
+    MergeWarning,
     NumericalError,
     TensorMismatch,
 )
@@ -50,4 +52,6 @@ __all__ = [
     "NumericalError",
     "MergeIOError",
     "MergeInterrupted",
+    "ModelNotFound",
+    "MergeWarning",
 ]

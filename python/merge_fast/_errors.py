@@ -10,7 +10,20 @@ from ._core import (
     TensorMismatch,
 )
 
+
+
+class ModelNotFound(ConfigError):
+    """A model reference that is neither a local path nor a reachable hub repo (missing,
+    private or gated repo, missing revision or file, offline without a cached copy)."""
+
+
+class MergeWarning(UserWarning):
+    """Something merge_fast ran anyway but the user should know (an ignored config key, a
+    degenerate tensor a kernel resolved by a fallback)."""
+
+
 __all__ = [
+    "MergeWarning",
     "MergeError",
     "InvalidCheckpoint",
     "TensorMismatch",
@@ -18,4 +31,5 @@ __all__ = [
     "NumericalError",
     "MergeIOError",
     "MergeInterrupted",
+    "ModelNotFound",
 ]

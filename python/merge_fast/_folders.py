@@ -7,11 +7,12 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _core
-from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch
+from ._errors import ConfigError, InvalidCheckpoint, MergeWarning, TensorMismatch
 from .distributed import run_plan
 from ._output import check_output_dir, check_threads, parse_size, staged_dir
 
@@ -249,6 +250,8 @@ def execute(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
+    for note in stats.get("warnings", ()):
+        warnings.warn(f"merge-fast: {note}", MergeWarning, stacklevel=3)
     return MergeResult(
         path=out,
         tensors_written=stats["tensors_written"],
@@ -273,11 +276,22 @@ def merge_folders(
     progress: ProgressArg = False,
     seed: int = 0,
     overwrite: bool = False,
+    cache_dir: Optional[PathLike] = None,
 ) -> MergeResult:
     check_output_dir(out, [base, *models], overwrite=overwrite)
     check_threads(threads)
     code = out_dtype_code(dtype, out_dtype)
-    paths, plans = same_tensor_plan(method, base, models, lambda _name: params, code)
+    from .hub import resolve_paths
+
+    refs = ([base] if base is not None else []) + list(models)
+    local, hub_inputs = resolve_paths(refs, cache_dir=cache_dir, progress=progress is True)
+    with_adapter = [str(r) for r, (_, a) in zip(refs, local) if a is not None]
+    if with_adapter:
+        raise ConfigError(f"config error: {with_adapter[0]}: MODEL+ADAPTER references work in configs "
+                          "(merge_fast.run) and merge_fast.lora.apply, not in this function")
+    lbase = local[0][0] if base is not None else None
+    paths, plans = same_tensor_plan(method, lbase, [p for p, _ in local[1 if base is not None else 0:]],
+                                    lambda _name: params, code)
     recipe = {
         "merge_fast_version": _core.__version__,
         "method": method,
@@ -288,6 +302,8 @@ def merge_folders(
         "out_dtype": out_dtype,
         "seed": seed,
     }
+    if hub_inputs:
+        recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
     return execute(
         paths,
         plans,

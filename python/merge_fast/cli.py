@@ -26,6 +26,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="dtype of the written tensors (default: each tensor's input dtype)")
     g.add_argument("--seed", type=int, default=0, help="seed for randomized methods")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    g.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
+
+
+_CACHE_HELP = ("Hugging Face cache for models given as hub repo ids (org/name[@revision]); "
+               "default: HF_HUB_CACHE or HF_HOME/hub")
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -43,6 +48,7 @@ def _options(args: argparse.Namespace) -> dict:
         seed=args.seed,
         progress=_progress(args),
         overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
     )
 
 
@@ -88,6 +94,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=_progress(args),
         overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
+        strict=args.strict,
+        stage=args.stage,
         executor="local" if args.ray is None else "ray",
         ray_address=args.ray or None,
     )
@@ -112,7 +121,8 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
 def _cmd_subspace_masks(args: argparse.Namespace) -> int:
     from .subspace import subspace_masks
 
-    info = subspace_masks(args.it, args.pt, args.rank, args.out, include=args.include, seed=args.seed, threads=args.threads)
+    info = subspace_masks(args.it, args.pt, args.rank, args.out, include=args.include, seed=args.seed, threads=args.threads,
+                          cache_dir=args.cache_dir)
     if not args.quiet:
         energy = sum(e for _, e, _ in info.values()) / max(len(info), 1)
         print(f"wrote rank-{args.rank} masks for {len(info)} tensors to {args.out} (mean captured energy {energy:.3f})")
@@ -155,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _COMMANDS["slerp"] = _cmd_slerp
 
     p = sub.add_parser("linear", help="weighted average of models")
-    p.add_argument("models", nargs="+", help="model folders")
+    p.add_argument("models", nargs="+", help="model folders or hub repo ids (org/name[@revision])")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model (default: equal)")
     p.add_argument("--no-normalize", action="store_true", help="weighted sum instead of weighted average")
     _common(p)
@@ -170,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _COMMANDS["task-arithmetic"] = _cmd_task_arithmetic
 
     p = sub.add_parser("run", help="run a mergekit-style YAML config (like mergekit-yaml CONFIG OUT)")
-    p.add_argument("config", help="merge config (mergekit's YAML schema)")
+    p.add_argument("config", help="merge config (mergekit's YAML schema); models are local paths or hub repo "
+                                  "ids (org/name, org/name@revision, org/name+org/lora)")
     p.add_argument("out", help="output model folder (written atomically; must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     B = argparse.BooleanOptionalAction
@@ -178,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest output shard: mergekit's 5B/500M (bytes as mergekit counts them) or 5GB, 1GiB (default 5B)")
     p.add_argument("--copy-tokenizer", action=B, default=True, help="copy the tokenizer to the output (default: yes)")
     p.add_argument("--allow-crimes", action=B, default=False, help="allow merging models of different architectures")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse keys mergekit would ignore (unknown or misplaced keys and parameters); default: warn")
+    p.add_argument("--stage", default=None, metavar="NAME",
+                   help="multi-stage config (several YAML documents): write only stage NAME (and run what it needs)")
     p.add_argument("--random-seed", type=int, default=None, help="seed for randomized methods (DARE, DELLA...)")
     p.add_argument("--write-model-card", action=B, default=True,
                    help="write README.md and mergekit_config.yml into the output (default: yes, as mergekit)")
@@ -192,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run as Ray tasks, one per group of output shards (needs merge-fast[ray]); "
                         "ADDRESS as ray.init's, e.g. auto or ray://head:10001 (default: a local Ray)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
+    p.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
     g = p.add_argument_group("other mergekit options (accepted, no effect here)")
     for flag in ("--clone-tensors", "--safe-serialization", "--read-to-gpu", "--multi-gpu", "--async-write"):
         g.add_argument(flag, action=B, default=None, help=argparse.SUPPRESS)
     g.add_argument("--gpu-rich", action="store_true", help=argparse.SUPPRESS)
-    for opt in ("--lora-merge-cache", "--lora-merge-dtype", "--transformers-cache", "--write-threads"):
+    for opt in ("--lora-merge-cache", "--lora-merge-dtype", "--write-threads"):
         g.add_argument(opt, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--transformers-cache", dest="cache_dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _COMMANDS["run"] = _cmd_run
 
     p = sub.add_parser("fisher-weighted", help="Fisher-weighted average (Matena & Raffel 2022)")
@@ -233,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", default=None, help="regex: only tensors whose name matches")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    p.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
     p.add_argument("-q", "--quiet", action="store_true")
     _COMMANDS["subspace-masks"] = _cmd_subspace_masks
     return parser
@@ -242,6 +260,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ._output import Terminated
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"merge-fast: warning: {str(message).removeprefix('merge-fast: ')}", file=sys.stderr)
+
+    warnings.showwarning = show
     try:
         if argv[:1] == ["fisher"]:
             # Its options (and --help) belong to merge_fast.torch's own parser.

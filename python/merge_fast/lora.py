@@ -211,17 +211,19 @@ def apply(
     max_shard_size: Union[int, str] = "5GB",
     progress: Any = False,
     overwrite: bool = False,
+    cache_dir: Optional[PathLike] = None,
 ) -> "Any":
     """Writes ``base`` with the adapter merged in (what peft's ``merge_and_unload`` gives),
-    streaming tensor by tensor. ``out`` must not touch ``base`` or ``adapter``; an existing
-    previous output is replaced only with ``overwrite``."""
+    streaming tensor by tensor. Either may be a hub repo id (``org/name[@revision]``).
+    ``out`` must not touch ``base`` or ``adapter``; an existing previous output is replaced
+    only with ``overwrite``."""
     from .config import run
 
     cfg = {"merge_method": "passthrough", "models": [{"model": {"model": str(base), "lora": str(adapter)}}]}
     if out_dtype:
         cfg["out_dtype"] = out_dtype
     return run(cfg, out, threads=threads, out_shard_size=max_shard_size, progress=progress, write_model_card=False,
-               overwrite=overwrite)
+               overwrite=overwrite, cache_dir=cache_dir)
 
 
 __all__ = ["Adapter", "LoraModule", "read_adapter", "check_against_base", "apply"]

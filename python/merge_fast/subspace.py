@@ -27,16 +27,21 @@ def subspace_masks(
     include: Optional[str] = None,
     seed: int = 0,
     threads: Optional[int] = None,
+    cache_dir: Optional[PathLike] = None,
 ) -> Dict[str, Tuple[int, float, bool]]:
     """Writes ``<name>.U`` (out × r) and ``<name>.V`` (in × r) float32 tensors to the
     safetensors file ``out`` for every 2-D float tensor of ``it_dir`` (those matching the
     regex ``include`` if given), computed by randomized SVD (seeded; exact SVD when r is
     close to the matrix size). Returns ``{name: (rank, captured_energy, exact)}``; the
-    energies are also stored in the file's metadata."""
+    energies are also stored in the file's metadata. Either model may be a hub repo id
+    (``org/name[@revision]``, downloaded into ``cache_dir``)."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ConfigError(f"config error: rank must be a positive integer, got {rank!r}")
     rank = int(rank)
     threads = check_threads(threads)
+    from .hub import local_models
+
+    it_dir, pt_dir = local_models([it_dir, pt_dir], cache_dir=cache_dir, what="subspace_masks")
     out = check_output_file(out, [it_dir, pt_dir])
     it = open_checkpoint(it_dir)
     open_checkpoint(pt_dir)

@@ -12,21 +12,26 @@ Supported schema (mergekit's): ``merge_method``, ``base_model``, ``models`` (eac
 a model; embedding rows are permuted per model, see tokenizer.py), ``tokenizer: {source,
 tokens}``, ``chat_template`` and model references of the form
 ``path``, ``path+lora_adapter`` or ``{model: path, lora: adapter}``.
+``modules`` (per-module models/slices/parameters, see modules.py) and multi-stage files
+(several YAML documents with ``name``, as mergekit-multi writes them; see stages.py).
 Every check (method, parameters, layer ranges, shapes, folders) runs before anything is
-written; each error is a :class:`merge_fast.ConfigError` naming the config key and line.
+written; all problems of a config come in one :class:`merge_fast.ConfigError`, each naming
+its key and line. Keys mergekit ignores are :class:`merge_fast.MergeWarning` warnings
+(``strict=True`` refuses them).
 """
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from .._errors import ConfigError
+from .._errors import ConfigError, MergeWarning
 from .._folders import MergeResult, ProgressArg, execute
 from ..distributed import with_executor
 from .._output import check_output_dir, check_threads, parse_size
 from . import output as _output
-from ._source import load as _load
+from ._source import load as _load, load_all as _load_all
 from .methods import MERGEKIT_METHODS
 from .planner import Plan, Planner
 from .schema import MergeConfig, parse as _parse
@@ -36,9 +41,11 @@ ConfigLike = Union[str, Path, Dict[str, Any]]
 __all__ = ["run", "plan", "load", "parse_shard_size", "MergeConfig", "Plan", "MERGEKIT_METHODS"]
 
 
-def load(config: ConfigLike) -> MergeConfig:
-    """Parses and checks the structure of a config (no model is opened)."""
-    return _parse(_load(config))
+def load(config: ConfigLike, *, strict: bool = False) -> MergeConfig:
+    """Parses and checks the structure of a config (no model is opened). Keys mergekit
+    ignores are :class:`merge_fast.MergeWarning` warnings, or errors with `strict`; every
+    problem is reported in one :class:`merge_fast.ConfigError`."""
+    return _parse(_load(config), strict=strict)
 
 
 def parse_shard_size(size: Union[int, str]) -> int:
@@ -53,10 +60,21 @@ def parse_shard_size(size: Union[int, str]) -> int:
     return parse_size(s)
 
 
-def plan(config: ConfigLike, *, allow_crimes: bool = False) -> Plan:
-    """Validates `config` against the model folders and returns the tensor plan."""
-    cfg = config if isinstance(config, MergeConfig) else load(config)
+def plan(config: ConfigLike, *, allow_crimes: bool = False, strict: bool = False,
+         cache_dir: Optional[Union[str, Path]] = None) -> Plan:
+    """Validates `config` against the model folders and returns the tensor plan (hub
+    references are downloaded into the cache first, see :mod:`merge_fast.hub`)."""
+    cfg = config if isinstance(config, MergeConfig) else load(config, strict=strict)
+    cfg, _ = _resolve_refs(cfg, cache_dir, False)
     return Planner(cfg, allow_crimes=allow_crimes).plan()
+
+
+def _resolve_refs(cfg: MergeConfig, cache_dir, progress) -> tuple:
+    """Local folders for every model reference (hub downloads, .bin conversions), before
+    anything is written; also the pinned hub inputs for the card and the recipe."""
+    from ..hub import resolve_config
+
+    return resolve_config(cfg, cache_dir=cache_dir, progress=bool(progress) and not callable(progress))
 
 
 @with_executor
@@ -76,6 +94,9 @@ def run(
     cuda: bool = False,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
+    strict: bool = False,
+    stage: Optional[str] = None,
     executor: str = "local",
     ray_address: Optional[str] = None,
 ) -> MergeResult:
@@ -86,34 +107,60 @@ def run(
 
     ``lazy_unpickle`` and ``low_cpu_memory`` are accepted for mergekit compatibility and do
     nothing (inputs are always memory-mapped and streamed). ``cuda`` prints a notice:
-    merge_fast computes on the CPU."""
+    merge_fast computes on the CPU. Hub references go to ``cache_dir`` (default: the
+    standard Hugging Face cache)."""
     if cuda:
         print("merge-fast: --cuda ignored: merge_fast computes on the CPU (streamed, multi-threaded)", file=sys.stderr)
     del lazy_unpickle, low_cpu_memory, trust_remote_code
-    cfg = config if isinstance(config, MergeConfig) else load(config)
-    inputs = _inputs(cfg)
-    check_output_dir(out, inputs, overwrite=overwrite)
+    if not isinstance(config, MergeConfig):
+        srcs = _load_all(config)
+        if len(srcs) > 1 or stage is not None:
+            from .stages import run_stages
+
+            check_output_dir(out, [], overwrite=overwrite)  # the final output, before any stage runs
+            opts = dict(out_shard_size=out_shard_size, copy_tokenizer=copy_tokenizer, allow_crimes=allow_crimes,
+                        random_seed=random_seed, write_model_card=write_model_card, threads=threads,
+                        progress=progress, strict=strict, overwrite=overwrite, cache_dir=cache_dir)
+            return run_stages(srcs, Path(out), stage, run, opts)
+        config = srcs[0]
+    cfg = config if isinstance(config, MergeConfig) else _parse(config, strict=strict)
+    check_output_dir(out, _inputs(cfg), overwrite=overwrite)
     threads = check_threads(threads)
     try:
         shard = parse_shard_size(out_shard_size)
     except ValueError as e:
         raise ConfigError(f"config error: out_shard_size: {e}") from None
+    cfg, hub_inputs = _resolve_refs(cfg, cache_dir, progress)
     if cfg.merge_method in _RECIPES:
         return _run_recipe(cfg, Path(out), shard=shard, threads=threads, progress=progress,
-                           seed=random_seed or 0, write_model_card=write_model_card, overwrite=overwrite)
-    p = plan(cfg, allow_crimes=allow_crimes)
+                           seed=random_seed or 0, write_model_card=write_model_card, overwrite=overwrite,
+                           hub_inputs=hub_inputs, cache_dir=cache_dir)
+    inputs = _inputs(cfg)  # the local folders the references resolved to
+    check_output_dir(out, inputs, overwrite=overwrite)
+    p = Planner(cfg, allow_crimes=allow_crimes).plan()
     chat_template = _output.resolve_chat_template(cfg, cfg.src.error)
     out = Path(out)
     text = _output.config_text(cfg)
     vp = p.vocab
-    tok_folder = (vp.tokenizer_folder if vp is not None else _output.model_folder(p.donor.ref)) if copy_tokenizer else None
-    builder = vp.builder if (vp is not None and copy_tokenizer) else None
+    # As mergekit: a tokenizer the config asks for (tokenizer_source / tokenizer) is always
+    # written; --no-copy-tokenizer only stops the plain copy from the base, and a bare
+    # chat_template then has no tokenizer to go with (mergekit warns and skips it too).
+    if vp is not None:
+        tok_folder, builder = vp.tokenizer_folder, vp.builder
+    elif copy_tokenizer:
+        tok_folder, builder = _output.model_folder(p.donor.ref), None
+    else:
+        tok_folder = builder = None
+        if chat_template:
+            warnings.warn("merge-fast: chat_template is set but --no-copy-tokenizer leaves the output without a "
+                          "tokenizer; the chat template is not written (as mergekit)", MergeWarning, stacklevel=2)
 
     def extra(tmp: Path) -> None:
         _output.fix_config_json(tmp, p, cfg, vp.size if vp is not None else None)
         _output.write_tokenizer(tmp, tok_folder, chat_template, builder)
         if write_model_card:
-            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, p.method), encoding="utf-8")
+            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, p.method, hub_inputs),
+                                           encoding="utf-8")
             (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
 
     recipe = {
@@ -121,6 +168,8 @@ def run(
         "method": cfg.merge_method,
         "config": text,
     }
+    if hub_inputs:
+        recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
     try:
         return _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overwrite, inputs)
     except ConfigError as e:
@@ -148,7 +197,7 @@ _RECIPES = {
 
 
 def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, seed: int,
-                write_model_card: bool, overwrite: bool) -> Any:
+                write_model_card: bool, overwrite: bool, hub_inputs=(), cache_dir=None) -> Any:
     """Runs fisher_weighted, fisher_dampened or procrustes_absorb from a config:
 
     - fisher_weighted: ``models: [{model, parameters: {fisher: PATH, weight}}]``, global
@@ -188,11 +237,12 @@ def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, s
 
     def card(tmp: Path) -> None:
         if write_model_card:
-            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, method), encoding="utf-8")
+            (tmp / "README.md").write_text(_output.model_card(cfg, text, out.name, method, hub_inputs), encoding="utf-8")
             (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
 
-    opts = dict(out=str(out), dtype=cfg.dtype or "float32", out_dtype=cfg.out_dtype, threads=threads,
-                max_shard_size=shard, progress=progress, seed=seed, extra_files=card, overwrite=overwrite)
+    opts = dict(out=str(out), dtype=cfg.dtype or "float32", out_dtype=cfg.out_dtype or cfg.dtype, threads=threads,
+                max_shard_size=shard, progress=progress, seed=seed, extra_files=card, overwrite=overwrite,
+                cache_dir=cache_dir)
     if method == "fisher_weighted":
         if base is not None:
             raise err(("base_model",), "fisher_weighted takes no base_model")

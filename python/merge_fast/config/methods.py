@@ -75,7 +75,8 @@ _SPECS = [
     MethodSpec("della", "required", params=_gta(True, True, epsilon=Param("float", 0.15, per_model=True))),
     MethodSpec("della_linear", "required", params=_gta(False, True, epsilon=Param("float", 0.15, per_model=True))),
     MethodSpec("sce", "required", params={"int8_mask": Param("bool", False), "select_topk": Param("float", 1.0)}),
-    MethodSpec("model_stock", "required", min_inputs=3, params={"filter_wise": Param("bool", False)}),
+    MethodSpec("model_stock", "required", min_inputs=3, params={
+        "filter_wise": Param("bool", False), "clamp_cosine": Param("bool", False)}),
     MethodSpec("nuslerp", "optional", min_non_base=2, max_non_base=2, params={
         "nuslerp_row_wise": Param("bool", False), "nuslerp_flatten": Param("bool", True),
         "weight": Param("float", per_model=True)}),

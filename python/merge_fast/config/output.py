@@ -62,6 +62,9 @@ def fix_config_json(out: Path, plan, cfg: MergeConfig, vocab_size: Optional[int]
             src = info.config.get("layer_types")
             new.append(src[idx] if isinstance(src, list) and idx < len(src) else (lt[min(idx, len(lt) - 1)] if lt else None))
         data["layer_types"] = new
+    for (section, k), n in getattr(plan, "module_layers", {}).items():
+        if isinstance(data.get(section), dict) and k in data[section]:
+            data[section][k] = n
     if vocab_size is not None and "vocab_size" in data:
         data["vocab_size"] = vocab_size
     f.write_text(json.dumps(data, indent=2) + "\n")
@@ -135,11 +138,13 @@ def _model_list(cfg: MergeConfig) -> List[ModelRef]:
             and not (isinstance(cfg.tokenizer_source, ModelRef) and m.same(cfg.tokenizer_source))]
 
 
-def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str) -> str:
+def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str, hub_inputs=()) -> str:
     models = _model_list(cfg)
     base = cfg.base_model
     meta = {
-        "base_model": [str(m) for m in ([base] if base else []) + models],
+        # hub inputs by repo id (the card's metadata takes ids; revisions are listed below)
+        "base_model": [str(m).split("+")[0].rsplit("@", 1)[0] if m.label else str(m)
+                       for m in ([base] if base else []) + models],
         "library_name": "transformers",
         "tags": ["merge_fast", "mergekit", "merge"],
     }
@@ -162,8 +167,10 @@ def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str) 
     if method_used != cfg.merge_method:
         lines += ["", f"(Computed with merge_fast's `{method_used}` kernel, which gives the same result here.)"]
     lines += ["", "### Models merged", ""]
-    lines += [f"- `{m}`" + (" (with LoRA adapter `%s`)" % m.lora if m.lora else "") for m in models] or ["- (base only)"]
-    if base is not None and base.lora:
+    # (a hub reference's label already shows its +adapter as written)
+    lines += [f"- `{m}`" + (" (with LoRA adapter `%s`)" % m.lora if m.lora and not m.label else "")
+              for m in models] or ["- (base only)"]
+    if base is not None and base.lora and not base.label:
         lines += [f"- base `{base.path}` with LoRA adapter `{base.lora}`"]
     params = cfg.parameters or {}
     if params:
@@ -173,6 +180,11 @@ def model_card(cfg: MergeConfig, config_yaml: str, name: str, method_used: str) 
         lines += ["", "### Layers", "", f"{len(cfg.slices)} slice(s):", ""]
         for sl in cfg.slices:
             lines.append("- " + ", ".join(f"`{s.model}` layers {s.layer_range[0]}-{s.layer_range[1] - 1}" for s in sl.sources))
+    if hub_inputs:
+        lines += ["", "### Hub inputs", "", "Resolved on the Hugging Face Hub to these commits (pin them with `@commit` "
+                  "to repeat this merge exactly):", ""]
+        lines += [f"- `{h.repo_id}`" + (f" `{h.filename}`" if h.filename else "")
+                  + f" (revision `{h.revision or 'main'}`): commit `{h.commit}`" for h in hub_inputs]
     lines += ["", "### Configuration", "", "The following YAML configuration was used to produce this model:", "",
               "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)

@@ -50,9 +50,10 @@ def check_setting(src: ConfigSource, path: KeyPath, setting: Any) -> None:
 
 
 def _check_cond(src: ConfigSource, path: KeyPath, d: dict) -> None:
-    extra = set(d) - {"filter", "value", "regex"}
-    if extra:
-        raise src.error(path + (sorted(extra)[0],), "unknown key in a conditional value (allowed: filter, regex, value)")
+    for k in sorted(set(d) - {"filter", "value", "regex"}, key=str):
+        # mergekit drops the key, so the entry has no filter and matches every tensor
+        src.ignore(path + (k,), "a conditional value", ("filter", "regex", "value"),
+                   "ignored, as mergekit does: this entry has no filter and matches every tensor")
     if "value" not in d:
         raise src.error(path, "a conditional value needs 'value'")
     if "filter" in d and "regex" in d:

@@ -68,6 +68,8 @@ class Plan:
     method: str  # kernel actually used
     out_dtype: Optional[str]  # safetensors code
     vocab: Optional[VocabPlan] = None  # tokenizer_source plan (see tokenizer.py)
+    # modules configs: config.json key path -> layer count of that module
+    module_layers: Dict[Tuple[str, ...], int] = dataclasses.field(default_factory=dict)
 
 
 def _classify(names: Sequence[str]) -> Tuple[Dict[int, List[Tuple[str, str]]], Optional[str], List[str], List[str]]:
@@ -87,12 +89,16 @@ def _classify(names: Sequence[str]) -> Tuple[Dict[int, List[Tuple[str, str]]], O
 
 
 class Planner:
-    def __init__(self, cfg: MergeConfig, *, allow_crimes: bool = False):
+    def __init__(self, cfg: MergeConfig, *, allow_crimes: bool = False, paths: Optional[List[str]] = None,
+                 keep=None, module_scope: Optional[Tuple[Optional[dict], KeyPath]] = None):
         self.cfg = cfg
         self.src = cfg.src
         self.allow_crimes = allow_crimes
-        self.paths: List[str] = []
+        self.paths: List[str] = [] if paths is None else paths  # shared by the planners of one config's modules
         self.models: Dict[Tuple[str, Optional[str]], ModelInfo] = {}
+        self.keep = keep  # a module's tensors only (modules.py)
+        # parameter scopes above the slice's: the module's, then the config's
+        self.outer = ([module_scope] if module_scope else []) + [(cfg.parameters, ("parameters",))]
 
     # ------------------------------------------------------------------ inputs
     def _input(self, path: str) -> int:
@@ -111,6 +117,8 @@ class Planner:
         except MergeError as e:
             raise self.src.error(where, f"cannot open model {ref.path}: {e}") from None
         tensors = ck.tensors()
+        if self.keep is not None:
+            tensors = [t for t in tensors if self.keep(t[0])]
         shapes = {n: tuple(s) for n, _, s in tensors}
         dtypes = {n: dt for n, dt, _ in tensors}
         names = [n for n, _, _ in tensors]
@@ -122,7 +130,7 @@ class Planner:
             except ValueError as e:
                 raise self.src.error(where, f"{cfg_file}: invalid JSON: {e}") from None
         layers, prefix, pre, post = _classify(names)
-        key = next((k for k in _NUM_LAYER_KEYS if isinstance(config.get(k), int)), None)
+        key = next((k for k in _NUM_LAYER_KEYS if isinstance(config.get(k), int)), None) if self.keep is None else None
         n_layers = config[key] if key else (max(layers) + 1 if layers else 0)
         info = ModelInfo(ref, where, -1, shapes, dtypes, names, layers, prefix, pre, post, config, n_layers, key)
         # a folder used both bare and with an adapter is one input
@@ -166,28 +174,8 @@ class Planner:
             raise self.src.error(first.where, f"models of different architectures ({desc}); pass --allow-crimes to merge anyway")
 
     # ------------------------------------------------------------ parameters
-    def _check_param_names(self, spec: Optional[MethodSpec], slices: List[SliceDef]) -> None:
-        scopes: List[Tuple[Optional[dict], KeyPath, bool]] = [(self.cfg.parameters, ("parameters",), False)]
-        for sl in slices:
-            scopes.append((sl.parameters, sl.path + ("parameters",), False))
-            for s in sl.sources:
-                scopes.append((s.parameters, s.path + ("parameters",), True))
-        for params, path, per_source in scopes:
-            for k in params or {}:
-                if k in NO_OP_PARAMS:
-                    continue
-                if spec is None:
-                    continue
-                if k not in spec.params:
-                    known = ", ".join(sorted(spec.params)) or "none"
-                    raise self.src.error(path + (k,), f"unknown parameter '{k}' for merge_method {spec.name} (its parameters: {known})")
-                if per_source and not spec.params[k].per_model:
-                    raise self.src.error(path + (k,), f"parameter '{k}' of {spec.name} is shared by all models; set it under the "
-                                                      "top-level or the slice 'parameters', not per model (mergekit would ignore it here)")
-
     def _tensor_params(self, spec: Optional[MethodSpec], sl: SliceDef, inputs: List[Tuple[SourceDef, str]],
                        out_name: str, t: float) -> Dict[str, Any]:
-        g = (self.cfg.parameters, ("parameters",))
         s_scope = (sl.parameters, sl.path + ("parameters",))
         if spec is not None:
             table = {k: (p.kind, p.per_model, p.required, p.default) for k, p in spec.params.items()}
@@ -204,7 +192,7 @@ class Planner:
             if per_model:
                 vals = []
                 for s, in_name in inputs:
-                    v, _ = resolve(k, [(s.parameters, s.path + ("parameters",)), s_scope, g], in_name, t, kind, self.src)
+                    v, _ = resolve(k, [(s.parameters, s.path + ("parameters",)), s_scope, *self.outer], in_name, t, kind, self.src)
                     if v is None and required:
                         raise self.src.error(s.path, f"missing required parameter '{k}' of {self.cfg.merge_method} for model {s.model} "
                                                      f"(tensor {in_name}); set it in this model's parameters or the top-level parameters")
@@ -213,7 +201,7 @@ class Planner:
                     continue
                 out[k] = [default if v is None else v for v in vals]
             else:
-                v, _ = resolve(k, [s_scope, g], out_name, t, kind, self.src)
+                v, _ = resolve(k, [s_scope, *self.outer], out_name, t, kind, self.src)
                 if v is None:
                     if required:
                         raise self.src.error(("parameters",), f"missing required parameter '{k}' of {self.cfg.merge_method} "
@@ -224,6 +212,8 @@ class Planner:
 
     # ------------------------------------------------------------ plan
     def plan(self) -> Plan:
+        if self.cfg.modules:
+            return self._plan_modules()
         cfg = self.cfg
         src = self.src
         spec, _known = spec_for(cfg.merge_method)
@@ -249,9 +239,10 @@ class Planner:
         if isinstance(cfg.tokenizer_source, ModelRef):
             self.model(cfg.tokenizer_source, ("tokenizer_source",))
         self._check_architectures()
-        self._check_param_names(spec, slices)
         vocab = prepare_vocab(cfg, self)
-        code = out_dtype_code(cfg.dtype or "float32", cfg.out_dtype)
+        # As mergekit: the output has `out_dtype`, else the compute `dtype` (merged tensors
+        # come out of the computation in it), else each input tensor's dtype.
+        code = out_dtype_code(cfg.dtype or "float32", cfg.out_dtype or cfg.dtype)
 
         # Per slice: which source is the base, structure checks.
         slice_roles: List[Tuple[Optional[int], List[int]]] = []
@@ -366,3 +357,42 @@ class Planner:
         donor = self.model(donor_ref, ("base_model",) if cfg.base_model else ("models",))
         return Plan(list(self.paths), tensors, donor, self.models, out_layer, layer_origin,
                     "linear" if fallback_passthrough else method, code, vocab)
+
+    def _plan_modules(self) -> Plan:
+        """One sub-plan per module over that module's tensors (modules.py), into one output."""
+        import warnings
+
+        from .._errors import MergeWarning
+        from .modules import layer_keys, module_prefix, selector
+
+        cfg = self.cfg
+        mods = cfg.modules
+        prefixes = {}
+        for name, m in mods.items():
+            first = (m.models or [s for sl in m.slices for s in sl.sources])[0]
+            prefixes[name] = module_prefix(name, self.model(first.model, first.path + ("model",)).names)
+        plans = []
+        for name, m in mods.items():
+            sub_cfg = dataclasses.replace(cfg, models=m.models, slices=m.slices, modules=None)
+            sub = Planner(sub_cfg, allow_crimes=self.allow_crimes, paths=self.paths, keep=selector(name, prefixes),
+                          module_scope=(m.parameters, m.path + ("parameters",)))
+            plans.append((name, sub.plan()))
+        tensors = [t for _, p in plans for t in p.tensors]
+        donor_ref = cfg.base_model or cfg.referenced_models()[0]
+        donor = self.model(donor_ref, ("base_model",) if cfg.base_model else ("modules",))
+        keeps = [selector(k, prefixes) for k in prefixes]
+        left = [n for n in donor.names if not any(keep(n) for keep in keeps)]
+        if left:
+            warnings.warn(f"merge-fast: {len(left)} tensor(s) of {donor_ref} belong to no module of the config and are "
+                          f"not written (as mergekit), e.g. {left[0]!r}", MergeWarning, stacklevel=4)
+        module_layers = {}
+        for name, p in plans:
+            for key in layer_keys(name):
+                sub = donor.config.get(key[0])
+                if isinstance(sub, dict) and key[1] in sub:
+                    module_layers[key] = p.out_layers
+                    break
+        main = dict(plans).get("text_decoder") or plans[0][1]
+        models = {k: v for _, p in plans for k, v in p.models.items()}
+        return Plan(list(self.paths), tensors, main.donor, models, main.out_layers, main.layer_origin, main.method,
+                    main.out_dtype, main.vocab, module_layers)

@@ -141,11 +141,13 @@ def procrustes_absorb(
     power_iters: int = 2,
     seed: int = 0,
     overwrite: bool = False,
+    cache_dir: Optional[PathLike] = None,
 ) -> AbsorbResult:
     """Absorb the Procrustes-aligned, filtered deltas of ``donors`` (any supported families)
     into ``anchor`` and write the result under the anchor's names to ``out``.
 
-    See the module docstring for β, ranks, tolerances, depth mapping and projection.
+    See the module docstring for β, ranks, tolerances, depth mapping and projection. Models
+    may be hub repo ids (``org/name[@revision]``, downloaded into ``cache_dir``).
     ``overwrite`` replaces an existing ``out`` holding a previous merge output.
     """
     beta = _check_param("beta", beta, 0.0, 1.0)
@@ -169,6 +171,9 @@ def procrustes_absorb(
         raise ConfigError(f"config error: donor_families has {len(fams)} entries for {len(donors)} donors")
     check_output_dir(out, [anchor, *donors], overwrite=overwrite)
     t0 = time.perf_counter()
+    from ..hub import local_models
+
+    anchor, *donors = local_models([anchor, *donors], cache_dir=cache_dir, what="procrustes_absorb")
     A = ModelView(anchor, anchor_family, is_anchor=True)
     views = [ModelView(d, f) for d, f in zip(donors, fams)]
     aligners = [DonorAligner(A, v, seed=seed) for v in views]

@@ -336,13 +336,15 @@ def align(
     max_shard_size: Union[int, str] = "128MB",
     seed: int = 0,
     overwrite: bool = False,
+    cache_dir: Optional[PathLike] = None,
 ) -> AlignResult:
     """Rotate ``donor``'s residual stream onto ``anchor``'s and (with ``out``) write the aligned
     donor under the anchor's tensor names, config and tokenizer.
 
     Args:
         anchor, donor: model folders (safetensors + config.json; tokenizer.json to match
-            vocabularies by token).
+            vocabularies by token), or hub repo ids (``org/name[@revision]``, downloaded
+            into ``cache_dir``).
         out: output folder (written atomically); ``None`` only estimates.
         missing: an anchor tensor the donor has no counterpart for: ``"error"``
             (TensorMismatch naming it) or ``"anchor"`` (keep the anchor's tensor; listed in
@@ -361,6 +363,9 @@ def align(
     if out is not None:
         check_output_dir(out, [anchor, donor], overwrite=overwrite)
     t0 = time.perf_counter()
+    from ..hub import local_models
+
+    anchor, donor = local_models([anchor, donor], cache_dir=cache_dir, what="align")
     A = ModelView(anchor, anchor_family, is_anchor=True)
     D = ModelView(donor, donor_family)
     al = DonorAligner(A, D, seed=seed)

@@ -155,6 +155,7 @@ class RayRunner:
             "bytes_written": bytes_written,
             "files": [str(tmp / f) for f in files],
             "sha256": {k: v for t in per_task for k, v in t["sha256"].items()},
+            "warnings": [w for t in per_task for w in t.get("warnings", ())],
         }
 
 

@@ -30,11 +30,14 @@ def merge(
     progress: ProgressArg = False,
     seed: int = 0,
     overwrite: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
 ) -> Union[Any, MergeResult]:
     """Merges ``models`` (and ``base``) with the named method and its parameters.
 
     Arrays in, array out; folders in, ``out`` folder written. Per-model parameters (such
-    as ``weight``) are lists with one value per model in ``models`` (base excluded).
+    as ``weight``) are lists with one value per model in ``models`` (base excluded). A model
+    path that does not exist is a Hugging Face Hub repo id (``org/name[@revision]``),
+    downloaded into ``cache_dir`` (default: the standard HF cache; see merge_fast.hub).
     ``overwrite``: replace an existing, non-empty ``out`` that holds a previous merge
     output (anything else is refused).
     """
@@ -48,6 +51,7 @@ def merge(
         return merge_folders(
             method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
             max_shard_size=max_shard_size, progress=progress, seed=seed, overwrite=overwrite,
+            cache_dir=cache_dir,
         )
     if all(is_array(m) for m in everything):
         if out is not None:

@@ -121,16 +121,6 @@ def fisher_dampened(
     return _fisher_folders("fisher_dampened", base, list(models), [fisher], params, **options)
 
 
-def _model_ref(m: Model):
-    """A model folder, or ``folder+adapter`` (mergekit's form) for a PEFT LoRA on top of it."""
-    m = str(m)
-    if "+" in m:
-        path, adapter = m.split("+", 1)
-        if Path(adapter, "adapter_config.json").is_file():
-            return path, adapter
-    return m, None
-
-
 def _fisher_folders(
     method: str,
     base: Optional[Model],
@@ -142,14 +132,23 @@ def _fisher_folders(
     dtype: str = "float32",
     out_dtype: Optional[str] = None,
     seed: int = 0,
+    cache_dir: Optional[Union[str, Path]] = None,
     **run_options: Any,
 ) -> MergeResult:
+    from ..hub import resolve_paths
     from ..lora import read_adapter
 
     if out is None:
         raise ConfigError("config error: folder merges need out=PATH")
     code = out_dtype_code(dtype, out_dtype)
-    refs = ([(str(base), None)] if base is not None else []) + [_model_ref(m) for m in models]
+    # Local folders for hub ids, `model+adapter` (mergekit's form) split; Fishers are files
+    # (a local path or ORG/REPO/FILE on the hub).
+    progress = run_options.get("progress") is True
+    refs, hub_inputs = resolve_paths(([base] if base is not None else []) + list(models), cache_dir=cache_dir,
+                                     progress=progress)
+    fisher_refs, hub_fishers = resolve_paths(fishers, cache_dir=cache_dir, progress=progress, kind="file")
+    fishers = [f for f, _ in fisher_refs]
+    hub_inputs += hub_fishers
     protected = [r for ref in refs for r in ref if r is not None] + [str(f) for f in fishers]
     check_output_dir(out, protected, overwrite=run_options.get("overwrite", False))
     # One input per distinct folder or adapter, in first-seen order.
@@ -193,5 +192,7 @@ def _fisher_folders(
             plans.append(TensorPlan(name, method, p, None, srcs, code))  # models, then Fishers
     recipe = {"method": method, "base_model": str(base) if base is not None else None,
               "models": [str(m) for m in models], "fishers": [str(f) for f in fishers], "parameters": params}
+    if hub_inputs:
+        recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
     return execute(paths, plans, out, recipe=recipe, side_files_from=refs[0][0], out_dtype=code, seed=seed,
                    inputs=protected, **run_options)

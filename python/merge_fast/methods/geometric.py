@@ -9,9 +9,9 @@ the base excluded. All arithmetic is f32 with whole-tensor statistics in f64.
 
 Deliberate departures from mergekit (each where mergekit degenerates):
 
-* ``model_stock``: the mean cosine is clamped to [0, 1] (mergekit extrapolates for
-  negative agreement, unboundedly near ``cos = -1/(N-1)``); anti-correlated updates
-  give the base.
+* ``model_stock``: mergekit's formula by default (negative agreement extrapolates,
+  ``t < 0``); only the pole ``|1 + (N-1)·cos| < 1e-6`` keeps the base, with a warning.
+  ``clamp_cosine=True`` (opt-in) clamps the mean cosine to [0, 1].
 * ``nuslerp``: a zero vector (e.g. a model identical to the base) is lerped; mergekit
   shrinks the other vector by ``sin(t·π/2)``.
 * ``multislerp``: when the weighted mean direction vanishes with three or more models
@@ -39,16 +39,20 @@ __all__ = [
 ]
 
 
-def model_stock(base: Model, models: Sequence[Model], *, filter_wise: bool = False, **options: Any):
+def model_stock(base: Model, models: Sequence[Model], *, filter_wise: bool = False, clamp_cosine: bool = False,
+                **options: Any):
     """Model Stock (Jang et al. 2024): ``t·mean(θ_i) + (1 − t)·θ_base`` with
     ``t = N·c / (1 + (N − 1)·c)``, ``c`` the mean pairwise cosine of the task vectors
     ``θ_i − θ_base`` (each pair's cosine divides by ``max(|Δ_a||Δ_b|, 1e-6)``), over the
     flattened tensor, or per row along the last dimension with ``filter_wise=True``.
     Needs a base and at least 2 models.
 
-    Departure: ``c`` is clamped to [0, 1], so anti-correlated updates give the base
-    (mergekit extrapolates with ``t < 0``, or unboundedly near ``c = −1/(N−1)``)."""
-    return merge("model_stock", models, base=base, params={"filter_wise": filter_wise}, **options)
+    As in mergekit, a negative ``c`` gives ``t < 0`` (extrapolation), and at the pole
+    (``|1 + (N − 1)·c| < 1e-6``) the base is kept, with a :class:`merge_fast.MergeWarning`.
+    ``clamp_cosine=True`` (merge_fast's option) clamps ``c`` to [0, 1] first, so
+    anti-correlated updates give the base."""
+    return merge("model_stock", models, base=base, params={"filter_wise": filter_wise, "clamp_cosine": clamp_cosine},
+                 **options)
 
 
 def nuslerp(

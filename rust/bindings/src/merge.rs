@@ -56,6 +56,7 @@ fn execute_plan<'py>(
     d.set_item("bytes_read", summary.bytes_read)?;
     d.set_item("bytes_written", summary.bytes_written)?;
     d.set_item("files", summary.files)?;
+    d.set_item("warnings", summary.warnings)?;
     Ok(d)
 }
 

@@ -29,6 +29,8 @@ pub struct Summary {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub files: Vec<PathBuf>,
+    /// Kernel notes, one per tensor that has one ("tensor: note").
+    pub warnings: Vec<String>,
 }
 
 impl TensorIo for Job<'_> {
@@ -138,13 +140,14 @@ pub fn stream_stats<M: Method + ?Sized>(method: &M, io: &dyn TensorIo) -> Result
 }
 
 /// Merges one tensor, handing each finished piece (element offset, values, a scratch byte
-/// buffer) to `sink`. Pieces are disjoint and cover the tensor.
-fn merge_tensor<S>(method: &dyn Method, ctx: Ctx, io: &dyn TensorIo, sink: &S) -> Result<()>
+/// buffer) to `sink`. Pieces are disjoint and cover the tensor. Returns the kernel's note.
+fn merge_tensor<S>(method: &dyn Method, ctx: Ctx, io: &dyn TensorIo, sink: &S) -> Result<Option<String>>
 where
     S: Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
 {
     let numel = io.numel();
     let stats = method.prepare(&ctx, io)?;
+    let note = method.note(&stats);
     let has_base = io.has_base();
     if !method.elementwise() {
         let (mut bufs, mut out, mut bytes) = scratch(io.slots());
@@ -153,7 +156,7 @@ where
         out.resize(numel, 0.0);
         method.apply(&ctx, base, &inputs, &stats, &mut out)?;
         check_finite(ctx.tensor, &out, 0)?;
-        return sink(0, &out, &mut bytes);
+        return sink(0, &out, &mut bytes).map(|_| note);
     }
     chunk_starts(numel).par_iter().try_for_each_init(
         || scratch(io.slots()),
@@ -166,7 +169,8 @@ where
             check_finite(ctx.tensor, out, s)?;
             sink(s, out, bytes)
         },
-    )
+    )?;
+    Ok(note)
 }
 
 /// Executes a plan into `out_dir` (an existing, empty folder; the caller stages and renames
@@ -194,6 +198,7 @@ pub fn run(
         ..Progress::default()
     };
     let mut bytes_read = 0u64;
+    let mut warnings = Vec::new();
     for idx in mine {
         let job = &jobs[idx];
         let dt = job.dtype;
@@ -204,7 +209,9 @@ pub fn run(
             writer.write(idx, off * sz, bytes)
         };
         let ctx = Ctx { tensor: job.name, shape: &job.shape, offset: 0, seed: plan.seed };
-        pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink))?;
+        if let Some(n) = pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink))? {
+            warnings.push(format!("{}: {n}", job.name));
+        }
         for s in job.sources() {
             bytes_read += s.nbytes();
             s.release();
@@ -214,7 +221,7 @@ pub fn run(
         progress(&p)?;
     }
     let w = writer.finish()?;
-    Ok(Summary { tensors_written: p.tensors_total, bytes_read, bytes_written: w.bytes_written, files: w.files })
+    Ok(Summary { tensors_written: p.tensors_total, bytes_read, bytes_written: w.bytes_written, files: w.files, warnings })
 }
 
 fn out_specs(jobs: &[Job]) -> Vec<OutSpec> {

@@ -59,6 +59,12 @@ pub trait Method: Send + Sync {
         crate::engine::stream_stats(self, io)
     }
 
+    /// A warning about this tensor's statistics for the user (e.g. a degenerate case the
+    /// kernel resolved by a fallback); the engine reports it with the tensor name.
+    fn note(&self, _stats: &[f64]) -> Option<String> {
+        None
+    }
+
     /// Computes `out` (same length as every input slice).
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()>;
 }
