@@ -23,6 +23,7 @@ from conftest import (
     ref_linear,
     ref_task_arithmetic,
     st_read,
+    st_read_header,
 )
 
 SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
@@ -207,11 +208,17 @@ def test_out_dtype_f32_from_bf16(mf, model_family, tmp_path):
 
 
 def test_mixed_input_dtypes_keep_first(mf, model_family, tmp_path):
-    """bf16 first model + f32 second model: default output dtype is the first's (bf16)."""
+    """bf16 first model + f32 second model: default output dtype is the first's (bf16),
+    said in a MergeWarning pointing at the caller, in the result and in the metadata."""
     bf = model_family("llama", "bfloat16", False)
     f32 = model_family("llama", "float32", True)
     out = tmp_path / "o"
-    mf.slerp(str(bf.a), str(f32.b), t=0.3, out=str(out))
+    with pytest.warns(mf.MergeWarning, match="different dtypes") as rec:
+        res = mf.slerp(str(bf.a), str(f32.b), t=0.3, out=str(out))
+    assert rec[0].filename == __file__
+    assert "BF16" in res.notes[0] and "F32" in res.notes[0]
+    meta = json.loads(st_read_header(next(out.glob("*.safetensors")))[0]["__metadata__"]["merge_fast_input_dtypes"])
+    assert meta == {str(bf.a): ["BF16"], str(f32.b): ["F32"]}
     got = check_layout(out)
     assert {v.dtype for v in got.values()} == {BF16}
     A, B = read_folder_f32(bf.a), read_folder_f32(f32.b)

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from . import _core
-from ._errors import ConfigError, TensorMismatch
+from ._errors import ConfigError, NumericalError, TensorMismatch
 from ._folders import check_threads, plan_json
 
 
@@ -33,8 +33,22 @@ class _Restore:
         if self.torch:
             import torch
 
-            return torch.from_numpy(out).to(device=self.device, dtype=self.dtype)
-        return out if self.dtype == np.float32 else out.astype(self.dtype)
+            t = torch.from_numpy(out).to(device=self.device, dtype=self.dtype)
+            if not bool(torch.isfinite(t).all()):
+                self._overflow(flat, ~torch.isfinite(t).reshape(-1).cpu().numpy())
+            return t
+        if self.dtype == np.float32:
+            return out
+        back = out.astype(self.dtype)
+        # a finite float32 result too large for float16 (|x| > 65504) must not become inf
+        if not np.isfinite(back).all():
+            self._overflow(flat, ~np.isfinite(np.asarray(back, np.float32)).reshape(-1))
+        return back
+
+    def _overflow(self, flat: np.ndarray, bad: np.ndarray) -> None:
+        i = int(np.flatnonzero(bad)[0])
+        raise NumericalError(f"numerical error in tensor 'array': the merged value {flat[i]} at element {i} "
+                                 f"does not fit in {self.dtype} (the inputs' dtype)")
 
 
 def _to_f32(x: Any, what: str) -> np.ndarray:

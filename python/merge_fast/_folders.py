@@ -7,12 +7,11 @@ import json
 import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _core
-from ._errors import ConfigError, InvalidCheckpoint, MergeWarning, TensorMismatch
+from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch, warn
 from .distributed import run_plan
 from ._output import check_output_dir, check_threads, parse_size, staged_dir
 
@@ -49,6 +48,8 @@ class MergeResult:
     bytes_written: int
     seconds: float
     files: List[Path] = dataclasses.field(default_factory=list)
+    # what the user should know about the accepted merge (also warned, and in the metadata)
+    notes: List[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         mb = self.bytes_written / 1e6
@@ -56,7 +57,7 @@ class MergeResult:
 
 
 @dataclasses.dataclass
-class TensorPlan:
+class TensorPlan:  # noqa: D101 - documented below
     """One output tensor: its sources (input index, tensor name) and its method parameters."""
 
     name: str
@@ -135,6 +136,13 @@ def same_tensor_plan(
     """Plans a merge of models that share tensor names: every tensor of the reference model
     (the base, else the first) from the same name in each input. Name sets must agree."""
     paths = ([str(base)] if base is not None else []) + [str(m) for m in models]
+    names = _common_names(paths)
+    return paths, _SameNamePlans(names, method, params_for, len(paths), base is not None, out_dtype)
+
+
+def _common_names(paths: List[str]) -> List[str]:
+    """The reference's tensor names, after checking every input has the same set. The
+    checkpoints are closed on return (the engine opens its own)."""
     ckpts = [open_checkpoint(p) for p in paths]
     ref = ckpts[0]
     ref_names = ref.names()
@@ -151,21 +159,29 @@ def same_tensor_plan(
                 what.append(f"{len(extra)} tensor(s) of {p} not in {paths[0]}, e.g. {extra[:3]}")
             tensor = (missing or extra)[0]
             raise TensorMismatch(f"tensor mismatch for '{tensor}': " + "; ".join(what))
-    first = 1 if base is not None else 0
-    plans = []
-    for name in ref_names:
-        src = [{"kind": "tensor", "input": i, "tensor": name} for i in range(len(paths))]
-        plans.append(
-            TensorPlan(
-                name=name,
-                method=method,
-                params=params_for(name),
-                base=src[0] if base is not None else None,
-                inputs=src[first:],
-                dtype=out_dtype,
-            )
-        )
-    return paths, plans
+    return ref_names
+
+
+class _SameNamePlans(Sequence[TensorPlan]):
+    """The plans of a same-name merge, made on demand from the tensor names: holding a
+    TensorPlan (and its source dicts) per tensor costs ~1 KB each on 100k-tensor models."""
+
+    def __init__(self, names: List[str], method: str, params_for: Callable[[str], Dict[str, Any]],
+                 n_paths: int, has_base: bool, dtype: Optional[str]):
+        self.names, self.method, self.params_for = names, method, params_for
+        self.n_paths, self.has_base, self.dtype = n_paths, has_base, dtype
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        name = self.names[i]
+        src = [{"kind": "tensor", "input": k} for k in range(self.n_paths)]  # same name: implied
+        first = 1 if self.has_base else 0
+        return TensorPlan(name=name, method=self.method, params=self.params_for(name),
+                          base=src[0] if self.has_base else None, inputs=src[first:], dtype=self.dtype)
 
 
 def _progress_callback(progress: ProgressArg, desc: str):
@@ -233,16 +249,29 @@ def execute(
         raise ConfigError(f"config error: {e}") from None
     plan = {
         "inputs": list(paths),
-        "tensors": [t.to_json() for t in plans],
         "seed": int(seed),
         "max_shard_size": shard,
         "metadata": {"merge_fast": json.dumps(plain(recipe), sort_keys=True)},
     }
+    # The tensor list is serialized one tensor at a time (no list of per-tensor dicts), and
+    # parameter sets are shared by reference: both matter on 100k-tensor models.
+    param_ids: Dict[str, int] = {}
+
+    def tensor_json(t: TensorPlan) -> str:
+        d = t.to_json()
+        p = plan_json(d.pop("params"))
+        d["params_id"] = param_ids.setdefault(p, len(param_ids))
+        return plan_json(d)
+
+    tensors = ", ".join(tensor_json(t) for t in plans)
+    sets = ", ".join(param_ids)  # insertion order = id order
+    text = plan_json(plan)[:-1] + f', "param_sets": [{sets}], "tensors": [{tensors}]}}'
+    del tensors, param_ids
     cb, bar = _progress_callback(progress, f"merging into {out.name}")
     t0 = time.perf_counter()
     try:
         with staged_dir(out, protected, overwrite=overwrite) as tmp:
-            stats = run_plan(plan_json(plan), tmp, threads, cb)  # local engine or Ray tasks
+            stats = run_plan(text, tmp, threads, cb)  # local engine or Ray tasks
             copy_side_files(Path(side_files_from), tmp, out_dtype)
             if extra_files is not None:
                 extra_files(tmp)
@@ -250,9 +279,11 @@ def execute(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    for note in stats.get("warnings", ()):
-        warnings.warn(f"merge-fast: {note}", MergeWarning, stacklevel=3)
+    notes = list(stats.get("notes", []))
+    for note in notes:
+        warn(f"merge-fast: {note}")
     return MergeResult(
+        notes=notes,
         path=out,
         tensors_written=stats["tensors_written"],
         bytes_read=stats["bytes_read"],

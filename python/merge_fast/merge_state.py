@@ -381,7 +381,8 @@ def finalize(state: PathLike, *, out: PathLike, base: Optional[PathLike] = None,
             if (s.folder / name).is_file():
                 shutil.copy2(s.folder / name, stage / name)
         # The engine casts (round-to-nearest-even, as a one-shot merge) and shards.
-        paths, plans = same_tensor_plan("linear", None, [stage], lambda _n: {"weight": [1.0]}, code)
+        paths, lazy = same_tensor_plan("linear", None, [stage], lambda _n: {"weight": [1.0]}, code)
+        plans = list(lazy)  # built on access: set each tensor's output dtype on a real list
         for t in plans:
             t.dtype = code or info["tensors"][t.name]["dtype"]
         recipe = {"merge_fast_version": _core.__version__, "method": method, "parameters": p,

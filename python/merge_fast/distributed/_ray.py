@@ -155,7 +155,8 @@ class RayRunner:
             "bytes_written": bytes_written,
             "files": [str(tmp / f) for f in files],
             "sha256": {k: v for t in per_task for k, v in t["sha256"].items()},
-            "warnings": [w for t in per_task for w in t.get("warnings", ())],
+            # Notes of the whole plan (mixed input dtypes) come from every task: once each.
+            "notes": list(dict.fromkeys(n for t in per_task for n in t.get("notes", ()))),
         }
 
 

@@ -15,7 +15,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     #[new]
     fn new(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| reader::Checkpoint::open(&path)).map_err(to_py)?;
+        let inner = crate::errors::work(py, || reader::Checkpoint::open(&path)).map_err(to_py)?;
         Ok(Checkpoint { inner })
     }
 
@@ -26,19 +26,12 @@ impl Checkpoint {
 
     /// Tensor names in file order.
     fn names(&self) -> Vec<String> {
-        self.inner.names().to_vec()
+        self.inner.names().map(str::to_owned).collect()
     }
 
     /// `[(name, dtype, shape)]` in file order; dtype is the safetensors name ("BF16").
     fn tensors(&self) -> Vec<(String, String, Vec<usize>)> {
-        self.inner
-            .names()
-            .iter()
-            .map(|n| {
-                let i = self.inner.info(n).expect("listed");
-                (n.clone(), format!("{:?}", i.raw_dtype), i.shape.clone())
-            })
-            .collect()
+        self.inner.infos().iter().map(|i| (i.name.clone(), format!("{:?}", i.raw_dtype), i.shape.clone())).collect()
     }
 
     fn __len__(&self) -> usize {
@@ -58,7 +51,7 @@ impl Checkpoint {
     fn read_f32<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let info = self.inner.get(name).map_err(to_py)?;
         let mut out = vec![0f32; info.numel()];
-        py.detach(|| {
+        crate::errors::work(py, || {
             let r = self.inner.read_f32(info, 0..info.numel(), &mut out);
             // Callers read tensor by tensor: drop the mapped pages so RSS stays flat.
             self.inner.release(info);

@@ -21,7 +21,14 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Numerical { .. } => NumericalError::new_err(msg),
         Error::Interrupted => MergeInterrupted::new_err(msg),
         Error::Io { .. } => MergeIOError::new_err(msg),
+        Error::Internal(_) => MergeError::new_err(msg),
     }
+}
+
+/// Runs core work with the GIL released; a panic anywhere inside (rayon workers included)
+/// comes back as an `Error::Internal`, never as pyo3's PanicException.
+pub fn work<T: Send>(py: Python<'_>, f: impl FnOnce() -> merge_fast_core::Result<T> + Send) -> merge_fast_core::Result<T> {
+    py.detach(|| merge_fast_core::error::no_panic(f))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

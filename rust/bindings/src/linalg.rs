@@ -49,8 +49,7 @@ fn svd_stack<'py>(
     let (data, shape) = slice3(&x, "svd")?;
     let [b, m, n] = shape;
     let ms = mats(data, shape)?;
-    let res = py
-        .detach(|| -> Result<(Vec<linalg::Svd>, Vec<f64>), Error> {
+    let res = crate::errors::work(py, || -> Result<(Vec<linalg::Svd>, Vec<f64>), Error> {
             match k {
                 None => {
                     let s = linalg::svd_batch(&ms)?;
@@ -130,7 +129,7 @@ fn procrustes_stack<'py>(
     let am = mats(ad, ash)?;
     let bm = mats(bd, bsh)?;
     let pairs: Vec<_> = am.into_iter().zip(bm).collect();
-    let rs = py.detach(|| linalg::procrustes_batch(&pairs)).map_err(to_py)?;
+    let rs = crate::errors::work(py, || linalg::procrustes_batch(&pairs)).map_err(to_py)?;
     let (nb, ka, kb) = (ash[0], ash[2], bsh[2]);
     let mut out = Vec::with_capacity(nb * kb * ka);
     for r in &rs {

@@ -30,7 +30,7 @@ fn execute_plan<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let plan: PlanSpec = parse_json("plan", plan_json)?;
     let mut py_err: Option<PyErr> = None;
-    let result = py.detach(|| {
+    let result = crate::errors::work(py, || {
         let ckpts = plan.inputs.iter().map(Checkpoint::open).collect::<Result<Vec<_>, _>>()?;
         let pool = engine::pool(threads)?;
         let mut cb = |p: &Progress| -> Result<(), Error> {
@@ -56,7 +56,7 @@ fn execute_plan<'py>(
     d.set_item("bytes_read", summary.bytes_read)?;
     d.set_item("bytes_written", summary.bytes_written)?;
     d.set_item("files", summary.files)?;
-    d.set_item("warnings", summary.warnings)?;
+    d.set_item("notes", summary.notes)?;
     Ok(d)
 }
 
@@ -95,11 +95,10 @@ fn merge_arrays<'py>(
     threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let params: serde_json::Map<String, serde_json::Value> = parse_json("parameters", params_json)?;
-    let kernel = methods::build(method, &params, inputs.len(), base.is_some()).map_err(to_py)?;
+    let kernel = merge_fast_core::error::no_panic(|| methods::build(method, &params, inputs.len(), base.is_some())).map_err(to_py)?;
     let base_s = base.as_ref().map(contiguous).transpose()?;
     let input_s = inputs.iter().map(contiguous).collect::<PyResult<Vec<_>>>()?;
-    let out = py
-        .detach(|| {
+    let out = crate::errors::work(py, || {
             let pool = engine::pool(threads)?;
             engine::merge_arrays(kernel.as_ref(), tensor, &shape, seed, base_s, &input_s, &pool)
         })
@@ -131,12 +130,12 @@ fn save_file(
         if vals.len() != shape.iter().product::<usize>() {
             return Err(to_py(Error::mismatch(name.as_str(), format!("{} values for shape {shape:?}", vals.len()))));
         }
-        specs.push(OutSpec { name: name.clone(), dtype: dt, shape: shape.clone() });
+        specs.push(OutSpec::new(name.clone(), dt, shape.clone()));
         data.push(vals);
     }
     let mut meta = metadata.unwrap_or_default();
     meta.entry("format".into()).or_insert_with(|| "pt".into());
-    py.detach(|| {
+    crate::errors::work(py, || {
         let w = ShardedWriter::create_file(&path, specs, &meta)?;
         let mut bytes = Vec::new();
         for (i, vals) in data.iter().enumerate() {

@@ -26,16 +26,15 @@ fn subspace_masks<'py>(
     threads: Option<usize>,
     metadata: Option<BTreeMap<String, String>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let masks = py
-        .detach(|| -> merge_fast_core::Result<_> {
+    let masks = crate::errors::work(py, || -> merge_fast_core::Result<_> {
             let it = Checkpoint::open(&it_path)?;
             let pt = Checkpoint::open(&pt_path)?;
             let pool = engine::pool(threads)?;
             let masks = pool.install(|| subspace::subspace_masks(&it, &pt, &names, rank, seed))?;
             let mut specs = Vec::new();
             for m in &masks {
-                specs.push(OutSpec { name: format!("{}.U", m.name), dtype: Dtype::F32, shape: vec![m.rows, m.rank] });
-                specs.push(OutSpec { name: format!("{}.V", m.name), dtype: Dtype::F32, shape: vec![m.cols, m.rank] });
+                specs.push(OutSpec::new(format!("{}.U", m.name), Dtype::F32, vec![m.rows, m.rank]));
+                specs.push(OutSpec::new(format!("{}.V", m.name), Dtype::F32, vec![m.cols, m.rank]));
             }
             let mut meta = metadata.unwrap_or_default();
             meta.insert("format".into(), "pt".into());

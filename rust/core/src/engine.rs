@@ -29,8 +29,63 @@ pub struct Summary {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub files: Vec<PathBuf>,
-    /// Kernel notes, one per tensor that has one ("tensor: note").
-    pub warnings: Vec<String>,
+    /// Things the user should know about an accepted merge: inputs of mixed dtypes (also
+    /// recorded in the output metadata) and kernel notes, one per tensor ("tensor: note").
+    pub notes: Vec<String>,
+}
+
+/// Metadata key listing each input's float dtypes when the inputs of a tensor differ.
+pub const INPUT_DTYPES_KEY: &str = "merge_fast_input_dtypes";
+
+/// A note (and metadata entry) when some tensor merges inputs of different float dtypes
+/// (e.g. a BF16 model with an F32 one): accepted, computed in f32, written in one dtype.
+/// Data-aware merges are skipped: their statistics (Fisher, Gram) are F32 by design.
+fn mixed_dtypes(plan: &PlanSpec, jobs: &[Job]) -> Option<(String, String)> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut per_input: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
+    let (mut mixed, mut example) = (0usize, None);
+    let skip = crate::methods::data_aware::NAMES;
+    for (_, j) in plan.tensors.iter().zip(jobs).filter(|(t, j)| j.raw.is_none() && !skip.contains(&t.method.as_str())) {
+        let first = j.sources().next().map(|s| s.dtype());
+        if j.sources().any(|s| Some(s.dtype()) != first) {
+            mixed += 1;
+            example.get_or_insert((j.name, j.dtype));
+        }
+        for s in j.sources() {
+            per_input.entry(s.root().display().to_string()).or_default().insert(s.dtype().as_str());
+        }
+    }
+    let (name, out) = example?;
+    let list = per_input.iter().map(|(k, v)| format!("{k}: {}", v.iter().copied().collect::<Vec<_>>().join("/"))).collect::<Vec<_>>();
+    let note = format!(
+        "inputs of different dtypes ({}) in {mixed} tensor(s), e.g. '{name}': merged in float32 and written as {out}",
+        list.join("; "));
+    Some((note, serde_json::to_string(&per_input).expect("strings serialize")))
+}
+
+/// Copies a non-float tensor from its first source after checking that every source holds
+/// exactly the same bytes (a merge of position ids or quantization tables has no meaning).
+fn copy_raw(job: &Job, writer: &ShardedWriter, idx: usize) -> Result<()> {
+    fn bytes<'r>(r: &'r crate::plan::Reader<'_>, name: &str) -> Result<&'r [u8]> {
+        match r {
+            crate::plan::Reader::Tensor { ckpt, info } => Ok(ckpt.bytes(info)),
+            _ => Err(Error::config(format!("internal: non-float tensor '{name}' from a computed source"))),
+        }
+    }
+    let bytes = |r| bytes(r, job.name);
+    let srcs: Vec<&crate::plan::Reader> = job.sources().collect();
+    let first = bytes(srcs[0])?;
+    for (k, s) in srcs.iter().enumerate().skip(1) {
+        let b = bytes(s)?;
+        if b != first {
+            let size = job.raw.map_or(1, |d| d.bitsize().div_ceil(8)).max(1);
+            let at = first.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0) / size;
+            return Err(Error::mismatch(job.name, format!(
+                "non-float tensor ({:?}) differs between {} and {} (first at element {at}): such tensors are copied unchanged, so every model must hold the same values",
+                job.raw.unwrap(), job.describe(0), job.describe(k))));
+        }
+    }
+    writer.write(idx, 0, first)
 }
 
 impl TensorIo for Job<'_> {
@@ -46,6 +101,56 @@ impl TensorIo for Job<'_> {
     fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
         self.sources().nth(slot).expect("slot in range").read(range, dst)
     }
+    fn describe(&self, slot: usize) -> String {
+        let s = self.sources().nth(slot).expect("slot in range").describe();
+        match (self.base.is_some(), slot) {
+            (true, 0) => format!("the base ({s})"),
+            (true, i) => format!("model #{} ({s})", i - 1),
+            (false, i) => format!("model #{i} ({s})"),
+        }
+    }
+}
+
+/// Every read of every method goes through this: a NaN or ±inf input is an error naming
+/// the tensor, the model and the element, whatever the kernel would have done with it
+/// (averaged it into NaN, dropped it as an outlier, or let it poison an iteration).
+struct FiniteInputs<'a> {
+    io: &'a dyn TensorIo,
+    tensor: &'a str,
+}
+
+impl TensorIo for FiniteInputs<'_> {
+    fn numel(&self) -> usize {
+        self.io.numel()
+    }
+    fn slots(&self) -> usize {
+        self.io.slots()
+    }
+    fn has_base(&self) -> bool {
+        self.io.has_base()
+    }
+    fn describe(&self, slot: usize) -> String {
+        self.io.describe(slot)
+    }
+    fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        self.io.read(slot, range.clone(), dst)?;
+        match first_non_finite(dst) {
+            None => Ok(()),
+            Some(i) => Err(Error::numerical(self.tensor, format!(
+                "input {} is {} at element {}: inputs must be finite", self.io.describe(slot), dst[i], range.start + i))),
+        }
+    }
+}
+
+/// Index of the first NaN/±inf, scanning blocks branch-free (vectorizes) before locating it.
+pub fn first_non_finite(x: &[f32]) -> Option<usize> {
+    const EXP: u32 = 0x7f80_0000;
+    for (b, block) in x.chunks(1024).enumerate() {
+        if block.iter().fold(false, |acc, v| acc | (v.to_bits() & EXP == EXP)) {
+            return block.iter().position(|v| !v.is_finite()).map(|i| b * 1024 + i);
+        }
+    }
+    None
 }
 
 /// In-memory inputs (the array API, and tests of kernels that use `TensorIo`).
@@ -97,10 +202,26 @@ fn fill(io: &dyn TensorIo, range: Range<usize>, bufs: &mut [Vec<f32>]) -> Result
 }
 
 fn check_finite(tensor: &str, out: &[f32], offset: usize) -> Result<()> {
-    match out.iter().position(|x| !x.is_finite()) {
+    match first_non_finite(out) {
         None => Ok(()),
         Some(i) => Err(Error::numerical(tensor, format!(
             "the merge produced {} at element {} (are the inputs finite? is a weight or parameter extreme?)", out[i], offset + i))),
+    }
+}
+
+/// A finite f32 that rounds to ±inf in a 16-bit output dtype (|x| ≥ 65520 in F16) would be
+/// a silently wrong number in the file: an error naming the tensor, element and value.
+fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], bytes: &[u8], offset: usize) -> Result<()> {
+    let exp: u16 = match dt {
+        crate::dtype::Dtype::F16 => 0x7c00,
+        crate::dtype::Dtype::BF16 => 0x7f80,
+        _ => return Ok(()),
+    };
+    let bad = bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & exp == exp);
+    match bad {
+        None => Ok(()),
+        Some(i) => Err(Error::numerical(tensor, format!(
+            "the merged value {} at element {} does not fit in {dt} (the output dtype)", vals[i], offset + i))),
     }
 }
 
@@ -145,6 +266,8 @@ fn merge_tensor<S>(method: &dyn Method, ctx: Ctx, io: &dyn TensorIo, sink: &S) -
 where
     S: Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
 {
+    let checked = FiniteInputs { io, tensor: ctx.tensor };
+    let io: &dyn TensorIo = &checked;
     let numel = io.numel();
     let stats = method.prepare(&ctx, io)?;
     let note = method.note(&stats);
@@ -187,6 +310,11 @@ pub fn run(
     let specs = out_specs(&jobs);
     let mut metadata = plan.metadata.clone();
     metadata.insert("format".into(), "pt".into());
+    let mut notes = Vec::new();
+    if let Some((note, per_input)) = mixed_dtypes(plan, &jobs) {
+        metadata.insert(INPUT_DTYPES_KEY.into(), per_input);
+        notes.push(note);
+    }
     let writer = match &plan.only_shards {
         None => ShardedWriter::create(out_dir, specs, plan.max_shard_size, &metadata)?,
         Some(only) => ShardedWriter::create_subset(out_dir, specs, plan.max_shard_size, &metadata, only)?,
@@ -198,19 +326,30 @@ pub fn run(
         ..Progress::default()
     };
     let mut bytes_read = 0u64;
-    let mut warnings = Vec::new();
     for idx in mine {
         let job = &jobs[idx];
+        if job.raw.is_some() {
+            copy_raw(job, &writer, idx)?;
+            for s in job.sources() {
+                bytes_read += s.nbytes();
+                s.release();
+            }
+            p.tensors_done += 1;
+            p.bytes_done += writer.specs()[idx].nbytes() as u64;
+            progress(&p)?;
+            continue;
+        }
         let dt = job.dtype;
         let sz = dt.size();
         let sink = |off: usize, vals: &[f32], bytes: &mut Vec<u8>| {
             bytes.resize(vals.len() * sz, 0);
             encode_f32(dt, vals, bytes);
+            check_fits(job.name, dt, vals, bytes, off)?;
             writer.write(idx, off * sz, bytes)
         };
         let ctx = Ctx { tensor: job.name, shape: &job.shape, offset: 0, seed: plan.seed };
         if let Some(n) = pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink))? {
-            warnings.push(format!("{}: {n}", job.name));
+            notes.push(format!("{}: {n}", job.name));
         }
         for s in job.sources() {
             bytes_read += s.nbytes();
@@ -221,11 +360,11 @@ pub fn run(
         progress(&p)?;
     }
     let w = writer.finish()?;
-    Ok(Summary { tensors_written: p.tensors_total, bytes_read, bytes_written: w.bytes_written, files: w.files, warnings })
+    Ok(Summary { tensors_written: p.tensors_total, bytes_read, bytes_written: w.bytes_written, files: w.files, notes })
 }
 
 fn out_specs(jobs: &[Job]) -> Vec<OutSpec> {
-    jobs.iter().map(|j| OutSpec { name: j.name.to_owned(), dtype: j.dtype, shape: j.shape.clone() }).collect()
+    jobs.iter().map(|j| OutSpec { raw: j.raw, ..OutSpec::new(j.name.to_owned(), j.dtype, j.shape.clone()) }).collect()
 }
 
 /// The output layout of a plan (every check of `run` before any write, nothing written):

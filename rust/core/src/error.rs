@@ -27,6 +27,10 @@ pub enum Error {
 
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, #[source] source: std::io::Error },
+
+    /// A panic caught at the API boundary: a bug, never the user's fault.
+    #[error("internal error (a bug in merge_fast; please report it with the command that caused it): {0}")]
+    Internal(String),
 }
 
 fn tensor_prefix(t: &Option<String>) -> String {
@@ -37,6 +41,44 @@ fn tensor_prefix(t: &Option<String>) -> String {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs `f`, turning a panic (in this thread or re-raised from a rayon worker, which
+/// propagates to the caller of the parallel operation) into `Error::Internal`.
+pub fn no_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| Err(Error::Internal(panic_message(&*payload))))
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-text payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    #[test]
+    fn panics_become_internal_errors_even_inside_rayon() {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {})); // keep the test output clean
+        let direct = no_panic::<()>(|| panic!("boom {}", 1));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let in_pool = no_panic(|| Ok(pool.install(|| (0..64).into_par_iter().map(|i| if i == 37 { panic!("min > max") } else { i }).sum::<i32>())));
+        std::panic::set_hook(hook);
+        for (e, want) in [(direct.unwrap_err(), "boom 1"), (in_pool.unwrap_err(), "min > max")] {
+            assert!(matches!(&e, Error::Internal(m) if m == want), "{e}");
+            assert!(e.to_string().contains("a bug in merge_fast"), "{e}");
+        }
+        assert_eq!(no_panic(|| Ok(3)).unwrap(), 3);
+        assert!(matches!(no_panic::<()>(|| Err(Error::config("x"))), Err(Error::Config(_))));
+    }
+}
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

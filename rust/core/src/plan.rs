@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
@@ -32,6 +32,10 @@ pub struct PlanSpec {
     /// executor runs disjoint subsets in separate processes and writes the index itself.
     #[serde(default)]
     pub only_shards: Option<Vec<usize>>,
+    /// Parameter sets shared by many tensors (`TensorSpec::params_id`): one JSON map per
+    /// tensor costs hundreds of bytes, and most merges have a handful of distinct sets.
+    #[serde(default)]
+    pub param_sets: Vec<Map<String, Value>>,
 }
 
 fn default_shard() -> u64 {
@@ -45,6 +49,9 @@ pub struct TensorSpec {
     pub method: String,
     #[serde(default)]
     pub params: Map<String, Value>,
+    /// Index into `PlanSpec::param_sets`, instead of `params`.
+    #[serde(default)]
+    pub params_id: Option<usize>,
     #[serde(default)]
     pub base: Option<Source>,
     #[serde(default)]
@@ -58,8 +65,12 @@ pub struct TensorSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Source {
-    /// A stored tensor, read as it is.
-    Tensor { input: usize, tensor: String },
+    /// A stored tensor, read as it is; `tensor` defaults to the output tensor's name.
+    Tensor {
+        input: usize,
+        #[serde(default)]
+        tensor: Option<String>,
+    },
     /// A LoRA-adapted weight, materialized on the fly: `base + scale · B·A` (PEFT layout:
     /// A is `[r, in]`, B is `[out, r]`, base `[out, in]`). With `transpose` (PEFT embedding
     /// adapters: A `[r, num_embeddings]`, B `[dim, r]`) the delta is `(B·A)ᵀ`.
@@ -120,15 +131,21 @@ fn bind_ref<'a>(r: &TensorRef, ckpts: &'a [Checkpoint], out_name: &str) -> Resul
 }
 
 fn lookup<'a>(input: usize, tensor: &str, ckpts: &'a [Checkpoint], out_name: &str) -> Result<(&'a Checkpoint, &'a TensorInfo)> {
+    let (ckpt, info) = find(input, tensor, ckpts, out_name)?;
+    if info.dtype.is_none() {
+        return Err(Error::invalid(ckpt.shard_path(info), Some(tensor), format!("dtype {:?} cannot be merged (only float tensors)", info.raw_dtype)));
+    }
+    Ok((ckpt, info))
+}
+
+/// A stored tensor of any dtype.
+fn find<'a>(input: usize, tensor: &str, ckpts: &'a [Checkpoint], out_name: &str) -> Result<(&'a Checkpoint, &'a TensorInfo)> {
     let ckpt = ckpts
         .get(input)
         .ok_or_else(|| Error::config(format!("output '{out_name}': source names input #{input}, but only {} inputs are given", ckpts.len())))?;
     let info = ckpt.info(tensor).ok_or_else(|| {
         Error::mismatch(tensor, format!("missing from {} (needed for output '{out_name}')", ckpt.root().display()))
     })?;
-    if info.dtype.is_none() {
-        return Err(Error::invalid(ckpt.shard_path(info), Some(tensor), format!("dtype {:?} cannot be merged (only float tensors)", info.raw_dtype)));
-    }
     Ok((ckpt, info))
 }
 
@@ -224,7 +241,7 @@ impl<'a> Reader<'a> {
     fn bind(src: &'a Source, ckpts: &'a [Checkpoint], out_name: &str) -> Result<Reader<'a>> {
         match src {
             Source::Tensor { input, tensor } => {
-                let (ckpt, info) = lookup(*input, tensor, ckpts, out_name)?;
+                let (ckpt, info) = lookup(*input, tensor.as_deref().unwrap_or(out_name), ckpts, out_name)?;
                 Ok(Reader::Tensor { ckpt, info })
             }
             Source::Lora { base, a, b, scale, transpose } => {
@@ -300,6 +317,15 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The checkpoint folder (or file) the data comes from.
+    pub fn root(&self) -> &Path {
+        match self {
+            Reader::Tensor { ckpt, .. } => ckpt.root(),
+            Reader::Lora(l) => l.base.root(),
+            Reader::Rows(r) => r.sources.first().map_or(Path::new(""), |s| s.root()),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Reader::Tensor { ckpt, info } => format!("'{}' in {}", info.name, ckpt.root().display()),
@@ -338,7 +364,11 @@ impl<'a> Reader<'a> {
 pub struct Job<'a> {
     pub name: &'a str,
     pub shape: Vec<usize>,
+    /// Output dtype (float tensors).
     pub dtype: Dtype,
+    /// Set for a non-float tensor (I64 position ids, U8 quantization metadata...): copied
+    /// unchanged from the first source, after checking every source holds the same bytes.
+    pub raw: Option<safetensors::Dtype>,
     pub method: Box<dyn Method>,
     pub base: Option<Reader<'a>>,
     pub inputs: Vec<Reader<'a>>,
@@ -363,8 +393,15 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
         if !seen.insert(t.name.as_str()) {
             return Err(Error::config(format!("output tensor '{}' is planned twice", t.name)));
         }
-        let base = t.base.as_ref().map(|s| Reader::bind(s, ckpts, &t.name)).transpose()?;
-        let inputs = t.inputs.iter().map(|s| Reader::bind(s, ckpts, &t.name)).collect::<Result<Vec<_>>>()?;
+        let raw = raw_dtype(t, ckpts)?;
+        let bind = |s: &'a Source| match (raw, s) {
+            (Some(_), Source::Tensor { input, tensor }) => {
+                find(*input, tensor.as_deref().unwrap_or(&t.name), ckpts, &t.name).map(|(ckpt, info)| Reader::Tensor { ckpt, info })
+            }
+            _ => Reader::bind(s, ckpts, &t.name),
+        };
+        let base = t.base.as_ref().map(bind).transpose()?;
+        let inputs = t.inputs.iter().map(bind).collect::<Result<Vec<_>>>()?;
         let first = base.as_ref().or(inputs.first()).ok_or_else(|| Error::config(format!("output '{}' has no inputs", t.name)))?;
         let shape = first.shape().to_vec();
         for r in base.iter().chain(&inputs) {
@@ -374,20 +411,51 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
             }
         }
         let dtype = match &t.dtype {
+            _ if raw.is_some() => Dtype::F32, // unused: raw tensors keep their dtype
             Some(d) => Dtype::parse(d).filter(|d| d.writable()).ok_or_else(|| {
                 Error::config(format!("output '{}': cannot write dtype '{d}' (float32, float16 or bfloat16)", t.name))
             })?,
             None if first.dtype().writable() => first.dtype(),
             None => Dtype::F32,
         };
-        let method = methods::build(&t.method, &t.params, inputs.len(), base.is_some())
+        let params = match t.params_id {
+            None => &t.params,
+            Some(k) => plan.param_sets.get(k).filter(|_| t.params.is_empty()).ok_or_else(|| {
+                Error::config(format!("output '{}': params_id {k} with {} parameter sets (and no inline params)", t.name, plan.param_sets.len()))
+            })?,
+        };
+        let method = methods::build(&t.method, params, inputs.len(), base.is_some())
             .map_err(|e| match e {
                 Error::Config(m) => Error::config(format!("output '{}': {m}", t.name)),
                 e => e,
             })?;
-        jobs.push(Job { name: &t.name, shape, dtype, method, base, inputs });
+        jobs.push(Job { name: &t.name, shape, dtype, raw, method, base, inputs });
     }
     Ok(jobs)
+}
+
+/// `Some(dtype)` when the output's sources are stored non-float tensors (all of one dtype);
+/// a mix of float and non-float sources is a mismatch naming the tensor.
+fn raw_dtype(t: &TensorSpec, ckpts: &[Checkpoint]) -> Result<Option<safetensors::Dtype>> {
+    let kind = |s: &Source| match s {
+        Source::Tensor { input, tensor } => {
+            let c = ckpts.get(*input)?;
+            c.info(tensor.as_deref().unwrap_or(&t.name)).and_then(|i| i.dtype.is_none().then_some((i.raw_dtype, c.root())))
+        }
+        _ => None,
+    };
+    let kinds: Vec<_> = t.base.iter().chain(&t.inputs).map(kind).collect();
+    let Some((first, root)) = kinds.iter().flatten().next().copied() else { return Ok(None) };
+    if let Some(i) = kinds.iter().position(|k| k.map(|k| k.0) != Some(first)) {
+        let other = match kinds[i] {
+            Some((d, r)) => format!("{d:?} in {}", r.display()),
+            None => "a float tensor (or an adapter/row source)".into(),
+        };
+        return Err(Error::mismatch(t.name.as_str(), format!(
+            "{first:?} in {} but {other}: non-float tensors are copied unchanged, so every model must hold the same dtype and values",
+            root.display())));
+    }
+    Ok(Some(first))
 }
 
 #[cfg(test)]
@@ -401,7 +469,7 @@ mod source_tests {
 
     fn write(dir: &std::path::Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
         std::fs::create_dir_all(dir).unwrap();
-        let specs = tensors.iter().map(|(n, s, _)| OutSpec { name: n.to_string(), dtype: Dtype::F32, shape: s.clone() }).collect();
+        let specs = tensors.iter().map(|(n, s, _)| OutSpec::new(n.to_string(), Dtype::F32, s.clone())).collect();
         let w = ShardedWriter::create(dir, specs, u64::MAX, &BTreeMap::new()).unwrap();
         for (i, (_, _, v)) in tensors.iter().enumerate() {
             let mut b = vec![0u8; v.len() * 4];
@@ -434,7 +502,7 @@ mod source_tests {
         write(&tmp.path().join("ad"), &[("A", vec![r, n], a.clone()), ("B", vec![m, r], b.clone()),
                                         ("At", vec![r, m], at.clone()), ("Bt", vec![n, r], bt.clone())]);
         let ckpts = vec![Checkpoint::open(tmp.path().join("base")).unwrap(), Checkpoint::open(tmp.path().join("ad")).unwrap()];
-        let base = || Box::new(Source::Tensor { input: 0, tensor: "w".into() });
+        let base = || Box::new(Source::Tensor { input: 0, tensor: Some("w".into()) });
         let tr = |t: &str| TensorRef { input: 1, tensor: t.into() };
         let lora = Source::Lora { base: base(), a: tr("A"), b: tr("B"), scale: 0.5, transpose: false };
         let got = read_ranges(&Reader::bind(&lora, &ckpts, "w").unwrap(), m * n);

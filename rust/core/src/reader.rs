@@ -5,7 +5,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::TensorInfo as StInfo;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -41,14 +41,16 @@ struct Shard {
 pub struct Checkpoint {
     root: PathBuf,
     shards: Vec<Shard>,
-    tensors: HashMap<String, TensorInfo>,
-    /// Tensor names in file order (shard, then offset): a stable, natural iteration order.
-    order: Vec<String>,
+    /// In file order (shard, then offset): a stable, natural iteration order.
+    tensors: Vec<TensorInfo>,
+    /// Positions in `tensors` sorted by name, for lookups. Names are stored once (in
+    /// `TensorInfo`): checkpoints with 100k+ tensors are common, keep per-tensor cost low.
+    by_name: Vec<u32>,
 }
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("root", &self.root).field("tensors", &self.order.len()).finish()
+        f.debug_struct("Checkpoint").field("root", &self.root).field("tensors", &self.tensors.len()).finish()
     }
 }
 
@@ -119,8 +121,7 @@ impl Checkpoint {
 
     fn from_files(root: PathBuf, files: Vec<PathBuf>, index: Option<(&Path, BTreeMap<String, String>)>) -> Result<Checkpoint> {
         let mut shards = Vec::with_capacity(files.len());
-        let mut tensors = HashMap::new();
-        let mut order = Vec::new();
+        let mut tensors: Vec<TensorInfo> = Vec::new();
         for (si, file) in files.into_iter().enumerate() {
             let (shard, infos) = open_shard(&file, si)?;
             let shard_name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -131,23 +132,34 @@ impl Checkpoint {
                         continue;
                     }
                 }
-                if let Some(prev) = tensors.get(&info.name) {
-                    let prev: &TensorInfo = prev;
-                    return Err(Error::invalid(&file, Some(&info.name), format!("tensor also stored in {}", shards_path(&shards, prev.shard).display())));
-                }
-                order.push(info.name.clone());
-                tensors.insert(info.name.clone(), info);
+                tensors.push(info);
             }
             shards.push(shard);
         }
+        let mut by_name: Vec<u32> = (0..tensors.len() as u32).collect();
+        // stable: of two equal names, the one stored first comes first
+        by_name.sort_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
+        for w in by_name.windows(2) {
+            let (first, again) = (&tensors[w[0] as usize], &tensors[w[1] as usize]);
+            if first.name == again.name {
+                let (file, other) = (&shards[again.shard].path, &shards[first.shard].path);
+                return Err(Error::invalid(file, Some(&again.name), format!("tensor also stored in {}", other.display())));
+            }
+        }
+        let ck = |name: &str| by_name.binary_search_by(|&i| tensors[i as usize].name.as_str().cmp(name)).is_ok();
         if let Some((index, wanted)) = &index {
             for (name, shard) in wanted {
-                if !tensors.contains_key(name) {
+                if !ck(name) {
                     return Err(Error::invalid(*index, Some(name), format!("index says the tensor is in '{shard}', but that shard does not hold it")));
                 }
             }
         }
-        Ok(Checkpoint { root, shards, tensors, order })
+        if tensors.is_empty() {
+            // Merging it would "succeed" with an empty model.
+            let file = if shards.len() == 1 { shards[0].path.clone() } else { root.clone() };
+            return Err(Error::invalid(file, None, "holds no tensors"));
+        }
+        Ok(Checkpoint { root, shards, tensors, by_name })
     }
 
     pub fn root(&self) -> &Path {
@@ -155,12 +167,18 @@ impl Checkpoint {
     }
 
     /// Tensor names in file order.
-    pub fn names(&self) -> &[String] {
-        &self.order
+    pub fn names(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.tensors.iter().map(|t| t.name.as_str())
+    }
+
+    /// Every tensor, in file order.
+    pub fn infos(&self) -> &[TensorInfo] {
+        &self.tensors
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.get(name)
+        let i = self.by_name.binary_search_by(|&i| self.tensors[i as usize].name.as_str().cmp(name)).ok()?;
+        Some(&self.tensors[self.by_name[i] as usize])
     }
 
     pub fn get(&self, name: &str) -> Result<&TensorInfo> {
@@ -214,10 +232,6 @@ fn decode_into(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
     crate::dtype::decode_f32(dtype, src, dst)
 }
 
-fn shards_path(shards: &[Shard], i: usize) -> &Path {
-    &shards[i].path
-}
-
 /// Maps one file and validates its header completely.
 fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)> {
     let f = File::open(file).map_err(|e| Error::io(file, e))?;
@@ -235,23 +249,26 @@ fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)>
     let header_end = 8 + n as usize;
     let header = std::str::from_utf8(&mmap[8..header_end])
         .map_err(|e| Error::invalid(file, None, format!("header is not UTF-8: {e}")))?;
-    let raw: serde_json::Map<String, serde_json::Value> =
+    // Entries stay raw text until parsed one by one straight into `StInfo`: no JSON tree
+    // of the whole header (which costs several hundred bytes per tensor).
+    let raw: BTreeMap<String, &serde_json::value::RawValue> =
         serde_json::from_str(header).map_err(|e| Error::invalid(file, None, format!("header is not valid JSON: {e}")))?;
     let data_len = mmap.len() - header_end;
     let mut metadata = BTreeMap::new();
     let mut infos = Vec::with_capacity(raw.len());
     for (name, value) in raw {
         if name == "__metadata__" {
-            metadata = serde_json::from_value(value)
+            metadata = serde_json::from_str(value.get())
                 .map_err(|e| Error::invalid(file, None, format!("__metadata__ is not a map of strings: {e}")))?;
             continue;
         }
-        let st: StInfo = serde_json::from_value(value.clone()).map_err(|e| {
-            let dt = value.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let st: StInfo = serde_json::from_str(value.get()).map_err(|e| {
+            let v: serde_json::Value = serde_json::from_str(value.get()).unwrap_or_default();
+            let dt = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
             let msg = if e.to_string().contains("unknown variant") {
                 format!("unknown dtype '{dt}'")
             } else {
-                format!("bad entry {value}: {e}")
+                format!("bad entry {v}: {e}")
             };
             Error::invalid(file, Some(&name), msg)
         })?;
@@ -289,7 +306,21 @@ fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)>
             return Err(Error::invalid(file, Some(&w[1].name), format!("data overlaps tensor '{}'", w[0].name)));
         }
     }
-    // The crate's own validation on top: no holes, no trailing bytes, as every loader demands.
-    safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::invalid(file, None, format!("{e:?}")))?;
+    // What every loader demands on top (the safetensors crate's checks, done here without
+    // parsing the header a second time): data packed from the start, no holes, nothing after.
+    if !header.starts_with('{') {
+        return Err(Error::invalid(file, None, "header does not start with '{'"));
+    }
+    let mut pos = header_end;
+    for i in &infos {
+        if i.span.start != pos {
+            return Err(Error::invalid(file, Some(&i.name), format!(
+                "data starts at offset {} but the previous tensor ends at {}: a hole in the data section", i.span.start - header_end, pos - header_end)));
+        }
+        pos = i.span.end;
+    }
+    if pos != mmap.len() {
+        return Err(Error::invalid(file, None, format!("{} bytes after the last tensor's data", mmap.len() - pos)));
+    }
     Ok((Shard { path: file.to_path_buf(), mmap, metadata }, infos))
 }

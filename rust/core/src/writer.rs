@@ -15,11 +15,34 @@ pub struct OutSpec {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
+    /// A non-float tensor (I64, U8, BOOL...) copied byte for byte: written with this dtype
+    /// (`dtype` is then ignored).
+    pub raw: Option<safetensors::Dtype>,
 }
 
 impl OutSpec {
+    pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> Self {
+        OutSpec { name: name.into(), dtype, shape, raw: None }
+    }
+
     pub fn nbytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
+        let n = self.shape.iter().product::<usize>();
+        match self.raw {
+            Some(r) => (n * r.bitsize()).div_ceil(8),
+            None => n * self.dtype.size(),
+        }
+    }
+
+    /// Element size in bytes, for alignment.
+    fn align(&self) -> usize {
+        self.raw.map_or(self.dtype.size(), |r| r.bitsize().div_ceil(8))
+    }
+
+    fn dtype_name(&self) -> String {
+        match self.raw {
+            Some(r) => serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| format!("{r:?}")),
+            None => self.dtype.as_str().to_owned(),
+        }
     }
 }
 
@@ -149,7 +172,7 @@ impl ShardedWriter {
             if !seen.insert(&s.name) {
                 return Err(Error::config(format!("output tensor '{}' is planned twice", s.name)));
             }
-            if !s.dtype.writable() {
+            if s.raw.is_none() && !s.dtype.writable() {
                 return Err(Error::config(format!("output tensor '{}': cannot write dtype {}", s.name, s.dtype)));
             }
         }
@@ -162,22 +185,33 @@ impl ShardedWriter {
         let mut files = Vec::with_capacity(n);
         for (si, mut group) in groups.into_iter().enumerate() {
             // Wider dtypes first keeps every tensor naturally aligned (as safetensors does).
-            group.sort_by_key(|&i| std::cmp::Reverse(specs[i].dtype.size()));
-            let mut header = serde_json::Map::new();
-            header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap());
+            group.sort_by_key(|&i| std::cmp::Reverse(specs[i].align()));
+            // The header as text, keys sorted (as a JSON map would write them), built without
+            // a JSON tree: that costs several hundred bytes per tensor on 100k-tensor models.
+            let mut header: BTreeMap<&str, String> = BTreeMap::new();
+            header.insert("__metadata__", serde_json::to_string(metadata).unwrap());
             let mut off = 0usize;
             let mut rel = Vec::with_capacity(group.len());
             for &i in &group {
                 let s = &specs[i];
                 let len = s.nbytes();
-                header.insert(
-                    s.name.clone(),
-                    serde_json::json!({"dtype": s.dtype.as_str(), "shape": s.shape, "data_offsets": [off, off + len]}),
-                );
+                let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+                header.insert(&s.name, format!(r#"{{"dtype":"{}","shape":[{shape}],"data_offsets":[{off},{}]}}"#, s.dtype_name(), off + len));
                 rel.push((i, off, len));
                 off += len;
             }
-            let mut hbytes = serde_json::to_vec(&header).unwrap();
+            let mut hbytes = Vec::with_capacity(header.iter().map(|(k, v)| k.len() + v.len() + 8).sum());
+            hbytes.push(b'{');
+            for (k, (name, entry)) in header.iter().enumerate() {
+                if k > 0 {
+                    hbytes.push(b',');
+                }
+                hbytes.extend_from_slice(serde_json::to_string(name).unwrap().as_bytes());
+                hbytes.push(b':');
+                hbytes.extend_from_slice(entry.as_bytes());
+            }
+            hbytes.push(b'}');
+            drop(header);
             // Pad with spaces so the data section starts 8-aligned.
             while !hbytes.len().is_multiple_of(8) {
                 hbytes.push(b' ');

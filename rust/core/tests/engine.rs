@@ -16,7 +16,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 /// Writes `tensors` (name, shape, values) as one checkpoint of `dtype` into `dir`.
 fn write_model(dir: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], dtype: Dtype, max_shard: u64) {
     std::fs::create_dir_all(dir).unwrap();
-    let specs = tensors.iter().map(|(n, s, _)| OutSpec { name: n.to_string(), dtype, shape: s.clone() }).collect();
+    let specs = tensors.iter().map(|(n, s, _)| OutSpec::new(n.to_string(), dtype, s.clone())).collect();
     let w = ShardedWriter::create(dir, specs, max_shard, &BTreeMap::new()).unwrap();
     for (i, (_, _, v)) in tensors.iter().enumerate() {
         let mut bytes = vec![0u8; v.len() * dtype.size()];
@@ -64,12 +64,11 @@ fn run(plan: &PlanSpec, out: &Path, threads: usize) -> Result<engine::Summary, E
 fn read_all(dir: &Path) -> BTreeMap<String, Vec<f32>> {
     let c = Checkpoint::open(dir).unwrap();
     c.names()
-        .iter()
         .map(|n| {
             let i = c.info(n).unwrap();
             let mut v = vec![0f32; i.numel()];
             c.read_f32(i, 0..i.numel(), &mut v).unwrap();
-            (n.clone(), v)
+            (n.to_owned(), v)
         })
         .collect()
 }

@@ -78,3 +78,74 @@ fn the_valid_file_opens() {
     let c = Checkpoint::open(&p).unwrap();
     assert_eq!(c.names().len(), 2);
 }
+
+/// A shard holding `names` (F32 scalars... of 2 elements each), as raw bytes.
+fn shard(names: &[&str]) -> Vec<u8> {
+    let mut header = String::from("{");
+    for (i, n) in names.iter().enumerate() {
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!(r#""{n}":{{"dtype":"F32","shape":[2],"data_offsets":[{},{}]}}"#, i * 8, i * 8 + 8));
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut f = (header.len() as u64).to_le_bytes().to_vec();
+    f.extend_from_slice(header.as_bytes());
+    f.extend(vec![0u8; names.len() * 8]);
+    f
+}
+
+fn index_entry() -> impl Strategy<Value = (String, serde_json::Value)> {
+    let name = prop::sample::select(vec!["a", "b", "c", "d", "missing", ""]).prop_map(str::to_owned);
+    let file = prop_oneof![
+        prop::sample::select(vec!["s1.safetensors", "s2.safetensors", "nope.safetensors", "../s1.safetensors",
+                                  "/etc/passwd", "sub/s1.safetensors", "", "."])
+            .prop_map(|s| serde_json::Value::String(s.to_owned())),
+        Just(serde_json::Value::Null),
+        any::<i64>().prop_map(serde_json::Value::from),
+        Just(serde_json::json!(["s1.safetensors"])),
+    ];
+    (name, file)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Sharded folders with a random `model.safetensors.index.json`: open gives a checkpoint
+    /// whose every tensor is readable, or an `InvalidCheckpoint`/`Io` error; never a panic.
+    #[test]
+    fn random_index_files_never_panic(entries in proptest::collection::vec(index_entry(), 0..7),
+                                      shape in 0u8..6, junk in proptest::collection::vec(any::<u8>(), 0..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s1.safetensors"), shard(&["a", "b"])).unwrap();
+        std::fs::write(dir.path().join("s2.safetensors"), shard(&["c", "d"])).unwrap();
+        let map: serde_json::Map<String, serde_json::Value> = entries.into_iter().collect();
+        let text = match shape {
+            0 => serde_json::json!({"metadata": {"total_size": 32}, "weight_map": map}).to_string(),
+            1 => serde_json::json!({"weight_map": map}).to_string(),
+            2 => serde_json::json!({"weight_map": [map]}).to_string(),
+            3 => serde_json::json!({"metadata": {}}).to_string(),
+            4 => String::from_utf8_lossy(&junk).into_owned(),
+            _ => {
+                let mut t = serde_json::json!({"weight_map": map}).to_string();
+                t.truncate(junk.len() % (t.len() + 1));
+                t
+            }
+        };
+        std::fs::write(dir.path().join("model.safetensors.index.json"), text).unwrap();
+        match Checkpoint::open(dir.path()) {
+            Ok(c) => {
+                for i in c.infos() {
+                    let mut v = vec![0f32; i.numel()];
+                    c.read_f32(i, 0..i.numel(), &mut v).unwrap();
+                    prop_assert!(c.info(&i.name).is_some());
+                }
+            }
+            Err(Error::InvalidCheckpoint { .. }) | Err(Error::Io { .. }) => {}
+            Err(e) => prop_assert!(false, "unexpected error kind: {}", e),
+        }
+    }
+}

@@ -12,7 +12,7 @@ use std::path::Path;
 fn write_model(dir: &Path, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
     let shapes = [("a", vec![300, 40]), ("b", vec![64, 32]), ("c", vec![1000]), ("d", vec![7, 9])];
-    let specs = shapes.iter().map(|(n, s)| OutSpec { name: n.to_string(), dtype: Dtype::BF16, shape: s.clone() }).collect();
+    let specs = shapes.iter().map(|(n, s)| OutSpec::new(n.to_string(), Dtype::BF16, s.clone())).collect();
     let w = ShardedWriter::create(dir, specs, u64::MAX, &BTreeMap::new()).unwrap();
     for (i, (_, s)) in shapes.iter().enumerate() {
         let n: usize = s.iter().product();

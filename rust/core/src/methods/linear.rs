@@ -1,8 +1,8 @@
 //! Linear (weighted average): `Σ w_i θ_i / Σ w_i`, or the plain weighted sum without
 //! normalization.
 use super::{check_arity, weighted_sum, BaseRule, Ctx, Method};
-use crate::error::{Error, Result};
-use crate::params::Params;
+use crate::error::Result;
+use crate::params::{Params, Range};
 
 pub struct Linear {
     weights: Vec<f32>,
@@ -11,18 +11,9 @@ pub struct Linear {
 impl Linear {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity("linear", has_base, BaseRule::Forbidden, n, 1, None)?;
-        let w = p.per_model("weight", n, Some(1.0))?;
+        let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
         let normalize = p.bool("normalize", true)?;
-        let total: f64 = w.iter().sum();
-        let weights = if normalize {
-            if total.abs() < 1e-12 {
-                return Err(Error::config("linear: weights sum to zero, cannot normalize (set normalize: false)"));
-            }
-            w.iter().map(|x| (x / total) as f32).collect()
-        } else {
-            w.iter().map(|&x| x as f32).collect()
-        };
-        Ok(Linear { weights })
+        Ok(Linear { weights: p.weights_f32("weight", &w, normalize)? })
     }
 }
 

@@ -76,6 +76,14 @@ pub trait TensorIo: Sync {
     fn has_base(&self) -> bool;
     /// Widens elements `range` of input `slot` into `dst`.
     fn read(&self, slot: usize, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()>;
+    /// Names input `slot` in messages ("base", "model #1", or the file it comes from).
+    fn describe(&self, slot: usize) -> String {
+        match (self.has_base(), slot) {
+            (true, 0) => "the base".into(),
+            (true, s) => format!("model #{}", s - 1),
+            (false, s) => format!("model #{s}"),
+        }
+    }
 }
 
 /// How a method uses a base model.

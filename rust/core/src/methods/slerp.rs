@@ -7,8 +7,8 @@
 //! undefined; mergekit then uses cos = 0 and scales the other tensor by sin(tπ/2), which
 //! shrinks it. We lerp instead.
 use super::{check_arity, BaseRule, Ctx, Method};
-use crate::error::{Error, Result};
-use crate::params::Params;
+use crate::error::Result;
+use crate::params::{Params, Range};
 
 pub const DOT_THRESHOLD: f64 = 0.9995;
 pub const NORM_EPS: f64 = 1e-8;
@@ -20,10 +20,7 @@ pub struct Slerp {
 impl Slerp {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity("slerp", has_base, BaseRule::Required, n, 1, Some(1))?;
-        let t = p.require_f64("t")?;
-        if !t.is_finite() {
-            return Err(Error::config(format!("slerp: t must be finite, got {t}")));
-        }
+        let t = p.require_f64("t", Range::UNIT)?;
         Ok(Slerp { t })
     }
 

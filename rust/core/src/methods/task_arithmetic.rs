@@ -2,7 +2,7 @@
 //! `normalize` the sum is divided by `Σ w_i` (mergekit's option, off by default).
 use super::{check_arity, BaseRule, Ctx, Method};
 use crate::error::{Error, Result};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct TaskArithmetic {
     weights: Vec<f32>,
@@ -12,22 +12,13 @@ pub struct TaskArithmetic {
 impl TaskArithmetic {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity("task_arithmetic", has_base, BaseRule::Required, n, 1, None)?;
-        let w = p.per_model("weight", n, Some(1.0))?;
-        let lambda = match (p.opt_f64("lambda")?, p.opt_f64("lam")?) {
+        let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
+        let lambda = match (p.opt_f64("lambda", Range::FINITE)?, p.opt_f64("lam", Range::FINITE)?) {
             (Some(_), Some(_)) => return Err(Error::config("task_arithmetic: give 'lambda' or 'lam', not both")),
             (a, b) => a.or(b).unwrap_or(1.0),
         };
         let normalize = p.bool("normalize", false)?;
-        let scale = if normalize {
-            let t: f64 = w.iter().sum();
-            if t.abs() < 1e-12 {
-                return Err(Error::config("task_arithmetic: weights sum to zero, cannot normalize"));
-            }
-            1.0 / t
-        } else {
-            1.0
-        };
-        Ok(TaskArithmetic { weights: w.iter().map(|x| (x * scale) as f32).collect(), lambda: lambda as f32 })
+        Ok(TaskArithmetic { weights: p.weights_f32("weight", &w, normalize)?, lambda: lambda as f32 })
     }
 }
 

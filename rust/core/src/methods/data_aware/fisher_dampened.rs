@@ -14,7 +14,7 @@
 //! - `rank`: the entry's quantile in the tensor (interpolated between 1024 quantiles).
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 const QUANTILES: usize = 1024;
 const LOG_EPS: f64 = 1e-30;
@@ -37,23 +37,17 @@ impl FisherDampened {
     pub fn build(p: &Params, n_inputs: usize, has_base: bool) -> Result<Self> {
         check_arity("fisher_dampened", has_base, BaseRule::Required, n_inputs, 2, None)?;
         let n = n_inputs - 1;
-        let w = p.per_model("weight", n, Some(1.0))?;
-        let total: f64 = w.iter().sum();
-        if total.abs() < 1e-12 {
-            return Err(Error::config("fisher_dampened: delta weights sum to zero"));
-        }
-        let scale = p.f64("scale", 1.0)? as f32;
-        let layer = p.f64("layer_importance", 0.0)?;
-        if !(0.0..=1.0).contains(&layer) {
-            return Err(Error::config(format!("fisher_dampened: layer_importance must be in [0, 1], got {layer}")));
-        }
+        let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
+        let weights = p.weights_f32("weight", &w, true)?;
+        let scale = p.weights_f32("scale", &[p.f64("scale", 1.0, Range::FINITE)?], false)?[0];
+        let layer = p.f64("layer_importance", 0.0, Range::UNIT)?;
         let norm = match p.opt_str("normalization")?.unwrap_or("log") {
             "log" => Norm::Log,
             "minmax" => Norm::MinMax,
             "rank" => Norm::Rank,
             other => return Err(Error::config(format!("fisher_dampened: normalization must be log, minmax or rank, got '{other}'"))),
         };
-        Ok(FisherDampened { weights: w.iter().map(|x| (x / total) as f32).collect(), scale, layer: layer as f32, norm })
+        Ok(FisherDampened { weights, scale, layer: layer as f32, norm })
     }
 
     fn transform(&self, f: f32) -> f64 {

@@ -7,7 +7,7 @@
 //! in by where they are confident rather than by how large their Fisher is.
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct FisherWeighted {
     weights: Vec<f64>,
@@ -22,11 +22,12 @@ impl FisherWeighted {
             return Err(Error::config(format!("fisher_weighted: needs one Fisher per model, got {n_inputs} inputs")));
         }
         let n = n_inputs / 2;
-        let weights = p.per_model("weight", n, Some(1.0))?;
-        let epsilon = p.f64("epsilon", 1e-8)?;
-        if epsilon < 0.0 || !epsilon.is_finite() {
-            return Err(Error::config(format!("fisher_weighted: epsilon must be >= 0, got {epsilon}")));
-        }
+        let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
+        // Σ λF θ / Σ λF does not change when every λ is scaled: scale by the largest so
+        // that huge weights cannot overflow the sums.
+        let m = w.iter().fold(0f64, |a, x| a.max(x.abs()));
+        let weights = w.iter().map(|x| if m > 0.0 { x / m } else { *x }).collect();
+        let epsilon = p.f64("epsilon", 1e-8, Range::NON_NEG)?;
         let normalize = match p.opt_str("fisher_normalize")?.unwrap_or("none") {
             "none" => false,
             "mean" => true,

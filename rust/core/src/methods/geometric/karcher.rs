@@ -18,7 +18,7 @@
 use super::common::{tri, whole_gram, MAX_MODELS};
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct Karcher {
     n: usize,
@@ -33,15 +33,9 @@ impl Karcher {
         if total > MAX_MODELS {
             return Err(Error::config(format!("karcher: at most {MAX_MODELS} inputs, got {total}")));
         }
-        let max_iter = p.f64("max_iter", 10.0)?;
-        if !(max_iter >= 0.0 && max_iter.fract() == 0.0 && max_iter < 1e7) {
-            return Err(Error::config(format!("karcher: max_iter must be a non-negative integer, got {max_iter}")));
-        }
-        let tol = p.f64("tol", 1e-5)?;
-        if !tol.is_finite() || tol < 0.0 {
-            return Err(Error::config(format!("karcher: tol must be finite and non-negative, got {tol}")));
-        }
-        Ok(Karcher { n: total, max_iter: max_iter as usize, tol })
+        let max_iter = p.count("max_iter", 10, 9_999_999)?;
+        let tol = p.f64("tol", 1e-5, Range::NON_NEG)?;
+        Ok(Karcher { n: total, max_iter, tol })
     }
 
     /// The coefficient of each input (in input order) from their packed Gram matrix.

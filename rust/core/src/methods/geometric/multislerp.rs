@@ -19,7 +19,7 @@
 use super::common::{tri, whole_gram, MAX_MODELS};
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, weighted_sum, BaseRule, Ctx, Method, TensorIo};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct MultiSlerp {
     w: Vec<f64>,
@@ -29,18 +29,13 @@ pub struct MultiSlerp {
 impl MultiSlerp {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity("multislerp", has_base, BaseRule::Optional, n, 1, Some(MAX_MODELS))?;
-        let mut w = p.per_model("weight", n, None)?;
+        let mut w = p.per_model("weight", n, None, Range::FINITE)?;
         if p.bool("normalize_weights", true)? {
-            let s: f64 = w.iter().sum();
-            if s.abs() < 1e-12 {
-                return Err(Error::config("multislerp: weights sum to zero, cannot normalize (set normalize_weights: false)"));
-            }
-            w.iter_mut().for_each(|x| *x /= s);
+            w = crate::params::normalized(&w).ok_or_else(|| {
+                Error::config("multislerp: parameter 'weight' sums to zero, cannot normalize (set normalize_weights: false)")
+            })?;
         }
-        let eps = p.f64("eps", 1e-8)?;
-        if !eps.is_finite() || eps < 0.0 || w.iter().any(|x| !x.is_finite()) {
-            return Err(Error::config("multislerp: weights and eps must be finite (eps >= 0)"));
-        }
+        let eps = p.f64("eps", 1e-8, Range::NON_NEG)?;
         Ok(MultiSlerp { w, eps })
     }
 

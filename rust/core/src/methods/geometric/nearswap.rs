@@ -1,9 +1,9 @@
 //! NearSwap (mergekit `nearswap`): per element, `w = clamp(t / max(|base − x|, 1e-6), 0, 1)`
 //! and `out = w·x + (1 − w)·base`: elements where the model is within `t` of the base take
 //! the model's value; farther ones move toward it by `t / |base − x|`.
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::methods::{check_arity, BaseRule, Ctx, Method};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct NearSwap {
     t: f32,
@@ -12,10 +12,7 @@ pub struct NearSwap {
 impl NearSwap {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity("nearswap", has_base, BaseRule::Required, n, 1, Some(1))?;
-        let t = p.require_f64("t")?;
-        if !t.is_finite() {
-            return Err(Error::config(format!("nearswap: t must be finite, got {t}")));
-        }
+        let t = p.require_f64("t", Range::NON_NEG)?;
         Ok(NearSwap { t: t as f32 })
     }
 }

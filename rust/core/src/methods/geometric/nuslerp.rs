@@ -16,9 +16,9 @@
 //! Memory: per-vector dot products and norms are streamed in `prepare` (one coefficient
 //! pair per vector); `apply` runs elementwise on chunks.
 use super::common::{dot, vector_stats, Layout};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub const NORM_EPS: f64 = 1e-7;
 pub const COLINEAR_EPS: f64 = 1e-8;
@@ -32,12 +32,9 @@ pub struct NuSlerp {
 impl NuSlerp {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity("nuslerp", has_base, BaseRule::Optional, n, 2, Some(2))?;
-        let w = p.per_model("weight", n, None)?;
+        let w = p.per_model("weight", n, None, Range::FINITE)?;
         let total = w[0] + w[1];
-        let t = if total.abs() < 1e-6 { 0.5 } else { w[1] / total };
-        if !t.is_finite() {
-            return Err(Error::config(format!("nuslerp: weights must be finite, got {w:?}")));
-        }
+        let t = if total.abs() < 1e-6 { 0.5 } else { crate::params::normalized(&w).map_or(0.5, |v| v[1]) };
         let row_wise = p.bool("nuslerp_row_wise", false)?;
         let flatten = p.bool("nuslerp_flatten", true)?;
         Ok(NuSlerp { t, row_wise, flatten })

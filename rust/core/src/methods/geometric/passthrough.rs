@@ -1,8 +1,8 @@
 //! Passthrough (mergekit `passthrough`): the single input, copied exactly, or multiplied by
 //! the optional `scale`. Frankenmerge slice plans use it for every copied tensor.
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::methods::{check_arity, BaseRule, Ctx, Method};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct Passthrough {
     scale: Option<f32>,
@@ -11,10 +11,9 @@ pub struct Passthrough {
 impl Passthrough {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity("passthrough", has_base, BaseRule::Forbidden, n, 1, Some(1))?;
-        let scale = match p.per_model("scale", 1, Some(f64::NAN))?[0] {
+        let scale = match p.per_model("scale", 1, Some(f64::NAN), Range::FINITE)?[0] {
             s if s.is_nan() => None,
-            s if !s.is_finite() => return Err(Error::config(format!("passthrough: scale must be finite, got {s}"))),
-            s => Some(s as f32),
+            s => Some(p.weights_f32("scale", &[s], false)?[0]),
         };
         Ok(Passthrough { scale })
     }

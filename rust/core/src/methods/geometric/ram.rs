@@ -8,9 +8,9 @@
 //! `λ_i = 1 + r · clamp(ρ_i, 0, alpha)`, `ρ_i = shared_i / max(unique_i, epsilon)`, where
 //! `shared_i`/`unique_i` count model i's contributing entries that are shared with other
 //! models / unique to it over the whole tensor (two streamed counts per model).
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::methods::{check_arity, BaseRule, Ctx, Method};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct Ram {
     eps: f32,
@@ -22,16 +22,9 @@ pub struct Ram {
 impl Ram {
     pub fn build(name: &str, p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity(name, has_base, BaseRule::Required, n, 1, None)?;
-        let plus = if name == "ramplus_tl" { Some((p.f64("r", 0.1)?, p.f64("alpha", 0.2)?)) } else { None };
-        let eps = p.f64("epsilon", 1e-5)?;
-        if !eps.is_finite() || eps < 0.0 {
-            return Err(Error::config(format!("{name}: epsilon must be finite and non-negative, got {eps}")));
-        }
-        if let Some((r, a)) = plus {
-            if !r.is_finite() || !a.is_finite() {
-                return Err(Error::config(format!("{name}: r and alpha must be finite")));
-            }
-        }
+        // alpha bounds a clamp from above (clamp(ρ, 0, alpha)): it cannot be negative
+        let plus = if name == "ramplus_tl" { Some((p.f64("r", 0.1, Range::NON_NEG)?, p.f64("alpha", 0.2, Range::NON_NEG)?)) } else { None };
+        let eps = p.f64("epsilon", 1e-5, Range::NON_NEG)?;
         Ok(Ram { eps: eps as f32, plus, n })
     }
 

@@ -11,9 +11,9 @@
 //! broken by index (the lower index ranks lower), so exactly `target` entries survive.
 use super::gta::{Mode, Sparsifier};
 use super::sparsify::{mag_key, mask_by_window, Window};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::methods::{Ctx, TensorIo};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct Outliers {
     density: Vec<f64>,
@@ -23,10 +23,7 @@ pub struct Outliers {
 impl Outliers {
     pub fn build(name: &str, p: &Params, n: usize) -> Result<Self> {
         let density = super::ties::densities(name, p, n)?;
-        let gamma = p.per_model("gamma", n, Some(0.01))?;
-        if let Some(g) = gamma.iter().find(|g| !(g.is_finite() && **g >= 0.0)) {
-            return Err(Error::config(format!("{name}: gamma must be a finite number ≥ 0, got {g}")));
-        }
+        let gamma = p.per_model("gamma", n, Some(0.01), Range::UNIT)?;
         Ok(Outliers { density, gamma })
     }
 

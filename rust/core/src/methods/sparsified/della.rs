@@ -19,7 +19,7 @@ use super::sparsify::mag_key;
 use crate::engine::CHUNK;
 use crate::error::{Error, Result};
 use crate::methods::{Ctx, TensorIo};
-use crate::params::Params;
+use crate::params::{Params, Range};
 use crate::rng::{stream_key, uniform};
 use rayon::prelude::*;
 
@@ -31,11 +31,8 @@ pub struct MagPrune {
 impl MagPrune {
     pub fn build(name: &str, p: &Params, n: usize) -> Result<Self> {
         let density = super::ties::densities(name, p, n)?;
-        let epsilon = p.per_model("epsilon", n, Some(0.15))?;
+        let epsilon = p.per_model("epsilon", n, Some(0.15), Range::UNIT)?;
         for (&d, &e) in density.iter().zip(&epsilon) {
-            if !e.is_finite() {
-                return Err(Error::config(format!("{name}: epsilon must be finite, got {e}")));
-            }
             if d > 0.0 && d < 1.0 && (d + e >= 1.0 || d - e <= 0.0) {
                 return Err(Error::config(format!(
                     "{name}: epsilon must be chosen such that density ± epsilon is in (0, 1); got density {d}, epsilon {e}"

@@ -23,7 +23,7 @@
 use super::sparsify::{chunk_of, delta_into, par_chunks, sign, Rescale, RESCALE_EPS};
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 /// What sparsification leaves of one model's delta on one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,17 +74,13 @@ pub struct Spec {
 /// Reads the parameters every method of the family shares and builds the kernel.
 pub fn build(name: &str, p: &Params, n: usize, has_base: bool, spec: Spec, sparsifier: Box<dyn Sparsifier>) -> Result<Box<dyn Method>> {
     check_arity(name, has_base, BaseRule::Required, n, 1, None)?;
-    let w = p.per_model("weight", n, Some(1.0))?;
-    if let Some(x) = w.iter().find(|x| !x.is_finite()) {
-        return Err(Error::config(format!("{name}: weight must be finite, got {x}")));
-    }
-    let lambda = match (p.opt_f64("lambda")?, p.opt_f64("lam")?) {
+    let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
+    // float32 factors (normalization happens per element, over the agreeing models)
+    let wf = p.weights_f32("weight", &w, false)?;
+    let lambda = match (p.opt_f64("lambda", Range::FINITE)?, p.opt_f64("lam", Range::FINITE)?) {
         (Some(_), Some(_)) => return Err(Error::config(format!("{name}: give 'lambda' or 'lam', not both"))),
         (a, b) => a.or(b).unwrap_or(1.0),
     };
-    if !lambda.is_finite() {
-        return Err(Error::config(format!("{name}: lambda must be finite, got {lambda}")));
-    }
     let normalize = p.bool("normalize", spec.normalize)?;
     // mergekit's int8_mask only changes the dtype of its consensus mask, not the result.
     p.bool("int8_mask", false)?;
@@ -123,10 +119,10 @@ pub fn build(name: &str, p: &Params, n: usize, has_base: bool, spec: Spec, spars
     } else {
         (None, false)
     };
-    let total: f32 = w.iter().map(|&x| x as f32).sum();
+    let total: f32 = wf.iter().sum();
     Ok(Box::new(Gta {
         sparsifier,
-        weights: w.iter().map(|&x| x as f32).collect(),
+        weights: wf,
         consensus,
         count_mean,
         normalize,

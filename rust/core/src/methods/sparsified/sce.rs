@@ -17,7 +17,7 @@ use super::gta::Mode;
 use super::sparsify::{chunk_of, delta_into, par_chunks, Window};
 use crate::error::{Error, Result};
 use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct Sce {
     topk: f64,
@@ -27,10 +27,7 @@ impl Sce {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
         check_arity("sce", has_base, BaseRule::Required, n, 1, None)?;
         p.bool("int8_mask", false)?;
-        let topk = p.f64("select_topk", 1.0)?;
-        if !topk.is_finite() {
-            return Err(Error::config(format!("sce: select_topk must be finite, got {topk}")));
-        }
+        let topk = p.f64("select_topk", 1.0, Range::FRACTION)?;
         Ok(Sce { topk })
     }
 }

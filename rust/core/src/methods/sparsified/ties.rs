@@ -5,21 +5,17 @@
 //! Memory: one `u32` per element of scratch while finding the threshold, then elementwise.
 use super::gta::{Mode, Sparsifier};
 use super::sparsify::{mag_key_desc, mask_by_window, Window};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::methods::{Ctx, TensorIo};
-use crate::params::Params;
+use crate::params::{Params, Range};
 
 pub struct Magnitude {
     density: Vec<f64>,
 }
 
-/// Per-model `density` (default 1: no trimming), finite.
-pub fn densities(name: &str, p: &Params, n: usize) -> Result<Vec<f64>> {
-    let d = p.per_model("density", n, Some(1.0))?;
-    if let Some(x) = d.iter().find(|x| !x.is_finite()) {
-        return Err(Error::config(format!("{name}: density must be finite, got {x}")));
-    }
-    Ok(d)
+/// Per-model `density` (default 1: no trimming), in (0, 1]: 0 would silently give the base.
+pub fn densities(_name: &str, p: &Params, n: usize) -> Result<Vec<f64>> {
+    p.per_model("density", n, Some(1.0), Range::FRACTION)
 }
 
 impl Magnitude {
