@@ -36,6 +36,9 @@ _LAZY = {
     "procrustes_absorb": ("crossarch", "procrustes_absorb"),
     "extract_lora": ("lora_extract", "extract_lora"),
     "merge_lora_adapters": ("lora_merge", "merge_adapters"),
+    "partial": ("merge_state", "partial"),
+    "combine": ("merge_state", "combine"),
+    "finalize": ("merge_state", "finalize"),
 }
 
 
@@ -70,6 +73,9 @@ __all__ = [
     "procrustes",
     "align",
     "procrustes_absorb",
+    "partial",
+    "combine",
+    "finalize",
     "MergeError",
     "InvalidCheckpoint",
     "TensorMismatch",

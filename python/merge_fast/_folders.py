@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _core
 from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch, warn
+from .distributed import run_plan
 from ._output import check_output_dir, check_threads, parse_size, staged_dir
 
 PathLike = Union[str, Path]
@@ -272,7 +273,7 @@ def execute(
     t0 = time.perf_counter()
     try:
         with staged_dir(out, protected, overwrite=overwrite, fsync=fsync) as tmp:
-            stats = _core.execute_plan(text, str(tmp), threads=threads, progress=cb)
+            stats = run_plan(text, tmp, threads, cb)  # local engine or Ray tasks
             copy_side_files(Path(side_files_from), tmp, out_dtype)
             if extra_files is not None:
                 extra_files(tmp)

@@ -105,6 +105,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         strict=args.strict,
         stage=args.stage,
         fsync=args.fsync,
+        executor="local" if args.ray is None else "ray",
+        ray_address=args.ray or None,
     )
     return _report(args, result)
 
@@ -243,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", "-j", "--num-threads", type=int, default=None, help=_THREADS_HELP)
     _no_fsync(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run as Ray tasks, one per group of output shards (needs merge-fast[ray]); "
+                        "ADDRESS as ray.init's, e.g. auto or ray://head:10001 (default: a local Ray)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="accepted for mergekit compatibility")
     p.add_argument("--cache-dir", default=None, help=_CACHE_HELP)
     g = p.add_argument_group("other mergekit options (accepted, no effect here)")

@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Union
 
 from .._errors import ConfigError, MergeWarning
 from .._folders import MergeResult, ProgressArg, execute
+from ..distributed import with_executor
 from .._output import check_output_dir, check_threads, parse_size
 from . import output as _output
 from ._source import load as _load, load_all as _load_all
@@ -78,6 +79,7 @@ def _resolve_refs(cfg: MergeConfig, cache_dir, progress) -> tuple:
     return resolve_config(cfg, cache_dir=cache_dir, progress=bool(progress) and not callable(progress))
 
 
+@with_executor
 def run(
     config: ConfigLike,
     out: Union[str, Path],
@@ -98,10 +100,14 @@ def run(
     strict: bool = False,
     stage: Optional[str] = None,
     fsync: bool = True,
+    executor: str = "local",
+    ray_address: Optional[str] = None,
 ) -> MergeResult:
     """Runs a mergekit-style config into `out` (written atomically, fsynced before the
     final rename unless ``fsync=False``). An existing non-empty `out` is replaced only with
-    ``overwrite`` and only if it holds a previous merge output.
+    ``overwrite`` and only if it holds a previous merge output. ``executor="ray"`` runs the
+    merge as Ray tasks (``ray_address`` as ``ray.init``'s; see :mod:`merge_fast.distributed`);
+    the output is byte-identical.
 
     ``lazy_unpickle`` and ``low_cpu_memory`` are accepted for mergekit compatibility and do
     nothing (inputs are always memory-mapped and streamed). ``cuda`` prints a notice:

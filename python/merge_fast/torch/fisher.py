@@ -192,6 +192,45 @@ def _is_right_padded(am: torch.Tensor) -> bool:
     return bool((am[:, 1:] <= am[:, :-1]).all())
 
 
+# ----------------------------------------------------------------------------- distributed
+
+
+def _dist_setup(device) -> "tuple[int, int]":
+    """(rank, world size) of the default process group, initialising it from the environment
+    (``torchrun`` sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``) when needed."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("estimate_fisher(distributed=True): torch.distributed is not available")
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise RuntimeError("estimate_fisher(distributed=True): no process group and no "
+                               "torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+        on_gpu = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    # A fixed mix of (seed, batch): the draws of batch i are the same on any rank and world size.
+    return (int(seed) * 1_000_003 + batch_index * 7_919 + 12_345) % (2 ** 63)
+
+
+def _all_reduce(acc: Dict[str, torch.Tensor], n_examples: int, n_tokens: int, methods: set, dev):
+    """Sums the per-rank squares (in place) and counts: one collective per tensor, once."""
+    import torch.distributed as dist
+
+    # float64 counts are exact far beyond any data set size; the flags are 0/1 sums.
+    counts = torch.tensor([n_examples, n_tokens, "vmap" in methods, "loop" in methods],
+                          dtype=torch.float64, device=dev)
+    dist.all_reduce(counts)
+    for n in acc:
+        dist.all_reduce(acc[n])
+    c = [int(x) for x in counts.tolist()]
+    used = {m for m, k in (("vmap", c[2]), ("loop", c[3])) if k > 0}
+    return c[0], c[1], used
+
+
 # ----------------------------------------------------------------------------- estimation
 
 
@@ -207,6 +246,7 @@ def estimate_fisher(
     max_examples: Optional[int] = None,
     chunk_size: Optional[int] = None,
     use_vmap: bool = True,
+    distributed: bool = False,
 ) -> FisherResult:
     """Diagonal Fisher of a causal LM: mean over examples of squared per-example gradients of
     the per-sequence log-likelihood (see the module docstring).
@@ -230,6 +270,16 @@ def estimate_fisher(
       chunk_size: per-example gradients are materialized for this many examples at a time
         (memory: chunk_size x tracked parameter size). ``None`` -> whole batch.
       use_vmap: ``False`` forces the per-example loop.
+      distributed: run as one rank of a ``torch.distributed`` job (e.g. under ``torchrun``;
+        the process group is initialised from the environment if it is not yet: NCCL when
+        CUDA is available, else gloo). Every rank iterates the same ``batches``; rank ``r``
+        of ``W`` processes batches ``r, r+W, ...`` (``max_examples`` counts globally, in batch
+        order), accumulates its squares locally, and the sums and counts are all-reduced once
+        at the end, so every rank returns the Fisher of all examples: the single-process
+        result up to float32 round-off of the summation order, whatever ``W``. In
+        ``mode="sampled"`` the labels of batch ``i`` are drawn with a generator seeded from
+        ``(seed, i)``, so the draws do not depend on ``W`` either (they differ from the
+        non-distributed draws, which use one generator across batches).
 
     Returns a :class:`FisherResult` (``dict[name -> float32 CPU tensor]`` with ``.metadata``:
     ``mode``, ``n_examples``, ``n_tokens`` (predicted tokens), ``seed``, ``method``,
@@ -241,6 +291,9 @@ def estimate_fisher(
         raise ValueError(f"mode must be 'empirical' or 'sampled', got {mode!r}")
     from torch.func import functional_call, grad, vmap
 
+    rank, world = _dist_setup(device) if distributed else (0, 1)
+    if distributed and device is None and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dev = _resolve_device(model, device)
     model.to(dev)
     was_training = model.training
@@ -299,7 +352,7 @@ def estimate_fisher(
 
     it: Iterable = batches
     bar = None
-    if progress:
+    if progress and rank == 0:
         try:
             from tqdm.auto import tqdm
 
@@ -312,15 +365,21 @@ def estimate_fisher(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*performance drop.*")
         try:
-            for batch in it:
+            seen = 0  # examples of all ranks so far, in batch order (for max_examples)
+            for bi, batch in enumerate(it):
                 ids, am, lb = _prepare_batch(batch)
                 if max_examples is not None:
-                    room = max_examples - n_examples
+                    room = max_examples - (seen if distributed else n_examples)
                     if room <= 0:
                         break
                     ids, am, lb = ids[:room], am[:room], lb[:room]
+                seen += ids.shape[0]
+                if bi % world != rank:
+                    continue
                 ids, am, lb = ids.to(dev), am.to(dev), lb.to(dev)
                 if mode == "sampled":
+                    if distributed:
+                        gen.manual_seed(_batch_seed(seed, bi))
                     lb = sample_labels(model, ids, am, lb, gen)
                 n_examples += ids.shape[0]
                 n_tokens += int((lb[:, 1:] != -100).sum())
@@ -356,6 +415,8 @@ def estimate_fisher(
             for n, p in model.named_parameters():
                 p.requires_grad_(saved_rg[n])
 
+    if distributed:
+        n_examples, n_tokens, methods_used = _all_reduce(acc, n_examples, n_tokens, methods_used, dev)
     if n_examples == 0:
         raise ValueError("estimate_fisher: no examples in batches")
     result = FisherResult(
@@ -367,6 +428,7 @@ def estimate_fisher(
             "seed": int(seed),
             "method": "+".join(sorted(methods_used, reverse=True)),
             "tied_weights": {a: t for a, t in tied_parameter_names(model).items() if t in acc},
+            **({"world_size": world} if distributed else {}),
         },
     )
     return result
@@ -447,6 +509,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-key", default="text")
     p.add_argument("--seed", type=int, default=0, help="seed for --mode sampled")
     p.add_argument("--quiet", action="store_true", help="no progress bar / summary")
+    p.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                   help="one rank of a torch.distributed job (default: on under torchrun, i.e. "
+                        "when WORLD_SIZE is set); rank 0 writes --out")
     return p
 
 
@@ -484,9 +549,17 @@ def fisher_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.params:
         rx = re.compile(args.params)
         params = lambda n: rx.search(n) is not None  # noqa: E731
+    distributed = args.distributed if args.distributed is not None else "WORLD_SIZE" in os.environ
     fisher = estimate_fisher(model, _Sized(), mode=args.mode, device=args.device, params=params,
                              progress=not args.quiet, seed=args.seed,
-                             chunk_size=args.chunk_size)
+                             chunk_size=args.chunk_size, distributed=distributed)
+    if distributed:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        if rank != 0:  # every rank holds the same all-reduced Fisher; rank 0 writes it
+            dist.barrier()
+            return 0
     name = getattr(model.config, "_name_or_path", "") or os.path.basename(
         os.path.abspath(args.model_dir))
     save_fisher(fisher, args.out, {"model": str(name),
@@ -497,6 +570,8 @@ def fisher_main(argv: Optional[Sequence[str]] = None) -> int:
         m = fisher.metadata
         print(f"wrote {args.out}: {len(fisher)} tensors, mode={m['mode']}, "
               f"examples={m['n_examples']}, tokens={m['n_tokens']}, method={m['method']}")
+    if distributed:
+        dist.barrier()  # the other ranks exit only once the file is in place
     return 0
 
 

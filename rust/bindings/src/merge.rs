@@ -60,6 +60,25 @@ fn execute_plan<'py>(
     Ok(d)
 }
 
+/// The output layout of a JSON plan, checked exactly as `execute_plan` checks it, without
+/// writing: `{"shards": [(file, [tensor names], data bytes)], "index": text or None}`.
+#[pyfunction]
+fn plan_layout<'py>(py: Python<'py>, plan_json: &str) -> PyResult<Bound<'py, PyDict>> {
+    let plan: PlanSpec = parse_json("plan", plan_json)?;
+    let (specs, shards, index) = py
+        .detach(|| {
+            let ckpts = plan.inputs.iter().map(Checkpoint::open).collect::<Result<Vec<_>, _>>()?;
+            engine::layout(&plan, &ckpts)
+        })
+        .map_err(to_py)?;
+    let d = PyDict::new(py);
+    let rows: Vec<(String, Vec<String>, u64)> =
+        shards.into_iter().map(|s| (s.file, s.tensors.iter().map(|&t| specs[t].name.clone()).collect(), s.data_bytes)).collect();
+    d.set_item("shards", rows)?;
+    d.set_item("index", index)?;
+    Ok(d)
+}
+
 /// Merges flat float32 arrays of `shape` with a named method; returns a flat float32 array.
 #[pyfunction]
 #[pyo3(signature = (method, params_json, shape, base, inputs, seed=0, tensor="array", threads=None))]
@@ -133,6 +152,7 @@ fn save_file(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(merge_arrays, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_layout, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add("METHODS", methods::names())?;
     Ok(())

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::methods::{Ctx, Method, TensorIo};
 use crate::plan::{resolve, Job, PlanSpec};
 use crate::reader::Checkpoint;
-use crate::writer::{OutSpec, ShardedWriter};
+use crate::writer::{self, OutSpec, ShardInfo, ShardedWriter};
 use rayon::prelude::*;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -314,8 +314,7 @@ pub fn run(
     progress: &mut dyn FnMut(&Progress) -> Result<()>,
 ) -> Result<Summary> {
     let jobs = resolve(plan, ckpts)?;
-    let specs: Vec<OutSpec> =
-        jobs.iter().map(|j| OutSpec { raw: j.raw, ..OutSpec::new(j.name.to_owned(), j.dtype, j.shape.clone()) }).collect();
+    let specs = out_specs(&jobs);
     let mut metadata = plan.metadata.clone();
     metadata.insert("format".into(), "pt".into());
     let mut notes = Vec::new();
@@ -323,14 +322,19 @@ pub fn run(
         metadata.insert(INPUT_DTYPES_KEY.into(), per_input);
         notes.push(note);
     }
-    let writer = ShardedWriter::create(out_dir, specs, plan.max_shard_size, &metadata)?;
+    let writer = match &plan.only_shards {
+        None => ShardedWriter::create(out_dir, specs, plan.max_shard_size, &metadata)?,
+        Some(only) => ShardedWriter::create_subset(out_dir, specs, plan.max_shard_size, &metadata, only)?,
+    };
+    let mine: Vec<usize> = (0..jobs.len()).filter(|&i| writer.owns(i)).collect();
     let mut p = Progress {
-        tensors_total: jobs.len(),
-        bytes_total: writer.specs().iter().map(|s| s.nbytes() as u64).sum(),
+        tensors_total: mine.len(),
+        bytes_total: mine.iter().map(|&i| writer.specs()[i].nbytes() as u64).sum(),
         ..Progress::default()
     };
     let mut bytes_read = 0u64;
-    for (idx, job) in jobs.iter().enumerate() {
+    for idx in mine {
+        let job = &jobs[idx];
         if job.raw.is_some() {
             copy_raw(job, &writer, idx)?;
             for s in job.sources() {
@@ -363,7 +367,20 @@ pub fn run(
         progress(&p)?;
     }
     let w = writer.finish()?;
-    Ok(Summary { tensors_written: jobs.len(), bytes_read, bytes_written: w.bytes_written, files: w.files, notes })
+    Ok(Summary { tensors_written: p.tensors_total, bytes_read, bytes_written: w.bytes_written, files: w.files, notes })
+}
+
+fn out_specs(jobs: &[Job]) -> Vec<OutSpec> {
+    jobs.iter().map(|j| OutSpec { raw: j.raw, ..OutSpec::new(j.name.to_owned(), j.dtype, j.shape.clone()) }).collect()
+}
+
+/// The output layout of a plan (every check of `run` before any write, nothing written):
+/// the specs, the shards, and the index text (`None` for a single file).
+pub fn layout(plan: &PlanSpec, ckpts: &[Checkpoint]) -> Result<(Vec<OutSpec>, Vec<ShardInfo>, Option<String>)> {
+    let specs = out_specs(&resolve(plan, ckpts)?);
+    let shards = writer::layout(&specs, plan.max_shard_size);
+    let index = (shards.len() > 1).then(|| writer::index_json(&specs, &shards));
+    Ok((specs, shards, index))
 }
 
 /// Merges in-memory f32 tensors (the array API) with exactly the kernel and chunking the

@@ -27,6 +27,11 @@ pub struct PlanSpec {
     /// Written into every shard's `__metadata__` (with `format: pt`).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Run only the tensors of these output shards (indices into the full layout) and write
+    /// only their files, laid out exactly as in the full run; no index. A distributed
+    /// executor runs disjoint subsets in separate processes and writes the index itself.
+    #[serde(default)]
+    pub only_shards: Option<Vec<usize>>,
     /// Parameter sets shared by many tensors (`TensorSpec::params_id`): one JSON map per
     /// tensor costs hundreds of bytes, and most merges have a handful of distinct sets.
     #[serde(default)]

@@ -56,7 +56,10 @@ struct Slot {
 
 pub struct ShardedWriter {
     dir: PathBuf,
-    files: Vec<(PathBuf, File)>,
+    /// One per shard of the full layout; `None` for shards another process writes.
+    files: Vec<(PathBuf, Option<File>)>,
+    /// False when writing a subset of the shards: the index is then the caller's.
+    all: bool,
     slots: Vec<Slot>,
     specs: Vec<OutSpec>,
 }
@@ -95,10 +98,57 @@ pub fn shard_file_name(i: usize, n: usize) -> String {
     }
 }
 
+/// One output shard of the full layout.
+#[derive(Debug, Clone)]
+pub struct ShardInfo {
+    pub file: String,
+    /// Tensor indices (into the specs), in plan order.
+    pub tensors: Vec<usize>,
+    pub data_bytes: u64,
+}
+
+/// The shards `ShardedWriter::create` would write for `specs`, without touching disk.
+pub fn layout(specs: &[OutSpec], max_shard_size: u64) -> Vec<ShardInfo> {
+    let groups = assign_shards(specs, max_shard_size.max(1));
+    let n = groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| ShardInfo { file: shard_file_name(i, n), data_bytes: g.iter().map(|&t| specs[t].nbytes() as u64).sum(), tensors: g })
+        .collect()
+}
+
+/// The `model.safetensors.index.json` text for a layout (written when there are 2+ shards).
+pub fn index_json(specs: &[OutSpec], shards: &[ShardInfo]) -> String {
+    let mut weight_map = BTreeMap::new();
+    for sh in shards {
+        for &t in &sh.tensors {
+            weight_map.insert(specs[t].name.clone(), sh.file.clone());
+        }
+    }
+    index_text(&weight_map, specs.iter().map(|s| s.nbytes() as u64).sum())
+}
+
+fn index_text(weight_map: &BTreeMap<String, String>, total_size: u64) -> String {
+    let index = serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+    serde_json::to_string_pretty(&index).unwrap()
+}
+
 impl ShardedWriter {
     /// Lays out `model.safetensors` or `model-0000i-of-0000n.safetensors` shards in `dir`.
     pub fn create(dir: &Path, specs: Vec<OutSpec>, max_shard_size: u64, metadata: &BTreeMap<String, String>) -> Result<Self> {
-        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name)
+        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, None)
+    }
+
+    /// Like `create`, but creates (or truncates and rewrites, so a retry is idempotent) only
+    /// the files of shards `only` of the full layout; their bytes are identical to `create`'s.
+    pub fn create_subset(dir: &Path, specs: Vec<OutSpec>, max_shard_size: u64, metadata: &BTreeMap<String, String>, only: &[usize]) -> Result<Self> {
+        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, Some(only))
+    }
+
+    /// Whether tensor `idx` is written by this writer.
+    pub fn owns(&self, idx: usize) -> bool {
+        self.files[self.slots[idx].shard].1.is_some()
     }
 
     /// One single file at `path`, whatever its size (no index).
@@ -106,7 +156,7 @@ impl ShardedWriter {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().ok_or_else(|| Error::config(format!("{} is not a file path", path.display())))?;
         let name = name.to_string_lossy().into_owned();
-        Self::create_named(dir, specs, u64::MAX, metadata, &|_, _| name.clone())
+        Self::create_named(dir, specs, u64::MAX, metadata, &|_, _| name.clone(), None)
     }
 
     fn create_named(
@@ -115,6 +165,7 @@ impl ShardedWriter {
         max_shard_size: u64,
         metadata: &BTreeMap<String, String>,
         file_name: &dyn Fn(usize, usize) -> String,
+        only: Option<&[usize]>,
     ) -> Result<Self> {
         let mut seen = std::collections::HashSet::new();
         for s in &specs {
@@ -127,6 +178,9 @@ impl ShardedWriter {
         }
         let groups = assign_shards(&specs, max_shard_size.max(1));
         let n = groups.len();
+        if let Some(bad) = only.and_then(|o| o.iter().find(|&&i| i >= n)) {
+            return Err(Error::config(format!("output shard {bad} requested, but the layout has {n} shard(s)")));
+        }
         let mut slots: Vec<Option<Slot>> = (0..specs.len()).map(|_| None).collect();
         let mut files = Vec::with_capacity(n);
         for (si, mut group) in groups.into_iter().enumerate() {
@@ -164,17 +218,23 @@ impl ShardedWriter {
             }
             let data_start = 8 + hbytes.len() as u64;
             let path = dir.join(file_name(si, n));
-            let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-            f.set_len(data_start + off as u64).map_err(|e| Error::io(&path, e))?;
-            let mut head = (hbytes.len() as u64).to_le_bytes().to_vec();
-            head.extend_from_slice(&hbytes);
-            f.write_all_at(&head, 0).map_err(|e| Error::io(&path, e))?;
+            let mine = only.is_none_or(|o| o.contains(&si));
+            let f = if mine {
+                let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                f.set_len(data_start + off as u64).map_err(|e| Error::io(&path, e))?;
+                let mut head = (hbytes.len() as u64).to_le_bytes().to_vec();
+                head.extend_from_slice(&hbytes);
+                f.write_all_at(&head, 0).map_err(|e| Error::io(&path, e))?;
+                Some(f)
+            } else {
+                None
+            };
             for (i, o, len) in rel {
                 slots[i] = Some(Slot { shard: si, offset: data_start + o as u64, len, written: AtomicUsize::new(0) });
             }
             files.push((path, f));
         }
-        Ok(ShardedWriter { dir: dir.to_path_buf(), files, slots: slots.into_iter().map(Option::unwrap).collect(), specs })
+        Ok(ShardedWriter { dir: dir.to_path_buf(), files, all: only.is_none(), slots: slots.into_iter().map(Option::unwrap).collect(), specs })
     }
 
     pub fn specs(&self) -> &[OutSpec] {
@@ -188,6 +248,7 @@ impl ShardedWriter {
             return Err(Error::config(format!("internal: write past the end of tensor '{}'", self.specs[idx].name)));
         }
         let (path, f) = &self.files[slot.shard];
+        let f = f.as_ref().ok_or_else(|| Error::config(format!("internal: tensor '{}' belongs to a shard this writer does not write", self.specs[idx].name)))?;
         f.write_all_at(data, slot.offset + offset as u64).map_err(|e| Error::io(path, e))?;
         slot.written.fetch_add(data.len(), Ordering::Relaxed);
         Ok(())
@@ -197,26 +258,28 @@ impl ShardedWriter {
     pub fn finish(self) -> Result<WriteSummary> {
         for (slot, spec) in self.slots.iter().zip(&self.specs) {
             let w = slot.written.load(Ordering::Relaxed);
-            if w != slot.len {
+            if self.files[slot.shard].1.is_some() && w != slot.len {
                 return Err(Error::config(format!("internal: tensor '{}' got {w} of {} bytes", spec.name, slot.len)));
             }
         }
         let total_size: u64 = self.slots.iter().map(|s| s.len as u64).sum();
         let mut bytes_written = 0;
         let mut paths = Vec::new();
+        let n_shards = self.files.len();
         for (path, f) in self.files {
-            bytes_written += f.metadata().map_err(|e| Error::io(&path, e))?.len();
-            paths.push(path);
+            if let Some(f) = f {
+                bytes_written += f.metadata().map_err(|e| Error::io(&path, e))?.len();
+                paths.push(path);
+            }
         }
-        if paths.len() > 1 {
+        if self.all && n_shards > 1 {
             let mut weight_map = BTreeMap::new();
             for (slot, spec) in self.slots.iter().zip(&self.specs) {
                 let name = paths[slot.shard].file_name().unwrap().to_string_lossy().into_owned();
                 weight_map.insert(spec.name.clone(), name);
             }
-            let index = serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
             let p = self.dir.join(INDEX_NAME);
-            let text = serde_json::to_string_pretty(&index).unwrap();
+            let text = index_text(&weight_map, total_size);
             std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
             bytes_written += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             paths.push(p);

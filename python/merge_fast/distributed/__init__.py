@@ -1,0 +1,75 @@
+"""Merges beyond one machine.
+
+* :func:`use_executor` / ``executor="ray"``: run a folder merge's plan as Ray tasks, one per
+  group of output shards (see :mod:`merge_fast.distributed._ray`). Ray is imported only when
+  a Ray executor is used.
+* :mod:`merge_fast.partial`: mergeable partial merges (``partial``/``combine``/``finalize``).
+
+Nothing here is imported by ``import merge_fast`` except the executor switch, which is pure
+Python.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional
+
+from .. import _core
+from .._errors import ConfigError
+
+# (plan JSON, staging folder, threads, progress callback) -> the engine's summary dict.
+PlanRunner = Callable[[str, Path, Optional[int], Optional[Callable]], Dict[str, Any]]
+
+_RUNNER: contextvars.ContextVar[Optional[PlanRunner]] = contextvars.ContextVar("merge_fast_runner", default=None)
+
+
+def run_plan(plan_json: str, tmp: Path, threads: Optional[int], progress) -> Dict[str, Any]:
+    """Runs a validated plan into the staging folder `tmp` with the current executor."""
+    runner = _RUNNER.get()
+    if runner is None:
+        return _core.execute_plan(plan_json, str(tmp), threads=threads, progress=progress)
+    return runner(plan_json, tmp, threads, progress)
+
+
+def make_runner(executor: str, ray_address: Optional[str] = None, **options: Any) -> Optional[PlanRunner]:
+    if executor == "local":
+        if ray_address is not None:
+            raise ConfigError("config error: ray_address needs executor='ray'")
+        return None
+    if executor == "ray":
+        from ._ray import RayRunner
+
+        return RayRunner(address=ray_address, **options)
+    raise ConfigError(f"config error: executor must be 'local' or 'ray', got {executor!r}")
+
+
+@contextlib.contextmanager
+def use_executor(executor: str = "ray", ray_address: Optional[str] = None, **options: Any) -> Iterator[None]:
+    """Every folder merge inside the block (``mf.linear(..., out=...)``, ``mf.run`` ...) runs
+    its plan with `executor` (``"local"`` or ``"ray"``). Options of the Ray executor:
+    ``max_retries`` (default 3), ``tasks`` (default: one per cluster CPU, at most one per
+    output shard)."""
+    token = _RUNNER.set(make_runner(executor, ray_address, **options))
+    try:
+        yield
+    finally:
+        _RUNNER.reset(token)
+
+
+def with_executor(fn: Callable) -> Callable:
+    """Decorator for functions with ``executor=`` and ``ray_address=`` keyword arguments:
+    runs them inside :func:`use_executor` (the function itself ignores both)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, executor: str = "local", ray_address: Optional[str] = None, **kw: Any):
+        if executor == "local" and ray_address is None:
+            return fn(*args, **kw)
+        with use_executor(executor, ray_address):
+            return fn(*args, **kw)
+
+    return wrapper
+
+
+__all__ = ["use_executor", "with_executor", "run_plan"]
