@@ -95,6 +95,31 @@ def test_lora_reference_in_config_merge(models, base_t, tmp_path):
     assert "LoRA" in (out / "README.md").read_text()
 
 
+def test_lora_reference_in_python_folder_merge(models, base_t, tmp_path, monkeypatch):
+    """`base+adapter` in a folder function (mf.linear): the adapted weights enter the average
+    as in a config, the adapter and base are protected as inputs, and the cached adapted copy
+    is reused by the next call."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    ad = tmp_path / "adapter"
+    lt = make_adapter(ad, base_t, seed=3)
+    a_t = read_folder_f32(models["a"])
+    ref = f"{models['base']}+{ad}"
+    out = tmp_path / "out"
+    mf.linear([ref, str(models["a"])], weights=[0.3, 0.7], out=str(out))
+    got = read_folder_f32(out)
+    adapted = numpy_merge(base_t, lt, 2.0)
+    for k in (Q.format(i=1), "lm_head.weight"):
+        np.testing.assert_allclose(got[k], 0.3 * adapted[k] + 0.7 * a_t[k], rtol=1e-5, atol=1e-6)
+    cached = list((tmp_path / "hf" / "merge_fast" / "lora-cache").iterdir())
+    assert len(cached) == 1
+    stamp = (cached[0] / "config.json").stat().st_mtime_ns
+    mf.linear([ref, str(models["a"])], weights=[0.3, 0.7], out=str(tmp_path / "out2"))
+    assert (cached[0] / "config.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert (tmp_path / "out2" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    with pytest.raises(mf.ConfigError, match="adapter"):
+        mf.linear([ref, str(models["a"])], out=str(ad / "inside"))
+
+
 def test_lora_matches_peft_merge_and_unload(models, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model

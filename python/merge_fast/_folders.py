@@ -315,16 +315,17 @@ def merge_folders(
     check_output_dir(out, [base, *models], overwrite=overwrite)
     check_threads(threads)
     code = out_dtype_code(dtype, out_dtype)
-    from .hub import resolve_paths
+    from .hub import merged_adapter, resolve_paths
 
     refs = ([base] if base is not None else []) + list(models)
     local, hub_inputs = resolve_paths(refs, cache_dir=cache_dir, progress=progress is True)
-    with_adapter = [str(r) for r, (_, a) in zip(refs, local) if a is not None]
-    if with_adapter:
-        raise ConfigError(f"config error: {with_adapter[0]}: MODEL+ADAPTER references work in configs "
-                          "(merge_fast.run) and merge_fast.lora.apply, not in this function")
-    lbase = local[0][0] if base is not None else None
-    paths, plans = same_tensor_plan(method, lbase, [p for p, _ in local[1 if base is not None else 0:]],
+    read = [x for pa in local for x in pa if x is not None]  # the folders the output must not touch
+    check_output_dir(out, read, overwrite=overwrite)
+    # A `model+adapter` is read through a cached copy with the adapter merged in (as configs
+    # and merge_fast.lora.apply compute it).
+    folders = [p if a is None else str(merged_adapter(p, a, cache_dir)) for p, a in local]
+    lbase = folders[0] if base is not None else None
+    paths, plans = same_tensor_plan(method, lbase, folders[1 if base is not None else 0:],
                                     lambda _name: params, code)
     recipe = {
         "merge_fast_version": _core.__version__,
@@ -350,5 +351,6 @@ def merge_folders(
         progress=progress,
         seed=seed,
         overwrite=overwrite,
+        inputs=read,
         fsync=fsync,
     )

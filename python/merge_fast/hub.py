@@ -465,10 +465,10 @@ def local_models(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] = 
     through a copy with the adapter merged in (merge_fast.lora.apply, as configs read it),
     kept in ``<cache>/../merge_fast/lora-cache`` and reused while neither input changes."""
     local, _ = resolve_paths(models, cache_dir=cache_dir)
-    return [p if a is None else str(_merged_adapter(p, a, cache_dir)) for p, a in local]
+    return [p if a is None else str(merged_adapter(p, a, cache_dir)) for p, a in local]
 
 
-def _merged_adapter(model: str, adapter: str, cache_dir: Optional[PathLike]) -> Path:
+def merged_adapter(model: str, adapter: str, cache_dir: Optional[PathLike]) -> Path:
     import hashlib
 
     h = hashlib.sha256()
