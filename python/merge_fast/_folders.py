@@ -68,7 +68,9 @@ class TensorPlan:  # noqa: D101 - documented below
     dtype: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
-        d = {"name": self.name, "method": self.method, "params": self.params, "base": self.base, "inputs": self.inputs}
+        d: Dict[str, Any] = {"name": self.name, "method": self.method, "params": self.params, "inputs": self.inputs}
+        if self.base is not None:  # absent means none: keeps the plan text short
+            d["base"] = self.base
         if self.dtype:
             d["dtype"] = self.dtype
         return d
@@ -103,7 +105,8 @@ def plan_json(obj: Any) -> str:
     bad = _non_finite(obj, "")
     if bad is not None:
         raise ConfigError(f"config error: parameter '{bad.split('.')[-1]}' must be a finite number ({bad})")
-    return json.dumps(obj, allow_nan=False)
+    # compact: on 200k-tensor models the plan text is held during the whole merge
+    return json.dumps(obj, allow_nan=False, separators=(",", ":"))
 
 
 def open_checkpoint(path: PathLike) -> "_core.Checkpoint":
@@ -265,10 +268,14 @@ def execute(
         d["params_id"] = param_ids.setdefault(p, len(param_ids))
         return plan_json(d)
 
-    tensors = ", ".join(tensor_json(t) for t in plans)
-    sets = ", ".join(param_ids)  # insertion order = id order
-    text = plan_json(plan)[:-1] + f', "param_sets": [{sets}], "tensors": [{tensors}]}}'
-    del tensors, param_ids
+    # Appended to one buffer: a list of per-tensor strings (what `join` builds) would cost
+    # ~200 B per tensor on top of the text.
+    buf = bytearray()
+    for i, t in enumerate(plans):
+        buf += (tensor_json(t) if i == 0 else "," + tensor_json(t)).encode()
+    sets = ",".join(param_ids)  # insertion order = id order
+    text = plan_json(plan)[:-1] + f',"param_sets":[{sets}],"tensors":[{buf.decode()}]}}'
+    del buf, param_ids
     cb, bar = _progress_callback(progress, f"merging into {out.name}")
     t0 = time.perf_counter()
     try:

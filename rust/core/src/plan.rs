@@ -7,7 +7,7 @@ use crate::methods::{self, Method};
 use crate::reader::{Checkpoint, TensorInfo};
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -71,20 +71,35 @@ pub enum Source {
         #[serde(default)]
         tensor: Option<String>,
     },
-    /// A LoRA-adapted weight, materialized on the fly: `base + scale · B·A` (PEFT layout:
-    /// A is `[r, in]`, B is `[out, r]`, base `[out, in]`). With `transpose` (PEFT embedding
-    /// adapters: A `[r, num_embeddings]`, B `[dim, r]`) the delta is `(B·A)ᵀ`.
-    Lora {
-        base: Box<Source>,
-        a: TensorRef,
-        b: TensorRef,
-        scale: f64,
-        #[serde(default)]
-        transpose: bool,
-    },
-    /// Rows gathered from other sources along axis 0 (vocabulary permutations): output row
-    /// `i` is the mean of the listed `[source, row]` pairs of `rows[i]`, zeros when empty.
-    Rows { sources: Vec<Source>, shape: Vec<usize>, rows: Vec<Vec<(usize, usize)>> },
+    /// A LoRA-adapted weight, materialized on the fly (boxed, like `Rows`: a plan holds a
+    /// source per input per tensor, and the common `Tensor` variant is a third their size).
+    Lora(Box<LoraSpec>),
+    /// Rows gathered from other sources along axis 0 (vocabulary permutations).
+    Rows(Box<RowsSpec>),
+}
+
+/// `base + scale · B·A` (PEFT layout: A is `[r, in]`, B is `[out, r]`, base `[out, in]`).
+/// With `transpose` (PEFT embedding adapters: A `[r, num_embeddings]`, B `[dim, r]`) the
+/// delta is `(B·A)ᵀ`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    pub base: Source,
+    pub a: TensorRef,
+    pub b: TensorRef,
+    pub scale: f64,
+    #[serde(default)]
+    pub transpose: bool,
+}
+
+/// Output row `i` is the mean of the listed `[source, row]` pairs of `rows[i]`, zeros when
+/// empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowsSpec {
+    pub sources: Vec<Source>,
+    pub shape: Vec<usize>,
+    pub rows: Vec<Vec<(usize, usize)>>,
 }
 
 /// One stored tensor of one input.
@@ -244,7 +259,8 @@ impl<'a> Reader<'a> {
                 let (ckpt, info) = lookup(*input, tensor.as_deref().unwrap_or(out_name), ckpts, out_name)?;
                 Ok(Reader::Tensor { ckpt, info })
             }
-            Source::Lora { base, a, b, scale, transpose } => {
+            Source::Lora(l) => {
+                let LoraSpec { base, a, b, scale, transpose } = &**l;
                 let base = Reader::bind(base, ckpts, out_name)?;
                 let (a, b) = (bind_ref(a, ckpts, out_name)?, bind_ref(b, ckpts, out_name)?);
                 let what = || format!("LoRA factors {} {:?} and {} {:?}", a.1.name, a.1.shape, b.1.name, b.1.shape);
@@ -276,7 +292,8 @@ impl<'a> Reader<'a> {
                     factors: Mutex::new(None),
                 })))
             }
-            Source::Rows { sources, shape, rows } => {
+            Source::Rows(r) => {
+                let RowsSpec { sources, shape, rows } = &**r;
                 let readers = sources.iter().map(|s| Reader::bind(s, ckpts, out_name)).collect::<Result<Vec<_>>>()?;
                 if shape.is_empty() || rows.len() != shape[0] {
                     return Err(Error::config(format!("output '{out_name}': row gather lists {} rows for shape {shape:?}", rows.len())));
@@ -369,7 +386,8 @@ pub struct Job<'a> {
     /// Set for a non-float tensor (I64 position ids, U8 quantization metadata...): copied
     /// unchanged from the first source, after checking every source holds the same bytes.
     pub raw: Option<safetensors::Dtype>,
-    pub method: Box<dyn Method>,
+    /// Shared by every tensor with the same method, parameter set and inputs.
+    pub method: Arc<dyn Method>,
     pub base: Option<Reader<'a>>,
     pub inputs: Vec<Reader<'a>>,
 }
@@ -389,6 +407,8 @@ impl Job<'_> {
 pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Job<'a>>> {
     let mut seen = HashSet::new();
     let mut jobs = Vec::with_capacity(plan.tensors.len());
+    // Methods depend only on these, not on the tensor: one per combination, not per tensor.
+    let mut methods: HashMap<(&str, usize, usize, bool), Arc<dyn Method>> = HashMap::new();
     for t in &plan.tensors {
         if !seen.insert(t.name.as_str()) {
             return Err(Error::config(format!("output tensor '{}' is planned twice", t.name)));
@@ -424,11 +444,22 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
                 Error::config(format!("output '{}': params_id {k} with {} parameter sets (and no inline params)", t.name, plan.param_sets.len()))
             })?,
         };
-        let method = methods::build(&t.method, params, inputs.len(), base.is_some())
-            .map_err(|e| match e {
-                Error::Config(m) => Error::config(format!("output '{}': {m}", t.name)),
-                e => e,
-            })?;
+        let key = t.params_id.filter(|_| t.params.is_empty()).map(|k| (t.method.as_str(), k, inputs.len(), base.is_some()));
+        let method = match key.and_then(|k| methods.get(&k)) {
+            Some(m) => Arc::clone(m),
+            None => {
+                let m: Arc<dyn Method> = methods::build(&t.method, params, inputs.len(), base.is_some())
+                    .map_err(|e| match e {
+                        Error::Config(m) => Error::config(format!("output '{}': {m}", t.name)),
+                        e => e,
+                    })?
+                    .into();
+                if let Some(k) = key {
+                    methods.insert(k, Arc::clone(&m));
+                }
+                m
+            }
+        };
         jobs.push(Job { name: &t.name, shape, dtype, raw, method, base, inputs });
     }
     Ok(jobs)
@@ -502,9 +533,9 @@ mod source_tests {
         write(&tmp.path().join("ad"), &[("A", vec![r, n], a.clone()), ("B", vec![m, r], b.clone()),
                                         ("At", vec![r, m], at.clone()), ("Bt", vec![n, r], bt.clone())]);
         let ckpts = vec![Checkpoint::open(tmp.path().join("base")).unwrap(), Checkpoint::open(tmp.path().join("ad")).unwrap()];
-        let base = || Box::new(Source::Tensor { input: 0, tensor: Some("w".into()) });
+        let base = || Source::Tensor { input: 0, tensor: Some("w".into()) };
         let tr = |t: &str| TensorRef { input: 1, tensor: t.into() };
-        let lora = Source::Lora { base: base(), a: tr("A"), b: tr("B"), scale: 0.5, transpose: false };
+        let lora = Source::Lora(Box::new(LoraSpec { base: base(), a: tr("A"), b: tr("B"), scale: 0.5, transpose: false }));
         let got = read_ranges(&Reader::bind(&lora, &ckpts, "w").unwrap(), m * n);
         for i in 0..m {
             for j in 0..n {
@@ -513,7 +544,7 @@ mod source_tests {
             }
         }
         // transposed (embedding / fan_in_fan_out): A [r, m], B [n, r], delta = (B·A)ᵀ
-        let lt = Source::Lora { base: base(), a: tr("At"), b: tr("Bt"), scale: 2.0, transpose: true };
+        let lt = Source::Lora(Box::new(LoraSpec { base: base(), a: tr("At"), b: tr("Bt"), scale: 2.0, transpose: true }));
         let got = read_ranges(&Reader::bind(&lt, &ckpts, "w").unwrap(), m * n);
         for i in 0..m {
             for j in 0..n {
@@ -522,15 +553,15 @@ mod source_tests {
             }
         }
         // factors that do not fit, and a rank mismatch, are refused at bind
-        let bad = Source::Lora { base: base(), a: tr("At"), b: tr("B"), scale: 1.0, transpose: false };
+        let bad = Source::Lora(Box::new(LoraSpec { base: base(), a: tr("At"), b: tr("B"), scale: 1.0, transpose: false }));
         assert!(matches!(Reader::bind(&bad, &ckpts, "w"), Err(Error::TensorMismatch { .. })));
-        let bad = Source::Lora { base: base(), a: tr("A"), b: tr("Bt"), scale: 1.0, transpose: false };
+        let bad = Source::Lora(Box::new(LoraSpec { base: base(), a: tr("A"), b: tr("Bt"), scale: 1.0, transpose: false }));
         assert!(Reader::bind(&bad, &ckpts, "w").is_err());
         // rows: reversed rows of w, row 2 the mean of w[0] and w[1], row 3 zeros
         let mut rows: Vec<Vec<(usize, usize)>> = (0..m).map(|i| vec![(0, m - 1 - i)]).collect();
         rows[2] = vec![(0, 0), (0, 1)];
         rows[3] = vec![];
-        let rs = Source::Rows { sources: vec![*base()], shape: vec![m, n], rows };
+        let rs = Source::Rows(Box::new(RowsSpec { sources: vec![base()], shape: vec![m, n], rows }));
         let got = read_ranges(&Reader::bind(&rs, &ckpts, "w").unwrap(), m * n);
         for i in 0..m {
             for j in 0..n {
@@ -542,7 +573,7 @@ mod source_tests {
                 assert!((got[i * n + j] - want).abs() < 1e-6);
             }
         }
-        let oob = Source::Rows { sources: vec![*base()], shape: vec![m, n], rows: vec![vec![(0, m)]; m] };
+        let oob = Source::Rows(Box::new(RowsSpec { sources: vec![base()], shape: vec![m, n], rows: vec![vec![(0, m)]; m] }));
         assert!(Reader::bind(&oob, &ckpts, "w").is_err());
     }
 }
