@@ -354,7 +354,7 @@ pub fn run(
             check_fits(job.name, dt, vals, bytes, off)?;
             writer.write(idx, off * sz, bytes)
         };
-        let ctx = Ctx { tensor: job.name, shape: &job.shape, offset: 0, seed: plan.seed };
+        let ctx = Ctx { tensor: job.name, shape: job.shape, offset: 0, seed: plan.seed };
         if let Some(n) = pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink))? {
             notes.push(format!("{}: {n}", job.name));
         }
@@ -371,7 +371,7 @@ pub fn run(
 }
 
 fn out_specs(jobs: &[Job]) -> Vec<OutSpec> {
-    jobs.iter().map(|j| OutSpec { raw: j.raw, ..OutSpec::new(j.name.to_owned(), j.dtype, j.shape.clone()) }).collect()
+    jobs.iter().map(|j| OutSpec { raw: j.raw, ..OutSpec::new(j.name.to_owned(), j.dtype, j.shape.to_vec()) }).collect()
 }
 
 /// The output layout of a plan (every check of `run` before any write, nothing written):

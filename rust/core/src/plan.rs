@@ -135,7 +135,7 @@ pub struct LoraReader<'a> {
 
 pub struct RowsReader<'a> {
     sources: Vec<Reader<'a>>,
-    shape: Vec<usize>,
+    shape: &'a [usize],
     row_len: usize,
     rows: &'a [Vec<(usize, usize)>],
     dtype: Dtype,
@@ -313,16 +313,19 @@ impl<'a> Reader<'a> {
                     }
                 }
                 let dtype = readers.first().map(|r| r.dtype()).unwrap_or(Dtype::F32);
-                Ok(Reader::Rows(Box::new(RowsReader { sources: readers, shape: shape.clone(), row_len, rows: rows.as_slice(), dtype })))
+                Ok(Reader::Rows(Box::new(RowsReader { sources: readers, shape: shape.as_slice(), row_len, rows: rows.as_slice(), dtype })))
             }
         }
     }
 
-    pub fn shape(&self) -> &[usize] {
+    pub fn shape(&self) -> &'a [usize] {
         match self {
-            Reader::Tensor { info, .. } => &info.shape,
+            Reader::Tensor { info, .. } => {
+                let info: &'a TensorInfo = info;
+                &info.shape
+            }
             Reader::Lora(l) => l.base.shape(),
-            Reader::Rows(r) => &r.shape,
+            Reader::Rows(r) => r.shape,
         }
     }
 
@@ -380,7 +383,8 @@ impl<'a> Reader<'a> {
 /// One output tensor, validated and ready to run.
 pub struct Job<'a> {
     pub name: &'a str,
-    pub shape: Vec<usize>,
+    /// Borrowed from the checkpoint (or the plan): not one more allocation per tensor.
+    pub shape: &'a [usize],
     /// Output dtype (float tensors).
     pub dtype: Dtype,
     /// Set for a non-float tensor (I64 position ids, U8 quantization metadata...): copied
@@ -423,9 +427,9 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
         let base = t.base.as_ref().map(bind).transpose()?;
         let inputs = t.inputs.iter().map(bind).collect::<Result<Vec<_>>>()?;
         let first = base.as_ref().or(inputs.first()).ok_or_else(|| Error::config(format!("output '{}' has no inputs", t.name)))?;
-        let shape = first.shape().to_vec();
+        let shape = first.shape();
         for r in base.iter().chain(&inputs) {
-            if r.shape() != shape.as_slice() {
+            if r.shape() != shape {
                 return Err(Error::mismatch(t.name.as_str(), format!(
                     "shape {:?} of {} differs from shape {:?} of {}", r.shape(), r.describe(), shape, first.describe())));
             }

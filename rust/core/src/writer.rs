@@ -186,32 +186,43 @@ impl ShardedWriter {
         for (si, mut group) in groups.into_iter().enumerate() {
             // Wider dtypes first keeps every tensor naturally aligned (as safetensors does).
             group.sort_by_key(|&i| std::cmp::Reverse(specs[i].align()));
-            // The header as text, keys sorted (as a JSON map would write them), built without
-            // a JSON tree: that costs several hundred bytes per tensor on 100k-tensor models.
-            let mut header: BTreeMap<&str, String> = BTreeMap::new();
-            header.insert("__metadata__", serde_json::to_string(metadata).unwrap());
-            let mut off = 0usize;
+            // The header as text, keys sorted (as a JSON map would write them), written
+            // straight into one buffer: a JSON tree, or a map of per-tensor entry strings,
+            // costs hundreds of bytes per tensor on 100k-tensor models.
             let mut rel = Vec::with_capacity(group.len());
+            let mut off = 0usize;
             for &i in &group {
-                let s = &specs[i];
-                let len = s.nbytes();
-                let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-                header.insert(&s.name, format!(r#"{{"dtype":"{}","shape":[{shape}],"data_offsets":[{off},{}]}}"#, s.dtype_name(), off + len));
+                let len = specs[i].nbytes();
                 rel.push((i, off, len));
                 off += len;
             }
-            let mut hbytes = Vec::with_capacity(header.iter().map(|(k, v)| k.len() + v.len() + 8).sum());
+            let mut order: Vec<usize> = (0..rel.len()).collect();
+            order.sort_unstable_by(|&x, &y| specs[rel[x].0].name.cmp(&specs[rel[y].0].name));
+            let meta = serde_json::to_string(metadata).unwrap();
+            let mut hbytes = Vec::with_capacity(meta.len() + 20 + rel.iter().map(|&(i, ..)| specs[i].name.len() + 64).sum::<usize>());
             hbytes.push(b'{');
-            for (k, (name, entry)) in header.iter().enumerate() {
-                if k > 0 {
+            let mut meta_done = false;
+            for &k in &order {
+                let (i, o, len) = rel[k];
+                let s = &specs[i];
+                if !meta_done && "__metadata__" < s.name.as_str() {
+                    hbytes.extend_from_slice(br#""__metadata__":"#);
+                    hbytes.extend_from_slice(meta.as_bytes());
                     hbytes.push(b',');
+                    meta_done = true;
                 }
-                hbytes.extend_from_slice(serde_json::to_string(name).unwrap().as_bytes());
-                hbytes.push(b':');
-                hbytes.extend_from_slice(entry.as_bytes());
+                hbytes.extend_from_slice(serde_json::to_string(&s.name).unwrap().as_bytes());
+                let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+                hbytes.extend_from_slice(format!(r#":{{"dtype":"{}","shape":[{shape}],"data_offsets":[{o},{}]}},"#, s.dtype_name(), o + len).as_bytes());
+            }
+            if meta_done {
+                hbytes.pop(); // the last entry's comma
+            } else {
+                hbytes.extend_from_slice(br#""__metadata__":"#);
+                hbytes.extend_from_slice(meta.as_bytes());
             }
             hbytes.push(b'}');
-            drop(header);
+            drop(order);
             // Pad with spaces so the data section starts 8-aligned.
             while !hbytes.len().is_multiple_of(8) {
                 hbytes.push(b' ');
@@ -222,9 +233,8 @@ impl ShardedWriter {
             let f = if mine {
                 let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
                 f.set_len(data_start + off as u64).map_err(|e| Error::io(&path, e))?;
-                let mut head = (hbytes.len() as u64).to_le_bytes().to_vec();
-                head.extend_from_slice(&hbytes);
-                f.write_all_at(&head, 0).map_err(|e| Error::io(&path, e))?;
+                f.write_all_at(&(hbytes.len() as u64).to_le_bytes(), 0).map_err(|e| Error::io(&path, e))?;
+                f.write_all_at(&hbytes, 8).map_err(|e| Error::io(&path, e))?;
                 Some(f)
             } else {
                 None
