@@ -67,9 +67,11 @@ pub struct TensorSpec {
 pub enum Source {
     /// A stored tensor, read as it is; `tensor` defaults to the output tensor's name.
     Tensor {
-        input: usize,
+        /// u32 and a boxed name keep this variant (a plan holds one per input per tensor)
+        /// at 24 bytes.
+        input: u32,
         #[serde(default)]
-        tensor: Option<String>,
+        tensor: Option<Box<str>>,
     },
     /// A LoRA-adapted weight, materialized on the fly (boxed, like `Rows`: a plan holds a
     /// source per input per tensor, and the common `Tensor` variant is a third their size).
@@ -256,7 +258,7 @@ impl<'a> Reader<'a> {
     fn bind(src: &'a Source, ckpts: &'a [Checkpoint], out_name: &str) -> Result<Reader<'a>> {
         match src {
             Source::Tensor { input, tensor } => {
-                let (ckpt, info) = lookup(*input, tensor.as_deref().unwrap_or(out_name), ckpts, out_name)?;
+                let (ckpt, info) = lookup(*input as usize, tensor.as_deref().unwrap_or(out_name), ckpts, out_name)?;
                 Ok(Reader::Tensor { ckpt, info })
             }
             Source::Lora(l) => {
@@ -420,7 +422,7 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
         let raw = raw_dtype(t, ckpts)?;
         let bind = |s: &'a Source| match (raw, s) {
             (Some(_), Source::Tensor { input, tensor }) => {
-                find(*input, tensor.as_deref().unwrap_or(&t.name), ckpts, &t.name).map(|(ckpt, info)| Reader::Tensor { ckpt, info })
+                find(*input as usize, tensor.as_deref().unwrap_or(&t.name), ckpts, &t.name).map(|(ckpt, info)| Reader::Tensor { ckpt, info })
             }
             _ => Reader::bind(s, ckpts, &t.name),
         };
@@ -474,7 +476,7 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
 fn raw_dtype(t: &TensorSpec, ckpts: &[Checkpoint]) -> Result<Option<safetensors::Dtype>> {
     let kind = |s: &Source| match s {
         Source::Tensor { input, tensor } => {
-            let c = ckpts.get(*input)?;
+            let c = ckpts.get(*input as usize)?;
             c.info(tensor.as_deref().unwrap_or(&t.name)).and_then(|i| i.dtype.is_none().then_some((i.raw_dtype, c.root())))
         }
         _ => None,
@@ -496,6 +498,13 @@ fn raw_dtype(t: &TensorSpec, ckpts: &[Checkpoint]) -> Result<Option<safetensors:
 #[cfg(test)]
 mod source_tests {
     use super::*;
+
+    #[test]
+    fn plan_sources_stay_small() {
+        // one per input per tensor of a plan: 200k-tensor checkpoints need it lean
+        assert!(std::mem::size_of::<Source>() <= 24, "{}", std::mem::size_of::<Source>());
+        assert!(std::mem::size_of::<Option<Source>>() <= 24);
+    }
     use crate::writer::{OutSpec, ShardedWriter};
 
     fn vals(n: usize, seed: u64) -> Vec<f32> {
