@@ -187,6 +187,27 @@ def test_byte_identical_to_local(cluster, models, tmp_path, name):
         8 + int.from_bytes((local.path / f).read_bytes()[:8], "little") for f in want if f.endswith(".safetensors"))
 
 
+def test_folder_functions_take_executor(cluster, models, tmp_path):
+    """The Python folder functions run on Ray with ``executor="ray"``, byte-identical to the
+    local engine; arrays have no executor."""
+    import numpy as np
+
+    calls = [
+        ("ties", lambda **kw: mf.ties(models["base"], [models["a"], models["b"]], [0.6, 0.4], [0.5, 0.7],
+                                      max_shard_size="30KB", seed=3, **kw)),
+        ("linear", lambda **kw: mf.linear([models["a"], models["b"]], [0.3, 0.7], max_shard_size="30KB", **kw)),
+    ]
+    for name, call in calls:
+        local = call(out=tmp_path / "local" / name)
+        remote = call(out=tmp_path / "ray" / name, executor="ray")
+        want, got = _files(local.path), _files(remote.path)
+        assert sum(f.endswith(".safetensors") for f in want) >= 4
+        assert got == want, name
+    a = np.ones(4, np.float32)
+    with pytest.raises(mf.ConfigError, match="executor"):
+        mf.linear([a, a], executor="ray")
+
+
 def test_killed_worker_is_retried(cluster, models, tmp_path):
     cfg = _cfg(tmp_path, "ties", models)
     local = mf.run(cfg, out=tmp_path / "local" / "out", out_shard_size="30KB")

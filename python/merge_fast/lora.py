@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from ._errors import ConfigError
+from .distributed import with_executor
 
 PathLike = Union[str, Path]
 _PREFIX = "base_model.model."
@@ -201,6 +202,7 @@ def check_against_base(ad: Adapter, base_shapes: Dict[str, Tuple[int, ...]]) -> 
                 raise _err(p, f"target module {t!r} (adapter_config.json target_modules) is not in the base model")
 
 
+@with_executor
 def apply(
     base: PathLike,
     adapter: PathLike,

@@ -44,6 +44,7 @@ import numpy as np
 
 from . import _core
 from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch
+from .distributed import with_executor
 from ._folders import SIDE_FILES, execute, open_checkpoint, out_dtype_code, same_tensor_plan
 from ._output import check_output_dir, staged_dir
 
@@ -333,6 +334,7 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
     return _write_state(out, info, gen(), side_state.folder, [s.folder for s in sts], overwrite)
 
 
+@with_executor
 def finalize(state: PathLike, *, out: PathLike, base: Optional[PathLike] = None, out_dtype: Optional[str] = None,
              max_shard_size: Union[int, str] = "5GB", threads: Optional[int] = None, overwrite: bool = False,
              progress: bool = False):

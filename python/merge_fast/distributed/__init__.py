@@ -61,6 +61,7 @@ def with_executor(fn: Callable) -> Callable:
     """Decorator for functions with ``executor=`` and ``ray_address=`` keyword arguments:
     runs them inside :func:`use_executor` (the function itself ignores both)."""
     import functools
+    import inspect
 
     @functools.wraps(fn)
     def wrapper(*args: Any, executor: str = "local", ray_address: Optional[str] = None, **kw: Any):
@@ -69,6 +70,15 @@ def with_executor(fn: Callable) -> Callable:
         with use_executor(executor, ray_address):
             return fn(*args, **kw)
 
+    # help() and inspect show the two options with the function's own parameters.
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    if not any(p.name == "executor" for p in params):
+        extra = [inspect.Parameter("executor", inspect.Parameter.KEYWORD_ONLY, default="local", annotation="str"),
+                 inspect.Parameter("ray_address", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                   annotation="Optional[str]")]
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        wrapper.__signature__ = sig.replace(parameters=params[:at] + extra + params[at:])  # type: ignore[attr-defined]
     return wrapper
 
 

@@ -31,6 +31,8 @@ def merge(
     overwrite: bool = False,
     cache_dir: Optional[Union[str, Path]] = None,
     fsync: bool = True,
+    executor: str = "local",
+    ray_address: Optional[str] = None,
 ) -> Union[Any, MergeResult]:
     """Merges ``models`` (and ``base``) with the named method and its parameters.
 
@@ -40,7 +42,9 @@ def merge(
     downloaded into ``cache_dir`` (default: the standard HF cache; see merge_fast.hub).
     ``overwrite``: replace an existing, non-empty ``out`` that holds a previous merge
     output (anything else is refused). Every file is fsynced before it is renamed into
-    place; ``fsync=False`` skips that, for scratch merges.
+    place; ``fsync=False`` skips that, for scratch merges. ``executor="ray"`` (folders only)
+    runs the plan as Ray tasks on the cluster at ``ray_address`` (default: the running or a
+    new local Ray), byte-identical to the local merge (see merge_fast.distributed).
     """
     params = {k: v for k, v in (params or {}).items() if v is not None}
     everything = list(models) + ([base] if base is not None else [])
@@ -49,17 +53,21 @@ def merge(
     if all(_is_path(m) for m in everything):
         if out is None:
             raise ConfigError("config error: folder merges need out=PATH")
-        return merge_folders(
-            method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
-            max_shard_size=max_shard_size, progress=progress, seed=seed, overwrite=overwrite,
-            cache_dir=cache_dir,
-            fsync=fsync,
-        )
+        from ..distributed import use_executor
+
+        with use_executor(executor, ray_address):
+            return merge_folders(
+                method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
+                max_shard_size=max_shard_size, progress=progress, seed=seed, overwrite=overwrite,
+                cache_dir=cache_dir, fsync=fsync,
+            )
     from .._arrays import is_array, merge_arrays  # numpy: only where arrays are merged
 
     if all(is_array(m) for m in everything):
         if out is not None:
             raise ConfigError("config error: out= is for folder merges; array merges return the result")
+        if executor != "local" or ray_address is not None:
+            raise ConfigError(f"config error: executor={executor!r} is for folder merges; arrays merge in this process")
         return merge_arrays(method, base, list(models), params, seed=seed, threads=threads)
     raise ConfigError("config error: pass either all arrays/tensors or all model paths, not a mix")
 

@@ -18,6 +18,7 @@ from .._folders import (
     open_checkpoint,
     out_dtype_code,
 )
+from ..distributed import with_executor
 from ._dispatch import Model, _is_path, as_list, merge
 
 __all__ = ["fisher_weighted", "fisher_dampened", "layer_importance", "layer_of"]
@@ -69,6 +70,7 @@ def _require(ckpt, names: Sequence[str], path: Any, what: str = "missing from", 
         )
 
 
+@with_executor
 def fisher_weighted(
     models: Sequence[Model],
     fishers: Sequence[Model],
@@ -92,6 +94,7 @@ def fisher_weighted(
     return _fisher_folders("fisher_weighted", None, list(models), list(fishers), params, **options)
 
 
+@with_executor
 def fisher_dampened(
     base: Model,
     models: Sequence[Model],

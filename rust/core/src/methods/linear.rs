@@ -1,11 +1,15 @@
 //! Linear (weighted average): `Σ w_i θ_i / Σ w_i`, or the plain weighted sum without
 //! normalization.
-use super::{check_arity, weighted_sum, BaseRule, Ctx, Method};
+//!
+//! Summed in f64 and rounded once to f32: the result is the correctly rounded weighted
+//! mean, so a merge finished from partial states (`merge_state`, sums kept in f64) writes
+//! the same bytes as this one-shot merge, whatever the grouping.
+use super::{check_arity, BaseRule, Ctx, Method};
 use crate::error::Result;
-use crate::params::{Params, Range};
+use crate::params::{normalized, Params, Range};
 
 pub struct Linear {
-    weights: Vec<f32>,
+    weights: Vec<f64>,
 }
 
 impl Linear {
@@ -13,13 +17,28 @@ impl Linear {
         check_arity("linear", has_base, BaseRule::Forbidden, n, 1, None)?;
         let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
         let normalize = p.bool("normalize", true)?;
-        Ok(Linear { weights: p.weights_f32("weight", &w, normalize)? })
+        // Validates (a zero sum, factors beyond f32) with the messages every method shares.
+        p.weights_f32("weight", &w, normalize)?;
+        let weights = if normalize { normalized(&w).expect("checked by weights_f32") } else { w };
+        Ok(Linear { weights })
     }
 }
 
 impl Method for Linear {
     fn apply(&self, _: &Ctx, _: Option<&[f32]>, inputs: &[&[f32]], _: &[f64], out: &mut [f32]) -> Result<()> {
-        weighted_sum(inputs, &self.weights, out);
+        // Blocks of a stack buffer: no allocation per chunk, and the f64 sums stay in L1.
+        const B: usize = 512;
+        let mut acc = [0f64; B];
+        for start in (0..out.len()).step_by(B) {
+            let end = (start + B).min(out.len());
+            let acc = &mut acc[..end - start];
+            let w0 = self.weights[0];
+            acc.iter_mut().zip(&inputs[0][start..end]).for_each(|(a, &x)| *a = w0 * x as f64);
+            for (x, &w) in inputs.iter().zip(&self.weights).skip(1) {
+                acc.iter_mut().zip(&x[start..end]).for_each(|(a, &v)| *a += w * v as f64);
+            }
+            out[start..end].iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = a as f32);
+        }
         Ok(())
     }
 }
