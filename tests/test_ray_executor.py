@@ -203,6 +203,17 @@ def test_folder_functions_take_executor(cluster, models, tmp_path):
         want, got = _files(local.path), _files(remote.path)
         assert sum(f.endswith(".safetensors") for f in want) >= 4
         assert got == want, name
+    # Inside a use_executor block the functions' default keeps the block's executor.
+    from merge_fast.distributed import _RUNNER
+
+    runner = RayRunner(tasks=2)
+    token = _RUNNER.set(runner)
+    try:
+        inner = calls[0][1](out=tmp_path / "block" / "ties")
+    finally:
+        _RUNNER.reset(token)
+    assert runner.last is not None and len(runner.last["results"]) == 2
+    assert _files(inner.path) == _files(tmp_path / "local" / "ties")
     a = np.ones(4, np.float32)
     with pytest.raises(mf.ConfigError, match="executor"):
         mf.linear([a, a], executor="ray")

@@ -53,14 +53,20 @@ def merge(
     if all(_is_path(m) for m in everything):
         if out is None:
             raise ConfigError("config error: folder merges need out=PATH")
-        from ..distributed import use_executor
 
-        with use_executor(executor, ray_address):
+        def folders() -> MergeResult:
             return merge_folders(
                 method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
                 max_shard_size=max_shard_size, progress=progress, seed=seed, overwrite=overwrite,
                 cache_dir=cache_dir, fsync=fsync,
             )
+
+        if executor == "local" and ray_address is None:
+            return folders()  # the default: also keeps an enclosing use_executor block's choice
+        from ..distributed import use_executor
+
+        with use_executor(executor, ray_address):
+            return folders()
     from .._arrays import is_array, merge_arrays  # numpy: only where arrays are merged
 
     if all(is_array(m) for m in everything):
