@@ -6,7 +6,7 @@ Order of evidence:
    (user-registered families first, so a mapping file can claim any model_type);
 2. ``config["architectures"]`` matched against ``match.architectures``;
 3. tensor names alone: the first family (priority order: user families, then
-   gemma3 (multimodal), gemma3_text, gemma2, qwen3, phi3, phi, gpt_neox, opt, gpt2, bert, qwen2, llama) under
+   gemma3 (multimodal), gemma3_text, gemma2, qwen3, phi3, phi, gpt_neox, opt, gpt2, bert, roberta, t5_gated, t5, granite, qwen2, llama) under
    which *every* name is recognised (or is a known buffer), its ``required`` tensors of
    layer 0 are present and its ``detect`` signature holds.
 
