@@ -201,6 +201,9 @@ def main(argv=None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     import merge_fast as mf
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: threads only contend (2 shared cores)
 
     summary: dict = {"sizes": size, "card": CARD}
     try:
