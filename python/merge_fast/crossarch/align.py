@@ -50,8 +50,9 @@ out knowingly. An encoder-decoder *anchor* is refused (its encoder is outside th
 residual-stream rotation, each donor matrix ``W_d`` (depth-mapped, family scales applied, no
 norm folding) gets its own orthogonal Procrustes rotation on its smaller side:
 ``W_d Q`` with ``Q = argmin ||W_a - W_d Q||`` (``in x in``) when ``in <= out``, else ``Q W_d``
-with ``Q`` (``out x out``) from ``Wᵀ``; axes whose sizes differ are first matched by a
-semi-orthogonal Procrustes map (:func:`.projection.match_axis`). The embedding and head use
+with ``Q`` (``out x out``) from ``Wᵀ``; where sizes differ, the residual-stream axis is first
+mapped by the embedding-fitted ``R`` and an inner axis by a semi-orthogonal Procrustes map
+(:func:`.projection.match_axis`). The embedding and head use
 the same fit on their hidden axis over shared-token rows; 1-D tensors are taken as they are.
 It minimises each tensor's distance to the anchor, not the function's: the rotations of
 consecutive tensors need not agree.
@@ -406,6 +407,12 @@ class DonorAligner:
             if tuple(X.shape) != tuple(Wa.shape):
                 return "anchor", None
             return "donor", np.ascontiguousarray(X, dtype=np.float32)
+        # sizes that differ: the residual-stream axis through the embedding-fitted map R (the
+        # only evidence shared across the two streams), an inner axis by its own Procrustes map
+        if role in READ_ROLES and X.shape[1] != Wa.shape[1]:
+            X = X @ self.R
+        elif role in WRITE_ROLES and X.shape[0] != Wa.shape[0]:
+            X = self.R.T @ X
         for axis in (1, 0):
             if X.shape[axis] != Wa.shape[axis]:
                 X, _ = match_axis(Wa, np.ascontiguousarray(X), axis)
