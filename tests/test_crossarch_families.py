@@ -335,3 +335,21 @@ def test_rank_zero_is_the_anchor_bit_for_bit(models, root):
         mf.procrustes_absorb(models["qwen2"], [models["llama"]], out=root / "neg", attn_rank=-1)
     with pytest.raises(mf.ConfigError, match="alignment"):
         mf.procrustes_absorb(models["qwen2"], [models["llama"]], out=root / "neg", alignment="sideways")
+
+
+def test_same_arch_granite_merge_checks_multipliers(models, root):
+    """Multipliers are config scalars: same-arch merges need them equal (else refused)."""
+    import shutil
+
+    other = root / "granite_other"
+    shutil.copytree(models["granite"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, residual_multiplier=0.5)))
+    yaml_text = f"merge_method: linear\nmodels:\n  - model: {models['granite']}\n    parameters: {{weight: 1.0}}\n" \
+                f"  - model: {other}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+    with pytest.raises(mf.ConfigError, match=r"residual_multiplier.*0\.5.*0\.22"):
+        mf.run(yaml_text, root / "granite_bad")
+    (other / "config.json").write_text(json.dumps(cfg))
+    mf.run(yaml_text, root / "granite_ok")
+    got, ref = read_all(root / "granite_ok"), read_all(models["granite"])
+    assert all(np.array_equal(got[k], ref[k]) for k in ref)  # the linear merge of a model with itself
