@@ -353,3 +353,19 @@ def test_same_arch_granite_merge_checks_multipliers(models, root):
     mf.run(yaml_text, root / "granite_ok")
     got, ref = read_all(root / "granite_ok"), read_all(models["granite"])
     assert all(np.array_equal(got[k], ref[k]) for k in ref)  # the linear merge of a model with itself
+
+
+def test_per_tensor_and_skip_from_a_config(models, root):
+    cfg = f"""merge_method: procrustes_absorb
+base_model: {models['qwen2']}
+models:
+  - model: {models['llama']}
+  - model: {models['t5_gated']}
+parameters: {{beta: 0.6, attn_rank: 3, mlp_rank: 3, alignment: per_tensor, cross_attention: skip}}
+"""
+    mf.run(cfg, root / "cfg_pt")
+    mf.procrustes_absorb(models["qwen2"], [models["llama"], models["t5_gated"]], out=root / "api_pt", beta=0.6,
+                         attn_rank=3, mlp_rank=3, alignment="per_tensor", cross_attention="skip")
+    assert (root / "cfg_pt" / "model.safetensors").read_bytes() == (root / "api_pt" / "model.safetensors").read_bytes()
+    with pytest.raises(mf.ConfigError, match="EncDecAttention"):
+        mf.run(cfg.replace(", cross_attention: skip", ""), root / "cfg_refused")
