@@ -160,9 +160,9 @@ class AttentionCapture:
 
 
 def qed_config() -> dict[str, Any]:
-    """config.json of the custom QED example (examples/qed.yaml)."""
+    """config.json of the custom QED example (examples/qed_fused.yaml)."""
     return {
-        "model_type": "qed", "architectures": ["QedForCausalLM"], "d_model": 48, "n_layers": 2,
+        "model_type": "qed_fused", "architectures": ["QedFusedForCausalLM"], "d_model": 48, "n_layers": 2,
         "n_heads": 6, "n_kv_heads": 2, "d_ff": 80, "vocab_size": 64, "tie_word_embeddings": True,
     }
 

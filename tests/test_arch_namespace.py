@@ -29,7 +29,7 @@ from merge_fast.arch import (  # noqa: E402
     plan_canonical, plan_decanonical,
 )
 
-QED_YAML = os.path.join(os.path.dirname(arch.__file__), "examples", "qed.yaml")
+QED_YAML = os.path.join(os.path.dirname(arch.__file__), "examples", "qed_fused.yaml")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -50,7 +50,7 @@ def built(tmp_path_factory):
 def qed_family():
     fam = load_mapping(QED_YAML, register=True, replace=True)
     yield fam
-    arch.unregister_family("qed")
+    arch.unregister_family("qed_fused")
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -417,7 +417,7 @@ def test_qed_mapping_round_trip(qed_family, prefix, dtype):
     dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
     stored, expected = am.qed_tensors(cfg, prefix=prefix, dtype=dt)
     fam = detect_family(cfg, list(stored))
-    assert fam.name == "qed" and fam.prefix == prefix
+    assert fam.name == "qed_fused" and fam.prefix == prefix
     canon = canonicalize(stored, cfg)
     assert sorted(canon) == sorted(expected)
     for k in expected:  # split pieces are exactly the blocks the checkpoint was built from
@@ -432,11 +432,11 @@ def test_qed_mapping_round_trip(qed_family, prefix, dtype):
 def test_qed_unregistered_needs_mapping():
     cfg = am.qed_config()
     stored, _ = am.qed_tensors(cfg)
-    arch.unregister_family("qed")
+    arch.unregister_family("qed_fused")
     with pytest.raises(UnknownFamilyError, match="mapping file"):
         canonicalize(stored, cfg)
     fam = load_mapping(QED_YAML)  # not registered: pass it explicitly
-    assert canonicalize(stored, cfg, fam).family.name == "qed"
+    assert canonicalize(stored, cfg, fam).family.name == "qed_fused"
 
 
 def test_dump_and_reparse_mapping(qed_family):

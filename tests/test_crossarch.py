@@ -307,7 +307,7 @@ def test_unknown_family_names_tensor(anchor, root):
 
 
 def test_custom_family_through_mapping_file(rotated, anchor, root):
-    """A donor in a custom layout (examples/qed.yaml: fused wqkv and w13) is rejected with a
+    """A donor in a custom layout (examples/qed_fused.yaml: fused wqkv and w13) is rejected with a
     ConfigError naming a tensor, then aligned once its mapping file is given."""
     from safetensors.numpy import save_file
 
@@ -329,11 +329,11 @@ def test_custom_family_through_mapping_file(rotated, anchor, root):
     qd.mkdir()
     save_file(t, str(qd / "model.safetensors"))
     (qd / "config.json").write_text(json.dumps({
-        "model_type": "qed", "d_model": HIDDEN, "n_layers": cfg["num_hidden_layers"], "n_heads": 4, "n_kv_heads": 2,
+        "model_type": "qed_fused", "d_model": HIDDEN, "n_layers": cfg["num_hidden_layers"], "n_heads": 4, "n_kv_heads": 2,
         "d_ff": cfg["intermediate_size"]}))
     with pytest.raises(mf.ConfigError, match=r"qed\."):
         mf.align(anchor, qd, out=root / "qed_out")
-    qed = EXAMPLES_DIR / "qed.yaml"
+    qed = EXAMPLES_DIR / "qed_fused.yaml"
     with pytest.raises(mf.TensorMismatch, match=r"k_proj\.bias"):  # qed has no attention biases
         mf.align(anchor, qd, out=root / "qed_out", donor_family=qed)
     res = mf.align(anchor, qd, out=root / "qed_out", donor_family=qed, missing="anchor")

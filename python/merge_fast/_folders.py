@@ -205,6 +205,26 @@ def _progress_callback(progress: ProgressArg, desc: str):
     return cb, bar
 
 
+def remote_code_files(src: Path) -> List[str]:
+    """Python modules of the folder named by config.json's ``auto_map`` (custom code loaded
+    with ``trust_remote_code``; entries pointing at another repo, ``repo--module.Class``, skipped)."""
+    try:
+        auto = json.loads((src / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    refs: List[str] = []
+    for v in auto.values() if isinstance(auto, dict) else []:
+        refs += [x for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, str)]
+    out: List[str] = []
+    for ref in refs:
+        if "--" in ref or "." not in ref:
+            continue
+        name = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"
+        if "/" not in name and (src / name).is_file() and name not in out:
+            out.append(name)
+    return out
+
+
 def copy_side_files(src: Path, dst: Path, out_dtype: Optional[str]) -> None:
     if src.is_file():
         src = src.parent
@@ -212,6 +232,8 @@ def copy_side_files(src: Path, dst: Path, out_dtype: Optional[str]) -> None:
         f = src / name
         if f.is_file():
             shutil.copy2(f, dst / name)
+    for name in remote_code_files(src):  # custom architectures load with trust_remote_code
+        shutil.copy2(src / name, dst / name)
     cfg = dst / "config.json"
     if out_dtype and cfg.is_file():
         # Say what is now stored, so loaders pick the right default dtype.

@@ -370,7 +370,8 @@ def _download_folder(repo: str, revision: Optional[str], kind: str, cache: Path,
             weights = index_files("pytorch_model.bin.index.json")
         else:
             weights = bins[:1] if "pytorch_model.bin" not in bins else ["pytorch_model.bin"]
-        side = [f for f in top if f in SIDE_FILES]
+        # top-level *.py: custom architectures' code (auto_map, trust_remote_code), copied to the output
+        side = [f for f in top if f in SIDE_FILES or (f.endswith(".py") and "/" not in f)]
     if not weights:
         raise ModelNotFound(f"{'LoRA adapter' if kind == 'adapter' else 'model'} {_where(repo, revision)} has no weights "
                             "the merge can read (*.safetensors or pytorch_model*.bin at the top of the repo)")

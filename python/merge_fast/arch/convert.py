@@ -285,6 +285,15 @@ def plan_decanonical(
         g = (rule_index[id(rule)], layer)
         groups.setdefault(g, {})[idx] = key
         rules[g] = rule
+    cross = [k for k in unused_keys if not k.startswith(PASSTHROUGH_PREFIX) and CanonicalKey.parse(k).role.startswith("cross_attn")]
+    if cross and unused == "error":
+        raise UnknownTensorError(
+            f"refusing to write cross-attention into {fam.name!r}: {_preview(cross)} attend over an encoder's output "
+            f"(encoder-decoder source {source_family or 'model'!r}), and {fam.name!r} is decoder-only, with no "
+            "cross-attention and no encoder to feed it. Only the decoder's self-attention (attn.*) and MLP (mlp.*) "
+            "roles carry over; drop the cross_attn.* keys or pass unused='ignore' to leave them out.",
+            cross,
+        )
     if unused_keys and unused == "error":
         raise UnknownTensorError(
             f"{len(unused_keys)} canonical key(s) have no place in family {fam.name!r}: {_preview(unused_keys)}"

@@ -6,7 +6,7 @@ Order of evidence:
    (user-registered families first, so a mapping file can claim any model_type);
 2. ``config["architectures"]`` matched against ``match.architectures``;
 3. tensor names alone: the first family (priority order: user families, then
-   gemma3 (multimodal), gemma3_text, gemma2, qwen3, phi3, phi, gpt_neox, opt, gpt2, bert, qwen2, llama) under
+   gemma3 (multimodal), gemma3_text, gemma2, qwen3, phi3, phi, gpt_neox, opt, gpt2, bert, roberta, t5_gated, t5, granite, qwen2, llama) under
    which *every* name is recognised (or is a known buffer), its ``required`` tensors of
    layer 0 are present and its ``detect`` signature holds.
 
@@ -32,24 +32,32 @@ from .family import Family
 __all__ = ["detect_family", "family_from_config", "family_from_names"]
 
 
-def family_from_config(config: Mapping[str, Any] | None) -> Family | None:
-    """The family named by ``model_type`` / ``architectures``, or ``None``."""
+def _config_candidates(config: Mapping[str, Any] | None) -> list[Family]:
+    """Families claiming the config's ``model_type`` (else its ``architectures``), in priority order."""
     if not config:
-        return None
+        return []
     fams = registered_families()
     mt = config.get("model_type")
     if isinstance(mt, str):
-        for f in fams:
-            if mt in f.model_types:
-                return f
+        hit = [f for f in fams if mt in f.model_types]
+        if hit:
+            return hit
     archs = config.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
     for a in archs:
-        for f in fams:
-            if a in f.architectures:
-                return f
-    return None
+        hit = [f for f in fams if a in f.architectures]
+        if hit:
+            return hit
+    return []
+
+
+def family_from_config(config: Mapping[str, Any] | None) -> Family | None:
+    """The family named by ``model_type`` / ``architectures``, or ``None`` (several families
+    may claim one model_type, e.g. T5's gated and ReLU variants: the first is returned;
+    :func:`detect_family` with tensor names picks the one that knows every name)."""
+    cands = _config_candidates(config)
+    return cands[0] if cands else None
 
 
 def _name_score(fam: Family, names: list[str]) -> tuple[Family, int, int]:
@@ -101,7 +109,13 @@ def detect_family(config: Mapping[str, Any] | None = None, tensor_names: Iterabl
             recognise a single tensor name.
     """
     names = list(tensor_names) if tensor_names is not None else None
-    fam = family_from_config(config)
+    cands = _config_candidates(config)
+    if cands and names and len(cands) > 1:
+        for c in cands:  # the first candidate whose table knows every name
+            b, known, unknown = _name_score(c, names)
+            if known and not unknown:
+                return b
+    fam = cands[0] if cands else None
     if fam is not None:
         if not names:
             return fam

@@ -12,7 +12,19 @@ families (they never change the data):
 * ``position``: ``rope`` | ``learned`` | ``partial_rope``; ``pos_embed_offset`` (OPT: 2);
 * ``parallel_block``: attention and MLP read the same input (Phi, GPT-NeoX default);
 * ``embed_scale``: embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma family);
-* ``tied_embeddings_default``: transformers' default for ``tie_word_embeddings``.
+* ``tied_embeddings_default``: transformers' default for ``tie_word_embeddings``;
+* ``multipliers`` (Granite): config keys of scalar multipliers the forward pass applies -
+  ``embed`` (embeddings x m), ``residual`` (each sub-layer output x m before the residual
+  add), ``attention`` (the score scale, replacing ``1/sqrt(head_dim)``), ``logits``
+  (logits / m);
+* ``attention_scale``: ``none`` when scores are not scaled by ``1/sqrt(head_dim)`` (T5);
+* ``decoder_output_scale``: T5's ``d_model**-0.5`` on the decoder output before the tied
+  head (config ``scale_decoder_outputs``);
+* ``encoder_decoder``: only the decoder is mapped; the encoder passes through verbatim.
+
+The multipliers never change stored data (same-family round trips and merges are plain
+parameter-space operations under the base's config); cross-family alignment
+(:mod:`merge_fast.crossarch`) folds them into the weights it moves between families.
 """
 
 from __future__ import annotations
@@ -199,6 +211,51 @@ def _bert() -> list[dict[str, Any]]:
     return t
 
 
+def _roberta() -> list[dict[str, Any]]:
+    E, L = "{prefix}embeddings.", "{prefix}encoder.layer.{layer}."
+    t = [_t(E + "word_embeddings.weight", "embed.weight", True),
+         _t(E + "position_embeddings.weight", "pos_embed.weight"),
+         _t(E + "token_type_embeddings.weight", "type_embed.weight")]
+    t += _wb(E + "LayerNorm", "embed_norm", True, True)
+    t += _wb(L + "attention.self.query", "attn.q", True) + _wb(L + "attention.self.key", "attn.k", True)
+    t += _wb(L + "attention.self.value", "attn.v", True) + _wb(L + "attention.output.dense", "attn.o", True)
+    t += _wb(L + "attention.output.LayerNorm", "attn_norm", True, True)
+    t += _wb(L + "intermediate.dense", "mlp.up", True) + _wb(L + "output.dense", "mlp.down", True)
+    t += _wb(L + "output.LayerNorm", "mlp_norm", True, True)
+    t += _wb("{prefix}pooler.dense", "pooler")
+    t += _wb("lm_head.dense", "mlm.dense") + _wb("lm_head.layer_norm", "mlm.norm")
+    t += [_t("lm_head.decoder.weight", "lm_head.weight"), _t("lm_head.bias", "lm_head.bias")]
+    return t
+
+
+def _t5(gated: bool) -> list[dict[str, Any]]:
+    """The decoder of T5: block layer 0 = self-attention, 1 = cross-attention, 2 = MLP."""
+    L = "decoder.block.{layer}.layer."
+    t = [_t("shared.weight", "embed.weight", True)]
+    t += [_t(L + "0.layer_norm.weight", "attn_norm.weight", True)]
+    t += [_t(L + f"0.SelfAttention.{s}.weight", f"attn.{s}.weight", True) for s in "qkvo"]
+    t += [_t(L + "1.layer_norm.weight", "cross_attn_norm.weight", True)]
+    t += [_t(L + f"1.EncDecAttention.{s}.weight", f"cross_attn.{s}.weight", True) for s in "qkvo"]
+    t += [_t(L + "2.layer_norm.weight", "mlp_norm.weight", True)]
+    if gated:
+        t += [_t(L + "2.DenseReluDense.wi_0.weight", "mlp.gate.weight", True),
+              _t(L + "2.DenseReluDense.wi_1.weight", "mlp.up.weight", True)]
+    else:
+        t += [_t(L + "2.DenseReluDense.wi.weight", "mlp.up.weight", True)]
+    t += [_t(L + "2.DenseReluDense.wo.weight", "mlp.down.weight", True)]
+    t += [_t("decoder.final_layer_norm.weight", "final_norm.weight", True), _t("lm_head.weight", "lm_head.weight")]
+    return t
+
+
+_T5_ATTRS = {"norm": "rmsnorm", "norm_weight_offset": 0.0, "norm_placement": "pre", "activation": "dense_act_fn",
+             "position": "relative_bias", "parallel_block": False, "attention_scale": "none",
+             "decoder_output_scale": "scale_decoder_outputs", "encoder_decoder": True,
+             "tied_embeddings_default": True}
+# the encoder (and both stacks' relative position tables) pass through verbatim
+_T5_PASS = [r"^encoder\.", r"relative_attention_bias\.weight$"]
+# tied aliases of shared.weight (transformers does not save them; old checkpoints may)
+_T5_IGNORE = [r"^(encoder|decoder)\.embed_tokens\.weight$"]
+
 _LN = {"norm": "layernorm", "norm_weight_offset": 0.0, "norm_placement": "pre", "parallel_block": False}
 
 #: Built-in family specs, in name-only detection priority order (most specific first).
@@ -252,6 +309,31 @@ BUILTIN_SPECS: tuple[dict[str, Any], ...] = (
           # position_ids: buffer; cls.predictions.decoder.bias: tied alias of cls.predictions.bias
           ignore=[r"(^|\.)embeddings\.position_ids$", r"^cls\.predictions\.decoder\.bias$"],
           description="BERT encoder (post-LN): attention.output.LayerNorm->attn_norm, output.LayerNorm->mlp_norm"),
+    _spec("roberta", ["roberta"], ["RobertaModel", "RobertaForMaskedLM", "RobertaForCausalLM"], _roberta(),
+          prefixes=["roberta.", ""],
+          attributes=dict(_LN, norm_placement="post", mlp="plain", activation="hidden_act", position="learned",
+                          pos_embed_offset="pad_token_id + 1", encoder=True, tied_embeddings_default=True),
+          # position_ids / token_type_ids: buffers; lm_head.decoder.bias: tied alias of lm_head.bias
+          ignore=[r"(^|\.)embeddings\.(position_ids|token_type_ids)$", r"^lm_head\.decoder\.bias$"],
+          detect={"require": [r"^lm_head\.layer_norm\.|^roberta\."]},
+          description="RoBERTa encoder (post-LN, BERT layout under 'roberta.', MLM head 'lm_head.*')"),
+    _spec("t5_gated", ["t5", "mt5"], ["T5ForConditionalGeneration", "MT5ForConditionalGeneration"], _t5(True),
+          prefixes=[""], attributes=dict(_T5_ATTRS, mlp="gated"), passthrough=_T5_PASS, ignore=_T5_IGNORE,
+          description="T5 v1.1 / mT5 / Flan-T5 (gated-gelu): the decoder is mapped (self-attention attn.*, "
+                      "cross-attention cross_attn.*, wi_0->mlp.gate, wi_1->mlp.up, wo->mlp.down); the encoder and "
+                      "relative position tables pass through"),
+    _spec("t5", ["t5"], ["T5ForConditionalGeneration"], _t5(False),
+          prefixes=[""], attributes=dict(_T5_ATTRS, mlp="plain"), passthrough=_T5_PASS, ignore=_T5_IGNORE,
+          description="T5 (ReLU MLP): the decoder is mapped (self-attention attn.*, cross-attention cross_attn.*, "
+                      "wi->mlp.up, wo->mlp.down); the encoder and relative position tables pass through"),
+    _spec("granite", ["granite"], ["GraniteForCausalLM"], _llama_like(), prefixes=["model.", ""],
+          attributes=dict(_LLAMA_ATTRS, multipliers={"embed": "embedding_multiplier",
+                                                     "residual": "residual_multiplier",
+                                                     "attention": "attention_multiplier",
+                                                     "logits": "logits_scaling"}),
+          ignore=_ROPE_BUFFERS, detect={"require": [r"^$"]},
+          description="IBM Granite (3.x): Llama layout; embedding/residual/attention multipliers and logits "
+                      "scaling are config scalars (folded into the weights by cross-family alignment)"),
     _spec("qwen2", ["qwen2"], ["Qwen2ForCausalLM"], _llama_like(), prefixes=["model.", ""],
           attributes=_LLAMA_ATTRS, ignore=_ROPE_BUFFERS,
           detect={"require": [r"self_attn\.q_proj\.bias$"], "forbid": [r"self_attn\.o_proj\.bias$"]},

@@ -1,7 +1,7 @@
 """User mapping files: YAML descriptions of custom architectures.
 
 The file holds one family spec in the schema documented in :mod:`merge_fast.arch.family`
-(see ``examples/qed.yaml`` for a complete, commented example)::
+(see ``examples/qed.yaml`` (QED-75M) and ``examples/qed_fused.yaml`` (fused projections) for complete, commented examples)::
 
     fam = load_mapping("qed.yaml", register=True)   # now detect_family() knows model_type "qed"
     canon = canonicalize(tensors, config)            # or canonicalize(tensors, config, fam)

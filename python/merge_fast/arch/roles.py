@@ -36,6 +36,11 @@ Norm roles are named by the sub-layer they belong to, not by the checkpoint's na
 * ``attn.q_norm`` / ``attn.k_norm``  per-head norms on queries/keys (Qwen3, Gemma-3,
   Phi with ``qk_layernorm``).
 
+Encoder-decoder models (T5) map their *decoder* onto the per-layer roles (self-attention
+``attn.*``, MLP ``mlp.*``); the decoder's attention over the encoder output is
+``cross_attn.q/k/v/o`` with its norm ``cross_attn_norm``; the encoder itself is kept
+verbatim (``passthrough``).
+
 Custom roles (mapping files) may use any role starting with ``custom.``.
 """
 
@@ -96,6 +101,12 @@ ROLES: Mapping[str, RoleInfo] = dict(
         _r("mlp.up", "layer", "up projection (fc1 for non-gated MLPs) [intermediate, hidden]"),
         _r("mlp.down", "layer", "down projection (fc2 for non-gated MLPs) [hidden, intermediate]"),
         _r("mlp_post_norm", "layer", "norm on the MLP output before the residual add (Gemma-2/3)"),
+        # encoder-decoder (T5) decoder blocks: attention over the encoder's output
+        _r("cross_attn_norm", "layer", "norm of the cross-attention sub-layer (T5 decoder)"),
+        _r("cross_attn.q", "layer", "cross-attention query projection (reads the decoder stream)"),
+        _r("cross_attn.k", "layer", "cross-attention key projection (reads the encoder output)"),
+        _r("cross_attn.v", "layer", "cross-attention value projection (reads the encoder output)"),
+        _r("cross_attn.o", "layer", "cross-attention output projection (writes the decoder stream)"),
     ]
 )
 

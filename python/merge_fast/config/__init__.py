@@ -197,7 +197,8 @@ _RECIPES = {
     "fisher_weighted": ({"weight", "fisher"}, {"epsilon", "fisher_normalize"}),
     "fisher_dampened": ({"weight"}, {"fisher", "scale", "normalization"}),
     "procrustes_absorb": ({"weight"}, {"beta", "attn_rank", "mlp_rank", "embed_rank", "attn_tol", "mlp_tol",
-                                       "embed_tol", "include_embeddings", "strict", "oversample", "power_iters"}),
+                                       "embed_tol", "include_embeddings", "strict", "oversample", "power_iters",
+                                       "alignment", "cross_attention"}),
 }
 
 

@@ -174,6 +174,29 @@ class Planner:
             desc = "; ".join(f"{i.ref} is {list(a) or 'unknown'}" for a, i in archs.items())
             first = list(archs.values())[1]
             raise self.src.error(first.where, f"models of different architectures ({desc}); pass --allow-crimes to merge anyway")
+        self._check_multipliers()
+
+    def _check_multipliers(self) -> None:
+        """Granite-style scalar multipliers live in config.json, not in the weights: a
+        parameter-space merge of models whose multipliers differ computes neither model's
+        function (the output takes one config), so it is refused like a change of architecture."""
+        from ..arch import ArchError, family_from_config
+
+        seen: Dict[str, Tuple[Any, ModelInfo]] = {}
+        for info in self.models.values():
+            try:
+                fam = family_from_config(info.config)
+            except ArchError:
+                fam = None
+            mult = fam.attributes.get("multipliers") if fam is not None else None
+            for key in (mult.values() if isinstance(mult, dict) else ()):
+                v = info.config.get(key)
+                if key in seen and seen[key][0] != v and not self.allow_crimes:
+                    raise self.src.error(info.where, f"config key '{key}' is {v!r} in {info.ref} but {seen[key][0]!r} in "
+                                                     f"{seen[key][1].ref}: {fam.name} applies it in the forward pass, so "
+                                                     "averaging the weights would not merge the two models' functions; "
+                                                     "pass --allow-crimes to merge anyway")
+                seen.setdefault(key, (v, info))
 
     # ------------------------------------------------------------ parameters
     def _tensor_params(self, spec: Optional[MethodSpec], sl: SliceDef, inputs: List[Tuple[SourceDef, str]],

@@ -72,6 +72,57 @@ def read_vocab(path: Path) -> Optional[Dict[str, int]]:
     return None
 
 
+def _cfg_number(config: Mapping[str, Any], key: str, family: Family) -> float:
+    v = config.get(key)
+    if v is None and isinstance(config.get("text_config"), Mapping):
+        v = config["text_config"].get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v == 0:
+        raise ConfigError(f"config error: {family.name} config key '{key}' must be a finite non-zero number, got {v!r}")
+    return float(v)
+
+
+def function_scales(family: Family, config: Mapping[str, Any]) -> Dict[str, float]:
+    """Per-role factors ``s`` such that ``s * W`` computes, in a plain pre-norm decoder
+    (Llama convention), what ``W`` computes in ``family``:
+
+    * Granite multipliers: embeddings x ``embedding_multiplier`` -> ``embed`` x m; sub-layer
+      outputs x ``residual_multiplier`` -> ``attn.o``, ``mlp.down`` x m; scores x
+      ``attention_multiplier`` instead of ``1/sqrt(head_dim)`` -> ``attn.q`` x
+      ``m * sqrt(head_dim)``; logits / ``logits_scaling`` -> ``lm_head`` / m;
+    * T5: unscaled scores -> ``attn.q`` x ``sqrt(head_dim)``; decoder output x ``d_model**-0.5``
+      before the tied head (``scale_decoder_outputs``) -> ``lm_head`` x ``d_model**-0.5``;
+    * Gemma: embeddings x ``sqrt(hidden_size)`` -> ``embed`` x ``sqrt(hidden_size)``.
+
+    Every factor multiplies a linear map (and its bias) that the others do not touch, so
+    moving ``W_d`` from family D into family A as ``W_d * s_D / s_A`` preserves the function."""
+    attrs = family.attributes
+    dims = family.resolve_dims(config)
+    out: Dict[str, float] = {}
+    mult = attrs.get("multipliers")
+    if isinstance(mult, Mapping):
+        if "embed" in mult:
+            out["embed"] = _cfg_number(config, mult["embed"], family)
+        if "residual" in mult:
+            out["attn.o"] = out["mlp.down"] = _cfg_number(config, mult["residual"], family)
+        if "attention" in mult:
+            out["attn.q"] = _cfg_number(config, mult["attention"], family) * float(np.sqrt(dims["head_dim"]))
+        if "logits" in mult:
+            out["lm_head"] = 1.0 / _cfg_number(config, mult["logits"], family)
+    if attrs.get("attention_scale") == "none":
+        hd = config.get("d_kv") or dims.get("head_dim")
+        out["attn.q"] = float(np.sqrt(hd))
+    key = attrs.get("decoder_output_scale")
+    if isinstance(key, str):
+        on = config.get(key)
+        if on is None:  # pre-5.x configs: T5 v1.0 (tied) scales, v1.1 (untied) does not
+            on = config.get("tie_word_embeddings", True) is not False
+        if on:
+            out["lm_head"] = float(dims["hidden_size"]) ** -0.5
+    if attrs.get("embed_scale") == "sqrt(hidden_size)":
+        out["embed"] = out.get("embed", 1.0) * float(np.sqrt(dims["hidden_size"]))
+    return out
+
+
 class ModelView:
     """Canonical view of one checkpoint folder (lazy: tensors are read on demand)."""
 
@@ -133,6 +184,12 @@ class ModelView:
         self._cache: Dict[str, np.ndarray] = {}
         self._mapped = 0
         self.vocab = read_vocab(folder)
+        self.scales = function_scales(self.family, self.config)
+
+    def scale(self, role: str) -> float:
+        """Factor taking this family's stored ``role`` weights to the plain pre-norm convention
+        (no multipliers, scores scaled by ``1/sqrt(head_dim)``): ``W_plain = scale * W``."""
+        return self.scales.get(role, 1.0)
 
     # ------------------------------------------------------------------ reading
     def has(self, key: str) -> bool:

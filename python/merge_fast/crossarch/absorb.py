@@ -13,6 +13,14 @@ depth-mapped and width-projected by :mod:`.align`): ``Δ_d = W_d' − W_a``, the
   ``tol = 1`` keeps only the leading one). Attention is usually filtered tighter (larger
   tol) than the MLP. For 1-D tensors (biases) entries with ``|Δ_i| < tol · max|Δ|`` are
   dropped;
+* **rank 0** (``attn_rank=0`` etc.) absorbs nothing from that group: with all groups at 0 the
+  output is the anchor's values bit for bit, written through the whole canonicalise ->
+  align -> decanonicalise path (the card's ``r_max = 0`` round-trip check);
+* **alignment** ``"residual"`` (default): one residual-stream rotation per donor, carried
+  through every tensor with norm gains folded (function-preserving, :mod:`.align`);
+  ``"per_tensor"``: each donor tensor rotated onto the anchor's by its own orthogonal
+  Procrustes fit on its smaller side (the borg-merge card's alignment; lands closer to the
+  anchor tensor by tensor, but the rotations of consecutive tensors need not agree);
 * **blend**: ``θ = β·W_a + (1 − β)·(W_a + Σ_d w_d Δ̃_d) = W_a + (1 − β) Σ_d w_d Δ̃_d``.
   β is the weight of the anchor: **β = 1 returns the anchor byte for byte** (its weight files
   are copied verbatim), β = 0 adds the full filtered deltas. ``w_d`` (``weights``) default 1.
@@ -83,6 +91,8 @@ def filter_delta(deltas: np.ndarray, rank: Optional[int], tol: float, *, oversam
     """Low-rank + tolerance filter of a stack of deltas ``(n, ...)`` (see module docstring);
     returns the filtered stack (float32)."""
     deltas = np.asarray(deltas, dtype=np.float32)
+    if rank == 0:
+        return np.zeros_like(deltas)
     if deltas.ndim == 2:  # stack of 1-D tensors
         if tol <= 0:
             return deltas
@@ -113,8 +123,8 @@ def _check_param(name: str, v: Any, lo: float, hi: Optional[float] = None) -> fl
 def _check_rank(name: str, v: Any) -> Optional[int]:
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ConfigError(f"config error: parameter '{name}' must be a positive integer or None, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ConfigError(f"config error: parameter '{name}' must be an integer >= 0 or None, got {v!r}")
     return int(v)
 
 
@@ -142,6 +152,8 @@ def procrustes_absorb(
     seed: int = 0,
     overwrite: bool = False,
     cache_dir: Optional[PathLike] = None,
+    alignment: str = "residual",
+    cross_attention: str = "error",
 ) -> AbsorbResult:
     """Absorb the Procrustes-aligned, filtered deltas of ``donors`` (any supported families)
     into ``anchor`` and write the result under the anchor's names to ``out``.
@@ -149,7 +161,12 @@ def procrustes_absorb(
     See the module docstring for β, ranks, tolerances, depth mapping and projection. Models
     may be hub repo ids (``org/name[@revision]``, downloaded into ``cache_dir``).
     ``overwrite`` replaces an existing ``out`` holding a previous merge output.
+    ``alignment``: ``"residual"`` or ``"per_tensor"`` (module docstring). ``cross_attention``:
+    an encoder-decoder (T5) donor's cross-attention has no place in a decoder-only anchor:
+    ``"error"`` (default) refuses, ``"skip"`` absorbs only its self-attention and MLP.
     """
+    if alignment not in ("residual", "per_tensor"):
+        raise ConfigError(f"config error: parameter 'alignment' must be 'residual' or 'per_tensor', got {alignment!r}")
     beta = _check_param("beta", beta, 0.0, 1.0)
     attn_rank, mlp_rank, embed_rank = (_check_rank(n, v) for n, v in
                                        (("attn_rank", attn_rank), ("mlp_rank", mlp_rank), ("embed_rank", embed_rank)))
@@ -176,7 +193,7 @@ def procrustes_absorb(
     anchor, *donors = local_models([anchor, *donors], cache_dir=cache_dir)
     A = ModelView(anchor, anchor_family, is_anchor=True)
     views = [ModelView(d, f) for d, f in zip(donors, fams)]
-    aligners = [DonorAligner(A, v, seed=seed) for v in views]
+    aligners = [DonorAligner(A, v, seed=seed, mode=alignment, cross_attention=cross_attention) for v in views]
     absorbed: Dict[str, int] = {}
     missing: Dict[str, List[str]] = {str(v.path): [] for v in views}
     if strict:
@@ -204,7 +221,7 @@ def procrustes_absorb(
         base = A.get(key)
         k = CanonicalKey.parse(key) if not key.startswith("passthrough.") else None
         group = _group(k.role) if k is not None else None
-        if group is None or (group == "embed" and not include_embeddings):
+        if group is None or (group == "embed" and not include_embeddings) or ranks[group] == 0:
             return base
         deltas, wts = [], []
         for al, wd in zip(aligners, w):
@@ -239,7 +256,7 @@ def procrustes_absorb(
         "method": "procrustes_absorb", "anchor": str(anchor), "donors": [str(d) for d in donors], "beta": beta,
         "attn_rank": attn_rank, "mlp_rank": mlp_rank, "embed_rank": embed_rank, "attn_tol": attn_tol,
         "mlp_tol": mlp_tol, "embed_tol": embed_tol, "weights": w, "include_embeddings": include_embeddings,
-        "seed": seed,
+        "seed": seed, "alignment": alignment,
     }
     wr = write_canonical_model(A, value, out, recipe=recipe, out_dtype=out_dtype, max_shard_size=max_shard_size,
                                inputs=[v.folder for v in views], overwrite=overwrite)
@@ -250,7 +267,7 @@ def procrustes_absorb(
 _PARAMS = {
     "beta", "attn_rank", "mlp_rank", "embed_rank", "attn_tol", "mlp_tol", "embed_tol", "weights",
     "include_embeddings", "strict", "anchor_family", "donor_families", "out_dtype", "max_shard_size",
-    "oversample", "power_iters", "seed", "overwrite",
+    "oversample", "power_iters", "seed", "overwrite", "alignment", "cross_attention",
 }
 
 

@@ -34,6 +34,29 @@ top right-singular subspaces of the two embeddings are matched instead
 * vocabulary rows (``embed``, ``lm_head``): anchor row ``t`` takes the donor row of the same
   token; anchor tokens the donor lacks keep the anchor's row.
 
+**Family conventions** (:func:`._model.function_scales`): scalar multipliers a family's
+forward pass applies (Granite's embedding/residual/attention multipliers and logits scaling,
+T5's unscaled attention scores and scaled decoder output, Gemma's ``sqrt(hidden)``
+embedding scale) are folded in: a donor tensor of role ``r`` is carried as
+``W * s_donor(r) / s_anchor(r)``, exactly function-preserving for those scalars.
+
+**Encoder-decoder donors** (T5): the decoder's self-attention and MLP are aligned like a
+decoder-only model's (the encoder and its relative position tables are not used). Its
+cross-attention has no counterpart in a decoder-only anchor: with ``cross_attention="error"``
+(default) that is refused with :class:`ConfigError` naming the tensor; ``"skip"`` leaves it
+out knowingly. An encoder-decoder *anchor* is refused (its encoder is outside the namespace).
+
+**Per-tensor mode** (``mode="per_tensor"``, the borg-merge card's alignment): instead of one
+residual-stream rotation, each donor matrix ``W_d`` (depth-mapped, family scales applied, no
+norm folding) gets its own orthogonal Procrustes rotation on its smaller side:
+``W_d Q`` with ``Q = argmin ||W_a - W_d Q||`` (``in x in``) when ``in <= out``, else ``Q W_d``
+with ``Q`` (``out x out``) from ``Wᵀ``; where sizes differ, the residual-stream axis is first
+mapped by the embedding-fitted ``R`` and an inner axis by a semi-orthogonal Procrustes map
+(:func:`.projection.match_axis`). The embedding and head use
+the same fit on their hidden axis over shared-token rows; 1-D tensors are taken as they are.
+It minimises each tensor's distance to the anchor, not the function's: the rotations of
+consecutive tensors need not agree.
+
 Sandwich norms (Gemma-2/3 ``attn_post_norm``/``mlp_post_norm``) and post-norm models
 (BERT, OPT with ``do_layer_norm_before=False``) have a norm between a writing linear and
 the stream, which no rotation can pass through: they raise :class:`ConfigError` naming
@@ -57,7 +80,7 @@ from ._model import FamilyArg, ModelView
 from ._writer import write_canonical_model
 from .projection import match_axis, subspace_map
 
-__all__ = ["AlignResult", "Alignment", "align", "depth_map", "estimate_rotation"]
+__all__ = ["AlignResult", "Alignment", "align", "depth_map", "estimate_rotation", "per_tensor_rotate"]
 
 PathLike = Union[str, Path]
 
@@ -82,6 +105,29 @@ def depth_map(anchor_layers: int, donor_layers: int) -> List[int]:
     if anchor_layers <= 1:
         return [0] * anchor_layers
     return [int(np.floor(i * (donor_layers - 1) / (anchor_layers - 1) + 0.5)) for i in range(anchor_layers)]
+
+
+def _cross_attn_keys(view: ModelView) -> List[str]:
+    return [k for k in view.keys if CanonicalKey.parse(k).role.startswith("cross_attn")]
+
+
+def _check_encoder_decoder(anchor: ModelView, donor: ModelView, cross_attention: str) -> None:
+    if cross_attention not in ("error", "skip"):
+        raise ConfigError(f"config error: cross_attention must be 'error' or 'skip', got {cross_attention!r}")
+    if anchor.family.attributes.get("encoder_decoder"):
+        raise ConfigError(
+            f"config error: tensor '{anchor.family.from_canonical(anchor.keys[0])}' of {anchor.path}: the anchor is an "
+            f"encoder-decoder model ({anchor.family.name}); only its decoder is in the canonical namespace, so it cannot "
+            f"be an alignment anchor (use a decoder-only anchor)"
+        )
+    cross = _cross_attn_keys(donor)
+    if cross and cross_attention == "error":
+        raise ConfigError(
+            f"config error: tensor '{donor.family.from_canonical(cross[0])}' of {donor.path}: {donor.family.name} "
+            f"decoder blocks have cross-attention over an encoder's output, which the decoder-only anchor "
+            f"({anchor.family.name}) has no place for; refusing to drop it silently. Pass cross_attention='skip' to "
+            f"absorb only the decoder's self-attention and MLP roles ({len(cross)} cross-attention tensors left out)"
+        )
 
 
 def _check_placement(view: ModelView) -> None:
@@ -155,12 +201,29 @@ def estimate_rotation(anchor: ModelView, donor: ModelView, *, seed: int = 0) -> 
     return Alignment(R, method, ra, rd, res)
 
 
+def per_tensor_rotate(W_anchor: np.ndarray, W_donor: np.ndarray) -> np.ndarray:
+    """``W_donor`` rotated onto ``W_anchor`` (same shape) by the orthogonal Procrustes fit on
+    its smaller side: ``W_d Q``, ``Q = argmin_Q ||W_a - W_d Q||`` when ``in <= out``, else
+    ``Q W_d``, ``Q = argmin_Q ||W_a - Q W_d||`` (the SVD is of a ``min(out, in)``-square matrix)."""
+    r, c = W_donor.shape
+    if c <= r:
+        Q = procrustes(W_anchor, W_donor)
+        return np.ascontiguousarray(W_donor @ Q, dtype=np.float32)
+    Q = procrustes(np.ascontiguousarray(W_anchor.T), np.ascontiguousarray(W_donor.T))
+    return np.ascontiguousarray(Q.T @ W_donor, dtype=np.float32)
+
+
 class DonorAligner:
     """Produces a donor's tensors in the anchor's basis and shapes, one canonical key at a time."""
 
-    def __init__(self, anchor: ModelView, donor: ModelView, alignment: Optional[Alignment] = None, seed: int = 0):
+    def __init__(self, anchor: ModelView, donor: ModelView, alignment: Optional[Alignment] = None, seed: int = 0,
+                 *, mode: str = "residual", cross_attention: str = "error"):
+        if mode not in ("residual", "per_tensor"):
+            raise ConfigError(f"config error: alignment mode must be 'residual' or 'per_tensor', got {mode!r}")
+        _check_encoder_decoder(anchor, donor, cross_attention)
         _check_placement(anchor)
         _check_placement(donor)
+        self.mode = mode
         self.anchor, self.donor = anchor, donor
         self.al = alignment or estimate_rotation(anchor, donor, seed=seed)
         self.R = self.al.rotation
@@ -170,6 +233,10 @@ class DonorAligner:
         self._proj: Dict[str, np.ndarray] = {}
 
     # -------------------------------------------------------------- helpers
+    def conv(self, role: str) -> np.float32:
+        """Factor carrying a donor ``role`` weight into the anchor's convention (multipliers)."""
+        return np.float32(self.donor.scale(role) / self.anchor.scale(role))
+
     def donor_key(self, key: str) -> str:
         k = CanonicalKey.parse(key)
         if k.layer is None:
@@ -216,6 +283,11 @@ class DonorAligner:
         """
         if key.startswith(PASSTHROUGH_PREFIX):
             return "anchor", None
+        if self.mode == "per_tensor":
+            return self._per_tensor(key)
+        return self._residual(key)
+
+    def _residual(self, key: str) -> Tuple[str, Optional[np.ndarray]]:
         A, D = self.anchor, self.donor
         k = CanonicalKey.parse(key)
         dkey = self.donor_key(key)
@@ -225,8 +297,11 @@ class DonorAligner:
         if role in NORM_ROLES:
             return "anchor", None
         R = self.R
+        c = self.conv(role)
         if role == "embed":
             Ed = D.get("embed.weight") @ R
+            if c != 1.0:
+                Ed *= c
             return "donor", self._rows(A.get(key), Ed)
         if role == "pos_embed":
             P = D.get(dkey)
@@ -242,11 +317,13 @@ class DonorAligner:
                 b = D.get(dkey)
                 if b is None:
                     return "missing", None
-                return "donor", self._rows(A.get(key)[:, None], b[:, None])[:, 0]
+                return "donor", self._rows(A.get(key)[:, None], (b * c)[:, None])[:, 0]
             W = D.get("lm_head.weight")
             if W is None:
                 W = D.get("embed.weight")  # tied donor
             W = self._read_side(W, D, A, k, None, dk_layer=None)
+            if c != 1.0:
+                W *= c
             return "donor", self._rows(A.get(key), W)
         if role in READ_ROLES:
             Wd = D.get(str(CanonicalKey(dk.layer, role, "weight")))
@@ -254,6 +331,8 @@ class DonorAligner:
                 return "missing", None
             if param == "weight":
                 W = self._read_side(Wd, D, A, k, k.layer, dk_layer=dk.layer)
+                if c != 1.0:
+                    W *= c
                 return "donor", self._inner(key, W, 0)
             # bias: b + W beta_d (LayerNorm bias folded), projected like the weight
             b = D.get(dkey)
@@ -263,6 +342,7 @@ class DonorAligner:
             bb = np.zeros(Wd.shape[0], np.float32) if b is None else b.astype(np.float32)
             if beta is not None:
                 bb = bb + Wd @ beta
+            bb = bb * c
             wkey = str(CanonicalKey(k.layer, role, "weight"))
             if bb.shape[0] != ashape[0]:
                 P = self._proj.get(wkey)
@@ -278,8 +358,10 @@ class DonorAligner:
             if X is None:
                 return "missing", None
             if param == "bias":
-                return "donor", np.ascontiguousarray(R.T @ X, dtype=np.float32)
+                return "donor", np.ascontiguousarray((R.T @ X) * c, dtype=np.float32)
             W = np.ascontiguousarray(R.T @ X)
+            if c != 1.0:
+                W *= c
             return "donor", self._inner(key, W, 1)
         # Roles outside the residual stream (q_norm/k_norm, heads, custom): the donor's own
         # tensor when the shapes agree, else the anchor's.
@@ -289,6 +371,52 @@ class DonorAligner:
         if tuple(X.shape) != tuple(ashape):
             return "anchor", None
         return "donor", np.ascontiguousarray(X, dtype=np.float32)
+
+    def _per_tensor(self, key: str) -> Tuple[str, Optional[np.ndarray]]:
+        """The card's alignment: each donor tensor rotated onto the anchor's by its own
+        orthogonal Procrustes fit (see module docstring)."""
+        A, D = self.anchor, self.donor
+        k = CanonicalKey.parse(key)
+        role, param = k.role, k.param
+        if role in NORM_ROLES:
+            return "anchor", None
+        if role == "embed":  # the residual-stream fit *is* the embedding's per-tensor fit
+            return self._residual(key)
+        c = self.conv(role)
+        Wa = A.get(key)
+        if role == "lm_head":
+            X = D.get(key)
+            if X is None and param == "weight":
+                X = D.get("embed.weight")  # tied donor
+            if X is None:
+                return "missing", None
+            X = X * c
+            if param == "bias":
+                return "donor", self._rows(Wa[:, None], X[:, None])[:, 0]
+            ra, rd = self.al.anchor_rows, self.al.donor_rows
+            if self.al.method == "subspace" or not len(ra):
+                n = min(Wa.shape[0], X.shape[0])
+                ra, rd = np.arange(n), np.arange(n)
+            Q = procrustes(np.ascontiguousarray(Wa[ra]), np.ascontiguousarray(X[rd]))
+            return "donor", self._rows(Wa, np.ascontiguousarray(X @ Q, dtype=np.float32))
+        X = D.get(self.donor_key(key))
+        if X is None:
+            return "missing", None
+        X = np.asarray(X, dtype=np.float32) * c
+        if X.ndim != 2 or Wa.ndim != 2:
+            if tuple(X.shape) != tuple(Wa.shape):
+                return "anchor", None
+            return "donor", np.ascontiguousarray(X, dtype=np.float32)
+        # sizes that differ: the residual-stream axis through the embedding-fitted map R (the
+        # only evidence shared across the two streams), an inner axis by its own Procrustes map
+        if role in READ_ROLES and X.shape[1] != Wa.shape[1]:
+            X = X @ self.R
+        elif role in WRITE_ROLES and X.shape[0] != Wa.shape[0]:
+            X = self.R.T @ X
+        for axis in (1, 0):
+            if X.shape[axis] != Wa.shape[axis]:
+                X, _ = match_axis(Wa, np.ascontiguousarray(X), axis)
+        return "donor", per_tensor_rotate(Wa, X)
 
     def _read_side(self, Wd, D: ModelView, A: ModelView, k: CanonicalKey, a_layer, dk_layer) -> np.ndarray:
         nd = self._norm_for(D, CanonicalKey(dk_layer, k.role, "weight") if dk_layer is not None else k, dk_layer)
@@ -337,6 +465,8 @@ def align(
     seed: int = 0,
     overwrite: bool = False,
     cache_dir: Optional[PathLike] = None,
+    mode: str = "residual",
+    cross_attention: str = "error",
 ) -> AlignResult:
     """Rotate ``donor``'s residual stream onto ``anchor``'s and (with ``out``) write the aligned
     donor under the anchor's tensor names, config and tokenizer.
@@ -353,6 +483,10 @@ def align(
             file for checkpoints that are not detected automatically.
         out_dtype: ``"float32"``/``"bfloat16"``/``"float16"``; default each anchor tensor's dtype.
         overwrite: replace an existing ``out`` holding a previous merge output.
+        mode: ``"residual"`` (one residual-stream rotation, function-preserving) or
+            ``"per_tensor"`` (each tensor its own Procrustes rotation; module docstring).
+        cross_attention: an encoder-decoder donor's cross-attention: ``"error"`` (refuse) or
+            ``"skip"`` (leave it out; only self-attention and MLP carry over).
 
     Returns:
         :class:`AlignResult` with the estimated ``rotation`` ``R`` (``d_donor x d_anchor``,
@@ -368,7 +502,7 @@ def align(
     anchor, donor = local_models([anchor, donor], cache_dir=cache_dir)
     A = ModelView(anchor, anchor_family, is_anchor=True)
     D = ModelView(donor, donor_family)
-    al = DonorAligner(A, D, seed=seed)
+    al = DonorAligner(A, D, seed=seed, mode=mode, cross_attention=cross_attention)
     res = AlignResult(al.R, al.al.method, int(len(al.al.anchor_rows)), al.al.residual, al.layers)
     if out is None:
         res.seconds = time.perf_counter() - t0
