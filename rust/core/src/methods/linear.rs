@@ -1,16 +1,21 @@
 //! Linear (weighted average): `Σ w_i θ_i / Σ w_i`, or the plain weighted sum without
 //! normalization.
-use super::{check_arity, weighted_sum, BaseRule, Ctx, Method};
 use crate::error::Result;
-use crate::params::{Params, Range};
+use crate::kernel::{weighted_sum, Ctx, Method};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("linear", BaseRule::Forbidden, |p, n, b| Ok(Box::new(Linear::build(p, n, b)?)))
+        .params(&[ParamSpec::bool("normalize", true), ParamSpec::float("weight", 1.0, Range::FINITE).per_model()])
+        .mergekit()
+}
 
 pub struct Linear {
     weights: Vec<f32>,
 }
 
 impl Linear {
-    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("linear", has_base, BaseRule::Forbidden, n, 1, None)?;
+    pub fn build(p: &Params, n: usize, _has_base: bool) -> Result<Self> {
         let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
         let normalize = p.bool("normalize", true)?;
         Ok(Linear { weights: p.weights_f32("weight", &w, normalize)? })
