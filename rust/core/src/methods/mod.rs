@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 pub mod linear;
 pub mod slerp;
 pub mod task_arithmetic;
+pub mod trimmed_mean;
 
 // Families of methods, each listing its own specs.
 pub mod data_aware;
@@ -25,6 +26,7 @@ fn registry() -> Vec<MethodSpec> {
     all.extend(geometric::specs());
     all.extend(data_aware::specs());
     all.extend(spectral::specs());
+    all.push(trimmed_mean::spec());
     all
 }
 
@@ -82,12 +84,8 @@ mod tests {
             let required: Map<String, Value> =
                 s.params.iter().filter(|p| p.default == Default::Required).map(|p| (p.name.to_owned(), json!(0.5))).collect();
             build(s.name, &required, n, has_base).unwrap_or_else(|e| panic!("{}: {e}", s.name));
-            let all: Map<String, Value> = s
-                .params
-                .iter()
-                .filter(|p| p.role == Role::Read)
-                .filter_map(|p| value(p).map(|v| (p.name.to_owned(), v)))
-                .collect();
+            let all: Map<String, Value> =
+                s.params.iter().filter(|p| p.role == Role::Read).filter_map(|p| value(p).map(|v| (p.name.to_owned(), v))).collect();
             build(s.name, &all, n, has_base).unwrap_or_else(|e| panic!("{}: {e}", s.name));
             for p in s.params.iter().filter(|p| p.role == Role::ConfigOnly) {
                 let mut one = required.clone();
