@@ -67,6 +67,24 @@ pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn invalid(file: impl Into<PathBuf>, tensor: Option<&str>, msg: impl Into<String>) -> Self {
+        Error::InvalidCheckpoint { file: file.into(), tensor: tensor.map(str::to_owned), msg: msg.into() }
+    }
+    pub fn mismatch(tensor: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::TensorMismatch { tensor: tensor.into(), msg: msg.into() }
+    }
+    pub fn config(msg: impl Into<String>) -> Self {
+        Error::Config(msg.into())
+    }
+    pub fn numerical(tensor: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Numerical { tensor: tensor.into(), msg: msg.into() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,23 +104,5 @@ mod tests {
         }
         assert_eq!(no_panic(|| Ok(3)).unwrap(), 3);
         assert!(matches!(no_panic::<()>(|| Err(Error::config("x"))), Err(Error::Config(_))));
-    }
-}
-
-impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
-    }
-    pub fn invalid(file: impl Into<PathBuf>, tensor: Option<&str>, msg: impl Into<String>) -> Self {
-        Error::InvalidCheckpoint { file: file.into(), tensor: tensor.map(str::to_owned), msg: msg.into() }
-    }
-    pub fn mismatch(tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::TensorMismatch { tensor: tensor.into(), msg: msg.into() }
-    }
-    pub fn config(msg: impl Into<String>) -> Self {
-        Error::Config(msg.into())
-    }
-    pub fn numerical(tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Numerical { tensor: tensor.into(), msg: msg.into() }
     }
 }

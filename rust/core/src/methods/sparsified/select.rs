@@ -140,7 +140,7 @@ pub fn radix_sort_pairs(words: &mut Vec<u64>, tmp: &mut Vec<u64>) {
     tmp.clear();
     tmp.resize(n, 0);
     for (p, c) in counts.iter().enumerate() {
-        if c.iter().any(|&x| x == n) {
+        if c.contains(&n) {
             continue; // this byte is the same everywhere: the pass would not move anything
         }
         let mut pos = [0usize; 256];
