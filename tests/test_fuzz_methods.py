@@ -87,6 +87,7 @@ METHODS = {
     "tsv_merge": ("base", 1, 3, {"alpha": "pm"}),
     "iso_c": ("base", 1, 3, {"scaling_factor": "num"}),
     "iso_cts": ("base", 1, 3, {"scaling_factor": "num", "common_space_fraction": "num"}),
+    "trimmed_mean": ("none", 1, 5, {"trim": "num"}),
 }
 
 # In-range values, drawn in "valid" examples (about two in three) so that most calls get
@@ -99,7 +100,7 @@ VALID = {
     "rescale_mode": st.sampled_from(["l1", "l2", "linf", "density", "none"]),
     "consensus": st.sampled_from(["sum", "count"]), "disjoint_mean": st.sampled_from(["weights", "count"]),
     "fisher_normalize": st.sampled_from(["none", "mean"]), "normalization": st.sampled_from(["log", "minmax", "rank"]),
-    "scaling_factor": F(0, 2), "common_space_fraction": F(0, 1),
+    "scaling_factor": F(0, 2), "common_space_fraction": F(0, 1), "trim": F(0, 0.5),
 }
 VALID_BY_METHOD = {
     ("della", "density"): F(0.3, 0.85), ("della_linear", "density"): F(0.3, 0.85),

@@ -41,6 +41,7 @@ CASES = {
     "tsv_merge": (True, 2, {}),
     "iso_c": (True, 2, {}),
     "iso_cts": (True, 2, {}),
+    "trimmed_mean": (False, 3, {"trim": 0.34}),
 }
 
 

@@ -1,7 +1,8 @@
-"""What each mergekit method accepts: which inputs (a base or not, how many models) and
-which parameters, per model or shared, with their types and defaults. This is the config
-layer's schema only; the math lives in the Rust kernels, which receive the parameters
-under the same names (per-model ones as one list entry per non-base input).
+"""What each mergekit method accepts in a config: which inputs (a base or not, how many
+models) and which parameters, per model or shared, with their types and defaults. Built at
+import from the kernels' own specs (``merge_fast._core.method_specs()``, declared next to
+each Rust kernel), which receive the parameters under the same names (per-model ones as one
+list entry per non-base input); the config facts of mergekit are applied here.
 
 Methods in ``merge_fast._core.METHODS`` that are not listed here (merge_fast's own, e.g.
 the Fisher merges) are passed through: a parameter set at model level becomes a per-model
@@ -10,7 +11,7 @@ list, any other parameter a shared scalar, and the kernel validates them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 REQUIRED = object()
 
@@ -44,50 +45,40 @@ class MethodSpec:
         return self.base in ("required", "optional")
 
 
-def _gta(normalize: bool, rescale: bool, **extra: Param) -> Dict[str, Param]:
-    p = {
-        "int8_mask": Param("bool", False),
-        "normalize": Param("bool", normalize),
-        "rescale": Param("bool", rescale),
-        "lambda": Param("float", 1.0),
-        "weight": Param("float", REQUIRED, per_model=True),
-        "density": Param("float", 1.0, per_model=True),
-        # merge_fast's options beyond mergekit (see merge_fast.methods.sparsified)
-        "rescale_mode": Param("str", None),
-        "disjoint_mean": Param("str", None),
-        "consensus": Param("str", None),
-    }
-    p.update(extra)
-    return p
+# How a kernel's base rule reads in a mergekit config: a kernel that takes no base, or
+# treats a given one as one more input, sees the config's base as just another model.
+_BASE_POLICY = {"required": "required", "optional": "optional", "ignored": "ignored", "forbidden": "ignored"}
 
 
-_SPECS = [
-    MethodSpec("linear", "ignored", params={"normalize": Param("bool", True), "weight": Param("float", per_model=True)}),
-    MethodSpec("slerp", "required", min_inputs=2, max_inputs=2, params={"t": Param("float")}),
-    MethodSpec("nearswap", "required", min_inputs=2, max_inputs=2, params={"t": Param("float")}),
-    MethodSpec("passthrough", "ignored", min_inputs=1, max_inputs=1, params={"scale": Param("float", None, per_model=True)}),
-    MethodSpec("task_arithmetic", "required", params=_gta(False, False)),
-    MethodSpec("ties", "required", params=_gta(True, False)),
-    MethodSpec("dare_ties", "required", params=_gta(False, True)),
-    MethodSpec("dare_linear", "required", params=_gta(False, True)),
-    MethodSpec("breadcrumbs", "required", params=_gta(False, False, gamma=Param("float", 0.01, per_model=True))),
-    MethodSpec("breadcrumbs_ties", "required", params=_gta(False, False, gamma=Param("float", 0.01, per_model=True))),
-    MethodSpec("della", "required", params=_gta(True, True, epsilon=Param("float", 0.15, per_model=True))),
-    MethodSpec("della_linear", "required", params=_gta(False, True, epsilon=Param("float", 0.15, per_model=True))),
-    MethodSpec("sce", "required", params={"int8_mask": Param("bool", False), "select_topk": Param("float", 1.0)}),
-    MethodSpec("model_stock", "required", min_inputs=3, params={
-        "filter_wise": Param("bool", False), "clamp_cosine": Param("bool", False)}),
-    MethodSpec("nuslerp", "optional", min_non_base=2, max_non_base=2, params={
-        "nuslerp_row_wise": Param("bool", False), "nuslerp_flatten": Param("bool", True),
-        "weight": Param("float", per_model=True)}),
-    MethodSpec("multislerp", "optional", min_non_base=1, params={
-        "normalize_weights": Param("bool", True), "eps": Param("float", 1e-8), "weight": Param("float", per_model=True)}),
-    MethodSpec("karcher", "ignored", params={"max_iter": Param("int", 10), "tol": Param("float", 1e-5)}),
-    MethodSpec("arcee_fusion", "required", min_inputs=2, max_inputs=2),
-    MethodSpec("ram", "required", params={"epsilon": Param("float", 1e-5)}),
-    MethodSpec("ramplus_tl", "required", params={
-        "r": Param("float", 0.1), "alpha": Param("float", 0.2), "epsilon": Param("float", 1e-5)}),
-]
+def _param(p: dict) -> Param:
+    # mergekit's configs must give every model a weight, whatever the kernel's default
+    default = REQUIRED if p["required"] or p["name"] == "weight" else p["default"]
+    return Param(p["kind"], default, per_model=p["per_model"])
+
+
+def _config_spec(s: dict) -> MethodSpec:
+    """The config facts of one of mergekit's methods, from its kernel's spec. The config
+    checks a model count only where the kernel's differs from "one or more besides the
+    base" (mergekit checks those only): besides the base when the base is optional, else
+    counting the base (when the method takes one)."""
+    arity: Dict[str, Optional[int]] = {}
+    lo, hi = s["min_models"], s["max_models"]
+    if s["base"] == "optional":
+        arity = {"min_non_base": lo, "max_non_base": hi}
+    elif (lo, hi) != (1, None):
+        extra = 1 if s["base"] == "required" else 0
+        arity = {"min_inputs": lo + extra, "max_inputs": None if hi is None else hi + extra}
+    params = {p["name"]: _param(p) for p in s["params"] if p["role"] != "alias"}
+    return MethodSpec(s["name"], _BASE_POLICY[s["base"]], params=params, **arity)  # type: ignore[arg-type]
+
+
+def _specs() -> List[MethodSpec]:
+    from .. import _core
+
+    return [_config_spec(s) for s in _core.method_specs() if s["mergekit"]]
+
+
+_SPECS = _specs()
 
 MERGEKIT_METHODS: Dict[str, MethodSpec] = {s.name: s for s in _SPECS}
 

@@ -1,6 +1,6 @@
 //! `Checkpoint`: a validated, memory-mapped view of a safetensors model for Python, used by
 //! the planner to list tensors and by tools to read one tensor at a time.
-use crate::errors::to_py;
+use crate::errors::Res;
 use merge_fast_core::reader;
 use numpy::PyArray1;
 use pyo3::prelude::*;
@@ -14,8 +14,8 @@ pub struct Checkpoint {
 #[pymethods]
 impl Checkpoint {
     #[new]
-    fn new(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Self> {
-        let inner = crate::errors::work(py, || reader::Checkpoint::open(&path)).map_err(to_py)?;
+    fn new(py: Python<'_>, path: std::path::PathBuf) -> Res<Self> {
+        let inner = crate::errors::work(py, || reader::Checkpoint::open(&path))?;
         Ok(Checkpoint { inner })
     }
 
@@ -48,16 +48,15 @@ impl Checkpoint {
     }
 
     /// One tensor widened to float32 (flat; reshape with its shape).
-    fn read_f32<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let info = self.inner.get(name).map_err(to_py)?;
+    fn read_f32<'py>(&self, py: Python<'py>, name: &str) -> Res<Bound<'py, PyArray1<f32>>> {
+        let info = self.inner.get(name)?;
         let mut out = vec![0f32; info.numel()];
         crate::errors::work(py, || {
             let r = self.inner.read_f32(info, 0..info.numel(), &mut out);
             // Callers read tensor by tensor: drop the mapped pages so RSS stays flat.
             self.inner.release(info);
             r
-        })
-        .map_err(to_py)?;
+        })?;
         Ok(PyArray1::from_vec(py, out))
     }
 

@@ -1,4 +1,6 @@
-//! The Python exception hierarchy, one class per core error variant.
+//! The Python exception hierarchy, one class per core error variant, and the conversion of
+//! core errors into it (`Failure`: binding functions return `Res<T>`, so `?` converts a core
+//! error and passes a Python exception through).
 use merge_fast_core::Error;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -12,16 +14,41 @@ create_exception!(merge_fast, NumericalError, MergeError, "A merge produced non-
 create_exception!(merge_fast, MergeIOError, MergeError, "Reading or writing a file failed (missing file, full disk...).");
 create_exception!(merge_fast, MergeInterrupted, MergeError, "The merge was interrupted.");
 
-pub fn to_py(e: Error) -> PyErr {
-    let msg = e.to_string();
-    match e {
-        Error::InvalidCheckpoint { .. } => InvalidCheckpoint::new_err(msg),
-        Error::TensorMismatch { .. } => TensorMismatch::new_err(msg),
-        Error::Config(_) => ConfigError::new_err(msg),
-        Error::Numerical { .. } => NumericalError::new_err(msg),
-        Error::Interrupted => MergeInterrupted::new_err(msg),
-        Error::Io { .. } => MergeIOError::new_err(msg),
-        Error::Internal(_) => MergeError::new_err(msg),
+/// An error on its way to Python: a core error mapped onto its exception class, or a Python
+/// exception (raised by a callback, or by a conversion) passed through unchanged.
+pub struct Failure(PyErr);
+
+pub type Res<T> = Result<T, Failure>;
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        Failure(match e {
+            Error::InvalidCheckpoint { .. } => InvalidCheckpoint::new_err(msg),
+            Error::TensorMismatch { .. } => TensorMismatch::new_err(msg),
+            Error::Config(_) => ConfigError::new_err(msg),
+            Error::Numerical { .. } => NumericalError::new_err(msg),
+            Error::Interrupted => MergeInterrupted::new_err(msg),
+            Error::Io { .. } => MergeIOError::new_err(msg),
+            Error::Internal(_) => MergeError::new_err(msg),
+            // the exception a progress callback raised, as it was raised
+            Error::Callback(inner) => match inner.downcast::<PyErr>() {
+                Ok(e) => *e,
+                Err(other) => MergeError::new_err(other.to_string()),
+            },
+        })
+    }
+}
+
+impl From<PyErr> for Failure {
+    fn from(e: PyErr) -> Self {
+        Failure(e)
+    }
+}
+
+impl From<Failure> for PyErr {
+    fn from(f: Failure) -> Self {
+        f.0
     }
 }
 

@@ -6,6 +6,7 @@ mod checkpoint;
 mod errors;
 mod linalg;
 mod merge;
+mod specs;
 mod subspace;
 
 #[pymodule]
@@ -14,6 +15,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     checkpoint::register(m)?;
     merge::register(m)?;
+    specs::register(m)?;
     linalg::register(m)?;
     subspace::register(m)?;
     Ok(())

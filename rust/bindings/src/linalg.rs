@@ -2,35 +2,26 @@
 //! stacks of matrices. Inputs are C-contiguous float32 3-D arrays `(batch, rows, cols)`
 //! (the Python wrapper adds the batch axis for single matrices); the work runs in
 //! `merge_fast_core::linalg` with the GIL released, in parallel across the batch.
-use crate::errors::to_py;
+use crate::errors::{Failure, Res};
 use merge_fast_core::linalg::{self, MatRef};
 use merge_fast_core::Error;
 use numpy::ndarray::{Array1, Array2, Array3};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-fn slice3<'a>(a: &'a PyReadonlyArray3<'_, f32>, what: &str) -> PyResult<(&'a [f32], [usize; 3])> {
+fn slice3<'a>(a: &'a PyReadonlyArray3<'_, f32>, what: &str) -> Res<(&'a [f32], [usize; 3])> {
     let s = a.shape();
     let shape = [s[0], s[1], s[2]];
-    let data = a
-        .as_slice()
-        .map_err(|_| to_py(Error::config(format!("{what}: array must be C-contiguous float32"))))?;
+    let data = a.as_slice().map_err(|_| Failure::from(Error::config(format!("{what}: array must be C-contiguous float32"))))?;
     Ok((data, shape))
 }
 
-fn mats<'a>(data: &'a [f32], [b, m, n]: [usize; 3]) -> PyResult<Vec<MatRef<'a>>> {
+fn mats<'a>(data: &'a [f32], [b, m, n]: [usize; 3]) -> Res<Vec<MatRef<'a>>> {
     let step = m * n;
-    (0..b)
-        .map(|i| MatRef::new(&data[i * step..(i + 1) * step], m, n).map_err(to_py))
-        .collect()
+    (0..b).map(|i| MatRef::new(&data[i * step..(i + 1) * step], m, n).map_err(Failure::from)).collect()
 }
 
-type SvdOut<'py> = (
-    Bound<'py, PyArray3<f32>>,
-    Bound<'py, PyArray2<f32>>,
-    Bound<'py, PyArray3<f32>>,
-    Bound<'py, PyArray1<f64>>,
-);
+type SvdOut<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray2<f32>>, Bound<'py, PyArray3<f32>>, Bound<'py, PyArray1<f64>>);
 
 /// SVD of each matrix of a `(batch, m, n)` stack: `(U (batch, m, r), S (batch, r),
 /// Vt (batch, r, n), energy (batch,))`. `k=None`: exact thin SVD, `r = min(m, n)`, energy 1.
@@ -45,25 +36,24 @@ fn svd_stack<'py>(
     oversample: usize,
     power_iters: usize,
     seed: u64,
-) -> PyResult<SvdOut<'py>> {
+) -> Res<SvdOut<'py>> {
     let (data, shape) = slice3(&x, "svd")?;
     let [b, m, n] = shape;
     let ms = mats(data, shape)?;
     let res = crate::errors::work(py, || -> Result<(Vec<linalg::Svd>, Vec<f64>), Error> {
-            match k {
-                None => {
-                    let s = linalg::svd_batch(&ms)?;
-                    let e = vec![1.0; s.len()];
-                    Ok((s, e))
-                }
-                Some(k) => {
-                    let t = linalg::svd_topk_batch(&ms, k, oversample, power_iters, seed)?;
-                    let e = t.iter().map(|t| t.energy).collect();
-                    Ok((t.into_iter().map(|t| t.svd).collect(), e))
-                }
+        match k {
+            None => {
+                let s = linalg::svd_batch(&ms)?;
+                let e = vec![1.0; s.len()];
+                Ok((s, e))
             }
-        })
-        .map_err(to_py)?;
+            Some(k) => {
+                let t = linalg::svd_topk_batch(&ms, k, oversample, power_iters, seed)?;
+                let e = t.iter().map(|t| t.energy).collect();
+                Ok((t.into_iter().map(|t| t.svd).collect(), e))
+            }
+        }
+    })?;
     let (svds, energy) = res;
     let r = match k {
         None => m.min(n),
@@ -98,30 +88,21 @@ fn svd_stack<'py>(
         }
     }
     drop(svds);
-    let bad = |e: numpy::ndarray::ShapeError| to_py(Error::config(format!("svd: {e}")));
+    let bad = |e: numpy::ndarray::ShapeError| Failure::from(Error::config(format!("svd: {e}")));
     let u = Array3::from_shape_vec((b, m, r), u).map_err(bad)?;
     let s = Array2::from_shape_vec((b, r), s).map_err(bad)?;
     let vt = Array3::from_shape_vec((b, r, n), vt).map_err(bad)?;
-    Ok((
-        u.into_pyarray(py),
-        s.into_pyarray(py),
-        vt.into_pyarray(py),
-        Array1::from_vec(energy).into_pyarray(py),
-    ))
+    Ok((u.into_pyarray(py), s.into_pyarray(py), vt.into_pyarray(py), Array1::from_vec(energy).into_pyarray(py)))
 }
 
 /// Orthogonal Procrustes for each pair of a stack: `A (batch, m, ka)`, `B (batch, m, kb)`
 /// -> `R (batch, kb, ka)` minimizing `||A - B R||_F` with `R` (semi-)orthogonal.
 #[pyfunction]
-fn procrustes_stack<'py>(
-    py: Python<'py>,
-    a: PyReadonlyArray3<'py, f32>,
-    b: PyReadonlyArray3<'py, f32>,
-) -> PyResult<Bound<'py, PyArray3<f32>>> {
+fn procrustes_stack<'py>(py: Python<'py>, a: PyReadonlyArray3<'py, f32>, b: PyReadonlyArray3<'py, f32>) -> Res<Bound<'py, PyArray3<f32>>> {
     let (ad, ash) = slice3(&a, "procrustes A")?;
     let (bd, bsh) = slice3(&b, "procrustes B")?;
     if ash[0] != bsh[0] || ash[1] != bsh[1] {
-        return Err(to_py(Error::config(format!(
+        return Err(Failure::from(Error::config(format!(
             "procrustes: A is {:?} but B is {:?}; they need the same batch size and row count",
             ash, bsh
         ))));
@@ -129,15 +110,14 @@ fn procrustes_stack<'py>(
     let am = mats(ad, ash)?;
     let bm = mats(bd, bsh)?;
     let pairs: Vec<_> = am.into_iter().zip(bm).collect();
-    let rs = crate::errors::work(py, || linalg::procrustes_batch(&pairs)).map_err(to_py)?;
+    let rs = crate::errors::work(py, || linalg::procrustes_batch(&pairs))?;
     let (nb, ka, kb) = (ash[0], ash[2], bsh[2]);
     let mut out = Vec::with_capacity(nb * kb * ka);
     for r in &rs {
         out.extend_from_slice(r);
     }
     drop(rs);
-    let out = Array3::from_shape_vec((nb, kb, ka), out)
-        .map_err(|e| to_py(Error::config(format!("procrustes: {e}"))))?;
+    let out = Array3::from_shape_vec((nb, kb, ka), out).map_err(|e| Failure::from(Error::config(format!("procrustes: {e}"))))?;
     Ok(out.into_pyarray(py))
 }
 

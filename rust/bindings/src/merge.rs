@@ -1,7 +1,8 @@
 //! Merge entry points: a whole plan (folders in, folder out) and in-memory arrays.
-use crate::errors::to_py;
+use crate::errors::{Failure, Res};
 use merge_fast_core::dtype::Dtype;
 use merge_fast_core::engine::{self, Progress};
+use merge_fast_core::kernel;
 use merge_fast_core::plan::PlanSpec;
 use merge_fast_core::reader::Checkpoint;
 use merge_fast_core::writer::{OutSpec, ShardedWriter};
@@ -12,8 +13,8 @@ use pyo3::types::PyDict;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-fn parse_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> PyResult<T> {
-    serde_json::from_str(s).map_err(|e| to_py(Error::config(format!("invalid {what}: {e}"))))
+fn parse_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Res<T> {
+    serde_json::from_str(s).map_err(|e| Failure::from(Error::config(format!("invalid {what}: {e}"))))
 }
 
 /// Hands the freed bookkeeping of a merge (plan, headers, layout: ~1 KB per tensor, so
@@ -43,32 +44,28 @@ fn execute_plan<'py>(
     out_dir: PathBuf,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> Res<Bound<'py, PyDict>> {
     let plan: PlanSpec = parse_json("plan", plan_json)?;
-    let mut py_err: Option<PyErr> = None;
     let result = crate::errors::work(py, || {
         let ckpts = plan.inputs.iter().map(Checkpoint::open).collect::<Result<Vec<_>, _>>()?;
-        let pool = engine::pool(threads)?;
+        let pool = kernel::pool(threads)?;
+        // Ctrl-C or an exception raised by `progress` stops the merge and travels back as
+        // `Error::Callback`, which the conversion to Python re-raises unchanged.
         let mut cb = |p: &Progress| -> Result<(), Error> {
             Python::attach(|py| {
-                let r = py.check_signals().and_then(|_| match &progress {
-                    Some(f) => f.call1(py, (p.tensors_done, p.tensors_total, p.bytes_done, p.bytes_total)).map(drop),
-                    None => Ok(()),
-                });
-                r.map_err(|e| {
-                    py_err = Some(e);
-                    Error::Interrupted
-                })
+                py.check_signals()
+                    .and_then(|_| match &progress {
+                        Some(f) => f.call1(py, (p.tensors_done, p.tensors_total, p.bytes_done, p.bytes_total)).map(drop),
+                        None => Ok(()),
+                    })
+                    .map_err(|e| Error::Callback(Box::new(e)))
             })
         };
         engine::run(&plan, &ckpts, &out_dir, &pool, &mut cb)
     });
     drop(plan);
     release_freed_memory();
-    let summary = match (result, py_err) {
-        (Err(Error::Interrupted), Some(e)) => return Err(e),
-        (r, _) => r.map_err(to_py)?,
-    };
+    let summary = result?;
     let d = PyDict::new(py);
     d.set_item("tensors_written", summary.tensors_written)?;
     d.set_item("bytes_read", summary.bytes_read)?;
@@ -81,14 +78,12 @@ fn execute_plan<'py>(
 /// The output layout of a JSON plan, checked exactly as `execute_plan` checks it, without
 /// writing: `{"shards": [(file, [tensor names], data bytes)], "index": text or None}`.
 #[pyfunction]
-fn plan_layout<'py>(py: Python<'py>, plan_json: &str) -> PyResult<Bound<'py, PyDict>> {
+fn plan_layout<'py>(py: Python<'py>, plan_json: &str) -> Res<Bound<'py, PyDict>> {
     let plan: PlanSpec = parse_json("plan", plan_json)?;
-    let (specs, shards, index) = py
-        .detach(|| {
-            let ckpts = plan.inputs.iter().map(Checkpoint::open).collect::<Result<Vec<_>, _>>()?;
-            engine::layout(&plan, &ckpts)
-        })
-        .map_err(to_py)?;
+    let (specs, shards, index) = py.detach(|| {
+        let ckpts = plan.inputs.iter().map(Checkpoint::open).collect::<Result<Vec<_>, _>>()?;
+        engine::layout(&plan, &ckpts)
+    })?;
     let d = PyDict::new(py);
     let rows: Vec<(String, Vec<String>, u64)> =
         shards.into_iter().map(|s| (s.file, s.tensors.iter().map(|&t| specs[t].name.clone()).collect(), s.data_bytes)).collect();
@@ -111,21 +106,20 @@ fn merge_arrays<'py>(
     seed: u64,
     tensor: &str,
     threads: Option<usize>,
-) -> PyResult<Bound<'py, PyArray1<f32>>> {
+) -> Res<Bound<'py, PyArray1<f32>>> {
     let params: serde_json::Map<String, serde_json::Value> = parse_json("parameters", params_json)?;
-    let kernel = merge_fast_core::error::no_panic(|| methods::build(method, &params, inputs.len(), base.is_some())).map_err(to_py)?;
+    let merger = merge_fast_core::error::no_panic(|| methods::build(method, &params, inputs.len(), base.is_some()))?;
     let base_s = base.as_ref().map(contiguous).transpose()?;
-    let input_s = inputs.iter().map(contiguous).collect::<PyResult<Vec<_>>>()?;
+    let input_s = inputs.iter().map(contiguous).collect::<Res<Vec<_>>>()?;
     let out = crate::errors::work(py, || {
-            let pool = engine::pool(threads)?;
-            engine::merge_arrays(kernel.as_ref(), tensor, &shape, seed, base_s, &input_s, &pool)
-        })
-        .map_err(to_py)?;
+        let pool = kernel::pool(threads)?;
+        kernel::merge_arrays(merger.as_ref(), tensor, &shape, seed, base_s, &input_s, &pool)
+    })?;
     Ok(PyArray1::from_vec(py, out))
 }
 
-fn contiguous<'a>(a: &'a PyReadonlyArray1<'_, f32>) -> PyResult<&'a [f32]> {
-    a.as_slice().map_err(|_| to_py(Error::config("arrays must be contiguous float32")))
+fn contiguous<'a>(a: &'a PyReadonlyArray1<'_, f32>) -> Res<&'a [f32]> {
+    a.as_slice().map_err(|_| Failure::from(Error::config("arrays must be contiguous float32")))
 }
 
 /// Writes float32 arrays to one safetensors file, each rounded to its dtype.
@@ -137,16 +131,16 @@ fn save_file(
     path: PathBuf,
     tensors: Vec<(String, PyReadonlyArray1<'_, f32>, Vec<usize>, String)>,
     metadata: Option<BTreeMap<String, String>>,
-) -> PyResult<()> {
+) -> Res<()> {
     let mut specs = Vec::with_capacity(tensors.len());
     let mut data = Vec::with_capacity(tensors.len());
     for (name, arr, shape, dtype) in &tensors {
         let dt = Dtype::parse(dtype)
             .filter(|d| d.writable())
-            .ok_or_else(|| to_py(Error::config(format!("tensor '{name}': cannot write dtype '{dtype}'"))))?;
+            .ok_or_else(|| Failure::from(Error::config(format!("tensor '{name}': cannot write dtype '{dtype}'"))))?;
         let vals = contiguous(arr)?;
         if vals.len() != shape.iter().product::<usize>() {
-            return Err(to_py(Error::mismatch(name.as_str(), format!("{} values for shape {shape:?}", vals.len()))));
+            return Err(Failure::from(Error::mismatch(name.as_str(), format!("{} values for shape {shape:?}", vals.len()))));
         }
         specs.push(OutSpec::new(name.clone(), dt, shape.clone()));
         data.push(vals);
@@ -164,7 +158,7 @@ fn save_file(
         }
         w.finish().map(drop)
     })
-    .map_err(to_py)
+    .map_err(Failure::from)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -172,6 +166,5 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(plan_layout, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
-    m.add("METHODS", methods::names())?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Subspace masks: streamed SVDs of instruction-tuning deltas, written as safetensors.
-use crate::errors::to_py;
+use crate::errors::Res;
 use merge_fast_core::dtype::Dtype;
-use merge_fast_core::engine;
+use merge_fast_core::kernel;
 use merge_fast_core::reader::Checkpoint;
 use merge_fast_core::subspace;
 use merge_fast_core::writer::{OutSpec, ShardedWriter};
@@ -25,35 +25,34 @@ fn subspace_masks<'py>(
     seed: u64,
     threads: Option<usize>,
     metadata: Option<BTreeMap<String, String>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> Res<Bound<'py, PyDict>> {
     let masks = crate::errors::work(py, || -> merge_fast_core::Result<_> {
-            let it = Checkpoint::open(&it_path)?;
-            let pt = Checkpoint::open(&pt_path)?;
-            let pool = engine::pool(threads)?;
-            let masks = pool.install(|| subspace::subspace_masks(&it, &pt, &names, rank, seed))?;
-            let mut specs = Vec::new();
-            for m in &masks {
-                specs.push(OutSpec::new(format!("{}.U", m.name), Dtype::F32, vec![m.rows, m.rank]));
-                specs.push(OutSpec::new(format!("{}.V", m.name), Dtype::F32, vec![m.cols, m.rank]));
+        let it = Checkpoint::open(&it_path)?;
+        let pt = Checkpoint::open(&pt_path)?;
+        let pool = kernel::pool(threads)?;
+        let masks = pool.install(|| subspace::subspace_masks(&it, &pt, &names, rank, seed))?;
+        let mut specs = Vec::new();
+        for m in &masks {
+            specs.push(OutSpec::new(format!("{}.U", m.name), Dtype::F32, vec![m.rows, m.rank]));
+            specs.push(OutSpec::new(format!("{}.V", m.name), Dtype::F32, vec![m.cols, m.rank]));
+        }
+        let mut meta = metadata.unwrap_or_default();
+        meta.insert("format".into(), "pt".into());
+        let energy: BTreeMap<&str, f64> = masks.iter().map(|m| (m.name.as_str(), m.energy)).collect();
+        meta.insert("energy".into(), serde_json::to_string(&energy).expect("floats serialize"));
+        meta.insert("rank".into(), rank.to_string());
+        let w = ShardedWriter::create_file(&out, specs, &meta)?;
+        let mut bytes = Vec::new();
+        for (i, m) in masks.iter().enumerate() {
+            for (j, vals) in [&m.u, &m.v].into_iter().enumerate() {
+                bytes.resize(vals.len() * 4, 0);
+                merge_fast_core::dtype::encode_f32(Dtype::F32, vals, &mut bytes);
+                w.write(2 * i + j, 0, &bytes)?;
             }
-            let mut meta = metadata.unwrap_or_default();
-            meta.insert("format".into(), "pt".into());
-            let energy: BTreeMap<&str, f64> = masks.iter().map(|m| (m.name.as_str(), m.energy)).collect();
-            meta.insert("energy".into(), serde_json::to_string(&energy).expect("floats serialize"));
-            meta.insert("rank".into(), rank.to_string());
-            let w = ShardedWriter::create_file(&out, specs, &meta)?;
-            let mut bytes = Vec::new();
-            for (i, m) in masks.iter().enumerate() {
-                for (j, vals) in [&m.u, &m.v].into_iter().enumerate() {
-                    bytes.resize(vals.len() * 4, 0);
-                    merge_fast_core::dtype::encode_f32(Dtype::F32, vals, &mut bytes);
-                    w.write(2 * i + j, 0, &bytes)?;
-                }
-            }
-            w.finish()?;
-            Ok(masks)
-        })
-        .map_err(to_py)?;
+        }
+        w.finish()?;
+        Ok(masks)
+    })?;
     let d = PyDict::new(py);
     for m in masks {
         d.set_item(m.name, (m.rank, m.energy, m.exact))?;

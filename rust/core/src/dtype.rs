@@ -89,10 +89,7 @@ pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
             Some(s) => s.convert_to_f32_slice(dst),
             None => src.chunks_exact(2).zip(dst).for_each(|(b, d)| *d = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         },
-        Dtype::F64 => src
-            .chunks_exact(8)
-            .zip(dst)
-            .for_each(|(b, d)| *d = f64::from_le_bytes(b.try_into().unwrap()) as f32),
+        Dtype::F64 => src.chunks_exact(8).zip(dst).for_each(|(b, d)| *d = f64::from_le_bytes(b.try_into().unwrap()) as f32),
         Dtype::F8E4M3 => {
             let lut = f8_e4m3_table();
             src.iter().zip(dst).for_each(|(b, d)| *d = lut[*b as usize]);

@@ -4,16 +4,13 @@
 //! fixed reduction order make the output independent of the thread count.
 use crate::dtype::encode_f32;
 use crate::error::{Error, Result};
-use crate::methods::{Ctx, Method, TensorIo};
+pub use crate::kernel::{first_non_finite, merge_arrays, pool, Slices, CHUNK};
+use crate::kernel::{merge_tensor, Ctx, TensorIo};
 use crate::plan::{resolve, Job, PlanSpec};
 use crate::reader::Checkpoint;
 use crate::writer::{self, OutSpec, ShardInfo, ShardedWriter};
-use rayon::prelude::*;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-
-/// Elements per chunk: 256 KiB of f32 per input, small enough to stay in cache.
-pub const CHUNK: usize = 1 << 16;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Progress {
@@ -57,9 +54,8 @@ fn mixed_dtypes(plan: &PlanSpec, jobs: &[Job]) -> Option<(String, String)> {
     }
     let (name, out) = example?;
     let list = per_input.iter().map(|(k, v)| format!("{k}: {}", v.iter().copied().collect::<Vec<_>>().join("/"))).collect::<Vec<_>>();
-    let note = format!(
-        "inputs of different dtypes ({}) in {mixed} tensor(s), e.g. '{name}': merged in float32 and written as {out}",
-        list.join("; "));
+    let note =
+        format!("inputs of different dtypes ({}) in {mixed} tensor(s), e.g. '{name}': merged in float32 and written as {out}", list.join("; "));
     // The metadata names each input by its folder's name, not its absolute path, so that the
     // same inputs give the same bytes wherever they sit (hub cache, temporary stage folders).
     let mut by_name: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
@@ -118,104 +114,6 @@ impl TensorIo for Job<'_> {
     }
 }
 
-/// Every read of every method goes through this: a NaN or ±inf input is an error naming
-/// the tensor, the model and the element, whatever the kernel would have done with it
-/// (averaged it into NaN, dropped it as an outlier, or let it poison an iteration).
-struct FiniteInputs<'a> {
-    io: &'a dyn TensorIo,
-    tensor: &'a str,
-}
-
-impl TensorIo for FiniteInputs<'_> {
-    fn numel(&self) -> usize {
-        self.io.numel()
-    }
-    fn slots(&self) -> usize {
-        self.io.slots()
-    }
-    fn has_base(&self) -> bool {
-        self.io.has_base()
-    }
-    fn describe(&self, slot: usize) -> String {
-        self.io.describe(slot)
-    }
-    fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
-        self.io.read(slot, range.clone(), dst)?;
-        match first_non_finite(dst) {
-            None => Ok(()),
-            Some(i) => Err(Error::numerical(self.tensor, format!(
-                "input {} is {} at element {}: inputs must be finite", self.io.describe(slot), dst[i], range.start + i))),
-        }
-    }
-}
-
-/// Index of the first NaN/±inf, scanning blocks branch-free (vectorizes) before locating it.
-pub fn first_non_finite(x: &[f32]) -> Option<usize> {
-    const EXP: u32 = 0x7f80_0000;
-    for (b, block) in x.chunks(1024).enumerate() {
-        if block.iter().fold(false, |acc, v| acc | (v.to_bits() & EXP == EXP)) {
-            return block.iter().position(|v| !v.is_finite()).map(|i| b * 1024 + i);
-        }
-    }
-    None
-}
-
-/// In-memory inputs (the array API, and tests of kernels that use `TensorIo`).
-pub struct Slices<'s> {
-    numel: usize,
-    has_base: bool,
-    data: Vec<&'s [f32]>,
-}
-
-impl<'s> Slices<'s> {
-    /// Slot 0 is `base` when given, then `inputs`; all must have the same length.
-    pub fn new(base: Option<&'s [f32]>, inputs: &[&'s [f32]]) -> Self {
-        let data: Vec<&[f32]> = base.into_iter().chain(inputs.iter().copied()).collect();
-        Slices { numel: data.first().map_or(0, |d| d.len()), has_base: base.is_some(), data }
-    }
-}
-
-impl TensorIo for Slices<'_> {
-    fn numel(&self) -> usize {
-        self.numel
-    }
-    fn slots(&self) -> usize {
-        self.data.len()
-    }
-    fn has_base(&self) -> bool {
-        self.has_base
-    }
-    fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
-        dst.copy_from_slice(&self.data[slot][range]);
-        Ok(())
-    }
-}
-
-fn split(bufs: &[Vec<f32>], len: usize, has_base: bool) -> (Option<&[f32]>, Vec<&[f32]>) {
-    let mut it = bufs.iter().map(|b| &b[..len]);
-    let base = if has_base { it.next() } else { None };
-    (base, it.collect())
-}
-
-fn fill(io: &dyn TensorIo, range: Range<usize>, bufs: &mut [Vec<f32>]) -> Result<()> {
-    let len = range.len();
-    for (slot, b) in bufs.iter_mut().enumerate() {
-        if b.len() < len {
-            b.resize(len, 0.0);
-        }
-        io.read(slot, range.clone(), &mut b[..len])?;
-    }
-    Ok(())
-}
-
-fn check_finite(tensor: &str, out: &[f32], offset: usize) -> Result<()> {
-    match first_non_finite(out) {
-        None => Ok(()),
-        Some(i) => Err(Error::numerical(tensor, format!(
-            "the merge produced {} at element {} (are the inputs finite? is a weight or parameter extreme?)", out[i], offset + i))),
-    }
-}
-
 /// A finite f32 that rounds to ±inf in a 16-bit output dtype (|x| ≥ 65520 in F16) would be
 /// a silently wrong number in the file: an error naming the tensor, element and value.
 fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], bytes: &[u8], offset: usize) -> Result<()> {
@@ -227,80 +125,10 @@ fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], bytes: &[u8],
     let bad = bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & exp == exp);
     match bad {
         None => Ok(()),
-        Some(i) => Err(Error::numerical(tensor, format!(
-            "the merged value {} at element {} does not fit in {dt} (the output dtype)", vals[i], offset + i))),
+        Some(i) => {
+            Err(Error::numerical(tensor, format!("the merged value {} at element {} does not fit in {dt} (the output dtype)", vals[i], offset + i)))
+        }
     }
-}
-
-fn chunk_starts(numel: usize) -> Vec<usize> {
-    (0..numel).step_by(CHUNK).collect()
-}
-
-fn scratch(slots: usize) -> (Vec<Vec<f32>>, Vec<f32>, Vec<u8>) {
-    (vec![Vec::new(); slots], Vec::new(), Vec::new())
-}
-
-/// The default `Method::prepare`: streams fixed chunks through `accumulate` in parallel and
-/// folds the parts with `combine` in chunk order.
-pub fn stream_stats<M: Method + ?Sized>(method: &M, io: &dyn TensorIo) -> Result<Vec<f64>> {
-    if method.n_stats() == 0 {
-        return Ok(vec![]);
-    }
-    let numel = io.numel();
-    let parts: Vec<Vec<f64>> = chunk_starts(numel)
-        .par_iter()
-        .map_init(
-            || scratch(io.slots()),
-            |(bufs, _, _), &s| {
-                let r = s..(s + CHUNK).min(numel);
-                fill(io, r.clone(), bufs)?;
-                let (base, inputs) = split(bufs, r.len(), io.has_base());
-                let mut part = method.init_stats();
-                method.accumulate(base, &inputs, &mut part);
-                Ok(part)
-            },
-        )
-        .collect::<Result<_>>()?;
-    Ok(parts.iter().fold(method.init_stats(), |mut acc, p| {
-        method.combine(&mut acc, p);
-        acc
-    }))
-}
-
-/// Merges one tensor, handing each finished piece (element offset, values, a scratch byte
-/// buffer) to `sink`. Pieces are disjoint and cover the tensor. Returns the kernel's note.
-fn merge_tensor<S>(method: &dyn Method, ctx: Ctx, io: &dyn TensorIo, sink: &S) -> Result<Option<String>>
-where
-    S: Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
-{
-    let checked = FiniteInputs { io, tensor: ctx.tensor };
-    let io: &dyn TensorIo = &checked;
-    let numel = io.numel();
-    let stats = method.prepare(&ctx, io)?;
-    let note = method.note(&stats);
-    let has_base = io.has_base();
-    if !method.elementwise() {
-        let (mut bufs, mut out, mut bytes) = scratch(io.slots());
-        fill(io, 0..numel, &mut bufs)?;
-        let (base, inputs) = split(&bufs, numel, has_base);
-        out.resize(numel, 0.0);
-        method.apply(&ctx, base, &inputs, &stats, &mut out)?;
-        check_finite(ctx.tensor, &out, 0)?;
-        return sink(0, &out, &mut bytes).map(|_| note);
-    }
-    chunk_starts(numel).par_iter().try_for_each_init(
-        || scratch(io.slots()),
-        |(bufs, out, bytes), &s| {
-            let r = s..(s + CHUNK).min(numel);
-            fill(io, r.clone(), bufs)?;
-            let (base, inputs) = split(bufs, r.len(), has_base);
-            out.resize(r.len(), 0.0);
-            method.apply(&Ctx { offset: s, ..ctx }, base, &inputs, &stats, out)?;
-            check_finite(ctx.tensor, out, s)?;
-            sink(s, out, bytes)
-        },
-    )?;
-    Ok(note)
 }
 
 /// Executes a plan into `out_dir` (an existing, empty folder; the caller stages and renames
@@ -327,11 +155,8 @@ pub fn run(
         Some(only) => ShardedWriter::create_subset(out_dir, specs, plan.max_shard_size, &metadata, only)?,
     };
     let mine: Vec<usize> = (0..jobs.len()).filter(|&i| writer.owns(i)).collect();
-    let mut p = Progress {
-        tensors_total: mine.len(),
-        bytes_total: mine.iter().map(|&i| writer.specs()[i].nbytes() as u64).sum(),
-        ..Progress::default()
-    };
+    let mut p =
+        Progress { tensors_total: mine.len(), bytes_total: mine.iter().map(|&i| writer.specs()[i].nbytes() as u64).sum(), ..Progress::default() };
     let mut bytes_read = 0u64;
     for idx in mine {
         let job = &jobs[idx];
@@ -381,56 +206,4 @@ pub fn layout(plan: &PlanSpec, ckpts: &[Checkpoint]) -> Result<(Vec<OutSpec>, Ve
     let shards = writer::layout(&specs, plan.max_shard_size);
     let index = (shards.len() > 1).then(|| writer::index_json(&specs, &shards));
     Ok((specs, shards, index))
-}
-
-/// Merges in-memory f32 tensors (the array API) with exactly the kernel and chunking the
-/// file path uses, so an array merge and a folder merge give the same numbers.
-pub fn merge_arrays(
-    method: &dyn Method,
-    tensor: &str,
-    shape: &[usize],
-    seed: u64,
-    base: Option<&[f32]>,
-    inputs: &[&[f32]],
-    pool: &rayon::ThreadPool,
-) -> Result<Vec<f32>> {
-    let numel: usize = shape.iter().product();
-    for x in base.iter().chain(inputs) {
-        if x.len() != numel {
-            return Err(Error::mismatch(tensor, format!("an input has {} elements, expected {numel} for shape {shape:?}", x.len())));
-        }
-    }
-    let io = Slices::new(base, inputs);
-    let mut out = vec![0f32; numel];
-    let dst = SharedOut(out.as_mut_ptr());
-    let sink = |off: usize, vals: &[f32], _: &mut Vec<u8>| {
-        // SAFETY: merge_tensor hands out disjoint in-bounds ranges of `out`, which
-        // outlives this call; each range is written by exactly one thread.
-        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), dst.get().add(off), vals.len()) };
-        Ok(())
-    };
-    let ctx = Ctx { tensor, shape, offset: 0, seed };
-    pool.install(|| merge_tensor(method, ctx, &io, &sink))?;
-    Ok(out)
-}
-
-struct SharedOut(*mut f32);
-// SAFETY: only used for disjoint writes, see merge_arrays.
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// A pool with `threads` workers (None: one per core).
-pub fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
-    let mut b = rayon::ThreadPoolBuilder::new();
-    if let Some(n) = threads {
-        if n == 0 {
-            return Err(Error::config("threads must be at least 1"));
-        }
-        b = b.num_threads(n);
-    }
-    b.build().map_err(|e| Error::config(format!("cannot start worker threads: {e}")))
 }

@@ -21,12 +21,21 @@ pub enum Error {
     #[error("numerical error in tensor '{tensor}': {msg}")]
     Numerical { tensor: String, msg: String },
 
-    /// The caller asked to stop (Ctrl-C, a progress callback that raised).
+    /// The caller asked to stop.
     #[error("merge interrupted")]
     Interrupted,
 
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An error raised by the caller's progress callback (in the bindings: the Python
+    /// exception itself), carried back unchanged.
+    #[error("{0}")]
+    Callback(Box<dyn std::error::Error + Send + Sync>),
 
     /// A panic caught at the API boundary: a bug, never the user's fault.
     #[error("internal error (a bug in merge_fast; please report it with the command that caused it): {0}")]
@@ -45,16 +54,34 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Runs `f`, turning a panic (in this thread or re-raised from a rayon worker, which
 /// propagates to the caller of the parallel operation) into `Error::Internal`.
 pub fn no_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| Err(Error::Internal(panic_message(&*payload))))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| Err(Error::Internal(panic_text(&*payload))))
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
         "panic with a non-text payload".to_owned()
+    }
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn invalid(file: impl Into<PathBuf>, tensor: Option<&str>, msg: impl Into<String>) -> Self {
+        Error::InvalidCheckpoint { file: file.into(), tensor: tensor.map(str::to_owned), msg: msg.into() }
+    }
+    pub fn mismatch(tensor: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::TensorMismatch { tensor: tensor.into(), msg: msg.into() }
+    }
+    pub fn config(msg: impl Into<String>) -> Self {
+        Error::Config(msg.into())
+    }
+    pub fn numerical(tensor: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Numerical { tensor: tensor.into(), msg: msg.into() }
     }
 }
 
@@ -77,23 +104,5 @@ mod tests {
         }
         assert_eq!(no_panic(|| Ok(3)).unwrap(), 3);
         assert!(matches!(no_panic::<()>(|| Err(Error::config("x"))), Err(Error::Config(_))));
-    }
-}
-
-impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
-    }
-    pub fn invalid(file: impl Into<PathBuf>, tensor: Option<&str>, msg: impl Into<String>) -> Self {
-        Error::InvalidCheckpoint { file: file.into(), tensor: tensor.map(str::to_owned), msg: msg.into() }
-    }
-    pub fn mismatch(tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::TensorMismatch { tensor: tensor.into(), msg: msg.into() }
-    }
-    pub fn config(msg: impl Into<String>) -> Self {
-        Error::Config(msg.into())
-    }
-    pub fn numerical(tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Numerical { tensor: tensor.into(), msg: msg.into() }
     }
 }

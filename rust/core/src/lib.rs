@@ -2,8 +2,9 @@
 //! sharded safetensors. No Python here; `cargo test` covers it.
 pub mod dtype;
 pub mod engine;
-pub mod linalg;
 pub mod error;
+pub mod kernel;
+pub mod linalg;
 pub mod methods;
 pub mod params;
 pub mod plan;

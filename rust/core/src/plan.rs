@@ -3,7 +3,8 @@
 //! `resolve` checks all of it against the opened checkpoints before any data is read.
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::methods::{self, Method};
+use crate::kernel::Method;
+use crate::methods;
 use crate::reader::{Checkpoint, TensorInfo};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -160,9 +161,9 @@ fn find<'a>(input: usize, tensor: &str, ckpts: &'a [Checkpoint], out_name: &str)
     let ckpt = ckpts
         .get(input)
         .ok_or_else(|| Error::config(format!("output '{out_name}': source names input #{input}, but only {} inputs are given", ckpts.len())))?;
-    let info = ckpt.info(tensor).ok_or_else(|| {
-        Error::mismatch(tensor, format!("missing from {} (needed for output '{out_name}')", ckpt.root().display()))
-    })?;
+    let info = ckpt
+        .info(tensor)
+        .ok_or_else(|| Error::mismatch(tensor, format!("missing from {} (needed for output '{out_name}')", ckpt.root().display())))?;
     Ok((ckpt, info))
 }
 
@@ -213,11 +214,8 @@ impl LoraReader<'_> {
             let out = &mut dst[pos - range.start..pos - range.start + (c1 - c0)];
             for k in 0..r {
                 // Normal: delta[row, c] = Σ_k B[row,k] A[k,c]; transposed: Σ_k B[c,k] A[k,row].
-                let (coef, vec) = if self.transpose {
-                    (a[k * na + row], &bt[k * nb + c0..k * nb + c1])
-                } else {
-                    (bt[k * nb + row], &a[k * na + c0..k * na + c1])
-                };
+                let (coef, vec) =
+                    if self.transpose { (a[k * na + row], &bt[k * nb + c0..k * nb + c1]) } else { (bt[k * nb + row], &a[k * na + c0..k * na + c1]) };
                 let coef = coef * self.scale;
                 out.iter_mut().zip(vec).for_each(|(o, &v)| *o += coef * v);
             }
@@ -303,14 +301,23 @@ impl<'a> Reader<'a> {
                 let row_len: usize = shape[1..].iter().product();
                 for r in &readers {
                     if r.shape().len() != shape.len() || r.shape()[1..] != shape[1..] {
-                        return Err(Error::mismatch(out_name, format!("row source {} has shape {:?}, rows of {:?} expected", r.describe(), r.shape(), &shape[1..])));
+                        return Err(Error::mismatch(
+                            out_name,
+                            format!("row source {} has shape {:?}, rows of {:?} expected", r.describe(), r.shape(), &shape[1..]),
+                        ));
                     }
                 }
                 for (i, list) in rows.iter().enumerate() {
                     for &(s, r) in list {
-                        let src = readers.get(s).ok_or_else(|| Error::config(format!("output '{out_name}': row {i} names source #{s} of {}", readers.len())))?;
+                        let src = readers
+                            .get(s)
+                            .ok_or_else(|| Error::config(format!("output '{out_name}': row {i} names source #{s} of {}", readers.len())))?;
                         if r >= src.shape()[0] {
-                            return Err(Error::config(format!("output '{out_name}': row {i} takes row {r} of {}, which has {}", src.describe(), src.shape()[0])));
+                            return Err(Error::config(format!(
+                                "output '{out_name}': row {i} takes row {r} of {}, which has {}",
+                                src.describe(),
+                                src.shape()[0]
+                            )));
                         }
                     }
                 }
@@ -350,7 +357,9 @@ impl<'a> Reader<'a> {
 
     pub fn describe(&self) -> String {
         match self {
-            Reader::Tensor { ckpt, info } => format!("'{}' in {}", info.name, ckpt.root().display()),
+            Reader::Tensor { ckpt, info } => {
+                format!("'{}' in {}", info.name, ckpt.root().display())
+            }
             Reader::Lora(l) => format!("{} + LoRA '{}'/'{}' in {}", l.base.describe(), l.a.1.name, l.b.1.name, l.a.0.root().display()),
             Reader::Rows(r) => format!("rows gathered from [{}]", r.sources.iter().map(|s| s.describe()).collect::<Vec<_>>().join(", ")),
         }
@@ -432,15 +441,17 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
         let shape = first.shape();
         for r in base.iter().chain(&inputs) {
             if r.shape() != shape {
-                return Err(Error::mismatch(t.name.as_str(), format!(
-                    "shape {:?} of {} differs from shape {:?} of {}", r.shape(), r.describe(), shape, first.describe())));
+                return Err(Error::mismatch(
+                    t.name.as_str(),
+                    format!("shape {:?} of {} differs from shape {:?} of {}", r.shape(), r.describe(), shape, first.describe()),
+                ));
             }
         }
         let dtype = match &t.dtype {
             _ if raw.is_some() => Dtype::F32, // unused: raw tensors keep their dtype
-            Some(d) => Dtype::parse(d).filter(|d| d.writable()).ok_or_else(|| {
-                Error::config(format!("output '{}': cannot write dtype '{d}' (float32, float16 or bfloat16)", t.name))
-            })?,
+            Some(d) => Dtype::parse(d)
+                .filter(|d| d.writable())
+                .ok_or_else(|| Error::config(format!("output '{}': cannot write dtype '{d}' (float32, float16 or bfloat16)", t.name)))?,
             None if first.dtype().writable() => first.dtype(),
             None => Dtype::F32,
         };
@@ -482,15 +493,21 @@ fn raw_dtype(t: &TensorSpec, ckpts: &[Checkpoint]) -> Result<Option<safetensors:
         _ => None,
     };
     let kinds: Vec<_> = t.base.iter().chain(&t.inputs).map(kind).collect();
-    let Some((first, root)) = kinds.iter().flatten().next().copied() else { return Ok(None) };
+    let Some((first, root)) = kinds.iter().flatten().next().copied() else {
+        return Ok(None);
+    };
     if let Some(i) = kinds.iter().position(|k| k.map(|k| k.0) != Some(first)) {
         let other = match kinds[i] {
             Some((d, r)) => format!("{d:?} in {}", r.display()),
             None => "a float tensor (or an adapter/row source)".into(),
         };
-        return Err(Error::mismatch(t.name.as_str(), format!(
-            "{first:?} in {} but {other}: non-float tensors are copied unchanged, so every model must hold the same dtype and values",
-            root.display())));
+        return Err(Error::mismatch(
+            t.name.as_str(),
+            format!(
+                "{first:?} in {} but {other}: non-float tensors are copied unchanged, so every model must hold the same dtype and values",
+                root.display()
+            ),
+        ));
     }
     Ok(Some(first))
 }
@@ -543,8 +560,10 @@ mod source_tests {
         let (m, n, r) = (13usize, 11usize, 3usize);
         let (w, a, b, at, bt) = (vals(m * n, 1), vals(r * n, 2), vals(m * r, 3), vals(r * m, 4), vals(n * r, 5));
         write(&tmp.path().join("base"), &[("w", vec![m, n], w.clone())]);
-        write(&tmp.path().join("ad"), &[("A", vec![r, n], a.clone()), ("B", vec![m, r], b.clone()),
-                                        ("At", vec![r, m], at.clone()), ("Bt", vec![n, r], bt.clone())]);
+        write(
+            &tmp.path().join("ad"),
+            &[("A", vec![r, n], a.clone()), ("B", vec![m, r], b.clone()), ("At", vec![r, m], at.clone()), ("Bt", vec![n, r], bt.clone())],
+        );
         let ckpts = vec![Checkpoint::open(tmp.path().join("base")).unwrap(), Checkpoint::open(tmp.path().join("ad")).unwrap()];
         let base = || Source::Tensor { input: 0, tensor: Some("w".into()) };
         let tr = |t: &str| TensorRef { input: 1, tensor: t.into() };

@@ -80,24 +80,24 @@ impl Checkpoint {
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(Error::invalid(path, None, "folder holds no .safetensors file (pickled .bin checkpoints are not read; convert them to safetensors first)"));
+            return Err(Error::invalid(
+                path,
+                None,
+                "folder holds no .safetensors file (pickled .bin checkpoints are not read; convert them to safetensors first)",
+            ));
         }
         Self::from_files(path.to_path_buf(), files, None)
     }
 
     fn open_index(root: &Path, index: &Path) -> Result<Checkpoint> {
         let text = std::fs::read(index).map_err(|e| Error::io(index, e))?;
-        let json: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::invalid(index, None, format!("index is not valid JSON: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::invalid(index, None, "index has no \"weight_map\" object"))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| Error::invalid(index, None, format!("index is not valid JSON: {e}")))?;
+        let map =
+            json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::invalid(index, None, "index has no \"weight_map\" object"))?;
         let mut wanted: BTreeMap<String, String> = BTreeMap::new();
         for (name, shard) in map {
-            let shard = shard
-                .as_str()
-                .ok_or_else(|| Error::invalid(index, Some(name), "weight_map entry is not a file name"))?;
+            let shard = shard.as_str().ok_or_else(|| Error::invalid(index, Some(name), "weight_map entry is not a file name"))?;
             let p = Path::new(shard);
             if p.is_absolute() || p.components().count() != 1 {
                 return Err(Error::invalid(index, Some(name), format!("shard '{shard}' is not a plain file name inside the folder")));
@@ -150,7 +150,11 @@ impl Checkpoint {
         if let Some((index, wanted)) = &index {
             for (name, shard) in wanted {
                 if !ck(name) {
-                    return Err(Error::invalid(*index, Some(name), format!("index says the tensor is in '{shard}', but that shard does not hold it")));
+                    return Err(Error::invalid(
+                        *index,
+                        Some(name),
+                        format!("index says the tensor is in '{shard}', but that shard does not hold it"),
+                    ));
                 }
             }
         }
@@ -182,8 +186,7 @@ impl Checkpoint {
     }
 
     pub fn get(&self, name: &str) -> Result<&TensorInfo> {
-        self.info(name)
-            .ok_or_else(|| Error::mismatch(name, format!("not found in checkpoint {}", self.root.display())))
+        self.info(name).ok_or_else(|| Error::mismatch(name, format!("not found in checkpoint {}", self.root.display())))
     }
 
     pub fn shard_path(&self, info: &TensorInfo) -> &Path {
@@ -247,8 +250,7 @@ fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)>
         return Err(Error::invalid(file, None, format!("header length {n} runs past the end of the file ({len} bytes)")));
     }
     let header_end = 8 + n as usize;
-    let header = std::str::from_utf8(&mmap[8..header_end])
-        .map_err(|e| Error::invalid(file, None, format!("header is not UTF-8: {e}")))?;
+    let header = std::str::from_utf8(&mmap[8..header_end]).map_err(|e| Error::invalid(file, None, format!("header is not UTF-8: {e}")))?;
     // Entries stay raw text until parsed one by one straight into `StInfo`: no JSON tree
     // of the whole header (which costs several hundred bytes per tensor).
     let raw: BTreeMap<String, &serde_json::value::RawValue> =
@@ -258,38 +260,41 @@ fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)>
     let mut infos = Vec::with_capacity(raw.len());
     for (name, value) in raw {
         if name == "__metadata__" {
-            metadata = serde_json::from_str(value.get())
-                .map_err(|e| Error::invalid(file, None, format!("__metadata__ is not a map of strings: {e}")))?;
+            metadata =
+                serde_json::from_str(value.get()).map_err(|e| Error::invalid(file, None, format!("__metadata__ is not a map of strings: {e}")))?;
             continue;
         }
         let st: StInfo = serde_json::from_str(value.get()).map_err(|e| {
             let v: serde_json::Value = serde_json::from_str(value.get()).unwrap_or_default();
             let dt = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
-            let msg = if e.to_string().contains("unknown variant") {
-                format!("unknown dtype '{dt}'")
-            } else {
-                format!("bad entry {v}: {e}")
-            };
+            let msg = if e.to_string().contains("unknown variant") { format!("unknown dtype '{dt}'") } else { format!("bad entry {v}: {e}") };
             Error::invalid(file, Some(&name), msg)
         })?;
         let (s, e) = st.data_offsets;
-        let nbytes = st
-            .shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .and_then(|n| n.checked_mul(st.dtype.bitsize()))
-            .map(|bits| bits.div_ceil(8));
+        let nbytes =
+            st.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).and_then(|n| n.checked_mul(st.dtype.bitsize())).map(|bits| bits.div_ceil(8));
         if e < s {
             return Err(Error::invalid(file, Some(&name), format!("data_offsets [{s}, {e}) end before they start")));
         }
         if nbytes != Some(e - s) {
-            return Err(Error::invalid(file, Some(&name), format!(
-                "shape {:?} of dtype {:?} needs {} bytes but data_offsets [{s}, {e}) span {}",
-                st.shape, st.dtype, nbytes.map_or("too many".into(), |b| b.to_string()), e - s)));
+            return Err(Error::invalid(
+                file,
+                Some(&name),
+                format!(
+                    "shape {:?} of dtype {:?} needs {} bytes but data_offsets [{s}, {e}) span {}",
+                    st.shape,
+                    st.dtype,
+                    nbytes.map_or("too many".into(), |b| b.to_string()),
+                    e - s
+                ),
+            ));
         }
         if e > data_len {
-            return Err(Error::invalid(file, Some(&name), format!(
-                "data_offsets [{s}, {e}) run past the end of the data section ({data_len} bytes): truncated file?")));
+            return Err(Error::invalid(
+                file,
+                Some(&name),
+                format!("data_offsets [{s}, {e}) run past the end of the data section ({data_len} bytes): truncated file?"),
+            ));
         }
         infos.push(TensorInfo {
             dtype: Dtype::from_safetensors(st.dtype),
@@ -314,8 +319,15 @@ fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)>
     let mut pos = header_end;
     for i in &infos {
         if i.span.start != pos {
-            return Err(Error::invalid(file, Some(&i.name), format!(
-                "data starts at offset {} but the previous tensor ends at {}: a hole in the data section", i.span.start - header_end, pos - header_end)));
+            return Err(Error::invalid(
+                file,
+                Some(&i.name),
+                format!(
+                    "data starts at offset {} but the previous tensor ends at {}: a hole in the data section",
+                    i.span.start - header_end,
+                    pos - header_end
+                ),
+            ));
         }
         pos = i.span.end;
     }

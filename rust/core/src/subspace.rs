@@ -33,7 +33,10 @@ pub fn subspace_masks(it: &Checkpoint, pt: &Checkpoint, names: &[String], rank: 
             return Err(Error::mismatch(n.as_str(), format!("subspace masks need 2-D tensors, shape is {:?}", a.shape)));
         }
         if a.shape != b.shape {
-            return Err(Error::mismatch(n.as_str(), format!("shape {:?} in {} but {:?} in {}", a.shape, it.root().display(), b.shape, pt.root().display())));
+            return Err(Error::mismatch(
+                n.as_str(),
+                format!("shape {:?} in {} but {:?} in {}", a.shape, it.root().display(), b.shape, pt.root().display()),
+            ));
         }
     }
     names

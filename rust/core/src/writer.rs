@@ -213,7 +213,9 @@ impl ShardedWriter {
                 }
                 hbytes.extend_from_slice(serde_json::to_string(&s.name).unwrap().as_bytes());
                 let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-                hbytes.extend_from_slice(format!(r#":{{"dtype":"{}","shape":[{shape}],"data_offsets":[{o},{}]}},"#, s.dtype_name(), o + len).as_bytes());
+                hbytes.extend_from_slice(
+                    format!(r#":{{"dtype":"{}","shape":[{shape}],"data_offsets":[{o},{}]}},"#, s.dtype_name(), o + len).as_bytes(),
+                );
             }
             if meta_done {
                 hbytes.pop(); // the last entry's comma
@@ -258,7 +260,9 @@ impl ShardedWriter {
             return Err(Error::config(format!("internal: write past the end of tensor '{}'", self.specs[idx].name)));
         }
         let (path, f) = &self.files[slot.shard];
-        let f = f.as_ref().ok_or_else(|| Error::config(format!("internal: tensor '{}' belongs to a shard this writer does not write", self.specs[idx].name)))?;
+        let f = f
+            .as_ref()
+            .ok_or_else(|| Error::config(format!("internal: tensor '{}' belongs to a shard this writer does not write", self.specs[idx].name)))?;
         f.write_all_at(data, slot.offset + offset as u64).map_err(|e| Error::io(path, e))?;
         slot.written.fetch_add(data.len(), Ordering::Relaxed);
         Ok(())

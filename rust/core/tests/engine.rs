@@ -84,7 +84,8 @@ fn writer_reader_roundtrip_sharded_and_single() {
         for (n, _, v) in model(1) {
             assert_eq!(&got[n], &v, "{n}");
         }
-        let st: Vec<_> = std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "safetensors")).collect();
+        let st: Vec<_> =
+            std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "safetensors")).collect();
         assert_eq!(st.len(), files);
         assert_eq!(d.join("model.safetensors.index.json").exists(), files > 1);
     }
@@ -190,7 +191,11 @@ fn progress_error_stops_the_merge() {
     let mut seen = 0;
     let err = engine::run(&p, &ckpts, &out, &pool, &mut |pr: &Progress| {
         seen = pr.tensors_done;
-        if pr.tensors_done == 1 { Err(Error::Interrupted) } else { Ok(()) }
+        if pr.tensors_done == 1 {
+            Err(Error::Interrupted)
+        } else {
+            Ok(())
+        }
     })
     .unwrap_err();
     assert!(matches!(err, Error::Interrupted));

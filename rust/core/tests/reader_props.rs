@@ -7,7 +7,7 @@ use proptest::prelude::*;
 fn valid_file() -> Vec<u8> {
     let header = br#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"b":{"dtype":"BF16","shape":[4],"data_offsets":[24,32]}}"#;
     let mut h = header.to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut f = (h.len() as u64).to_le_bytes().to_vec();
@@ -101,9 +101,17 @@ fn shard(names: &[&str]) -> Vec<u8> {
 fn index_entry() -> impl Strategy<Value = (String, serde_json::Value)> {
     let name = prop::sample::select(vec!["a", "b", "c", "d", "missing", ""]).prop_map(str::to_owned);
     let file = prop_oneof![
-        prop::sample::select(vec!["s1.safetensors", "s2.safetensors", "nope.safetensors", "../s1.safetensors",
-                                  "/etc/passwd", "sub/s1.safetensors", "", "."])
-            .prop_map(|s| serde_json::Value::String(s.to_owned())),
+        prop::sample::select(vec![
+            "s1.safetensors",
+            "s2.safetensors",
+            "nope.safetensors",
+            "../s1.safetensors",
+            "/etc/passwd",
+            "sub/s1.safetensors",
+            "",
+            "."
+        ])
+        .prop_map(|s| serde_json::Value::String(s.to_owned())),
         Just(serde_json::Value::Null),
         any::<i64>().prop_map(serde_json::Value::from),
         Just(serde_json::json!(["s1.safetensors"])),

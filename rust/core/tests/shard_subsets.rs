@@ -27,9 +27,11 @@ fn write_model(dir: &Path, seed: u64) {
 fn plan(a: &Path, b: &Path, only: Option<Vec<usize>>) -> PlanSpec {
     let tensors: Vec<_> = ["a", "b", "c", "d"]
         .iter()
-        .map(|n| serde_json::json!({"name": n, "method": "dare_linear", "params": {"weight": [0.5, 0.5], "density": 0.5},
+        .map(|n| {
+            serde_json::json!({"name": n, "method": "dare_linear", "params": {"weight": [0.5, 0.5], "density": 0.5},
             "base": {"kind": "tensor", "input": 0, "tensor": n},
-            "inputs": [{"kind": "tensor", "input": 0, "tensor": n}, {"kind": "tensor", "input": 1, "tensor": n}]}))
+            "inputs": [{"kind": "tensor", "input": 0, "tensor": n}, {"kind": "tensor", "input": 1, "tensor": n}]})
+        })
         .collect();
     serde_json::from_value(serde_json::json!({"inputs": [a, b], "tensors": tensors, "seed": 3, "max_shard_size": 5000,
         "metadata": {"k": "v"}, "only_shards": only}))
@@ -43,7 +45,11 @@ fn run(p: &PlanSpec, out: &Path) -> engine::Summary {
 }
 
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect()
 }
 
 #[test]

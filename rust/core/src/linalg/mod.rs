@@ -20,8 +20,7 @@ mod svd;
 
 pub use procrustes::{procrustes, procrustes_batch, procrustes_faer};
 pub use svd::{
-    gaussian_matrix, orthonormalize, svd, svd_batch, svd_faer_mat, svd_topk, svd_topk_batch, Svd,
-    TopkSvd, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS,
+    gaussian_matrix, orthonormalize, svd, svd_batch, svd_faer_mat, svd_topk, svd_topk_batch, Svd, TopkSvd, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS,
 };
 
 use crate::error::{Error, Result};
@@ -54,13 +53,7 @@ pub(crate) const WHAT: &str = "<linalg>";
 pub(crate) fn check_shape(data: &[f32], rows: usize, cols: usize, what: &str) -> Result<()> {
     match rows.checked_mul(cols) {
         Some(len) if len == data.len() => Ok(()),
-        _ => Err(Error::mismatch(
-            WHAT,
-            format!(
-                "{what}: {} values do not make a {rows}x{cols} matrix",
-                data.len()
-            ),
-        )),
+        _ => Err(Error::mismatch(WHAT, format!("{what}: {} values do not make a {rows}x{cols} matrix", data.len()))),
     }
 }
 
@@ -68,19 +61,13 @@ pub(crate) fn check_finite(data: &[f32], what: &str) -> Result<()> {
     if data.iter().all(|v| v.is_finite()) {
         Ok(())
     } else {
-        Err(Error::numerical(
-            WHAT,
-            format!("{what} contains NaN or infinite values"),
-        ))
+        Err(Error::numerical(WHAT, format!("{what} contains NaN or infinite values")))
     }
 }
 
 /// Runs `f` over `items` in parallel and returns the results in order; on failure the
 /// error of the first failing item (by index), so errors are deterministic too.
-pub(crate) fn par_map<T: Sync, R: Send>(
-    items: &[T],
-    f: impl Fn(&T) -> Result<R> + Sync + Send,
-) -> Result<Vec<R>> {
+pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> Result<R> + Sync + Send) -> Result<Vec<R>> {
     use rayon::prelude::*;
     let out: Vec<Result<R>> = items.par_iter().with_max_len(1).map(f).collect();
     out.into_iter().collect()

@@ -29,10 +29,7 @@ pub fn procrustes(a: &[f32], b: &[f32], m: usize, ka: usize, kb: usize) -> Resul
 pub fn procrustes_batch(pairs: &[(MatRef<'_>, MatRef<'_>)]) -> Result<Vec<Vec<f32>>> {
     par_map(pairs, |(a, b)| {
         if a.rows != b.rows {
-            return Err(Error::mismatch(
-                super::WHAT,
-                format!("procrustes: A has {} rows but B has {}", a.rows, b.rows),
-            ));
+            return Err(Error::mismatch(super::WHAT, format!("procrustes: A has {} rows but B has {}", a.rows, b.rows)));
         }
         procrustes(a.data, b.data, a.rows, a.cols, b.cols)
     })
@@ -40,20 +37,9 @@ pub fn procrustes_batch(pairs: &[(MatRef<'_>, MatRef<'_>)]) -> Result<Vec<Vec<f3
 
 /// faer-level Procrustes: `R` (`kb x ka`) for `A` (`m x ka`) and `B` (`m x kb`).
 /// Inputs are assumed finite (the slice API [`procrustes`] checks).
-pub fn procrustes_faer(
-    a: faer::MatRef<'_, f32>,
-    b: faer::MatRef<'_, f32>,
-    par: Par,
-) -> Result<Mat<f32>> {
+pub fn procrustes_faer(a: faer::MatRef<'_, f32>, b: faer::MatRef<'_, f32>, par: Par) -> Result<Mat<f32>> {
     if a.nrows() != b.nrows() {
-        return Err(Error::mismatch(
-            super::WHAT,
-            format!(
-                "procrustes: A has {} rows but B has {}",
-                a.nrows(),
-                b.nrows()
-            ),
-        ));
+        return Err(Error::mismatch(super::WHAT, format!("procrustes: A has {} rows but B has {}", a.nrows(), b.nrows())));
     }
     let (ka, kb) = (a.ncols(), b.ncols());
     let mut r = Mat::<f32>::zeros(kb, ka);
@@ -63,14 +49,7 @@ pub fn procrustes_faer(
     // Bᵀ A (kb x ka) row-major is (Aᵀ B) column-major: build it so, for `exact_rowmajor`,
     // which dispatches to LAPACK with the `lapack` feature.
     let mut cross = vec![0.0f32; kb * ka];
-    matmul(
-        MatMut::from_column_major_slice_mut(&mut cross, ka, kb),
-        Accum::Replace,
-        a.transpose(),
-        b,
-        1.0,
-        par,
-    );
+    matmul(MatMut::from_column_major_slice_mut(&mut cross, ka, kb), Accum::Replace, a.transpose(), b, 1.0, par);
     let d = exact_rowmajor(&cross, kb, ka, par)?;
     let rank = d.rank();
     matmul(

@@ -82,13 +82,7 @@ impl Svd {
     }
 
     fn empty(m: usize, n: usize) -> Self {
-        Svd {
-            u: Vec::new(),
-            s: Vec::new(),
-            vt: Vec::new(),
-            m,
-            n,
-        }
+        Svd { u: Vec::new(), s: Vec::new(), vt: Vec::new(), m, n }
     }
 
     /// Flip component signs so the largest-|.| entry of each column of `u` is positive.
@@ -155,24 +149,9 @@ pub fn svd_faer_mat(a: faer::MatRef<'_, f32>, par: Par) -> Result<(Mat<f32>, Vec
     let mut v = Mat::<f32>::zeros(n, r);
     let mut s = faer::diag::Diag::<f32>::zeros(r);
     let thin = ComputeSvdVectors::Thin;
-    let mut buf = MemBuffer::new(fsvd::svd_scratch::<f32>(
-        m,
-        n,
-        thin,
-        thin,
-        par,
-        Default::default(),
-    ));
-    fsvd::svd(
-        a,
-        s.as_mut(),
-        Some(u.as_mut()),
-        Some(v.as_mut()),
-        par,
-        MemStack::new(&mut buf),
-        Default::default(),
-    )
-    .map_err(|e| Error::numerical(WHAT, format!("SVD did not converge ({e:?})")))?;
+    let mut buf = MemBuffer::new(fsvd::svd_scratch::<f32>(m, n, thin, thin, par, Default::default()));
+    fsvd::svd(a, s.as_mut(), Some(u.as_mut()), Some(v.as_mut()), par, MemStack::new(&mut buf), Default::default())
+        .map_err(|e| Error::numerical(WHAT, format!("SVD did not converge ({e:?})")))?;
     let s = s.column_vector().iter().copied().collect();
     Ok((u, s, v))
 }
@@ -207,11 +186,7 @@ mod lapack_backend {
     pub(super) fn sgesdd(x: &[f32], m: usize, n: usize) -> Result<Svd> {
         let r = m.min(n);
         let too_big = |_| Error::config(format!("{m}x{n} matrix too large for LAPACK (i32)"));
-        let (mi, ni, ri): (i32, i32, i32) = (
-            n.try_into().map_err(too_big)?,
-            m.try_into().map_err(too_big)?,
-            r.try_into().map_err(too_big)?,
-        );
+        let (mi, ni, ri): (i32, i32, i32) = (n.try_into().map_err(too_big)?, m.try_into().map_err(too_big)?, r.try_into().map_err(too_big)?);
         let mut a = x.to_vec(); // sgesdd destroys its input
         let mut s = vec![0.0f32; r];
         let mut vt = vec![0.0f32; n * r]; // LAPACK's U (n x r)
@@ -221,12 +196,7 @@ mod lapack_backend {
         // SAFETY (both calls): buffers are sized for jobz = 'S' with these leading
         // dimensions: A n x m (lda = n), U n x r (ldu = n), VT r x m (ldvt = r), 8r iwork.
         let mut query = [0.0f32];
-        unsafe {
-            lapack::sgesdd(
-                b'S', mi, ni, &mut a, mi, &mut s, &mut vt, mi, &mut u, ri, &mut query, -1,
-                &mut iwork, &mut info,
-            )
-        };
+        unsafe { lapack::sgesdd(b'S', mi, ni, &mut a, mi, &mut s, &mut vt, mi, &mut u, ri, &mut query, -1, &mut iwork, &mut info) };
         if info != 0 {
             let msg = format!("sgesdd workspace query failed (info={info})");
             return Err(Error::numerical(WHAT, msg));
@@ -235,18 +205,10 @@ mod lapack_backend {
         let lwork = (query[0] as f64 * 1.01) as usize + 64;
         let mut work = vec![0.0f32; lwork];
         let lwork_i: i32 = lwork.try_into().map_err(too_big)?;
-        unsafe {
-            lapack::sgesdd(
-                b'S', mi, ni, &mut a, mi, &mut s, &mut vt, mi, &mut u, ri, &mut work, lwork_i,
-                &mut iwork, &mut info,
-            )
-        };
+        unsafe { lapack::sgesdd(b'S', mi, ni, &mut a, mi, &mut s, &mut vt, mi, &mut u, ri, &mut work, lwork_i, &mut iwork, &mut info) };
         if info != 0 {
             // info > 0: the divide-and-conquer iteration did not converge.
-            return Err(Error::numerical(
-                WHAT,
-                format!("sgesdd failed (info={info})"),
-            ));
+            return Err(Error::numerical(WHAT, format!("sgesdd failed (info={info})")));
         }
         Ok(Svd { u, s, vt, m, n })
     }
@@ -260,15 +222,7 @@ mod lapack_backend {
 /// count), `power_iters` subspace iterations re-orthonormalized by QR each half-step, then
 /// the exact SVD of the small `l x n` projection. Falls back to the exact SVD when `2l`
 /// reaches `min(m, n)` (randomization would not save work). `k` is capped at `min(m, n)`.
-pub fn svd_topk(
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    oversample: usize,
-    power_iters: usize,
-    seed: u64,
-) -> Result<TopkSvd> {
+pub fn svd_topk(x: &[f32], m: usize, n: usize, k: usize, oversample: usize, power_iters: usize, seed: u64) -> Result<TopkSvd> {
     check_shape(x, m, n, "svd_topk input")?;
     check_finite(x, "svd_topk input")?;
     if k == 0 {
@@ -279,29 +233,12 @@ pub fn svd_topk(
 
 /// [`svd_topk`] over a batch, in parallel across matrices; every matrix uses the same
 /// `seed`, so each result equals the single-matrix call.
-pub fn svd_topk_batch(
-    mats: &[MatRef<'_>],
-    k: usize,
-    oversample: usize,
-    power_iters: usize,
-    seed: u64,
-) -> Result<Vec<TopkSvd>> {
-    par_map(mats, |a| {
-        svd_topk(a.data, a.rows, a.cols, k, oversample, power_iters, seed)
-    })
+pub fn svd_topk_batch(mats: &[MatRef<'_>], k: usize, oversample: usize, power_iters: usize, seed: u64) -> Result<Vec<TopkSvd>> {
+    par_map(mats, |a| svd_topk(a.data, a.rows, a.cols, k, oversample, power_iters, seed))
 }
 
 #[allow(clippy::too_many_arguments)]
-fn topk(
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    oversample: usize,
-    power_iters: usize,
-    seed: u64,
-    par: Par,
-) -> Result<TopkSvd> {
+fn topk(x: &[f32], m: usize, n: usize, k: usize, oversample: usize, power_iters: usize, seed: u64, par: Par) -> Result<TopkSvd> {
     let r = m.min(n);
     let k = k.min(r);
     // f64 accumulation: ||X||_F^2 over millions of entries loses digits in f32.
@@ -318,11 +255,7 @@ fn topk(
         let mut svd = exact_rowmajor(x, m, n, par)?;
         svd.truncate(k);
         let energy = energy_of(&svd.s);
-        return Ok(TopkSvd {
-            svd,
-            energy,
-            exact: true,
-        });
+        return Ok(TopkSvd { svd, energy, exact: true });
     }
 
     let a = faer::MatRef::from_row_major_slice(x, m, n);
@@ -334,49 +267,24 @@ fn topk(
     for _ in 0..power_iters {
         // Re-orthonormalize after each product: otherwise the small singular directions
         // drown in rounding after (s_1/s_l)^(2q) growth.
-        matmul(
-            z.as_mut(),
-            Accum::Replace,
-            a.transpose(),
-            q.as_ref(),
-            1.0,
-            par,
-        );
+        matmul(z.as_mut(), Accum::Replace, a.transpose(), q.as_ref(), 1.0, par);
         let zq = orthonormalize(z.as_ref(), par);
         matmul(y.as_mut(), Accum::Replace, a, zq.as_ref(), 1.0, par);
         q = orthonormalize(y.as_ref(), par);
     }
 
     // Bᵀ = Xᵀ Q (n x l); Bᵀ = P S Wᵀ, so X ≈ Q B = (Q W) S Pᵀ.
-    matmul(
-        z.as_mut(),
-        Accum::Replace,
-        a.transpose(),
-        q.as_ref(),
-        1.0,
-        par,
-    );
+    matmul(z.as_mut(), Accum::Replace, a.transpose(), q.as_ref(), 1.0, par);
     let (p, s, w) = svd_faer_mat(z.as_ref(), par)?;
     let s: Vec<f32> = s[..k].to_vec();
     let mut vt = vec![0.0f32; k * n];
     MatMut::from_column_major_slice_mut(&mut vt, n, k).copy_from(p.get(.., ..k));
     let mut u = vec![0.0f32; m * k];
-    matmul(
-        MatMut::from_row_major_slice_mut(&mut u, m, k),
-        Accum::Replace,
-        q.as_ref(),
-        w.get(.., ..k),
-        1.0,
-        par,
-    );
+    matmul(MatMut::from_row_major_slice_mut(&mut u, m, k), Accum::Replace, q.as_ref(), w.get(.., ..k), 1.0, par);
     let mut svd = Svd { u, s, vt, m, n };
     svd.normalize_signs();
     let energy = energy_of(&svd.s);
-    Ok(TopkSvd {
-        svd,
-        energy,
-        exact: false,
-    })
+    Ok(TopkSvd { svd, energy, exact: false })
 }
 
 /// Orthonormal basis (thin Q of a Householder QR) of the columns of `a` (`m x l`, `l <= m`).
@@ -391,21 +299,8 @@ pub fn orthonormalize(a: faer::MatRef<'_, f32>, par: Par) -> Mat<f32> {
         .or(apply_block_householder_sequence_on_the_left_in_place_scratch::<f32>(m, bs, size));
     let mut buf = MemBuffer::new(req);
     let stack = MemStack::new(&mut buf);
-    qr::qr_in_place(
-        qr_mat.as_mut(),
-        coeff.as_mut(),
-        par,
-        stack,
-        Default::default(),
-    );
-    apply_block_householder_sequence_on_the_left_in_place_with_conj(
-        qr_mat.get(.., ..size),
-        coeff.as_ref(),
-        Conj::No,
-        q.as_mut(),
-        par,
-        stack,
-    );
+    qr::qr_in_place(qr_mat.as_mut(), coeff.as_mut(), par, stack, Default::default());
+    apply_block_householder_sequence_on_the_left_in_place_with_conj(qr_mat.get(.., ..size), coeff.as_ref(), Conj::No, q.as_mut(), par, stack);
     q
 }
 
@@ -425,11 +320,7 @@ pub fn gaussian_matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
         let u2 = (h2 >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
         let radius = (-2.0 * u1.ln()).sqrt();
         let angle = std::f64::consts::TAU * u2;
-        (if idx & 1 == 0 {
-            radius * angle.cos()
-        } else {
-            radius * angle.sin()
-        }) as f32
+        (if idx & 1 == 0 { radius * angle.cos() } else { radius * angle.sin() }) as f32
     })
 }
 

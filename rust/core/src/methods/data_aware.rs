@@ -1,7 +1,5 @@
 //! Registry of the data-aware merges: Fisher-weighted averaging and Fisher-dampened deltas.
-use super::Method;
-use crate::error::Result;
-use crate::params::Params;
+use crate::params::MethodSpec;
 
 pub mod fisher_dampened;
 pub mod fisher_weighted;
@@ -9,11 +7,7 @@ pub mod fisher_weighted;
 /// Method names this family builds.
 pub const NAMES: &[&str] = &["fisher_weighted", "fisher_dampened"];
 
-/// Builds `name` if this family has it.
-pub fn build(name: &str, p: &Params, n_inputs: usize, has_base: bool) -> Option<Result<Box<dyn Method>>> {
-    Some(match name {
-        "fisher_weighted" => fisher_weighted::FisherWeighted::build(p, n_inputs, has_base).map(|m| Box::new(m) as _),
-        "fisher_dampened" => fisher_dampened::FisherDampened::build(p, n_inputs, has_base).map(|m| Box::new(m) as _),
-        _ => return None,
-    })
+/// The specs of this family.
+pub fn specs() -> Vec<MethodSpec> {
+    vec![fisher_weighted::spec(), fisher_dampened::spec()]
 }

@@ -4,17 +4,22 @@
 //! Summed in f64 and rounded once to f32: the result is the correctly rounded weighted
 //! mean, so a merge finished from partial states (`merge_state`, sums kept in f64) writes
 //! the same bytes as this one-shot merge, whatever the grouping.
-use super::{check_arity, BaseRule, Ctx, Method};
 use crate::error::Result;
-use crate::params::{normalized, Params, Range};
+use crate::kernel::{Ctx, Method};
+use crate::params::{normalized, BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("linear", BaseRule::Forbidden, |p, n, b| Ok(Box::new(Linear::build(p, n, b)?)))
+        .params(&[ParamSpec::bool("normalize", true), ParamSpec::float("weight", 1.0, Range::FINITE).per_model()])
+        .mergekit()
+}
 
 pub struct Linear {
     weights: Vec<f64>,
 }
 
 impl Linear {
-    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("linear", has_base, BaseRule::Forbidden, n, 1, None)?;
+    pub fn build(p: &Params, n: usize, _has_base: bool) -> Result<Self> {
         let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
         let normalize = p.bool("normalize", true)?;
         // Validates (a zero sum, factors beyond f32) with the messages every method shares.

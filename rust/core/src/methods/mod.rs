@@ -1,148 +1,104 @@
-//! Merge methods. Each module holds one method; `build` turns a name and its per-tensor
-//! parameters into a ready kernel. Kernels see f32 slices only; reading, chunking,
-//! threading and writing belong to the engine.
+//! The registry of merge methods. Each method declares its `MethodSpec` (base rule, arity,
+//! parameters, builder) next to its kernel; this module only lists them. Kernels see f32
+//! slices only (the contract is in `kernel.rs`); reading, chunking, threading and writing
+//! belong to the engine.
 use crate::error::{Error, Result};
-use crate::params::Params;
+use crate::kernel::Method;
+use crate::params::{MethodSpec, Params};
 use serde_json::{Map, Value};
+use std::sync::OnceLock;
 
 pub mod linear;
 pub mod slerp;
 pub mod task_arithmetic;
+pub mod trimmed_mean;
 
-// Families of methods, each with its own registry (`NAMES` + `build`).
+// Families of methods, each listing its own specs.
 pub mod data_aware;
 pub mod geometric;
 pub mod sparsified;
 pub mod spectral;
 
-/// What a kernel knows about the piece of tensor it is given.
-#[derive(Debug, Clone, Copy)]
-pub struct Ctx<'a> {
-    /// Output tensor name (also keys the random streams).
-    pub tensor: &'a str,
-    pub shape: &'a [usize],
-    /// Element offset of this piece in the flattened tensor (0 for whole tensors).
-    pub offset: usize,
-    pub seed: u64,
+/// Every method's spec, in a fixed order. Adding a method: its file, and one line here.
+fn registry() -> Vec<MethodSpec> {
+    let mut all = vec![linear::spec(), task_arithmetic::spec(), slerp::spec()];
+    all.extend(sparsified::specs());
+    all.extend(geometric::specs());
+    all.extend(data_aware::specs());
+    all.extend(spectral::specs());
+    all.push(trimmed_mean::spec());
+    all
 }
 
-pub trait Method: Send + Sync {
-    /// True when each output element depends only on the inputs at that element (plus the
-    /// whole-tensor statistics from `accumulate`): the engine then streams the tensor in
-    /// fixed-size chunks in parallel. False: `apply` always receives whole tensors.
-    fn elementwise(&self) -> bool {
-        true
-    }
-
-    /// Number of whole-tensor f64 statistics (dot products, norms...) `apply` needs.
-    fn n_stats(&self) -> usize {
-        0
-    }
-
-    /// The statistics' starting values (zeros; a min/max statistic starts at ±inf).
-    fn init_stats(&self) -> Vec<f64> {
-        vec![0.0; self.n_stats()]
-    }
-
-    /// Adds one chunk's contribution to `stats` (which starts from `init_stats`).
-    fn accumulate(&self, _base: Option<&[f32]>, _inputs: &[&[f32]], _stats: &mut [f64]) {}
-
-    /// Folds one chunk's statistics into the total (sum by default). The engine folds
-    /// chunks in a fixed order, so results never depend on the thread count.
-    fn combine(&self, total: &mut [f64], part: &[f64]) {
-        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
-    }
-
-    /// Whole-tensor preparation before any `apply`, with random access to every input
-    /// (e.g. a top-k threshold per model, found with one scratch buffer). Its result is the
-    /// `stats` given to `apply`. The default streams chunks through `accumulate`/`combine`.
-    fn prepare(&self, _ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
-        crate::engine::stream_stats(self, io)
-    }
-
-    /// A warning about this tensor's statistics for the user (e.g. a degenerate case the
-    /// kernel resolved by a fallback); the engine reports it with the tensor name.
-    fn note(&self, _stats: &[f64]) -> Option<String> {
-        None
-    }
-
-    /// Computes `out` (same length as every input slice).
-    fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()>;
+/// The specs of every method `build` knows.
+pub fn specs() -> &'static [MethodSpec] {
+    static SPECS: OnceLock<Vec<MethodSpec>> = OnceLock::new();
+    SPECS.get_or_init(registry)
 }
 
-/// Random access to the inputs of the tensor being merged (slot 0 is the base if any).
-pub trait TensorIo: Sync {
-    fn numel(&self) -> usize;
-    fn slots(&self) -> usize;
-    fn has_base(&self) -> bool;
-    /// Widens elements `range` of input `slot` into `dst`.
-    fn read(&self, slot: usize, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()>;
-    /// Names input `slot` in messages ("base", "model #1", or the file it comes from).
-    fn describe(&self, slot: usize) -> String {
-        match (self.has_base(), slot) {
-            (true, 0) => "the base".into(),
-            (true, s) => format!("model #{}", s - 1),
-            (false, s) => format!("model #{s}"),
-        }
-    }
+pub fn spec(name: &str) -> Option<&'static MethodSpec> {
+    specs().iter().find(|s| s.name == name)
 }
-
-/// How a method uses a base model.
-pub(crate) fn check_arity(method: &str, has_base: bool, base: BaseRule, n: usize, min: usize, max: Option<usize>) -> Result<()> {
-    match (base, has_base) {
-        (BaseRule::Required, false) => return Err(Error::config(format!("{method} needs a base model"))),
-        (BaseRule::Forbidden, true) => return Err(Error::config(format!("{method} takes no base model"))),
-        _ => {}
-    }
-    if n < min || max.is_some_and(|m| n > m) {
-        let want = match max {
-            Some(m) if m == min => format!("exactly {min}"),
-            Some(m) => format!("{min} to {m}"),
-            None => format!("at least {min}"),
-        };
-        return Err(Error::config(format!("{method} needs {want} model(s) besides any base, got {n}")));
-    }
-    Ok(())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)] // Optional is for methods that may take a base (e.g. model_stock)
-pub(crate) enum BaseRule {
-    Required,
-    Optional,
-    Forbidden,
-}
-
-const BASIC: &[&str] = &["linear", "task_arithmetic", "slerp"];
 
 /// Every method name `build` knows.
 pub fn names() -> Vec<&'static str> {
-    [BASIC, sparsified::NAMES, geometric::NAMES, data_aware::NAMES, spectral::NAMES].concat()
+    specs().iter().map(|s| s.name).collect()
 }
 
 /// Builds the kernel for one tensor. `n_inputs` counts the models other than the base.
 pub fn build(name: &str, params: &Map<String, Value>, n_inputs: usize, has_base: bool) -> Result<Box<dyn Method>> {
-    let p = Params::new(name, params);
-    let m: Box<dyn Method> = match name {
-        "linear" => Box::new(linear::Linear::build(&p, n_inputs, has_base)?),
-        "task_arithmetic" => Box::new(task_arithmetic::TaskArithmetic::build(&p, n_inputs, has_base)?),
-        "slerp" => Box::new(slerp::Slerp::build(&p, n_inputs, has_base)?),
-        other => sparsified::build(other, &p, n_inputs, has_base)
-            .or_else(|| geometric::build(other, &p, n_inputs, has_base))
-            .or_else(|| data_aware::build(other, &p, n_inputs, has_base))
-            .or_else(|| spectral::build(other, &p, n_inputs, has_base))
-            .unwrap_or_else(|| Err(Error::config(format!("unknown merge method '{other}' (known: {})", names().join(", ")))))?,
-    };
+    let spec = spec(name).ok_or_else(|| Error::config(format!("unknown merge method '{name}' (known: {})", names().join(", "))))?;
+    spec.check_arity(has_base, n_inputs)?;
+    let p = Params::new(spec, params);
+    let m = (spec.build)(&p, n_inputs, has_base)?;
     p.finish()?;
     Ok(m)
 }
 
-/// Σ w_i x_i[j] for every j, summing models in order (fixed order: deterministic).
-#[inline]
-pub(crate) fn weighted_sum(inputs: &[&[f32]], w: &[f32], out: &mut [f32]) {
-    out.copy_from_slice(inputs[0]);
-    out.iter_mut().for_each(|o| *o *= w[0]);
-    for (x, &wi) in inputs.iter().zip(w).skip(1) {
-        out.iter_mut().zip(x.iter()).for_each(|(o, &v)| *o += wi * v);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::{BaseRule, Default, Kind, Role};
+    use serde_json::json;
+
+    /// A valid value for a declared parameter: its default, or a number inside its range.
+    fn value(p: &crate::params::ParamSpec) -> Option<Value> {
+        Some(match (p.default, p.kind) {
+            (Default::Float(x), _) => json!(x),
+            (Default::Int(x), _) => json!(x),
+            (Default::Bool(x), _) => json!(!x),
+            (Default::Str(x), _) => json!(x),
+            (_, Kind::Float) => json!(0.5),
+            _ => return None, // a string with no default: its values are the kernel's own
+        })
+    }
+
+    /// Builds every method at its smallest arity, first with only its required parameters,
+    /// then with every parameter it reads given: a kernel reading a parameter its spec does
+    /// not declare, or declares differently, panics here; a config-only key is refused.
+    #[test]
+    fn every_method_builds_from_its_spec() {
+        for s in specs() {
+            let has_base = matches!(s.base, BaseRule::Required | BaseRule::Optional);
+            let n = s.min_models;
+            let required: Map<String, Value> =
+                s.params.iter().filter(|p| p.default == Default::Required).map(|p| (p.name.to_owned(), json!(0.5))).collect();
+            build(s.name, &required, n, has_base).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+            let all: Map<String, Value> =
+                s.params.iter().filter(|p| p.role == Role::Read).filter_map(|p| value(p).map(|v| (p.name.to_owned(), v))).collect();
+            build(s.name, &all, n, has_base).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+            for p in s.params.iter().filter(|p| p.role == Role::ConfigOnly) {
+                let mut one = required.clone();
+                one.insert(p.name.to_owned(), value(p).unwrap_or(json!("x")));
+                let e = build(s.name, &one, n, has_base).err().unwrap_or_else(|| panic!("{}: {} accepted", s.name, p.name));
+                assert!(e.to_string().contains(&format!("unknown parameter(s) {}", p.name)), "{e}");
+            }
+            if s.base == BaseRule::Required {
+                assert!(build(s.name, &required, n, false).err().unwrap().to_string().contains("needs a base model"));
+            }
+            assert!(build(s.name, &required, n - 1, has_base).err().unwrap().to_string().contains("model(s) besides any base"));
+        }
+        let names = names();
+        assert_eq!(names.len(), names.iter().collect::<std::collections::BTreeSet<_>>().len(), "a name registered twice");
     }
 }

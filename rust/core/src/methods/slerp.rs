@@ -6,9 +6,16 @@
 //! One deliberate difference: when either tensor is (numerically) zero the angle is
 //! undefined; mergekit then uses cos = 0 and scales the other tensor by sin(tπ/2), which
 //! shrinks it. We lerp instead.
-use super::{check_arity, BaseRule, Ctx, Method};
 use crate::error::Result;
-use crate::params::{Params, Range};
+use crate::kernel::{Ctx, Method};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("slerp", BaseRule::Required, |p, n, b| Ok(Box::new(Slerp::build(p, n, b)?)))
+        .models(1, Some(1))
+        .params(&[ParamSpec::required_float("t", Range::UNIT)])
+        .mergekit()
+}
 
 pub const DOT_THRESHOLD: f64 = 0.9995;
 pub const NORM_EPS: f64 = 1e-8;
@@ -18,8 +25,7 @@ pub struct Slerp {
 }
 
 impl Slerp {
-    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("slerp", has_base, BaseRule::Required, n, 1, Some(1))?;
+    pub fn build(p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
         let t = p.require_f64("t", Range::UNIT)?;
         Ok(Slerp { t })
     }

@@ -12,9 +12,7 @@
 //! | della | magnitude-ranked random | sum | true | true (L1) |
 //! | della_linear | magnitude-ranked random | none | false | true (L1) |
 //! | sce | variance top-k (select_topk) | sum | — | — |
-use super::Method;
-use crate::error::Result;
-use crate::params::Params;
+use crate::params::{BaseRule, Build, MethodSpec, ParamSpec, Range};
 
 pub mod breadcrumbs;
 pub mod dare;
@@ -27,28 +25,67 @@ pub mod ties;
 
 use gta::Spec;
 
-/// Method names this family builds.
-pub const NAMES: &[&str] = &["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"];
+/// The parameters of the family (mergekit's keys in mergekit's order, then merge_fast's),
+/// with the defaults of `spec` and the method's own `extra` ones.
+fn gta_spec(name: &'static str, spec: Spec, extra: &[ParamSpec], build: Build) -> MethodSpec {
+    // consensus options mean something only to the methods that elect a sign
+    let consensus = |p: ParamSpec| if spec.consensus { p } else { p.config_only() };
+    MethodSpec::new(name, BaseRule::Required, build)
+        .params(&[
+            ParamSpec::bool("int8_mask", false),
+            ParamSpec::bool("normalize", spec.normalize),
+            ParamSpec::bool("rescale", spec.rescale),
+            ParamSpec::float("lambda", 1.0, Range::FINITE),
+            ParamSpec::float("weight", 1.0, Range::FINITE).per_model(),
+            ParamSpec::float("density", 1.0, Range::FRACTION).per_model(),
+            ParamSpec::opt_str("rescale_mode"),
+            consensus(ParamSpec::opt_str("disjoint_mean")),
+            consensus(ParamSpec::opt_str("consensus")),
+        ])
+        .params(extra)
+        .params(&[ParamSpec::float("lam", 1.0, Range::FINITE).alias()])
+        .mergekit()
+}
 
-/// Builds `name` if this family has it.
-pub fn build(name: &str, p: &Params, n: usize, has_base: bool) -> Option<Result<Box<dyn Method>>> {
-    let spec = |consensus, normalize, rescale| Spec { consensus, normalize, rescale };
-    Some(match name {
-        "ties" => ties::Magnitude::build(name, p, n).and_then(|s| gta::build(name, p, n, has_base, spec(true, true, false), Box::new(s))),
-        "dare_ties" => dare::Random::build(name, p, n).and_then(|s| gta::build(name, p, n, has_base, spec(true, false, true), Box::new(s))),
-        "dare_linear" => dare::Random::build(name, p, n).and_then(|s| gta::build(name, p, n, has_base, spec(false, false, true), Box::new(s))),
-        "breadcrumbs" => breadcrumbs::Outliers::build(name, p, n).and_then(|s| gta::build(name, p, n, has_base, spec(false, false, false), Box::new(s))),
-        "breadcrumbs_ties" => breadcrumbs::Outliers::build(name, p, n).and_then(|s| gta::build(name, p, n, has_base, spec(true, false, false), Box::new(s))),
-        "della" => della::MagPrune::build(name, p, n).and_then(|s| gta::build(name, p, n, has_base, spec(true, true, true), Box::new(s))),
-        "della_linear" => della::MagPrune::build(name, p, n).and_then(|s| gta::build(name, p, n, has_base, spec(false, false, true), Box::new(s))),
-        "sce" => sce::Sce::build(p, n, has_base).map(|m| Box::new(m) as Box<dyn Method>),
-        _ => return None,
-    })
+const fn spec(consensus: bool, normalize: bool, rescale: bool) -> Spec {
+    Spec { consensus, normalize, rescale }
+}
+
+const TIES: Spec = spec(true, true, false);
+const DARE_TIES: Spec = spec(true, false, true);
+const DARE_LINEAR: Spec = spec(false, false, true);
+const BREADCRUMBS: Spec = spec(false, false, false);
+const BREADCRUMBS_TIES: Spec = spec(true, false, false);
+const DELLA: Spec = spec(true, true, true);
+const DELLA_LINEAR: Spec = spec(false, false, true);
+
+/// The specs of this family.
+pub fn specs() -> Vec<MethodSpec> {
+    let gamma = ParamSpec::float("gamma", 0.01, Range::UNIT).per_model();
+    let epsilon = ParamSpec::float("epsilon", 0.15, Range::UNIT).per_model();
+    vec![
+        gta_spec("ties", TIES, &[], |p, n, b| gta::build(p.method(), p, n, b, TIES, Box::new(ties::Magnitude::build(p.method(), p, n)?))),
+        gta_spec("dare_ties", DARE_TIES, &[], |p, n, b| gta::build(p.method(), p, n, b, DARE_TIES, Box::new(dare::Random::build(p.method(), p, n)?))),
+        gta_spec("dare_linear", DARE_LINEAR, &[], |p, n, b| {
+            gta::build(p.method(), p, n, b, DARE_LINEAR, Box::new(dare::Random::build(p.method(), p, n)?))
+        }),
+        gta_spec("breadcrumbs", BREADCRUMBS, &[gamma], |p, n, b| {
+            gta::build(p.method(), p, n, b, BREADCRUMBS, Box::new(breadcrumbs::Outliers::build(p.method(), p, n)?))
+        }),
+        gta_spec("breadcrumbs_ties", BREADCRUMBS_TIES, &[gamma], |p, n, b| {
+            gta::build(p.method(), p, n, b, BREADCRUMBS_TIES, Box::new(breadcrumbs::Outliers::build(p.method(), p, n)?))
+        }),
+        gta_spec("della", DELLA, &[epsilon], |p, n, b| gta::build(p.method(), p, n, b, DELLA, Box::new(della::MagPrune::build(p.method(), p, n)?))),
+        gta_spec("della_linear", DELLA_LINEAR, &[epsilon], |p, n, b| {
+            gta::build(p.method(), p, n, b, DELLA_LINEAR, Box::new(della::MagPrune::build(p.method(), p, n)?))
+        }),
+        sce::spec(),
+    ]
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::engine::{merge_arrays, pool};
+    use crate::kernel::{merge_arrays, pool};
     use crate::methods::build as build_method;
     use serde_json::{json, Map, Value};
 

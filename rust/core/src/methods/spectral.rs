@@ -18,10 +18,10 @@
 //!   orthogonalised by their polar factor and the spectrum flattened to the mean of the
 //!   `r` gathered singular values: `θ = θ_base + α · s̄ · U⊥ V⊥ᵀ`. Parameters
 //!   `scaling_factor` (default 1), `common_space_fraction` (default 0.8).
-use super::{check_arity, BaseRule, Ctx, Method};
 use crate::error::{Error, Result};
+use crate::kernel::{Ctx, Method};
 use crate::linalg::{par_map, svd_faer_mat};
-use crate::params::{Params, Range};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 
@@ -45,17 +45,19 @@ pub struct Spectral {
     alpha: f32,
 }
 
-/// Builds `name` if this family has it.
-pub fn build(name: &str, p: &Params, n: usize, has_base: bool) -> Option<Result<Box<dyn Method>>> {
-    if !NAMES.contains(&name) {
-        return None;
-    }
-    Some(Spectral::build(name, p, n, has_base).map(|m| Box::new(m) as Box<dyn Method>))
+/// The specs of this family.
+pub fn specs() -> Vec<MethodSpec> {
+    let spec = |name| MethodSpec::new(name, BaseRule::Required, |p, n, _| Ok(Box::new(Spectral::build(p.method(), p, n)?)));
+    let scaling = ParamSpec::float("scaling_factor", 1.0, Range::FINITE);
+    vec![
+        spec("tsv_merge").params(&[ParamSpec::float("alpha", 1.0, Range::FINITE).per_model()]),
+        spec("iso_c").params(&[scaling]),
+        spec("iso_cts").params(&[ParamSpec::float("common_space_fraction", 0.8, Range::UNIT), scaling]),
+    ]
 }
 
 impl Spectral {
-    fn build(name: &str, p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity(name, has_base, BaseRule::Required, n, 1, None)?;
+    fn build(name: &str, p: &Params, n: usize) -> Result<Self> {
         let (key, kind) = match name {
             "tsv_merge" => ("alpha", Kind::Tsv),
             "iso_c" => ("scaling_factor", Kind::IsoC),
@@ -94,11 +96,8 @@ impl Method for Spectral {
                 return Ok(());
             }
         };
-        let deltas: Vec<Mat<f32>> = inputs
-            .iter()
-            .zip(&self.pre)
-            .map(|(x, &w)| Mat::from_fn(m, n, |i, j| w * (x[i * n + j] - base[i * n + j])))
-            .collect();
+        let deltas: Vec<Mat<f32>> =
+            inputs.iter().zip(&self.pre).map(|(x, &w)| Mat::from_fn(m, n, |i, j| w * (x[i * n + j] - base[i * n + j]))).collect();
         if deltas.iter().any(|d| !d.as_ref().is_all_finite()) {
             return Err(Error::numerical(ctx.tensor, "a task vector contains NaN or infinite values"));
         }

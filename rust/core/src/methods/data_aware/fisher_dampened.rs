@@ -13,8 +13,18 @@
 //! - `minmax`: min-max of F itself.
 //! - `rank`: the entry's quantile in the tensor (interpolated between 1024 quantiles).
 use crate::error::{Error, Result};
-use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::{Params, Range};
+use crate::kernel::{Ctx, Method, TensorIo};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+/// The inputs are the models then one Fisher (of the base).
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("fisher_dampened", BaseRule::Required, |p, n, b| Ok(Box::new(FisherDampened::build(p, n, b)?))).models(2, None).params(&[
+        ParamSpec::float("weight", 1.0, Range::FINITE).per_model(),
+        ParamSpec::float("scale", 1.0, Range::FINITE),
+        ParamSpec::float("layer_importance", 0.0, Range::UNIT),
+        ParamSpec::str("normalization", "log"),
+    ])
+}
 
 const QUANTILES: usize = 1024;
 const LOG_EPS: f64 = 1e-30;
@@ -34,14 +44,13 @@ pub struct FisherDampened {
 }
 
 impl FisherDampened {
-    pub fn build(p: &Params, n_inputs: usize, has_base: bool) -> Result<Self> {
-        check_arity("fisher_dampened", has_base, BaseRule::Required, n_inputs, 2, None)?;
+    pub fn build(p: &Params, n_inputs: usize, _has_base: bool) -> Result<Self> {
         let n = n_inputs - 1;
         let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
         let weights = p.weights_f32("weight", &w, true)?;
         let scale = p.weights_f32("scale", &[p.f64("scale", 1.0, Range::FINITE)?], false)?[0];
         let layer = p.f64("layer_importance", 0.0, Range::UNIT)?;
-        let norm = match p.opt_str("normalization")?.unwrap_or("log") {
+        let norm = match p.str("normalization", "log")? {
             "log" => Norm::Log,
             "minmax" => Norm::MinMax,
             "rank" => Norm::Rank,
@@ -106,7 +115,7 @@ impl Method for FisherDampened {
 
     fn prepare(&self, _ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         if self.norm != Norm::Rank {
-            return crate::engine::stream_stats(self, io);
+            return crate::kernel::stream_stats(self, io);
         }
         if io.numel() == 0 {
             return Ok(vec![0.0]);

@@ -6,8 +6,17 @@
 //! tensor, so models whose Fishers differ in overall scale (more data, other losses) weigh
 //! in by where they are confident rather than by how large their Fisher is.
 use crate::error::{Error, Result};
-use crate::methods::{check_arity, BaseRule, Ctx, Method};
-use crate::params::{Params, Range};
+use crate::kernel::{Ctx, Method};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+/// The inputs are the models then their Fishers, in the same order.
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("fisher_weighted", BaseRule::Forbidden, |p, n, b| Ok(Box::new(FisherWeighted::build(p, n, b)?))).models(2, None).params(&[
+        ParamSpec::float("weight", 1.0, Range::FINITE).per_model(),
+        ParamSpec::float("epsilon", 1e-8, Range::NON_NEG),
+        ParamSpec::str("fisher_normalize", "none"),
+    ])
+}
 
 pub struct FisherWeighted {
     weights: Vec<f64>,
@@ -16,8 +25,7 @@ pub struct FisherWeighted {
 }
 
 impl FisherWeighted {
-    pub fn build(p: &Params, n_inputs: usize, has_base: bool) -> Result<Self> {
-        check_arity("fisher_weighted", has_base, BaseRule::Forbidden, n_inputs, 2, None)?;
+    pub fn build(p: &Params, n_inputs: usize, _has_base: bool) -> Result<Self> {
         if !n_inputs.is_multiple_of(2) {
             return Err(Error::config(format!("fisher_weighted: needs one Fisher per model, got {n_inputs} inputs")));
         }
@@ -28,7 +36,7 @@ impl FisherWeighted {
         let m = w.iter().fold(0f64, |a, x| a.max(x.abs()));
         let weights = w.iter().map(|x| if m > 0.0 { x / m } else { *x }).collect();
         let epsilon = p.f64("epsilon", 1e-8, Range::NON_NEG)?;
-        let normalize = match p.opt_str("fisher_normalize")?.unwrap_or("none") {
+        let normalize = match p.str("fisher_normalize", "none")? {
             "none" => false,
             "mean" => true,
             other => return Err(Error::config(format!("fisher_weighted: fisher_normalize must be 'none' or 'mean', got '{other}'"))),

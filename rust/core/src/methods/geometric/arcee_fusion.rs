@@ -16,11 +16,15 @@
 //! whose quantiles are radix-selected (exact, as a sort would give them);
 //! `apply` runs elementwise on chunks.
 use super::common::Layout;
-use crate::engine::CHUNK;
 use crate::error::Result;
+use crate::kernel::CHUNK;
+use crate::kernel::{Ctx, Method, TensorIo};
 use crate::methods::sparsified::select::{select_ranks, HighHist};
-use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::Params;
+use crate::params::{BaseRule, MethodSpec, Params};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("arcee_fusion", BaseRule::Required, |p, n, b| Ok(Box::new(ArceeFusion::build(p, n, b)?))).models(1, Some(1)).mergekit()
+}
 use crate::rng::{stream_key, uniform};
 use rayon::prelude::*;
 
@@ -29,8 +33,7 @@ pub const SAMPLE: usize = 1_000_000;
 pub struct ArceeFusion;
 
 impl ArceeFusion {
-    pub fn build(_p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("arcee_fusion", has_base, BaseRule::Required, n, 1, Some(1))?;
+    pub fn build(_p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
         Ok(ArceeFusion)
     }
 }

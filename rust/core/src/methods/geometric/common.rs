@@ -2,9 +2,9 @@
 //! rows along the last dimension, or vectors along dimension 0), streaming per-vector
 //! statistics in `prepare` with bounded memory and a fixed reduction order, and Gram
 //! matrices (all pairwise dot products) of the inputs.
-use crate::engine::CHUNK;
 use crate::error::Result;
-use crate::methods::TensorIo;
+use crate::kernel::TensorIo;
+use crate::kernel::CHUNK;
 use rayon::prelude::*;
 
 /// How a tensor is cut into the vectors that per-vector math works on.
@@ -236,7 +236,7 @@ pub const MAX_MODELS: usize = 64;
 #[cfg(test)]
 pub mod testing {
     //! Runs a method through the real engine on in-memory arrays.
-    use crate::engine::{merge_arrays, pool};
+    use crate::kernel::{merge_arrays, pool};
     use crate::methods::build;
     use serde_json::Value;
 

@@ -17,8 +17,14 @@
 //! the same iteration on full f32 tensors; results agree to float rounding.
 use super::common::{tri, whole_gram, MAX_MODELS};
 use crate::error::{Error, Result};
-use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::{Params, Range};
+use crate::kernel::{Ctx, Method, TensorIo};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("karcher", BaseRule::Ignored, |p, n, b| Ok(Box::new(Karcher::build(p, n, b)?)))
+        .params(&[ParamSpec::count("max_iter", 10, 9_999_999), ParamSpec::float("tol", 1e-5, Range::NON_NEG)])
+        .mergekit()
+}
 
 pub struct Karcher {
     n: usize,
@@ -28,7 +34,6 @@ pub struct Karcher {
 
 impl Karcher {
     pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("karcher", has_base, BaseRule::Optional, n, 1, None)?;
         let total = n + usize::from(has_base);
         if total > MAX_MODELS {
             return Err(Error::config(format!("karcher: at most {MAX_MODELS} inputs, got {total}")));

@@ -17,8 +17,15 @@
 //! runs elementwise on chunks.
 use super::common::{gram_run, tri, vector_stats, Layout, MAX_MODELS};
 use crate::error::{Error, Result};
-use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::Params;
+use crate::kernel::{Ctx, Method, TensorIo};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("model_stock", BaseRule::Required, |p, n, b| Ok(Box::new(ModelStock::build(p, n, b)?)))
+        .models(2, None)
+        .params(&[ParamSpec::bool("filter_wise", false), ParamSpec::bool("clamp_cosine", false)])
+        .mergekit()
+}
 
 pub struct ModelStock {
     n: usize,
@@ -27,8 +34,7 @@ pub struct ModelStock {
 }
 
 impl ModelStock {
-    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("model_stock", has_base, BaseRule::Required, n, 2, None)?;
+    pub fn build(p: &Params, n: usize, _has_base: bool) -> Result<Self> {
         if n > MAX_MODELS {
             return Err(Error::config(format!("model_stock: at most {MAX_MODELS} models, got {n}")));
         }
@@ -146,7 +152,10 @@ mod tests {
         let n = rows * len;
         let base = rand(n, 1);
         let common = rand(n, 9);
-        let mk = |k: u64| -> Vec<f32> { let r = rand(n, k); (0..n).map(|j| base[j] + 0.1 * common[j] + 0.1 * r[j]).collect() };
+        let mk = |k: u64| -> Vec<f32> {
+            let r = rand(n, k);
+            (0..n).map(|j| base[j] + 0.1 * common[j] + 0.1 * r[j]).collect()
+        };
         let (a, b, c) = (mk(2), mk(3), mk(4));
         let y = run("model_stock", json!({}), &[rows, len], Some(&base), &[&a, &b, &c]).unwrap();
         close(&y, &reference(1, n, &base, &[&a, &b, &c], false), 1e-5);

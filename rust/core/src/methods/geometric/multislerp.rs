@@ -18,8 +18,19 @@
 //! degenerate "all models equal the base" case give the base.
 use super::common::{tri, whole_gram, MAX_MODELS};
 use crate::error::{Error, Result};
-use crate::methods::{check_arity, weighted_sum, BaseRule, Ctx, Method, TensorIo};
-use crate::params::{Params, Range};
+use crate::kernel::{weighted_sum, Ctx, Method, TensorIo};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+/// At most `MAX_MODELS` models: a limit of this kernel, checked by it, not a config fact.
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("multislerp", BaseRule::Optional, |p, n, b| Ok(Box::new(MultiSlerp::build(p, n, b)?)))
+        .params(&[
+            ParamSpec::bool("normalize_weights", true),
+            ParamSpec::float("eps", 1e-8, Range::NON_NEG),
+            ParamSpec::required_float("weight", Range::FINITE).per_model(),
+        ])
+        .mergekit()
+}
 
 pub struct MultiSlerp {
     w: Vec<f64>,
@@ -27,13 +38,12 @@ pub struct MultiSlerp {
 }
 
 impl MultiSlerp {
-    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("multislerp", has_base, BaseRule::Optional, n, 1, Some(MAX_MODELS))?;
+    pub fn build(p: &Params, n: usize, _has_base: bool) -> Result<Self> {
+        crate::params::check_count("multislerp", n, 1, Some(MAX_MODELS))?;
         let mut w = p.per_model("weight", n, None, Range::FINITE)?;
         if p.bool("normalize_weights", true)? {
-            w = crate::params::normalized(&w).ok_or_else(|| {
-                Error::config("multislerp: parameter 'weight' sums to zero, cannot normalize (set normalize_weights: false)")
-            })?;
+            w = crate::params::normalized(&w)
+                .ok_or_else(|| Error::config("multislerp: parameter 'weight' sums to zero, cannot normalize (set normalize_weights: false)"))?;
         }
         let eps = p.f64("eps", 1e-8, Range::NON_NEG)?;
         Ok(MultiSlerp { w, eps })

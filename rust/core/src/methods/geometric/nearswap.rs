@@ -2,16 +2,22 @@
 //! and `out = w·x + (1 − w)·base`: elements where the model is within `t` of the base take
 //! the model's value; farther ones move toward it by `t / |base − x|`.
 use crate::error::Result;
-use crate::methods::{check_arity, BaseRule, Ctx, Method};
-use crate::params::{Params, Range};
+use crate::kernel::{Ctx, Method};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("nearswap", BaseRule::Required, |p, n, b| Ok(Box::new(NearSwap::build(p, n, b)?)))
+        .models(1, Some(1))
+        .params(&[ParamSpec::required_float("t", Range::NON_NEG)])
+        .mergekit()
+}
 
 pub struct NearSwap {
     t: f32,
 }
 
 impl NearSwap {
-    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("nearswap", has_base, BaseRule::Required, n, 1, Some(1))?;
+    pub fn build(p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
         let t = p.require_f64("t", Range::NON_NEG)?;
         Ok(NearSwap { t: t as f32 })
     }

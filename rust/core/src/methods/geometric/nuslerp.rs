@@ -17,8 +17,19 @@
 //! pair per vector); `apply` runs elementwise on chunks.
 use super::common::{dot, vector_stats, Layout};
 use crate::error::Result;
-use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::{Params, Range};
+use crate::kernel::{Ctx, Method, TensorIo};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("nuslerp", BaseRule::Optional, |p, n, b| Ok(Box::new(NuSlerp::build(p, n, b)?)))
+        .models(2, Some(2))
+        .params(&[
+            ParamSpec::bool("nuslerp_row_wise", false),
+            ParamSpec::bool("nuslerp_flatten", true),
+            ParamSpec::required_float("weight", Range::FINITE).per_model(),
+        ])
+        .mergekit()
+}
 
 pub const NORM_EPS: f64 = 1e-7;
 pub const COLINEAR_EPS: f64 = 1e-8;
@@ -30,8 +41,7 @@ pub struct NuSlerp {
 }
 
 impl NuSlerp {
-    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("nuslerp", has_base, BaseRule::Optional, n, 2, Some(2))?;
+    pub fn build(p: &Params, n: usize, _has_base: bool) -> Result<Self> {
         let w = p.per_model("weight", n, None, Range::FINITE)?;
         let total = w[0] + w[1];
         let t = if total.abs() < 1e-6 { 0.5 } else { crate::params::normalized(&w).map_or(0.5, |v| v[1]) };

@@ -1,16 +1,22 @@
 //! Passthrough (mergekit `passthrough`): the single input, copied exactly, or multiplied by
 //! the optional `scale`. Frankenmerge slice plans use it for every copied tensor.
 use crate::error::Result;
-use crate::methods::{check_arity, BaseRule, Ctx, Method};
-use crate::params::{Params, Range};
+use crate::kernel::{Ctx, Method};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("passthrough", BaseRule::Forbidden, |p, n, b| Ok(Box::new(Passthrough::build(p, n, b)?)))
+        .models(1, Some(1))
+        .params(&[ParamSpec::opt_float("scale", Range::FINITE).per_model()])
+        .mergekit()
+}
 
 pub struct Passthrough {
     scale: Option<f32>,
 }
 
 impl Passthrough {
-    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("passthrough", has_base, BaseRule::Forbidden, n, 1, Some(1))?;
+    pub fn build(p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
         let scale = match p.per_model("scale", 1, Some(f64::NAN), Range::FINITE)?[0] {
             s if s.is_nan() => None,
             s => Some(p.weights_f32("scale", &[s], false)?[0]),

@@ -9,8 +9,24 @@
 //! `shared_i`/`unique_i` count model i's contributing entries that are shared with other
 //! models / unique to it over the whole tensor (two streamed counts per model).
 use crate::error::Result;
-use crate::methods::{check_arity, BaseRule, Ctx, Method};
-use crate::params::{Params, Range};
+use crate::kernel::{Ctx, Method};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("ram", BaseRule::Required, |p, n, b| Ok(Box::new(Ram::build(p.method(), p, n, b)?)))
+        .params(&[ParamSpec::float("epsilon", 1e-5, Range::NON_NEG)])
+        .mergekit()
+}
+
+pub fn plus_spec() -> MethodSpec {
+    MethodSpec::new("ramplus_tl", BaseRule::Required, |p, n, b| Ok(Box::new(Ram::build(p.method(), p, n, b)?)))
+        .params(&[
+            ParamSpec::float("r", 0.1, Range::NON_NEG),
+            ParamSpec::float("alpha", 0.2, Range::NON_NEG),
+            ParamSpec::float("epsilon", 1e-5, Range::NON_NEG),
+        ])
+        .mergekit()
+}
 
 pub struct Ram {
     eps: f32,
@@ -20,8 +36,7 @@ pub struct Ram {
 }
 
 impl Ram {
-    pub fn build(name: &str, p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity(name, has_base, BaseRule::Required, n, 1, None)?;
+    pub fn build(name: &str, p: &Params, n: usize, _has_base: bool) -> Result<Self> {
         // alpha bounds a clamp from above (clamp(ρ, 0, alpha)): it cannot be negative
         let plus = if name == "ramplus_tl" { Some((p.f64("r", 0.1, Range::NON_NEG)?, p.f64("alpha", 0.2, Range::NON_NEG)?)) } else { None };
         let eps = p.f64("epsilon", 1e-5, Range::NON_NEG)?;

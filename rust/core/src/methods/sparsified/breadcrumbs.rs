@@ -12,7 +12,7 @@
 use super::gta::{Mode, Sparsifier};
 use super::sparsify::{mag_key, mask_by_window, Window};
 use crate::error::Result;
-use crate::methods::{Ctx, TensorIo};
+use crate::kernel::{Ctx, TensorIo};
 use crate::params::{Params, Range};
 
 pub struct Outliers {

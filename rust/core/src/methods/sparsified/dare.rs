@@ -12,7 +12,7 @@
 //! `rescale_mode: density` gives the paper's `1/density`.
 use super::gta::{Mode, Sparsifier};
 use crate::error::Result;
-use crate::methods::{Ctx, TensorIo};
+use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
 use crate::rng::{stream_key, uniform};
 
@@ -35,7 +35,16 @@ pub fn kept(seed: u64, tensor: &str, i: usize, g: usize, density: f64) -> bool {
 impl Sparsifier for Random {
     fn prepare(&self, _: &Ctx, _: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
         let d = self.density[i];
-        Ok((if d >= 1.0 { Mode::Keep } else if d <= 0.0 { Mode::Drop } else { Mode::Partial }, vec![]))
+        Ok((
+            if d >= 1.0 {
+                Mode::Keep
+            } else if d <= 0.0 {
+                Mode::Drop
+            } else {
+                Mode::Partial
+            },
+            vec![],
+        ))
     }
 
     fn mask(&self, ctx: &Ctx, _: usize, i: usize, _: &[f64], delta: &mut [f32]) {

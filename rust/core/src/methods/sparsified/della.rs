@@ -17,9 +17,9 @@
 use super::gta::{Mode, Sparsifier};
 use super::select::radix_sort_pairs;
 use super::sparsify::mag_key;
-use crate::engine::CHUNK;
 use crate::error::{Error, Result};
-use crate::methods::{Ctx, TensorIo};
+use crate::kernel::CHUNK;
+use crate::kernel::{Ctx, TensorIo};
 use crate::params::{Params, Range};
 use crate::rng::{stream_key, uniform};
 use rayon::prelude::*;
@@ -105,8 +105,7 @@ impl Sparsifier for MagPrune {
             return Err(Error::config(format!("{}: rows of {m} entries are too long to rank", ctx.tensor)));
         }
         let rows_per_block = (CHUNK / m).max(1);
-        let blocks: Vec<(usize, usize)> =
-            (0..numel).step_by(rows_per_block * m).map(|s| (s, (s + rows_per_block * m).min(numel))).collect();
+        let blocks: Vec<(usize, usize)> = (0..numel).step_by(rows_per_block * m).map(|s| (s, (s + rows_per_block * m).min(numel))).collect();
         let key = stream_key(ctx.seed, ctx.tensor, i as u64);
         let mut words = vec![0u32; numel.div_ceil(32)];
         // Waves of blocks in parallel keep the temporary decisions bounded.

@@ -22,7 +22,7 @@
 //! buffer (dropped before the next model); `apply` is elementwise on engine chunks.
 use super::sparsify::{chunk_of, delta_into, par_chunks, sign, Rescale, RESCALE_EPS};
 use crate::error::{Error, Result};
-use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
+use crate::kernel::{Ctx, Method, TensorIo};
 use crate::params::{Params, Range};
 
 /// What sparsification leaves of one model's delta on one tensor.
@@ -65,6 +65,7 @@ pub struct Gta {
 }
 
 /// Per-method defaults (mergekit's registry).
+#[derive(Debug, Clone, Copy)]
 pub struct Spec {
     pub consensus: bool,
     pub normalize: bool,
@@ -72,15 +73,11 @@ pub struct Spec {
 }
 
 /// Reads the parameters every method of the family shares and builds the kernel.
-pub fn build(name: &str, p: &Params, n: usize, has_base: bool, spec: Spec, sparsifier: Box<dyn Sparsifier>) -> Result<Box<dyn Method>> {
-    check_arity(name, has_base, BaseRule::Required, n, 1, None)?;
+pub fn build(name: &str, p: &Params, n: usize, _has_base: bool, spec: Spec, sparsifier: Box<dyn Sparsifier>) -> Result<Box<dyn Method>> {
     let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
     // float32 factors (normalization happens per element, over the agreeing models)
     let wf = p.weights_f32("weight", &w, false)?;
-    let lambda = match (p.opt_f64("lambda", Range::FINITE)?, p.opt_f64("lam", Range::FINITE)?) {
-        (Some(_), Some(_)) => return Err(Error::config(format!("{name}: give 'lambda' or 'lam', not both"))),
-        (a, b) => a.or(b).unwrap_or(1.0),
-    };
+    let lambda = crate::methods::task_arithmetic::lambda(p)?;
     let normalize = p.bool("normalize", spec.normalize)?;
     // mergekit's int8_mask only changes the dtype of its consensus mask, not the result.
     p.bool("int8_mask", false)?;
@@ -94,11 +91,10 @@ pub fn build(name: &str, p: &Params, n: usize, has_base: bool, spec: Spec, spars
             }
         }
         Some(s) => {
-            let r = Rescale::parse(s).ok_or_else(|| {
-                Error::config(format!("{name}: rescale_mode must be one of l1, l2, linf, density, none; got '{s}'"))
-            })?;
+            let r = Rescale::parse(s)
+                .ok_or_else(|| Error::config(format!("{name}: rescale_mode must be one of l1, l2, linf, density, none; got '{s}'")))?;
             // rescale given as false explicitly (its default may be either)
-            if r != Rescale::None && !p.bool("rescale", true)? {
+            if r != Rescale::None && p.given("rescale") && !rescale_flag {
                 return Err(Error::config(format!("{name}: rescale is false but rescale_mode is '{s}'")));
             }
             r

@@ -15,10 +15,16 @@
 //! `apply` is elementwise.
 use super::gta::Mode;
 use super::sparsify::{chunk_of, delta_into, keys_and_hist, par_chunks, Window};
-use crate::engine::CHUNK;
 use crate::error::{Error, Result};
-use crate::methods::{check_arity, BaseRule, Ctx, Method, TensorIo};
-use crate::params::{Params, Range};
+use crate::kernel::CHUNK;
+use crate::kernel::{Ctx, Method, TensorIo};
+use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+
+pub fn spec() -> MethodSpec {
+    MethodSpec::new("sce", BaseRule::Required, |p, n, b| Ok(Box::new(Sce::build(p, n, b)?)))
+        .params(&[ParamSpec::bool("int8_mask", false), ParamSpec::float("select_topk", 1.0, Range::FRACTION)])
+        .mergekit()
+}
 use rayon::prelude::*;
 
 pub struct Sce {
@@ -26,8 +32,7 @@ pub struct Sce {
 }
 
 impl Sce {
-    pub fn build(p: &Params, n: usize, has_base: bool) -> Result<Self> {
-        check_arity("sce", has_base, BaseRule::Required, n, 1, None)?;
+    pub fn build(p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
         p.bool("int8_mask", false)?;
         let topk = p.f64("select_topk", 1.0, Range::FRACTION)?;
         Ok(Sce { topk })

@@ -9,7 +9,7 @@
 //!   callers that break ties by index stay exact.
 //! * [`radix_sort_pairs`]: a stable LSD radix sort of `(key, index)` words by key, for the
 //!   rankings that need every rank (DELLA's rows).
-use crate::engine::CHUNK;
+use crate::kernel::CHUNK;
 use rayon::prelude::*;
 
 const BITS: u32 = 16;
@@ -107,17 +107,13 @@ pub fn select_ranks(keys: &[u32], hist: &HighHist, ranks: &[usize]) -> Vec<u32> 
         }
         h
     };
-    let low = keys
-        .par_chunks(CHUNK)
-        .with_min_len(min_chunks_per_hist(keys.len().div_ceil(CHUNK)))
-        .fold(|| vec![0u64; nb * BUCKETS], tally)
-        .reduce(
-            || vec![0u64; nb * BUCKETS],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
+    let low = keys.par_chunks(CHUNK).with_min_len(min_chunks_per_hist(keys.len().div_ceil(CHUNK))).fold(|| vec![0u64; nb * BUCKETS], tally).reduce(
+        || vec![0u64; nb * BUCKETS],
+        |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        },
+    );
     located
         .iter()
         .map(|&(b, r)| {
@@ -144,7 +140,7 @@ pub fn radix_sort_pairs(words: &mut Vec<u64>, tmp: &mut Vec<u64>) {
     tmp.clear();
     tmp.resize(n, 0);
     for (p, c) in counts.iter().enumerate() {
-        if c.iter().any(|&x| x == n) {
+        if c.contains(&n) {
             continue; // this byte is the same everywhere: the pass would not move anything
         }
         let mut pos = [0usize; 256];
@@ -245,7 +241,7 @@ mod timing {
     #[ignore]
     fn select_timing() {
         let n = 32000 * 2048;
-        let keys: Vec<u32> = (0..n).map(|i| (((crate::rng::normal(7, i as u64) * 0.002) as f32).abs().to_bits())).collect();
+        let keys: Vec<u32> = (0..n).map(|i| ((crate::rng::normal(7, i as u64) * 0.002) as f32).abs().to_bits()).collect();
         let ranks = [n / 2, n - n / 100];
         for _ in 0..3 {
             let t = std::time::Instant::now();

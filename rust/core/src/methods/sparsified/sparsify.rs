@@ -15,9 +15,9 @@
 //! * Packing of per-model state into the engine's `Vec<f64>` statistics (integers < 2^53 are
 //!   exact in f64).
 use super::select::{min_chunks_per_hist, select_ranks, HighHist};
-use crate::engine::CHUNK;
 use crate::error::{Error, Result};
-use crate::methods::{Ctx, TensorIo};
+use crate::kernel::CHUNK;
+use crate::kernel::{Ctx, TensorIo};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -263,7 +263,7 @@ pub(crate) mod tests {
     use super::*;
 
     fn kept_by_window(vals: &[f32], lo: usize, hi: usize, desc: bool) -> Vec<bool> {
-        let io = crate::engine::Slices::new(None, &[vals]);
+        let io = crate::kernel::Slices::new(None, &[vals]);
         let key: fn(f32) -> u32 = if desc { mag_key_desc } else { mag_key };
         let kf = move |v: &[&[f32]], out: &mut [u32]| v[0].iter().zip(out).for_each(|(&x, o)| *o = key(x));
         let w = Window::find(&io, &[0], lo, hi, &kf).unwrap();
@@ -280,7 +280,13 @@ pub(crate) mod tests {
     /// Reference: stable sort by key, keep ranks [lo, hi).
     fn reference(vals: &[f32], lo: usize, hi: usize, desc: bool) -> Vec<bool> {
         let mut idx: Vec<usize> = (0..vals.len()).collect();
-        let key = |i: usize| if desc { mag_key_desc(vals[i]) } else { mag_key(vals[i]) };
+        let key = |i: usize| {
+            if desc {
+                mag_key_desc(vals[i])
+            } else {
+                mag_key(vals[i])
+            }
+        };
         idx.sort_by_key(|&i| key(i)); // stable
         let mut kept = vec![false; vals.len()];
         for &i in &idx[lo..hi] {

@@ -1,0 +1,317 @@
+//! The kernel contract, shared by the executor (`engine.rs`) and the methods: what a kernel
+//! sees (`Ctx`, `TensorIo`), what it implements (`Method`), and how one tensor is streamed
+//! through it in fixed chunks (`CHUNK`, `stream_stats`, `merge_tensor`), from files or from
+//! memory (`Slices`, `merge_arrays`). Depends on neither `engine` nor `methods`.
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Elements per chunk: 256 KiB of f32 per input, small enough to stay in cache.
+pub const CHUNK: usize = 1 << 16;
+
+/// What a kernel knows about the piece of tensor it is given.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx<'a> {
+    /// Output tensor name (also keys the random streams).
+    pub tensor: &'a str,
+    pub shape: &'a [usize],
+    /// Element offset of this piece in the flattened tensor (0 for whole tensors).
+    pub offset: usize,
+    pub seed: u64,
+}
+
+pub trait Method: Send + Sync {
+    /// True when each output element depends only on the inputs at that element (plus the
+    /// whole-tensor statistics from `accumulate`): the engine then streams the tensor in
+    /// fixed-size chunks in parallel. False: `apply` always receives whole tensors.
+    fn elementwise(&self) -> bool {
+        true
+    }
+
+    /// Number of whole-tensor f64 statistics (dot products, norms...) `apply` needs.
+    fn n_stats(&self) -> usize {
+        0
+    }
+
+    /// The statistics' starting values (zeros; a min/max statistic starts at ±inf).
+    fn init_stats(&self) -> Vec<f64> {
+        vec![0.0; self.n_stats()]
+    }
+
+    /// Adds one chunk's contribution to `stats` (which starts from `init_stats`).
+    fn accumulate(&self, _base: Option<&[f32]>, _inputs: &[&[f32]], _stats: &mut [f64]) {}
+
+    /// Folds one chunk's statistics into the total (sum by default). The engine folds
+    /// chunks in a fixed order, so results never depend on the thread count.
+    fn combine(&self, total: &mut [f64], part: &[f64]) {
+        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+    }
+
+    /// Whole-tensor preparation before any `apply`, with random access to every input
+    /// (e.g. a top-k threshold per model, found with one scratch buffer). Its result is the
+    /// `stats` given to `apply`. The default streams chunks through `accumulate`/`combine`.
+    fn prepare(&self, _ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
+        stream_stats(self, io)
+    }
+
+    /// A warning about this tensor's statistics for the user (e.g. a degenerate case the
+    /// kernel resolved by a fallback); the engine reports it with the tensor name.
+    fn note(&self, _stats: &[f64]) -> Option<String> {
+        None
+    }
+
+    /// Computes `out` (same length as every input slice).
+    fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()>;
+}
+
+/// Random access to the inputs of the tensor being merged (slot 0 is the base if any).
+pub trait TensorIo: Sync {
+    fn numel(&self) -> usize;
+    fn slots(&self) -> usize;
+    fn has_base(&self) -> bool;
+    /// Widens elements `range` of input `slot` into `dst`.
+    fn read(&self, slot: usize, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()>;
+    /// Names input `slot` in messages ("base", "model #1", or the file it comes from).
+    fn describe(&self, slot: usize) -> String {
+        match (self.has_base(), slot) {
+            (true, 0) => "the base".into(),
+            (true, s) => format!("model #{}", s - 1),
+            (false, s) => format!("model #{s}"),
+        }
+    }
+}
+
+/// Every read of every method goes through this: a NaN or ±inf input is an error naming
+/// the tensor, the model and the element, whatever the kernel would have done with it
+/// (averaged it into NaN, dropped it as an outlier, or let it poison an iteration).
+struct FiniteInputs<'a> {
+    io: &'a dyn TensorIo,
+    tensor: &'a str,
+}
+
+impl TensorIo for FiniteInputs<'_> {
+    fn numel(&self) -> usize {
+        self.io.numel()
+    }
+    fn slots(&self) -> usize {
+        self.io.slots()
+    }
+    fn has_base(&self) -> bool {
+        self.io.has_base()
+    }
+    fn describe(&self, slot: usize) -> String {
+        self.io.describe(slot)
+    }
+    fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        self.io.read(slot, range.clone(), dst)?;
+        match first_non_finite(dst) {
+            None => Ok(()),
+            Some(i) => Err(Error::numerical(
+                self.tensor,
+                format!("input {} is {} at element {}: inputs must be finite", self.io.describe(slot), dst[i], range.start + i),
+            )),
+        }
+    }
+}
+
+/// Index of the first NaN/±inf, scanning blocks branch-free (vectorizes) before locating it.
+pub fn first_non_finite(x: &[f32]) -> Option<usize> {
+    const EXP: u32 = 0x7f80_0000;
+    for (b, block) in x.chunks(1024).enumerate() {
+        if block.iter().fold(false, |acc, v| acc | (v.to_bits() & EXP == EXP)) {
+            return block.iter().position(|v| !v.is_finite()).map(|i| b * 1024 + i);
+        }
+    }
+    None
+}
+
+/// In-memory inputs (the array API, and tests of kernels that use `TensorIo`).
+pub struct Slices<'s> {
+    numel: usize,
+    has_base: bool,
+    data: Vec<&'s [f32]>,
+}
+
+impl<'s> Slices<'s> {
+    /// Slot 0 is `base` when given, then `inputs`; all must have the same length.
+    pub fn new(base: Option<&'s [f32]>, inputs: &[&'s [f32]]) -> Self {
+        let data: Vec<&[f32]> = base.into_iter().chain(inputs.iter().copied()).collect();
+        Slices { numel: data.first().map_or(0, |d| d.len()), has_base: base.is_some(), data }
+    }
+}
+
+impl TensorIo for Slices<'_> {
+    fn numel(&self) -> usize {
+        self.numel
+    }
+    fn slots(&self) -> usize {
+        self.data.len()
+    }
+    fn has_base(&self) -> bool {
+        self.has_base
+    }
+    fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        dst.copy_from_slice(&self.data[slot][range]);
+        Ok(())
+    }
+}
+
+fn split(bufs: &[Vec<f32>], len: usize, has_base: bool) -> (Option<&[f32]>, Vec<&[f32]>) {
+    let mut it = bufs.iter().map(|b| &b[..len]);
+    let base = if has_base { it.next() } else { None };
+    (base, it.collect())
+}
+
+fn fill(io: &dyn TensorIo, range: Range<usize>, bufs: &mut [Vec<f32>]) -> Result<()> {
+    let len = range.len();
+    for (slot, b) in bufs.iter_mut().enumerate() {
+        if b.len() < len {
+            b.resize(len, 0.0);
+        }
+        io.read(slot, range.clone(), &mut b[..len])?;
+    }
+    Ok(())
+}
+
+fn check_finite(tensor: &str, out: &[f32], offset: usize) -> Result<()> {
+    match first_non_finite(out) {
+        None => Ok(()),
+        Some(i) => Err(Error::numerical(
+            tensor,
+            format!("the merge produced {} at element {} (are the inputs finite? is a weight or parameter extreme?)", out[i], offset + i),
+        )),
+    }
+}
+
+fn chunk_starts(numel: usize) -> Vec<usize> {
+    (0..numel).step_by(CHUNK).collect()
+}
+
+fn scratch(slots: usize) -> (Vec<Vec<f32>>, Vec<f32>, Vec<u8>) {
+    (vec![Vec::new(); slots], Vec::new(), Vec::new())
+}
+
+/// The default `Method::prepare`: streams fixed chunks through `accumulate` in parallel and
+/// folds the parts with `combine` in chunk order.
+pub fn stream_stats<M: Method + ?Sized>(method: &M, io: &dyn TensorIo) -> Result<Vec<f64>> {
+    if method.n_stats() == 0 {
+        return Ok(vec![]);
+    }
+    let numel = io.numel();
+    let parts: Vec<Vec<f64>> = chunk_starts(numel)
+        .par_iter()
+        .map_init(
+            || scratch(io.slots()),
+            |(bufs, _, _), &s| {
+                let r = s..(s + CHUNK).min(numel);
+                fill(io, r.clone(), bufs)?;
+                let (base, inputs) = split(bufs, r.len(), io.has_base());
+                let mut part = method.init_stats();
+                method.accumulate(base, &inputs, &mut part);
+                Ok(part)
+            },
+        )
+        .collect::<Result<_>>()?;
+    Ok(parts.iter().fold(method.init_stats(), |mut acc, p| {
+        method.combine(&mut acc, p);
+        acc
+    }))
+}
+
+/// Merges one tensor, handing each finished piece (element offset, values, a scratch byte
+/// buffer) to `sink`. Pieces are disjoint and cover the tensor. Returns the kernel's note.
+pub(crate) fn merge_tensor<S>(method: &dyn Method, ctx: Ctx, io: &dyn TensorIo, sink: &S) -> Result<Option<String>>
+where
+    S: Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
+{
+    let checked = FiniteInputs { io, tensor: ctx.tensor };
+    let io: &dyn TensorIo = &checked;
+    let numel = io.numel();
+    let stats = method.prepare(&ctx, io)?;
+    let note = method.note(&stats);
+    let has_base = io.has_base();
+    if !method.elementwise() {
+        let (mut bufs, mut out, mut bytes) = scratch(io.slots());
+        fill(io, 0..numel, &mut bufs)?;
+        let (base, inputs) = split(&bufs, numel, has_base);
+        out.resize(numel, 0.0);
+        method.apply(&ctx, base, &inputs, &stats, &mut out)?;
+        check_finite(ctx.tensor, &out, 0)?;
+        return sink(0, &out, &mut bytes).map(|_| note);
+    }
+    chunk_starts(numel).par_iter().try_for_each_init(
+        || scratch(io.slots()),
+        |(bufs, out, bytes), &s| {
+            let r = s..(s + CHUNK).min(numel);
+            fill(io, r.clone(), bufs)?;
+            let (base, inputs) = split(bufs, r.len(), has_base);
+            out.resize(r.len(), 0.0);
+            method.apply(&Ctx { offset: s, ..ctx }, base, &inputs, &stats, out)?;
+            check_finite(ctx.tensor, out, s)?;
+            sink(s, out, bytes)
+        },
+    )?;
+    Ok(note)
+}
+
+/// Merges in-memory f32 tensors (the array API) with exactly the kernel and chunking the
+/// file path uses, so an array merge and a folder merge give the same numbers.
+pub fn merge_arrays(
+    method: &dyn Method,
+    tensor: &str,
+    shape: &[usize],
+    seed: u64,
+    base: Option<&[f32]>,
+    inputs: &[&[f32]],
+    pool: &rayon::ThreadPool,
+) -> Result<Vec<f32>> {
+    let numel: usize = shape.iter().product();
+    for x in base.iter().chain(inputs) {
+        if x.len() != numel {
+            return Err(Error::mismatch(tensor, format!("an input has {} elements, expected {numel} for shape {shape:?}", x.len())));
+        }
+    }
+    let io = Slices::new(base, inputs);
+    let mut out = vec![0f32; numel];
+    let dst = SharedOut(out.as_mut_ptr());
+    let sink = |off: usize, vals: &[f32], _: &mut Vec<u8>| {
+        // SAFETY: merge_tensor hands out disjoint in-bounds ranges of `out`, which
+        // outlives this call; each range is written by exactly one thread.
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), dst.get().add(off), vals.len()) };
+        Ok(())
+    };
+    let ctx = Ctx { tensor, shape, offset: 0, seed };
+    pool.install(|| merge_tensor(method, ctx, &io, &sink))?;
+    Ok(out)
+}
+
+struct SharedOut(*mut f32);
+// SAFETY: only used for disjoint writes, see merge_arrays.
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A pool with `threads` workers (None: one per core).
+pub fn pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = threads {
+        if n == 0 {
+            return Err(Error::config("threads must be at least 1"));
+        }
+        b = b.num_threads(n);
+    }
+    b.build().map_err(|e| Error::config(format!("cannot start worker threads: {e}")))
+}
+
+/// Σ w_i x_i[j] for every j, summing models in order (fixed order: deterministic).
+#[inline]
+pub fn weighted_sum(inputs: &[&[f32]], w: &[f32], out: &mut [f32]) {
+    out.copy_from_slice(inputs[0]);
+    out.iter_mut().for_each(|o| *o *= w[0]);
+    for (x, &wi) in inputs.iter().zip(w).skip(1) {
+        out.iter_mut().zip(x.iter()).for_each(|(o, &v)| *o += wi * v);
+    }
+}
