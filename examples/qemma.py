@@ -14,7 +14,8 @@ Qemma model card: a Gemma-3 body with Qwen3 attention), on tiny models.
 
 The script checks that the fused folder loads with AutoModelForCausalLM as Gemma3ForCausalLM
 and gives finite logits, and prints the held-out loss of body, donor, fused model before and
-after the healing steps.
+after the healing steps, and a baseline: the body with freshly initialised attention healed
+for the same steps on the same data.
 
     python examples/qemma.py [--out DIR] [--quick] [--seed N]
 """
@@ -160,10 +161,23 @@ def run(work: Path, quick: bool, seed: int) -> dict:
     losses["fused, after healing"] = eval_loss(fused, held_out)
     fused.save_pretrained(str(work / "fused_healed"))
     say(f"healing: {steps['heal']} steps, training loss {heal_losses[0]:.3f} -> {heal_losses[-1]:.3f}")
+
+    # Baseline: the body with freshly initialised attention, healed the same way (same data).
+    reinit = AutoModelForCausalLM.from_pretrained(str(work / "body"), dtype="float32")
+    torch.manual_seed(seed + 8)
+    with torch.no_grad():
+        for name, p in reinit.named_parameters():
+            if "self_attn" in name:
+                if name.endswith("norm.weight"):
+                    p.zero_()  # Gemma norms store w with gain 1 + w
+                else:
+                    p.normal_(0.0, reinit.config.initializer_range)
+    train(reinit, batches(train_data, np.random.default_rng(seed + 7), 32), steps["heal"], 1e-3)
+    losses["body, attention re-initialised, healed"] = eval_loss(reinit, held_out)
     print()
-    print(f"{'model':24s} {'held-out loss':>14s}")
+    print(f"{'model':40s} {'held-out loss':>14s}")
     for k, v in losses.items():
-        print(f"{k:24s} {v:14.4f}")
+        print(f"{k:40s} {v:14.4f}")
     print(f"({time.perf_counter() - t0:.1f} s)")
     return {"losses": losses, "architecture": arch, "finite": finite, "heal_losses": heal_losses,
             "graft": res, "work": str(work), "log": log, "seconds": time.perf_counter() - t0}

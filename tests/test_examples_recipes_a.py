@@ -184,3 +184,13 @@ def test_head_groups_hand_worked_and_refusals():
         head_groups((8, 4, 16), (2, 1, 24))
     with pytest.raises(ConfigError, match="donor has 1"):
         head_groups((8, 1, 16), (2, 1, 32))
+
+
+def test_graft_attention_refuses_layers_outside_the_body(qemma, tmp_path):
+    from merge_fast import ConfigError
+    from merge_fast.crossarch import graft_attention
+
+    work = Path(qemma["work"])
+    with pytest.raises(ConfigError, match=r"layers \[5\] are outside the body's 2 layers"):
+        graft_attention(work / "body", work / "donor", tmp_path / "out", layers=[0, 5])
+    assert not (tmp_path / "out").exists()
