@@ -30,10 +30,6 @@ the slerp with an adapter trained without the mask).
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -30,7 +30,8 @@ def _tensors(folder):
     from safetensors.numpy import load_file
 
     out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
+    folder = Path(folder)
+    for f in [folder] if folder.is_file() else sorted(folder.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
 
@@ -58,7 +59,8 @@ def test_luchador_style_improves_while_instruction_loss_stays_near_it(luchador):
     assert s1["style"] < it["style"] - 0.01
     assert fin["style"] < s1["style"] - 0.03
     # Instruction: stage 1 (Fisher-damped, s = 0.3) within 5 % of IT; the final model keeps at
-    # least 95 % of IT's instruction-loss gain over PT (measured +1 % / 98.8 % on seeds 0-2).
+    # least 95 % of IT's instruction-loss gain over PT (measured: +0.2-0.8 % and 98.8-99.3 % on
+    # seeds 0-2).
     assert s1["instruction"] <= 1.05 * it["instruction"]
     kept = (pt["instruction"] - fin["instruction"]) / (pt["instruction"] - it["instruction"])
     assert kept >= 0.95, kept
@@ -90,9 +92,15 @@ def test_luchador_final_is_the_slerp_of_stage1_and_it_plus_masked_adapter(luchad
         th = np.arccos(d)
         want = np.sin((1 - t) * th) / np.sin(th) * v0 + np.sin(t * th) / np.sin(th) * v1
     np.testing.assert_allclose(fin[name], want, rtol=2e-5, atol=2e-6)
-    # Stage 1 touched only what the fuel adapters target, and left the embedding alone.
+    # Stage 1 left the embedding alone, and the layer IT relies on most (F̂_layer = 1) too;
+    # the least important layer (F̂_layer = 0) took a delta.
     np.testing.assert_array_equal(s1["model.embed_tokens.weight"], it["model.embed_tokens.weight"])
-    assert not np.array_equal(s1[name], it[name])
+    imp = luchador["layer_importance"]
+    top, low = max(imp, key=imp.get), min(imp, key=imp.get)
+    assert imp[top] == 1.0 and imp[low] == 0.0
+    top_name, low_name = (f"model.layers.{i}.mlp.down_proj.weight" for i in (top, low))
+    np.testing.assert_allclose(s1[top_name], it[top_name], rtol=0, atol=1e-7)
+    assert np.abs(s1[low_name] - it[low_name]).max() > 1e-4
 
 
 def test_luchador_masked_adapter_stays_out_of_the_protected_subspace(luchador):
