@@ -359,9 +359,11 @@ def run(work: Path, quick: bool, seed: int) -> dict:
     (work / "luchador.yml").write_text(cfg)
     final_dir = work / "final"
     mf.run(str(work / "luchador.yml"), str(final_dir), overwrite=True, write_model_card=True)
+    # The stage-1 intermediate lives in a temporary folder during that run; to evaluate it,
+    # the same file is run again up to that stage (`--stage stage1` on the CLI).
     stage1_dir = work / "stage1"
     mf.run(str(work / "luchador.yml"), str(stage1_dir), stage="stage1", overwrite=True)
-    say(f"merge: {work / 'luchador.yml'} (2 stages) -> {final_dir}")
+    say(f"merge: {work / 'luchador.yml'} (2 stages) -> {final_dir}; stage 1 alone -> {stage1_dir}")
 
     # References without the protections.
     ref_plain = work / "ref_undamped"
