@@ -20,6 +20,8 @@ SPECS = {s["name"]: s for s in _core.method_specs()}
 ALIASES = {"weights": "weight", "lam": "lambda"}
 # arguments that are inputs, not parameters
 INPUTS = {"models", "model", "base", "a", "b", "fishers", "fisher"}
+# where the merge runs, shared by every folder function (merge_fast.distributed.with_executor)
+RUN_OPTIONS = {"executor", "ray_address"}
 # Python conveniences that are not kernel parameters, and kernel parameters a function
 # deliberately leaves out, each with its reason
 PYTHON_ONLY = {("nuslerp", "t"): "weights [1 - t, t]"}
@@ -97,7 +99,7 @@ def test_python_signature_matches_the_spec(name):
     sig = inspect.signature(getattr(methods, name))
     offered = set()
     for arg in sig.parameters.values():
-        if arg.kind is arg.VAR_KEYWORD or arg.name in INPUTS or (name, arg.name) in PYTHON_ONLY:
+        if arg.kind is arg.VAR_KEYWORD or arg.name in INPUTS | RUN_OPTIONS or (name, arg.name) in PYTHON_ONLY:
             continue
         key = ALIASES.get(arg.name, arg.name)
         assert key in spec, f"{name}({arg.name}=...): not a parameter of the {name} kernel"

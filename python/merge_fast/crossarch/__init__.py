@@ -7,12 +7,15 @@ projection and the ``procrustes_absorb`` merge.
 * :func:`procrustes_absorb` - absorb low-rank, tolerance-filtered, aligned deltas of donors
   of any supported family into an anchor with blend β (β = 1: the anchor byte for byte);
   :func:`procrustes_absorb_params` takes one dict of parameters (config entry point);
-* :mod:`.projection` - ``W' = P_out W P_inᵀ`` between widths.
+* :mod:`.projection` - ``W' = P_out W P_inᵀ`` between widths;
+* :func:`graft_attention` - a body's attention replaced by a donor's of another family and
+  width, projected and regrouped to the body's heads (Qemma card).
 """
 from __future__ import annotations
 
 from .absorb import AbsorbResult, filter_delta, procrustes_absorb, procrustes_absorb_params
 from .align import AlignResult, align, depth_map
+from .graft import GraftResult, graft_attention, head_groups
 from .projection import match_axis, project, subspace_map
 
 #: Methods usable by name from configs: name -> function taking one dict of parameters.
@@ -22,4 +25,5 @@ __all__ = [
     "align", "AlignResult", "depth_map",
     "procrustes_absorb", "procrustes_absorb_params", "AbsorbResult", "filter_delta",
     "project", "subspace_map", "match_axis", "METHODS",
+    "graft_attention", "GraftResult", "head_groups",
 ]
