@@ -99,6 +99,9 @@ impl TensorIo for Job<'_> {
     fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    fn slot_numel(&self, slot: usize) -> usize {
+        self.sources().nth(slot).expect("slot in range").shape().iter().product()
+    }
     fn slots(&self) -> usize {
         self.inputs.len() + usize::from(self.base.is_some())
     }
@@ -129,6 +132,9 @@ struct FiniteInputs<'a> {
 impl TensorIo for FiniteInputs<'_> {
     fn numel(&self) -> usize {
         self.io.numel()
+    }
+    fn slot_numel(&self, slot: usize) -> usize {
+        self.io.slot_numel(slot)
     }
     fn slots(&self) -> usize {
         self.io.slots()
@@ -178,6 +184,9 @@ impl<'s> Slices<'s> {
 impl TensorIo for Slices<'_> {
     fn numel(&self) -> usize {
         self.numel
+    }
+    fn slot_numel(&self, slot: usize) -> usize {
+        self.data[slot].len()
     }
     fn slots(&self) -> usize {
         self.data.len()
@@ -281,8 +290,14 @@ where
     let has_base = io.has_base();
     if !method.elementwise() {
         let (mut bufs, mut out, mut bytes) = scratch(io.slots());
-        fill(io, 0..numel, &mut bufs)?;
-        let (base, inputs) = split(&bufs, numel, has_base);
+        let lens: Vec<usize> = (0..io.slots()).map(|s| io.slot_numel(s)).collect();
+        for (slot, b) in bufs.iter_mut().enumerate() {
+            b.resize(lens[slot], 0.0);
+            io.read(slot, 0..lens[slot], b)?;
+        }
+        let mut it = bufs.iter().map(|b| b.as_slice());
+        let base = if has_base { it.next() } else { None };
+        let inputs: Vec<&[f32]> = it.collect();
         out.resize(numel, 0.0);
         method.apply(&ctx, base, &inputs, &stats, &mut out)?;
         check_finite(ctx.tensor, &out, 0)?;
@@ -395,7 +410,8 @@ pub fn merge_arrays(
     pool: &rayon::ThreadPool,
 ) -> Result<Vec<f32>> {
     let numel: usize = shape.iter().product();
-    for x in base.iter().chain(inputs) {
+    let main = inputs.len() - method.aux_inputs().min(inputs.len());
+    for x in base.iter().chain(&inputs[..main]) {
         if x.len() != numel {
             return Err(Error::mismatch(tensor, format!("an input has {} elements, expected {numel} for shape {shape:?}", x.len())));
         }

@@ -34,6 +34,20 @@ pub trait Method: Send + Sync {
         true
     }
 
+    /// How many trailing inputs are auxiliary statistics with shapes of their own (RegMean's
+    /// `[in, in]` Gram matrices beside `[out, in]` weights): they are exempt from the
+    /// same-shape check, checked by `check_aux` instead, and read whole (whole-tensor
+    /// methods only; `apply` then gets slices of their own lengths).
+    fn aux_inputs(&self) -> usize {
+        0
+    }
+
+    /// Checks the shapes of the auxiliary inputs against the output shape before any data is
+    /// read: `Err((k, why))` names the offending auxiliary input `k` (0-based among them).
+    fn check_aux(&self, _shape: &[usize], _aux: &[&[usize]]) -> std::result::Result<(), (usize, String)> {
+        Ok(())
+    }
+
     /// Number of whole-tensor f64 statistics (dot products, norms...) `apply` needs.
     fn n_stats(&self) -> usize {
         0
@@ -73,6 +87,10 @@ pub trait Method: Send + Sync {
 /// Random access to the inputs of the tensor being merged (slot 0 is the base if any).
 pub trait TensorIo: Sync {
     fn numel(&self) -> usize;
+    /// Elements of input `slot` (differs from `numel` only for a method's auxiliary inputs).
+    fn slot_numel(&self, _slot: usize) -> usize {
+        self.numel()
+    }
     fn slots(&self) -> usize;
     fn has_base(&self) -> bool;
     /// Widens elements `range` of input `slot` into `dst`.
