@@ -189,3 +189,12 @@ def test_regmean_folder_bad_inputs(mf, rng, tmp_path):
     with pytest.raises(mf.TensorMismatch, match=CONV):
         mf.regmean(m, [g[0], str(tmp_path / "nometa.safetensors")], out=out)
     assert not (tmp_path / "bad").exists()
+
+
+def test_regmean_result_does_not_depend_on_the_thread_count(mf, rng):
+    # 150 output rows: three column blocks of the parallel solve
+    ws = list(rng.standard_normal((3, 150, 20)).astype(np.float32))
+    gs = [gram(rng, 25, 20) for _ in range(3)]
+    one = mf.regmean(ws, gs, threads=1)
+    assert np.array_equal(one, mf.regmean(ws, gs, threads=3))
+    np.testing.assert_allclose(one, ref_regmean(ws, gs), rtol=1e-4, atol=1e-4)

@@ -156,7 +156,18 @@ def main(argv=None):
     ap.add_argument("--workdir", default="/tmp/mfq")
     ap.add_argument("--methods", default=",".join(GRIDS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
+    ap.add_argument("--summarize", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="print the tables of finished runs (e.g. seeds run in parallel) and exit")
     a = ap.parse_args(argv)
+    if a.summarize:
+        results = sorted((r for f in a.summarize for r in json.loads(Path(f).read_text())), key=lambda r: r["seed"])
+        methods = [m for m in GRIDS if all(m in r["scores"] for r in results)]
+        for r in results:
+            print(f"\n**seed {r['seed']}** (token accuracy on the test split; in brackets ÷ the task's own fine-tune)\n")
+            print(table(r, methods))
+        print("\n**Normalized mean accuracy (merged ÷ individual fine-tune, mean over the 4 tasks)**\n")
+        print(summary(results, methods))
+        return
     torch.set_num_threads(a.threads)
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
