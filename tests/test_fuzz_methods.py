@@ -88,6 +88,8 @@ METHODS = {
     "iso_c": ("base", 1, 3, {"scaling_factor": "num"}),
     "iso_cts": ("base", 1, 3, {"scaling_factor": "num", "common_space_fraction": "num"}),
     "trimmed_mean": ("none", 1, 5, {"trim": "num"}),
+    "regmean": ("none", 2, 4, {"weight": "pm", "reduce_non_diagonal_ratio": "num", "ridge": "num",
+                               "fan_in_fan_out": "bool"}),
 }
 
 # In-range values, drawn in "valid" examples (about two in three) so that most calls get
@@ -101,6 +103,7 @@ VALID = {
     "consensus": st.sampled_from(["sum", "count"]), "disjoint_mean": st.sampled_from(["weights", "count"]),
     "fisher_normalize": st.sampled_from(["none", "mean"]), "normalization": st.sampled_from(["log", "minmax", "rank"]),
     "scaling_factor": F(0, 2), "common_space_fraction": F(0, 1), "trim": F(0, 0.5),
+    "reduce_non_diagonal_ratio": F(0, 1), "ridge": F(0, 1e-3),
 }
 VALID_BY_METHOD = {
     ("della", "density"): F(0.3, 0.85), ("della_linear", "density"): F(0.3, 0.85),
@@ -121,8 +124,8 @@ def call(draw, method):
     rule, lo, hi, kinds = METHODS[method]
     valid = draw(st.integers(0, 2)) > 0
     n = draw(st.integers(lo, hi) if valid else st.integers(max(0, lo - 1), hi + 1))
-    if method == "fisher_weighted" and valid:
-        n = 2 * draw(st.integers(1, 2))  # models, then one Fisher each
+    if method in ("fisher_weighted", "regmean") and valid:
+        n = 2 * draw(st.integers(1, 2))  # models, then one Fisher (Gram) each
     has_base = {"base": True, "none": False, "maybe": draw(st.booleans())}[rule]
     if not valid and draw(st.integers(0, 9)) == 0:
         has_base = not has_base  # the wrong base rule, now and then
@@ -134,7 +137,7 @@ def call(draw, method):
         if valid and kind != "bool":
             v = VALID_BY_METHOD.get((method, key), VALID.get(key))
             if v is not None:
-                count = n // 2 if method == "fisher_weighted" else (n - 1 if method == "fisher_dampened" else n)
+                count = n // 2 if method in ("fisher_weighted", "regmean") else (n - 1 if method == "fisher_dampened" else n)
                 params[key] = draw(v) if kind != "pm" or draw(st.booleans()) else draw(st.lists(v, min_size=count, max_size=count))
                 continue
         if valid and kind == "bool":
@@ -177,6 +180,9 @@ def call(draw, method):
         xs.append(x)
     if method.startswith("fisher") and (valid or draw(st.booleans())):  # mostly non-negative Fishers
         xs = [np.abs(x) for x in xs]
+    if method == "regmean" and valid and len(shape) == 2 and shape[0] == shape[1]:
+        # Grams XᵀX (square weights: through mf.merge every input has the weights' shape)
+        xs[n // 2:] = [(x.astype(np.float64).T @ x.astype(np.float64)).astype(dtype) for x in xs[n // 2:]]
     if xs and draw(st.integers(0, 14)) == 0:  # a non-finite element somewhere
         k = draw(st.integers(0, len(xs) - 1))
         xs[k] = xs[k].copy()

@@ -172,3 +172,50 @@ def test_fisher_weighted_states_equal_one_shot(four, tmp_path):
     assert diff == 0, f"{diff} elements differ after the cast"
     meta = json.loads((fin.path / "config.json").read_text())
     assert meta["model_type"] == "llama"
+
+
+def test_regmean_states_equal_one_shot(four, tmp_path):
+    dirs, _ = four
+    f = {k: read_folder_f32(dirs[k]) for k in "abcd"}
+    rng = np.random.default_rng(3)
+    lin = [n for n, v in f["a"].items() if v.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    assert any("q_proj" in n for n in lin)
+    G, grams = {}, {}
+    for k in "abcd":
+        G[k] = {}
+        for n in lin:
+            x = rng.standard_normal((3 * f["a"][n].shape[1] // 2, f["a"][n].shape[1]))
+            G[k][n] = (x.T @ x).astype(np.float32)
+        grams[k] = tmp_path / f"gram_{k}.safetensors"
+        st_write(grams[k], G[k])
+    kw = dict(method="regmean", params={"alpha": 0.7})
+    s = {k: mf.partial([dirs[k]], grams=[grams[k]], weights=[W[k]], out=tmp_path / k, **kw) for k in "abcd"}
+    ab = mf.partial([dirs["a"], dirs["b"]], grams=[grams["a"], grams["b"]], weights=[W["a"], W["b"]],
+                    out=tmp_path / "ab0", **kw)
+    # orders, groupings and duplicates agree
+    one = mf.combine([s["d"], s["c"], s["b"], s["a"]], out=tmp_path / "one")
+    two = mf.combine([mf.combine([s["c"], s["d"], s["c"]], out=tmp_path / "cd"), ab, s["a"]], out=tmp_path / "two")
+    x, y = _State(one), _State(two)
+    for n in f["a"]:
+        parts = ("num", "den", "lin") if n in lin else ("num", "den")
+        for p in parts:
+            np.testing.assert_allclose(x.array(f"{p}.{n}"), y.array(f"{p}.{n}"), rtol=1e-12, atol=1e-12)
+    # the state holds Σ w W G̃ and Σ w G̃ (numpy float64 here)
+    n = lin[0]
+    sh = lambda g: 0.7 * g + 0.3 * np.diag(np.diag(g))  # noqa: E731
+    np.testing.assert_allclose(x.array(f"num.{n}"), sum(W[k] * f[k][n].astype(np.float64) @ sh(G[k][n].astype(np.float64))
+                                                         for k in "abcd"), rtol=1e-10)
+    np.testing.assert_allclose(x.array(f"den.{n}"), sum(W[k] * sh(G[k][n].astype(np.float64)) for k in "abcd"), rtol=1e-12)
+    with pytest.raises(mf.ConfigError, match="regmean needs one Gram file per model"):
+        mf.partial([dirs["a"]], out=tmp_path / "bad", **kw)
+    # finalize = the one-shot Rust merge, after the cast to bf16
+    fin = mf.finalize(two, out=tmp_path / "fin")
+    shot = mf.regmean([dirs[k] for k in "abcd"], [grams[k] for k in "abcd"], [W[k] for k in "abcd"], alpha=0.7,
+                      out=tmp_path / "shot")
+    got, want = read_folder_f32(fin.path), read_folder_f32(shot.path)
+    assert got.keys() == want.keys()
+    for n in want:
+        if n in lin:  # RegMean tensors: the same float64 solve, identical after the cast
+            assert np.array_equal(got[n], want[n]), n
+        else:  # averaged (as linear states: float64 vs the one-shot float32 sum, one bf16 step at most)
+            np.testing.assert_allclose(got[n], want[n], rtol=2 ** -7, atol=1e-6, err_msg=n)

@@ -42,6 +42,7 @@ CASES = {
     "iso_c": (True, 2, {}),
     "iso_cts": (True, 2, {}),
     "trimmed_mean": (False, 3, {"trim": 0.34}),
+    "regmean": (False, 4, {}),  # two weights, then their Gram matrices
 }
 
 
@@ -51,6 +52,11 @@ def test_cases_cover_every_method(mf):
 
 def inputs(method, shape=(6, 50)):
     has_base, n, params = CASES[method]
+    if method == "regmean":  # square weights, then Grams XᵀX (mf.merge takes one shape);
+        # its own generator: the shared RNG's sequence stays as the other tests expect
+        r = np.random.default_rng(50)
+        xs = [r.standard_normal((50, 50)).astype(np.float32) for _ in range(4)]
+        return None, xs[:2] + [(x.T @ x).astype(np.float32) for x in xs[2:]], params
     base = RNG.standard_normal(shape).astype(np.float32)
     xs = [(base + 0.1 * RNG.standard_normal(shape)).astype(np.float32) for _ in range(n)]
     if method.startswith("fisher"):  # Fishers are non-negative
@@ -128,6 +134,9 @@ BAD_PARAMS = [
     ("multislerp", {"weight": [1.0, 2.0], "eps": -1.0}, "eps"),
     ("fisher_weighted", {"epsilon": -1.0}, "epsilon"),
     ("fisher_dampened", {"layer_importance": 2.0}, "layer_importance"),
+    ("regmean", {"reduce_non_diagonal_ratio": 1.5}, "reduce_non_diagonal_ratio"),
+    ("regmean", {"weight": [1.0, -1.0]}, "weight"),
+    ("regmean", {"ridge": -1e-3}, "ridge"),
     ("linear", {"weight": [1e308, 1.0], "normalize": False}, "weight"),  # overflows float32
     ("task_arithmetic", {"weight": [1e39, 1.0]}, "weight"),
     ("passthrough", {"scale": 1e39}, "scale"),

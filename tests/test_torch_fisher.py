@@ -3,7 +3,6 @@ loss.backward() per example with the model's own loss), both modes, parameter su
 weights, the vmap->loop fallback, save/load, and the `merge-fast fisher` CLI function."""
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -279,41 +278,6 @@ def test_import_merge_fast_torch_is_separate():
     src = Path(mft.__file__).parent
     for f in src.glob("*.py"):
         assert "_core" not in f.read_text(), f
-
-
-def test_quality_bench_setup_smoke(tmp_path):
-    """benches/quality: tiny seeded setup (train two copies of one init, Fisher, save), the torch
-    reference merges, and evaluate()."""
-    qdir = str(REPO / "benches" / "quality")
-    if qdir not in sys.path:
-        sys.path.insert(0, qdir)
-    quality = importlib.import_module("quality")
-    nthreads = torch.get_num_threads()
-    try:
-        s = quality.make_quality_setup(tmp_path / "q", seed=0, steps=40, hidden=32, layers=1,
-                                       heads=2, batch_size=16, n_fisher=24)
-    finally:
-        torch.set_num_threads(nthreads)
-    assert s.tasks == ["reverse", "modadd"] and len(s.dirs) == 3
-    for d in s.dirs:
-        assert (Path(d) / "model.safetensors").exists() and (Path(d) / "config.json").exists()
-    fr = mft.load_fisher(s.fishers[0])
-    assert fr.metadata["n_examples"] == 24 and fr.metadata["task"] == "reverse"
-    base_r = quality.evaluate(s.base, "reverse", n=64)
-    ft_r = quality.evaluate(s.models[0], "reverse", n=64)
-    assert ft_r["loss"] < base_r["loss"]
-    # reference merges: average and Fisher formula on one tensor
-    out_a = quality.reference_merge("average", s.dirs, s.fishers, str(tmp_path / "avg"))
-    out_f = quality.reference_merge("fisher", s.dirs, s.fishers, str(tmp_path / "fis"))
-    A, B = quality._read_state(s.models[0]), quality._read_state(s.models[1])
-    M, Mf = quality._read_state(out_a), quality._read_state(out_f)
-    fb = mft.load_fisher(s.fishers[1])
-    k = "model.layers.0.mlp.up_proj.weight"
-    assert torch.allclose(M[k], (A[k] + B[k]) / 2, atol=1e-6)
-    fa_, fb_ = fr[k] + 1e-8, fb[k] + 1e-8
-    assert torch.allclose(Mf[k], (fa_ * A[k] + fb_ * B[k]) / (fa_ + fb_), atol=1e-5)
-    r = quality.evaluate(out_f, "modadd", n=32)
-    assert 0.0 <= r["token_acc"] <= 1.0 and r["loss"] == r["loss"]
 
 
 def test_import_merge_fast_does_not_import_torch():

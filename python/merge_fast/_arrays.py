@@ -73,7 +73,10 @@ def merge_arrays(
     *,
     seed: int = 0,
     threads: Optional[int] = None,
+    aux: Sequence[Any] = (),
 ) -> Any:
+    """``aux``: a method's auxiliary inputs with shapes of their own (RegMean's Grams),
+    passed after the models; the kernel checks their shapes."""
     first = base if base is not None else models[0]
     restore = _Restore(first)
     shape = restore.shape
@@ -82,6 +85,7 @@ def merge_arrays(
             raise TensorMismatch(f"tensor mismatch for 'array': model #{i} has shape {tuple(m.shape)}, expected {shape}")
     b = _to_f32(base, "base") if base is not None else None
     xs = [_to_f32(m, f"model #{i}") for i, m in enumerate(models)]
+    xs += [_to_f32(a, f"auxiliary input #{i}") for i, a in enumerate(aux)]
     threads = check_threads(threads)
     out = _core.merge_arrays(method, plan_json(params), list(shape), b, xs, seed=seed, threads=threads)
     return restore(out)

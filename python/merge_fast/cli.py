@@ -126,6 +126,15 @@ def _cmd_fisher(args: argparse.Namespace) -> int:
     return fisher_main(args.args)
 
 
+def _cmd_gram(args: argparse.Namespace) -> int:
+    try:
+        from .torch import gram_main
+    except ImportError as e:
+        print(f"merge-fast gram needs torch and transformers ({e}); pip install 'merge-fast[torch]'", file=sys.stderr)
+        return 1
+    return gram_main(args.args)
+
+
 def _cmd_subspace_masks(args: argparse.Namespace) -> int:
     from .subspace import subspace_masks
 
@@ -284,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
     _COMMANDS["fisher"] = _cmd_fisher
 
+    p = sub.add_parser("gram", add_help=False, help="Gram matrices XᵀX of linear-layer inputs with torch, for regmean (see merge-fast gram --help)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    _COMMANDS["gram"] = _cmd_gram
+
     p = sub.add_parser("subspace-masks", help="top-r singular vectors of W_IT − W_PT per 2-D tensor")
     p.add_argument("it", help="instruction-tuned model")
     p.add_argument("pt", help="pretrained model")
@@ -355,6 +368,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv[:1] == ["fisher"]:
             # Its options (and --help) belong to merge_fast.torch's own parser.
             return _cmd_fisher(argparse.Namespace(args=argv[1:]))
+        if argv[:1] == ["gram"]:
+            return _cmd_gram(argparse.Namespace(args=argv[1:]))
         args = build_parser().parse_args(argv)
         return _COMMANDS[args.command](args)
     except Terminated as e:

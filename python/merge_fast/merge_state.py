@@ -13,7 +13,13 @@ method             numerator                       denominator
 linear             Σ w_i θ_i                       Σ w_i (0-d)
 task_arithmetic    Σ w_i (θ_i − θ_base)            Σ w_i (0-d)
 fisher_weighted    Σ w_i (s_i F_i + ε) θ_i          Σ w_i (s_i F_i + ε)
+regmean            Σ w_i W_i G̃_i                   Σ w_i G̃_i ([in, in])
 =================  ==============================  ================================
+
+RegMean states also hold ``lin.NAME`` = ``Σ w_i W_i`` for every tensor with a Gram (the
+ridge pulls unexcited directions toward the weighted mean, as the one-shot kernel does), and
+the linear numerator/denominator for tensors without one. ``G̃_i`` is local to input ``i``
+(its off-diagonals scaled by α), so RegMean states combine like the others.
 
 (``s_i`` is 1, or ``1/mean(F_i)`` per tensor with ``fisher_normalize="mean"``, which is local
 to input ``i``.) :func:`combine` joins states: states whose inputs are a subset of another
@@ -51,7 +57,7 @@ from ._output import check_output_dir, staged_dir
 PathLike = Union[str, "os.PathLike[str]"]
 STATE_FILE = "state.safetensors"
 FORMAT = "merge_fast.partial/1"
-METHODS = ("linear", "task_arithmetic", "fisher_weighted")
+METHODS = ("linear", "task_arithmetic", "fisher_weighted", "regmean")
 _HUB = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{6,64})(?:/|$)")
 
 __all__ = ["partial", "combine", "finalize", "read_state_info", "identity"]
@@ -73,9 +79,14 @@ def _params(method: str, params: Dict[str, Any]) -> Dict[str, Any]:
     p = dict(params)
     known = {"linear": {"normalize": True},
              "task_arithmetic": {"lambda": 1.0, "normalize": False},
-             "fisher_weighted": {"epsilon": 1e-8, "fisher_normalize": "none"}}[method]
+             "fisher_weighted": {"epsilon": 1e-8, "fisher_normalize": "none"},
+             "regmean": {"reduce_non_diagonal_ratio": 0.9, "ridge": 1e-6}}[method]
     if method == "task_arithmetic" and "lam" in p:
         p["lambda"] = p.pop("lam")
+    if method == "regmean" and "alpha" in p:
+        if "reduce_non_diagonal_ratio" in p and p["reduce_non_diagonal_ratio"] != p["alpha"]:
+            raise ConfigError("config error: regmean: give reduce_non_diagonal_ratio or its alias alpha, not both")
+        p["reduce_non_diagonal_ratio"] = p.pop("alpha")
     extra = sorted(set(p) - set(known))
     if extra:
         raise ConfigError(f"config error: partial {method}: unknown parameter(s) {extra} (known: {sorted(known)})")
@@ -85,6 +96,9 @@ def _params(method: str, params: Dict[str, Any]) -> Dict[str, Any]:
             raise ConfigError(f"config error: fisher_normalize must be 'none' or 'mean', got {out['fisher_normalize']!r}")
         if not float(out["epsilon"]) >= 0:
             raise ConfigError(f"config error: epsilon must be >= 0, got {out['epsilon']!r}")
+    if method == "regmean":
+        if not 0 <= float(out["reduce_non_diagonal_ratio"]) <= 1 or not float(out["ridge"]) >= 0:
+            raise ConfigError("config error: regmean: reduce_non_diagonal_ratio must be in [0, 1] and ridge >= 0")
     return out
 
 
@@ -147,7 +161,7 @@ class _State:
 
 
 def _input_key(i: Dict[str, Any]) -> Tuple:
-    return (i["id"], i.get("fisher"), float(i["weight"]))
+    return (i["id"], i.get("fisher") or i.get("gram"), float(i["weight"]))
 
 
 def read_state_info(state: PathLike) -> Dict[str, Any]:
@@ -155,17 +169,23 @@ def read_state_info(state: PathLike) -> Dict[str, Any]:
     return _State(state).info
 
 
-def _write_state(out: PathLike, info: Dict[str, Any], tensors: Iterator[Tuple[np.ndarray, np.ndarray]],
+def _parts(t: Dict[str, Any]) -> List[Tuple[str, List[int]]]:
+    """The stored arrays of one tensor: num, den, and RegMean's lin (Σ w_i W_i) when it has a Gram."""
+    out = [("num", t["shape"]), ("den", t["den_shape"])]
+    if t.get("gram"):
+        out.append(("lin", t["shape"]))
+    return out
+
+
+def _write_state(out: PathLike, info: Dict[str, Any], tensors: Iterator[Tuple[np.ndarray, ...]],
                  side_from: Optional[Path], protected: Sequence[PathLike], overwrite: bool) -> Path:
     entries = []
     for name, t in info["tensors"].items():
-        entries.append((f"num.{name}", "F64", t["shape"]))
-        entries.append((f"den.{name}", "F64", t["den_shape"]))
+        entries += [(f"{k}.{name}", "F64", shape) for k, shape in _parts(t)]
 
     def arrays():
-        for num, den in tensors:
-            yield num
-            yield den
+        for parts in tensors:
+            yield from parts
 
     meta = {"format": FORMAT, "state": json.dumps(info, sort_keys=True)}
     check_output_dir(out, protected, overwrite=overwrite)
@@ -189,13 +209,16 @@ def partial(
     weights: Optional[Sequence[float]] = None,
     base: Optional[PathLike] = None,
     fishers: Optional[Sequence[PathLike]] = None,
+    grams: Optional[Sequence[PathLike]] = None,
     params: Optional[Dict[str, Any]] = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes the merge state of `models` (folders) to the folder `out`; see the module doc.
     ``method``: linear, task_arithmetic (needs ``base``) or fisher_weighted (needs one Fisher
-    per model). ``params``: linear ``normalize``; task_arithmetic ``lambda``, ``normalize``;
-    fisher_weighted ``epsilon``, ``fisher_normalize``."""
+    per model) or regmean (needs one Gram file per model, from ``merge_fast.torch.estimate_gram``).
+    ``params``: linear ``normalize``; task_arithmetic ``lambda``, ``normalize``;
+    fisher_weighted ``epsilon``, ``fisher_normalize``; regmean ``reduce_non_diagonal_ratio``
+    (alias ``alpha``), ``ridge``."""
     if method not in METHODS:
         raise ConfigError(f"config error: partial merges support {', '.join(METHODS)}, not {method!r}")
     models = [Path(m) for m in models]
@@ -213,6 +236,10 @@ def partial(
     if (method == "fisher_weighted") != bool(fishers) or (fishers and len(fishers) != len(models)):
         raise ConfigError(f"config error: fisher_weighted needs one Fisher per model ({len(models)} models, "
                           f"{len(fishers)} Fishers); other methods take none")
+    grams = [Path(g) for g in (grams or [])]
+    if (method == "regmean") != bool(grams) or (grams and len(grams) != len(models)):
+        raise ConfigError(f"config error: regmean needs one Gram file per model ({len(models)} models, "
+                          f"{len(grams)} Gram files); other methods take none")
     ids = [identity(m) for m in models]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -221,21 +248,38 @@ def partial(
     paths, plans = same_tensor_plan("linear", base, models, lambda _n: {}, None)
     ckpts = [open_checkpoint(x) for x in paths]
     fck = [open_checkpoint(f) for f in fishers]
+    gck = [open_checkpoint(g) for g in grams]
     ref = ckpts[0]
     meta_of = {n: (dt, shape) for n, dt, shape in ref.tensors()}
+    fifo: Dict[str, bool] = {}
+    if grams:
+        from .methods.data_aware import _gram_plan
+
+        names = [t.name for t in plans]
+        fifo = _gram_plan([str(g) for g in grams], gck, names, {n: tuple(meta_of[n][1]) for n in names})
     for f, c in zip(fishers, fck):
         missing = [t.name for t in plans if t.name not in c]
         if missing:
             raise TensorMismatch(f"tensor mismatch for '{missing[0]}': not in Fisher {f}")
     first = 1 if base is not None else 0
-    tensors = {t.name: {"dtype": meta_of[t.name][0], "shape": list(meta_of[t.name][1]),
-                        "den_shape": list(meta_of[t.name][1]) if method == "fisher_weighted" else []}
+    def den_shape(n: str) -> List[int]:
+        shape = list(meta_of[n][1])
+        if method == "fisher_weighted":
+            return shape
+        if n in fifo:  # the summed Gram, [in, in]
+            d = shape[0] if fifo[n] else shape[1]
+            return [d, d]
+        return []
+
+    tensors = {t.name: {"dtype": meta_of[t.name][0], "shape": list(meta_of[t.name][1]), "den_shape": den_shape(t.name),
+                        **({"gram": True, "fan_in_fan_out": fifo[t.name]} if t.name in fifo else {})}
                for t in plans}
     info = {
         "method": method,
         "params": p,
         "base": identity(base) if base is not None else None,
-        "inputs": [{"id": i, "weight": x, **({"fisher": identity(fishers[k])} if fishers else {})}
+        "inputs": [{"id": i, "weight": x, **({"fisher": identity(fishers[k])} if fishers else {}),
+                    **({"gram": identity(grams[k])} if grams else {})}
                    for k, (i, x) in enumerate(zip(ids, w))],
         "tensors": tensors,
         "side_files_from": ids[0] if base is None else identity(base),
@@ -246,6 +290,10 @@ def partial(
             num = np.zeros(tensors[t.name]["shape"], dtype=np.float64)
             den: Any = np.zeros(tensors[t.name]["den_shape"], dtype=np.float64)
             b = ckpts[0].read_f32(t.name).astype(np.float64).reshape(num.shape) if base is not None else None
+            if tensors[t.name].get("gram"):
+                yield _regmean_part(t.name, tensors[t.name], w, [c.read_f32(t.name) for c in ckpts],
+                                    gck, grams, float(p["reduce_non_diagonal_ratio"]))
+                continue
             for k in range(len(models)):
                 x = ckpts[first + k].read_f32(t.name).astype(np.float64).reshape(num.shape)
                 if method == "fisher_weighted":
@@ -267,7 +315,29 @@ def partial(
 
     side = Path(paths[0])
     return _write_state(out, info, gen(), side if side.is_dir() else side.parent,
-                        [*models, *fishers, base], overwrite)
+                        [*models, *fishers, *grams, base], overwrite)
+
+
+def _regmean_part(name: str, t: Dict[str, Any], w: List[float], weights: List[np.ndarray], gck, grams,
+                  alpha: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Σ w_i W_i G̃_i, Σ w_i G̃_i, Σ w_i W_i) in float64, in the weight's stored layout
+    (``G̃_i W_i`` for a weight stored [in, out])."""
+    shape = t["shape"]
+    d = t["den_shape"][0]
+    num = np.zeros(shape, np.float64)
+    den = np.zeros((d, d), np.float64)
+    lin = np.zeros(shape, np.float64)
+    for k, (x, c) in enumerate(zip(weights, gck)):
+        W = x.astype(np.float64).reshape(shape)
+        G = c.read_f32(name).astype(np.float64).reshape(d, d)
+        if (np.diag(G) < 0).any():
+            from ._errors import NumericalError
+            raise NumericalError(f"numerical error in '{name}': Gram {grams[k]} has a negative diagonal entry")
+        Gt = alpha * G + (1 - alpha) * np.diag(np.diag(G))
+        num += w[k] * (Gt @ W if t["fan_in_fan_out"] else W @ Gt)
+        den += w[k] * Gt
+        lin += w[k] * W
+    return num, den, lin
 
 
 def _same(infos: List[Tuple[Path, Dict[str, Any]]], key: str) -> None:
@@ -299,7 +369,7 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
         for i in s.info["inputs"]:
             k = _input_key(i)
             if seen.setdefault(i["id"], k) != k:
-                raise ConfigError(f"config error: input {i['id']} appears with different weights or Fishers "
+                raise ConfigError(f"config error: input {i['id']} appears with different weights or Fishers/Grams "
                                   f"({seen[i['id']][1:]} vs {k[1:]}; last seen in {s.folder})")
     # The join: drop states covered by another, keep one of equal ones (canonical choice).
     order = sorted(range(len(sts)), key=lambda k: (sorted(sts[k].keys), str(sts[k].folder)))
@@ -323,13 +393,14 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
     info["side_files_from"] = side_state.info["side_files_from"]
 
     def gen():
-        for n in info["tensors"]:
-            num = np.zeros(info["tensors"][n]["shape"], dtype=np.float64)
-            den = np.zeros(info["tensors"][n]["den_shape"], dtype=np.float64)
-            for s in kept:
-                num += s.array(f"num.{n}")
-                den += s.array(f"den.{n}")
-            yield num, den
+        for n, t in info["tensors"].items():
+            parts = []
+            for k, shape in _parts(t):
+                acc = np.zeros(shape, dtype=np.float64)
+                for s in kept:
+                    acc += s.array(f"{k}.{n}")
+                parts.append(acc)
+            yield tuple(parts)
 
     return _write_state(out, info, gen(), side_state.folder, [s.folder for s in sts], overwrite)
 
@@ -361,12 +432,17 @@ def finalize(state: PathLike, *, out: PathLike, base: Optional[PathLike] = None,
     stage.mkdir(parents=True)
     try:
         entries = [(n, "F32", t["shape"]) for n, t in info["tensors"].items()]
+        wsum = sum(float(i["weight"]) for i in info["inputs"])
 
         def values():
             with np.errstate(divide="ignore", invalid="ignore"):
                 for n, t in info["tensors"].items():
                     num, den = s.array(f"num.{n}"), s.array(f"den.{n}")
-                    if method == "fisher_weighted" or p.get("normalize"):
+                    if t.get("gram"):
+                        v = _regmean_solve(n, t, num, den, s.array(f"lin.{n}"), wsum, float(p["ridge"]))
+                    elif method == "regmean":
+                        v = num / den
+                    elif method == "fisher_weighted" or p.get("normalize"):
                         v = num / den
                     else:
                         v = np.asarray(num)
@@ -394,3 +470,22 @@ def finalize(state: PathLike, *, out: PathLike, base: Optional[PathLike] = None,
                        overwrite=overwrite, inputs=[s.folder])
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _regmean_solve(name: str, t: Dict[str, Any], num: np.ndarray, den: np.ndarray, lin: np.ndarray, wsum: float,
+                   ridge: float) -> np.ndarray:
+    """W* from a RegMean state, as the Rust kernel: ``(A + λI)`` with ``A = Σ w_i G̃_i`` and
+    ``λ = ridge · mean(diag A)`` (1 when A is zero), right-hand side ``+ λ Σ w_i W_i / Σ w_i``."""
+    d = den.shape[0]
+    tr = float(np.trace(den)) / max(d, 1)
+    lam = ridge * tr if tr > 0 else 1.0
+    a = np.array(den, dtype=np.float64) + lam * np.eye(d)
+    rhs = np.asarray(num) + (lam / wsum) * np.asarray(lin)
+    try:
+        c = np.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        from ._errors import NumericalError
+        raise NumericalError(f"numerical error in '{name}': Σ w_i G̃_i + λI is not positive definite "
+                             f"(λ = {lam:e}); raise 'ridge'") from None
+    solve = lambda b: np.linalg.solve(c.T, np.linalg.solve(c, b))  # noqa: E731
+    return solve(rhs) if t["fan_in_fan_out"] else solve(rhs.T).T

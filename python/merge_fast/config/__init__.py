@@ -182,12 +182,13 @@ def run(
 
 
 def _inputs(cfg: MergeConfig) -> list:
-    """Every path a config reads: models, adapters, tokenizer source, Fisher files."""
+    """Every path a config reads: models, adapters, tokenizer source, Fisher and Gram files."""
     paths = [p for m in cfg.referenced_models() for p in (m.path, m.lora) if p]
     for params in [cfg.parameters or {}] + [s.parameters or {} for s in cfg.models or []]:
-        f = params.get("fisher") if isinstance(params, dict) else None
-        if isinstance(f, (str, Path)):
-            paths.append(f)
+        for key in ("fisher", "gram"):
+            f = params.get(key) if isinstance(params, dict) else None
+            if isinstance(f, (str, Path)):
+                paths.append(f)
     return paths
 
 
@@ -196,6 +197,7 @@ def _inputs(cfg: MergeConfig) -> list:
 _RECIPES = {
     "fisher_weighted": ({"weight", "fisher"}, {"epsilon", "fisher_normalize"}),
     "fisher_dampened": ({"weight"}, {"fisher", "scale", "normalization"}),
+    "regmean": ({"weight", "gram"}, {"reduce_non_diagonal_ratio", "alpha", "ridge"}),
     "procrustes_absorb": ({"weight"}, {"beta", "attn_rank", "mlp_rank", "embed_rank", "attn_tol", "mlp_tol",
                                        "embed_tol", "include_embeddings", "strict", "oversample", "power_iters",
                                        "alignment", "cross_attention"}),
@@ -204,17 +206,19 @@ _RECIPES = {
 
 def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, seed: int,
                 write_model_card: bool, overwrite: bool, hub_inputs=(), cache_dir=None, fsync: bool = True) -> Any:
-    """Runs fisher_weighted, fisher_dampened or procrustes_absorb from a config:
+    """Runs fisher_weighted, fisher_dampened, regmean or procrustes_absorb from a config:
 
     - fisher_weighted: ``models: [{model, parameters: {fisher: PATH, weight}}]``, global
       ``epsilon``, ``fisher_normalize``;
+    - regmean: ``models: [{model, parameters: {gram: PATH, weight}}]``, global
+      ``reduce_non_diagonal_ratio`` (alias ``alpha``), ``ridge``;
     - fisher_dampened: ``base_model`` (θ_IT), ``models`` (fine-tunes or ``base+adapter``
       LoRAs; their deltas are averaged, ``weight`` per model), global ``fisher: PATH``,
       ``scale``, ``normalization``;
     - procrustes_absorb: ``base_model`` is the anchor, ``models`` the donors (any family),
       global parameters as in :func:`merge_fast.procrustes_absorb`.
     """
-    from ..methods.data_aware import fisher_dampened, fisher_weighted
+    from ..methods.data_aware import fisher_dampened, fisher_weighted, regmean
 
     method, err = cfg.merge_method, cfg.src.error
     model_keys, global_keys = _RECIPES[method]
@@ -256,6 +260,14 @@ def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, s
         if missing:
             raise err(("models",), f"fisher_weighted needs parameters.fisher for every model; missing for {missing}")
         return fisher_weighted(models, [p["fisher"] for _, p in pairs], weights=weights, **glob, **opts)
+    if method == "regmean":
+        if base is not None:
+            raise err(("base_model",), "regmean takes no base_model")
+        missing = [m for m, p in pairs if "gram" not in p]
+        if missing:
+            raise err(("models",), f"regmean needs parameters.gram (a Gram file from `merge-fast gram`) for every "
+                                   f"model; missing for {missing}")
+        return regmean(models, [p["gram"] for _, p in pairs], weights=weights, **glob, **opts)
     if base is None:
         raise err(("base_model",), f"{method} needs a base_model")
     if method == "fisher_dampened":

@@ -1,7 +1,9 @@
-"""Fisher-weighted averaging and Fisher-dampened deltas.
+"""Fisher-weighted averaging, Fisher-dampened deltas and RegMean.
 
 Fishers are diagonal (one value per weight), stored as safetensors with the model's own
 tensor names: :func:`merge_fast.torch.estimate_fisher` and ``merge-fast fisher`` write them.
+RegMean's Gram matrices (``[in, in]`` per linear weight, under the weight's name) come from
+:func:`merge_fast.torch.estimate_gram` and ``merge-fast gram``.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .._folders import (
 from ..distributed import with_executor
 from ._dispatch import Model, _is_path, as_list, merge
 
-__all__ = ["fisher_weighted", "fisher_dampened", "layer_importance", "layer_of"]
+__all__ = ["fisher_weighted", "fisher_dampened", "regmean", "layer_importance", "layer_of"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
@@ -124,6 +126,116 @@ def fisher_dampened(
     return _fisher_folders("fisher_dampened", base, list(models), [fisher], params, **options)
 
 
+def regmean(
+    models: Sequence[Model],
+    grams: Sequence[Model],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    reduce_non_diagonal_ratio: Optional[float] = None,
+    alpha: Optional[float] = None,
+    ridge: float = 1e-6,
+    fan_in_fan_out: bool = False,
+    **options: Any,
+):
+    """RegMean (Jin et al. 2023): per linear weight ``W_i`` (``[out, in]``) with the Gram
+    matrix ``G_i = X_iᵀX_i`` (``[in, in]``) of its inputs on task i's data,
+
+        ``W* = (Σ_i w_i W_i G̃_i)(Σ_i w_i G̃_i)⁻¹``,  ``G̃_i = α G_i + (1 − α) diag(G_i)``,
+
+    solved in Rust (float64 Cholesky with a ridge ``λ = ridge · mean(diag Σ w_i G̃_i)`` that
+    pulls directions no data excites toward the weighted mean). ``α`` is
+    ``reduce_non_diagonal_ratio`` (FusionBench's name; ``alpha`` is accepted as the paper's
+    symbol), default 0.9. ``weights`` are the ``w_i`` (default 1).
+
+    Arrays: ``models`` are 2-D weights and ``grams`` their ``[in, in]`` Grams
+    (``fan_in_fan_out=True`` for weights stored ``[in, out]``). Folders: ``grams[i]`` is a
+    safetensors file from :func:`merge_fast.torch.estimate_gram` (keys = weight names). Every
+    tensor with a Gram in every file is merged by RegMean (``Conv1D`` weights, listed in the
+    files' ``fan_in_fan_out`` metadata, the right way round); every other tensor (biases,
+    norms, embeddings, a tied ``lm_head``) gets the weighted average ``Σ w_i θ_i / Σ w_i``
+    (the plain mean without ``weights``). A Gram present in some files but not all, or one
+    naming a tensor the model lacks, is an error naming the file.
+    """
+    if len(grams) != len(models):
+        raise ConfigError(f"config error: {len(models)} models but {len(grams)} Gram files/arrays")
+    if alpha is not None and reduce_non_diagonal_ratio is not None and float(alpha) != float(reduce_non_diagonal_ratio):
+        raise ConfigError("config error: regmean: give reduce_non_diagonal_ratio or its alias alpha, not both")
+    ratio = 0.9 if alpha is None and reduce_non_diagonal_ratio is None else float(
+        reduce_non_diagonal_ratio if reduce_non_diagonal_ratio is not None else alpha)
+    params = {"weight": as_list(weights), "reduce_non_diagonal_ratio": ratio, "ridge": ridge}
+    if not all(_is_path(m) for m in list(models) + list(grams)):
+        if any(_is_path(m) for m in list(models) + list(grams)):
+            raise ConfigError("config error: pass either all arrays/tensors or all paths, not a mix")
+        return _regmean_arrays(list(models), list(grams), dict(params, fan_in_fan_out=bool(fan_in_fan_out)), **options)
+    if fan_in_fan_out:
+        raise ConfigError("config error: fan_in_fan_out comes from the Gram files on folder merges")
+    return _fisher_folders("regmean", None, list(models), list(grams), params, **options)
+
+
+def _regmean_arrays(models: List[Any], grams: List[Any], params: Dict[str, Any], *, seed: int = 0,
+                    threads: Optional[int] = None, out: Any = None, **rest: Any):
+    from .._arrays import merge_arrays
+
+    if out is not None:
+        raise ConfigError("config error: out= is for folder merges; array merges return the result")
+    if rest:
+        raise ConfigError(f"config error: unknown option(s) for an array merge: {', '.join(sorted(rest))}")
+    for i, (m, g) in enumerate(zip(models, grams)):
+        ms, gs = tuple(m.shape), tuple(g.shape)
+        d = (ms[0] if params.get("fan_in_fan_out") else ms[1]) if len(ms) == 2 else None
+        if d is None or gs != (d, d):
+            raise TensorMismatch(f"tensor mismatch for 'array': regmean needs 2-D weights and [in, in] Grams; model #{i} "
+                                 f"has shape {ms} and its Gram {gs}" + (f" (expected ({d}, {d}))" if d else ""))
+    return merge_arrays("regmean", None, models, {k: v for k, v in params.items() if v is not None},
+                        seed=seed, threads=threads, aux=grams)
+
+
+def _gram_plan(grams: List[str], gram_ckpts: List[Any], names: Sequence[str], shapes: Dict[str, tuple]) -> Dict[str, bool]:
+    """Tensor name -> fan_in_fan_out for every tensor RegMean merges, after checking the files:
+    each Gram names a tensor of the model, is square and matches the weight, and every file
+    covers the same tensors."""
+    known = set(names)
+    per_file = []
+    fifo: Dict[str, bool] = {}
+    for path, ck in zip(grams, gram_ckpts):
+        import json as _json
+
+        meta = ck.metadata()
+        try:
+            conv = set(_json.loads(meta.get("fan_in_fan_out", "[]")))
+        except ValueError:
+            raise ConfigError(f"config error: Gram file {path}: metadata 'fan_in_fan_out' is not a JSON list") from None
+        have = {}
+        for n, _, shape in ck.tensors():
+            if n not in known:
+                raise TensorMismatch(f"tensor mismatch for '{n}': Gram file {path} has a Gram for a tensor the models "
+                                     f"do not have (Grams are keyed by the weight's checkpoint name)")
+            ws = shapes[n]
+            d = (ws[0] if n in conv else ws[1]) if len(ws) == 2 else None
+            if d is None or tuple(shape) != (d, d):
+                how = "stored [in, out]" if n in conv else "[out, in]"
+                raise TensorMismatch(f"tensor mismatch for '{n}': Gram in {path} has shape {list(shape)}, but the "
+                                     f"weight {how} has shape {list(ws)}: a Gram must be [in, in]"
+                                     + (f" = [{d}, {d}]" if d else ""))
+            have[n] = n in conv
+        per_file.append(have)
+    first = per_file[0]
+    for path, have in zip(grams, per_file):
+        diff = sorted(set(first) ^ set(have))
+        if diff:
+            where = grams[0] if diff[0] in first else path
+            raise TensorMismatch(f"tensor mismatch for '{diff[0]}': {len(diff)} tensor(s) have a Gram in some files "
+                                 f"but not in others (e.g. only in {where}); estimate every model's Grams on the same layers")
+        for n, c in have.items():
+            if c != first[n]:
+                raise TensorMismatch(f"tensor mismatch for '{n}': Gram files {grams[0]} and {path} disagree on its "
+                                     f"orientation (fan_in_fan_out)")
+    fifo.update(first)
+    if not fifo:
+        raise TensorMismatch(f"tensor mismatch: the Gram files ({grams[0]}, ...) hold no tensor of the models")
+    return fifo
+
+
 def _fisher_folders(
     method: str,
     base: Optional[Model],
@@ -180,21 +292,34 @@ def _fisher_folders(
             plain.update(ad.sources(input_of(path), input_of(str(ad.file)), lambda n, i=input_of(path): {"kind": "tensor", "input": i, "tensor": n}))
         per_model.append(plain)
     fisher_ckpts = [open_checkpoint(f) for f in fishers]
-    for f, fc in zip(fishers, fisher_ckpts):
-        _require(fc, names, f, "have no Fisher in", " (estimate the Fisher for every merged parameter)")
+    if method == "regmean":
+        regmean_of = _gram_plan([str(f) for f in fishers], fisher_ckpts, names, shapes)
+    else:
+        regmean_of = {}
+        for f, fc in zip(fishers, fisher_ckpts):
+            _require(fc, names, f, "have no Fisher in", " (estimate the Fisher for every merged parameter)")
     fisher_inputs = [input_of(str(f)) for f in fishers]
     importance = layer_importance(fishers[0], names) if method == "fisher_dampened" else {}
     plans = []
     for name in names:
         srcs = [pm[name] for pm in per_model] + [{"kind": "tensor", "input": i, "tensor": name} for i in fisher_inputs]
         p = {k: v for k, v in params.items() if v is not None}
+        if method == "regmean":
+            if name in regmean_of:
+                p["fan_in_fan_out"] = regmean_of[name]
+                plans.append(TensorPlan(name, method, p, None, srcs, code))
+            else:  # no Gram (bias, norm, embedding): the (weighted) average
+                lin = {"weight": p["weight"]} if "weight" in p else {}
+                plans.append(TensorPlan(name, "linear", lin, None, srcs[:len(per_model)], code))
+            continue
         if method == "fisher_dampened":
             p["layer_importance"] = importance[name]
             plans.append(TensorPlan(name, method, p, srcs[0], srcs[1:], code))
         else:
             plans.append(TensorPlan(name, method, p, None, srcs, code))  # models, then Fishers
     recipe = {"method": method, "base_model": str(base) if base is not None else None,
-              "models": [str(m) for m in models], "fishers": [str(f) for f in fishers], "parameters": params}
+              "models": [str(m) for m in models], ("grams" if method == "regmean" else "fishers"): [str(f) for f in fishers],
+              "parameters": params}
     if hub_inputs:
         recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
     return execute(paths, plans, out, recipe=recipe, side_files_from=refs[0][0], out_dtype=code, seed=seed,

@@ -5,6 +5,8 @@
   causal LM (per-example gradients via torch.func), stored as safetensors under the model's
   own parameter names.
 - :func:`fisher_main`: the ``merge-fast fisher`` command (argv list -> exit code).
+- :func:`estimate_gram`, :func:`save_gram`, :func:`load_gram`, :func:`gram_main`: Gram
+  matrices ``XᵀX`` of every linear layer's inputs (RegMean), keyed by weight name.
 - :class:`SubspaceProjector`, :func:`load_masks`: gradient projection out of protected
   subspaces (plain parameters and PEFT LoRA A/B), with Adam-safe re-projection.
 """
@@ -19,6 +21,7 @@ from .fisher import (
     sequence_log_likelihood,
     tied_parameter_names,
 )
+from .gram import GramResult, estimate_gram, gram_main, load_gram, save_gram
 from .projector import SubspaceProjector, load_masks, save_masks
 from .data import load_jsonl_texts, make_batches, tokenize_texts
 
@@ -26,6 +29,11 @@ __all__ = [
     "FisherResult",
     "estimate_fisher",
     "fisher_main",
+    "GramResult",
+    "estimate_gram",
+    "gram_main",
+    "load_gram",
+    "save_gram",
     "load_fisher",
     "sample_labels",
     "save_fisher",

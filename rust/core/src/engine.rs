@@ -95,6 +95,9 @@ impl TensorIo for Job<'_> {
     fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    fn slot_numel(&self, slot: usize) -> usize {
+        self.sources().nth(slot).expect("slot in range").shape().iter().product()
+    }
     fn slots(&self) -> usize {
         self.inputs.len() + usize::from(self.base.is_some())
     }

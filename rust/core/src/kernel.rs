@@ -28,6 +28,20 @@ pub trait Method: Send + Sync {
         true
     }
 
+    /// How many trailing inputs are auxiliary statistics with shapes of their own (RegMean's
+    /// `[in, in]` Gram matrices beside `[out, in]` weights): they are exempt from the
+    /// same-shape check, checked by `check_aux` instead, and read whole (whole-tensor
+    /// methods only; `apply` then gets slices of their own lengths).
+    fn aux_inputs(&self) -> usize {
+        0
+    }
+
+    /// Checks the shapes of the auxiliary inputs against the output shape before any data is
+    /// read: `Err((k, why))` names the offending auxiliary input `k` (0-based among them).
+    fn check_aux(&self, _shape: &[usize], _aux: &[&[usize]]) -> std::result::Result<(), (usize, String)> {
+        Ok(())
+    }
+
     /// Number of whole-tensor f64 statistics (dot products, norms...) `apply` needs.
     fn n_stats(&self) -> usize {
         0
@@ -67,6 +81,10 @@ pub trait Method: Send + Sync {
 /// Random access to the inputs of the tensor being merged (slot 0 is the base if any).
 pub trait TensorIo: Sync {
     fn numel(&self) -> usize;
+    /// Elements of input `slot` (differs from `numel` only for a method's auxiliary inputs).
+    fn slot_numel(&self, _slot: usize) -> usize {
+        self.numel()
+    }
     fn slots(&self) -> usize;
     fn has_base(&self) -> bool;
     /// Widens elements `range` of input `slot` into `dst`.
@@ -92,6 +110,9 @@ struct FiniteInputs<'a> {
 impl TensorIo for FiniteInputs<'_> {
     fn numel(&self) -> usize {
         self.io.numel()
+    }
+    fn slot_numel(&self, slot: usize) -> usize {
+        self.io.slot_numel(slot)
     }
     fn slots(&self) -> usize {
         self.io.slots()
@@ -143,6 +164,9 @@ impl<'s> Slices<'s> {
 impl TensorIo for Slices<'_> {
     fn numel(&self) -> usize {
         self.numel
+    }
+    fn slot_numel(&self, slot: usize) -> usize {
+        self.data[slot].len()
     }
     fn slots(&self) -> usize {
         self.data.len()
@@ -232,8 +256,14 @@ where
     let has_base = io.has_base();
     if !method.elementwise() {
         let (mut bufs, mut out, mut bytes) = scratch(io.slots());
-        fill(io, 0..numel, &mut bufs)?;
-        let (base, inputs) = split(&bufs, numel, has_base);
+        for (slot, b) in bufs.iter_mut().enumerate() {
+            let len = io.slot_numel(slot);
+            b.resize(len, 0.0);
+            io.read(slot, 0..len, b)?;
+        }
+        let mut it = bufs.iter().map(|b| b.as_slice());
+        let base = if has_base { it.next() } else { None };
+        let inputs: Vec<&[f32]> = it.collect();
         out.resize(numel, 0.0);
         method.apply(&ctx, base, &inputs, &stats, &mut out)?;
         check_finite(ctx.tensor, &out, 0)?;
@@ -266,7 +296,8 @@ pub fn merge_arrays(
     pool: &rayon::ThreadPool,
 ) -> Result<Vec<f32>> {
     let numel: usize = shape.iter().product();
-    for x in base.iter().chain(inputs) {
+    let main = inputs.len() - method.aux_inputs().min(inputs.len());
+    for x in base.iter().chain(&inputs[..main]) {
         if x.len() != numel {
             return Err(Error::mismatch(tensor, format!("an input has {} elements, expected {numel} for shape {shape:?}", x.len())));
         }

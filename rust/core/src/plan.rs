@@ -439,14 +439,6 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
         let inputs = t.inputs.iter().map(bind).collect::<Result<Vec<_>>>()?;
         let first = base.as_ref().or(inputs.first()).ok_or_else(|| Error::config(format!("output '{}' has no inputs", t.name)))?;
         let shape = first.shape();
-        for r in base.iter().chain(&inputs) {
-            if r.shape() != shape {
-                return Err(Error::mismatch(
-                    t.name.as_str(),
-                    format!("shape {:?} of {} differs from shape {:?} of {}", r.shape(), r.describe(), shape, first.describe()),
-                ));
-            }
-        }
         let dtype = match &t.dtype {
             _ if raw.is_some() => Dtype::F32, // unused: raw tensors keep their dtype
             Some(d) => Dtype::parse(d)
@@ -477,6 +469,20 @@ pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Jo
                 m
             }
         };
+        // A method's auxiliary inputs (Gram matrices) have shapes of their own, checked by it.
+        let main = inputs.len() - method.aux_inputs().min(inputs.len());
+        for r in base.iter().chain(&inputs[..main]) {
+            if r.shape() != shape {
+                return Err(Error::mismatch(
+                    t.name.as_str(),
+                    format!("shape {:?} of {} differs from shape {:?} of {}", r.shape(), r.describe(), shape, first.describe()),
+                ));
+            }
+        }
+        let aux: Vec<&[usize]> = inputs[main..].iter().map(|r| r.shape()).collect();
+        if let Err((k, why)) = method.check_aux(shape, &aux) {
+            return Err(Error::mismatch(t.name.as_str(), format!("{} (shape {:?}): {why}", inputs[main + k].describe(), aux[k])));
+        }
         jobs.push(Job { name: &t.name, shape, dtype, raw, method, base, inputs });
     }
     Ok(jobs)
