@@ -19,12 +19,13 @@ SPECS = {s["name"]: s for s in _core.method_specs()}
 # Python names of spec parameters (plural for per-model lists, mergekit's short `lam`)
 ALIASES = {"weights": "weight", "lam": "lambda"}
 # arguments that are inputs, not parameters
-INPUTS = {"models", "model", "base", "a", "b", "fishers", "fisher"}
+INPUTS = {"models", "model", "base", "a", "b", "fishers", "fisher", "grams"}
 # where the merge runs, shared by every folder function (merge_fast.distributed.with_executor)
 RUN_OPTIONS = {"executor", "ray_address"}
 # Python conveniences that are not kernel parameters, and kernel parameters a function
 # deliberately leaves out, each with its reason
-PYTHON_ONLY = {("nuslerp", "t"): "weights [1 - t, t]"}
+PYTHON_ONLY = {("nuslerp", "t"): "weights [1 - t, t]",
+               ("regmean", "alpha"): "the paper's name for reduce_non_diagonal_ratio"}
 NOT_EXPOSED = {
     # mergekit's memory switch, no effect on the result: the functions do not offer it
     **{(m, "int8_mask"): "no effect" for m in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")},
