@@ -382,12 +382,14 @@ def _move_contents(tmp: Path, target: Path, tag: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+# "b": mergekit's billions ("5B" is its default shard size); "kb", "gb": bytes with decimal prefixes.
+_UNITS = {"": 1, "b": 10**9, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
 
 
 def parse_size(size: "int | str") -> int:
-    """'5GB' -> 5_000_000_000 (decimal units, as transformers and mergekit); '1GiB' binary."""
+    """A ``max_shard_size`` in bytes: an int, '5GB' -> 5_000_000_000 (decimal units, as
+    transformers), '1GiB' binary, and mergekit's counts '1000K', '500M', '5B' (billions)."""
     if isinstance(size, int):
         if size <= 0:
             raise ValueError(f"shard size must be positive, got {size}")

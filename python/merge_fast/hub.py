@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from ._errors import ConfigError, MergeError, MergeIOError, ModelNotFound
 
 __all__ = ["HubInput", "Resolved", "Request", "split_reference", "resolve", "resolve_config", "resolve_paths",
-           "local_models", "hub_cache_dir", "ModelNotFound"]
+           "hub_cache_dir", "ModelNotFound"]
 
 PathLike = Union[str, Path]
 
@@ -381,14 +381,16 @@ def _download_folder(repo: str, revision: Optional[str], kind: str, cache: Path,
 
 
 # ------------------------------------------------------------------ configs
-def resolve_config(cfg: Any, *, cache_dir: Optional[PathLike] = None, progress: bool = False) -> Tuple[Any, List[HubInput]]:
+def resolve_config(cfg: Any, ref_type: type, *, cache_dir: Optional[PathLike] = None,
+                   progress: bool = False) -> Tuple[Any, List[HubInput]]:
     """Every model reference of a parsed config (merge_fast.config.schema.MergeConfig)
     resolved to local folders; returns the new config and its hub inputs, pinned.
 
     The config is walked generically (every ModelRef in any dataclass field, list or dict),
-    so new parts of the schema need nothing here; errors name the nearest config key."""
-    from .config.schema import ModelRef
-
+    so new parts of the schema need nothing here; errors name the nearest config key.
+    `ref_type`: the config's model reference class (ModelRef; the config layer passes it,
+    this module stays below it)."""
+    ModelRef = ref_type
     where: Dict[Request, Tuple[Any, ...]] = {}  # first config key naming each reference
 
     def collect(m: Any, key: Tuple[Any, ...]) -> Any:
@@ -460,29 +462,3 @@ def resolve_paths(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] =
     return out, list(dict.fromkeys(r.hub for r in done.values() if r.hub is not None))
 
 
-def local_models(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] = None) -> List[str]:
-    """Local folders for model references (hub ids downloaded). A ``model+adapter`` is read
-    through a copy with the adapter merged in (merge_fast.lora.apply, as configs read it),
-    kept in ``<cache>/../merge_fast/lora-cache`` and reused while neither input changes."""
-    local, _ = resolve_paths(models, cache_dir=cache_dir)
-    return [p if a is None else str(merged_adapter(p, a, cache_dir)) for p, a in local]
-
-
-def merged_adapter(model: str, adapter: str, cache_dir: Optional[PathLike]) -> Path:
-    import hashlib
-
-    h = hashlib.sha256()
-    for folder in (model, adapter):  # paths and file stamps: a changed input is a new entry
-        root = Path(folder).resolve()
-        h.update(str(root).encode() + b"\0")
-        for f in sorted(root.iterdir()) if root.is_dir() else [root]:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    out = hub_cache_dir(cache_dir).parent / "merge_fast" / "lora-cache" / h.hexdigest()[:24]
-    if not (out / "config.json").is_file():  # outputs are written atomically: present is complete
-        from .lora import apply
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        apply(model, adapter, out)
-    return out

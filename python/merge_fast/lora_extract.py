@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _core
 from ._errors import ConfigError, MergeError, TensorMismatch
-from ._folders import open_checkpoint
+from .plan import open_checkpoint
 from .linalg import svd
 from ._output import check_output_dir, staged_dir
 

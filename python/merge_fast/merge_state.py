@@ -44,7 +44,8 @@ import numpy as np
 
 from . import _core
 from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch
-from ._folders import SIDE_FILES, execute, open_checkpoint, out_dtype_code, same_tensor_plan
+from ._folders import SIDE_FILES
+from .plan import execute, open_checkpoint, out_dtype_code, same_tensor_plan
 from ._output import check_output_dir, staged_dir
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple, Union
 
 from . import _core
 from ._errors import ConfigError, MergeError, MergeIOError
-from ._folders import open_checkpoint
+from .plan import open_checkpoint
 from ._output import check_output_file, check_threads, remove_stale
 
 PathLike = Union[str, Path]
@@ -39,7 +39,7 @@ def subspace_masks(
         raise ConfigError(f"config error: rank must be a positive integer, got {rank!r}")
     rank = int(rank)
     threads = check_threads(threads)
-    from .hub import local_models
+    from .lora import local_models
 
     it_dir, pt_dir = local_models([it_dir, pt_dir], cache_dir=cache_dir)
     out = check_output_file(out, [it_dir, pt_dir])

@@ -227,7 +227,7 @@ def _as_file(config: Any) -> Optional[Path]:
 def load(config: Union[str, Path, Dict[str, Any]]) -> ConfigSource:
     """A path to a YAML file, YAML text (anything with a newline or a ':'), or a dict."""
     if isinstance(config, dict):
-        from .._folders import plain
+        from ..plan import plain
 
         return ConfigSource(plain(config), None, None, {})
     p = _as_file(config)

@@ -9,7 +9,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .._errors import ConfigError, InvalidCheckpoint, TensorMismatch
-from .._folders import open_checkpoint
+from ..plan import open_checkpoint
 from ..arch import (
     PASSTHROUGH_PREFIX,
     ArchError,

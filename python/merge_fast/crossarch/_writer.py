@@ -18,7 +18,8 @@ import numpy as np
 
 from .. import _core
 from .._errors import ConfigError
-from .._folders import OUT_DTYPES, copy_side_files
+from .._folders import copy_side_files
+from ..plan import OUT_DTYPES
 from .._output import check_output_dir, parse_size, staged_dir
 from ..arch import apply_output_recipe, plan_decanonical
 from ._model import ModelView

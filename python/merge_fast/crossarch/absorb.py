@@ -171,7 +171,7 @@ def procrustes_absorb(
         raise ConfigError(f"config error: donor_families has {len(fams)} entries for {len(donors)} donors")
     check_output_dir(out, [anchor, *donors], overwrite=overwrite)
     t0 = time.perf_counter()
-    from ..hub import local_models
+    from ..lora import local_models
 
     anchor, *donors = local_models([anchor, *donors], cache_dir=cache_dir)
     A = ModelView(anchor, anchor_family, is_anchor=True)

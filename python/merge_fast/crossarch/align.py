@@ -363,7 +363,7 @@ def align(
     if out is not None:
         check_output_dir(out, [anchor, donor], overwrite=overwrite)
     t0 = time.perf_counter()
-    from ..hub import local_models
+    from ..lora import local_models
 
     anchor, donor = local_models([anchor, donor], cache_dir=cache_dir)
     A = ModelView(anchor, anchor_family, is_anchor=True)

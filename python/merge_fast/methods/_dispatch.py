@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
+from .. import _core
 from .._errors import ConfigError
-from .._folders import MergeResult, ProgressArg, merge_folders
+from .._folders import MergeResult, ProgressArg
+from .. import plan as _plan
 
 Model = Any  # a numpy array, a torch tensor, or a path to a model folder / .safetensors file
 
@@ -68,3 +70,67 @@ def merge(
 def as_list(x: Optional[Sequence[float]]):
     """Per-model parameter lists as plain floats (None stays None: the method's default)."""
     return None if x is None else [float(v) for v in x]
+
+
+def merge_folders(
+    method: str,
+    base: Optional[Model],
+    models: Sequence[Model],
+    params: Dict[str, Any],
+    out: Union[str, Path],
+    *,
+    dtype: str = "float32",
+    out_dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    progress: ProgressArg = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
+    fsync: bool = True,
+) -> MergeResult:
+    """A same-name merge of model folders (or hub ids, or ``model+adapter``) into `out`."""
+    from .._output import check_threads
+    from ..hub import resolve_paths
+    from ..lora import merged_adapter
+
+    _plan.check_output(out, [base, *models], overwrite=overwrite)
+    check_threads(threads)
+    code = _plan.out_dtype_code(dtype, out_dtype)
+    refs = ([base] if base is not None else []) + list(models)
+    local, hub_inputs = resolve_paths(refs, cache_dir=cache_dir, progress=progress is True)
+    read = [x for pa in local for x in pa if x is not None]  # the folders the output must not touch
+    _plan.check_output(out, read, overwrite=overwrite)
+    # A `model+adapter` is read through a cached copy with the adapter merged in (as configs
+    # and merge_fast.lora.apply compute it).
+    folders = [p if a is None else str(merged_adapter(p, a, cache_dir)) for p, a in local]
+    lbase = folders[0] if base is not None else None
+    paths, plans = _plan.same_tensor_plan(method, lbase, folders[1 if base is not None else 0:],
+                                          lambda _name: params, code)
+    recipe = {
+        "merge_fast_version": _core.__version__,
+        "method": method,
+        "base_model": str(base) if base is not None else None,
+        "models": [str(m) for m in models],
+        "parameters": params,
+        "dtype": dtype,
+        "out_dtype": out_dtype,
+        "seed": seed,
+    }
+    if hub_inputs:
+        recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
+    return _plan.execute(
+        paths,
+        plans,
+        out,
+        recipe=recipe,
+        side_files_from=paths[0],
+        out_dtype=code,
+        threads=threads,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        seed=seed,
+        overwrite=overwrite,
+        inputs=read,
+        fsync=fsync,
+    )

@@ -9,15 +9,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .._errors import ConfigError, TensorMismatch
-from .._output import check_output_dir
-from .._folders import (
-    MergeResult,
-    TensorPlan,
-    execute,
-    open_checkpoint,
-    out_dtype_code,
-)
+from .._errors import config_error
+from .._folders import MergeResult
+from .. import plan as _plan
+from ..plan import TensorPlan, open_checkpoint
 from ._dispatch import Model, _is_path, as_list, merge
 
 __all__ = ["fisher_weighted", "fisher_dampened", "layer_importance", "layer_of"]
@@ -60,15 +55,6 @@ def layer_importance(fisher: Union[str, Path], names: Optional[Sequence[str]] = 
     return {n: norm(layer_mean[layer_of(n)] if layer_of(n) is not None else tensor_mean[n]) for n in names}
 
 
-def _require(ckpt, names: Sequence[str], path: Any, what: str = "missing from", hint: str = "") -> None:
-    """TensorMismatch naming the first of `names` that `ckpt` lacks, and how many."""
-    missing = [n for n in names if n not in ckpt]
-    if missing:
-        raise TensorMismatch(
-            f"tensor mismatch for '{missing[0]}': {len(missing)} tensor(s) {what} {path}, e.g. {missing[:5]}{hint}"
-        )
-
-
 def fisher_weighted(
     models: Sequence[Model],
     fishers: Sequence[Model],
@@ -85,7 +71,7 @@ def fisher_weighted(
     ``fisher_normalize="mean"`` divides each F_i by its mean over the tensor first.
     """
     if len(fishers) != len(models):
-        raise ConfigError(f"config error: {len(models)} models but {len(fishers)} Fishers")
+        raise config_error(f"{len(models)} models but {len(fishers)} Fishers")
     params = {"weight": as_list(weights), "epsilon": epsilon, "fisher_normalize": fisher_normalize}
     if not all(_is_path(m) for m in list(models) + list(fishers)):
         return merge("fisher_weighted", list(models) + list(fishers), params=params, **options)
@@ -117,7 +103,7 @@ def fisher_dampened(
         params["layer_importance"] = layer_importance or 0.0
         return merge("fisher_dampened", list(models) + [fisher], base=base, params=params, **options)
     if layer_importance is not None:
-        raise ConfigError("config error: layer_importance is computed from the Fisher on folder merges")
+        raise config_error("layer_importance is computed from the Fisher on folder merges")
     return _fisher_folders("fisher_dampened", base, list(models), [fisher], params, **options)
 
 
@@ -139,8 +125,8 @@ def _fisher_folders(
     from ..lora import read_adapter
 
     if out is None:
-        raise ConfigError("config error: folder merges need out=PATH")
-    code = out_dtype_code(dtype, out_dtype)
+        raise config_error("folder merges need out=PATH")
+    code = _plan.out_dtype_code(dtype, out_dtype)
     # Local folders for hub ids, `model+adapter` (mergekit's form) split; Fishers are files
     # (a local path or ORG/REPO/FILE on the hub).
     progress = run_options.get("progress") is True
@@ -150,15 +136,8 @@ def _fisher_folders(
     fishers = [f for f, _ in fisher_refs]
     hub_inputs += hub_fishers
     protected = [r for ref in refs for r in ref if r is not None] + [str(f) for f in fishers]
-    check_output_dir(out, protected, overwrite=run_options.get("overwrite", False))
-    # One input per distinct folder or adapter, in first-seen order.
-    paths: List[str] = []
-
-    def input_of(p: str) -> int:
-        if p not in paths:
-            paths.append(p)
-        return paths.index(p)
-
+    _plan.check_output(out, protected, overwrite=run_options.get("overwrite", False))
+    input_of = _plan.Inputs()  # one input per distinct folder or adapter, in first-seen order
     ckpts = {}
     for path, _ in refs:
         if path not in ckpts:
@@ -166,24 +145,24 @@ def _fisher_folders(
             input_of(path)
     names = ckpts[refs[0][0]].names()
     for path, c in ckpts.items():
-        _require(c, names, path)
+        _plan.require_tensors(names, c, path)
     shapes = {n: tuple(s) for n, _, s in ckpts[refs[0][0]].tensors()}
     # Each model's source per tensor: the stored tensor, or base + B·A·scale for a LoRA.
     per_model = []
     for path, adapter in refs:
-        plain = {n: {"kind": "tensor", "input": input_of(path), "tensor": n} for n in names}
+        srcs: Dict[str, _plan.Source] = {n: _plan.tensor(input_of(path), n) for n in names}
         if adapter is not None:
             ad = read_adapter(adapter, shapes)
-            plain.update(ad.sources(input_of(path), input_of(str(ad.file)), lambda n, i=input_of(path): {"kind": "tensor", "input": i, "tensor": n}))
-        per_model.append(plain)
+            srcs.update(ad.sources(input_of(path), input_of(str(ad.file))))
+        per_model.append(srcs)
     fisher_ckpts = [open_checkpoint(f) for f in fishers]
     for f, fc in zip(fishers, fisher_ckpts):
-        _require(fc, names, f, "have no Fisher in", " (estimate the Fisher for every merged parameter)")
+        _plan.require_tensors(names, fc, f, what="have no Fisher in", hint=" (estimate the Fisher for every merged parameter)")
     fisher_inputs = [input_of(str(f)) for f in fishers]
     importance = layer_importance(fishers[0], names) if method == "fisher_dampened" else {}
     plans = []
     for name in names:
-        srcs = [pm[name] for pm in per_model] + [{"kind": "tensor", "input": i, "tensor": name} for i in fisher_inputs]
+        srcs = [pm[name] for pm in per_model] + [_plan.tensor(i, name) for i in fisher_inputs]
         p = {k: v for k, v in params.items() if v is not None}
         if method == "fisher_dampened":
             p["layer_importance"] = importance[name]
@@ -194,5 +173,5 @@ def _fisher_folders(
               "models": [str(m) for m in models], "fishers": [str(f) for f in fishers], "parameters": params}
     if hub_inputs:
         recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
-    return execute(paths, plans, out, recipe=recipe, side_files_from=refs[0][0], out_dtype=code, seed=seed,
+    return _plan.execute(input_of.paths, plans, out, recipe=recipe, side_files_from=refs[0][0], out_dtype=code, seed=seed,
                    inputs=protected, **run_options)
