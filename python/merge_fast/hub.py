@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from ._errors import ConfigError, MergeError, MergeIOError, ModelNotFound
+from ._errors import MergeError, MergeIOError, ModelNotFound, config_error, unprefixed
 
 __all__ = ["HubInput", "Resolved", "Request", "split_reference", "resolve", "resolve_config", "resolve_paths",
            "hub_cache_dir", "ModelNotFound"]
@@ -85,14 +85,14 @@ def split_reference(text: str) -> Tuple[str, Optional[str], Optional[str], Optio
         return text, None, None, None
     parts = text.split("+")
     if len(parts) > 2 or not all(parts):
-        raise ConfigError(f"config error: cannot parse model reference {text!r} (use MODEL or MODEL+LORA_ADAPTER)")
+        raise config_error(f"cannot parse model reference {text!r} (use MODEL or MODEL+LORA_ADAPTER)")
 
     def one(p: str) -> Tuple[str, Optional[str]]:
         if os.path.exists(os.path.expanduser(p)) or "@" not in p:
             return p, None
         name, rev = p.rsplit("@", 1)
         if not name or not rev:
-            raise ConfigError(f"config error: cannot parse model reference {p!r} (use NAME@REVISION)")
+            raise config_error(f"cannot parse model reference {p!r} (use NAME@REVISION)")
         return name, rev
 
     m, mrev = one(parts[0])
@@ -156,7 +156,7 @@ def resolve_each(requests: Sequence[Request], *, cache_dir: Optional[PathLike] =
         local = Path(os.path.expanduser(r.name))
         if local.exists():
             if r.revision is not None:
-                errors[r] = ConfigError(f"config error: {r.name}@{r.revision}: {r.name} is a local path; "
+                errors[r] = config_error(f"{r.name}@{r.revision}: {r.name} is a local path; "
                                         "a revision applies only to Hugging Face Hub repos")
             else:
                 out[r] = Resolved(local, None)
@@ -278,7 +278,7 @@ def _fetch(r: Request, cache_dir: Optional[PathLike], progress: bool) -> Resolve
     try:
         import huggingface_hub  # noqa: F401
     except ImportError:
-        raise ConfigError(f"config error: {r.name!r} is not a local path; hub models need huggingface_hub "
+        raise config_error(f"{r.name!r} is not a local path; hub models need huggingface_hub "
                           "(pip install huggingface_hub)") from None
     cache = hub_cache_dir(cache_dir)
     try:
@@ -403,8 +403,8 @@ def resolve_config(cfg: Any, ref_type: type, *, cache_dir: Optional[PathLike] = 
     done, errors = resolve_each(list(where), cache_dir=cache_dir, progress=progress)
     located: List[MergeError] = []
     for r, e in errors.items():
-        msg = str(e).removeprefix("config error: ")
-        located.append(type(e)(f"config error: {cfg.src.where(where[r])}: {msg}"))
+        msg = unprefixed(e)
+        located.append(config_error(f"{cfg.src.where(where[r])}: {msg}", type(e)))
     raise_all(located)
 
     def new(m: Any, key: Tuple[Any, ...]) -> Any:

@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch
+from ._errors import InvalidCheckpoint, TensorMismatch, config_error
 from ._folders import SIDE_FILES
 from .plan import execute, open_checkpoint, out_dtype_code, same_tensor_plan
 from ._output import check_output_dir, staged_dir
@@ -78,13 +78,13 @@ def _params(method: str, params: Dict[str, Any]) -> Dict[str, Any]:
         p["lambda"] = p.pop("lam")
     extra = sorted(set(p) - set(known))
     if extra:
-        raise ConfigError(f"config error: partial {method}: unknown parameter(s) {extra} (known: {sorted(known)})")
+        raise config_error(f"partial {method}: unknown parameter(s) {extra} (known: {sorted(known)})")
     out = {**known, **p}
     if method == "fisher_weighted":
         if out["fisher_normalize"] not in ("none", "mean"):
-            raise ConfigError(f"config error: fisher_normalize must be 'none' or 'mean', got {out['fisher_normalize']!r}")
+            raise config_error(f"fisher_normalize must be 'none' or 'mean', got {out['fisher_normalize']!r}")
         if not float(out["epsilon"]) >= 0:
-            raise ConfigError(f"config error: epsilon must be >= 0, got {out['epsilon']!r}")
+            raise config_error(f"epsilon must be >= 0, got {out['epsilon']!r}")
     return out
 
 
@@ -197,26 +197,26 @@ def partial(
     per model). ``params``: linear ``normalize``; task_arithmetic ``lambda``, ``normalize``;
     fisher_weighted ``epsilon``, ``fisher_normalize``."""
     if method not in METHODS:
-        raise ConfigError(f"config error: partial merges support {', '.join(METHODS)}, not {method!r}")
+        raise config_error(f"partial merges support {', '.join(METHODS)}, not {method!r}")
     models = [Path(m) for m in models]
     if not models:
-        raise ConfigError("config error: partial needs at least one model")
+        raise config_error("partial needs at least one model")
     w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
     if len(w) != len(models):
-        raise ConfigError(f"config error: {len(models)} models but {len(w)} weights")
+        raise config_error(f"{len(models)} models but {len(w)} weights")
     if any(not np.isfinite(x) for x in w):
-        raise ConfigError("config error: weights must be finite numbers")
+        raise config_error("weights must be finite numbers")
     p = _params(method, params or {})
     if (method == "task_arithmetic") != (base is not None):
-        raise ConfigError(f"config error: {method} {'needs' if base is None else 'takes no'} base model")
+        raise config_error(f"{method} {'needs' if base is None else 'takes no'} base model")
     fishers = [Path(f) for f in (fishers or [])]
     if (method == "fisher_weighted") != bool(fishers) or (fishers and len(fishers) != len(models)):
-        raise ConfigError(f"config error: fisher_weighted needs one Fisher per model ({len(models)} models, "
+        raise config_error(f"fisher_weighted needs one Fisher per model ({len(models)} models, "
                           f"{len(fishers)} Fishers); other methods take none")
     ids = [identity(m) for m in models]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ConfigError(f"config error: input(s) given twice: {dup}")
+        raise config_error(f"input(s) given twice: {dup}")
     # Validates names and shapes of every input (and the base) before any write.
     paths, plans = same_tensor_plan("linear", base, models, lambda _n: {}, None)
     ckpts = [open_checkpoint(x) for x in paths]
@@ -274,7 +274,7 @@ def _same(infos: List[Tuple[Path, Dict[str, Any]]], key: str) -> None:
     (p0, i0), *rest = infos
     for p, i in rest:
         if i[key] != i0[key]:
-            raise ConfigError(f"config error: cannot combine merge states with different {key}: "
+            raise config_error(f"cannot combine merge states with different {key}: "
                               f"{p0} has {i0[key]!r}, {p} has {i[key]!r}")
 
 
@@ -282,7 +282,7 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
     """Joins merge states (any order and grouping; see the module doc) into the state `out`."""
     sts = [_State(s) for s in states]
     if not sts:
-        raise ConfigError("config error: combine needs at least one state")
+        raise config_error("combine needs at least one state")
     infos = [(s.folder, s.info) for s in sts]
     for key in ("method", "params", "base"):
         _same(infos, key)
@@ -299,7 +299,7 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
         for i in s.info["inputs"]:
             k = _input_key(i)
             if seen.setdefault(i["id"], k) != k:
-                raise ConfigError(f"config error: input {i['id']} appears with different weights or Fishers "
+                raise config_error(f"input {i['id']} appears with different weights or Fishers "
                                   f"({seen[i['id']][1:]} vs {k[1:]}; last seen in {s.folder})")
     # The join: drop states covered by another, keep one of equal ones (canonical choice).
     order = sorted(range(len(sts)), key=lambda k: (sorted(sts[k].keys), str(sts[k].folder)))
@@ -312,7 +312,7 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
             shared = kept[a].keys & kept[b].keys
             if shared:
                 names = sorted(x[0] for x in shared)
-                raise ConfigError(f"config error: states {kept[a].folder} and {kept[b].folder} share the inputs "
+                raise config_error(f"states {kept[a].folder} and {kept[b].folder} share the inputs "
                                   f"{names} but not all of their inputs; a sum cannot be split, so they cannot "
                                   f"be combined (combine states with disjoint inputs)")
     kept.sort(key=lambda s: sorted(s.keys))  # canonical summation order
@@ -347,10 +347,10 @@ def finalize(state: PathLike, *, out: PathLike, base: Optional[PathLike] = None,
     if method == "task_arithmetic":
         bpath = Path(base if base is not None else info["base"])
         if identity(bpath) != info["base"]:
-            raise ConfigError(f"config error: base {bpath} is not the state's base {info['base']}")
+            raise config_error(f"base {bpath} is not the state's base {info['base']}")
         b_ckpt = open_checkpoint(bpath)
     elif base is not None:
-        raise ConfigError(f"config error: {method} states take no base")
+        raise config_error(f"{method} states take no base")
     code = out_dtype_code("float32", out_dtype)
     protected = [s.folder, *([base] if base is not None else [])]
     check_output_dir(out, protected, overwrite=overwrite)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from .._errors import ConfigError, InvalidCheckpoint, TensorMismatch
+from .._errors import InvalidCheckpoint, TensorMismatch, config_error
 from ..plan import open_checkpoint
 from ..arch import (
     PASSTHROUGH_PREFIX,
@@ -100,15 +100,15 @@ class ModelView:
                 buffers="passthrough" if is_anchor else "drop",
             )
         except UnknownFamilyError as e:
-            raise ConfigError(
-                f"config error: cannot map tensor '{names[0] if names else '?'}' of {self.path} onto the canonical "
+            raise config_error(
+                f"cannot map tensor '{names[0] if names else '?'}' of {self.path} onto the canonical "
                 f"namespace: {e}"
             ) from None
         except UnknownTensorError as e:
             bad = e.names[0] if e.names else "?"
-            raise ConfigError(f"config error: tensor '{bad}' of {self.path} has no canonical role: {e}") from None
+            raise config_error(f"tensor '{bad}' of {self.path} has no canonical role: {e}") from None
         except ArchError as e:
-            raise ConfigError(f"config error: {self.path}: {e}") from None
+            raise config_error(f"{self.path}: {e}") from None
         self.family: Family = self.plan.family
         self.recipes = self.plan.recipes
         self.keys = [k for k in self.recipes if not k.startswith(PASSTHROUGH_PREFIX)]

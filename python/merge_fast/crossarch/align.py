@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .._errors import ConfigError, TensorMismatch
+from .._errors import TensorMismatch, config_error
 from .._output import check_output_dir
 from ..arch import PASSTHROUGH_PREFIX
 from ..arch.roles import CanonicalKey
@@ -93,16 +93,16 @@ def _check_placement(view: ModelView) -> None:
         first = next(
             (k for k in view.keys if CanonicalKey.parse(k).role in ("attn_norm", "attn_post_norm")), view.keys[0]
         )
-        raise ConfigError(
-            f"config error: tensor '{view.family.from_canonical(first)}' of {view.path}: {view.family.name} uses "
+        raise config_error(
+            f"tensor '{view.family.from_canonical(first)}' of {view.path}: {view.family.name} uses "
             f"{'post' if post else 'sandwich'}-norm blocks, where a norm sits between a writing linear and the "
             f"residual stream; a residual-stream rotation cannot pass through it"
         )
     for k in view.keys:
         role = CanonicalKey.parse(k).role
         if role in UNSUPPORTED_ROLES:
-            raise ConfigError(
-                f"config error: tensor '{view.family.from_canonical(k)}' of {view.path}: {UNSUPPORTED_ROLES[role]}; "
+            raise config_error(
+                f"tensor '{view.family.from_canonical(k)}' of {view.path}: {UNSUPPORTED_ROLES[role]}; "
                 f"cannot align it"
             )
 
@@ -359,7 +359,7 @@ def align(
         ``h_anchor = Rᵀ h_donor``) and the depth map.
     """
     if missing not in ("error", "anchor"):
-        raise ConfigError(f"config error: missing must be 'error' or 'anchor', got {missing!r}")
+        raise config_error(f"missing must be 'error' or 'anchor', got {missing!r}")
     if out is not None:
         check_output_dir(out, [anchor, donor], overwrite=overwrite)
     t0 = time.perf_counter()

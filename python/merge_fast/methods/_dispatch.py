@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 from .. import _core
-from .._errors import ConfigError
+from .._errors import config_error
 from .._folders import MergeResult, ProgressArg
 from .. import plan as _plan
 
@@ -47,10 +47,10 @@ def merge(
     params = {k: v for k, v in (params or {}).items() if v is not None}
     everything = list(models) + ([base] if base is not None else [])
     if not models:
-        raise ConfigError(f"config error: {method} needs at least one model")
+        raise config_error(f"{method} needs at least one model")
     if all(_is_path(m) for m in everything):
         if out is None:
-            raise ConfigError("config error: folder merges need out=PATH")
+            raise config_error("folder merges need out=PATH")
         return merge_folders(
             method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
             max_shard_size=max_shard_size, progress=progress, seed=seed, overwrite=overwrite,
@@ -61,9 +61,9 @@ def merge(
 
     if all(is_array(m) for m in everything):
         if out is not None:
-            raise ConfigError("config error: out= is for folder merges; array merges return the result")
+            raise config_error("out= is for folder merges; array merges return the result")
         return merge_arrays(method, base, list(models), params, seed=seed, threads=threads)
-    raise ConfigError("config error: pass either all arrays/tensors or all model paths, not a mix")
+    raise config_error("pass either all arrays/tensors or all model paths, not a mix")
 
 
 
