@@ -2,28 +2,68 @@
 folders in, ``out`` folder written."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union, overload
 
 from .. import _core
 from .._errors import config_error
 from .._folders import MergeResult, ProgressArg
 from .. import plan as _plan
 
-Model = Any  # a numpy array, a torch tensor, or a path to a model folder / .safetensors file
+if TYPE_CHECKING:  # neither is imported at run time by `import merge_fast`
+    import numpy
+    import torch
+
+# A path to a model folder / .safetensors file (or a hub repo id, ``model+adapter``) ...
+PathLike = Union[str, "os.PathLike[str]"]
+# ... or an array: numpy (float32/float16/bfloat16) or a torch tensor. The result of an
+# array merge has the type of the inputs.
+Array = Union["numpy.ndarray", "torch.Tensor"]
+Model = Union[PathLike, Array]
 
 
 def _is_path(x: Any) -> bool:
-    return isinstance(x, (str, Path))
+    return isinstance(x, (str, os.PathLike))
 
 
+@overload
+def merge(
+    method: str,
+    models: Sequence[Array],
+    *,
+    base: Optional[Array] = None,
+    params: Optional[Dict[str, Any]] = None,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def merge(
+    method: str,
+    models: Sequence[PathLike],
+    *,
+    base: Optional[PathLike] = None,
+    params: Optional[Dict[str, Any]] = None,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
+@overload
 def merge(
     method: str,
     models: Sequence[Model],
     *,
     base: Optional[Model] = None,
     params: Optional[Dict[str, Any]] = None,
-    out: Optional[Union[str, Path]] = None,
+    out: Optional[PathLike] = None,
+    **options: Any,
+) -> Union[Array, MergeResult]: ...
+def merge(
+    method: str,
+    models: Sequence[Model],
+    *,
+    base: Optional[Model] = None,
+    params: Optional[Dict[str, Any]] = None,
+    out: Optional[PathLike] = None,
     dtype: str = "float32",
     out_dtype: Optional[str] = None,
     threads: Optional[int] = None,
@@ -33,7 +73,7 @@ def merge(
     overwrite: bool = False,
     cache_dir: Optional[Union[str, Path]] = None,
     fsync: bool = True,
-) -> Union[Any, MergeResult]:
+) -> Union[Array, MergeResult]:
     """Merges ``models`` (and ``base``) with the named method and its parameters.
 
     Arrays in, array out; folders in, ``out`` folder written. Per-model parameters (such
@@ -52,7 +92,8 @@ def merge(
         if out is None:
             raise config_error("folder merges need out=PATH")
         return merge_folders(
-            method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
+            method, None if base is None else os.fspath(base), [os.fspath(m) for m in models], params, out,
+            dtype=dtype, out_dtype=out_dtype, threads=threads,
             max_shard_size=max_shard_size, progress=progress, seed=seed, overwrite=overwrite,
             cache_dir=cache_dir,
             fsync=fsync,
@@ -74,8 +115,8 @@ def as_list(x: Optional[Sequence[float]]):
 
 def merge_folders(
     method: str,
-    base: Optional[Model],
-    models: Sequence[Model],
+    base: Optional[PathLike],
+    models: Sequence[PathLike],
     params: Dict[str, Any],
     out: Union[str, Path],
     *,

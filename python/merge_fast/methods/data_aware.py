@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, overload, Sequence, Union
 
 from .._errors import config_error
 from .._folders import MergeResult
 from .. import plan as _plan
 from ..plan import TensorPlan, open_checkpoint
-from ._dispatch import Model, _is_path, as_list, merge
+from ._dispatch import Array, Model, PathLike, _is_path, as_list, merge
 
 __all__ = ["fisher_weighted", "fisher_dampened", "layer_importance", "layer_of"]
 
@@ -55,6 +55,28 @@ def layer_importance(fisher: Union[str, Path], names: Optional[Sequence[str]] = 
     return {n: norm(layer_mean[layer_of(n)] if layer_of(n) is not None else tensor_mean[n]) for n in names}
 
 
+@overload
+def fisher_weighted(
+    models: Sequence[Array],
+    fishers: Sequence[Array],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    epsilon: float = 1e-08,
+    fisher_normalize: str = 'none',
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def fisher_weighted(
+    models: Sequence[PathLike],
+    fishers: Sequence[PathLike],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    epsilon: float = 1e-08,
+    fisher_normalize: str = 'none',
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def fisher_weighted(
     models: Sequence[Model],
     fishers: Sequence[Model],
@@ -78,6 +100,32 @@ def fisher_weighted(
     return _fisher_folders("fisher_weighted", None, list(models), list(fishers), params, **options)
 
 
+@overload
+def fisher_dampened(
+    base: Array,
+    models: Sequence[Array],
+    fisher: Array,
+    *,
+    scale: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
+    normalization: str = 'log',
+    layer_importance: Optional[float] = None,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def fisher_dampened(
+    base: PathLike,
+    models: Sequence[PathLike],
+    fisher: PathLike,
+    *,
+    scale: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
+    normalization: str = 'log',
+    layer_importance: Optional[float] = None,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def fisher_dampened(
     base: Model,
     models: Sequence[Model],
@@ -150,11 +198,11 @@ def _fisher_folders(
     # Each model's source per tensor: the stored tensor, or base + B·A·scale for a LoRA.
     per_model = []
     for path, adapter in refs:
-        srcs: Dict[str, _plan.Source] = {n: _plan.tensor(input_of(path), n) for n in names}
+        by_name: Dict[str, _plan.Source] = {n: _plan.tensor(input_of(path), n) for n in names}
         if adapter is not None:
             ad = read_adapter(adapter, shapes)
-            srcs.update(ad.sources(input_of(path), input_of(str(ad.file))))
-        per_model.append(srcs)
+            by_name.update(ad.sources(input_of(path), input_of(str(ad.file))))
+        per_model.append(by_name)
     fisher_ckpts = [open_checkpoint(f) for f in fishers]
     for f, fc in zip(fishers, fisher_ckpts):
         _plan.require_tensors(names, fc, f, what="have no Fisher in", hint=" (estimate the Fisher for every merged parameter)")
