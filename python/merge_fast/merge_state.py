@@ -45,7 +45,7 @@ import numpy as np
 from . import _core
 from ._errors import InvalidCheckpoint, TensorMismatch, config_error
 from ._folders import SIDE_FILES
-from .plan import execute, open_checkpoint, out_dtype_code, same_tensor_plan
+from .plan import check_output, execute, open_checkpoint, out_dtype_code, same_tensor_plan
 from ._output import check_output_dir, staged_dir
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -353,7 +353,7 @@ def finalize(state: PathLike, *, out: PathLike, base: Optional[PathLike] = None,
         raise config_error(f"{method} states take no base")
     code = out_dtype_code("float32", out_dtype)
     protected = [s.folder, *([base] if base is not None else [])]
-    check_output_dir(out, protected, overwrite=overwrite)
+    check_output(out, protected, overwrite=overwrite)
     out_abs = Path(out).absolute()
     # Named like a staging folder, so a later merge into `out` removes it if we are killed.
     stage = out_abs.parent / f".{out_abs.name}.merge-fast-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
