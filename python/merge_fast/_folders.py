@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from ._errors import warn
 from .distributed import run_plan
 from ._output import staged_dir
 
-PathLike = Union[str, Path]
+PathLike = Union[str, "os.PathLike[str]"]
 ProgressArg = Union[bool, Callable[[int, int, int, int], Any], None]
 
 # Files copied from the base (or first) model: everything a loader needs besides weights.

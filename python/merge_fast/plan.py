@@ -15,33 +15,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    Iterable,
-    List,
-    Optional,
-    Sequence,
-    Literal,
-    Tuple,
-    TypedDict,
-    Union,
-)
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
 
 from . import _core
 from ._errors import InvalidCheckpoint, TensorMismatch, config_error
 from ._folders import MergeResult, ProgressArg, run
 from ._output import check_output_dir, check_threads, parse_size
 
-PathLike = Union[str, Path]
+PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "TensorRef", "TensorSource", "LoraSource", "RowsSource", "Source", "TensorPlan", "Inputs",
-    "tensor", "lora", "rows", "check_output", "require_tensors", "same_tensor_plan", "open_checkpoint",
-    "out_dtype_code", "shard_size", "plan_json", "plain", "execute",
+    "tensor", "lora", "rows", "layer_structure", "check_output", "missing", "require_tensors", "same_tensor_plan",
+    "open_checkpoint", "out_dtype_code", "shard_size", "plan_json", "plan_text", "plain", "execute",
 ]
 
 
