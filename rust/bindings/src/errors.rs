@@ -1,40 +1,14 @@
 //! The Python exception hierarchy, one class per core error variant.
 use merge_fast_core::Error;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyOSError};
+use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple, PyType};
 
 create_exception!(merge_fast, MergeError, PyException, "Base class of every merge_fast error.");
 create_exception!(merge_fast, InvalidCheckpoint, MergeError, "A checkpoint file or index is malformed, truncated or inconsistent.");
 create_exception!(merge_fast, TensorMismatch, MergeError, "Inputs do not line up: a tensor is missing or its shape differs.");
 create_exception!(merge_fast, ConfigError, MergeError, "A method, parameter, plan or config is invalid.");
 create_exception!(merge_fast, NumericalError, MergeError, "A merge produced non-finite values or a kernel failed to converge.");
-/// `MergeIOError(MergeError, OSError)`: an I/O failure is also an `OSError`, as Python's
-/// own are (`create_exception!` takes one base, so the class is made with `type()`).
-pub struct MergeIOError;
-
-impl MergeIOError {
-    pub fn type_object(py: Python<'_>) -> &Bound<'_, PyType> {
-        static TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-        TYPE.get_or_init(py, || {
-            let bases = PyTuple::new(py, [py.get_type::<MergeError>(), py.get_type::<PyOSError>()]).expect("a tuple of two types");
-            let ns = PyDict::new(py);
-            ns.set_item("__doc__", "Reading or writing a file failed (missing file, full disk...).").expect("a str key");
-            ns.set_item("__module__", "merge_fast").expect("a str key");
-            py.get_type::<PyType>()
-                .call1(("MergeIOError", bases, ns))
-                .and_then(|t| Ok(t.cast_into::<PyType>()?.unbind()))
-                .expect("MergeIOError type")
-        })
-        .bind(py)
-    }
-
-    pub fn new_err(msg: String) -> PyErr {
-        Python::attach(|py| PyErr::from_type(Self::type_object(py).clone(), msg))
-    }
-}
 create_exception!(merge_fast, MergeInterrupted, MergeError, "The merge was interrupted.");
 
 pub fn to_py(e: Error) -> PyErr {
@@ -66,4 +40,30 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MergeIOError", MergeIOError::type_object(py))?;
     m.add("MergeInterrupted", py.get_type::<MergeInterrupted>())?;
     Ok(())
+}
+
+/// `MergeIOError(MergeError, OSError)`: an I/O failure is also an `OSError`, as Python's
+/// own are (`create_exception!` takes one base, so the class is made with `type()`).
+pub struct MergeIOError;
+
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+impl MergeIOError {
+    /// The class, made once per interpreter.
+    pub fn type_object(py: Python<'_>) -> &Bound<'_, PyType> {
+        static TYPE: pyo3::sync::PyOnceLock<Py<PyType>> = pyo3::sync::PyOnceLock::new();
+        TYPE.get_or_init(py, || {
+            let bases = PyTuple::new(py, [py.get_type::<MergeError>(), py.get_type::<pyo3::exceptions::PyOSError>()]).expect("a tuple of two types");
+            let ns = PyDict::new(py);
+            ns.set_item("__doc__", "Reading or writing a file failed (missing file, full disk...).").expect("a str key");
+            ns.set_item("__module__", "merge_fast").expect("a str key");
+            let t = py.get_type::<PyType>().call1(("MergeIOError", bases, ns)).expect("type() makes the class");
+            t.cast_into::<PyType>().expect("type() returns a type").unbind()
+        })
+        .bind(py)
+    }
+
+    pub fn new_err(msg: String) -> PyErr {
+        Python::attach(|py| PyErr::from_type(Self::type_object(py).clone(), msg))
+    }
 }
