@@ -24,12 +24,12 @@ CHILD = r"""
 import json, sys
 stage, a, b, out = sys.argv[1:5]
 import merge_fast as mf
-from merge_fast import _folders
+from merge_fast import plan as _plan
 keep = []
 if stage == "open":
     keep = [mf.Checkpoint(a), mf.Checkpoint(b)]
 elif stage == "plan":
-    keep = _folders.same_tensor_plan("linear", None, [a, b], lambda _n: {"weight": None}, None)
+    keep = _plan.same_tensor_plan("linear", None, [a, b], lambda _n: {"weight": None}, None)
 elif stage == "merge":
     mf.linear([a, b], out=out, threads=1)
 st = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(("VmHWM", "RssAnon"))}

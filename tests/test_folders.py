@@ -17,7 +17,6 @@ from conftest import (
     COPIED_FILES,
     assert_matches_reference,
     assert_slerp_matches,
-    folder_shards,
     read_folder_f32,
     read_folder_native,
     ref_linear,

@@ -7,7 +7,6 @@ where the gradients sit at t = 0 (model weight 1, density 1; the base's weight 0
 the merge is `base + Δ` of the model, every sign agreeing with it."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

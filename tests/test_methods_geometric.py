@@ -612,7 +612,7 @@ def mergekit_outputs(fam, tmp_path_factory):
         cfg.write_text(yml + "dtype: float32\n")
         jobs.append([str(cfg), str(root / name), "--lazy-unpickle", "--quiet"])
     # mergekit-yaml's own entry point, once per config, in one interpreter.
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import json, sys
         from mergekit.scripts.run_yaml import main
         for argv in json.loads(sys.argv[1]):

@@ -542,7 +542,7 @@ def mergekit_outputs(llama_f32, tmp_path_factory):
         jobs.append((str(f), str(root / key)))
     # `mergekit-yaml CFG OUT --lazy-unpickle` for each config, in one interpreter.
     code = textwrap.dedent(
-        f"""
+        """
         import json, sys
         from mergekit.scripts.run_yaml import main
         for cfg, out in json.loads(sys.argv[1]):

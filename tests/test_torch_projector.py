@@ -224,7 +224,6 @@ def test_lora_b_left_a_right():
     masks = {qn: {"U": orth(W[qn].shape[0], 4, 7), "V": orth(W[qn].shape[1], 4, 8)},
              vn: {"U": orth(W[vn].shape[0], 3, 9)}}
     model = _peft_model(base, ["q_proj", "v_proj"])
-    q = model.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():  # B = 0 at init would make A's gradient zero
         for m in model.modules():
             if hasattr(m, "lora_B") and isinstance(m.lora_B, torch.nn.ModuleDict):

@@ -60,6 +60,8 @@ def test_wheel_is_abi3_manylinux2014(tmp_path_factory):
     with zipfile.ZipFile(whl) as z:
         names = z.namelist()
         assert "merge_fast/_core.abi3.so" in names
+        # typed package: the marker and the compiled module's stubs ship with it (PEP 561)
+        assert "merge_fast/py.typed" in names and "merge_fast/_core.pyi" in names, names
         so = z.read("merge_fast/_core.abi3.so")
     # manylinux2014 means glibc <= 2.17: no versioned glibc symbol newer than that.
     versions = {tuple(int(p) for p in v.split(b"_")[1].split(b"."))

@@ -9,7 +9,8 @@ import numpy as np
 
 from . import _core
 from ._errors import ConfigError, NumericalError, TensorMismatch
-from ._folders import check_threads, plan_json
+from ._output import check_threads
+from .plan import plan_json
 
 
 def _is_torch(x: Any) -> bool:

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List
 
-from ._errors import ConfigError, InvalidCheckpoint
+from ._errors import InvalidCheckpoint, config_error
 
 _WEIGHT_BIN = re.compile(r"(pytorch_model.*|adapter_model)\.bin")
 _BIN_INDEX = "pytorch_model.bin.index.json"
@@ -56,7 +56,7 @@ def _convert(bins: List[Path], folder: Path, cache_root: Path, single: bool) -> 
     try:
         import torch
     except ImportError:
-        raise ConfigError(f"config error: {folder} holds only pytorch .bin weights; reading them needs torch "
+        raise config_error(f"{folder} holds only pytorch .bin weights; reading them needs torch "
                           "(pip install torch), or convert the model to safetensors") from None
     dst = cache_root / _key(bins)
     if (dst / _DONE).is_file():

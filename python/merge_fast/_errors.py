@@ -1,5 +1,9 @@
 """Exception hierarchy. The classes are defined by the compiled core (so Rust errors map
-onto them directly) and re-exported here."""
+onto them directly) and re-exported here. Python-side messages get their prefix
+("config error: ", "I/O error: ") here and only here: :func:`config_error`, :func:`io_error`,
+and :func:`unprefixed` to take it off (to re-locate a message)."""
+from typing import Type, TypeVar
+
 from ._core import (
     ConfigError,
     InvalidCheckpoint,
@@ -10,6 +14,28 @@ from ._core import (
     TensorMismatch,
 )
 
+CONFIG_PREFIX = "config error: "
+IO_PREFIX = "I/O error: "
+_E = TypeVar("_E", bound=BaseException)
+
+
+def config_error(message: str, cls: "Type[_E]" = ConfigError) -> _E:  # type: ignore[assignment]
+    """A ConfigError (or subclass `cls`) with the config-error prefix."""
+    return cls(CONFIG_PREFIX + message)
+
+
+def io_error(message: str) -> MergeIOError:
+    """A MergeIOError with the I/O-error prefix."""
+    return MergeIOError(IO_PREFIX + message)
+
+
+def unprefixed(e: BaseException) -> str:
+    """The message of `e` without its category prefix."""
+    msg = str(e)
+    for prefix in (CONFIG_PREFIX, IO_PREFIX):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg
 
 
 class ModelNotFound(ConfigError):

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
-from ._errors import ConfigError, MergeError, MergeInterrupted, MergeIOError
+from ._errors import MergeError, MergeInterrupted, MergeIOError, config_error, io_error
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -51,16 +51,16 @@ def check_threads(threads: Any) -> Optional[int]:
     if threads is None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
-        raise ConfigError(f"config error: threads must be a positive integer, got {threads!r}")
+        raise config_error(f"threads must be a positive integer, got {threads!r}")
     if threads > MAX_THREADS:
-        raise ConfigError(f"config error: threads must be at most {MAX_THREADS}, got {threads}")
+        raise config_error(f"threads must be at most {MAX_THREADS}, got {threads}")
     return int(threads)
 
 
 def _real(p: PathLike, what: str) -> Path:
     s = os.fspath(p)
     if not s.strip():
-        raise ConfigError(f"config error: {what} path is empty")
+        raise config_error(f"{what} path is empty")
     return Path(os.path.realpath(s))
 
 
@@ -80,7 +80,7 @@ def _guard_inputs(real: Path, out: PathLike, inputs: Iterable[Optional[PathLike]
     except OSError:  # the current directory was deleted: nothing there to protect
         cwd = None
     if cwd is not None and _within(cwd, real):
-        raise ConfigError(f"config error: {what} {out} ({real}) is or contains the current directory {cwd}; "
+        raise config_error(f"{what} {out} ({real}) is or contains the current directory {cwd}; "
                           "choose a new folder")
     for i in inputs:
         if i is None or not os.fspath(i):
@@ -94,7 +94,7 @@ def _guard_inputs(real: Path, out: PathLike, inputs: Iterable[Optional[PathLike]
             rel = "lies inside"
         else:
             continue
-        raise ConfigError(f"config error: {what} {out} ({real}) {rel} the input {i} ({ri}); "
+        raise config_error(f"{what} {out} ({real}) {rel} the input {i} ({ri}); "
                           "a merge never writes over or into its inputs: choose another output")
 
 
@@ -103,7 +103,7 @@ def _check_parent(real: Path, out: PathLike) -> None:
     while not os.path.lexists(anc):
         anc = anc.parent
     if not anc.is_dir():
-        raise ConfigError(f"config error: cannot create output {out}: {anc} is a file, not a folder")
+        raise config_error(f"cannot create output {out}: {anc} is a file, not a folder")
 
 
 def _has_our_metadata(f: Path) -> bool:
@@ -148,18 +148,18 @@ def check_output_dir(out: PathLike, inputs: Iterable[Optional[PathLike]] = (), *
         _check_parent(real, out)
         return real
     if not real.is_dir():
-        raise ConfigError(f"config error: output {out} exists and is not a folder")
+        raise config_error(f"output {out} exists and is not a folder")
     try:
         entries = _entries(real)
     except OSError as e:
-        raise MergeIOError(f"I/O error: cannot list output folder {real}: {e.strerror or e}") from None
+        raise io_error(f"cannot list output folder {real}: {e.strerror or e}") from None
     if entries:
         if not overwrite:
-            raise ConfigError(f"config error: output {out} exists and is not empty ({_describe(real, entries)}); "
+            raise config_error(f"output {out} exists and is not empty ({_describe(real, entries)}); "
                               "pass overwrite=True (--overwrite) to replace a previous merge output, "
                               "or choose another folder")
         if not looks_like_merge_output(real):
-            raise ConfigError(f"config error: refusing to replace output {out}: it does not look like a merge "
+            raise config_error(f"refusing to replace output {out}: it does not look like a merge "
                               f"output (no mergekit_config.yml, no safetensors with merge_fast metadata, or it "
                               f"has subfolders); {_describe(real, entries)}")
     return real
@@ -171,7 +171,7 @@ def check_output_file(out: PathLike, inputs: Iterable[Optional[PathLike]] = ()) 
     real = _real(out, "output file")
     _guard_inputs(real, out, inputs, "output file")
     if real.is_dir():
-        raise ConfigError(f"config error: output file {out} is a folder")
+        raise config_error(f"output file {out} is a folder")
     _check_parent(real, out)
     return real
 
@@ -232,7 +232,7 @@ def _check_unchanged(sizes: Dict[str, int]) -> None:
         except OSError:
             now = None
         if now != n:
-            raise MergeIOError(f"I/O error: input {f} changed during the merge (size {n} -> {now}); "
+            raise io_error(f"input {f} changed during the merge (size {n} -> {now}); "
                                "the output was discarded")
 
 
@@ -275,7 +275,7 @@ def _signals_deferred() -> Iterator[None]:
 
 def _io_error(e: OSError, what: str) -> MergeIOError:
     path = f" {e.filename}" if e.filename else ""
-    return MergeIOError(f"I/O error: {what}:{path}: {e.strerror or e}")
+    return io_error(f"{what}:{path}: {e.strerror or e}")
 
 
 @contextlib.contextmanager
@@ -382,12 +382,14 @@ def _move_contents(tmp: Path, target: Path, tag: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+# "b": mergekit's billions ("5B" is its default shard size); "kb", "gb": bytes with decimal prefixes.
+_UNITS = {"": 1, "b": 10**9, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
 
 
 def parse_size(size: "int | str") -> int:
-    """'5GB' -> 5_000_000_000 (decimal units, as transformers and mergekit); '1GiB' binary."""
+    """A ``max_shard_size`` in bytes: an int, '5GB' -> 5_000_000_000 (decimal units, as
+    transformers), '1GiB' binary, and mergekit's counts '1000K', '500M', '5B' (billions)."""
     if isinstance(size, int):
         if size <= 0:
             raise ValueError(f"shard size must be positive, got {size}")

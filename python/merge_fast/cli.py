@@ -18,7 +18,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("-o", "--out", required=True, help="output model folder (written atomically; must be new or empty)")
     g.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     g.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
-    g.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 500MB, 5GB, 1GiB (default 5GB)")
+    g.add_argument("--max-shard-size", "--out-shard-size", dest="max_shard_size", default="5GB",
+                   help="largest output shard, e.g. 500MB, 5GB, 1GiB (default 5GB); --out-shard-size: mergekit's spelling")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype as in mergekit configs; merge_fast always computes in float32, and "
                         "bfloat16/float16 here only set the default --out-dtype")
@@ -48,7 +49,7 @@ def _options(args: argparse.Namespace) -> dict:
     return dict(
         out=args.out,
         threads=args.threads,
-        max_shard_size=args.out_shard_size,
+        max_shard_size=args.max_shard_size,
         dtype=args.dtype,
         out_dtype=args.out_dtype,
         seed=args.seed,
@@ -93,7 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run(
         args.config,
         args.out,
-        out_shard_size=args.out_shard_size,
+        max_shard_size=args.max_shard_size,
         copy_tokenizer=args.copy_tokenizer,
         allow_crimes=args.allow_crimes,
         random_seed=args.random_seed,
@@ -235,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output model folder (written atomically; must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     B = argparse.BooleanOptionalAction
-    p.add_argument("--out-shard-size", default="5B",
-                   help="largest output shard: mergekit's 5B/500M (bytes as mergekit counts them) or 5GB, 1GiB (default 5B)")
+    p.add_argument("--max-shard-size", "--out-shard-size", dest="max_shard_size", default="5GB",
+                   help="largest output shard: 5GB, 500MB, 1GiB or mergekit's 5B/500M (default 5GB); "
+                        "--out-shard-size: mergekit's spelling")
     p.add_argument("--copy-tokenizer", action=B, default=True, help="copy the tokenizer to the output (default: yes)")
     p.add_argument("--allow-crimes", action=B, default=False, help="allow merging models of different architectures")
     p.add_argument("--strict", action="store_true",

@@ -23,10 +23,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from ._errors import ConfigError, MergeError, MergeIOError, ModelNotFound
+from ._errors import MergeError, MergeIOError, ModelNotFound, config_error, unprefixed
 
 __all__ = ["HubInput", "Resolved", "Request", "split_reference", "resolve", "resolve_config", "resolve_paths",
-           "local_models", "hub_cache_dir", "ModelNotFound"]
+           "hub_cache_dir", "ModelNotFound"]
 
 PathLike = Union[str, Path]
 
@@ -85,14 +85,14 @@ def split_reference(text: str) -> Tuple[str, Optional[str], Optional[str], Optio
         return text, None, None, None
     parts = text.split("+")
     if len(parts) > 2 or not all(parts):
-        raise ConfigError(f"config error: cannot parse model reference {text!r} (use MODEL or MODEL+LORA_ADAPTER)")
+        raise config_error(f"cannot parse model reference {text!r} (use MODEL or MODEL+LORA_ADAPTER)")
 
     def one(p: str) -> Tuple[str, Optional[str]]:
         if os.path.exists(os.path.expanduser(p)) or "@" not in p:
             return p, None
         name, rev = p.rsplit("@", 1)
         if not name or not rev:
-            raise ConfigError(f"config error: cannot parse model reference {p!r} (use NAME@REVISION)")
+            raise config_error(f"cannot parse model reference {p!r} (use NAME@REVISION)")
         return name, rev
 
     m, mrev = one(parts[0])
@@ -156,7 +156,7 @@ def resolve_each(requests: Sequence[Request], *, cache_dir: Optional[PathLike] =
         local = Path(os.path.expanduser(r.name))
         if local.exists():
             if r.revision is not None:
-                errors[r] = ConfigError(f"config error: {r.name}@{r.revision}: {r.name} is a local path; "
+                errors[r] = config_error(f"{r.name}@{r.revision}: {r.name} is a local path; "
                                         "a revision applies only to Hugging Face Hub repos")
             else:
                 out[r] = Resolved(local, None)
@@ -278,7 +278,7 @@ def _fetch(r: Request, cache_dir: Optional[PathLike], progress: bool) -> Resolve
     try:
         import huggingface_hub  # noqa: F401
     except ImportError:
-        raise ConfigError(f"config error: {r.name!r} is not a local path; hub models need huggingface_hub "
+        raise config_error(f"{r.name!r} is not a local path; hub models need huggingface_hub "
                           "(pip install huggingface_hub)") from None
     cache = hub_cache_dir(cache_dir)
     try:
@@ -382,14 +382,16 @@ def _download_folder(repo: str, revision: Optional[str], kind: str, cache: Path,
 
 
 # ------------------------------------------------------------------ configs
-def resolve_config(cfg: Any, *, cache_dir: Optional[PathLike] = None, progress: bool = False) -> Tuple[Any, List[HubInput]]:
+def resolve_config(cfg: Any, ref_type: type, *, cache_dir: Optional[PathLike] = None,
+                   progress: bool = False) -> Tuple[Any, List[HubInput]]:
     """Every model reference of a parsed config (merge_fast.config.schema.MergeConfig)
     resolved to local folders; returns the new config and its hub inputs, pinned.
 
     The config is walked generically (every ModelRef in any dataclass field, list or dict),
-    so new parts of the schema need nothing here; errors name the nearest config key."""
-    from .config.schema import ModelRef
-
+    so new parts of the schema need nothing here; errors name the nearest config key.
+    `ref_type`: the config's model reference class (ModelRef; the config layer passes it,
+    this module stays below it)."""
+    ModelRef = ref_type
     where: Dict[Request, Tuple[Any, ...]] = {}  # first config key naming each reference
 
     def collect(m: Any, key: Tuple[Any, ...]) -> Any:
@@ -402,8 +404,8 @@ def resolve_config(cfg: Any, *, cache_dir: Optional[PathLike] = None, progress: 
     done, errors = resolve_each(list(where), cache_dir=cache_dir, progress=progress)
     located: List[MergeError] = []
     for r, e in errors.items():
-        msg = str(e).removeprefix("config error: ")
-        located.append(type(e)(f"config error: {cfg.src.where(where[r])}: {msg}"))
+        msg = unprefixed(e)
+        located.append(config_error(f"{cfg.src.where(where[r])}: {msg}", type(e)))
     raise_all(located)
 
     def new(m: Any, key: Tuple[Any, ...]) -> Any:
@@ -461,29 +463,3 @@ def resolve_paths(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] =
     return out, list(dict.fromkeys(r.hub for r in done.values() if r.hub is not None))
 
 
-def local_models(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] = None) -> List[str]:
-    """Local folders for model references (hub ids downloaded). A ``model+adapter`` is read
-    through a copy with the adapter merged in (merge_fast.lora.apply, as configs read it),
-    kept in ``<cache>/../merge_fast/lora-cache`` and reused while neither input changes."""
-    local, _ = resolve_paths(models, cache_dir=cache_dir)
-    return [p if a is None else str(merged_adapter(p, a, cache_dir)) for p, a in local]
-
-
-def merged_adapter(model: str, adapter: str, cache_dir: Optional[PathLike]) -> Path:
-    import hashlib
-
-    h = hashlib.sha256()
-    for folder in (model, adapter):  # paths and file stamps: a changed input is a new entry
-        root = Path(folder).resolve()
-        h.update(str(root).encode() + b"\0")
-        for f in sorted(root.iterdir()) if root.is_dir() else [root]:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    out = hub_cache_dir(cache_dir).parent / "merge_fast" / "lora-cache" / h.hexdigest()[:24]
-    if not (out / "config.json").is_file():  # outputs are written atomically: present is complete
-        from .lora import apply
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        apply(model, adapter, out)
-    return out

@@ -17,7 +17,7 @@ from typing import Any, Tuple
 import numpy as np
 
 from . import _core
-from ._errors import ConfigError
+from ._errors import config_error
 
 __all__ = ["svd", "procrustes"]
 
@@ -27,7 +27,7 @@ def _as_f32(x: Any, what: str) -> np.ndarray:
         x = x.detach().cpu().float().numpy()
     a = np.asarray(x)
     if a.dtype.kind not in "fiu":
-        raise ConfigError(f"config error: {what} must be a real numeric array, got dtype {a.dtype}")
+        raise config_error(f"{what} must be a real numeric array, got dtype {a.dtype}")
     return np.require(a, np.float32, ["C", "A"])  # copies an unaligned buffer too
 
 
@@ -37,12 +37,12 @@ def _stack(x: Any, what: str) -> Tuple[np.ndarray, bool]:
         return a[None], False
     if a.ndim == 3:
         return a, True
-    raise ConfigError(f"config error: {what} must be a 2-D matrix or a 3-D stack (n, m, k), got shape {a.shape}")
+    raise config_error(f"{what} must be a 2-D matrix or a 3-D stack (n, m, k), got shape {a.shape}")
 
 
 def _check_count(name: str, v: Any, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ConfigError(f"config error: {name} must be an integer >= {minimum}, got {v!r}")
+        raise config_error(f"{name} must be an integer >= {minimum}, got {v!r}")
     return int(v)
 
 
@@ -97,6 +97,6 @@ def procrustes(A: Any, B: Any) -> np.ndarray:
     a, sa = _stack(A, "procrustes A")
     b, sb = _stack(B, "procrustes B")
     if sa != sb:
-        raise ConfigError("config error: procrustes: pass two matrices or two stacks, not a mix")
+        raise config_error("procrustes: pass two matrices or two stacks, not a mix")
     R = _core.procrustes_stack(a, b)
     return R if sa else R[0]

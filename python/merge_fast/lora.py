@@ -21,9 +21,10 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from ._errors import ConfigError
+from ._errors import config_error
+from . import plan as _plan
 from .distributed import with_executor
 
 PathLike = Union[str, Path]
@@ -53,26 +54,23 @@ class Adapter:
     modules: Dict[str, LoraModule]  # by target tensor name
     replacements: Dict[str, Tuple[str, Tuple[int, ...]]]  # base tensor name -> (adapter tensor, shape)
 
-    def sources(self, base_input: int, adapter_input: int, base_source: Callable[[str], dict]) -> Dict[str, dict]:
-        """Plan sources for every base tensor this adapter changes."""
-        out: Dict[str, dict] = {}
+    def sources(self, base_input: int, adapter_input: int,
+                base_source: Optional[Callable[[str], _plan.Source]] = None) -> Dict[str, _plan.Source]:
+        """Plan sources for every base tensor this adapter changes (the base tensor itself:
+        `base_source`, by default the same name in input `base_input`)."""
+        base_of = base_source or (lambda n: _plan.tensor(base_input, n))
+        out: Dict[str, _plan.Source] = {}
         for name, m in self.modules.items():
-            out[name] = {
-                "kind": "lora",
-                "base": base_source(name),
-                "a": {"input": adapter_input, "tensor": m.a},
-                "b": {"input": adapter_input, "tensor": m.b},
-                "scale": m.scale,
-                "transpose": m.transpose,
-            }
+            out[name] = _plan.lora(base_of(name), {"input": adapter_input, "tensor": m.a},
+                                   {"input": adapter_input, "tensor": m.b}, m.scale, m.transpose)
         for name, (t, _) in self.replacements.items():
             if name not in self.modules:  # a saved copy of an adapted layer's base weight
-                out[name] = {"kind": "tensor", "input": adapter_input, "tensor": t}
+                out[name] = _plan.tensor(adapter_input, t)
         return out
 
 
-def _err(path: Path, msg: str) -> ConfigError:
-    return ConfigError(f"config error: LoRA adapter {path}: {msg}")
+def _err(path: Path, msg: str):
+    return config_error(f"LoRA adapter {path}: {msg}")
 
 
 def _pattern_value(patterns: Dict[str, Any], module: str, default: Any) -> Any:
@@ -219,13 +217,79 @@ def apply(
     streaming tensor by tensor. Either may be a hub repo id (``org/name[@revision]``).
     ``out`` must not touch ``base`` or ``adapter``; an existing previous output is replaced
     only with ``overwrite``."""
-    from .config import run
+    import yaml
 
-    cfg = {"merge_method": "passthrough", "models": [{"model": {"model": str(base), "lora": str(adapter)}}]}
+    from ._output import check_threads
+    from .hub import Request, resolve
+
+    # Written as the one-model passthrough config it is (`model: {model, lora}`): the same
+    # recipe, tensor order and files as `merge-fast run` on that config.
+    cfg: Dict[str, Any] = {"merge_method": "passthrough", "models": [{"model": {"model": str(base), "lora": str(adapter)}}]}
     if out_dtype:
         cfg["out_dtype"] = out_dtype
-    return run(cfg, out, threads=threads, out_shard_size=max_shard_size, progress=progress, write_model_card=False,
-               overwrite=overwrite, cache_dir=cache_dir)
+    _plan.check_output(out, [base, adapter], overwrite=overwrite)
+    threads = check_threads(threads)
+    shard = _plan.shard_size(max_shard_size, "max_shard_size")
+    code = _plan.out_dtype_code("float32", out_dtype)
+    reqs = [Request(str(base), None, "model"), Request(str(adapter), None, "adapter")]
+    done = resolve(reqs, cache_dir=cache_dir, progress=progress is True)
+    folder, ad_folder = (str(done[r].path) for r in reqs)
+    hub_inputs = list(dict.fromkeys(r.hub for r in done.values() if r.hub is not None))
+    _plan.check_output(out, [folder, ad_folder], overwrite=overwrite)
+    tensors = _plan.open_checkpoint(folder).tensors()
+    ad = read_adapter(ad_folder, {n: tuple(sh) for n, _, sh in tensors})
+    inputs = _plan.Inputs()
+    base_in, ad_in = inputs(folder), inputs(ad.file)
+    changed = ad.sources(base_in, ad_in)
+    layers, _, pre, post = _plan.layer_structure([n for n, _, _ in tensors])
+    order = [*pre, *(n for i in sorted(layers) for _, n in layers[i]), *post]
+    params: Dict[str, Any] = {}  # passthrough: a copy of the one input
+    plans = [_plan.TensorPlan(n, "passthrough", params, None, [changed.get(n) or _plan.tensor(base_in, n)], code)
+             for n in order]
+    recipe: Dict[str, Any] = {"merge_fast_version": _plan._core.__version__, "method": "passthrough",
+                              "config": yaml.safe_dump(cfg, sort_keys=False)}
+    if hub_inputs:
+        recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
+
+    def config_json(tmp: Path) -> None:  # rewritten as a config merge writes it
+        f = tmp / "config.json"
+        if f.is_file():
+            f.write_text(json.dumps(json.loads(f.read_text()), indent=2) + "\n")
+
+    return _plan.execute(inputs.paths, plans, out, recipe=recipe, side_files_from=folder, out_dtype=code,
+                         threads=threads, max_shard_size=shard, progress=progress, overwrite=overwrite,
+                         extra_files=config_json, inputs=[ad_folder])
 
 
-__all__ = ["Adapter", "LoraModule", "read_adapter", "check_against_base", "apply"]
+def merged_adapter(model: str, adapter: str, cache_dir: Optional[PathLike]) -> Path:
+    """A cached copy of `model` with `adapter` merged in (:func:`apply`), kept in
+    ``<cache>/../merge_fast/lora-cache`` and reused while neither input changes."""
+    import hashlib
+
+    from .hub import hub_cache_dir
+
+    h = hashlib.sha256()
+    for folder in (model, adapter):  # paths and file stamps: a changed input is a new entry
+        root = Path(folder).resolve()
+        h.update(str(root).encode() + b"\0")
+        for f in sorted(root.iterdir()) if root.is_dir() else [root]:
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    out = hub_cache_dir(cache_dir).parent / "merge_fast" / "lora-cache" / h.hexdigest()[:24]
+    if not (out / "config.json").is_file():  # outputs are written atomically: present is complete
+        out.parent.mkdir(parents=True, exist_ok=True)
+        apply(model, adapter, out)
+    return out
+
+
+def local_models(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] = None) -> List[str]:
+    """Local folders for model references (hub ids downloaded). A ``model+adapter`` is read
+    through a copy with the adapter merged in (:func:`merged_adapter`)."""
+    from .hub import resolve_paths
+
+    local, _ = resolve_paths(models, cache_dir=cache_dir)
+    return [p if a is None else str(merged_adapter(p, a, cache_dir)) for p, a in local]
+
+
+__all__ = ["Adapter", "LoraModule", "read_adapter", "check_against_base", "apply", "merged_adapter", "local_models"]

@@ -30,8 +30,8 @@ from typing import Dict, Iterable, Optional, Union
 import numpy as np
 
 from . import _core
-from ._errors import ConfigError, MergeError, TensorMismatch
-from ._folders import open_checkpoint
+from ._errors import MergeError, TensorMismatch, config_error
+from .plan import open_checkpoint
 from .linalg import svd
 from ._output import check_output_dir, staged_dir
 
@@ -72,11 +72,11 @@ def extract_lora(
     tensor's dtype in ``finetuned``). ``overwrite`` replaces a previous output at ``out``.
     Returns ``{tensor name: relative error}`` for the factored tensors."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"config error: extract_lora: rank must be a positive integer, got {rank!r}")
+        raise config_error(f"extract_lora: rank must be a positive integer, got {rank!r}")
     if energy is not None and not (0.0 < float(energy) <= 1.0):
-        raise ConfigError(f"config error: extract_lora: energy must be in (0, 1], got {energy!r}")
+        raise config_error(f"extract_lora: energy must be in (0, 1], got {energy!r}")
     if out_dtype is not None and out_dtype not in _DTYPES:
-        raise ConfigError(f"config error: extract_lora: out_dtype must be one of {', '.join(_DTYPES)}, got {out_dtype!r}")
+        raise config_error(f"extract_lora: out_dtype must be one of {', '.join(_DTYPES)}, got {out_dtype!r}")
     check_output_dir(out, [base, finetuned], overwrite=overwrite)
     save = set(modules_to_save)
     b_ck, f_ck = open_checkpoint(base), open_checkpoint(finetuned)
@@ -144,7 +144,7 @@ def extract_lora(
         if module(n) in full_modules:
             tensors.append((f"{_PREFIX}{n}", f_ck.read_f32(n), list(f_info[n][1]), dtype_of(n)))
     if not tensors:
-        raise ConfigError(f"config error: extract_lora: nothing to extract from {finetuned}")
+        raise config_error(f"extract_lora: nothing to extract from {finetuned}")
 
     cfg = {
         "peft_type": "LORA",

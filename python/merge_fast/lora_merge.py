@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._errors import ConfigError
+from ._errors import config_error
 from ._output import check_output_dir, staged_dir
 from .lora import read_adapter
 
@@ -41,21 +41,21 @@ def merge_adapters(
     adapters = [Path(a) for a in adapters]
     weights = [float(w) for w in weights]
     if not adapters:
-        raise ConfigError("config error: merge_adapters needs at least one adapter")
+        raise config_error("merge_adapters needs at least one adapter")
     if len(weights) != len(adapters):
-        raise ConfigError(f"config error: merge_adapters: {len(weights)} weights for {len(adapters)} adapters")
+        raise config_error(f"merge_adapters: {len(weights)} weights for {len(adapters)} adapters")
     if out_dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"config error: merge_adapters: out_dtype must be float32, bfloat16 or float16, got {out_dtype!r}")
+        raise config_error(f"merge_adapters: out_dtype must be float32, bfloat16 or float16, got {out_dtype!r}")
     check_output_dir(out, adapters, overwrite=overwrite)
     ads = [read_adapter(a) for a in adapters]
     for ad in ads:
         if ad.replacements:
-            raise ConfigError(f"config error: LoRA adapter {ad.path}: full tensors ({sorted(ad.replacements)[0]}, ...) "
+            raise config_error(f"LoRA adapter {ad.path}: full tensors ({sorted(ad.replacements)[0]}, ...) "
                               "cannot be merged by SVD; remove modules_to_save")
     if rank is None:
         rank = max(int(ad.config["r"]) for ad in ads)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"config error: merge_adapters: rank must be a positive integer, got {rank!r}")
+        raise config_error(f"merge_adapters: rank must be a positive integer, got {rank!r}")
     cks = [_core.Checkpoint(str(ad.file)) for ad in ads]
     targets = sorted({t for ad in ads for t in ad.modules})
     dt = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[out_dtype]
@@ -65,7 +65,7 @@ def merge_adapters(
         first = present[0][3]
         if any(m.transpose != first.transpose or m.b_shape[0] != first.b_shape[0] or m.a_shape[1] != first.a_shape[1]
                for _, _, _, m in present):
-            raise ConfigError(f"config error: merge_adapters: module {target!r} has different shapes or layouts across adapters")
+            raise config_error(f"merge_adapters: module {target!r} has different shapes or layouts across adapters")
         bs = [w * m.scale * ck.read_f32(m.b).astype(np.float64).reshape(m.b_shape) for _, ck, w, m in present]
         as_ = [ck.read_f32(m.a).astype(np.float64).reshape(m.a_shape) for _, ck, w, m in present]
         b_cat, a_cat = np.concatenate(bs, axis=1), np.concatenate(as_, axis=0)

@@ -49,9 +49,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._errors import ConfigError, InvalidCheckpoint, TensorMismatch
+from ._errors import InvalidCheckpoint, TensorMismatch, config_error
+from ._folders import SIDE_FILES
 from .distributed import with_executor
-from ._folders import SIDE_FILES, execute, open_checkpoint, out_dtype_code, same_tensor_plan
+from .plan import check_output, execute, open_checkpoint, out_dtype_code, same_tensor_plan
 from ._output import check_output_dir, staged_dir
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -85,20 +86,20 @@ def _params(method: str, params: Dict[str, Any]) -> Dict[str, Any]:
         p["lambda"] = p.pop("lam")
     if method == "regmean" and "alpha" in p:
         if "reduce_non_diagonal_ratio" in p and p["reduce_non_diagonal_ratio"] != p["alpha"]:
-            raise ConfigError("config error: regmean: give reduce_non_diagonal_ratio or its alias alpha, not both")
+            raise config_error("regmean: give reduce_non_diagonal_ratio or its alias alpha, not both")
         p["reduce_non_diagonal_ratio"] = p.pop("alpha")
     extra = sorted(set(p) - set(known))
     if extra:
-        raise ConfigError(f"config error: partial {method}: unknown parameter(s) {extra} (known: {sorted(known)})")
+        raise config_error(f"partial {method}: unknown parameter(s) {extra} (known: {sorted(known)})")
     out = {**known, **p}
     if method == "fisher_weighted":
         if out["fisher_normalize"] not in ("none", "mean"):
-            raise ConfigError(f"config error: fisher_normalize must be 'none' or 'mean', got {out['fisher_normalize']!r}")
+            raise config_error(f"fisher_normalize must be 'none' or 'mean', got {out['fisher_normalize']!r}")
         if not float(out["epsilon"]) >= 0:
-            raise ConfigError(f"config error: epsilon must be >= 0, got {out['epsilon']!r}")
+            raise config_error(f"epsilon must be >= 0, got {out['epsilon']!r}")
     if method == "regmean":
         if not 0 <= float(out["reduce_non_diagonal_ratio"]) <= 1 or not float(out["ridge"]) >= 0:
-            raise ConfigError("config error: regmean: reduce_non_diagonal_ratio must be in [0, 1] and ridge >= 0")
+            raise config_error("regmean: reduce_non_diagonal_ratio must be in [0, 1] and ridge >= 0")
     return out
 
 
@@ -220,30 +221,30 @@ def partial(
     fisher_weighted ``epsilon``, ``fisher_normalize``; regmean ``reduce_non_diagonal_ratio``
     (alias ``alpha``), ``ridge``."""
     if method not in METHODS:
-        raise ConfigError(f"config error: partial merges support {', '.join(METHODS)}, not {method!r}")
+        raise config_error(f"partial merges support {', '.join(METHODS)}, not {method!r}")
     models = [Path(m) for m in models]
     if not models:
-        raise ConfigError("config error: partial needs at least one model")
+        raise config_error("partial needs at least one model")
     w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
     if len(w) != len(models):
-        raise ConfigError(f"config error: {len(models)} models but {len(w)} weights")
+        raise config_error(f"{len(models)} models but {len(w)} weights")
     if any(not np.isfinite(x) for x in w):
-        raise ConfigError("config error: weights must be finite numbers")
+        raise config_error("weights must be finite numbers")
     p = _params(method, params or {})
     if (method == "task_arithmetic") != (base is not None):
-        raise ConfigError(f"config error: {method} {'needs' if base is None else 'takes no'} base model")
+        raise config_error(f"{method} {'needs' if base is None else 'takes no'} base model")
     fishers = [Path(f) for f in (fishers or [])]
     if (method == "fisher_weighted") != bool(fishers) or (fishers and len(fishers) != len(models)):
-        raise ConfigError(f"config error: fisher_weighted needs one Fisher per model ({len(models)} models, "
+        raise config_error(f"fisher_weighted needs one Fisher per model ({len(models)} models, "
                           f"{len(fishers)} Fishers); other methods take none")
     grams = [Path(g) for g in (grams or [])]
     if (method == "regmean") != bool(grams) or (grams and len(grams) != len(models)):
-        raise ConfigError(f"config error: regmean needs one Gram file per model ({len(models)} models, "
+        raise config_error(f"regmean needs one Gram file per model ({len(models)} models, "
                           f"{len(grams)} Gram files); other methods take none")
     ids = [identity(m) for m in models]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ConfigError(f"config error: input(s) given twice: {dup}")
+        raise config_error(f"input(s) given twice: {dup}")
     # Validates names and shapes of every input (and the base) before any write.
     paths, plans = same_tensor_plan("linear", base, models, lambda _n: {}, None)
     ckpts = [open_checkpoint(x) for x in paths]
@@ -344,7 +345,7 @@ def _same(infos: List[Tuple[Path, Dict[str, Any]]], key: str) -> None:
     (p0, i0), *rest = infos
     for p, i in rest:
         if i[key] != i0[key]:
-            raise ConfigError(f"config error: cannot combine merge states with different {key}: "
+            raise config_error(f"cannot combine merge states with different {key}: "
                               f"{p0} has {i0[key]!r}, {p} has {i[key]!r}")
 
 
@@ -352,7 +353,7 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
     """Joins merge states (any order and grouping; see the module doc) into the state `out`."""
     sts = [_State(s) for s in states]
     if not sts:
-        raise ConfigError("config error: combine needs at least one state")
+        raise config_error("combine needs at least one state")
     infos = [(s.folder, s.info) for s in sts]
     for key in ("method", "params", "base"):
         _same(infos, key)
@@ -369,7 +370,7 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
         for i in s.info["inputs"]:
             k = _input_key(i)
             if seen.setdefault(i["id"], k) != k:
-                raise ConfigError(f"config error: input {i['id']} appears with different weights or Fishers/Grams "
+                raise config_error(f"input {i['id']} appears with different weights or Fishers/Grams "
                                   f"({seen[i['id']][1:]} vs {k[1:]}; last seen in {s.folder})")
     # The join: drop states covered by another, keep one of equal ones (canonical choice).
     order = sorted(range(len(sts)), key=lambda k: (sorted(sts[k].keys), str(sts[k].folder)))
@@ -382,7 +383,7 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
             shared = kept[a].keys & kept[b].keys
             if shared:
                 names = sorted(x[0] for x in shared)
-                raise ConfigError(f"config error: states {kept[a].folder} and {kept[b].folder} share the inputs "
+                raise config_error(f"states {kept[a].folder} and {kept[b].folder} share the inputs "
                                   f"{names} but not all of their inputs; a sum cannot be split, so they cannot "
                                   f"be combined (combine states with disjoint inputs)")
     kept.sort(key=lambda s: sorted(s.keys))  # canonical summation order
@@ -419,13 +420,13 @@ def finalize(state: PathLike, *, out: PathLike, base: Optional[PathLike] = None,
     if method == "task_arithmetic":
         bpath = Path(base if base is not None else info["base"])
         if identity(bpath) != info["base"]:
-            raise ConfigError(f"config error: base {bpath} is not the state's base {info['base']}")
+            raise config_error(f"base {bpath} is not the state's base {info['base']}")
         b_ckpt = open_checkpoint(bpath)
     elif base is not None:
-        raise ConfigError(f"config error: {method} states take no base")
+        raise config_error(f"{method} states take no base")
     code = out_dtype_code("float32", out_dtype)
     protected = [s.folder, *([base] if base is not None else [])]
-    check_output_dir(out, protected, overwrite=overwrite)
+    check_output(out, protected, overwrite=overwrite)
     out_abs = Path(out).absolute()
     # Named like a staging folder, so a later merge into `out` removes it if we are killed.
     stage = out_abs.parent / f".{out_abs.name}.merge-fast-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

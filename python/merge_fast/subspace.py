@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 from . import _core
-from ._errors import ConfigError, MergeError, MergeIOError
-from ._folders import open_checkpoint
+from ._errors import MergeError, config_error, io_error
+from .plan import open_checkpoint
 from ._output import check_output_file, check_threads, remove_stale
 
 PathLike = Union[str, Path]
@@ -36,10 +36,10 @@ def subspace_masks(
     energies are also stored in the file's metadata. Either model may be a hub repo id
     (``org/name[@revision]``, downloaded into ``cache_dir``)."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ConfigError(f"config error: rank must be a positive integer, got {rank!r}")
+        raise config_error(f"rank must be a positive integer, got {rank!r}")
     rank = int(rank)
     threads = check_threads(threads)
-    from .hub import local_models
+    from .lora import local_models
 
     it_dir, pt_dir = local_models([it_dir, pt_dir], cache_dir=cache_dir)
     out = check_output_file(out, [it_dir, pt_dir])
@@ -49,11 +49,11 @@ def subspace_masks(
     names = [n for n, dtype, shape in it.tensors()
              if len(shape) == 2 and dtype in ("F32", "F16", "BF16", "F64") and (pattern is None or pattern.search(n))]
     if not names:
-        raise ConfigError(f"config error: no 2-D float tensor in {it_dir} matches {include!r}")
+        raise config_error(f"no 2-D float tensor in {it_dir} matches {include!r}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MergeIOError(f"I/O error: cannot create the folder of {out}: {e.strerror or e}") from None
+        raise io_error(f"cannot create the folder of {out}: {e.strerror or e}") from None
     remove_stale(out.parent, out.name)
     tmp = out.parent / f".{out.name}.merge-fast-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -63,7 +63,7 @@ def subspace_masks(
     except OSError as e:
         if isinstance(e, MergeError):
             raise
-        raise MergeIOError(f"I/O error: cannot write {out}: {e.strerror or e}") from None
+        raise io_error(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -19,7 +19,8 @@ Lazy / streaming form (only shapes needed, e.g. from safetensors headers)::
 
 Built-in families: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, gemma3
 (multimodal: language model mapped, vision tower passed through), phi, phi3, gpt_neox, opt,
-gpt2, bert, roberta, granite, t5 and t5_gated (decoder mapped, encoder passed through).  Custom ones: :func:`load_mapping` (see ``examples/qed.yaml``).
+gpt2, bert, roberta, granite, t5 and t5_gated (decoder mapped, encoder passed through).
+Custom ones: :func:`load_mapping` (see ``examples/qed.yaml``).
 
 This subpackage imports nothing from the compiled core, so it works without ``_core``.
 """

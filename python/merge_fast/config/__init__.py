@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from .._errors import ConfigError, MergeWarning
-from .._folders import MergeResult, ProgressArg, execute
+from .._folders import MergeResult, ProgressArg
 from ..distributed import with_executor
-from .._output import check_output_dir, check_threads, parse_size
+from .._output import check_threads, parse_size
+from .. import plan as _plan
 from . import output as _output
 from ._source import load as _load, load_all as _load_all
 from .methods import MERGEKIT_METHODS
@@ -51,15 +52,9 @@ def load(config: ConfigLike, *, strict: bool = False) -> MergeConfig:
 
 
 def parse_shard_size(size: Union[int, str]) -> int:
-    """mergekit's sizes (``5B``, ``500M``, ``1000K``, a plain number: bytes, counted as
-    mergekit's writer counts them) and ours (``5GB``, ``500MB``, ``1GiB``)."""
-    if isinstance(size, int):
-        return parse_size(size)
-    s = str(size).strip()
-    if s and s[-1] in "kKmMbB" and s[:-1].replace(".", "", 1).isdigit():
-        mult = {"k": 10**3, "m": 10**6, "b": 10**9}[s[-1].lower()]
-        return int(float(s[:-1]) * mult)
-    return parse_size(s)
+    """Deprecated name of :func:`merge_fast._output.parse_size` (``max_shard_size`` forms:
+    mergekit's ``5B``, ``500M``, ``1000K`` and ``5GB``, ``500MB``, ``1GiB``, an int)."""
+    return parse_size(size)
 
 
 def plan(config: ConfigLike, *, allow_crimes: bool = False, strict: bool = False,
@@ -75,8 +70,9 @@ def _resolve_refs(cfg: MergeConfig, cache_dir, progress) -> tuple:
     """Local folders for every model reference (hub downloads, .bin conversions), before
     anything is written; also the pinned hub inputs for the card and the recipe."""
     from ..hub import resolve_config
+    from .schema import ModelRef
 
-    return resolve_config(cfg, cache_dir=cache_dir, progress=bool(progress) and not callable(progress))
+    return resolve_config(cfg, ModelRef, cache_dir=cache_dir, progress=bool(progress) and not callable(progress))
 
 
 @with_executor
@@ -84,7 +80,7 @@ def run(
     config: ConfigLike,
     out: Union[str, Path],
     *,
-    out_shard_size: Union[int, str] = "5B",
+    max_shard_size: Union[int, str] = "5GB",
     copy_tokenizer: bool = True,
     allow_crimes: bool = False,
     random_seed: Optional[int] = None,
@@ -102,6 +98,7 @@ def run(
     fsync: bool = True,
     executor: str = "local",
     ray_address: Optional[str] = None,
+    out_shard_size: Optional[Union[int, str]] = None,
 ) -> MergeResult:
     """Runs a mergekit-style config into `out` (written atomically, fsynced before the
     final rename unless ``fsync=False``). An existing non-empty `out` is replaced only with
@@ -112,7 +109,13 @@ def run(
     ``lazy_unpickle`` and ``low_cpu_memory`` are accepted for mergekit compatibility and do
     nothing (inputs are always memory-mapped and streamed). ``cuda`` prints a notice:
     merge_fast computes on the CPU. Hub references go to ``cache_dir`` (default: the
-    standard Hugging Face cache)."""
+    standard Hugging Face cache). ``max_shard_size``: the largest output shard (an int,
+    ``"5GB"``, ``"500MB"``, ``"1GiB"`` or mergekit's ``"5B"``); ``out_shard_size`` is its
+    deprecated name (mergekit's)."""
+    if out_shard_size is not None:
+        warnings.warn("merge_fast.run: out_shard_size is deprecated; use max_shard_size", DeprecationWarning,
+                      stacklevel=3)
+        max_shard_size = out_shard_size
     if cuda:
         print("merge-fast: --cuda ignored: merge_fast computes on the CPU (streamed, multi-threaded)", file=sys.stderr)
     del lazy_unpickle, low_cpu_memory, trust_remote_code
@@ -121,19 +124,16 @@ def run(
         if len(srcs) > 1 or stage is not None:
             from .stages import run_stages
 
-            check_output_dir(out, [], overwrite=overwrite)  # the final output, before any stage runs
-            opts = dict(out_shard_size=out_shard_size, copy_tokenizer=copy_tokenizer, allow_crimes=allow_crimes,
+            _plan.check_output(out, [], overwrite=overwrite)  # the final output, before any stage runs
+            opts = dict(max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer, allow_crimes=allow_crimes,
                         random_seed=random_seed, write_model_card=write_model_card, threads=threads,
                         progress=progress, strict=strict, overwrite=overwrite, cache_dir=cache_dir, fsync=fsync)
             return run_stages(srcs, Path(out), stage, run, opts)
         config = srcs[0]
     cfg = config if isinstance(config, MergeConfig) else _parse(config, strict=strict)
-    check_output_dir(out, _inputs(cfg), overwrite=overwrite)
+    _plan.check_output(out, _inputs(cfg), overwrite=overwrite)
     threads = check_threads(threads)
-    try:
-        shard = parse_shard_size(out_shard_size)
-    except ValueError as e:
-        raise ConfigError(f"config error: out_shard_size: {e}") from None
+    shard = _plan.shard_size(max_shard_size, "max_shard_size")
     cfg, hub_inputs = _resolve_refs(cfg, cache_dir, progress)
     hub_inputs = list(dict.fromkeys([*cfg.earlier_hub_inputs, *hub_inputs]))
     if cfg.merge_method in _RECIPES:
@@ -141,7 +141,7 @@ def run(
                            seed=random_seed or 0, write_model_card=write_model_card, overwrite=overwrite,
                            hub_inputs=hub_inputs, cache_dir=cache_dir, fsync=fsync)
     inputs = _inputs(cfg)  # the local folders the references resolved to
-    check_output_dir(out, inputs, overwrite=overwrite)
+    _plan.check_output(out, inputs, overwrite=overwrite)
     p = Planner(cfg, allow_crimes=allow_crimes).plan()
     chat_template = _output.resolve_chat_template(cfg, cfg.src.error)
     out = Path(out)
@@ -297,7 +297,7 @@ def _with_location(cfg: MergeConfig, e: ConfigError) -> ConfigError:
 
 
 def _execute(p, out, recipe, shard, threads, progress, random_seed, extra, overwrite, inputs, fsync=True):
-    return execute(
+    return _plan.execute(
         p.paths,
         p.tensors,
         out,

@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
-from .._errors import ConfigError, MergeWarning
+from .._errors import ConfigError, MergeWarning, config_error, unprefixed
 
 KeyPath = Tuple[Union[str, int], ...]
 
@@ -64,7 +64,7 @@ class ConfigSource:
         return f"{name}, key {key_str(path)}"
 
     def error(self, path: KeyPath, msg: str) -> ConfigError:
-        return ConfigError(f"config error: {self.where(path)}: {msg}")
+        return config_error(f"{self.where(path)}: {msg}")
 
     def ignore(self, path: KeyPath, what: str, known: Iterable[str], note: str = "") -> None:
         """Records a key mergekit would ignore (run anyway; an error under strict), with the
@@ -86,14 +86,14 @@ class ConfigSource:
     def finish(self) -> None:
         """Raises every problem found in one ConfigError (ignored keys count as problems under
         strict), else warns once per ignored key name."""
-        msgs = [str(e).removeprefix("config error: ") for e in self.errors]
+        msgs = [unprefixed(e) for e in self.errors]
         if self.strict:
             msgs += [m for ms in self.ignored.values() for m in ms]
         if msgs:
             self.errors, self.ignored = [], {} if self.strict else self.ignored
             if len(msgs) == 1:
-                raise ConfigError(f"config error: {msgs[0]}")
-            raise ConfigError(f"config error: {len(msgs)} problems:\n" + "\n".join(f"  - {m}" for m in msgs))
+                raise config_error(f"{msgs[0]}")
+            raise config_error(f"{len(msgs)} problems:\n" + "\n".join(f"  - {m}" for m in msgs))
         for ms in self.ignored.values():
             more = f" (and {len(ms) - 1} more place(s))" if len(ms) > 1 else ""
             warnings.warn(f"merge-fast: {ms[0]}{more}; pass --strict (strict=True) to refuse", MergeWarning, stacklevel=4)
@@ -110,7 +110,7 @@ def _expanded_size(node: yaml.Node, name: str) -> int:
         if id(n) in sizes:
             return sizes[id(n)]
         if id(n) in busy:
-            raise ConfigError(f"config error: {name} line {n.start_mark.line + 1}: recursive YAML alias")
+            raise config_error(f"{name} line {n.start_mark.line + 1}: recursive YAML alias")
         busy.add(id(n))
         if isinstance(n, yaml.MappingNode):
             total = 1 + sum(size(k) + size(v) for k, v in n.value)
@@ -120,7 +120,7 @@ def _expanded_size(node: yaml.Node, name: str) -> int:
             total = 1
         busy.discard(id(n))
         if total > MAX_EXPANDED_NODES:
-            raise ConfigError(f"config error: {name} line {n.start_mark.line + 1}: YAML aliases expand to more than "
+            raise config_error(f"{name} line {n.start_mark.line + 1}: YAML aliases expand to more than "
                               f"{MAX_EXPANDED_NODES} values; refusing (is this an alias bomb?)")
         sizes[id(n)] = total
         return total
@@ -135,8 +135,8 @@ def _walk(node: yaml.Node, path: KeyPath, lines: Dict[KeyPath, int], filename: s
         for k, v in node.value:
             key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
             if key in seen:
-                raise ConfigError(
-                    f"config error: {filename} line {k.start_mark.line + 1}, key {key_str(path + (key,))}: "
+                raise config_error(
+                    f"{filename} line {k.start_mark.line + 1}, key {key_str(path + (key,))}: "
                     "duplicate key (YAML would silently keep only the last one)"
                 )
             seen.add(key)
@@ -151,7 +151,7 @@ def _walk(node: yaml.Node, path: KeyPath, lines: Dict[KeyPath, int], filename: s
 def _yaml_error(e: yaml.YAMLError, name: str) -> ConfigError:
     mark = getattr(e, "problem_mark", None)
     where = f" line {mark.line + 1}" if mark is not None else ""
-    return ConfigError(f"config error: {name}{where}: not valid YAML: {getattr(e, 'problem', None) or e}")
+    return config_error(f"{name}{where}: not valid YAML: {getattr(e, 'problem', None) or e}")
 
 
 def parse_documents(text: str, filename: Optional[str] = None) -> List[ConfigSource]:
@@ -159,7 +159,7 @@ def parse_documents(text: str, filename: Optional[str] = None) -> List[ConfigSou
     lines of its keys as they are in the whole text."""
     name = filename or "config"
     if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config error: {name} is {len(text)} characters; configs are limited to "
+        raise config_error(f"{name} is {len(text)} characters; configs are limited to "
                           f"{MAX_CONFIG_BYTES} (1 MB)")
     try:
         nodes = [n for n in yaml.compose_all(text, Loader=yaml.SafeLoader) if n is not None]
@@ -179,7 +179,7 @@ def parse_documents(text: str, filename: Optional[str] = None) -> List[ConfigSou
 def parse_text(text: str, filename: Optional[str] = None) -> ConfigSource:
     docs = parse_documents(text, filename)
     if len(docs) > 1:
-        raise ConfigError(f"config error: {filename or 'config'}: {len(docs)} YAML documents (a multi-stage config); "
+        raise config_error(f"{filename or 'config'}: {len(docs)} YAML documents (a multi-stage config); "
                           "run it with merge_fast.config.run / merge-fast run")
     return docs[0] if docs else ConfigSource(None, text, filename, {})
 
@@ -196,21 +196,21 @@ def load_all(config: Union[str, Path, Dict[str, Any], List[Dict[str, Any]]]) -> 
     elif isinstance(config, str):
         text, name = config, None
     else:
-        raise ConfigError(f"config error: expected a YAML file path, YAML text or a dict, got {type(config).__name__}")
+        raise config_error(f"expected a YAML file path, YAML text or a dict, got {type(config).__name__}")
     return parse_documents(text, name) or [ConfigSource(None, text, name, {})]
 
 
 def _read_file(p: Path) -> str:
     try:
         if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config error: config file {p} is {p.stat().st_size} bytes; configs are "
+            raise config_error(f"config file {p} is {p.stat().st_size} bytes; configs are "
                               f"limited to {MAX_CONFIG_BYTES} (1 MB)")
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config error: config file {p} is not UTF-8 text (byte {e.start}); "
+        raise config_error(f"config file {p} is not UTF-8 text (byte {e.start}); "
                           "is it a YAML file?") from None
     except OSError as e:
-        raise ConfigError(f"config error: cannot read config file {p}: {e.strerror or e}") from None
+        raise config_error(f"cannot read config file {p}: {e.strerror or e}") from None
 
 
 def _as_file(config: Any) -> Optional[Path]:
@@ -219,7 +219,7 @@ def _as_file(config: Any) -> Optional[Path]:
                                     and (":" not in config or Path(config).suffix in (".yml", ".yaml") or Path(config).exists())):
         p = Path(config)
         if not p.is_file():
-            raise ConfigError(f"config error: config file {p} not found")
+            raise config_error(f"config file {p} not found")
         return p
     return None
 
@@ -227,7 +227,7 @@ def _as_file(config: Any) -> Optional[Path]:
 def load(config: Union[str, Path, Dict[str, Any]]) -> ConfigSource:
     """A path to a YAML file, YAML text (anything with a newline or a ':'), or a dict."""
     if isinstance(config, dict):
-        from .._folders import plain
+        from ..plan import plain
 
         return ConfigSource(plain(config), None, None, {})
     p = _as_file(config)
@@ -235,4 +235,4 @@ def load(config: Union[str, Path, Dict[str, Any]]) -> ConfigSource:
         return parse_text(_read_file(p), str(p))
     if isinstance(config, str):
         return parse_text(config, None)
-    raise ConfigError(f"config error: expected a YAML file path, YAML text or a dict, got {type(config).__name__}")
+    raise config_error(f"expected a YAML file path, YAML text or a dict, got {type(config).__name__}")

@@ -16,11 +16,9 @@ under no module prefix (e.g. a top-level ``lm_head.weight``) belong to ``text_de
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
-from ._source import ConfigSource, KeyPath
-from .schema import SliceDef, SourceDef, _check_keys, _inputs, _params
+from .schema import ModuleDef, parse_modules  # noqa: F401 - the schema of `modules:`, parsed with the rest
 
 # module name -> (weight prefixes, most specific first; layer-count config keys)
 KNOWN = {
@@ -31,30 +29,6 @@ KNOWN = {
     "multi_modal_projector": (("model.multi_modal_projector.", "multi_modal_projector."), ()),
 }
 ALL_PREFIXES = tuple(p for ps, _ in KNOWN.values() for p in ps)
-
-
-@dataclasses.dataclass
-class ModuleDef:
-    name: str
-    models: Optional[List[SourceDef]]
-    slices: Optional[List[SliceDef]]
-    parameters: Optional[Dict[str, Any]]
-    path: KeyPath
-
-
-def parse_modules(src: ConfigSource, value: Any) -> Dict[str, ModuleDef]:
-    if not isinstance(value, dict) or not value:
-        raise src.error(("modules",), "modules must map module names (e.g. text_decoder, vision_tower) to "
-                                      "{models | slices, parameters}")
-    out = {}
-    for name, m in value.items():
-        p: KeyPath = ("modules", name)
-        _check_keys(src, p, m, {"models", "slices", "parameters", "name"}, "a module")
-        got = src.collect(_inputs, src, m, p)
-        params = src.collect(_params, src, p + ("parameters",), m.get("parameters"))
-        models, slices = got if got is not None else (None, None)
-        out[str(name)] = ModuleDef(str(name), models, slices, params, p)
-    return out
 
 
 def module_prefix(name: str, names: Sequence[str]) -> str:

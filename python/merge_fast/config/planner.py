@@ -12,11 +12,12 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _core
-from .._errors import ConfigError, MergeError
-from .._folders import TensorPlan, out_dtype_code
+from .._errors import ConfigError, MergeError, unprefixed
+from .. import plan as _plan
+from ..plan import TensorPlan, layer_structure as _classify, out_dtype_code
 from ..lora import Adapter, check_against_base, read_adapter
 from ._source import KeyPath
 from .methods import NO_OP_PARAMS, MethodSpec, spec_for
@@ -24,8 +25,6 @@ from .params import interpolate_t, resolve
 from .schema import MergeConfig, ModelRef, SliceDef, SourceDef
 from .tokenizer import VocabPlan, prepare as prepare_vocab
 
-_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|layer|blocks|block))\.(?P<idx>\d+)\.(?P<rest>.+)$")
-_PRE_RE = re.compile(r"(embed_tokens|\bwte\b|\bwpe\b|embed_in|word_embeddings|position_embeddings|token_type_embeddings|\bembeddings?\b)")
 _NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 VOCAB_RE = re.compile(r"(embed_tokens|\bwte\b|embed_in|word_embeddings|lm_head|embed_out)")
 
@@ -54,7 +53,7 @@ class ModelInfo:
     def source(self, name: str) -> dict:
         if name in self.lora_sources:
             return self.lora_sources[name]
-        return {"kind": "tensor", "input": self.input, "tensor": name}
+        return _plan.tensor(self.input, name)
 
 
 @dataclasses.dataclass
@@ -72,22 +71,6 @@ class Plan:
     module_layers: Dict[Tuple[str, ...], int] = dataclasses.field(default_factory=dict)
 
 
-def _classify(names: Sequence[str]) -> Tuple[Dict[int, List[Tuple[str, str]]], Optional[str], List[str], List[str]]:
-    layers: Dict[int, List[Tuple[str, str]]] = {}
-    prefix = None
-    pre, post = [], []
-    for n in names:
-        m = _LAYER_RE.match(n)
-        if m and (prefix is None or m.group("prefix") == prefix):
-            prefix = m.group("prefix")
-            layers.setdefault(int(m.group("idx")), []).append((m.group("rest"), n))
-        elif _PRE_RE.search(n) and "embed_out" not in n:
-            pre.append(n)
-        else:
-            post.append(n)
-    return layers, prefix, pre, post
-
-
 class Planner:
     def __init__(self, cfg: MergeConfig, *, allow_crimes: bool = False, paths: Optional[List[str]] = None,
                  keep=None, module_scope: Optional[Tuple[Optional[dict], KeyPath]] = None):
@@ -102,9 +85,7 @@ class Planner:
 
     # ------------------------------------------------------------------ inputs
     def _input(self, path: str) -> int:
-        if path not in self.paths:
-            self.paths.append(path)
-        return self.paths.index(path)
+        return _plan.Inputs(self.paths)(path)
 
     def model(self, ref: ModelRef, where: KeyPath) -> ModelInfo:
         if ref.key in self.models:
@@ -142,10 +123,9 @@ class Planner:
                 ad = read_adapter(ref.lora)
                 check_against_base(ad, shapes)
             except ConfigError as e:
-                raise self.src.error(where, str(e).removeprefix("config error: ")) from None
+                raise self.src.error(where, unprefixed(e)) from None
             info.adapter = ad
-            info.lora_sources = ad.sources(info.input, self._input(str(ad.file)),
-                                           lambda n: {"kind": "tensor", "input": info.input, "tensor": n})
+            info.lora_sources = ad.sources(info.input, self._input(str(ad.file)))
         self.models[ref.key] = info
         return info
 
@@ -340,8 +320,8 @@ class Planner:
                 for i in range(len(all_srcs)):
                     rows = vocab.rows_for(keys, n_rows, i)
                     if rows is not None:
-                        all_srcs[i] = {"kind": "rows", "sources": [info.source(n) for info, n in zip(infos, in_names)],
-                                       "shape": [vocab.size, *shapes[i][1:]], "rows": rows}
+                        all_srcs[i] = _plan.rows([info.source(n) for info, n in zip(infos, in_names)],
+                                                 [vocab.size, *shapes[i][1:]], rows)
             base = all_srcs[base_idx] if base_idx is not None else None
             srcs = [all_srcs[i] for i in inputs]
             if out_name in seen_names:

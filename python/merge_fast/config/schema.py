@@ -92,7 +92,7 @@ class MergeConfig:
     tokenizer_source: Optional[Any]  # "base" | "union" | ModelRef | None
     chat_template: Optional[str]
     tokens: Dict[str, TokenSpec] = dataclasses.field(default_factory=dict)
-    modules: Optional[Dict[str, "ModuleDef"]] = None  # see modules.py
+    modules: Optional[Dict[str, "ModuleDef"]] = None  # see modules.py and ModuleDef below
     # multi-stage files: the hub inputs of the earlier stages this one is built from, pinned
     # in its card and recipe with its own (merge_fast.hub.HubInput)
     earlier_hub_inputs: Tuple[Any, ...] = ()
@@ -352,8 +352,6 @@ def parse(src: ConfigSource, *, strict: bool = False) -> MergeConfig:
     modules = None
     models = slices = None
     if d.get("modules") is not None:
-        from .modules import parse_modules
-
         if d.get("models") is not None or d.get("slices") is not None:
             src.errors.append(src.error(("modules",), "give exactly one of 'models', 'slices' or 'modules'"))
         modules = src.collect(parse_modules, src, d["modules"])
@@ -431,3 +429,28 @@ def _tokens(src: ConfigSource, value: Any) -> Dict[str, TokenSpec]:
 
 def model_dir(ref: ModelRef) -> Path:
     return Path(ref.path)
+
+
+# ---------------------------------------------------------------- modules (see modules.py)
+@dataclasses.dataclass
+class ModuleDef:
+    name: str
+    models: Optional[List[SourceDef]]
+    slices: Optional[List[SliceDef]]
+    parameters: Optional[Dict[str, Any]]
+    path: KeyPath
+
+
+def parse_modules(src: ConfigSource, value: Any) -> Dict[str, ModuleDef]:
+    if not isinstance(value, dict) or not value:
+        raise src.error(("modules",), "modules must map module names (e.g. text_decoder, vision_tower) to "
+                                      "{models | slices, parameters}")
+    out = {}
+    for name, m in value.items():
+        p: KeyPath = ("modules", name)
+        _check_keys(src, p, m, {"models", "slices", "parameters", "name"}, "a module")
+        got = src.collect(_inputs, src, m, p)
+        params = src.collect(_params, src, p + ("parameters",), m.get("parameters"))
+        models, slices = got if got is not None else (None, None)
+        out[str(name)] = ModuleDef(str(name), models, slices, params, p)
+    return out

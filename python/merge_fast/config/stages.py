@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set
 
-from .._errors import ConfigError
+from .._errors import ConfigError, config_error, unprefixed
 from ._source import ConfigSource, KeyPath
 from .schema import parse
 
@@ -72,7 +72,7 @@ def run_stages(srcs: List[ConfigSource], out: Path, stage: Optional[str], run: C
             raise src.error(("name",), f"stage {name!r} uses its own output")
     if stage is not None:
         if stage not in named:
-            raise ConfigError(f"config error: {where}: no stage named {stage!r} (stages: {', '.join(sorted(named))})")
+            raise config_error(f"{where}: no stage named {stage!r} (stages: {', '.join(sorted(named))})")
         final: Optional[str] = stage
     elif None in names:
         final = None
@@ -80,7 +80,7 @@ def run_stages(srcs: List[ConfigSource], out: Path, stage: Optional[str], run: C
         used = set().union(*deps.values())
         sinks = [n for n in names if n not in used]
         if len(sinks) != 1:
-            raise ConfigError(f"config error: {where}: {'several' if sinks else 'no'} final stages "
+            raise config_error(f"{where}: {'several' if sinks else 'no'} final stages "
                               f"({', '.join(map(str, sinks))}); pick one with --stage NAME")
         final = sinks[0]
 
@@ -92,7 +92,7 @@ def run_stages(srcs: List[ConfigSource], out: Path, stage: Optional[str], run: C
             return
         if n in visiting:
             cycle = visiting[visiting.index(n):] + [n]
-            raise ConfigError(f"config error: {where}: stages depend on each other in a cycle: "
+            raise config_error(f"{where}: stages depend on each other in a cycle: "
                               + " -> ".join(map(str, cycle)))
         visiting.append(n)
         for d in sorted(deps[n]):
@@ -132,9 +132,9 @@ def run_stages(srcs: List[ConfigSource], out: Path, stage: Optional[str], run: C
             try:
                 cfgs[n] = _name_stages(parse(src, strict=opts.get("strict", False)), tmp)
             except ConfigError as e:
-                errors.append(f"stage {n or '(unnamed)'}: {str(e).removeprefix('config error: ')}")
+                errors.append(f"stage {n or '(unnamed)'}: {unprefixed(e)}")
         if errors:
-            raise ConfigError("config error: " + "\n".join(errors))
+            raise config_error("" + "\n".join(errors))
         hub = _prefetch({n: cfgs[n] for n in order if n in needed}, tmp, opts.get("cache_dir"), opts.get("progress"))
         result = None
         for n in order:
@@ -174,7 +174,7 @@ def _prefetch(cfgs: Dict[Optional[str], Any], tmp: str, cache_dir: Any, progress
 
         _walk(cfg, (), ModelRef, collect)
     done, errors = resolve_each(list(where), cache_dir=cache_dir, progress=bool(progress) and not callable(progress))
-    raise_all([type(e)(f"config error: {where[r]}: {str(e).removeprefix('config error: ')}") for r, e in errors.items()])
+    raise_all([config_error(f"{where[r]}: {unprefixed(e)}", type(e)) for r, e in errors.items()])
     return {n: [done[r].hub for r in rs if done[r].hub is not None] for n, rs in reqs.items()}
 
 

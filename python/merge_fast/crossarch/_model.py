@@ -8,8 +8,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from .._errors import ConfigError, InvalidCheckpoint, TensorMismatch
-from .._folders import open_checkpoint
+from .._errors import InvalidCheckpoint, TensorMismatch, config_error
+from ..plan import open_checkpoint
 from ..arch import (
     PASSTHROUGH_PREFIX,
     ArchError,
@@ -77,7 +77,7 @@ def _cfg_number(config: Mapping[str, Any], key: str, family: Family) -> float:
     if v is None and isinstance(config.get("text_config"), Mapping):
         v = config["text_config"].get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v == 0:
-        raise ConfigError(f"config error: {family.name} config key '{key}' must be a finite non-zero number, got {v!r}")
+        raise config_error(f"{family.name} config key '{key}' must be a finite non-zero number, got {v!r}")
     return float(v)
 
 
@@ -151,15 +151,15 @@ class ModelView:
                 buffers="passthrough" if is_anchor else "drop",
             )
         except UnknownFamilyError as e:
-            raise ConfigError(
-                f"config error: cannot map tensor '{names[0] if names else '?'}' of {self.path} onto the canonical "
+            raise config_error(
+                f"cannot map tensor '{names[0] if names else '?'}' of {self.path} onto the canonical "
                 f"namespace: {e}"
             ) from None
         except UnknownTensorError as e:
             bad = e.names[0] if e.names else "?"
-            raise ConfigError(f"config error: tensor '{bad}' of {self.path} has no canonical role: {e}") from None
+            raise config_error(f"tensor '{bad}' of {self.path} has no canonical role: {e}") from None
         except ArchError as e:
-            raise ConfigError(f"config error: {self.path}: {e}") from None
+            raise config_error(f"{self.path}: {e}") from None
         self.family: Family = self.plan.family
         self.recipes = self.plan.recipes
         self.keys = [k for k in self.recipes if not k.startswith(PASSTHROUGH_PREFIX)]

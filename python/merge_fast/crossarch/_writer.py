@@ -17,8 +17,9 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 
 from .. import _core
-from .._errors import ConfigError
-from .._folders import OUT_DTYPES, copy_side_files
+from .._errors import config_error
+from .._folders import copy_side_files
+from ..plan import OUT_DTYPES
 from .._output import check_output_dir, parse_size, staged_dir
 from ..arch import apply_output_recipe, plan_decanonical
 from ._model import ModelView
@@ -39,7 +40,7 @@ def _out_code(out_dtype: Optional[str]) -> Optional[str]:
     if out_dtype is None:
         return None
     if out_dtype not in OUT_DTYPES:
-        raise ConfigError(f"config error: out_dtype must be one of float32, bfloat16, float16, got {out_dtype!r}")
+        raise config_error(f"out_dtype must be one of float32, bfloat16, float16, got {out_dtype!r}")
     return OUT_DTYPES[out_dtype]
 
 
@@ -60,7 +61,7 @@ def write_canonical_model(
     try:
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
-        raise ConfigError(f"config error: {e}") from None
+        raise config_error(f"{e}") from None
     protected = [anchor.folder, *(inputs or [])]
     check_output_dir(out, protected, overwrite=overwrite)
     out = Path(out).absolute()
@@ -101,7 +102,7 @@ def write_canonical_model(
                     arr = apply_output_recipe(r, {k: value(k) for k in r.keys})
                 arr = np.ascontiguousarray(arr, dtype=np.float32)
                 if tuple(arr.shape) != tuple(anchor.shapes[n]):
-                    raise ConfigError(f"config error: internal: tensor '{n}' built with shape {arr.shape}, "
+                    raise config_error(f"internal: tensor '{n}' built with shape {arr.shape}, "
                                       f"expected {anchor.shapes[n]}")
                 batch.append((n, arr.reshape(-1), list(arr.shape), dtypes[n]))
                 weight_map[n] = fname(si)

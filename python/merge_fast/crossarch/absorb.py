@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .._errors import ConfigError, TensorMismatch
+from .._errors import TensorMismatch, config_error
 from .._output import check_output_dir
 from ..arch.roles import CanonicalKey
 from ..linalg import svd
@@ -116,7 +116,7 @@ def _check_param(name: str, v: Any, lo: float, hi: Optional[float] = None) -> fl
     if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v) \
             or v < lo or (hi is not None and v > hi):
         rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ConfigError(f"config error: parameter '{name}' must be a finite number {rng}, got {v!r}")
+        raise config_error(f"parameter '{name}' must be a finite number {rng}, got {v!r}")
     return float(v)
 
 
@@ -124,7 +124,7 @@ def _check_rank(name: str, v: Any) -> Optional[int]:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-        raise ConfigError(f"config error: parameter '{name}' must be an integer >= 0 or None, got {v!r}")
+        raise config_error(f"parameter '{name}' must be an integer >= 0 or None, got {v!r}")
     return int(v)
 
 
@@ -166,7 +166,7 @@ def procrustes_absorb(
     ``"error"`` (default) refuses, ``"skip"`` absorbs only its self-attention and MLP.
     """
     if alignment not in ("residual", "per_tensor"):
-        raise ConfigError(f"config error: parameter 'alignment' must be 'residual' or 'per_tensor', got {alignment!r}")
+        raise config_error(f"parameter 'alignment' must be 'residual' or 'per_tensor', got {alignment!r}")
     beta = _check_param("beta", beta, 0.0, 1.0)
     attn_rank, mlp_rank, embed_rank = (_check_rank(n, v) for n, v in
                                        (("attn_rank", attn_rank), ("mlp_rank", mlp_rank), ("embed_rank", embed_rank)))
@@ -177,18 +177,18 @@ def procrustes_absorb(
         donors = [donors]
     donors = list(donors)
     if not donors:
-        raise ConfigError("config error: procrustes_absorb needs at least one donor")
+        raise config_error("procrustes_absorb needs at least one donor")
     w = [1.0] * len(donors) if weights is None else [float(x) for x in weights]
     if len(w) != len(donors):
-        raise ConfigError(f"config error: parameter 'weights' has {len(w)} values for {len(donors)} donors")
+        raise config_error(f"parameter 'weights' has {len(w)} values for {len(donors)} donors")
     for x in w:
         _check_param("weights", x, -np.inf)
     fams = list(donor_families) if donor_families is not None else [None] * len(donors)
     if len(fams) != len(donors):
-        raise ConfigError(f"config error: donor_families has {len(fams)} entries for {len(donors)} donors")
+        raise config_error(f"donor_families has {len(fams)} entries for {len(donors)} donors")
     check_output_dir(out, [anchor, *donors], overwrite=overwrite)
     t0 = time.perf_counter()
-    from ..hub import local_models
+    from ..lora import local_models
 
     anchor, *donors = local_models([anchor, *donors], cache_dir=cache_dir)
     A = ModelView(anchor, anchor_family, is_anchor=True)
@@ -283,8 +283,8 @@ def procrustes_absorb_params(params: Mapping[str, Any]) -> AbsorbResult:
     if isinstance(nested, Mapping):
         p.update(nested)
     if anchor is None or not donors or out is None:
-        raise ConfigError("config error: procrustes_absorb needs 'anchor', 'donors' and 'out'")
+        raise config_error("procrustes_absorb needs 'anchor', 'donors' and 'out'")
     unknown = sorted(set(p) - _PARAMS)
     if unknown:
-        raise ConfigError(f"config error: unknown procrustes_absorb parameter(s) {unknown}")
+        raise config_error(f"unknown procrustes_absorb parameter(s) {unknown}")
     return procrustes_absorb(anchor, donors, out=out, **p)

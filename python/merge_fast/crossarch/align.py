@@ -71,7 +71,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .._errors import ConfigError, TensorMismatch
+from .._errors import TensorMismatch, config_error
 from .._output import check_output_dir
 from ..arch import PASSTHROUGH_PREFIX
 from ..arch.roles import CanonicalKey
@@ -113,17 +113,17 @@ def _cross_attn_keys(view: ModelView) -> List[str]:
 
 def _check_encoder_decoder(anchor: ModelView, donor: ModelView, cross_attention: str) -> None:
     if cross_attention not in ("error", "skip"):
-        raise ConfigError(f"config error: cross_attention must be 'error' or 'skip', got {cross_attention!r}")
+        raise config_error(f"cross_attention must be 'error' or 'skip', got {cross_attention!r}")
     if anchor.family.attributes.get("encoder_decoder"):
-        raise ConfigError(
-            f"config error: tensor '{anchor.family.from_canonical(anchor.keys[0])}' of {anchor.path}: the anchor is an "
+        raise config_error(
+            f"tensor '{anchor.family.from_canonical(anchor.keys[0])}' of {anchor.path}: the anchor is an "
             f"encoder-decoder model ({anchor.family.name}); only its decoder is in the canonical namespace, so it cannot "
             f"be an alignment anchor (use a decoder-only anchor)"
         )
     cross = _cross_attn_keys(donor)
     if cross and cross_attention == "error":
-        raise ConfigError(
-            f"config error: tensor '{donor.family.from_canonical(cross[0])}' of {donor.path}: {donor.family.name} "
+        raise config_error(
+            f"tensor '{donor.family.from_canonical(cross[0])}' of {donor.path}: {donor.family.name} "
             f"decoder blocks have cross-attention over an encoder's output, which the decoder-only anchor "
             f"({anchor.family.name}) has no place for; refusing to drop it silently. Pass cross_attention='skip' to "
             f"absorb only the decoder's self-attention and MLP roles ({len(cross)} cross-attention tensors left out)"
@@ -139,16 +139,16 @@ def _check_placement(view: ModelView) -> None:
         first = next(
             (k for k in view.keys if CanonicalKey.parse(k).role in ("attn_norm", "attn_post_norm")), view.keys[0]
         )
-        raise ConfigError(
-            f"config error: tensor '{view.family.from_canonical(first)}' of {view.path}: {view.family.name} uses "
+        raise config_error(
+            f"tensor '{view.family.from_canonical(first)}' of {view.path}: {view.family.name} uses "
             f"{'post' if post else 'sandwich'}-norm blocks, where a norm sits between a writing linear and the "
             f"residual stream; a residual-stream rotation cannot pass through it"
         )
     for k in view.keys:
         role = CanonicalKey.parse(k).role
         if role in UNSUPPORTED_ROLES:
-            raise ConfigError(
-                f"config error: tensor '{view.family.from_canonical(k)}' of {view.path}: {UNSUPPORTED_ROLES[role]}; "
+            raise config_error(
+                f"tensor '{view.family.from_canonical(k)}' of {view.path}: {UNSUPPORTED_ROLES[role]}; "
                 f"cannot align it"
             )
 
@@ -219,7 +219,7 @@ class DonorAligner:
     def __init__(self, anchor: ModelView, donor: ModelView, alignment: Optional[Alignment] = None, seed: int = 0,
                  *, mode: str = "residual", cross_attention: str = "error"):
         if mode not in ("residual", "per_tensor"):
-            raise ConfigError(f"config error: alignment mode must be 'residual' or 'per_tensor', got {mode!r}")
+            raise config_error(f"alignment mode must be 'residual' or 'per_tensor', got {mode!r}")
         _check_encoder_decoder(anchor, donor, cross_attention)
         _check_placement(anchor)
         _check_placement(donor)
@@ -493,11 +493,11 @@ def align(
         ``h_anchor = Rᵀ h_donor``) and the depth map.
     """
     if missing not in ("error", "anchor"):
-        raise ConfigError(f"config error: missing must be 'error' or 'anchor', got {missing!r}")
+        raise config_error(f"missing must be 'error' or 'anchor', got {missing!r}")
     if out is not None:
         check_output_dir(out, [anchor, donor], overwrite=overwrite)
     t0 = time.perf_counter()
-    from ..hub import local_models
+    from ..lora import local_models
 
     anchor, donor = local_models([anchor, donor], cache_dir=cache_dir)
     A = ModelView(anchor, anchor_family, is_anchor=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
 from .. import _core
-from .._errors import ConfigError
+from .._errors import config_error
 
 # (plan JSON, staging folder, threads, progress callback) -> the engine's summary dict.
 PlanRunner = Callable[[str, Path, Optional[int], Optional[Callable]], Dict[str, Any]]
@@ -35,13 +35,13 @@ def run_plan(plan_json: str, tmp: Path, threads: Optional[int], progress) -> Dic
 def make_runner(executor: str, ray_address: Optional[str] = None, **options: Any) -> Optional[PlanRunner]:
     if executor == "local":
         if ray_address is not None:
-            raise ConfigError("config error: ray_address needs executor='ray'")
+            raise config_error("ray_address needs executor='ray'")
         return None
     if executor == "ray":
         from ._ray import RayRunner
 
         return RayRunner(address=ray_address, **options)
-    raise ConfigError(f"config error: executor must be 'local' or 'ray', got {executor!r}")
+    raise config_error(f"executor must be 'local' or 'ray', got {executor!r}")
 
 
 @contextlib.contextmanager

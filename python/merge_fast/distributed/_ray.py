@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import _core
-from .._errors import InvalidCheckpoint, MergeError, MergeIOError
+from .._errors import InvalidCheckpoint, MergeError, io_error
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -61,7 +61,7 @@ def run_shards(plan_json: str, out_dir: str, shards: List[int], threads: Optiona
             raise InvalidCheckpoint(f"invalid checkpoint {p}: not visible on node {_node()} "
                                     f"(inputs must be on storage every worker sees)")
     if not os.path.isdir(out_dir):
-        raise MergeIOError(f"I/O error: staging folder {out_dir} is not visible on node {_node()} "
+        raise io_error(f"staging folder {out_dir} is not visible on node {_node()} "
                            f"(the output must be on storage every worker sees)")
     plan["only_shards"] = shards
     cb = None
@@ -143,7 +143,7 @@ class RayRunner:
         bytes_written = sum(t["bytes_written"] for t in per_task)
         for name, _, size in shards:
             if not (tmp / name).is_file():
-                raise MergeIOError(f"I/O error: shard {name} is missing from {tmp} after its task finished "
+                raise io_error(f"shard {name} is missing from {tmp} after its task finished "
                                    f"(is the output on storage every worker sees?)")
         if layout["index"] is not None:
             (tmp / INDEX_NAME).write_text(layout["index"])

@@ -2,26 +2,68 @@
 folders in, ``out`` folder written."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union, overload
 
-from .._errors import ConfigError
-from .._folders import MergeResult, ProgressArg, merge_folders
+from .. import _core
+from .._errors import config_error
+from .._folders import MergeResult, ProgressArg
+from .. import plan as _plan
 
-Model = Any  # a numpy array, a torch tensor, or a path to a model folder / .safetensors file
+if TYPE_CHECKING:  # neither is imported at run time by `import merge_fast`
+    import numpy
+    import torch
+
+# A path to a model folder / .safetensors file (or a hub repo id, ``model+adapter``) ...
+PathLike = Union[str, "os.PathLike[str]"]
+# ... or an array: numpy (float32/float16/bfloat16) or a torch tensor. The result of an
+# array merge has the type of the inputs.
+Array = Union["numpy.ndarray", "torch.Tensor"]
+Model = Union[PathLike, Array]
 
 
 def _is_path(x: Any) -> bool:
-    return isinstance(x, (str, Path))
+    return isinstance(x, (str, os.PathLike))
 
 
+@overload
+def merge(
+    method: str,
+    models: Sequence[Array],
+    *,
+    base: Optional[Array] = None,
+    params: Optional[Dict[str, Any]] = None,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def merge(
+    method: str,
+    models: Sequence[PathLike],
+    *,
+    base: Optional[PathLike] = None,
+    params: Optional[Dict[str, Any]] = None,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
+@overload
 def merge(
     method: str,
     models: Sequence[Model],
     *,
     base: Optional[Model] = None,
     params: Optional[Dict[str, Any]] = None,
-    out: Optional[Union[str, Path]] = None,
+    out: Optional[PathLike] = None,
+    **options: Any,
+) -> Union[Array, MergeResult]: ...
+def merge(
+    method: str,
+    models: Sequence[Model],
+    *,
+    base: Optional[Model] = None,
+    params: Optional[Dict[str, Any]] = None,
+    out: Optional[PathLike] = None,
     dtype: str = "float32",
     out_dtype: Optional[str] = None,
     threads: Optional[int] = None,
@@ -33,7 +75,7 @@ def merge(
     fsync: bool = True,
     executor: str = "local",
     ray_address: Optional[str] = None,
-) -> Union[Any, MergeResult]:
+) -> Union[Array, MergeResult]:
     """Merges ``models`` (and ``base``) with the named method and its parameters.
 
     Arrays in, array out; folders in, ``out`` folder written. Per-model parameters (such
@@ -49,16 +91,16 @@ def merge(
     params = {k: v for k, v in (params or {}).items() if v is not None}
     everything = list(models) + ([base] if base is not None else [])
     if not models:
-        raise ConfigError(f"config error: {method} needs at least one model")
+        raise config_error(f"{method} needs at least one model")
     if all(_is_path(m) for m in everything):
         if out is None:
-            raise ConfigError("config error: folder merges need out=PATH")
+            raise config_error("folder merges need out=PATH")
 
         def folders() -> MergeResult:
             return merge_folders(
-                method, base, list(models), params, out, dtype=dtype, out_dtype=out_dtype, threads=threads,
-                max_shard_size=max_shard_size, progress=progress, seed=seed, overwrite=overwrite,
-                cache_dir=cache_dir, fsync=fsync,
+                method, None if base is None else os.fspath(base), [os.fspath(m) for m in models], params, out,
+                dtype=dtype, out_dtype=out_dtype, threads=threads, max_shard_size=max_shard_size,
+                progress=progress, seed=seed, overwrite=overwrite, cache_dir=cache_dir, fsync=fsync,
             )
 
         if executor == "local" and ray_address is None:
@@ -71,14 +113,78 @@ def merge(
 
     if all(is_array(m) for m in everything):
         if out is not None:
-            raise ConfigError("config error: out= is for folder merges; array merges return the result")
+            raise config_error("out= is for folder merges; array merges return the result")
         if executor != "local" or ray_address is not None:
-            raise ConfigError(f"config error: executor={executor!r} is for folder merges; arrays merge in this process")
+            raise config_error(f"executor={executor!r} is for folder merges; arrays merge in this process")
         return merge_arrays(method, base, list(models), params, seed=seed, threads=threads)
-    raise ConfigError("config error: pass either all arrays/tensors or all model paths, not a mix")
+    raise config_error("pass either all arrays/tensors or all model paths, not a mix")
 
 
 
 def as_list(x: Optional[Sequence[float]]):
     """Per-model parameter lists as plain floats (None stays None: the method's default)."""
     return None if x is None else [float(v) for v in x]
+
+
+def merge_folders(
+    method: str,
+    base: Optional[PathLike],
+    models: Sequence[PathLike],
+    params: Dict[str, Any],
+    out: Union[str, Path],
+    *,
+    dtype: str = "float32",
+    out_dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    progress: ProgressArg = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
+    fsync: bool = True,
+) -> MergeResult:
+    """A same-name merge of model folders (or hub ids, or ``model+adapter``) into `out`."""
+    from .._output import check_threads
+    from ..hub import resolve_paths
+    from ..lora import merged_adapter
+
+    _plan.check_output(out, [base, *models], overwrite=overwrite)
+    check_threads(threads)
+    code = _plan.out_dtype_code(dtype, out_dtype)
+    refs = ([base] if base is not None else []) + list(models)
+    local, hub_inputs = resolve_paths(refs, cache_dir=cache_dir, progress=progress is True)
+    read = [x for pa in local for x in pa if x is not None]  # the folders the output must not touch
+    _plan.check_output(out, read, overwrite=overwrite)
+    # A `model+adapter` is read through a cached copy with the adapter merged in (as configs
+    # and merge_fast.lora.apply compute it).
+    folders = [p if a is None else str(merged_adapter(p, a, cache_dir)) for p, a in local]
+    lbase = folders[0] if base is not None else None
+    paths, plans = _plan.same_tensor_plan(method, lbase, folders[1 if base is not None else 0:],
+                                          lambda _name: params, code)
+    recipe = {
+        "merge_fast_version": _core.__version__,
+        "method": method,
+        "base_model": str(base) if base is not None else None,
+        "models": [str(m) for m in models],
+        "parameters": params,
+        "dtype": dtype,
+        "out_dtype": out_dtype,
+        "seed": seed,
+    }
+    if hub_inputs:
+        recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
+    return _plan.execute(
+        paths,
+        plans,
+        out,
+        recipe=recipe,
+        side_files_from=paths[0],
+        out_dtype=code,
+        threads=threads,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        seed=seed,
+        overwrite=overwrite,
+        inputs=read,
+        fsync=fsync,
+    )

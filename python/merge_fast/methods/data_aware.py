@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, overload, Sequence, Union
 
-from .._errors import ConfigError, TensorMismatch
-from .._output import check_output_dir
-from .._folders import (
-    MergeResult,
-    TensorPlan,
-    execute,
-    open_checkpoint,
-    out_dtype_code,
-)
+from .._errors import TensorMismatch, config_error
+from .._folders import MergeResult
+from .. import plan as _plan
 from ..distributed import with_executor
-from ._dispatch import Model, _is_path, as_list, merge
+from ..plan import TensorPlan, open_checkpoint
+from ._dispatch import Array, Model, PathLike, _is_path, as_list, merge
 
 __all__ = ["fisher_weighted", "fisher_dampened", "regmean", "layer_importance", "layer_of"]
 
@@ -63,15 +58,28 @@ def layer_importance(fisher: Union[str, Path], names: Optional[Sequence[str]] = 
     return {n: norm(layer_mean[layer_of(n)] if layer_of(n) is not None else tensor_mean[n]) for n in names}
 
 
-def _require(ckpt, names: Sequence[str], path: Any, what: str = "missing from", hint: str = "") -> None:
-    """TensorMismatch naming the first of `names` that `ckpt` lacks, and how many."""
-    missing = [n for n in names if n not in ckpt]
-    if missing:
-        raise TensorMismatch(
-            f"tensor mismatch for '{missing[0]}': {len(missing)} tensor(s) {what} {path}, e.g. {missing[:5]}{hint}"
-        )
-
-
+@overload
+def fisher_weighted(
+    models: Sequence[Array],
+    fishers: Sequence[Array],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    epsilon: float = 1e-08,
+    fisher_normalize: str = 'none',
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def fisher_weighted(
+    models: Sequence[PathLike],
+    fishers: Sequence[PathLike],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    epsilon: float = 1e-08,
+    fisher_normalize: str = 'none',
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 @with_executor
 def fisher_weighted(
     models: Sequence[Model],
@@ -89,13 +97,39 @@ def fisher_weighted(
     ``fisher_normalize="mean"`` divides each F_i by its mean over the tensor first.
     """
     if len(fishers) != len(models):
-        raise ConfigError(f"config error: {len(models)} models but {len(fishers)} Fishers")
+        raise config_error(f"{len(models)} models but {len(fishers)} Fishers")
     params = {"weight": as_list(weights), "epsilon": epsilon, "fisher_normalize": fisher_normalize}
     if not all(_is_path(m) for m in list(models) + list(fishers)):
         return merge("fisher_weighted", list(models) + list(fishers), params=params, **options)
     return _fisher_folders("fisher_weighted", None, list(models), list(fishers), params, **options)
 
 
+@overload
+def fisher_dampened(
+    base: Array,
+    models: Sequence[Array],
+    fisher: Array,
+    *,
+    scale: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
+    normalization: str = 'log',
+    layer_importance: Optional[float] = None,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def fisher_dampened(
+    base: PathLike,
+    models: Sequence[PathLike],
+    fisher: PathLike,
+    *,
+    scale: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
+    normalization: str = 'log',
+    layer_importance: Optional[float] = None,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 @with_executor
 def fisher_dampened(
     base: Model,
@@ -122,10 +156,11 @@ def fisher_dampened(
         params["layer_importance"] = layer_importance or 0.0
         return merge("fisher_dampened", list(models) + [fisher], base=base, params=params, **options)
     if layer_importance is not None:
-        raise ConfigError("config error: layer_importance is computed from the Fisher on folder merges")
+        raise config_error("layer_importance is computed from the Fisher on folder merges")
     return _fisher_folders("fisher_dampened", base, list(models), [fisher], params, **options)
 
 
+@with_executor
 def regmean(
     models: Sequence[Model],
     grams: Sequence[Model],
@@ -157,18 +192,18 @@ def regmean(
     naming a tensor the model lacks, is an error naming the file.
     """
     if len(grams) != len(models):
-        raise ConfigError(f"config error: {len(models)} models but {len(grams)} Gram files/arrays")
+        raise config_error(f"{len(models)} models but {len(grams)} Gram files/arrays")
     if alpha is not None and reduce_non_diagonal_ratio is not None and float(alpha) != float(reduce_non_diagonal_ratio):
-        raise ConfigError("config error: regmean: give reduce_non_diagonal_ratio or its alias alpha, not both")
+        raise config_error("regmean: give reduce_non_diagonal_ratio or its alias alpha, not both")
     ratio = 0.9 if alpha is None and reduce_non_diagonal_ratio is None else float(
         reduce_non_diagonal_ratio if reduce_non_diagonal_ratio is not None else alpha)
     params = {"weight": as_list(weights), "reduce_non_diagonal_ratio": ratio, "ridge": ridge}
     if not all(_is_path(m) for m in list(models) + list(grams)):
         if any(_is_path(m) for m in list(models) + list(grams)):
-            raise ConfigError("config error: pass either all arrays/tensors or all paths, not a mix")
+            raise config_error("pass either all arrays/tensors or all paths, not a mix")
         return _regmean_arrays(list(models), list(grams), dict(params, fan_in_fan_out=bool(fan_in_fan_out)), **options)
     if fan_in_fan_out:
-        raise ConfigError("config error: fan_in_fan_out comes from the Gram files on folder merges")
+        raise config_error("fan_in_fan_out comes from the Gram files on folder merges")
     return _fisher_folders("regmean", None, list(models), list(grams), params, **options)
 
 
@@ -177,9 +212,9 @@ def _regmean_arrays(models: List[Any], grams: List[Any], params: Dict[str, Any],
     from .._arrays import merge_arrays
 
     if out is not None:
-        raise ConfigError("config error: out= is for folder merges; array merges return the result")
+        raise config_error("out= is for folder merges; array merges return the result")
     if rest:
-        raise ConfigError(f"config error: unknown option(s) for an array merge: {', '.join(sorted(rest))}")
+        raise config_error(f"unknown option(s) for an array merge: {', '.join(sorted(rest))}")
     for i, (m, g) in enumerate(zip(models, grams)):
         ms, gs = tuple(m.shape), tuple(g.shape)
         d = (ms[0] if params.get("fan_in_fan_out") else ms[1]) if len(ms) == 2 else None
@@ -204,7 +239,7 @@ def _gram_plan(grams: List[str], gram_ckpts: List[Any], names: Sequence[str], sh
         try:
             conv = set(_json.loads(meta.get("fan_in_fan_out", "[]")))
         except ValueError:
-            raise ConfigError(f"config error: Gram file {path}: metadata 'fan_in_fan_out' is not a JSON list") from None
+            raise config_error(f"Gram file {path}: metadata 'fan_in_fan_out' is not a JSON list") from None
         have = {}
         for n, _, shape in ck.tensors():
             if n not in known:
@@ -254,8 +289,8 @@ def _fisher_folders(
     from ..lora import read_adapter
 
     if out is None:
-        raise ConfigError("config error: folder merges need out=PATH")
-    code = out_dtype_code(dtype, out_dtype)
+        raise config_error("folder merges need out=PATH")
+    code = _plan.out_dtype_code(dtype, out_dtype)
     # Local folders for hub ids, `model+adapter` (mergekit's form) split; Fishers are files
     # (a local path or ORG/REPO/FILE on the hub).
     progress = run_options.get("progress") is True
@@ -265,15 +300,8 @@ def _fisher_folders(
     fishers = [f for f, _ in fisher_refs]
     hub_inputs += hub_fishers
     protected = [r for ref in refs for r in ref if r is not None] + [str(f) for f in fishers]
-    check_output_dir(out, protected, overwrite=run_options.get("overwrite", False))
-    # One input per distinct folder or adapter, in first-seen order.
-    paths: List[str] = []
-
-    def input_of(p: str) -> int:
-        if p not in paths:
-            paths.append(p)
-        return paths.index(p)
-
+    _plan.check_output(out, protected, overwrite=run_options.get("overwrite", False))
+    input_of = _plan.Inputs()  # one input per distinct folder or adapter, in first-seen order
     ckpts = {}
     for path, _ in refs:
         if path not in ckpts:
@@ -281,28 +309,29 @@ def _fisher_folders(
             input_of(path)
     names = ckpts[refs[0][0]].names()
     for path, c in ckpts.items():
-        _require(c, names, path)
+        _plan.require_tensors(names, c, path)
     shapes = {n: tuple(s) for n, _, s in ckpts[refs[0][0]].tensors()}
     # Each model's source per tensor: the stored tensor, or base + B·A·scale for a LoRA.
     per_model = []
     for path, adapter in refs:
-        plain = {n: {"kind": "tensor", "input": input_of(path), "tensor": n} for n in names}
+        by_name: Dict[str, _plan.Source] = {n: _plan.tensor(input_of(path), n) for n in names}
         if adapter is not None:
             ad = read_adapter(adapter, shapes)
-            plain.update(ad.sources(input_of(path), input_of(str(ad.file)), lambda n, i=input_of(path): {"kind": "tensor", "input": i, "tensor": n}))
-        per_model.append(plain)
+            by_name.update(ad.sources(input_of(path), input_of(str(ad.file))))
+        per_model.append(by_name)
     fisher_ckpts = [open_checkpoint(f) for f in fishers]
     if method == "regmean":
         regmean_of = _gram_plan([str(f) for f in fishers], fisher_ckpts, names, shapes)
     else:
         regmean_of = {}
         for f, fc in zip(fishers, fisher_ckpts):
-            _require(fc, names, f, "have no Fisher in", " (estimate the Fisher for every merged parameter)")
+            _plan.require_tensors(names, fc, f, what="have no Fisher in",
+                                  hint=" (estimate the Fisher for every merged parameter)")
     fisher_inputs = [input_of(str(f)) for f in fishers]
     importance = layer_importance(fishers[0], names) if method == "fisher_dampened" else {}
     plans = []
     for name in names:
-        srcs = [pm[name] for pm in per_model] + [{"kind": "tensor", "input": i, "tensor": name} for i in fisher_inputs]
+        srcs = [pm[name] for pm in per_model] + [_plan.tensor(i, name) for i in fisher_inputs]
         p = {k: v for k, v in params.items() if v is not None}
         if method == "regmean":
             if name in regmean_of:
@@ -322,5 +351,5 @@ def _fisher_folders(
               "parameters": params}
     if hub_inputs:
         recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
-    return execute(paths, plans, out, recipe=recipe, side_files_from=refs[0][0], out_dtype=code, seed=seed,
+    return _plan.execute(input_of.paths, plans, out, recipe=recipe, side_files_from=refs[0][0], out_dtype=code, seed=seed,
                    inputs=protected, **run_options)

@@ -22,9 +22,10 @@ Deliberate departures from mergekit (each where mergekit degenerates):
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, overload, Sequence
 
-from ._dispatch import Model, as_list, merge
+from .._folders import MergeResult
+from ._dispatch import Array, Model, PathLike, as_list, merge
 
 __all__ = [
     "model_stock",
@@ -39,6 +40,26 @@ __all__ = [
 ]
 
 
+@overload
+def model_stock(
+    base: Array,
+    models: Sequence[Array],
+    *,
+    filter_wise: bool = False,
+    clamp_cosine: bool = False,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def model_stock(
+    base: PathLike,
+    models: Sequence[PathLike],
+    *,
+    filter_wise: bool = False,
+    clamp_cosine: bool = False,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def model_stock(base: Model, models: Sequence[Model], *, filter_wise: bool = False, clamp_cosine: bool = False,
                 **options: Any):
     """Model Stock (Jang et al. 2024): ``t·mean(θ_i) + (1 − t)·θ_base`` with
@@ -55,6 +76,30 @@ def model_stock(base: Model, models: Sequence[Model], *, filter_wise: bool = Fal
                  **options)
 
 
+@overload
+def nuslerp(
+    models: Sequence[Array],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    base: Optional[Array] = None,
+    t: Optional[float] = None,
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def nuslerp(
+    models: Sequence[PathLike],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    base: Optional[PathLike] = None,
+    t: Optional[float] = None,
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def nuslerp(
     models: Sequence[Model],
     weights: Optional[Sequence[float]] = None,
@@ -84,6 +129,28 @@ def nuslerp(
     return merge("nuslerp", models, base=base, params=params, **options)
 
 
+@overload
+def multislerp(
+    models: Sequence[Array],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    base: Optional[Array] = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-08,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def multislerp(
+    models: Sequence[PathLike],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    base: Optional[PathLike] = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-08,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def multislerp(
     models: Sequence[Model],
     weights: Optional[Sequence[float]] = None,
@@ -106,6 +173,26 @@ def multislerp(
     return merge("multislerp", models, base=base, params=params, **options)
 
 
+@overload
+def karcher(
+    models: Sequence[Array],
+    *,
+    base: Optional[Array] = None,
+    max_iter: int = 10,
+    tol: float = 1e-05,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def karcher(
+    models: Sequence[PathLike],
+    *,
+    base: Optional[PathLike] = None,
+    max_iter: int = 10,
+    tol: float = 1e-05,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def karcher(
     models: Sequence[Model],
     *,
@@ -123,12 +210,48 @@ def karcher(
     return merge("karcher", models, base=base, params={"max_iter": max_iter, "tol": tol}, **options)
 
 
+@overload
+def nearswap(
+    base: Array,
+    model: Array,
+    t: float,
+    *,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def nearswap(
+    base: PathLike,
+    model: PathLike,
+    t: float,
+    *,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def nearswap(base: Model, model: Model, t: float, **options: Any):
     """NearSwap: per element ``w = clamp(t / max(|base − model|, 1e-6), 0, 1)``,
     ``w·model + (1 − w)·base``: values within ``t`` of the base are swapped for the model's."""
     return merge("nearswap", [model], base=base, params={"t": t}, **options)
 
 
+@overload
+def ram(
+    base: Array,
+    models: Sequence[Array],
+    *,
+    epsilon: float = 1e-05,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def ram(
+    base: PathLike,
+    models: Sequence[PathLike],
+    *,
+    epsilon: float = 1e-05,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def ram(base: Model, models: Sequence[Model], *, epsilon: float = 1e-5, **options: Any):
     """RAM (Reinforced Agent Merging): task-vector entries with ``|Δ| > epsilon`` contribute;
     entries contributed by one model are kept, by several averaged over the contributors;
@@ -136,6 +259,28 @@ def ram(base: Model, models: Sequence[Model], *, epsilon: float = 1e-5, **option
     return merge("ram", models, base=base, params={"epsilon": epsilon}, **options)
 
 
+@overload
+def ramplus_tl(
+    base: Array,
+    models: Sequence[Array],
+    *,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    epsilon: float = 1e-05,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def ramplus_tl(
+    base: PathLike,
+    models: Sequence[PathLike],
+    *,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    epsilon: float = 1e-05,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def ramplus_tl(
     base: Model,
     models: Sequence[Model],
@@ -152,6 +297,22 @@ def ramplus_tl(
     return merge("ramplus_tl", models, base=base, params={"r": r, "alpha": alpha, "epsilon": epsilon}, **options)
 
 
+@overload
+def arcee_fusion(
+    base: Array,
+    model: Array,
+    *,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def arcee_fusion(
+    base: PathLike,
+    model: PathLike,
+    *,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def arcee_fusion(base: Model, model: Model, **options: Any):
     """Arcee Fusion: importance ``|model − base| · KL(softmax(model) ‖ softmax(base))`` (KL per
     row along the last dimension, probabilities + 1e-8); elements whose importance is at
@@ -163,6 +324,22 @@ def arcee_fusion(base: Model, model: Model, **options: Any):
     return merge("arcee_fusion", [model], base=base, params={}, **options)
 
 
+@overload
+def passthrough(
+    model: Array,
+    *,
+    scale: Optional[float] = None,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def passthrough(
+    model: PathLike,
+    *,
+    scale: Optional[float] = None,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def passthrough(model: Model, *, scale: Optional[float] = None, **options: Any):
     """Passthrough: the single model copied exactly, or multiplied by ``scale``."""
     return merge("passthrough", [model], params={"scale": scale}, **options)

@@ -30,11 +30,12 @@ sort direction), so exactly the requested count survives; mergekit leaves that o
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, overload, Sequence, Union
 
 import numbers
 
-from ._dispatch import Model, as_list, merge
+from .._folders import MergeResult
+from ._dispatch import Array, Model, PathLike, as_list, merge
 
 __all__ = [
     "ties",
@@ -72,6 +73,40 @@ def _gta(method, base, models, weights, lam, normalize, rescale, rescale_mode, i
     return merge(method, models, base=base, params=params, **options)
 
 
+@overload
+def ties(
+    base: Array,
+    models: Sequence[Array],
+    weights: PerModel = None,
+    density: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = True,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    disjoint_mean: Optional[str] = None,
+    consensus: Optional[str] = None,
+    int8_mask: bool = False,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def ties(
+    base: PathLike,
+    models: Sequence[PathLike],
+    weights: PerModel = None,
+    density: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = True,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    disjoint_mean: Optional[str] = None,
+    consensus: Optional[str] = None,
+    int8_mask: bool = False,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def ties(
     base: Model,
     models: Sequence[Model],
@@ -99,6 +134,40 @@ def ties(
     return _gta("ties", base, models, weights, lam, normalize, rescale, rescale_mode, int8_mask, extra, options)
 
 
+@overload
+def dare_ties(
+    base: Array,
+    models: Sequence[Array],
+    weights: PerModel = None,
+    density: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    disjoint_mean: Optional[str] = None,
+    consensus: Optional[str] = None,
+    int8_mask: bool = False,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def dare_ties(
+    base: PathLike,
+    models: Sequence[PathLike],
+    weights: PerModel = None,
+    density: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    disjoint_mean: Optional[str] = None,
+    consensus: Optional[str] = None,
+    int8_mask: bool = False,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def dare_ties(
     base: Model,
     models: Sequence[Model],
@@ -124,6 +193,36 @@ def dare_ties(
     return _gta("dare_ties", base, models, weights, lam, normalize, rescale, rescale_mode, int8_mask, extra, options)
 
 
+@overload
+def dare_linear(
+    base: Array,
+    models: Sequence[Array],
+    weights: PerModel = None,
+    density: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    int8_mask: bool = False,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def dare_linear(
+    base: PathLike,
+    models: Sequence[PathLike],
+    weights: PerModel = None,
+    density: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    int8_mask: bool = False,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def dare_linear(
     base: Model,
     models: Sequence[Model],
@@ -143,6 +242,38 @@ def dare_linear(
     return _gta("dare_linear", base, models, weights, lam, normalize, rescale, rescale_mode, int8_mask, extra, options)
 
 
+@overload
+def breadcrumbs(
+    base: Array,
+    models: Sequence[Array],
+    weights: PerModel = None,
+    density: PerModel = None,
+    gamma: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    int8_mask: bool = False,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def breadcrumbs(
+    base: PathLike,
+    models: Sequence[PathLike],
+    weights: PerModel = None,
+    density: PerModel = None,
+    gamma: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    int8_mask: bool = False,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def breadcrumbs(
     base: Model,
     models: Sequence[Model],
@@ -168,6 +299,42 @@ def breadcrumbs(
     return _gta("breadcrumbs", base, models, weights, lam, normalize, rescale, rescale_mode, int8_mask, extra, options)
 
 
+@overload
+def breadcrumbs_ties(
+    base: Array,
+    models: Sequence[Array],
+    weights: PerModel = None,
+    density: PerModel = None,
+    gamma: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    disjoint_mean: Optional[str] = None,
+    consensus: Optional[str] = None,
+    int8_mask: bool = False,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def breadcrumbs_ties(
+    base: PathLike,
+    models: Sequence[PathLike],
+    weights: PerModel = None,
+    density: PerModel = None,
+    gamma: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    disjoint_mean: Optional[str] = None,
+    consensus: Optional[str] = None,
+    int8_mask: bool = False,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def breadcrumbs_ties(
     base: Model,
     models: Sequence[Model],
@@ -190,6 +357,42 @@ def breadcrumbs_ties(
     return _gta("breadcrumbs_ties", base, models, weights, lam, normalize, rescale, rescale_mode, int8_mask, extra, options)
 
 
+@overload
+def della(
+    base: Array,
+    models: Sequence[Array],
+    weights: PerModel = None,
+    density: PerModel = None,
+    epsilon: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = True,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    disjoint_mean: Optional[str] = None,
+    consensus: Optional[str] = None,
+    int8_mask: bool = False,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def della(
+    base: PathLike,
+    models: Sequence[PathLike],
+    weights: PerModel = None,
+    density: PerModel = None,
+    epsilon: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = True,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    disjoint_mean: Optional[str] = None,
+    consensus: Optional[str] = None,
+    int8_mask: bool = False,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def della(
     base: Model,
     models: Sequence[Model],
@@ -220,6 +423,38 @@ def della(
     return _gta("della", base, models, weights, lam, normalize, rescale, rescale_mode, int8_mask, extra, options)
 
 
+@overload
+def della_linear(
+    base: Array,
+    models: Sequence[Array],
+    weights: PerModel = None,
+    density: PerModel = None,
+    epsilon: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    int8_mask: bool = False,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def della_linear(
+    base: PathLike,
+    models: Sequence[PathLike],
+    weights: PerModel = None,
+    density: PerModel = None,
+    epsilon: PerModel = None,
+    *,
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: Optional[bool] = None,
+    rescale_mode: Optional[str] = None,
+    int8_mask: bool = False,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def della_linear(
     base: Model,
     models: Sequence[Model],
@@ -240,6 +475,26 @@ def della_linear(
     return _gta("della_linear", base, models, weights, lam, normalize, rescale, rescale_mode, int8_mask, extra, options)
 
 
+@overload
+def sce(
+    base: Array,
+    models: Sequence[Array],
+    select_topk: float = 1.0,
+    *,
+    int8_mask: bool = False,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def sce(
+    base: PathLike,
+    models: Sequence[PathLike],
+    select_topk: float = 1.0,
+    *,
+    int8_mask: bool = False,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def sce(base: Model, models: Sequence[Model], select_topk: float = 1.0, *, int8_mask: bool = False, **options: Any):
     """SCE (Wan et al. 2024, FuseChat), mergekit's ``sce``: select the
     ``⌊nnz(var)·select_topk⌋`` elements with the largest variance of ``Δ_i`` across models

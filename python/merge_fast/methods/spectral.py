@@ -13,13 +13,32 @@ keywords. In configs: ``merge_method: tsv_merge`` / ``iso_c`` / ``iso_cts`` with
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, overload, Sequence, Union
 
-from ._dispatch import Model, as_list, merge
+from .._folders import MergeResult
+from ._dispatch import Array, Model, PathLike, as_list, merge
 
 __all__ = ["tsv_merge", "iso_c", "iso_cts"]
 
 
+@overload
+def tsv_merge(
+    base: Array,
+    models: Sequence[Array],
+    *,
+    alpha: Union[float, Sequence[float]] = 1.0,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def tsv_merge(
+    base: PathLike,
+    models: Sequence[PathLike],
+    *,
+    alpha: Union[float, Sequence[float]] = 1.0,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def tsv_merge(base: Model, models: Sequence[Model], *, alpha: Union[float, Sequence[float]] = 1.0, **options: Any):
     """TSV-M: for each 2-D tensor, the top ``k = ⌊r/T⌋`` singular triplets of every ``Δ_i``
     are stacked (``U``: rows × Tk, ``s``, ``V``: cols × Tk); each stack is replaced by its
@@ -32,6 +51,24 @@ def tsv_merge(base: Model, models: Sequence[Model], *, alpha: Union[float, Seque
     return merge("tsv_merge", models, base=base, params={"alpha": a}, **options)
 
 
+@overload
+def iso_c(
+    base: Array,
+    models: Sequence[Array],
+    *,
+    scaling_factor: float = 1.0,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def iso_c(
+    base: PathLike,
+    models: Sequence[PathLike],
+    *,
+    scaling_factor: float = 1.0,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def iso_c(base: Model, models: Sequence[Model], *, scaling_factor: float = 1.0, **options: Any):
     """Iso-C: ``U S Vᵀ = svd(Σ_i Δ_i)`` and ``θ = θ_base + scaling_factor · mean(S) · U Vᵀ``
     (the spectrum of the summed task matrix flattened to its mean, over all ``r``
@@ -39,6 +76,26 @@ def iso_c(base: Model, models: Sequence[Model], *, scaling_factor: float = 1.0, 
     return merge("iso_c", models, base=base, params={"scaling_factor": scaling_factor}, **options)
 
 
+@overload
+def iso_cts(
+    base: Array,
+    models: Sequence[Array],
+    *,
+    scaling_factor: float = 1.0,
+    common_space_fraction: float = 0.8,
+    out: None = None,
+    **options: Any,
+) -> Array: ...
+@overload
+def iso_cts(
+    base: PathLike,
+    models: Sequence[PathLike],
+    *,
+    scaling_factor: float = 1.0,
+    common_space_fraction: float = 0.8,
+    out: PathLike,
+    **options: Any,
+) -> MergeResult: ...
 def iso_cts(
     base: Model,
     models: Sequence[Model],

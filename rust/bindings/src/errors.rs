@@ -11,7 +11,6 @@ create_exception!(merge_fast, InvalidCheckpoint, MergeError, "A checkpoint file 
 create_exception!(merge_fast, TensorMismatch, MergeError, "Inputs do not line up: a tensor is missing or its shape differs.");
 create_exception!(merge_fast, ConfigError, MergeError, "A method, parameter, plan or config is invalid.");
 create_exception!(merge_fast, NumericalError, MergeError, "A merge produced non-finite values or a kernel failed to converge.");
-create_exception!(merge_fast, MergeIOError, MergeError, "Reading or writing a file failed (missing file, full disk...).");
 create_exception!(merge_fast, MergeInterrupted, MergeError, "The merge was interrupted.");
 
 /// An error on its way to Python: a core error mapped onto its exception class, or a Python
@@ -65,7 +64,33 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TensorMismatch", py.get_type::<TensorMismatch>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("NumericalError", py.get_type::<NumericalError>())?;
-    m.add("MergeIOError", py.get_type::<MergeIOError>())?;
+    m.add("MergeIOError", MergeIOError::type_object(py))?;
     m.add("MergeInterrupted", py.get_type::<MergeInterrupted>())?;
     Ok(())
+}
+
+/// `MergeIOError(MergeError, OSError)`: an I/O failure is also an `OSError`, as Python's
+/// own are (`create_exception!` takes one base, so the class is made with `type()`).
+pub struct MergeIOError;
+
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+impl MergeIOError {
+    /// The class, made once per interpreter.
+    pub fn type_object(py: Python<'_>) -> &Bound<'_, PyType> {
+        static TYPE: pyo3::sync::PyOnceLock<Py<PyType>> = pyo3::sync::PyOnceLock::new();
+        TYPE.get_or_init(py, || {
+            let bases = PyTuple::new(py, [py.get_type::<MergeError>(), py.get_type::<pyo3::exceptions::PyOSError>()]).expect("a tuple of two types");
+            let ns = PyDict::new(py);
+            ns.set_item("__doc__", "Reading or writing a file failed (missing file, full disk...).").expect("a str key");
+            ns.set_item("__module__", "merge_fast").expect("a str key");
+            let t = py.get_type::<PyType>().call1(("MergeIOError", bases, ns)).expect("type() makes the class");
+            t.cast_into::<PyType>().expect("type() returns a type").unbind()
+        })
+        .bind(py)
+    }
+
+    pub fn new_err(msg: String) -> PyErr {
+        Python::attach(|py| PyErr::from_type(Self::type_object(py).clone(), msg))
+    }
 }
