@@ -59,8 +59,10 @@ GTA = {"weight": "pm", "density": "pm", "lambda": "num", "normalize": "bool", "r
        "rescale_mode": choice("l1", "l2", "linf", "density", "none"), "int8_mask": "bool"}
 TIES_EXTRA = {"consensus": choice("sum", "count"), "disjoint_mean": choice("weights", "count")}
 
-# method -> (base rule, min, max non-base inputs, parameter kinds); "pm" per model
-METHODS = {
+# method -> (base rule, min, max non-base inputs, parameter kinds); "pm" per model.
+# Every method is fuzzed from its spec (_core.method_specs(), below); this table refines
+# the entries of the methods written before the specs (string choices, input counts).
+HAND = {
     "linear": ("none", 1, 4, {"weight": "pm", "normalize": "bool"}),
     "task_arithmetic": ("base", 1, 3, {"weight": "pm", "lambda": "num", "normalize": "bool"}),
     "slerp": ("base", 1, 1, {"t": "num"}),
@@ -87,10 +89,37 @@ METHODS = {
     "tsv_merge": ("base", 1, 3, {"alpha": "pm"}),
     "iso_c": ("base", 1, 3, {"scaling_factor": "num"}),
     "iso_cts": ("base", 1, 3, {"scaling_factor": "num", "common_space_fraction": "num"}),
-    "trimmed_mean": ("none", 1, 5, {"trim": "num"}),
     "regmean": ("none", 2, 4, {"weight": "pm", "reduce_non_diagonal_ratio": "num", "ridge": "num",
                                "fan_in_fan_out": "bool"}),
 }
+
+
+def _from_spec(spec: dict) -> tuple:
+    rule = {"required": "base", "optional": "maybe", "ignored": "maybe"}.get(spec["base"], "none")
+    lo = spec["min_models"]
+    hi = spec["max_models"] if spec["max_models"] is not None else lo + 3
+    kinds = {}
+    for p in spec["params"]:
+        if p["role"] == "config_only":
+            continue
+        if p["kind"] == "str":
+            kinds[p["name"]] = choice(*([p["default"]] if p["default"] is not None else []))
+        else:
+            kinds[p["name"]] = "pm" if p["per_model"] else ("bool" if p["kind"] == "bool" else "num")
+    return rule, lo, hi, kinds
+
+
+SPECS = {s["name"]: s for s in mf._core.method_specs()}
+METHODS = {name: HAND.get(name) or _from_spec(spec) for name, spec in SPECS.items()}
+
+
+def test_hand_entries_agree_with_the_specs():
+    """The refined rows name the spec's base rule and only parameters the kernel declares."""
+    for name, (rule, lo, hi, kinds) in HAND.items():
+        d_rule, d_lo, _, d_kinds = _from_spec(SPECS[name])
+        assert rule == d_rule and lo >= d_lo, name
+        assert set(kinds) <= set(d_kinds) | {"lambda"}, (name, set(kinds) - set(d_kinds))
+
 
 # In-range values, drawn in "valid" examples (about two in three) so that most calls get
 # past validation and exercise the kernels; the rest draw from anything above.
@@ -102,7 +131,7 @@ VALID = {
     "rescale_mode": st.sampled_from(["l1", "l2", "linf", "density", "none"]),
     "consensus": st.sampled_from(["sum", "count"]), "disjoint_mean": st.sampled_from(["weights", "count"]),
     "fisher_normalize": st.sampled_from(["none", "mean"]), "normalization": st.sampled_from(["log", "minmax", "rank"]),
-    "scaling_factor": F(0, 2), "common_space_fraction": F(0, 1), "trim": F(0, 0.5),
+    "scaling_factor": F(0, 2), "common_space_fraction": F(0, 1),
     "reduce_non_diagonal_ratio": F(0, 1), "ridge": F(0, 1e-3),
 }
 VALID_BY_METHOD = {
@@ -111,12 +140,22 @@ VALID_BY_METHOD = {
     ("ram", "epsilon"): F(0, 0.1), ("ramplus_tl", "epsilon"): F(0, 0.1), ("fisher_weighted", "epsilon"): F(1e-8, 1e-3),
 }
 
+def _valid_from_spec(method: str, key: str):
+    """In-range floats from the declared range (finite part) of a parameter no table lists."""
+    p = next((p for p in SPECS[method]["params"] if p["name"] == key), None)
+    if p is None or p["kind"] != "float" or p["range"] is None:
+        return None
+    lo, _, hi, _ = p["range"]
+    lo, hi = max(lo, -2.0), min(hi, 2.0)
+    return F(lo, hi, exclude_min=True, exclude_max=True) if lo < hi else None
+
+
 SHAPES = [(1,), (7,), (3, 5), (16, 9), (2, 3, 4), (1, 1), (65, 3), (40, 40)]
 DTYPES = [np.float32, np.float16, np.float64, ml_dtypes.bfloat16]
 
 
 def test_every_method_is_fuzzed():
-    assert set(METHODS) == set(mf._core.METHODS)
+    assert set(METHODS) == set(mf._core.METHODS) and set(HAND) <= set(METHODS)
 
 
 @st.composite
@@ -135,7 +174,7 @@ def call(draw, method):
         if not (draw(st.booleans()) or (valid and key in required)):
             continue
         if valid and kind != "bool":
-            v = VALID_BY_METHOD.get((method, key), VALID.get(key))
+            v = VALID_BY_METHOD.get((method, key), VALID.get(key)) or _valid_from_spec(method, key)
             if v is not None:
                 count = n // 2 if method in ("fisher_weighted", "regmean") else (n - 1 if method == "fisher_dampened" else n)
                 params[key] = draw(v) if kind != "pm" or draw(st.booleans()) else draw(st.lists(v, min_size=count, max_size=count))

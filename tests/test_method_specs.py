@@ -159,3 +159,49 @@ def test_progress_callback_exception_travels_unchanged(tmp_path):
         mf.linear([str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "out"), progress=progress)
     assert e.value is raised
     assert not (tmp_path / "out").exists()
+
+
+# CLI option dest -> (spec parameter, how the CLI value maps to the kernel's)
+CLI_ALIASES = {"weights": "weight", "lam": "lambda", "fishers": None, "fisher": None, "no_normalize": "normalize"}
+CLI_GENERIC = {"out", "overwrite", "threads", "max_shard_size", "dtype", "out_dtype", "seed", "quiet", "cache_dir",
+               "fsync", "help", "ray", "progress"}
+
+
+def _cli_method_commands():
+    import argparse
+
+    from merge_fast.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd, parser in sub.choices.items():
+        name = cmd.replace("-", "_")
+        if name in SPECS:
+            yield name, parser
+
+
+def test_cli_method_commands_exist():
+    assert {"linear", "slerp", "task_arithmetic", "fisher_weighted", "fisher_dampened", "tsv_merge", "iso_c",
+            "iso_cts"} <= {n for n, _ in _cli_method_commands()}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, _ in _cli_method_commands()))
+def test_cli_options_match_the_spec(name):
+    """Each option of `merge-fast <method>` is a declared parameter of that kernel, with the
+    kernel's default (a flag that turns a default-true switch off is checked as such)."""
+    parser = dict(_cli_method_commands())[name]
+    spec = {p["name"]: p for p in SPECS[name]["params"]}
+    for action in parser._actions:
+        dest = action.dest
+        if not action.option_strings or dest in CLI_GENERIC:
+            continue  # positional inputs and the options every merge shares
+        key = CLI_ALIASES.get(dest, dest)
+        if key is None:
+            continue  # auxiliary inputs (Fisher files)
+        assert key in spec, f"merge-fast {name} --{dest.replace('_', '-')}: not a parameter of the {name} kernel"
+        p = spec[key]
+        if dest.startswith("no_"):
+            assert p["kind"] == "bool" and p["default"] is True, f"{name}: --{dest} turns off a switch that is off"
+            continue
+        if action.default is None or action.required:
+            continue
+        assert action.default == p["default"], f"merge-fast {name} --{dest}: default {action.default!r}, kernel {p['default']!r}"

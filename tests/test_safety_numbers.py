@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import BF16, st_read, st_read_header, st_write
+from merge_fast import _core
 
 RNG = np.random.default_rng(8)
 
 # method -> (takes a base, number of non-base inputs, parameters): a valid call of each.
-CASES = {
+# Derived from the method's spec (below); these rows refine the methods that need a
+# particular call (required parameters, auxiliary inputs, a ranged default).
+HAND = {
     "linear": (False, 2, {}),
     "task_arithmetic": (True, 2, {}),
     "slerp": (True, 1, {"t": 0.3}),
@@ -41,13 +44,36 @@ CASES = {
     "tsv_merge": (True, 2, {}),
     "iso_c": (True, 2, {}),
     "iso_cts": (True, 2, {}),
-    "trimmed_mean": (False, 3, {"trim": 0.34}),
     "regmean": (False, 4, {}),  # two weights, then their Gram matrices
 }
 
 
+
+def _from_spec(spec: dict) -> tuple:
+    """A valid call from the spec: the base when required, two models (within the declared
+    counts), and each required parameter at the middle of its declared range."""
+    lo, hi = spec["min_models"], spec["max_models"]
+    n = max(lo, min(2, hi if hi is not None else 2))
+    params = {}
+    for p in spec["params"]:
+        if p["required"]:
+            a, _, b, _ = p["range"] or (0.0, False, 1.0, False)
+            v = (max(a, -1.0) + min(b, 1.0)) / 2
+            params[p["name"]] = [v] * n if p["per_model"] else v
+    return spec["base"] == "required", n, params
+
+
+SPECS = {s["name"]: s for s in _core.method_specs()}
+CASES = {name: HAND.get(name) or _from_spec(spec) for name, spec in SPECS.items()}
+
+
 def test_cases_cover_every_method(mf):
     assert set(CASES) == set(mf._core.METHODS)
+    for name, (has_base, n, params) in HAND.items():  # the refined rows agree with the specs
+        spec = SPECS[name]
+        assert has_base == (spec["base"] == "required") or spec["base"] in ("optional", "ignored"), name
+        assert n >= spec["min_models"] and (spec["max_models"] is None or n <= spec["max_models"]), name
+        assert set(params) <= {p["name"] for p in spec["params"]}, name
 
 
 def inputs(method, shape=(6, 50)):
