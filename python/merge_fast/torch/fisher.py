@@ -444,35 +444,30 @@ def save_fisher(fisher: Mapping[str, torch.Tensor], path: Union[str, os.PathLike
     ``n_examples``, ``n_tokens``, ``model``, ``tied_weights`` as JSON, ...). ``metadata``
     entries override those attached to a :class:`FisherResult`; non-string values are
     JSON-encoded (strings are kept as they are). Written to a temp file then renamed."""
+    save_stats(fisher, path, metadata, "merge_fast.fisher")
+
+
+def save_stats(stats: Mapping[str, torch.Tensor], path: Union[str, os.PathLike], metadata: Optional[Mapping],
+               fmt: str) -> None:
+    """One float32 tensor per name plus string metadata (the `metadata` attribute of `stats`,
+    then `metadata`; non-strings JSON-encoded; ``format=fmt`` unless given), written to a
+    temporary file and renamed: the Fisher and Gram files share this layout."""
     from safetensors.torch import save_file
 
-    meta = dict(getattr(fisher, "metadata", {}) or {})
+    meta = dict(getattr(stats, "metadata", {}) or {})
     meta.update(dict(metadata or {}))
-    meta.setdefault("format", "merge_fast.fisher")
+    meta.setdefault("format", fmt)
     str_meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
-    tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in fisher.items()}
+    tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in stats.items()}
     path = os.fspath(path)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=str_meta)
     os.replace(tmp, path)
 
 
-def _decode_meta(meta: Mapping[str, str]) -> dict:
-    out = {}
-    for k, v in (meta or {}).items():
-        if k in ("n_examples", "n_tokens", "seed", "tied_weights"):
-            try:
-                out[k] = json.loads(v)
-                continue
-            except (TypeError, ValueError):
-                pass
-        out[k] = v
-    return out
-
-
-def load_fisher(path: Union[str, os.PathLike], device="cpu") -> FisherResult:
-    """Read a file written by :func:`save_fisher`. Returns a :class:`FisherResult`;
-    ``n_examples``/``n_tokens``/``seed`` come back as ints and ``tied_weights`` as a dict."""
+def load_stats(path: Union[str, os.PathLike], device, json_keys: Sequence[str]) -> "tuple[dict, dict]":
+    """The tensors and metadata of a file written by :func:`save_stats`, the `json_keys`
+    entries decoded back from JSON."""
     from safetensors import safe_open
 
     tensors = {}
@@ -480,7 +475,23 @@ def load_fisher(path: Union[str, os.PathLike], device="cpu") -> FisherResult:
         meta = f.metadata() or {}
         for k in f.keys():
             tensors[k] = f.get_tensor(k)
-    return FisherResult(tensors, metadata=_decode_meta(meta))
+    out = {}
+    for k, v in meta.items():
+        if k in json_keys:
+            try:
+                out[k] = json.loads(v)
+                continue
+            except (TypeError, ValueError):
+                pass
+        out[k] = v
+    return tensors, out
+
+
+def load_fisher(path: Union[str, os.PathLike], device="cpu") -> FisherResult:
+    """Read a file written by :func:`save_fisher`. Returns a :class:`FisherResult`;
+    ``n_examples``/``n_tokens``/``seed`` come back as ints and ``tied_weights`` as a dict."""
+    tensors, meta = load_stats(path, device, ("n_examples", "n_tokens", "seed", "tied_weights"))
+    return FisherResult(tensors, metadata=meta)
 
 
 # ----------------------------------------------------------------------------- CLI

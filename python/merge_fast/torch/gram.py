@@ -19,7 +19,6 @@ so the merge reads them the right way round.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -28,7 +27,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .fisher import _dist_setup, _resolve_device, tied_parameter_names
+from .fisher import _dist_setup, _resolve_device, load_stats, save_stats, tied_parameter_names
 
 __all__ = ["GramResult", "estimate_gram", "save_gram", "load_gram", "gram_main"]
 
@@ -211,37 +210,12 @@ def save_gram(gram: Mapping[str, torch.Tensor], path: Union[str, os.PathLike],
     """Write Grams as one safetensors file (float32 ``[in, in]`` per weight name) with string
     metadata (``format=merge_fast.gram``; ``n_tokens`` etc. JSON-encoded). Written to a
     temporary file, then renamed."""
-    from safetensors.torch import save_file
-
-    meta = dict(getattr(gram, "metadata", {}) or {})
-    meta.update(dict(metadata or {}))
-    meta.setdefault("format", "merge_fast.gram")
-    str_meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
-    tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in gram.items()}
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=str_meta)
-    os.replace(tmp, path)
+    save_stats(gram, path, metadata, "merge_fast.gram")
 
 
 def load_gram(path: Union[str, os.PathLike], device="cpu") -> GramResult:
     """Read a file written by :func:`save_gram` (metadata decoded back to ints/dicts/lists)."""
-    from safetensors import safe_open
-
-    tensors = {}
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
-    out = {}
-    for k, v in meta.items():
-        if k in _JSON_KEYS:
-            try:
-                out[k] = json.loads(v)
-                continue
-            except (TypeError, ValueError):
-                pass
-        out[k] = v
+    tensors, out = load_stats(path, device, _JSON_KEYS)
     return GramResult(tensors, metadata=out)
 
 
