@@ -183,7 +183,7 @@ pub fn run(
             writer.write(idx, off * sz, bytes)
         };
         let ctx = Ctx { tensor: job.name, shape: job.shape, offset: 0, seed: plan.seed };
-        if let Some(n) = pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink, plan.in_memory_budget as usize))? {
+        if let Some(n) = pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink))? {
             notes.push(format!("{}: {n}", job.name));
         }
         for s in job.sources() {

@@ -42,13 +42,6 @@ pub trait Method: Send + Sync {
         Ok(())
     }
 
-    /// True when `prepare` reads the inputs before `apply` reads them again (whole-tensor
-    /// statistics, top-k thresholds...): the engine then reads a tensor that fits its
-    /// in-memory budget once, and both passes use that copy.
-    fn reads_twice(&self) -> bool {
-        self.n_stats() > 0
-    }
-
     /// Number of whole-tensor f64 statistics (dot products, norms...) `apply` needs.
     fn n_stats(&self) -> usize {
         0
@@ -251,58 +244,12 @@ pub fn stream_stats<M: Method + ?Sized>(method: &M, io: &dyn TensorIo) -> Result
 
 /// Merges one tensor, handing each finished piece (element offset, values, a scratch byte
 /// buffer) to `sink`. Pieces are disjoint and cover the tensor. Returns the kernel's note.
-///
-/// A method that reads its inputs twice gets them read once into memory when every input,
-/// widened to f32, fits `in_memory` bytes together; the same chunks then come from that
-/// copy, so the result is the same bytes either way.
-pub(crate) fn merge_tensor<S>(method: &dyn Method, ctx: Ctx, io: &dyn TensorIo, sink: &S, in_memory: usize) -> Result<Option<String>>
+pub(crate) fn merge_tensor<S>(method: &dyn Method, ctx: Ctx, io: &dyn TensorIo, sink: &S) -> Result<Option<String>>
 where
     S: Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
 {
     let checked = FiniteInputs { io, tensor: ctx.tensor };
-    let numel = io.numel();
-    let slots = io.slots();
-    let fits = numel.checked_mul(slots).and_then(|n| n.checked_mul(4)).is_some_and(|b| b <= in_memory);
-    if fits && method.elementwise() && method.reads_twice() && (0..slots).all(|s| io.slot_numel(s) == numel) {
-        let mut data: Vec<Vec<f32>> = (0..slots).map(|_| vec![0f32; numel]).collect();
-        for (slot, buf) in data.iter_mut().enumerate() {
-            buf.par_chunks_mut(CHUNK).enumerate().try_for_each(|(c, dst)| checked.read(slot, c * CHUNK..c * CHUNK + dst.len(), dst))?;
-        }
-        let cached = InMemory { data, io };
-        return merge_checked(method, ctx, &cached, sink);
-    }
-    merge_checked(method, ctx, &checked, sink)
-}
-
-/// A tensor's inputs read whole (and checked finite) once; messages still name the files.
-struct InMemory<'a> {
-    data: Vec<Vec<f32>>,
-    io: &'a dyn TensorIo,
-}
-
-impl TensorIo for InMemory<'_> {
-    fn numel(&self) -> usize {
-        self.io.numel()
-    }
-    fn slots(&self) -> usize {
-        self.data.len()
-    }
-    fn has_base(&self) -> bool {
-        self.io.has_base()
-    }
-    fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
-        dst.copy_from_slice(&self.data[slot][range]);
-        Ok(())
-    }
-    fn describe(&self, slot: usize) -> String {
-        self.io.describe(slot)
-    }
-}
-
-fn merge_checked<S>(method: &dyn Method, ctx: Ctx, io: &dyn TensorIo, sink: &S) -> Result<Option<String>>
-where
-    S: Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
-{
+    let io: &dyn TensorIo = &checked;
     let numel = io.numel();
     let stats = method.prepare(&ctx, io)?;
     let note = method.note(&stats);
@@ -365,7 +312,7 @@ pub fn merge_arrays(
         Ok(())
     };
     let ctx = Ctx { tensor, shape, offset: 0, seed };
-    pool.install(|| merge_tensor(method, ctx, &io, &sink, 0))?; // already in memory
+    pool.install(|| merge_tensor(method, ctx, &io, &sink))?;
     Ok(out)
 }
 

@@ -25,10 +25,6 @@ pub struct PlanSpec {
     pub seed: u64,
     #[serde(default = "default_shard")]
     pub max_shard_size: u64,
-    /// A tensor whose inputs, widened to f32, fit this many bytes is read once when its
-    /// method reads it twice (statistics, then the merge); larger ones are streamed twice.
-    #[serde(default = "default_in_memory")]
-    pub in_memory_budget: u64,
     /// Written into every shard's `__metadata__` (with `format: pt`).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -41,10 +37,6 @@ pub struct PlanSpec {
     /// tensor costs hundreds of bytes, and most merges have a handful of distinct sets.
     #[serde(default)]
     pub param_sets: Vec<Map<String, Value>>,
-}
-
-fn default_in_memory() -> u64 {
-    256 << 20
 }
 
 fn default_shard() -> u64 {

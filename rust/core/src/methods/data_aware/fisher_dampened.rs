@@ -113,10 +113,6 @@ impl Method for FisherDampened {
         total[1] = total[1].max(part[1]);
     }
 
-    fn reads_twice(&self) -> bool {
-        true // `prepare` reads every input
-    }
-
     fn prepare(&self, _ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         if self.norm != Norm::Rank {
             return crate::kernel::stream_stats(self, io);

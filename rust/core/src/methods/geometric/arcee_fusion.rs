@@ -82,10 +82,6 @@ fn importance(x: f32, b: f32, kl: f32) -> f32 {
 }
 
 impl Method for ArceeFusion {
-    fn reads_twice(&self) -> bool {
-        true // `prepare` reads every input
-    }
-
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let numel = io.numel();
         if numel == 0 {

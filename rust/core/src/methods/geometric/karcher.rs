@@ -124,10 +124,6 @@ fn slot(i: usize, n: usize, has_base: bool) -> usize {
 }
 
 impl Method for Karcher {
-    fn reads_twice(&self) -> bool {
-        true // `prepare` reads every input
-    }
-
     fn prepare(&self, _: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let n = self.n;
         if n == 1 {

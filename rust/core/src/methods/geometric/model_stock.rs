@@ -75,10 +75,6 @@ impl ModelStock {
 }
 
 impl Method for ModelStock {
-    fn reads_twice(&self) -> bool {
-        true // `prepare` reads every input
-    }
-
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let n = self.n;
         let k = n * (n + 1) / 2;

@@ -71,10 +71,6 @@ impl MultiSlerp {
 }
 
 impl Method for MultiSlerp {
-    fn reads_twice(&self) -> bool {
-        true // `prepare` reads every input
-    }
-
     fn prepare(&self, _: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let n = self.w.len();
         if n == 1 {

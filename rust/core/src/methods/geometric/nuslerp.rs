@@ -77,10 +77,6 @@ impl NuSlerp {
 }
 
 impl Method for NuSlerp {
-    fn reads_twice(&self) -> bool {
-        true // `prepare` reads every input
-    }
-
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let off = usize::from(io.has_base());
         let base = io.has_base().then_some(0);

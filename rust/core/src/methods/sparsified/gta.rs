@@ -154,10 +154,6 @@ impl Gta {
 }
 
 impl Method for Gta {
-    fn reads_twice(&self) -> bool {
-        true // `prepare` reads every input
-    }
-
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let n = io.slots() - 1;
         let mut head = Vec::with_capacity(HEAD * n);

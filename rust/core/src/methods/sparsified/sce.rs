@@ -90,10 +90,6 @@ impl Sce {
 }
 
 impl Method for Sce {
-    fn reads_twice(&self) -> bool {
-        true // `prepare` reads every input
-    }
-
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let n = io.slots() - 1;
         let numel = io.numel();
