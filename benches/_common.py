@@ -575,7 +575,7 @@ def io_floor(inputs: Sequence[Path | str], out_file: Path | str, out_bytes: int,
 
     Sequential, single-threaded, 16 MB ``readinto`` into one reused buffer (data discarded),
     then ``out_bytes`` of that buffer written to ``out_file`` in 16 MB ``write`` calls; no
-    fsync by default (merge_fast does not fsync by default either).  Time = read + write, not
+    fsync unless ``fsync`` (merge_fast fsyncs by default; see bench_methods).  Time = read + write, not
     overlapped.
     """
     t0 = time.perf_counter()

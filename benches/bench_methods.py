@@ -1,27 +1,27 @@
 #!/usr/bin/env python
-"""Methods benchmark: merge_fast ties / dare_ties / model_stock vs mergekit, base + 2 fine-tunes.
+"""Methods benchmark: every merge method, merge_fast vs its I/O floor and mergekit.
 
 For each size a synthetic Llama-shaped bf16 *model set* is used (see ``_common.py``
 ``ensure_model_set``): a base (seed 100) and two fine-tunes ``base + 0.002 * delta`` whose deltas
 are correlated (``--delta-corr``, default 0.5, so TIES sign election has a majority to find and
-model_stock's cosine -- hence its interpolation factor t = 2c/(1+c) -- is far from 0).
-Every contender runs ``--repeats`` times in its own subprocess, contenders interleaved
+model_stock's cosine -- hence its interpolation factor t = 2c/(1+c) -- is far from 0). The Fisher
+methods also read one positive bf16 "Fisher" per fine-tune (``ensure_fishers``). ``CASES`` lists
+each method's inputs (a pair method reads two models, a base-plus-two method three), its
+merge_fast call and its mergekit config (both tools' defaults except the parameters written
+there). Every contender runs ``--repeats`` times in its own subprocess, contenders interleaved
 round-robin (repeat 1 of all, then repeat 2 of all, ...) so machine noise spreads over all:
 
-* ``io-floor``    read every input byte once (base + 2 fine-tunes) + write one output-sized file
-                  (16 MB blocks, no fsync, one thread) -- context only, no target;
-* ``merge_fast``  ``mf.ties`` / ``mf.dare_ties`` / ``mf.model_stock`` (Python API in a fresh
-                  ``python -c``), bf16 in, bf16 out, default threads, 5GB output shards;
-* ``mergekit``    ``mergekit-yaml cfg.yml OUT --lazy-unpickle --no-copy-tokenizer --quiet``
-                  (CPU, ``dtype: bfloat16``, default threads, dare_ties with ``--random-seed``).
-
-The equivalent configurations (both tools' defaults otherwise):
-
-* ties:        density 0.5, weight 0.5 per fine-tune, normalize true (both tools' default);
-* dare_ties:   density 0.5, weight 0.5 per fine-tune, rescale on / normalize off (defaults),
-               fixed seed (``--seed``, default 42) for both tools -- their RNGs differ, so the
-               masks differ and only statistics are compared;
-* model_stock: no parameters (filter_wise false).
+* ``io-floor``        read every input byte of that method once + write one output-sized file
+                      (16 MB blocks, one thread, no fsync); methods with the same inputs share
+                      these runs;
+* ``io-floor-fsync``  the same, fsyncing the output file (``dd conv=fsync``'s floor);
+* ``merge_fast``      the Python API in a fresh ``python -c``, bf16 in, bf16 out, default
+                      threads, 5GB shards, fsync on (merge_fast's default): compared with the
+                      fsynced floor;
+* ``merge_fast-nofsync``  the same with ``fsync=False``: compared with the plain floor;
+* ``mergekit``        ``mergekit-yaml cfg.yml OUT --lazy-unpickle --no-copy-tokenizer --quiet``
+                      (CPU, ``dtype: bfloat16``, default threads, ``--random-seed`` for the
+                      stochastic methods); never fsyncs; compared with the plain floor.
 
 Caching, timing and memory are as in ``bench_engine.py``: inputs are read into the page cache
 before timing (never dropped: shared machine), ``os.sync()`` before every timed run, wall time
@@ -31,21 +31,19 @@ RssAnon+RssShmem (private memory).
 
 Agreement, on the repeat-1 outputs (a sample of tensors: embeddings, lm_head, final norm, every
 projection + a norm of the first and last layer; all tensors for tiny or ``--check-all``):
+deterministic methods: merge_fast vs mergekit, max |diff|, max bf16 ulp, elements that differ
+(ties and model_stock also against a float32 reference rounded once); stochastic ones
+(dare_ties, dare_linear, della: the tools' RNGs differ): per tool, the fraction of elements
+bit-equal to the base, mean |out - base| and the sign agreement of (out - base) with the
+fine-tunes' mean delta.
 
-* ties, model_stock: merge_fast vs mergekit, max |diff|, max bf16 ulp, elements that differ.
-  mergekit computes in bf16 (``dtype: bfloat16``), merge_fast in f32 then rounds once, so a few
-  ulps are expected; ties' trimming thresholds over bf16 magnitudes can also tip elements that
-  tie at the threshold;
-* dare_ties: per tool, the fraction of elements bit-equal to the base, mean |out - base| and
-  the sign agreement of (out - base) with the fine-tunes' mean delta, and the relative gap of
-  those statistics between the tools.
+Targets (issue 11, on the 1.1b set): every method within 1.3x its I/O floor (model_stock
+1.05x; procrustes_absorb has its own target in ``bench_crossarch.py``); merge_fast peak RSS
+<= 1.5 GB; >= 5x faster than mergekit (informational).
 
-Targets (defined on the 1.1b set): merge_fast >= 5x faster than mergekit per method, merge_fast
-peak RSS <= 1.5 GB (1536 MiB, VmHWM; the anon line is printed too).
-
-    python benches/bench_methods.py --sizes tiny                  # smoke test, < 1 min
-    python benches/bench_methods.py --sizes 125m,1.1b --markdown  # the full bench
-    python benches/bench_methods.py --sizes 1.1b --only ties --repeats 1
+    python benches/bench_methods.py --sizes tiny                  # smoke test, ~30 s without mergekit
+    python benches/bench_methods.py --sizes 1.1b --markdown       # the full table
+    python benches/bench_methods.py --sizes 1.1b --only ties,sce --repeats 1
     python benches/bench_methods.py --sizes 1.1b --repeats 3 --mergekit-repeats 1  # mergekit once
 """
 
@@ -61,19 +59,96 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from _common import Row, clean, fnum, out_shards  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("ties", "dare_ties", "model_stock")
 WEIGHTS = (0.5, 0.5)
 DENSITY = 0.5
 
 TARGET_SPEEDUP = 5.0
 TARGET_RSS_MB = 1536.0  # 1.5 GB
+TARGET_FLOOR = 1.3  # issue 11: every method within 1.3x of its I/O floor
+TARGET_FLOOR_ONE_PASS = {"model_stock": 1.05}
+NO_FLOOR_TARGET = ("procrustes_absorb",)  # its target (SVD time included): bench_crossarch.py
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One method's bench: the inputs it reads (keys of the model set: base, ft1, ft2,
+    fisher1, fisher2), merge_fast's call and mergekit's config (None: mergekit lacks it).
+    ``{opts}`` is replaced by the shared keyword options; model keys by their paths."""
+    inputs: Tuple[str, ...]
+    mf: str
+    mk: Optional[dict] = None
+
+
+_W = [("ft1", {"weight": 0.5}), ("ft2", {"weight": 0.5})]
+_WD = [(k, dict(p, density=DENSITY)) for k, p in _W]
+CASES: Dict[str, Case] = {
+    "linear": Case(("ft1", "ft2"), "mf.linear([{ft1}, {ft2}], [0.5, 0.5], {opts})",
+                   {"models": _W}),
+    "task_arithmetic": Case(("base", "ft1", "ft2"),
+                            "mf.task_arithmetic({base}, [{ft1}, {ft2}], [0.5, 0.5], {opts})",
+                            {"base": "base", "models": _W}),
+    "slerp": Case(("base", "ft1"), "mf.slerp({base}, {ft1}, 0.5, {opts})",
+                  {"base": "base", "models": [("base", {}), ("ft1", {})], "params": {"t": 0.5}}),
+    "ties": Case(("base", "ft1", "ft2"),
+                 "mf.ties({base}, [{ft1}, {ft2}], [0.5, 0.5], density=0.5, {opts})",
+                 {"base": "base", "models": _WD, "params": {"normalize": True}}),
+    "dare_ties": Case(("base", "ft1", "ft2"),
+                      "mf.dare_ties({base}, [{ft1}, {ft2}], [0.5, 0.5], density=0.5, "
+                      "seed={seed}, {opts})", {"base": "base", "models": _WD}),
+    "dare_linear": Case(("base", "ft1", "ft2"),
+                        "mf.dare_linear({base}, [{ft1}, {ft2}], [0.5, 0.5], density=0.5, "
+                        "seed={seed}, {opts})", {"base": "base", "models": _WD}),
+    "breadcrumbs": Case(("base", "ft1", "ft2"),
+                        "mf.breadcrumbs({base}, [{ft1}, {ft2}], [0.5, 0.5], density=0.9, "
+                        "gamma=0.01, {opts})",
+                        {"base": "base", "models": [(k, dict(p, density=0.9, gamma=0.01))
+                                                    for k, p in _W]}),
+    "della": Case(("base", "ft1", "ft2"),
+                  "mf.della({base}, [{ft1}, {ft2}], [0.5, 0.5], density=0.5, epsilon=0.1, "
+                  "seed={seed}, {opts})",
+                  {"base": "base", "models": [(k, dict(p, epsilon=0.1)) for k, p in _WD]}),
+    "sce": Case(("base", "ft1", "ft2"), "mf.sce({base}, [{ft1}, {ft2}], select_topk=0.5, {opts})",
+                {"base": "base", "models": [("ft1", {}), ("ft2", {})],
+                 "params": {"select_topk": 0.5}}),
+    "model_stock": Case(("base", "ft1", "ft2"), "mf.model_stock({base}, [{ft1}, {ft2}], {opts})",
+                        {"base": "base", "models": [("ft1", {}), ("ft2", {})]}),
+    "nuslerp": Case(("base", "ft1", "ft2"),
+                    "mf.nuslerp([{ft1}, {ft2}], [0.5, 0.5], base={base}, {opts})",
+                    {"base": "base", "models": _W}),
+    "multislerp": Case(("base", "ft1", "ft2"),
+                       "mf.multislerp([{ft1}, {ft2}], [0.5, 0.5], base={base}, {opts})",
+                       {"base": "base", "models": _W}),
+    "karcher": Case(("ft1", "ft2"), "mf.karcher([{ft1}, {ft2}], {opts})",
+                    {"models": [("ft1", {}), ("ft2", {})]}),
+    "nearswap": Case(("base", "ft1"), "mf.nearswap({base}, {ft1}, 0.001, {opts})",
+                     {"base": "base", "models": [("base", {}), ("ft1", {})],
+                      "params": {"t": 0.001}}),
+    "ram": Case(("base", "ft1", "ft2"), "mf.ram({base}, [{ft1}, {ft2}], {opts})",
+                {"base": "base", "models": [("ft1", {}), ("ft2", {})]}),
+    "arcee_fusion": Case(("base", "ft1"), "mf.arcee_fusion({base}, {ft1}, {opts})",
+                         {"base": "base", "models": [("base", {}), ("ft1", {})]}),
+    "passthrough": Case(("base",), "mf.passthrough({base}, {opts})",
+                        {"models": [("base", {})]}),
+    "fisher_weighted": Case(("ft1", "ft2", "fisher1", "fisher2"),
+                            "mf.fisher_weighted([{ft1}, {ft2}], [{fisher1}, {fisher2}], {opts})"),
+    "fisher_dampened": Case(("base", "ft1", "ft2", "fisher1"),
+                            "mf.fisher_dampened({base}, [{ft1}, {ft2}], {fisher1}, scale=0.3, "
+                            "{opts})"),
+    # cross-architecture entry point: its own options (no threads/progress keywords)
+    "procrustes_absorb": Case(("base", "ft1", "ft2"),
+                              "mf.procrustes_absorb({base}, [{ft1}, {ft2}], out={out}, "
+                              "max_shard_size='5GB'{fsync_kw})"),
+}
+METHODS = tuple(CASES)
+# Stochastic methods: their RNGs differ from mergekit's, so only statistics are compared.
+STOCHASTIC = ("dare_ties", "dare_linear", "della")
 
 
 @dataclasses.dataclass
@@ -81,6 +156,7 @@ class Contender:
     key: str
     label: str
     kind: str  # io-floor | merge_fast | mergekit
+    fsync: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,20 +192,14 @@ def mf_available(python: str) -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def mf_cmd(python: str, method: str, base: Path, fts: List[Path], out: Path, args) -> List[str]:
-    models = "[" + ", ".join(repr(str(p)) for p in fts) + "]"
+def mf_cmd(python: str, method: str, paths: Dict[str, Path], out: Path, args,
+           fsync: bool) -> List[str]:
+    fsync_kw = "" if fsync else ", fsync=False"
     opts = (f"out={str(out)!r}, threads={args.threads!r}, max_shard_size='5GB', "
-            f"progress=False")
-    if method == "ties":
-        call = (f"mf.ties({str(base)!r}, {models}, weights={list(WEIGHTS)!r}, "
-                f"density={DENSITY!r}, {opts})")
-    elif method == "dare_ties":
-        call = (f"mf.dare_ties({str(base)!r}, {models}, weights={list(WEIGHTS)!r}, "
-                f"density={DENSITY!r}, seed={args.seed!r}, {opts})")
-    elif method == "model_stock":
-        call = f"mf.model_stock({str(base)!r}, {models}, {opts})"
-    else:
-        raise ValueError(method)
+            f"progress=False{fsync_kw}")
+    call = CASES[method].mf.format(opts=opts, seed=args.seed, out=repr(str(out)),
+                                   fsync_kw=fsync_kw,
+                                   **{k: repr(str(v)) for k, v in paths.items()})
     code = ("import json, merge_fast as mf\n"
             f"r = {call}\n"
             "print(json.dumps({k: getattr(r, k, None) for k in ('tensors_written', "
@@ -137,38 +207,75 @@ def mf_cmd(python: str, method: str, base: Path, fts: List[Path], out: Path, arg
     return [python, "-c", code]
 
 
-def mergekit_yaml(method: str, base: Path, fts: List[Path]) -> str:
-    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
-    for p, w in zip(fts, WEIGHTS):
-        lines.append(f"  - model: {p}")
-        if method in ("ties", "dare_ties"):
-            lines += ["    parameters:", f"      density: {DENSITY}", f"      weight: {w}"]
-    if method == "ties":
-        lines += ["parameters:", "  normalize: true"]
+def mergekit_yaml(method: str, paths: Dict[str, Path]) -> str:
+    mk = CASES[method].mk
+    assert mk is not None
+    lines = [f"merge_method: {method}"]
+    if mk.get("base"):
+        lines.append(f"base_model: {paths[mk['base']]}")
+    lines.append("models:")
+    for key, params in mk["models"]:
+        lines.append(f"  - model: {paths[key]}")
+        if params:
+            lines.append("    parameters:")
+            lines += [f"      {k}: {v}" for k, v in params.items()]
+    if mk.get("params"):
+        lines.append("parameters:")
+        lines += [f"  {k}: {str(v).lower() if isinstance(v, bool) else v}"
+                  for k, v in mk["params"].items()]
     lines.append("dtype: bfloat16")
     return "\n".join(lines) + "\n"
 
 
-def build_cmd(c: Contender, method: str, base: Path, fts: List[Path], out: Path, args,
+def build_cmd(c: Contender, method: str, paths: Dict[str, Path], out: Path, args,
               work: Path) -> List[str]:
     if c.kind == "io-floor":
-        ins = C.shard_files(base) + [f for p in fts for f in C.shard_files(p)]
+        ins = [f for k in CASES[method].inputs for f in C.shard_files(paths[k])]
         return [sys.executable, str(HERE / "_common.py"), "io-floor", "--inputs",
                 *map(str, ins), "--out-file", str(out) + ".bin",
-                "--out-bytes", str(C.dir_bytes(base))]
+                "--out-bytes", str(C.dir_bytes(paths["base"]))] + (["--fsync"] if c.fsync else [])
     if c.kind == "merge_fast":
-        return mf_cmd(args.mf_python, method, base, fts, out, args)
+        return mf_cmd(args.mf_python, method, paths, out, args, c.fsync)
     if c.kind == "mergekit":
         cfg = work / f"mergekit_{method}.yml"
-        cfg.write_text(mergekit_yaml(method, base, fts))
+        cfg.write_text(mergekit_yaml(method, paths))
         cmd = [args.mergekit, str(cfg), str(out), "--lazy-unpickle", "--no-copy-tokenizer",
                "--quiet"]
-        if method == "dare_ties":
+        if method in STOCHASTIC:
             cmd += ["--random-seed", str(args.seed)]
         if args.threads:
             cmd += ["-j", str(args.threads)]
         return cmd
     raise ValueError(c.kind)
+
+
+def ensure_fishers(size: str, fts: List[Path], root: Path) -> List[Path]:
+    """A positive diagonal 'Fisher' per fine-tune with its names and shards: (50·θ)² + 0.01,
+    in bf16. The bench needs a Fisher file's size and layout, not real statistics; a real one
+    is float32 (twice the bytes), and the floor reads the same files, so ratios still hold."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = []
+    for k, ft in enumerate(fts):
+        d = root / f"{get_spec_name(size)}_fisher{k + 1}"
+        if not (d / "done").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            for f in C.shard_files(ft):
+                ts = load_file(str(f))
+                save_file({n: ((t.float() * 50).square() + 0.01).to(torch.bfloat16)
+                           for n, t in ts.items()}, str(d / f.name))
+                del ts
+            for extra in ft.glob("*.json"):
+                shutil.copy(extra, d / extra.name)
+            (d / "done").write_text("")
+        out.append(d)
+    return out
+
+
+def get_spec_name(size: str) -> str:
+    return C.get_spec(size).name
 
 
 def sample_names(size: str, check_all: bool = False) -> Optional[List[str]]:
@@ -314,8 +421,9 @@ def ref_check(out_dirs: Dict[str, Path], method: str, base: Path, fts: List[Path
                 "max_abs_vs_ref": a["max_abs"]} for k, a in acc.items()}
 
 
-def agreement_check(size: str, method: str, base: Path, fts: List[Path], rows: List[Row],
+def agreement_check(size: str, method: str, paths: Dict[str, Path], rows: List[Row],
                     outs: Dict[str, Path], check_all: bool) -> None:
+    base, fts = paths["base"], [paths["ft1"], paths["ft2"]]
     done = {r.contender.kind: outs[r.contender.key] for r in rows
             if r.status == "ok" and r.runs and r.runs[0].ok and r.contender.kind != "io-floor"
             and outs[r.contender.key].is_dir()}
@@ -324,7 +432,7 @@ def agreement_check(size: str, method: str, base: Path, fts: List[Path], rows: L
     names = sample_names(size, check_all)
     t0 = time.perf_counter()
     try:
-        if method == "dare_ties":
+        if method in STOCHASTIC:
             sm = dare_stats(done["merge_fast"], base, fts, names)
             sk = dare_stats(done["mergekit"], base, fts, names)
             res = {"kind": "stats", "merge_fast": sm, "mergekit": sk,
@@ -340,7 +448,7 @@ def agreement_check(size: str, method: str, base: Path, fts: List[Path], rows: L
         else:
             res = {"kind": "values", **C.compare_outputs(done["merge_fast"], done["mergekit"],
                                                          names)}
-            if not getattr(agreement_check, "no_ref", False):
+            if method in ("ties", "model_stock"):
                 res["vs_ref"] = ref_check(done, method, base, fts, names)
     except Exception as e:  # noqa: BLE001
         res = {"error": f"{type(e).__name__}: {e}"}
@@ -387,13 +495,19 @@ def fmt_agree(r: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def run_size_method(size: str, method: str, base: Path, fts: List[Path],
+# I/O floors by (size, inputs, fsync): methods reading the same inputs share their runs.
+FLOORS: Dict[tuple, List[C.RunResult]] = {}
+
+
+def run_size_method(size: str, method: str, paths: Dict[str, Path],
                     contenders: List[Contender], args, work: Path,
                     unavailable: Dict[str, str], deadline: float) -> List[Row]:
     rows = [Row(size, method, c) for c in contenders]
     for row in rows:
         if row.contender.kind in unavailable:
             row.status, row.note = "unavailable", unavailable[row.contender.kind]
+        elif row.contender.kind == "mergekit" and CASES[method].mk is None:
+            row.status, row.note = "unavailable", "mergekit has no such method"
     outs = {r.contender.key: work / f"{size}_{method}_{r.contender.key}" for r in rows}
     for rep in range(args.repeats):
         if rep > 0 and time.perf_counter() > deadline:
@@ -410,14 +524,20 @@ def run_size_method(size: str, method: str, base: Path, fts: List[Path],
             if c.kind == "mergekit" and rep >= args.mergekit_repeats:
                 continue
             out = outs[c.key]
+            floor_key = (size, CASES[method].inputs, c.fsync)
+            if c.kind == "io-floor" and len(FLOORS.get(floor_key, [])) > rep:
+                row.runs.append(FLOORS[floor_key][rep])  # measured for an earlier method
+                continue
             clean(out)
-            cmd = build_cmd(c, method, base, fts, out, args, work)
+            cmd = build_cmd(c, method, paths, out, args, work)
             os.sync()
             env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             if c.kind == "merge_fast":
                 env.update(MF_ENV)
             r = C.run_measured(cmd, env=env, timeout=args.timeout)
             row.runs.append(r)
+            if c.kind == "io-floor" and r.ok:
+                FLOORS.setdefault(floor_key, []).append(r)
             tag = f"{size:>5} {method:<11} {c.label:<16} rep {rep + 1}/{args.repeats}"
             if not r.ok:
                 row.status = "failed"
@@ -441,7 +561,7 @@ def run_size_method(size: str, method: str, base: Path, fts: List[Path],
                 continue  # keep repeat-1 outputs for the agreement check
             clean(out)
         if rep == 0:
-            agreement_check(size, method, base, fts, rows, outs, args.check_all)
+            agreement_check(size, method, paths, rows, outs, args.check_all)
             for row in rows:
                 clean(outs[row.contender.key])
     return rows
@@ -452,6 +572,13 @@ def run_size_method(size: str, method: str, base: Path, fts: List[Path],
 # --------------------------------------------------------------------------------------------
 
 
+def floor_of(rs: List[Row], fsync: bool) -> float:
+    """The median I/O floor a contender is measured against: the fsynced floor for a merge
+    that fsyncs (merge_fast's default), the plain one otherwise (mergekit never fsyncs)."""
+    return next((r.med for r in rs if r.contender.kind == "io-floor"
+                 and r.contender.fsync == fsync and r.walls()), float("nan"))
+
+
 def table(rows: List[Row], markdown: bool) -> str:
     hdr = ["contender", "size", "method", "runs", "median s", "min / max s", "CPU s",
            "peak RSS MB", "anon MB", "x I/O floor", "speedup vs mergekit", "note"]
@@ -460,7 +587,6 @@ def table(rows: List[Row], markdown: bool) -> str:
         by.setdefault((r.size, r.method), []).append(r)
     body = []
     for (size, method), rs in by.items():
-        floor = next((r.med for r in rs if r.contender.kind == "io-floor"), float("nan"))
         mk = next((r.med for r in rs if r.contender.kind == "mergekit"), float("nan"))
         for r in rs:
             w = r.walls()
@@ -478,7 +604,8 @@ def table(rows: List[Row], markdown: bool) -> str:
                 r.contender.label, size, method, str(len(w)), fnum(r.med),
                 f"{fnum(min(w))} / {fnum(max(w))}" if w else "-", fnum(r.cpu, "{:.1f}"),
                 fnum(r.rss, "{:.0f}"), fnum(r.anon, "{:.0f}"),
-                fnum(r.med / floor) if r.contender.kind != "io-floor" else "1.00",
+                fnum(r.med / floor_of(rs, r.contender.fsync)) if r.contender.kind != "io-floor"
+                else "1.00",
                 fnum(mk / r.med) if r.contender.kind == "merge_fast" else "-",
                 note[:80],
             ])
@@ -521,6 +648,16 @@ def targets(rows: List[Row]) -> List[str]:
                        f"median of {len(mk.walls())}/{n}); target >= {TARGET_SPEEDUP}x{note}")
         elif mk:
             out.append(f"N/A  {size} {method}: mergekit {mk.status} ({mk.note})")
+        for r in rs:
+            if r.contender.kind != "merge_fast" or not r.walls():
+                continue
+            fl = floor_of(rs, r.contender.fsync)
+            if fl == fl and method not in NO_FLOOR_TARGET:
+                goal = TARGET_FLOOR_ONE_PASS.get(method, TARGET_FLOOR)
+                x = r.med / fl
+                out.append(f"{'PASS' if x <= goal else 'FAIL'} {size} {method}: {r.contender.label} "
+                           f"at {x:.2f}x its {'fsynced ' if r.contender.fsync else ''}I/O floor "
+                           f"({r.med:.2f} s vs {fl:.2f} s); target <= {goal}x{note}")
         out.append(f"{'PASS' if mf.rss <= TARGET_RSS_MB else 'FAIL'} {size} {method}: "
                    f"merge_fast peak RSS {mf.rss:.0f} MB (VmHWM, incl. file-backed mmap pages, "
                    f"max of {n}); target <= {TARGET_RSS_MB:.0f} MB{note}")
@@ -539,8 +676,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=",".join(METHODS), help="methods: " + ",".join(METHODS))
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs per contender, median reported (default 3; 1 for --sizes tiny)")
-    ap.add_argument("--contenders", default="io-floor,merge_fast,mergekit",
-                    help="subset of io-floor,merge_fast,mergekit")
+    ap.add_argument("--contenders", default="io-floor,io-floor-fsync,merge_fast,mergekit",
+                    help="subset of io-floor,io-floor-fsync,merge_fast (fsyncs its output, "
+                         "the default),merge_fast-nofsync,mergekit")
     ap.add_argument("--mergekit-repeats", type=int, default=None,
                     help="run mergekit only on the first N repeats (default: all); its "
                          "median is then over N runs -- for when a mergekit run takes minutes")
@@ -586,6 +724,8 @@ def main(argv=None) -> int:
                 else float("inf"))
 
     unavailable: Dict[str, str] = {}
+    if os.sep in args.mf_python:  # runs are started from another working directory
+        args.mf_python = os.path.abspath(args.mf_python)
     ok, info = mf_available(args.mf_python)
     print(f"merge_fast: {'available ' + info if ok else 'UNAVAILABLE (' + info + ')'}",
           file=sys.stderr)
@@ -597,8 +737,12 @@ def main(argv=None) -> int:
     contenders: List[Contender] = []
     if "io-floor" in kinds:
         contenders.append(Contender("io-floor", "I/O floor", "io-floor"))
+    if "io-floor-fsync" in kinds:
+        contenders.append(Contender("io-floor-fsync", "I/O floor, fsync", "io-floor", True))
     if "merge_fast" in kinds:
-        contenders.append(Contender("merge_fast", "merge_fast", "merge_fast"))
+        contenders.append(Contender("merge_fast", "merge_fast", "merge_fast", True))
+    if "merge_fast-nofsync" in kinds:
+        contenders.append(Contender("merge_fast-nofsync", "merge_fast --no-fsync", "merge_fast"))
     if "mergekit" in kinds:
         label = "mergekit"
         try:
@@ -615,13 +759,17 @@ def main(argv=None) -> int:
     for size in sizes:
         print(f"[{size}] preparing base + 2 fine-tunes in {data}", file=sys.stderr, flush=True)
         base, fts = C.ensure_model_set(size, 2, args.delta_std, args.delta_corr, root=data)
+        paths = {"base": base, "ft1": fts[0], "ft2": fts[1]}
         generated += [base, *fts]
-        nbytes = C.warm_page_cache(C.shard_files(base) + [f for p in fts
-                                                          for f in C.shard_files(p)])
+        if any(k.startswith("fisher") for m in methods for k in CASES[m].inputs):
+            fishers = ensure_fishers(size, fts, data)
+            paths.update(fisher1=fishers[0], fisher2=fishers[1])
+            generated += fishers
+        nbytes = C.warm_page_cache([f for p in paths.values() for f in C.shard_files(p)])
         print(f"[{size}] warmed page cache ({nbytes / 1e9:.2f} GB read)", file=sys.stderr,
               flush=True)
         for method in methods:
-            rows += run_size_method(size, method, base, fts, contenders, args, work,
+            rows += run_size_method(size, method, paths, contenders, args, work,
                                     unavailable, deadline)
 
     total = time.perf_counter() - t_start
@@ -635,7 +783,8 @@ def main(argv=None) -> int:
           f"ties/dare_ties density {DENSITY} weight {WEIGHTS[0]} each, dare_ties seed "
           f"{args.seed}; bf16 in/out")
     print("# wall = median subprocess wall time (imports included); CPU = median user+sys; "
-          "inputs in page cache; no fsync; peak RSS = max over repeats of VmHWM (incl. "
+          "inputs in page cache; merge_fast fsyncs (its default; x floor vs the fsynced "
+          "floor), mergekit does not (x floor vs the plain floor); peak RSS = max over repeats of VmHWM (incl. "
           "file-backed mmap pages); anon = polled RssAnon+RssShmem")
     print(table(rows, markdown=False))
     if args.markdown:
