@@ -5,11 +5,12 @@ use crate::error::Result;
 use crate::kernel::{Ctx, Method};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 
-const TRIM: Range = Range::closed(0.0, 0.5);
-
 pub fn spec() -> MethodSpec {
-    MethodSpec::new("trimmed_mean", BaseRule::Forbidden, |p, n, _| Ok(Box::new(TrimmedMean::build(p, n)?)))
-        .params(&[ParamSpec::float("trim", 0.2, TRIM)])
+    MethodSpec::new("trimmed_mean", BaseRule::Forbidden, |p, n, _| Ok(Box::new(TrimmedMean::build(p, n)?))).params(&[ParamSpec::float(
+        "trim",
+        0.2,
+        Range::closed(0.0, 0.5),
+    )])
 }
 
 pub struct TrimmedMean {
@@ -18,7 +19,7 @@ pub struct TrimmedMean {
 
 impl TrimmedMean {
     fn build(p: &Params, n: usize) -> Result<Self> {
-        let trim = p.f64("trim", 0.2, TRIM)?;
+        let trim = p.f64("trim")?;
         Ok(TrimmedMean { k: ((trim * n as f64).floor() as usize).min((n - 1) / 2) })
     }
 }
