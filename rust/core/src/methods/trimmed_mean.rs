@@ -5,12 +5,11 @@ use crate::error::Result;
 use crate::kernel::{Ctx, Method};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 
+const TRIM: Range = Range::closed(0.0, 0.5);
+
 pub fn spec() -> MethodSpec {
-    MethodSpec::new("trimmed_mean", BaseRule::Forbidden, |p, n, _| Ok(Box::new(TrimmedMean::build(p, n)?))).params(&[ParamSpec::float(
-        "trim",
-        0.2,
-        Range::closed(0.0, 0.5),
-    )])
+    MethodSpec::new("trimmed_mean", BaseRule::Forbidden, |p, n, _| Ok(Box::new(TrimmedMean::build(p, n)?)))
+        .params(&[ParamSpec::float("trim", 0.2, TRIM)])
 }
 
 pub struct TrimmedMean {
