@@ -1,8 +1,10 @@
 //! What a method accepts (`MethodSpec`: base rule, arity, parameters with kind, scope,
 //! default and range, declared next to the kernel) and typed access to the parameters of
-//! one tensor (`Params`: a JSON object resolved by the planner). Unknown keys are refused so
-//! that a typo never silently does nothing; a kernel reading a parameter its spec does not
-//! declare (or declares differently) is a bug, and panics in every test that builds it.
+//! one tensor (`Params`: a JSON object resolved by the planner). A kernel reads a parameter
+//! by key only: its default and range are the spec's, written once. Unknown keys are refused
+//! so that a typo never silently does nothing; a kernel reading a parameter its spec does not
+//! declare (or as another kind, scope or optionality) is a bug, and panics in every test
+//! that builds it.
 use crate::error::{Error, Result};
 use crate::kernel::Method;
 use serde_json::{Map, Value};
