@@ -118,22 +118,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, quiet=args.quiet)
 
 
-def _cmd_fisher(args: argparse.Namespace) -> int:
+def _cmd_torch(command: str, argv: List[str]) -> int:
+    """``merge-fast fisher|gram ARGS``: the arguments (and --help) go to merge_fast.torch's own parser."""
     try:
-        from .torch import fisher_main
+        from . import torch as mtorch
     except ImportError as e:
-        print(f"merge-fast fisher needs torch and transformers ({e}); pip install 'merge-fast[torch]'", file=sys.stderr)
+        print(f"merge-fast {command} needs torch and transformers ({e}); pip install 'merge-fast[torch]'", file=sys.stderr)
         return 1
-    return fisher_main(args.args)
-
-
-def _cmd_gram(args: argparse.Namespace) -> int:
-    try:
-        from .torch import gram_main
-    except ImportError as e:
-        print(f"merge-fast gram needs torch and transformers ({e}); pip install 'merge-fast[torch]'", file=sys.stderr)
-        return 1
-    return gram_main(args.args)
+    return getattr(mtorch, f"{command}_main")(argv)
 
 
 def _cmd_subspace_masks(args: argparse.Namespace) -> int:
@@ -293,11 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fisher", add_help=False, help="estimate a diagonal Fisher with torch (see merge-fast fisher --help)")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    _COMMANDS["fisher"] = _cmd_fisher
+    _COMMANDS["fisher"] = lambda args: _cmd_torch("fisher", args.args)
 
     p = sub.add_parser("gram", add_help=False, help="Gram matrices XᵀX of linear-layer inputs with torch, for regmean (see merge-fast gram --help)")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    _COMMANDS["gram"] = _cmd_gram
+    _COMMANDS["gram"] = lambda args: _cmd_torch("gram", args.args)
 
     p = sub.add_parser("subspace-masks", help="top-r singular vectors of W_IT − W_PT per 2-D tensor")
     p.add_argument("it", help="instruction-tuned model")
@@ -367,11 +359,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     warnings.showwarning = show
     try:
-        if argv[:1] == ["fisher"]:
+        if argv[:1] in (["fisher"], ["gram"]):
             # Its options (and --help) belong to merge_fast.torch's own parser.
-            return _cmd_fisher(argparse.Namespace(args=argv[1:]))
-        if argv[:1] == ["gram"]:
-            return _cmd_gram(argparse.Namespace(args=argv[1:]))
+            return _cmd_torch(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return _COMMANDS[args.command](args)
     except Terminated as e:

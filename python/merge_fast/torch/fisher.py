@@ -497,32 +497,45 @@ def load_fisher(path: Union[str, os.PathLike], device="cpu") -> FisherResult:
 # ----------------------------------------------------------------------------- CLI
 
 
+def data_arguments(p: argparse.ArgumentParser, params_help: str, dtype_help: str,
+                   own: Optional[Mapping[str, Sequence[tuple]]] = None) -> None:
+    """The options ``merge-fast fisher`` and ``merge-fast gram`` share, in their --help order;
+    ``own[option]``: a command's own ``(flags, kwargs)`` pairs, added right after ``option``."""
+    shared: List[tuple] = [
+        (("model_dir",), dict(help="Hugging Face model folder (model + tokenizer)")),
+        (("--data",), dict(required=True, help="jsonl file, one {\"text\": ...} per line")),
+        (("--out",), dict(required=True, help="output .safetensors path")),
+        (("--max-examples",), dict(type=int, default=None)),
+        (("--seq-len",), dict(type=int, default=512, help="truncate texts to L tokens")),
+        (("--batch-size",), dict(type=int, default=8)),
+        (("--device",), dict(default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")),
+        (("--dtype",), dict(choices=["float32", "bfloat16", "float16", "auto"], default="float32", help=dtype_help)),
+        (("--params",), dict(default=None, help=params_help)),
+        (("--text-key",), dict(default="text")),
+        (("--quiet",), dict(action="store_true", help="no progress bar / summary")),
+        (("--distributed",), dict(action=argparse.BooleanOptionalAction, default=None,
+                                  help="one rank of a torch.distributed job (default: on under torchrun, i.e. "
+                                       "when WORLD_SIZE is set); rank 0 writes --out")),
+    ]
+    for flags, kwargs in shared:
+        p.add_argument(*flags, **kwargs)
+        for own_flags, own_kwargs in (own or {}).get(flags[0], ()):
+            p.add_argument(*own_flags, **own_kwargs)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="merge-fast fisher",
         description="Estimate the diagonal Fisher of a causal LM on a jsonl text file and "
                     "write it as safetensors (tensor names = the model's parameter names).")
-    p.add_argument("model_dir", help="Hugging Face model folder (model + tokenizer)")
-    p.add_argument("--data", required=True, help="jsonl file, one {\"text\": ...} per line")
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--mode", choices=["empirical", "sampled"], default="empirical")
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=512, help="truncate texts to L tokens")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--chunk-size", type=int, default=None,
-                   help="per-example gradients held at once (memory); default = batch size")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
-                                                  "available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
-                   default="float32", help="dtype to load the model in (default float32)")
-    p.add_argument("--params", default=None,
-                   help="regex: only parameters whose name matches (re.search)")
-    p.add_argument("--text-key", default="text")
-    p.add_argument("--seed", type=int, default=0, help="seed for --mode sampled")
-    p.add_argument("--quiet", action="store_true", help="no progress bar / summary")
-    p.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
-                   help="one rank of a torch.distributed job (default: on under torchrun, i.e. "
-                        "when WORLD_SIZE is set); rank 0 writes --out")
+    data_arguments(p, params_help="regex: only parameters whose name matches (re.search)",
+                   dtype_help="dtype to load the model in (default float32)", own={
+                       "--out": [(("--mode",), dict(choices=["empirical", "sampled"], default="empirical"))],
+                       "--batch-size": [(("--chunk-size",), dict(
+                           type=int, default=None,
+                           help="per-example gradients held at once (memory); default = batch size"))],
+                       "--text-key": [(("--seed",), dict(type=int, default=0, help="seed for --mode sampled"))],
+                   })
     return p
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .fisher import _dist_setup, _resolve_device, load_stats, save_stats, tied_parameter_names
+from .fisher import _dist_setup, _resolve_device, data_arguments, load_stats, save_stats, tied_parameter_names
 
 __all__ = ["GramResult", "estimate_gram", "save_gram", "load_gram", "gram_main"]
 
@@ -224,21 +224,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="merge-fast gram",
         description="Gram matrices XᵀX of the inputs of every linear layer of a causal LM on a jsonl "
                     "text file (RegMean statistics), written as safetensors keyed by weight name.")
-    p.add_argument("model_dir", help="Hugging Face model folder (model + tokenizer)")
-    p.add_argument("--data", required=True, help="jsonl file, one {\"text\": ...} per line")
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=512, help="truncate texts to L tokens")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
-                   help="dtype to load the model in (default float32; Grams are float32 always)")
-    p.add_argument("--params", default=None, help="regex: only layers whose weight name matches (re.search)")
-    p.add_argument("--text-key", default="text")
-    p.add_argument("--quiet", action="store_true", help="no progress bar / summary")
-    p.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
-                   help="one rank of a torch.distributed job (default: on under torchrun, i.e. when "
-                        "WORLD_SIZE is set); rank 0 writes --out")
+    data_arguments(p, params_help="regex: only layers whose weight name matches (re.search)",
+                   dtype_help="dtype to load the model in (default float32; Grams are float32 always)")
     return p
 
 

@@ -1,8 +1,10 @@
 //! What a method accepts (`MethodSpec`: base rule, arity, parameters with kind, scope,
 //! default and range, declared next to the kernel) and typed access to the parameters of
-//! one tensor (`Params`: a JSON object resolved by the planner). Unknown keys are refused so
-//! that a typo never silently does nothing; a kernel reading a parameter its spec does not
-//! declare (or declares differently) is a bug, and panics in every test that builds it.
+//! one tensor (`Params`: a JSON object resolved by the planner). A kernel reads a parameter
+//! by key only: its default and range are the spec's, written once. Unknown keys are refused
+//! so that a typo never silently does nothing; a kernel reading a parameter its spec does not
+//! declare (or as another kind, scope or optionality) is a bug, and panics in every test
+//! that builds it.
 use crate::error::{Error, Result};
 use crate::kernel::Method;
 use serde_json::{Map, Value};
@@ -265,23 +267,22 @@ impl<'a> Params<'a> {
         self.spec.name
     }
 
-    /// The read of `key` must match its declaration: a kernel and its spec that disagree
-    /// are a bug, caught by any test that builds the kernel.
-    fn declared(&self, key: &str, kind: Kind, per_model: bool, default: Option<Default>, range: Option<Range>) {
+    /// The declaration of `key`, which its read must match (kind, scope, and whether the
+    /// read is optional): a kernel and its spec that disagree are a bug, caught by any test
+    /// that builds the kernel.
+    fn declared(&self, key: &str, kind: Kind, per_model: bool, optional: bool) -> &'a ParamSpec {
         let m = self.spec.name;
         let d = self.spec.param(key).unwrap_or_else(|| panic!("{m} reads parameter '{key}', which its spec does not declare"));
         assert!(d.role != Role::ConfigOnly, "{m} reads parameter '{key}', declared as not read by the kernel");
         assert!(d.kind == kind && d.per_model == per_model, "{m}: parameter '{key}' is read as {kind:?} (per model: {per_model}), declared {d:?}");
-        let same = |a: Default, b: Default| match (a, b) {
-            (Default::Float(x), Default::Float(y)) => x.to_bits() == y.to_bits(),
-            _ => a == b,
-        };
-        if let Some(def) = default {
-            assert!(same(def, d.default), "{m}: parameter '{key}' is read with default {def:?}, declared {:?}", d.default);
-        }
-        if range.is_some() {
-            assert!(range == d.range, "{m}: parameter '{key}' is read with range {range:?}, declared {:?}", d.range);
-        }
+        let read = if optional { "as optional (no default)" } else { "with a default or as required" };
+        assert!((d.default == Default::Absent) == optional, "{m}: parameter '{key}' is read {read}, declared with default {:?}", d.default);
+        d
+    }
+
+    /// The declared range of a number.
+    fn range(&self, d: &ParamSpec) -> Range {
+        d.range.unwrap_or_else(|| panic!("{}: number '{}' declares no range", self.spec.name, d.name))
     }
 
     fn get(&self, key: &'a str) -> Option<&'a Value> {
@@ -317,36 +318,38 @@ impl<'a> Params<'a> {
         }
     }
 
-    /// A number in `range`, if given.
-    pub fn opt_f64(&self, key: &'a str, range: Range) -> Result<Option<f64>> {
-        self.declared(key, Kind::Float, false, None, Some(range));
-        self.number(key, range)
+    /// A number declared with no default, if given.
+    pub fn opt_f64(&self, key: &'a str) -> Result<Option<f64>> {
+        let d = self.declared(key, Kind::Float, false, true);
+        self.number(key, self.range(d))
     }
 
-    /// A number in `range`, `default` when absent.
-    pub fn f64(&self, key: &'a str, default: f64, range: Range) -> Result<f64> {
-        self.declared(key, Kind::Float, false, Some(Default::Float(default)), Some(range));
-        Ok(self.number(key, range)?.unwrap_or(default))
+    /// A number: its declared default when absent, an error when it is required.
+    pub fn f64(&self, key: &'a str) -> Result<f64> {
+        let d = self.declared(key, Kind::Float, false, false);
+        let v = self.number(key, self.range(d))?;
+        match d.default {
+            Default::Float(x) => Ok(v.unwrap_or(x)),
+            Default::Required => v.ok_or_else(|| self.err(key, "is required")),
+            other => panic!("{}: number '{key}' declares default {other:?}", self.spec.name),
+        }
     }
 
-    pub fn require_f64(&self, key: &'a str, range: Range) -> Result<f64> {
-        self.declared(key, Kind::Float, false, Some(Default::Required), Some(range));
-        self.number(key, range)?.ok_or_else(|| self.err(key, "is required"))
-    }
-
-    /// A non-negative integer no larger than `max`.
-    pub fn count(&self, key: &'a str, default: usize, max: usize) -> Result<usize> {
-        let range = Range::closed(0.0, max as f64);
-        self.declared(key, Kind::Int, false, Some(Default::Int(default as i64)), Some(range));
-        let v = self.number(key, range)?.unwrap_or(default as f64);
+    /// A whole number in its declared range, its declared default when absent.
+    pub fn count(&self, key: &'a str) -> Result<usize> {
+        let d = self.declared(key, Kind::Int, false, false);
+        let Default::Int(default) = d.default else { panic!("{}: count '{key}' declares default {:?}", self.spec.name, d.default) };
+        let v = self.number(key, self.range(d))?.unwrap_or(default as f64);
         if v.fract() != 0.0 {
             return Err(self.err(key, &format!("must be a whole number, got {v}")));
         }
         Ok(v as usize)
     }
 
-    pub fn bool(&self, key: &'a str, default: bool) -> Result<bool> {
-        self.declared(key, Kind::Bool, false, Some(Default::Bool(default)), None);
+    /// A switch, its declared default when absent.
+    pub fn bool(&self, key: &'a str) -> Result<bool> {
+        let d = self.declared(key, Kind::Bool, false, false);
+        let Default::Bool(default) = d.default else { panic!("{}: switch '{key}' declares default {:?}", self.spec.name, d.default) };
         match self.get(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
@@ -362,32 +365,45 @@ impl<'a> Params<'a> {
         }
     }
 
-    /// A string, if given.
+    /// A string declared with no default, if given.
     pub fn opt_str(&self, key: &'a str) -> Result<Option<&'a str>> {
-        self.declared(key, Kind::Str, false, Some(Default::Absent), None);
+        self.declared(key, Kind::Str, false, true);
         self.string(key)
     }
 
-    /// A string, `default` when absent.
-    pub fn str(&self, key: &'a str, default: &'static str) -> Result<&'a str> {
-        self.declared(key, Kind::Str, false, Some(Default::Str(default)), None);
+    /// A string, its declared default when absent.
+    pub fn str(&self, key: &'a str) -> Result<&'a str> {
+        let d = self.declared(key, Kind::Str, false, false);
+        let Default::Str(default) = d.default else { panic!("{}: string '{key}' declares default {:?}", self.spec.name, d.default) };
         Ok(self.string(key)?.unwrap_or(default))
     }
 
-    /// A per-model value in `range`: a scalar broadcast to all `n` models, or a list of
-    /// exactly `n`. `default`: None when required; NaN when the kernel tells "not given"
-    /// apart (declared without a default).
-    pub fn per_model(&self, key: &'a str, n: usize, default: Option<f64>, range: Range) -> Result<Vec<f64>> {
-        let declared = match default {
-            None => Default::Required,
-            Some(d) if d.is_nan() => Default::Absent,
-            Some(d) => Default::Float(d),
+    /// A per-model value in its declared range: a scalar broadcast to all `n` models, or a
+    /// list of exactly `n`; the declared default for every model when absent, an error when
+    /// it is required.
+    pub fn per_model(&self, key: &'a str, n: usize) -> Result<Vec<f64>> {
+        let d = self.declared(key, Kind::Float, true, false);
+        let default = match d.default {
+            Default::Float(x) => Some(x),
+            Default::Required => None,
+            other => panic!("{}: per-model '{key}' declares default {other:?}", self.spec.name),
         };
-        self.declared(key, Kind::Float, true, Some(declared), Some(range));
+        self.per_model_in(key, n, default, self.range(d))
+    }
+
+    /// A per-model value declared with no default, if given.
+    pub fn opt_per_model(&self, key: &'a str, n: usize) -> Result<Option<Vec<f64>>> {
+        let d = self.declared(key, Kind::Float, true, true);
+        if self.get(key).is_none() {
+            return Ok(None);
+        }
+        self.per_model_in(key, n, None, self.range(d)).map(Some)
+    }
+
+    fn per_model_in(&self, key: &'a str, n: usize, default: Option<f64>, range: Range) -> Result<Vec<f64>> {
         let v = self.per_model_raw(key, n, default)?;
-        // a default may be a sentinel outside the range (e.g. NaN for "not given")
-        let given = self.map.get(key).filter(|v| !v.is_null());
-        if let Some(g) = given {
+        // only given values are checked (a default is in range by declaration)
+        if let Some(g) = self.map.get(key).filter(|v| !v.is_null()) {
             for (i, &x) in v.iter().enumerate() {
                 self.check(key, x, range, g.is_array().then_some(i))?;
             }
@@ -457,21 +473,54 @@ mod tests {
             ParamSpec::float("t", 0.5, Range::UNIT),
             ParamSpec::float("absent", 0.5, Range::UNIT),
             ParamSpec::required_float("w", Range::NON_NEG).per_model(),
+            ParamSpec::required_float("r", Range::POSITIVE),
+            ParamSpec::opt_float("scale", Range::FINITE).per_model(),
+            ParamSpec::count("k", 3, 10),
+            ParamSpec::str("mode", "log"),
+            ParamSpec::opt_str("how"),
             ParamSpec::bool("skip", false).config_only(),
         ])
     }
 
     #[test]
     fn ranges_name_the_parameter() {
-        let m = json!({"density": -0.5, "t": 2.0, "w": [1.0, -1.0]}).as_object().unwrap().clone();
+        let m = json!({"density": -0.5, "t": 2.0, "w": [1.0, -1.0], "k": 11, "scale": [0.0, 1.0]}).as_object().unwrap().clone();
         let s = spec();
         let p = Params::new(&s, &m);
-        let e = p.per_model("density", 2, Some(1.0), Range::FRACTION).unwrap_err().to_string();
+        let e = p.per_model("density", 2).unwrap_err().to_string();
         assert!(e.contains("parameter 'density' must be in (0, 1], got -0.5"), "{e}");
-        let e = p.f64("t", 0.5, Range::UNIT).unwrap_err().to_string();
+        let e = p.f64("t").unwrap_err().to_string();
         assert!(e.contains("'t' must be in [0, 1], got 2"), "{e}");
-        assert_eq!(p.f64("absent", 0.5, Range::UNIT).unwrap(), 0.5);
-        assert!(p.per_model("w", 2, None, Range::NON_NEG).unwrap_err().to_string().contains("model #1"));
+        assert!(p.per_model("w", 2).unwrap_err().to_string().contains("model #1"));
+        assert_eq!(p.count("k").unwrap_err().to_string(), "config error: ties: parameter 'k' must be in [0, 10], got 11");
+        assert_eq!(p.opt_per_model("scale", 1).unwrap_err().to_string(), "config error: ties: parameter 'scale' has 2 values for 1 models");
+    }
+
+    #[test]
+    fn defaults_come_from_the_spec() {
+        let none = Map::new();
+        let s = spec();
+        let p = Params::new(&s, &none);
+        assert_eq!(p.f64("absent").unwrap(), 0.5);
+        assert_eq!(p.per_model("density", 3).unwrap(), vec![1.0; 3]);
+        assert_eq!(p.count("k").unwrap(), 3);
+        assert_eq!(p.str("mode").unwrap(), "log");
+        assert_eq!(p.opt_str("how").unwrap(), None);
+        assert_eq!(p.opt_per_model("scale", 1).unwrap(), None);
+        assert_eq!(p.f64("r").unwrap_err().to_string(), "config error: ties: parameter 'r' is required");
+        assert_eq!(p.per_model("w", 2).unwrap_err().to_string(), "config error: ties: parameter 'w' is required");
+        let given = json!({"absent": 0.25, "density": [0.5, 1.0], "k": 4, "mode": "none", "how": "x", "scale": 2.0, "r": 3.0, "w": 1.0});
+        let m = given.as_object().unwrap().clone();
+        let p = Params::new(&s, &m);
+        assert_eq!(p.f64("absent").unwrap(), 0.25);
+        assert_eq!(p.per_model("density", 2).unwrap(), vec![0.5, 1.0]);
+        assert_eq!(p.count("k").unwrap(), 4);
+        assert_eq!(p.str("mode").unwrap(), "none");
+        assert_eq!(p.opt_str("how").unwrap(), Some("x"));
+        assert_eq!(p.opt_per_model("scale", 1).unwrap(), Some(vec![2.0]));
+        assert_eq!(p.f64("r").unwrap(), 3.0);
+        assert_eq!(p.per_model("w", 2).unwrap(), vec![1.0, 1.0]);
+        p.finish().unwrap();
     }
 
     #[test]
@@ -482,22 +531,26 @@ mod tests {
         let read = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| crate::error::panic_text(&*e));
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        let undeclared = read(&|| drop(p.f64("gamma", 0.01, Range::UNIT)));
-        let wrong_default = read(&|| drop(p.f64("t", 0.7, Range::UNIT)));
-        let wrong_range = read(&|| drop(p.f64("t", 0.5, Range::FINITE)));
-        let wrong_kind = read(&|| drop(p.bool("t", false)));
-        let wrong_scope = read(&|| drop(p.f64("density", 1.0, Range::FRACTION)));
-        let not_read = read(&|| drop(p.bool("skip", false)));
+        let undeclared = read(&|| drop(p.f64("gamma")));
+        let wrong_kind = read(&|| drop(p.bool("t")));
+        let wrong_number = read(&|| drop(p.count("t")));
+        let wrong_scope = read(&|| drop(p.f64("density")));
+        let optional_read = read(&|| drop(p.opt_f64("t")));
+        let optional_declared = read(&|| drop(p.opt_str("mode")));
+        let default_read = read(&|| drop(p.per_model("scale", 1)));
+        let not_read = read(&|| drop(p.bool("skip")));
         std::panic::set_hook(hook);
         assert!(undeclared.unwrap_err().contains("reads parameter 'gamma', which its spec does not declare"));
-        assert!(wrong_default.unwrap_err().contains("read with default Float(0.7), declared Float(0.5)"));
-        assert!(wrong_range.unwrap_err().contains("read with range"));
         assert!(wrong_kind.unwrap_err().contains("is read as Bool"));
+        assert!(wrong_number.unwrap_err().contains("is read as Int"));
         assert!(wrong_scope.unwrap_err().contains("per model: false"));
+        assert!(optional_read.unwrap_err().contains("'t' is read as optional (no default), declared with default Float(0.5)"));
+        assert!(optional_declared.unwrap_err().contains("'mode' is read as optional (no default), declared with default Str(\"log\")"));
+        assert!(default_read.unwrap_err().contains("'scale' is read with a default or as required, declared with default Absent"));
         assert!(not_read.unwrap_err().contains("declared as not read by the kernel"));
         // a config-only key given is refused as unknown, exactly as an undeclared one
         assert!(p.finish().unwrap_err().to_string().contains("ties: unknown parameter(s) skip"));
-        assert!(p.f64("t", 0.5, Range::UNIT).is_ok());
+        assert!(p.f64("t").is_ok());
     }
 
     #[test]

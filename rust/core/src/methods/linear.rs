@@ -20,8 +20,8 @@ pub struct Linear {
 
 impl Linear {
     pub fn build(p: &Params, n: usize, _has_base: bool) -> Result<Self> {
-        let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
-        let normalize = p.bool("normalize", true)?;
+        let w = p.per_model("weight", n)?;
+        let normalize = p.bool("normalize")?;
         // Validates (a zero sum, factors beyond f32) with the messages every method shares.
         p.weights_f32("weight", &w, normalize)?;
         let weights = if normalize { normalized(&w).expect("checked by weights_f32") } else { w };

@@ -26,7 +26,7 @@ pub struct Slerp {
 
 impl Slerp {
     pub fn build(p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
-        let t = p.require_f64("t", Range::UNIT)?;
+        let t = p.f64("t")?;
         Ok(Slerp { t })
     }
 

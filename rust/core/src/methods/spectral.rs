@@ -62,7 +62,7 @@ impl Spectral {
             "tsv_merge" => ("alpha", Kind::Tsv),
             "iso_c" => ("scaling_factor", Kind::IsoC),
             _ => {
-                let f = p.f64("common_space_fraction", 0.8, Range::UNIT)?;
+                let f = p.f64("common_space_fraction")?;
                 ("scaling_factor", Kind::IsoCts { common: f })
             }
         };
@@ -70,8 +70,8 @@ impl Spectral {
         // result equals the same alpha scaling every task vector: one per-model list serves
         // both of FusionBench's forms.
         let (pre, alpha) = match kind {
-            Kind::Tsv => (p.per_model(key, n, Some(1.0), Range::FINITE)?, 1.0),
-            _ => (vec![1.0; n], p.f64(key, 1.0, Range::FINITE)?),
+            Kind::Tsv => (p.per_model(key, n)?, 1.0),
+            _ => (vec![1.0; n], p.f64(key)?),
         };
         Ok(Spectral { kind, pre: pre.iter().map(|&a| a as f32).collect(), alpha: alpha as f32 })
     }

@@ -25,7 +25,7 @@ pub fn spec() -> MethodSpec {
 
 /// `lambda`, or its alias `lam` (not both).
 pub fn lambda(p: &Params) -> Result<f64> {
-    let (lambda, lam) = (p.f64("lambda", 1.0, Range::FINITE)?, p.f64("lam", 1.0, Range::FINITE)?);
+    let (lambda, lam) = (p.f64("lambda")?, p.f64("lam")?);
     match (p.given("lambda"), p.given("lam")) {
         (true, true) => Err(Error::config(format!("{}: give 'lambda' or 'lam', not both", p.method()))),
         (_, true) => Ok(lam),
@@ -40,9 +40,9 @@ pub struct TaskArithmetic {
 
 impl TaskArithmetic {
     pub fn build(p: &Params, n: usize, _has_base: bool) -> Result<Self> {
-        let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
+        let w = p.per_model("weight", n)?;
         let lambda = lambda(p)?;
-        let normalize = p.bool("normalize", false)?;
+        let normalize = p.bool("normalize")?;
         Ok(TaskArithmetic { weights: p.weights_f32("weight", &w, normalize)?, lambda: lambda as f32 })
     }
 }

@@ -18,7 +18,7 @@ pub struct TrimmedMean {
 
 impl TrimmedMean {
     fn build(p: &Params, n: usize) -> Result<Self> {
-        let trim = p.f64("trim", 0.2, TRIM)?;
+        let trim = p.f64("trim")?;
         Ok(TrimmedMean { k: ((trim * n as f64).floor() as usize).min((n - 1) / 2) })
     }
 }

@@ -46,11 +46,11 @@ pub struct FisherDampened {
 impl FisherDampened {
     pub fn build(p: &Params, n_inputs: usize, _has_base: bool) -> Result<Self> {
         let n = n_inputs - 1;
-        let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
+        let w = p.per_model("weight", n)?;
         let weights = p.weights_f32("weight", &w, true)?;
-        let scale = p.weights_f32("scale", &[p.f64("scale", 1.0, Range::FINITE)?], false)?[0];
-        let layer = p.f64("layer_importance", 0.0, Range::UNIT)?;
-        let norm = match p.str("normalization", "log")? {
+        let scale = p.weights_f32("scale", &[p.f64("scale")?], false)?[0];
+        let layer = p.f64("layer_importance")?;
+        let norm = match p.str("normalization")? {
             "log" => Norm::Log,
             "minmax" => Norm::MinMax,
             "rank" => Norm::Rank,

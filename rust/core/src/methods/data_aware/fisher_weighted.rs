@@ -30,13 +30,13 @@ impl FisherWeighted {
             return Err(Error::config(format!("fisher_weighted: needs one Fisher per model, got {n_inputs} inputs")));
         }
         let n = n_inputs / 2;
-        let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
+        let w = p.per_model("weight", n)?;
         // Σ λF θ / Σ λF does not change when every λ is scaled: scale by the largest so
         // that huge weights cannot overflow the sums.
         let m = w.iter().fold(0f64, |a, x| a.max(x.abs()));
         let weights = w.iter().map(|x| if m > 0.0 { x / m } else { *x }).collect();
-        let epsilon = p.f64("epsilon", 1e-8, Range::NON_NEG)?;
-        let normalize = match p.str("fisher_normalize", "none")? {
+        let epsilon = p.f64("epsilon")?;
+        let normalize = match p.str("fisher_normalize")? {
             "none" => false,
             "mean" => true,
             other => return Err(Error::config(format!("fisher_weighted: fisher_normalize must be 'none' or 'mean', got '{other}'"))),

@@ -53,7 +53,7 @@ impl RegMean {
             return Err(Error::config(format!("regmean: needs one Gram matrix per model, got {n_inputs} inputs")));
         }
         let n = n_inputs / 2;
-        let w = p.per_model("weight", n, Some(1.0), Range::NON_NEG)?;
+        let w = p.per_model("weight", n)?;
         let m = w.iter().fold(0f64, |a, x| a.max(*x));
         if m <= 0.0 {
             return Err(Error::config("regmean: parameter 'weight' must have a positive entry"));
@@ -61,9 +61,9 @@ impl RegMean {
         Ok(RegMean {
             // Scale-free in w: divide by the largest so that huge weights cannot overflow.
             weights: w.iter().map(|x| x / m).collect(),
-            alpha: p.f64("reduce_non_diagonal_ratio", 0.9, Range::UNIT)?,
-            ridge: p.f64("ridge", 1e-6, Range::NON_NEG)?,
-            fan_in_fan_out: p.bool("fan_in_fan_out", false)?,
+            alpha: p.f64("reduce_non_diagonal_ratio")?,
+            ridge: p.f64("ridge")?,
+            fan_in_fan_out: p.bool("fan_in_fan_out")?,
         })
     }
 

@@ -38,8 +38,8 @@ impl Karcher {
         if total > MAX_MODELS {
             return Err(Error::config(format!("karcher: at most {MAX_MODELS} inputs, got {total}")));
         }
-        let max_iter = p.count("max_iter", 10, 9_999_999)?;
-        let tol = p.f64("tol", 1e-5, Range::NON_NEG)?;
+        let max_iter = p.count("max_iter")?;
+        let tol = p.f64("tol")?;
         Ok(Karcher { n: total, max_iter, tol })
     }
 

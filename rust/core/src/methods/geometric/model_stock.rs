@@ -38,7 +38,7 @@ impl ModelStock {
         if n > MAX_MODELS {
             return Err(Error::config(format!("model_stock: at most {MAX_MODELS} models, got {n}")));
         }
-        Ok(ModelStock { n, filter_wise: p.bool("filter_wise", false)?, clamp_cosine: p.bool("clamp_cosine", false)? })
+        Ok(ModelStock { n, filter_wise: p.bool("filter_wise")?, clamp_cosine: p.bool("clamp_cosine")? })
     }
 
     fn layout(&self, shape: &[usize]) -> Layout {

@@ -40,12 +40,12 @@ pub struct MultiSlerp {
 impl MultiSlerp {
     pub fn build(p: &Params, n: usize, _has_base: bool) -> Result<Self> {
         crate::params::check_count("multislerp", n, 1, Some(MAX_MODELS))?;
-        let mut w = p.per_model("weight", n, None, Range::FINITE)?;
-        if p.bool("normalize_weights", true)? {
+        let mut w = p.per_model("weight", n)?;
+        if p.bool("normalize_weights")? {
             w = crate::params::normalized(&w)
                 .ok_or_else(|| Error::config("multislerp: parameter 'weight' sums to zero, cannot normalize (set normalize_weights: false)"))?;
         }
-        let eps = p.f64("eps", 1e-8, Range::NON_NEG)?;
+        let eps = p.f64("eps")?;
         Ok(MultiSlerp { w, eps })
     }
 

@@ -18,7 +18,7 @@ pub struct NearSwap {
 
 impl NearSwap {
     pub fn build(p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
-        let t = p.require_f64("t", Range::NON_NEG)?;
+        let t = p.f64("t")?;
         Ok(NearSwap { t: t as f32 })
     }
 }

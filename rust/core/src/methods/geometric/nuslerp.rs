@@ -42,11 +42,11 @@ pub struct NuSlerp {
 
 impl NuSlerp {
     pub fn build(p: &Params, n: usize, _has_base: bool) -> Result<Self> {
-        let w = p.per_model("weight", n, None, Range::FINITE)?;
+        let w = p.per_model("weight", n)?;
         let total = w[0] + w[1];
         let t = if total.abs() < 1e-6 { 0.5 } else { crate::params::normalized(&w).map_or(0.5, |v| v[1]) };
-        let row_wise = p.bool("nuslerp_row_wise", false)?;
-        let flatten = p.bool("nuslerp_flatten", true)?;
+        let row_wise = p.bool("nuslerp_row_wise")?;
+        let flatten = p.bool("nuslerp_flatten")?;
         Ok(NuSlerp { t, row_wise, flatten })
     }
 

@@ -17,9 +17,9 @@ pub struct Passthrough {
 
 impl Passthrough {
     pub fn build(p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
-        let scale = match p.per_model("scale", 1, Some(f64::NAN), Range::FINITE)?[0] {
-            s if s.is_nan() => None,
-            s => Some(p.weights_f32("scale", &[s], false)?[0]),
+        let scale = match p.opt_per_model("scale", 1)? {
+            None => None,
+            Some(s) => Some(p.weights_f32("scale", &s, false)?[0]),
         };
         Ok(Passthrough { scale })
     }

@@ -38,8 +38,8 @@ pub struct Ram {
 impl Ram {
     pub fn build(name: &str, p: &Params, n: usize, _has_base: bool) -> Result<Self> {
         // alpha bounds a clamp from above (clamp(ρ, 0, alpha)): it cannot be negative
-        let plus = if name == "ramplus_tl" { Some((p.f64("r", 0.1, Range::NON_NEG)?, p.f64("alpha", 0.2, Range::NON_NEG)?)) } else { None };
-        let eps = p.f64("epsilon", 1e-5, Range::NON_NEG)?;
+        let plus = if name == "ramplus_tl" { Some((p.f64("r")?, p.f64("alpha")?)) } else { None };
+        let eps = p.f64("epsilon")?;
         Ok(Ram { eps: eps as f32, plus, n })
     }
 

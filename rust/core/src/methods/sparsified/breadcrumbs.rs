@@ -13,7 +13,7 @@ use super::gta::{Mode, Sparsifier};
 use super::sparsify::{mag_key, mask_by_window, Window};
 use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
-use crate::params::{Params, Range};
+use crate::params::Params;
 
 pub struct Outliers {
     density: Vec<f64>,
@@ -23,7 +23,7 @@ pub struct Outliers {
 impl Outliers {
     pub fn build(name: &str, p: &Params, n: usize) -> Result<Self> {
         let density = super::ties::densities(name, p, n)?;
-        let gamma = p.per_model("gamma", n, Some(0.01), Range::UNIT)?;
+        let gamma = p.per_model("gamma", n)?;
         Ok(Outliers { density, gamma })
     }
 

@@ -20,7 +20,7 @@ use super::sparsify::mag_key;
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, TensorIo};
-use crate::params::{Params, Range};
+use crate::params::Params;
 use crate::rng::{stream_key, uniform};
 use rayon::prelude::*;
 
@@ -32,7 +32,7 @@ pub struct MagPrune {
 impl MagPrune {
     pub fn build(name: &str, p: &Params, n: usize) -> Result<Self> {
         let density = super::ties::densities(name, p, n)?;
-        let epsilon = p.per_model("epsilon", n, Some(0.15), Range::UNIT)?;
+        let epsilon = p.per_model("epsilon", n)?;
         for (&d, &e) in density.iter().zip(&epsilon) {
             if d > 0.0 && d < 1.0 && (d + e >= 1.0 || d - e <= 0.0) {
                 return Err(Error::config(format!(

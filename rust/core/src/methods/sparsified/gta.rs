@@ -23,7 +23,7 @@
 use super::sparsify::{chunk_of, delta_into, par_chunks, sign, Rescale, RESCALE_EPS};
 use crate::error::{Error, Result};
 use crate::kernel::{Ctx, Method, TensorIo};
-use crate::params::{Params, Range};
+use crate::params::Params;
 
 /// What sparsification leaves of one model's delta on one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,14 +74,14 @@ pub struct Spec {
 
 /// Reads the parameters every method of the family shares and builds the kernel.
 pub fn build(name: &str, p: &Params, n: usize, _has_base: bool, spec: Spec, sparsifier: Box<dyn Sparsifier>) -> Result<Box<dyn Method>> {
-    let w = p.per_model("weight", n, Some(1.0), Range::FINITE)?;
+    let w = p.per_model("weight", n)?;
     // float32 factors (normalization happens per element, over the agreeing models)
     let wf = p.weights_f32("weight", &w, false)?;
     let lambda = crate::methods::task_arithmetic::lambda(p)?;
-    let normalize = p.bool("normalize", spec.normalize)?;
+    let normalize = p.bool("normalize")?;
     // mergekit's int8_mask only changes the dtype of its consensus mask, not the result.
-    p.bool("int8_mask", false)?;
-    let rescale_flag = p.bool("rescale", spec.rescale)?;
+    p.bool("int8_mask")?;
+    let rescale_flag = p.bool("rescale")?;
     let rescale = match p.opt_str("rescale_mode")? {
         None => {
             if rescale_flag {

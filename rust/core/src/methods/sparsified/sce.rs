@@ -33,8 +33,8 @@ pub struct Sce {
 
 impl Sce {
     pub fn build(p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
-        p.bool("int8_mask", false)?;
-        let topk = p.f64("select_topk", 1.0, Range::FRACTION)?;
+        p.bool("int8_mask")?;
+        let topk = p.f64("select_topk")?;
         Ok(Sce { topk })
     }
 }

@@ -7,7 +7,7 @@ use super::gta::{Mode, Sparsifier};
 use super::sparsify::{mag_key_desc, mask_by_window, Window};
 use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
-use crate::params::{Params, Range};
+use crate::params::Params;
 
 pub struct Magnitude {
     density: Vec<f64>,
@@ -15,7 +15,7 @@ pub struct Magnitude {
 
 /// Per-model `density` (default 1: no trimming), in (0, 1]: 0 would silently give the base.
 pub fn densities(_name: &str, p: &Params, n: usize) -> Result<Vec<f64>> {
-    p.per_model("density", n, Some(1.0), Range::FRACTION)
+    p.per_model("density", n)
 }
 
 impl Magnitude {
