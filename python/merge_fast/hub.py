@@ -28,7 +28,7 @@ from ._errors import MergeError, MergeIOError, ModelNotFound, config_error, unpr
 __all__ = ["HubInput", "Resolved", "Request", "split_reference", "resolve", "resolve_config", "resolve_paths",
            "hub_cache_dir", "ModelNotFound"]
 
-PathLike = Union[str, Path]
+PathLike = Union[str, "os.PathLike[str]"]
 
 # Besides the weights: what a merge copies or reads (config, generation config, tokenizer).
 SIDE_FILES = (
@@ -452,7 +452,7 @@ def resolve_paths(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] =
                   kind: str = "model") -> Tuple[List[Tuple[str, Optional[str]]], List[HubInput]]:
     """For the Python API: each ``model[@rev][+adapter[@rev]]`` as (local folder, local
     adapter or None), plus the hub inputs."""
-    split = [split_reference(str(m)) if kind == "model" else (str(m), None, None, None) for m in models]
+    split = [split_reference(os.fspath(m)) if kind == "model" else (os.fspath(m), None, None, None) for m in models]
     reqs = []
     for m, mrev, a, arev in split:
         reqs.append(Request(m, mrev, kind))
