@@ -7,6 +7,7 @@ RegMean's Gram matrices (``[in, in]`` per linear weight, under the weight's name
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, overload, Sequence, Union, cast
@@ -347,8 +348,8 @@ def _fisher_folders(
             plans.append(TensorPlan(name, method, p, srcs[0], srcs[1:], code))
         else:
             plans.append(TensorPlan(name, method, p, None, srcs, code))  # models, then Fishers
-    recipe: Dict[str, Any] = {"method": method, "base_model": str(base) if base is not None else None,
-              "models": [str(m) for m in models], ("grams" if method == "regmean" else "fishers"): [str(f) for f in fishers],
+    recipe: Dict[str, Any] = {"method": method, "base_model": os.fspath(base) if base is not None else None,
+              "models": [os.fspath(m) for m in models], ("grams" if method == "regmean" else "fishers"): [str(f) for f in fishers],
               "parameters": params}
     if hub_inputs:
         recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]
