@@ -1,11 +1,13 @@
 """Fisher-weighted and Fisher-dampened merges against numpy formulas written here."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import read_folder_f32
+from conftest import read_folder_f32, st_read_header
 
 
 def ref_fisher_weighted(models, fishers, weights=None, eps=1e-8, normalize="none"):
@@ -131,6 +133,32 @@ def test_fisher_weighted_folders(mf, model_family, tmp_path, rng):
         ref_bf16 = ref.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
         # One bf16 rounding of a value computed in f32 vs f64: at most one bf16 ulp apart.
         np.testing.assert_allclose(O[name], ref_bf16, rtol=2 ** -7, atol=1e-6, err_msg=name)
+
+
+class _FsPath(os.PathLike):
+    """An os.PathLike that is not a pathlib.Path: its str() is not the path."""
+
+    def __init__(self, p):
+        self.p = str(p)
+
+    def __fspath__(self):
+        return self.p
+
+
+def test_fisher_weighted_folders_os_pathlike(mf, model_family, tmp_path, rng):
+    # Model and Fisher paths went through str(), which turns such an object into its repr
+    # (then looked up as a hub repo id): they must be read where os.fspath points.
+    fam = model_family("llama", "float32")
+    _write_fisher(fam.a, tmp_path / "fa.safetensors", rng)
+    _write_fisher(fam.b, tmp_path / "fb.safetensors", rng)
+    fishers = [tmp_path / "fa.safetensors", tmp_path / "fb.safetensors"]
+    mf.fisher_weighted([_FsPath(fam.a), _FsPath(fam.b)], [_FsPath(f) for f in fishers], out=_FsPath(tmp_path / "o"))
+    mf.fisher_weighted([str(fam.a), str(fam.b)], [str(f) for f in fishers], out=str(tmp_path / "ref"))
+    got, ref = read_folder_f32(tmp_path / "o"), read_folder_f32(tmp_path / "ref")
+    assert sorted(got) == sorted(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
+    # the recipe in the metadata names the same folders
+    assert st_read_header(tmp_path / "o" / "model.safetensors")[0]["__metadata__"] == \
+        st_read_header(tmp_path / "ref" / "model.safetensors")[0]["__metadata__"]
 
 
 def test_fisher_dampened_folders_layer_importance(mf, model_family, tmp_path, rng):

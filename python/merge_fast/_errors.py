@@ -2,7 +2,8 @@
 onto them directly) and re-exported here. Python-side messages get their prefix
 ("config error: ", "I/O error: ") here and only here: :func:`config_error`, :func:`io_error`,
 and :func:`unprefixed` to take it off (to re-locate a message)."""
-from typing import Type, TypeVar
+from types import FrameType
+from typing import Optional, Type, TypeVar
 
 from ._core import (
     ConfigError,
@@ -55,7 +56,8 @@ def warn(message: str) -> None:
     import warnings
 
     pkg = os.path.dirname(os.path.abspath(__file__))
-    level, f = 2, sys._getframe(1)
+    level = 2
+    f: Optional[FrameType] = sys._getframe(1)
     while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg + os.sep):
         f, level = f.f_back, level + 1
     warnings.warn(message, MergeWarning, stacklevel=level)

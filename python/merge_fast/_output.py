@@ -50,9 +50,9 @@ def check_threads(threads: Any) -> Optional[int]:
     """None (one per core) or an integer in [1, MAX_THREADS]; numpy integers accepted."""
     if threads is None:
         return None
-    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or int(threads) < 1:
         raise config_error(f"threads must be a positive integer, got {threads!r}")
-    if threads > MAX_THREADS:
+    if int(threads) > MAX_THREADS:
         raise config_error(f"threads must be at most {MAX_THREADS}, got {threads}")
     return int(threads)
 

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -34,12 +34,12 @@ CONFIG = {
 }
 
 
-def llama_shapes(cfg: dict) -> dict:
+def llama_shapes(cfg: dict) -> Dict[str, Tuple[int, ...]]:
     """Tensor names and shapes of a LlamaForCausalLM checkpoint."""
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * hd
-    shapes = {"model.embed_tokens.weight": (v, h)}
+    shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         shapes.update({

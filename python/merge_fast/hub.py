@@ -21,14 +21,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 from ._errors import MergeError, MergeIOError, ModelNotFound, config_error, unprefixed
 
 __all__ = ["HubInput", "Resolved", "Request", "split_reference", "resolve", "resolve_config", "resolve_paths",
            "hub_cache_dir", "ModelNotFound"]
 
-PathLike = Union[str, Path]
+PathLike = Union[str, "os.PathLike[str]"]
 
 # Besides the weights: what a merge copies or reads (config, generation config, tokenizer).
 SIDE_FILES = (
@@ -236,15 +236,16 @@ class _HfErrors:
     classes this installation has."""
 
     def __init__(self) -> None:
+        import importlib
         import sys
 
         try:
-            from huggingface_hub import errors as mod
+            mod = importlib.import_module("huggingface_hub.errors")
         except ImportError:  # before 0.23
-            from huggingface_hub import utils as mod
+            mod = importlib.import_module("huggingface_hub.utils")
 
-        def cls(*names: str) -> Tuple[type, ...]:
-            return tuple(c for n in names if isinstance(c := getattr(mod, n, None), type))
+        def cls(*names: str) -> Tuple[Type[BaseException], ...]:
+            return tuple(c for n in names if isinstance(c := getattr(mod, n, None), type) and issubclass(c, BaseException))
 
         self.gated = cls("GatedRepoError")
         self.revision = cls("RevisionNotFoundError")
@@ -255,11 +256,11 @@ class _HfErrors:
         self.not_cached = cls("LocalEntryNotFoundError", "OfflineModeIsEnabled", "CachedRepoTreeNotFoundError",
                               "IncompleteSnapshotError")
         # The hub is unreachable (not a refusal): the transport's connection and timeout errors.
-        net: List[type] = list(self.offline)
+        net: List[Type[BaseException]] = list(self.offline)
         for module, names in (("httpx2", ("ConnectError", "TimeoutException")),
                               ("httpx", ("ConnectError", "TimeoutException")), ("requests", ("ConnectionError", "Timeout"))):
             m = sys.modules.get(module)
-            net += [c for n in names if isinstance(c := getattr(m, n, None), type)] if m is not None else []
+            net += [c for n in names if isinstance(c := getattr(m, n, None), type) and issubclass(c, BaseException)] if m is not None else []
         self.unreachable = tuple(net)
 
 
@@ -282,7 +283,7 @@ def _fetch(r: Request, cache_dir: Optional[PathLike], progress: bool) -> Resolve
                           "(pip install huggingface_hub)") from None
     cache = hub_cache_dir(cache_dir)
     try:
-        if r.kind == "file":
+        if filename is not None:  # r.kind == "file"
             path = Path(_download_file(repo, filename, r.revision, cache))
         else:
             path = Path(_download_folder(repo, r.revision, r.kind, cache, progress))
@@ -290,15 +291,15 @@ def _fetch(r: Request, cache_dir: Optional[PathLike], progress: bool) -> Resolve
         raise
     except Exception as e:  # huggingface_hub's and the transport's errors, explained
         raise _hf_error(e, r, repo, filename, cache) from e
-    parts = path.parts
-    commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts else "unknown"
+    path_parts = path.parts
+    commit = path_parts[path_parts.index("snapshots") + 1] if "snapshots" in path_parts else "unknown"
     return Resolved(path, HubInput(repo, r.revision, commit, r.kind, filename))
 
 
 def _quiet_tqdm():
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    class Quiet(hf_tqdm):  # type: ignore[misc, valid-type]
+    class Quiet(hf_tqdm):
         def __init__(self, *a: Any, **k: Any) -> None:
             k["disable"] = True
             super().__init__(*a, **k)
@@ -353,7 +354,7 @@ def _download_folder(repo: str, revision: Optional[str], kind: str, cache: Path,
         return shards + [index]
 
     if kind == "adapter":
-        weights = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if f in top][:1]
+        weights: List[str] = [f for f in ["adapter_model.safetensors", "adapter_model.bin"] if f in top][:1]
         if "adapter_config.json" not in top:
             raise ModelNotFound(f"LoRA adapter {_where(repo, revision)} has no adapter_config.json (is it a PEFT adapter repo?)")
         side = ["adapter_config.json"]
@@ -451,7 +452,7 @@ def resolve_paths(models: Sequence[PathLike], *, cache_dir: Optional[PathLike] =
                   kind: str = "model") -> Tuple[List[Tuple[str, Optional[str]]], List[HubInput]]:
     """For the Python API: each ``model[@rev][+adapter[@rev]]`` as (local folder, local
     adapter or None), plus the hub inputs."""
-    split = [split_reference(str(m)) if kind == "model" else (str(m), None, None, None) for m in models]
+    split = [split_reference(os.fspath(m)) if kind == "model" else (os.fspath(m), None, None, None) for m in models]
     reqs = []
     for m, mrev, a, arev in split:
         reqs.append(Request(m, mrev, kind))

@@ -81,7 +81,8 @@ def svd(
     seed = _check_count("seed", seed, 0)
     U, S, Vt, energy = _core.svd_stack(a, k, oversample, power_iters, seed)
     if not stacked:
-        U, S, Vt, energy = U[0], S[0], Vt[0], float(energy[0])
+        U, S, Vt = U[0], S[0], Vt[0]
+        return (U, S, Vt, float(energy[0])) if return_energy else (U, S, Vt)
     return (U, S, Vt, energy) if return_energy else (U, S, Vt)
 
 

@@ -78,10 +78,12 @@ def _params(method: str, params: Dict[str, Any]) -> Dict[str, Any]:
     """The parameters that decide the finished merge, with defaults filled in (states with
     different parameters cannot be combined)."""
     p = dict(params)
-    known = {"linear": {"normalize": True},
-             "task_arithmetic": {"lambda": 1.0, "normalize": False},
-             "fisher_weighted": {"epsilon": 1e-8, "fisher_normalize": "none"},
-             "regmean": {"reduce_non_diagonal_ratio": 0.9, "ridge": 1e-6}}[method]
+    defaults: Dict[str, Dict[str, Any]] = {
+        "linear": {"normalize": True},
+        "task_arithmetic": {"lambda": 1.0, "normalize": False},
+        "fisher_weighted": {"epsilon": 1e-8, "fisher_normalize": "none"},
+        "regmean": {"reduce_non_diagonal_ratio": 0.9, "ridge": 1e-6}}
+    known = defaults[method]
     if method == "task_arithmetic" and "lam" in p:
         p["lambda"] = p.pop("lam")
     if method == "regmean" and "alpha" in p:
@@ -179,7 +181,7 @@ def _parts(t: Dict[str, Any]) -> List[Tuple[str, List[int]]]:
 
 
 def _write_state(out: PathLike, info: Dict[str, Any], tensors: Iterator[Tuple[np.ndarray, ...]],
-                 side_from: Optional[Path], protected: Sequence[PathLike], overwrite: bool) -> Path:
+                 side_from: Optional[Path], protected: Sequence[Optional[PathLike]], overwrite: bool) -> Path:
     entries = []
     for name, t in info["tensors"].items():
         entries += [(f"{k}.{name}", "F64", shape) for k, shape in _parts(t)]
@@ -272,7 +274,7 @@ def partial(
             return [d, d]
         return []
 
-    tensors = {t.name: {"dtype": meta_of[t.name][0], "shape": list(meta_of[t.name][1]), "den_shape": den_shape(t.name),
+    tensors: Dict[str, Dict[str, Any]] = {t.name: {"dtype": meta_of[t.name][0], "shape": list(meta_of[t.name][1]), "den_shape": den_shape(t.name),
                         **({"gram": True, "fan_in_fan_out": fifo[t.name]} if t.name in fifo else {})}
                for t in plans}
     info = {
@@ -375,9 +377,9 @@ def combine(states: Sequence[PathLike], *, out: PathLike, overwrite: bool = Fals
     # The join: drop states covered by another, keep one of equal ones (canonical choice).
     order = sorted(range(len(sts)), key=lambda k: (sorted(sts[k].keys), str(sts[k].folder)))
     kept: List[_State] = []
-    for k in sorted(order, key=lambda k: -len(sts[k].keys)):
-        if not any(sts[k].keys <= s.keys for s in kept):
-            kept.append(sts[k])
+    for j in sorted(order, key=lambda j: -len(sts[j].keys)):
+        if not any(sts[j].keys <= s.keys for s in kept):
+            kept.append(sts[j])
     for a in range(len(kept)):
         for b in range(a + 1, len(kept)):
             shared = kept[a].keys & kept[b].keys
@@ -447,7 +449,7 @@ def finalize(state: PathLike, *, out: PathLike, base: Optional[PathLike] = None,
                         v = num / den
                     else:
                         v = np.asarray(num)
-                    if method == "task_arithmetic":
+                    if b_ckpt is not None:  # task_arithmetic (the only method with a base)
                         v = b_ckpt.read_f32(n).astype(np.float64).reshape(v.shape) + float(p["lambda"]) * v
                     if not np.isfinite(v).all():
                         from ._errors import NumericalError

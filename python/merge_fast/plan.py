@@ -248,11 +248,11 @@ class _SameNamePlans(Sequence[TensorPlan]):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         name = self.names[i]
-        src = [tensor(k) for k in range(self.n_paths)]  # same name: implied
+        src: List[Source] = [tensor(k) for k in range(self.n_paths)]  # same name: implied
         first = 1 if self.has_base else 0
         return TensorPlan(name=name, method=self.method, params=self.params_for(name),
                           base=src[0] if self.has_base else None, inputs=src[first:], dtype=self.dtype)

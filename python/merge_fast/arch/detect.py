@@ -124,7 +124,7 @@ def detect_family(config: Mapping[str, Any] | None = None, tensor_names: Iterabl
             guess = family_from_names(names)
             hint = f" (they look like {guess.name!r})" if guess else ""
             raise UnknownFamilyError(
-                f"config says family {fam.name!r} (model_type={config.get('model_type')!r}) but none of the "
+                f"config says family {fam.name!r} (model_type={(config or {}).get('model_type')!r}) but none of the "
                 f"{len(names)} tensor names matches its table{hint}; first names: {names[:3]}"
             )
         return b

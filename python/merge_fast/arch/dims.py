@@ -14,7 +14,7 @@ nothing is ever passed to ``eval``.
 from __future__ import annotations
 
 import ast
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union, cast
 
 from .errors import MappingFileError, FusedTensorError
 
@@ -72,6 +72,7 @@ def check_expr(expr: "int | str") -> None:
 
 def _eval(node: ast.AST, lookup: Mapping[str, Any]) -> int:
     if isinstance(node, ast.Constant):
+        assert isinstance(node.value, int)  # _parse admits int constants only
         return int(node.value)
     if isinstance(node, ast.Name):
         v = lookup.get(node.id)
@@ -96,7 +97,7 @@ class _Lookup(dict):
         super().__init__()
         self.dims, self.config = dims, config
 
-    def get(self, k: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, k: str, default: Any = None) -> Any:
         if k in self.dims:
             return self.dims[k]
         v = self.config.get(k)
@@ -118,7 +119,7 @@ def eval_expr(expr: "int | str", dims: Mapping[str, int], config: Mapping[str, A
 
 
 def resolve_dims(
-    config: Mapping[str, Any] | None, overrides: Mapping[str, Sequence["int | str"]] | None = None
+    config: Mapping[str, Any] | None, overrides: Mapping[str, "int | str | Sequence[int | str]"] | None = None
 ) -> dict[str, int]:
     """Resolve every dimension of :data:`DEFAULT_DIMS` (plus ``overrides``) that can be found.
 
@@ -127,7 +128,7 @@ def resolve_dims(
     config = config or {}
     spec: dict[str, Sequence[int | str]] = dict(DEFAULT_DIMS)
     for k, v in (overrides or {}).items():
-        spec[k] = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+        spec[k] = tuple(v) if isinstance(v, (list, tuple)) else (cast("int | str", v),)  # one expression
     dims: dict[str, int] = {}
     for name, alternatives in spec.items():
         for alt in alternatives:

@@ -214,6 +214,7 @@ def _parse_rule(t: Any, i: int, family: str) -> TensorRule:
         if not isinstance(raw_parts, (list, tuple)) or len(raw_parts) < 2:
             raise MappingFileError(f"{where}: split.parts must list at least two [role, size] entries")
         parts = []
+        rp: Any  # a role name, checked by _check_role_param
         for j, p in enumerate(raw_parts):
             if isinstance(p, str):
                 rp, size = p, None

@@ -317,11 +317,11 @@ def fuse_recipe(
             segs.append(Segment(k, g * s, (g + 1) * s))
     # merge consecutive segments of one key (concat layout -> one segment per part)
     merged: list[Segment] = []
-    for s in segs:
-        if merged and merged[-1].key == s.key and merged[-1].stop == s.start:
-            merged[-1] = Segment(s.key, merged[-1].start, s.stop)
+    for seg in segs:
+        if merged and merged[-1].key == seg.key and merged[-1].stop == seg.start:
+            merged[-1] = Segment(seg.key, merged[-1].start, seg.stop)
         else:
-            merged.append(s)
+            merged.append(seg)
     canon_shape = list(shapes[0])
     canon_shape[ax] = total
     stored = tuple(reversed(canon_shape)) if transpose else tuple(canon_shape)

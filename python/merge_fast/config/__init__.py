@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from .._errors import ConfigError, MergeWarning
 from .._folders import MergeResult, ProgressArg
@@ -57,7 +57,7 @@ def parse_shard_size(size: Union[int, str]) -> int:
     return parse_size(size)
 
 
-def plan(config: ConfigLike, *, allow_crimes: bool = False, strict: bool = False,
+def plan(config: Union[ConfigLike, MergeConfig], *, allow_crimes: bool = False, strict: bool = False,
          cache_dir: Optional[Union[str, Path]] = None) -> Plan:
     """Validates `config` against the model folders and returns the tensor plan (hub
     references are downloaded into the cache first, see :mod:`merge_fast.hub`)."""
@@ -77,7 +77,7 @@ def _resolve_refs(cfg: MergeConfig, cache_dir, progress) -> tuple:
 
 @with_executor
 def run(
-    config: ConfigLike,
+    config: Union[ConfigLike, MergeConfig],
     out: Union[str, Path],
     *,
     max_shard_size: Union[int, str] = "5GB",
@@ -119,7 +119,9 @@ def run(
     if cuda:
         print("merge-fast: --cuda ignored: merge_fast computes on the CPU (streamed, multi-threaded)", file=sys.stderr)
     del lazy_unpickle, low_cpu_memory, trust_remote_code
-    if not isinstance(config, MergeConfig):
+    if isinstance(config, MergeConfig):
+        cfg = config
+    else:
         srcs = _load_all(config)
         if len(srcs) > 1 or stage is not None:
             from .stages import run_stages
@@ -129,8 +131,7 @@ def run(
                         random_seed=random_seed, write_model_card=write_model_card, threads=threads,
                         progress=progress, strict=strict, overwrite=overwrite, cache_dir=cache_dir, fsync=fsync)
             return run_stages(srcs, Path(out), stage, run, opts)
-        config = srcs[0]
-    cfg = config if isinstance(config, MergeConfig) else _parse(config, strict=strict)
+        cfg = _parse(srcs[0], strict=strict)
     _plan.check_output(out, _inputs(cfg), overwrite=overwrite)
     threads = check_threads(threads)
     shard = _plan.shard_size(max_shard_size, "max_shard_size")
@@ -181,9 +182,9 @@ def run(
         raise _with_location(cfg, e) from None
 
 
-def _inputs(cfg: MergeConfig) -> list:
+def _inputs(cfg: MergeConfig) -> List[Union[str, Path]]:
     """Every path a config reads: models, adapters, tokenizer source, Fisher and Gram files."""
-    paths = [p for m in cfg.referenced_models() for p in (m.path, m.lora) if p]
+    paths: List[Union[str, Path]] = [p for m in cfg.referenced_models() for p in (m.path, m.lora) if p]
     for params in [cfg.parameters or {}] + [s.parameters or {} for s in cfg.models or []]:
         for key in ("fisher", "gram"):
             f = params.get(key) if isinstance(params, dict) else None

@@ -70,7 +70,7 @@ class ConfigSource:
         """Records a key mergekit would ignore (run anyway; an error under strict), with the
         known name it most resembles."""
         key = str(path[-1])
-        close = [_RENAMED[key]] if _RENAMED.get(key) in known else difflib.get_close_matches(key, sorted(set(known)), n=1, cutoff=0.6)
+        close = [_RENAMED[key]] if key in _RENAMED and _RENAMED[key] in known else difflib.get_close_matches(key, sorted(set(known)), n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         self.ignored.setdefault(key, []).append(f"{self.where(path)}: unknown key '{key}' in {what}{hint}; "
                                                 f"{note or 'ignored, as mergekit does'}")

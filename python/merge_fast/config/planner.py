@@ -45,12 +45,12 @@ class ModelInfo:
     num_layers: int
     num_layers_key: Optional[str]
     adapter: Optional[Adapter] = None
-    lora_sources: Dict[str, dict] = dataclasses.field(default_factory=dict)
+    lora_sources: Dict[str, _plan.Source] = dataclasses.field(default_factory=dict)
 
     def layer_name(self, idx: int, rest: str) -> str:
         return f"{self.prefix}.{idx}.{rest}"
 
-    def source(self, name: str) -> dict:
+    def source(self, name: str) -> _plan.Source:
         if name in self.lora_sources:
             return self.lora_sources[name]
         return _plan.tensor(self.input, name)
@@ -136,6 +136,7 @@ class Planner:
         cfg = self.cfg
         if cfg.slices is not None:
             return cfg.slices
+        assert cfg.models is not None  # parse() requires models, slices or modules (planned per module)
         sources: List[SourceDef] = []
         for s in cfg.models:
             info = self.model(s.model, s.path + ("model",))
@@ -146,7 +147,7 @@ class Planner:
         return [SliceDef(sources, None, None, ("models",))]
 
     def _check_architectures(self) -> None:
-        archs = {}
+        archs: Dict[Tuple[str, ...], ModelInfo] = {}
         for info in self.models.values():
             a = tuple(info.config.get("architectures") or ())
             archs.setdefault(a, info)
@@ -168,7 +169,9 @@ class Planner:
                 fam = family_from_config(info.config)
             except ArchError:
                 fam = None
-            mult = fam.attributes.get("multipliers") if fam is not None else None
+            if fam is None:
+                continue
+            mult = fam.attributes.get("multipliers")
             for key in (mult.values() if isinstance(mult, dict) else ()):
                 v = info.config.get(key)
                 if key in seen and seen[key][0] != v and not self.allow_crimes:
@@ -182,6 +185,8 @@ class Planner:
     def _tensor_params(self, spec: Optional[MethodSpec], sl: SliceDef, inputs: List[Tuple[SourceDef, str]],
                        out_name: str, t: float) -> Dict[str, Any]:
         s_scope = (sl.parameters, sl.path + ("parameters",))
+        # name -> (kind, per_model, required, default)
+        table: Dict[str, Tuple[Optional[str], bool, bool, Any]]
         if spec is not None:
             table = {k: (p.kind, p.per_model, p.required, p.default) for k, p in spec.params.items()}
         else:
@@ -314,7 +319,7 @@ class Planner:
                 m = "linear"
                 params = {"weight": [float(params.get("scale", [1.0])[0] or 1.0)], "normalize": False}
             all_srcs = [info.source(n) for info, n in zip(infos, in_names)]
-            if is_vocab:
+            if vocab is not None and is_vocab:
                 keys = [info.ref.key for info in infos]
                 n_rows = [sh[0] for sh in shapes]
                 for i in range(len(all_srcs)):
@@ -372,9 +377,10 @@ class Planner:
 
         cfg = self.cfg
         mods = cfg.modules
+        assert mods is not None  # plan() calls this for a modules config only
         prefixes = {}
         for name, m in mods.items():
-            first = (m.models or [s for sl in m.slices for s in sl.sources])[0]
+            first = m.models[0] if m.models else [s for sl in m.slices or [] for s in sl.sources][0]
             prefixes[name] = module_prefix(name, self.model(first.model, first.path + ("model",)).names)
         plans = []
         for name, m in mods.items():
@@ -393,8 +399,8 @@ class Planner:
         module_layers = {}
         for name, p in plans:
             for key in layer_keys(name):
-                sub = donor.config.get(key[0])
-                if isinstance(sub, dict) and key[1] in sub:
+                section = donor.config.get(key[0])
+                if isinstance(section, dict) and key[1] in section:
                     module_layers[key] = p.out_layers
                     break
         main = dict(plans).get("text_decoder") or plans[0][1]

@@ -52,9 +52,20 @@ class ModelRef:
 
 
 @dataclasses.dataclass
-class SourceDef:
+class ModelDef:
+    """An entry of ``models:`` (all of that model's layers)."""
+
     model: ModelRef
-    layer_range: Optional[Tuple[int, int]]
+    parameters: Optional[Dict[str, Any]]
+    path: KeyPath  # key path of this entry
+
+
+@dataclasses.dataclass
+class SourceDef:
+    """A source of a slice: a model's layers ``layer_range`` (end excluded)."""
+
+    model: ModelRef
+    layer_range: Tuple[int, int]
     parameters: Optional[Dict[str, Any]]
     path: KeyPath  # key path of this entry
 
@@ -84,7 +95,7 @@ class MergeConfig:
     src: ConfigSource
     merge_method: str
     base_model: Optional[ModelRef]
-    models: Optional[List[SourceDef]]
+    models: Optional[List[ModelDef]]
     slices: Optional[List[SliceDef]]
     parameters: Optional[Dict[str, Any]]
     dtype: Optional[str]
@@ -107,8 +118,8 @@ class MergeConfig:
 
         add(self.base_model)
         for mod in [self] + list((self.modules or {}).values()):
-            for s in mod.models or []:
-                add(s.model)
+            for m in mod.models or []:
+                add(m.model)
             for sl in mod.slices or []:
                 add(sl.base_model)
                 for s in sl.sources:
@@ -159,7 +170,8 @@ def parse_model_ref(src: ConfigSource, path: KeyPath, value: Any, revision: Any 
         for k in ("model", "lora"):
             v, rev = value.get(k), None
             if isinstance(v, dict):  # mergekit's serialized ModelPath {path, revision}
-                v, rev = v.get("path"), v.get("revision")
+                rev = v.get("revision")
+                v = v.get("path")
                 if rev is not None and (not isinstance(rev, str) or not rev):
                     raise src.error(path + (k, "revision"), "revision must be a branch, tag or commit hash")
             if v is not None and (not isinstance(v, str) or not v):
@@ -234,14 +246,14 @@ def _dtype(src: ConfigSource, key: str, v: Any) -> Optional[str]:
     raise src.error((key,), f"{key} must be one of {', '.join(DTYPES)}, got {v!r}")
 
 
-def _model_entry(src: ConfigSource, p: KeyPath, m: Any) -> SourceDef:
+def _model_entry(src: ConfigSource, p: KeyPath, m: Any) -> ModelDef:
     if isinstance(m, str):
         m = {"model": m}
     _check_keys(src, p, m, {"model", "parameters", "revision"}, "a model entry")
     if "model" not in m:
         raise src.error(p, "a model entry needs 'model'")
-    return SourceDef(parse_model_ref(src, p + ("model",), m["model"], m.get("revision")), None,
-                     _params(src, p + ("parameters",), m.get("parameters")), p)
+    return ModelDef(parse_model_ref(src, p + ("model",), m["model"], m.get("revision")),
+                    _params(src, p + ("parameters",), m.get("parameters")), p)
 
 
 def _source_entry(src: ConfigSource, q: KeyPath, so: Any) -> SourceDef:
@@ -268,7 +280,7 @@ def _slice_entry(src: ConfigSource, p: KeyPath, s: Any) -> SliceDef:
     return SliceDef([x for x in sources if x is not None], sb, params, p)
 
 
-def _inputs(src: ConfigSource, d: dict, path: KeyPath = ()) -> Tuple[Optional[List[SourceDef]], Optional[List[SliceDef]]]:
+def _inputs(src: ConfigSource, d: dict, path: KeyPath = ()) -> Tuple[Optional[List[ModelDef]], Optional[List[SliceDef]]]:
     """`models` or `slices` of a config (or of one module)."""
     has_models, has_slices = d.get("models") is not None, d.get("slices") is not None
     if has_models == has_slices:
@@ -324,11 +336,11 @@ def check_param_names(src: ConfigSource, method: str, scopes: List[Tuple[Optiona
                            "ignored, as mergekit does; set it under the slice or top-level parameters")
 
 
-def param_scopes(cfg_params: Optional[dict], models: Optional[List[SourceDef]], slices: Optional[List[SliceDef]],
+def param_scopes(cfg_params: Optional[dict], models: Optional[List[ModelDef]], slices: Optional[List[SliceDef]],
                  path: KeyPath = ()) -> List[Tuple[Optional[dict], KeyPath, bool]]:
     scopes: List[Tuple[Optional[dict], KeyPath, bool]] = [(cfg_params, path + ("parameters",), False)]
-    for s in models or []:
-        scopes.append((s.parameters, s.path + ("parameters",), True))
+    for m in models or []:
+        scopes.append((m.parameters, m.path + ("parameters",), True))
     for sl in slices or []:
         scopes.append((sl.parameters, sl.path + ("parameters",), False))
         for s in sl.sources:
@@ -435,7 +447,7 @@ def model_dir(ref: ModelRef) -> Path:
 @dataclasses.dataclass
 class ModuleDef:
     name: str
-    models: Optional[List[SourceDef]]
+    models: Optional[List[ModelDef]]
     slices: Optional[List[SliceDef]]
     parameters: Optional[Dict[str, Any]]
     path: KeyPath

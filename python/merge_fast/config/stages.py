@@ -140,7 +140,11 @@ def run_stages(srcs: List[ConfigSource], out: Path, stage: Optional[str], run: C
         for n in order:
             if n not in needed:
                 continue
-            dest = out if n == final else Path(folders[n])
+            if n == final:
+                dest = out
+            else:
+                assert n is not None  # only the final stage may be unnamed
+                dest = Path(folders[n])
             earlier: Set[str] = set()  # every stage this one is built from, directly or not
             todo = list(deps[n])
             while todo:

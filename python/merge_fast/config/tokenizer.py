@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ._source import ConfigSource
 from .schema import MergeConfig, ModelRef, TokenSpec
 
 
@@ -70,15 +71,16 @@ class VocabPlan:
     vocabs: Dict[Tuple[str, Optional[str]], Dict[str, int]]  # model key -> its vocab
     base_key: Optional[Tuple[str, Optional[str]]]
     tokenizer_folder: Optional[Path]
+    src: ConfigSource  # for errors naming the config key of a token
     builder: Optional[Callable[[Path], None]] = None  # writes a built (union) tokenizer
     active: bool = False  # some model's vocabulary differs from the output's
     tokens: Dict[str, TokenSpec] = dataclasses.field(default_factory=dict)
-    src: object = None
     _cache: Dict = dataclasses.field(default_factory=dict)
 
     def _token_rows(self, spec: TokenSpec, tok: str, keys, vocabs) -> List[Tuple[int, int]]:
         if spec.kind == "zero":
             return []
+        assert spec.model is not None  # every kind but "zero" names a model (schema.py)
         if spec.model.key not in keys:
             raise self.src.error(spec.path, f"token {tok!r} takes its embedding from {spec.model}, which is not an input "
                                             "of this tensor")
@@ -214,7 +216,7 @@ def prepare(cfg: MergeConfig, planner) -> Optional[VocabPlan]:
                 _save(tok, out)
         target = dict(tok.get_vocab())
     size = max(target.values()) + 1 if target else 0
-    return VocabPlan(target, size, vocabs, base_ref.key, folder, builder, tokens=cfg.tokens, src=src)
+    return VocabPlan(target, size, vocabs, base_ref.key, folder, src, builder, tokens=cfg.tokens)
 
 
 def _save(tok: Any, out: Path) -> None:

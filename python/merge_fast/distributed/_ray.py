@@ -101,7 +101,7 @@ class RayRunner:
         total_bytes = sum(s[2] for s in shards)
         n_tensors = sum(len(s[1]) for s in shards)
 
-        counter = _Counter.remote() if progress is not None else None  # type: ignore[attr-defined]
+        counter = _Counter.remote() if progress is not None else None
         plan_ref = ray.put(plan_json)
         task = ray.remote(_task).options(max_retries=self.max_retries, retry_exceptions=False, num_cpus=1)
         refs = [task.remote(plan_ref, str(tmp), g, threads, counter, k) for k, g in enumerate(groups)]
@@ -112,7 +112,7 @@ class RayRunner:
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
                 for r in done:
                     results[r] = ray.get(r)
-                if progress is not None:
+                if progress is not None and counter is not None:
                     got = ray.get(counter.total.remote())
                     progress(sum(len(shards[i][1]) for g, r in zip(groups, refs) if r in results for i in g),
                              n_tensors, got, total_bytes)
@@ -189,7 +189,7 @@ def _make_counter():
 
 
 class _LazyCounter:
-    _cls = None
+    _cls: Any = None  # the Ray actor class, made on first use (ray is imported lazily)
 
     def remote(self):
         if _LazyCounter._cls is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union, overload
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union, cast, overload
 
 from .. import _core
 from .._errors import config_error
@@ -35,7 +35,17 @@ def merge(
     base: Optional[Array] = None,
     params: Optional[Dict[str, Any]] = None,
     out: None = None,
-    **options: Any,
+    dtype: str = "float32",
+    out_dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    progress: ProgressArg = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
+    fsync: bool = True,
+    executor: str = "local",
+    ray_address: Optional[str] = None,
 ) -> Array: ...
 @overload
 def merge(
@@ -45,7 +55,17 @@ def merge(
     base: Optional[PathLike] = None,
     params: Optional[Dict[str, Any]] = None,
     out: PathLike,
-    **options: Any,
+    dtype: str = "float32",
+    out_dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    progress: ProgressArg = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
+    fsync: bool = True,
+    executor: str = "local",
+    ray_address: Optional[str] = None,
 ) -> MergeResult: ...
 @overload
 def merge(
@@ -55,7 +75,17 @@ def merge(
     base: Optional[Model] = None,
     params: Optional[Dict[str, Any]] = None,
     out: Optional[PathLike] = None,
-    **options: Any,
+    dtype: str = "float32",
+    out_dtype: Optional[str] = None,
+    threads: Optional[int] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    progress: ProgressArg = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
+    fsync: bool = True,
+    executor: str = "local",
+    ray_address: Optional[str] = None,
 ) -> Union[Array, MergeResult]: ...
 def merge(
     method: str,
@@ -98,7 +128,8 @@ def merge(
 
         def folders() -> MergeResult:
             return merge_folders(
-                method, None if base is None else os.fspath(base), [os.fspath(m) for m in models], params, out,
+                method, None if base is None else os.fspath(cast(PathLike, base)),
+                [os.fspath(cast(PathLike, m)) for m in models], params, out,
                 dtype=dtype, out_dtype=out_dtype, threads=threads, max_shard_size=max_shard_size,
                 progress=progress, seed=seed, overwrite=overwrite, cache_dir=cache_dir, fsync=fsync,
             )
@@ -131,7 +162,7 @@ def merge_folders(
     base: Optional[PathLike],
     models: Sequence[PathLike],
     params: Dict[str, Any],
-    out: Union[str, Path],
+    out: PathLike,
     *,
     dtype: str = "float32",
     out_dtype: Optional[str] = None,
@@ -161,7 +192,7 @@ def merge_folders(
     lbase = folders[0] if base is not None else None
     paths, plans = _plan.same_tensor_plan(method, lbase, folders[1 if base is not None else 0:],
                                           lambda _name: params, code)
-    recipe = {
+    recipe: Dict[str, Any] = {
         "merge_fast_version": _core.__version__,
         "method": method,
         "base_model": str(base) if base is not None else None,

@@ -7,9 +7,10 @@ RegMean's Gram matrices (``[in, in]`` per linear weight, under the weight's name
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, overload, Sequence, Union
+from typing import Any, Dict, List, Optional, overload, Sequence, Union, cast
 
 from .._errors import TensorMismatch, config_error
 from .._folders import MergeResult
@@ -29,7 +30,7 @@ def layer_of(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def layer_importance(fisher: Union[str, Path], names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+def layer_importance(fisher: PathLike, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """F̂_layer for every tensor: each layer's mean Fisher (over all its tensors' entries),
     min-max normalized across layers. A tensor outside numbered layers gets its own mean
     Fisher on the same scale, clipped to [0, 1]. With a single layer (or equal means) every
@@ -55,7 +56,7 @@ def layer_importance(fisher: Union[str, Path], names: Optional[Sequence[str]] = 
     def norm(v: float) -> float:
         return 0.0 if span <= 0 else float(min(max((v - lo) / span, 0.0), 1.0))
 
-    return {n: norm(layer_mean[layer_of(n)] if layer_of(n) is not None else tensor_mean[n]) for n in names}
+    return {n: norm(layer_mean[li] if (li := layer_of(n)) is not None else tensor_mean[n]) for n in names}
 
 
 @overload
@@ -101,7 +102,8 @@ def fisher_weighted(
     params = {"weight": as_list(weights), "epsilon": epsilon, "fisher_normalize": fisher_normalize}
     if not all(_is_path(m) for m in list(models) + list(fishers)):
         return merge("fisher_weighted", list(models) + list(fishers), params=params, **options)
-    return _fisher_folders("fisher_weighted", None, list(models), list(fishers), params, **options)
+    return _fisher_folders("fisher_weighted", None, cast(List[PathLike], list(models)), cast(List[PathLike], list(fishers)),
+                           params, **options)
 
 
 @overload
@@ -157,7 +159,8 @@ def fisher_dampened(
         return merge("fisher_dampened", list(models) + [fisher], base=base, params=params, **options)
     if layer_importance is not None:
         raise config_error("layer_importance is computed from the Fisher on folder merges")
-    return _fisher_folders("fisher_dampened", base, list(models), [fisher], params, **options)
+    return _fisher_folders("fisher_dampened", cast(PathLike, base), cast(List[PathLike], list(models)), [cast(PathLike, fisher)],
+                           params, **options)
 
 
 @with_executor
@@ -195,8 +198,7 @@ def regmean(
         raise config_error(f"{len(models)} models but {len(grams)} Gram files/arrays")
     if alpha is not None and reduce_non_diagonal_ratio is not None and float(alpha) != float(reduce_non_diagonal_ratio):
         raise config_error("regmean: give reduce_non_diagonal_ratio or its alias alpha, not both")
-    ratio = 0.9 if alpha is None and reduce_non_diagonal_ratio is None else float(
-        reduce_non_diagonal_ratio if reduce_non_diagonal_ratio is not None else alpha)
+    ratio = float(reduce_non_diagonal_ratio if reduce_non_diagonal_ratio is not None else alpha if alpha is not None else 0.9)
     params = {"weight": as_list(weights), "reduce_non_diagonal_ratio": ratio, "ridge": ridge}
     if not all(_is_path(m) for m in list(models) + list(grams)):
         if any(_is_path(m) for m in list(models) + list(grams)):
@@ -204,7 +206,7 @@ def regmean(
         return _regmean_arrays(list(models), list(grams), dict(params, fan_in_fan_out=bool(fan_in_fan_out)), **options)
     if fan_in_fan_out:
         raise config_error("fan_in_fan_out comes from the Gram files on folder merges")
-    return _fisher_folders("regmean", None, list(models), list(grams), params, **options)
+    return _fisher_folders("regmean", None, cast(List[PathLike], list(models)), cast(List[PathLike], list(grams)), params, **options)
 
 
 def _regmean_arrays(models: List[Any], grams: List[Any], params: Dict[str, Any], *, seed: int = 0,
@@ -273,9 +275,9 @@ def _gram_plan(grams: List[str], gram_ckpts: List[Any], names: Sequence[str], sh
 
 def _fisher_folders(
     method: str,
-    base: Optional[Model],
-    models: List[Model],
-    fishers: List[Model],
+    base: Optional[PathLike],
+    models: Sequence[PathLike],
+    fishers: Sequence[PathLike],
     params: Dict[str, Any],
     *,
     out: Optional[Union[str, Path]] = None,
@@ -346,8 +348,8 @@ def _fisher_folders(
             plans.append(TensorPlan(name, method, p, srcs[0], srcs[1:], code))
         else:
             plans.append(TensorPlan(name, method, p, None, srcs, code))  # models, then Fishers
-    recipe = {"method": method, "base_model": str(base) if base is not None else None,
-              "models": [str(m) for m in models], ("grams" if method == "regmean" else "fishers"): [str(f) for f in fishers],
+    recipe: Dict[str, Any] = {"method": method, "base_model": os.fspath(base) if base is not None else None,
+              "models": [os.fspath(m) for m in models], ("grams" if method == "regmean" else "fishers"): [str(f) for f in fishers],
               "parameters": params}
     if hub_inputs:
         recipe["hub_inputs"] = [h.to_json() for h in hub_inputs]

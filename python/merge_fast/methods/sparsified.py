@@ -30,7 +30,7 @@ sort direction), so exactly the requested count survives; mergekit leaves that o
 """
 from __future__ import annotations
 
-from typing import Any, Optional, overload, Sequence, Union
+from typing import Any, Optional, overload, Sequence, SupportsFloat, Union, cast
 
 import numbers
 
@@ -56,8 +56,8 @@ def _per_model(x: PerModel):
     if x is None:
         return None
     if isinstance(x, numbers.Number) or getattr(x, "ndim", None) == 0:  # numpy-free for scalars
-        return float(x)
-    return as_list(x)
+        return float(cast(SupportsFloat, x))  # a numbers.Number (mypy's float is not one) or a 0-d array
+    return as_list(cast(Sequence[float], x))
 
 
 def _gta(method, base, models, weights, lam, normalize, rescale, rescale_mode, int8_mask, extra, options):

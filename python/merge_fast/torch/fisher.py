@@ -103,12 +103,13 @@ def _select_params(model: torch.nn.Module, params: ParamSelector) -> List[str]:
     if params is None:
         return [n for n, p in all_named if p.requires_grad] or names
     if callable(params):
+        pred: Callable[..., bool] = params  # takes (name, parameter) or (name): tried in that order
         out = []
         for n, p in all_named:
             try:
-                keep = params(n, p)
+                keep = pred(n, p)
             except TypeError:
-                keep = params(n)
+                keep = pred(n)
             if keep:
                 out.append(n)
         if not out:
@@ -377,7 +378,7 @@ def estimate_fisher(
                 if bi % world != rank:
                     continue
                 ids, am, lb = ids.to(dev), am.to(dev), lb.to(dev)
-                if mode == "sampled":
+                if gen is not None:  # mode == "sampled"
                     if distributed:
                         gen.manual_seed(_batch_seed(seed, bi))
                     lb = sample_labels(model, ids, am, lb, gen)
