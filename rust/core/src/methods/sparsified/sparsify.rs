@@ -169,6 +169,15 @@ impl Window {
 
     /// Calls `keep(j, kept)` for every key of the chunk `chunk` (keys in index order).
     pub fn decide(packed: &[f64], chunk: usize, keys: &[u32], mut keep: impl FnMut(usize, bool)) {
+        let (na, nb) = tie_counts(packed, keys);
+        match ChunkRule::of(packed, chunk, na, nb) {
+            Some(rule) => keys.iter().enumerate().for_each(|(j, &k)| keep(j, rule.kept(k))),
+            None => Self::decide_by_rank(packed, chunk, keys, keep),
+        }
+    }
+
+    /// The exact rule: keys on a boundary ranked one by one by index.
+    fn decide_by_rank(packed: &[f64], chunk: usize, keys: &[u32], mut keep: impl FnMut(usize, bool)) {
         let g = |i: usize| packed[i] as u64;
         let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize);
         let (mut ca, mut cb) = (g(7 + chunk), g(7 + nc + chunk));
@@ -187,10 +196,63 @@ impl Window {
     }
 }
 
+/// How many keys of a chunk equal the window's boundary keys `a` and `b`.
+fn tie_counts(packed: &[f64], keys: &[u32]) -> (u64, u64) {
+    let (a, b) = (packed[2] as u32, packed[3] as u32);
+    // u32 lanes vectorize; a chunk holds < 2^32 keys.
+    let (na, nb) = keys.iter().fold((0u32, 0u32), |(x, y), &k| (x + u32::from(k == a), y + u32::from(k == b)));
+    (u64::from(na), u64::from(nb))
+}
+
+/// A chunk's decision as a pure function of the key, valid when each boundary tie group
+/// in the chunk is kept or dropped as a whole (every chunk but at most two): then ranking
+/// the ties by index changes nothing, and the test vectorizes.
+#[derive(Debug, Clone, Copy)]
+struct ChunkRule {
+    a: u32,
+    b: u32,
+    keep_a: bool,
+    keep_b: bool,
+}
+
+impl ChunkRule {
+    /// `na`, `nb`: the chunk's counts of keys equal to `a` and `b`.
+    fn of(packed: &[f64], chunk: usize, na: u64, nb: u64) -> Option<ChunkRule> {
+        let g = |i: usize| packed[i] as u64;
+        let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize);
+        // Ranks of the chunk's ties: [first, first + n), all in or all out of [lo, hi)?
+        let whole = |first: u64, n: u64| -> Option<bool> {
+            if n == 0 || (first >= lo && first + n <= hi) {
+                Some(true)
+            } else if first + n <= lo || first >= hi {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        let keep_a = whole(less_a + g(7 + chunk), na)?;
+        // `a == b`: the ties rank by `a`'s counters (as `decide_by_rank` does).
+        let keep_b = if a == b { keep_a } else { whole(less_b + g(7 + nc + chunk), nb)? };
+        Some(ChunkRule { a, b, keep_a, keep_b })
+    }
+
+    #[inline]
+    fn kept(&self, k: u32) -> bool {
+        ((k > self.a) & (k < self.b)) | ((k == self.a) & self.keep_a) | ((k == self.b) & self.keep_b)
+    }
+}
+
 /// Zeroes the dropped entries of `delta` (one chunk) by the window packed in `packed`.
-pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], key: fn(f32) -> u32) {
-    let keys: Vec<u32> = delta.iter().map(|&d| key(d)).collect();
-    Window::decide(packed, chunk, &keys, |j, kept| delta[j] = if kept { delta[j] } else { 0.0 });
+pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], key: impl Fn(f32) -> u32 + Copy) {
+    let (a, b) = (packed[2] as u32, packed[3] as u32);
+    let (na, nb) = delta.iter().fold((0u32, 0u32), |(x, y), &d| (x + u32::from(key(d) == a), y + u32::from(key(d) == b)));
+    match ChunkRule::of(packed, chunk, u64::from(na), u64::from(nb)) {
+        Some(rule) => delta.iter_mut().for_each(|d| *d = if rule.kept(key(*d)) { *d } else { 0.0 }),
+        None => {
+            let keys: Vec<u32> = delta.iter().map(|&d| key(d)).collect();
+            Window::decide_by_rank(packed, chunk, &keys, |j, kept| delta[j] = if kept { delta[j] } else { 0.0 });
+        }
+    }
 }
 
 /// Which norm mergekit's rescale matches (its `RescaleNorm`), or the paper's `1/density`.
