@@ -20,7 +20,7 @@
 //!
 //! Memory: `prepare` handles one model at a time with at most one whole-tensor `u32` scratch
 //! buffer (dropped before the next model); `apply` is elementwise on engine chunks.
-use super::sparsify::{chunk_of, delta_into, par_chunks, sign, Rescale, RESCALE_EPS};
+use super::sparsify::{chunk_of, delta_into, par_chunks, phase, scratch, sign, Rescale, RESCALE_EPS};
 use crate::error::{Error, Result};
 use crate::kernel::{Ctx, Method, TensorIo};
 use crate::params::{Params, Range};
@@ -62,6 +62,12 @@ pub struct Gta {
     rescale: Rescale,
     /// `Σ w_i` (or 1 when |Σ| < 1e-8), for normalize without consensus.
     linear_divisor: f32,
+}
+
+impl Drop for Gta {
+    fn drop(&mut self) {
+        scratch::release(); // the key buffer lives as long as the merge's kernel
+    }
 }
 
 /// Per-method defaults (mergekit's registry).
@@ -160,7 +166,7 @@ impl Method for Gta {
         let mut body = Vec::new();
         for i in 0..n {
             let (mode, state) = if io.numel() == 0 { (Mode::Keep, vec![]) } else { self.sparsifier.prepare(ctx, io, i)? };
-            let scale = if mode == Mode::Partial { self.scale(ctx, io, i, &state)? } else { 1.0 };
+            let scale = if mode == Mode::Partial { phase::time(3, || self.scale(ctx, io, i, &state))? } else { 1.0 };
             if !scale.is_finite() {
                 return Err(Error::numerical(ctx.tensor, format!("model #{i}: rescale factor {scale}")));
             }
@@ -168,10 +174,17 @@ impl Method for Gta {
             body.extend(state);
         }
         head.extend(body);
+        phase::report(ctx.tensor);
         Ok(head)
     }
 
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
+        phase::time(4, || self.apply_chunk(ctx, base, inputs, stats, out))
+    }
+}
+
+impl Gta {
+    fn apply_chunk(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
         let base = base.expect("arity checked at build");
         let (n, len) = (inputs.len(), out.len());
         let chunk = chunk_of(ctx)?;

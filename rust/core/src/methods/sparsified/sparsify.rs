@@ -21,6 +21,41 @@ use crate::kernel::{Ctx, TensorIo};
 use rayon::prelude::*;
 use std::ops::Range;
 
+/// Per-phase thread-seconds of the family's kernels, printed to stderr after each tensor's
+/// `prepare` when `MERGE_FAST_PHASE_TIMES` is set (a profiling aid; off by default).
+pub mod phase {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    pub const NAMES: [&str; 5] = ["keys+hist", "select", "count", "scale", "apply"];
+    static NANOS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("MERGE_FAST_PHASE_TIMES").is_some())
+    }
+
+    /// Runs `f`, adding its wall time to phase `i` when enabled.
+    #[inline]
+    pub fn time<T>(i: usize, f: impl FnOnce() -> T) -> T {
+        if !enabled() {
+            return f();
+        }
+        let t = Instant::now();
+        let r = f();
+        NANOS[i].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+
+    pub fn report(tensor: &str) {
+        if enabled() {
+            let v: Vec<String> = NAMES.iter().zip(&NANOS).map(|(n, a)| format!("{n} {:.2}", a.load(Ordering::Relaxed) as f64 * 1e-9)).collect();
+            eprintln!("phases after {tensor}: {}", v.join(", "));
+        }
+    }
+}
+
 /// Ascending magnitude key: non-negative floats order like their bit patterns.
 #[inline]
 pub fn mag_key(x: f32) -> u32 {
@@ -79,10 +114,59 @@ pub fn delta_into(x: &[f32], base: &[f32], out: &mut [f32]) {
 /// Keys of one chunk, computed from the slot slices `par_chunks` read.
 pub type KeyFn<'a> = dyn Fn(&[&[f32]], &mut [u32]) + Sync + 'a;
 
+/// The whole-tensor key buffer, kept between tensors and models: a fresh one costs a page
+/// fault and a zeroed page per 4 KiB (a third of a ties merge's system time). A [`Keys`]
+/// goes back to the pool when dropped; kernels free the pool with [`scratch::release`]
+/// when they are dropped.
+pub mod scratch {
+    use std::sync::Mutex;
+
+    static POOL: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+    /// `n` keys with unspecified contents (callers overwrite every key).
+    pub struct Keys {
+        buf: Vec<u32>,
+        n: usize,
+    }
+
+    pub fn take(n: usize) -> Keys {
+        let buf = std::mem::take(&mut *POOL.lock().unwrap_or_else(|e| e.into_inner()));
+        let buf = if buf.len() >= n { buf } else { vec![0; n] };
+        Keys { buf, n }
+    }
+
+    impl std::ops::Deref for Keys {
+        type Target = [u32];
+        fn deref(&self) -> &[u32] {
+            &self.buf[..self.n]
+        }
+    }
+
+    impl std::ops::DerefMut for Keys {
+        fn deref_mut(&mut self) -> &mut [u32] {
+            &mut self.buf[..self.n]
+        }
+    }
+
+    impl Drop for Keys {
+        fn drop(&mut self) {
+            let mut kept = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if self.buf.len() > kept.len() {
+                *kept = std::mem::take(&mut self.buf);
+            }
+        }
+    }
+
+    /// Frees the pooled buffer.
+    pub fn release() {
+        *POOL.lock().unwrap_or_else(|e| e.into_inner()) = Vec::new();
+    }
+}
+
 /// Every key of a tensor (index order, from the chunks of `slots`) and their high-bit
 /// histogram, in one parallel pass. Memory: one `u32` per element.
-pub fn keys_and_hist(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn) -> Result<(Vec<u32>, HighHist)> {
-    let mut keys = vec![0u32; io.numel()];
+pub fn keys_and_hist(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn) -> Result<(scratch::Keys, HighHist)> {
+    let mut keys = scratch::take(io.numel());
     let hist = keys
         .par_chunks_mut(CHUNK)
         .enumerate()
@@ -126,28 +210,29 @@ impl Window {
     pub fn find(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Window> {
         let numel = io.numel();
         assert!(lo < hi && hi <= numel, "window [{lo}, {hi}) of {numel}");
-        let (keys, hist) = keys_and_hist(io, slots, key_fn)?;
+        let (keys, hist) = phase::time(0, || keys_and_hist(io, slots, key_fn))?;
         Ok(Window::from_keys(&keys, &hist, lo, hi))
     }
 
     /// The window `[lo, hi)` of `keys` (all of a tensor's keys in index order, `hist` their
     /// high-bit histogram): radix-selects the boundary keys, then counts per engine chunk.
     pub fn from_keys(keys: &[u32], hist: &HighHist, lo: usize, hi: usize) -> Window {
-        let ab = select_ranks(keys, hist, &[lo, hi - 1]);
+        let ab = phase::time(1, || select_ranks(keys, hist, &[lo, hi - 1]));
         let (a, b) = (ab[0], ab[1]);
-        let counts: Vec<[u64; 4]> = keys
-            .par_chunks(CHUNK)
-            .map(|k| {
-                let mut c = [0u64; 4]; // less_a, eq_a, less_b, eq_b
-                for &x in k {
-                    c[0] += u64::from(x < a);
-                    c[1] += u64::from(x == a);
-                    c[2] += u64::from(x < b);
-                    c[3] += u64::from(x == b);
-                }
-                c
-            })
-            .collect();
+        let counts: Vec<[u64; 4]> = phase::time(2, || {
+            keys.par_chunks(CHUNK)
+                .map(|k| {
+                    let mut c = [0u64; 4]; // less_a, eq_a, less_b, eq_b
+                    for &x in k {
+                        c[0] += u64::from(x < a);
+                        c[1] += u64::from(x == a);
+                        c[2] += u64::from(x < b);
+                        c[3] += u64::from(x == b);
+                    }
+                    c
+                })
+                .collect()
+        });
         let (mut less_a, mut less_b, mut ea, mut eb) = (0, 0, 0, 0);
         let (mut eq_a, mut eq_b) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
         for c in &counts {
