@@ -221,10 +221,10 @@ impl Gta {
                 out.iter_mut().for_each(|o| *o = 0.0);
                 for (i, di) in d.chunks(len.max(1)).enumerate().take(n) {
                     let wi = if self.count_mean { 1.0 } else { self.weights[i] };
-                    for j in 0..len {
-                        let agree = di[j] * maj[j] > 0.0; // sign(d) == elected sign; zeros never agree
-                        out[j] += if agree { di[j] } else { 0.0 };
-                        div[j] += if agree { wi } else { 0.0 };
+                    for ((o, q), (&x, &m)) in out.iter_mut().zip(div.iter_mut()).zip(di.iter().zip(&maj)) {
+                        let agree = x * m > 0.0; // sign(d) == elected sign; zeros never agree
+                        *o += if agree { x } else { 0.0 };
+                        *q += if agree { wi } else { 0.0 };
                     }
                 }
                 if self.normalize {

@@ -14,7 +14,7 @@
 //! * Chunk streaming over a `TensorIo` in fixed engine chunks, folded in chunk order.
 //! * Packing of per-model state into the engine's `Vec<f64>` statistics (integers < 2^53 are
 //!   exact in f64).
-use super::select::{min_chunks_per_hist, select_ranks, HighHist};
+use super::select::{locate, min_chunks_per_hist, HighHist, BUCKETS};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, TensorIo};
@@ -215,34 +215,52 @@ impl Window {
     }
 
     /// The window `[lo, hi)` of `keys` (all of a tensor's keys in index order, `hist` their
-    /// high-bit histogram): radix-selects the boundary keys, then counts per engine chunk.
+    /// high-bit histogram). One pass over the keys collects, per engine chunk, the low 16
+    /// bits of the keys in the two boundary buckets (the high histogram's prefix sums name
+    /// them); those few keys then give the boundary keys exactly (their low histogram) and
+    /// each chunk's count of keys equal to them, without another pass over every key.
     pub fn from_keys(keys: &[u32], hist: &HighHist, lo: usize, hi: usize) -> Window {
-        let ab = phase::time(1, || select_ranks(keys, hist, &[lo, hi - 1]));
-        let (a, b) = (ab[0], ab[1]);
-        let counts: Vec<[u64; 4]> = phase::time(2, || {
+        let (ba, ra) = locate(&hist.0, lo as u64);
+        let (bb, rb) = locate(&hist.0, (hi - 1) as u64);
+        let (ha, hb) = (ba as u32, bb as u32);
+        // Per chunk: low bits of its keys in bucket `ba`, and in `bb` when it differs.
+        let lows: Vec<(Vec<u16>, Vec<u16>)> = phase::time(1, || {
             keys.par_chunks(CHUNK)
-                .map(|k| {
-                    let mut c = [0u64; 4]; // less_a, eq_a, less_b, eq_b
-                    for &x in k {
-                        c[0] += u64::from(x < a);
-                        c[1] += u64::from(x == a);
-                        c[2] += u64::from(x < b);
-                        c[3] += u64::from(x == b);
+                .map(|c| {
+                    let (mut la, mut lb) = (Vec::new(), Vec::new());
+                    for &k in c {
+                        let h = k >> 16;
+                        if h == ha {
+                            la.push(k as u16);
+                        } else if h == hb {
+                            lb.push(k as u16);
+                        }
                     }
-                    c
+                    (la, lb)
                 })
                 .collect()
         });
-        let (mut less_a, mut less_b, mut ea, mut eb) = (0, 0, 0, 0);
-        let (mut eq_a, mut eq_b) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
-        for c in &counts {
-            eq_a.push(ea);
-            eq_b.push(eb);
-            less_a += c[0];
-            ea += c[1];
-            less_b += c[2];
-            eb += c[3];
-        }
+        let side = |b: bool| -> Vec<&[u16]> { lows.iter().map(|(la, lb)| if b && hb != ha { lb.as_slice() } else { la.as_slice() }).collect() };
+        let (sa, sb) = (side(false), side(true));
+        // Boundary key, keys below it, and per-chunk counts of keys equal to it before each chunk.
+        let exact = |bucket: usize, r: u64, lists: &[&[u16]]| -> (u32, u64, Vec<u64>) {
+            let mut low = vec![0u64; BUCKETS];
+            lists.iter().for_each(|l| l.iter().for_each(|&x| low[x as usize] += 1));
+            let (l, _) = locate(&low, r);
+            let below = hist.0[..bucket].iter().sum::<u64>() + low[..l].iter().sum::<u64>();
+            let mut seen = 0u64;
+            let eq = lists
+                .iter()
+                .map(|c| {
+                    let before = seen;
+                    seen += c.iter().filter(|&&x| x as usize == l).count() as u64;
+                    before
+                })
+                .collect();
+            (((bucket as u32) << 16) | l as u32, below, eq)
+        };
+        let (a, less_a, eq_a) = exact(ba, ra, &sa);
+        let (b, less_b, eq_b) = exact(bb, rb, &sb);
         Window { lo: lo as u64, hi: hi as u64, a, b, less_a, less_b, eq_a, eq_b }
     }
 
