@@ -188,14 +188,21 @@ impl Gta {
         let base = base.expect("arity checked at build");
         let (n, len) = (inputs.len(), out.len());
         let chunk = chunk_of(ctx)?;
-        let mut d = vec![0f32; n * len];
+        // Every delta written once, no zero fill first (the vector is fresh per chunk).
+        let mut d = Vec::with_capacity(n * len);
+        for (i, x) in inputs.iter().enumerate() {
+            if stats[HEAD * i] as u8 == Mode::Drop as u8 {
+                d.extend(std::iter::repeat_n(0f32, len));
+            } else {
+                d.extend(x.iter().zip(base).map(|(&v, &b)| v - b)); // as `delta_into`
+            }
+        }
         for (i, di) in d.chunks_mut(len.max(1)).enumerate().take(n) {
             let h = &stats[HEAD * i..HEAD * (i + 1)];
             let (mode, scale, start, slen) = (h[0] as u8, h[1] as f32, h[2] as usize, h[3] as usize);
             if mode == Mode::Drop as u8 {
                 continue; // stays zero
             }
-            delta_into(inputs[i], base, di);
             if mode == Mode::Partial as u8 {
                 self.sparsifier.mask(ctx, chunk, i, &stats[start..start + slen], di);
                 if scale != 1.0 {

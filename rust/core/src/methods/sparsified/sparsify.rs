@@ -475,6 +475,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn mask_by_window_keeps_what_the_window_keeps() {
+        // Tie groups on both boundaries straddling chunks: whole-chunk rules and ranked chunks.
+        let n = 4 * CHUNK + 77;
+        let vals: Vec<f32> = (0..n).map(|i| ((crate::rng::mix64(i as u64 + 9) % 5) as f32 - 2.0) * 0.25).collect();
+        for &(lo, hi) in &[(0, n / 5), (n / 5, n - n / 5), (1, n)] {
+            let kf = |v: &[&[f32]], out: &mut [u32]| v[0].iter().zip(out).for_each(|(&x, o)| *o = mag_key(x));
+            let w = Window::find(&crate::kernel::Slices::new(None, &[&vals]), &[0], lo, hi, &kf).unwrap();
+            let mut packed = vec![];
+            w.pack(&mut packed);
+            let want = reference(&vals, lo, hi, false);
+            for (c, ch) in vals.chunks(CHUNK).enumerate() {
+                let mut d = ch.to_vec();
+                mask_by_window(&packed, c, &mut d, mag_key);
+                for (j, (&got, &x)) in d.iter().zip(ch).enumerate() {
+                    assert_eq!(got.to_bits(), if want[c * CHUNK + j] { x } else { 0.0 }.to_bits(), "lo {lo} hi {hi} at {}", c * CHUNK + j);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn window_distinct_values() {
         let vals: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 - 500.0).collect();
         for (lo, hi) in [(0, 100), (900, 1000), (3, 997)] {
