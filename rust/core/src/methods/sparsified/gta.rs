@@ -166,7 +166,7 @@ impl Method for Gta {
         let mut body = Vec::new();
         for i in 0..n {
             let (mode, state) = if io.numel() == 0 { (Mode::Keep, vec![]) } else { self.sparsifier.prepare(ctx, io, i)? };
-            let scale = if mode == Mode::Partial { phase::time(3, || self.scale(ctx, io, i, &state))? } else { 1.0 };
+            let scale = if mode == Mode::Partial { phase::time(phase::SCALE, || self.scale(ctx, io, i, &state))? } else { 1.0 };
             if !scale.is_finite() {
                 return Err(Error::numerical(ctx.tensor, format!("model #{i}: rescale factor {scale}")));
             }
@@ -179,7 +179,7 @@ impl Method for Gta {
     }
 
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
-        phase::time(4, || self.apply_chunk(ctx, base, inputs, stats, out))
+        phase::time(phase::APPLY, || self.apply_chunk(ctx, base, inputs, stats, out))
     }
 }
 

@@ -21,15 +21,20 @@ use crate::kernel::{Ctx, TensorIo};
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Per-phase thread-seconds of the family's kernels, printed to stderr after each tensor's
-/// `prepare` when `MERGE_FAST_PHASE_TIMES` is set (a profiling aid; off by default).
+/// Per-phase seconds of the family's kernels (wall time of each whole-tensor pass; `apply`
+/// summed over the chunks, i.e. thread-seconds), cumulative, printed to stderr after each
+/// tensor's `prepare` when `MERGE_FAST_PHASE_TIMES` is set (a profiling aid; off by default).
 pub mod phase {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
     use std::time::Instant;
 
-    pub const NAMES: [&str; 5] = ["keys+hist", "select", "count", "scale", "apply"];
-    static NANOS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+    pub const KEYS: usize = 0;
+    pub const SELECT: usize = 1;
+    pub const SCALE: usize = 2;
+    pub const APPLY: usize = 3;
+    const NAMES: [&str; 4] = ["keys+hist", "select", "scale", "apply"];
+    static NANOS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 
     pub fn enabled() -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
@@ -210,7 +215,7 @@ impl Window {
     pub fn find(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Window> {
         let numel = io.numel();
         assert!(lo < hi && hi <= numel, "window [{lo}, {hi}) of {numel}");
-        let (keys, hist) = phase::time(0, || keys_and_hist(io, slots, key_fn))?;
+        let (keys, hist) = phase::time(phase::KEYS, || keys_and_hist(io, slots, key_fn))?;
         Ok(Window::from_keys(&keys, &hist, lo, hi))
     }
 
@@ -224,7 +229,7 @@ impl Window {
         let (bb, rb) = locate(&hist.0, (hi - 1) as u64);
         let (ha, hb) = (ba as u32, bb as u32);
         // Per chunk: low bits of its keys in bucket `ba`, and in `bb` when it differs.
-        let lows: Vec<(Vec<u16>, Vec<u16>)> = phase::time(1, || {
+        let lows: Vec<(Vec<u16>, Vec<u16>)> = phase::time(phase::SELECT, || {
             keys.par_chunks(CHUNK)
                 .map(|c| {
                     let (mut la, mut lb) = (Vec::new(), Vec::new());
