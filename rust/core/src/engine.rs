@@ -125,7 +125,15 @@ fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], bytes: &[u8],
         crate::dtype::Dtype::BF16 => 0x7f80,
         _ => return Ok(()),
     };
-    let bad = bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & exp == exp);
+    // Branch-free per block (vectorizes); locate the element only when a block holds one.
+    let is_bad = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]) & exp == exp;
+    let bad = bytes.chunks(2048).enumerate().find_map(|(i, blk)| {
+        if blk.chunks_exact(2).fold(false, |acc, b| acc | is_bad(b)) {
+            blk.chunks_exact(2).position(is_bad).map(|j| i * 1024 + j)
+        } else {
+            None
+        }
+    });
     match bad {
         None => Ok(()),
         Some(i) => {

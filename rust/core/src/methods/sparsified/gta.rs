@@ -20,7 +20,7 @@
 //!
 //! Memory: `prepare` handles one model at a time with at most one whole-tensor `u32` scratch
 //! buffer (dropped before the next model); `apply` is elementwise on engine chunks.
-use super::sparsify::{chunk_of, delta_into, par_chunks, sign, Rescale, RESCALE_EPS};
+use super::sparsify::{chunk_of, delta_into, par_chunks, phase, scratch, sign, Rescale, RESCALE_EPS};
 use crate::error::{Error, Result};
 use crate::kernel::{Ctx, Method, TensorIo};
 use crate::params::Params;
@@ -62,6 +62,12 @@ pub struct Gta {
     rescale: Rescale,
     /// `Σ w_i` (or 1 when |Σ| < 1e-8), for normalize without consensus.
     linear_divisor: f32,
+}
+
+impl Drop for Gta {
+    fn drop(&mut self) {
+        scratch::release(); // the key buffer lives as long as the merge's kernel
+    }
 }
 
 /// Per-method defaults (mergekit's registry).
@@ -160,7 +166,7 @@ impl Method for Gta {
         let mut body = Vec::new();
         for i in 0..n {
             let (mode, state) = if io.numel() == 0 { (Mode::Keep, vec![]) } else { self.sparsifier.prepare(ctx, io, i)? };
-            let scale = if mode == Mode::Partial { self.scale(ctx, io, i, &state)? } else { 1.0 };
+            let scale = if mode == Mode::Partial { phase::time(phase::SCALE, || self.scale(ctx, io, i, &state))? } else { 1.0 };
             if !scale.is_finite() {
                 return Err(Error::numerical(ctx.tensor, format!("model #{i}: rescale factor {scale}")));
             }
@@ -168,21 +174,35 @@ impl Method for Gta {
             body.extend(state);
         }
         head.extend(body);
+        phase::report(ctx.tensor);
         Ok(head)
     }
 
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
+        phase::time(phase::APPLY, || self.apply_chunk(ctx, base, inputs, stats, out))
+    }
+}
+
+impl Gta {
+    fn apply_chunk(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
         let base = base.expect("arity checked at build");
         let (n, len) = (inputs.len(), out.len());
         let chunk = chunk_of(ctx)?;
-        let mut d = vec![0f32; n * len];
+        // Every delta written once, no zero fill first (the vector is fresh per chunk).
+        let mut d = Vec::with_capacity(n * len);
+        for (i, x) in inputs.iter().enumerate() {
+            if stats[HEAD * i] as u8 == Mode::Drop as u8 {
+                d.extend(std::iter::repeat_n(0f32, len));
+            } else {
+                d.extend(x.iter().zip(base).map(|(&v, &b)| v - b)); // as `delta_into`
+            }
+        }
         for (i, di) in d.chunks_mut(len.max(1)).enumerate().take(n) {
             let h = &stats[HEAD * i..HEAD * (i + 1)];
             let (mode, scale, start, slen) = (h[0] as u8, h[1] as f32, h[2] as usize, h[3] as usize);
             if mode == Mode::Drop as u8 {
                 continue; // stays zero
             }
-            delta_into(inputs[i], base, di);
             if mode == Mode::Partial as u8 {
                 self.sparsifier.mask(ctx, chunk, i, &stats[start..start + slen], di);
                 if scale != 1.0 {
@@ -208,10 +228,10 @@ impl Method for Gta {
                 out.iter_mut().for_each(|o| *o = 0.0);
                 for (i, di) in d.chunks(len.max(1)).enumerate().take(n) {
                     let wi = if self.count_mean { 1.0 } else { self.weights[i] };
-                    for j in 0..len {
-                        let agree = di[j] * maj[j] > 0.0; // sign(d) == elected sign; zeros never agree
-                        out[j] += if agree { di[j] } else { 0.0 };
-                        div[j] += if agree { wi } else { 0.0 };
+                    for ((o, q), (&x, &m)) in out.iter_mut().zip(div.iter_mut()).zip(di.iter().zip(&maj)) {
+                        let agree = x * m > 0.0; // sign(d) == elected sign; zeros never agree
+                        *o += if agree { x } else { 0.0 };
+                        *q += if agree { wi } else { 0.0 };
                     }
                 }
                 if self.normalize {

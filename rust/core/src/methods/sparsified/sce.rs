@@ -14,7 +14,7 @@
 //! changes nothing. Memory: one `u32` per element while finding the variance threshold;
 //! `apply` is elementwise.
 use super::gta::Mode;
-use super::sparsify::{chunk_of, delta_into, keys_and_hist, par_chunks, Window};
+use super::sparsify::{chunk_of, delta_into, keys_and_hist, par_chunks, scratch, Window};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, Method, TensorIo};
@@ -86,6 +86,12 @@ impl Sce {
                 tv.iter_mut().for_each(|t| t[j] = 0.0);
             }
         });
+    }
+}
+
+impl Drop for Sce {
+    fn drop(&mut self) {
+        scratch::release(); // the key buffer lives as long as the merge's kernel
     }
 }
 

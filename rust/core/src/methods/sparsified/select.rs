@@ -66,7 +66,7 @@ impl Default for HighHist {
 }
 
 /// The bucket of `counts` holding rank `r` and `r`'s rank within that bucket.
-fn locate(counts: &[u64], r: u64) -> (usize, u64) {
+pub(crate) fn locate(counts: &[u64], r: u64) -> (usize, u64) {
     let mut below = 0u64;
     for (b, &c) in counts.iter().enumerate() {
         if r < below + c {

@@ -14,12 +14,52 @@
 //! * Chunk streaming over a `TensorIo` in fixed engine chunks, folded in chunk order.
 //! * Packing of per-model state into the engine's `Vec<f64>` statistics (integers < 2^53 are
 //!   exact in f64).
-use super::select::{min_chunks_per_hist, select_ranks, HighHist};
+use super::select::{locate, min_chunks_per_hist, HighHist, BUCKETS};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, TensorIo};
 use rayon::prelude::*;
 use std::ops::Range;
+
+/// Per-phase seconds of the family's kernels (wall time of each whole-tensor pass; `apply`
+/// summed over the chunks, i.e. thread-seconds), cumulative, printed to stderr after each
+/// tensor's `prepare` when `MERGE_FAST_PHASE_TIMES` is set (a profiling aid; off by default).
+pub mod phase {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    pub const KEYS: usize = 0;
+    pub const SELECT: usize = 1;
+    pub const SCALE: usize = 2;
+    pub const APPLY: usize = 3;
+    const NAMES: [&str; 4] = ["keys+hist", "select", "scale", "apply"];
+    static NANOS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("MERGE_FAST_PHASE_TIMES").is_some())
+    }
+
+    /// Runs `f`, adding its wall time to phase `i` when enabled.
+    #[inline]
+    pub fn time<T>(i: usize, f: impl FnOnce() -> T) -> T {
+        if !enabled() {
+            return f();
+        }
+        let t = Instant::now();
+        let r = f();
+        NANOS[i].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+
+    pub fn report(tensor: &str) {
+        if enabled() {
+            let v: Vec<String> = NAMES.iter().zip(&NANOS).map(|(n, a)| format!("{n} {:.2}", a.load(Ordering::Relaxed) as f64 * 1e-9)).collect();
+            eprintln!("phases after {tensor}: {}", v.join(", "));
+        }
+    }
+}
 
 /// Ascending magnitude key: non-negative floats order like their bit patterns.
 #[inline]
@@ -79,10 +119,59 @@ pub fn delta_into(x: &[f32], base: &[f32], out: &mut [f32]) {
 /// Keys of one chunk, computed from the slot slices `par_chunks` read.
 pub type KeyFn<'a> = dyn Fn(&[&[f32]], &mut [u32]) + Sync + 'a;
 
+/// The whole-tensor key buffer, kept between tensors and models: a fresh one costs a page
+/// fault and a zeroed page per 4 KiB (a third of a ties merge's system time). A [`Keys`]
+/// goes back to the pool when dropped; kernels free the pool with [`scratch::release`]
+/// when they are dropped.
+pub mod scratch {
+    use std::sync::Mutex;
+
+    static POOL: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+    /// `n` keys with unspecified contents (callers overwrite every key).
+    pub struct Keys {
+        buf: Vec<u32>,
+        n: usize,
+    }
+
+    pub fn take(n: usize) -> Keys {
+        let buf = std::mem::take(&mut *POOL.lock().unwrap_or_else(|e| e.into_inner()));
+        let buf = if buf.len() >= n { buf } else { vec![0; n] };
+        Keys { buf, n }
+    }
+
+    impl std::ops::Deref for Keys {
+        type Target = [u32];
+        fn deref(&self) -> &[u32] {
+            &self.buf[..self.n]
+        }
+    }
+
+    impl std::ops::DerefMut for Keys {
+        fn deref_mut(&mut self) -> &mut [u32] {
+            &mut self.buf[..self.n]
+        }
+    }
+
+    impl Drop for Keys {
+        fn drop(&mut self) {
+            let mut kept = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if self.buf.len() > kept.len() {
+                *kept = std::mem::take(&mut self.buf);
+            }
+        }
+    }
+
+    /// Frees the pooled buffer.
+    pub fn release() {
+        *POOL.lock().unwrap_or_else(|e| e.into_inner()) = Vec::new();
+    }
+}
+
 /// Every key of a tensor (index order, from the chunks of `slots`) and their high-bit
 /// histogram, in one parallel pass. Memory: one `u32` per element.
-pub fn keys_and_hist(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn) -> Result<(Vec<u32>, HighHist)> {
-    let mut keys = vec![0u32; io.numel()];
+pub fn keys_and_hist(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn) -> Result<(scratch::Keys, HighHist)> {
+    let mut keys = scratch::take(io.numel());
     let hist = keys
         .par_chunks_mut(CHUNK)
         .enumerate()
@@ -126,38 +215,57 @@ impl Window {
     pub fn find(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Window> {
         let numel = io.numel();
         assert!(lo < hi && hi <= numel, "window [{lo}, {hi}) of {numel}");
-        let (keys, hist) = keys_and_hist(io, slots, key_fn)?;
+        let (keys, hist) = phase::time(phase::KEYS, || keys_and_hist(io, slots, key_fn))?;
         Ok(Window::from_keys(&keys, &hist, lo, hi))
     }
 
     /// The window `[lo, hi)` of `keys` (all of a tensor's keys in index order, `hist` their
-    /// high-bit histogram): radix-selects the boundary keys, then counts per engine chunk.
+    /// high-bit histogram). One pass over the keys collects, per engine chunk, the low 16
+    /// bits of the keys in the two boundary buckets (the high histogram's prefix sums name
+    /// them); those few keys then give the boundary keys exactly (their low histogram) and
+    /// each chunk's count of keys equal to them, without another pass over every key.
     pub fn from_keys(keys: &[u32], hist: &HighHist, lo: usize, hi: usize) -> Window {
-        let ab = select_ranks(keys, hist, &[lo, hi - 1]);
-        let (a, b) = (ab[0], ab[1]);
-        let counts: Vec<[u64; 4]> = keys
-            .par_chunks(CHUNK)
-            .map(|k| {
-                let mut c = [0u64; 4]; // less_a, eq_a, less_b, eq_b
-                for &x in k {
-                    c[0] += u64::from(x < a);
-                    c[1] += u64::from(x == a);
-                    c[2] += u64::from(x < b);
-                    c[3] += u64::from(x == b);
-                }
-                c
-            })
-            .collect();
-        let (mut less_a, mut less_b, mut ea, mut eb) = (0, 0, 0, 0);
-        let (mut eq_a, mut eq_b) = (Vec::with_capacity(counts.len()), Vec::with_capacity(counts.len()));
-        for c in &counts {
-            eq_a.push(ea);
-            eq_b.push(eb);
-            less_a += c[0];
-            ea += c[1];
-            less_b += c[2];
-            eb += c[3];
-        }
+        let (ba, ra) = locate(&hist.0, lo as u64);
+        let (bb, rb) = locate(&hist.0, (hi - 1) as u64);
+        let (ha, hb) = (ba as u32, bb as u32);
+        // Per chunk: low bits of its keys in bucket `ba`, and in `bb` when it differs.
+        let lows: Vec<(Vec<u16>, Vec<u16>)> = phase::time(phase::SELECT, || {
+            keys.par_chunks(CHUNK)
+                .map(|c| {
+                    let (mut la, mut lb) = (Vec::new(), Vec::new());
+                    for &k in c {
+                        let h = k >> 16;
+                        if h == ha {
+                            la.push(k as u16);
+                        } else if h == hb {
+                            lb.push(k as u16);
+                        }
+                    }
+                    (la, lb)
+                })
+                .collect()
+        });
+        let side = |b: bool| -> Vec<&[u16]> { lows.iter().map(|(la, lb)| if b && hb != ha { lb.as_slice() } else { la.as_slice() }).collect() };
+        let (sa, sb) = (side(false), side(true));
+        // Boundary key, keys below it, and per-chunk counts of keys equal to it before each chunk.
+        let exact = |bucket: usize, r: u64, lists: &[&[u16]]| -> (u32, u64, Vec<u64>) {
+            let mut low = vec![0u64; BUCKETS];
+            lists.iter().for_each(|l| l.iter().for_each(|&x| low[x as usize] += 1));
+            let (l, _) = locate(&low, r);
+            let below = hist.0[..bucket].iter().sum::<u64>() + low[..l].iter().sum::<u64>();
+            let mut seen = 0u64;
+            let eq = lists
+                .iter()
+                .map(|c| {
+                    let before = seen;
+                    seen += c.iter().filter(|&&x| x as usize == l).count() as u64;
+                    before
+                })
+                .collect();
+            (((bucket as u32) << 16) | l as u32, below, eq)
+        };
+        let (a, less_a, eq_a) = exact(ba, ra, &sa);
+        let (b, less_b, eq_b) = exact(bb, rb, &sb);
         Window { lo: lo as u64, hi: hi as u64, a, b, less_a, less_b, eq_a, eq_b }
     }
 
@@ -169,6 +277,15 @@ impl Window {
 
     /// Calls `keep(j, kept)` for every key of the chunk `chunk` (keys in index order).
     pub fn decide(packed: &[f64], chunk: usize, keys: &[u32], mut keep: impl FnMut(usize, bool)) {
+        let (na, nb) = tie_counts(packed, keys);
+        match ChunkRule::of(packed, chunk, na, nb) {
+            Some(rule) => keys.iter().enumerate().for_each(|(j, &k)| keep(j, rule.kept(k))),
+            None => Self::decide_by_rank(packed, chunk, keys, keep),
+        }
+    }
+
+    /// The exact rule: keys on a boundary ranked one by one by index.
+    fn decide_by_rank(packed: &[f64], chunk: usize, keys: &[u32], mut keep: impl FnMut(usize, bool)) {
         let g = |i: usize| packed[i] as u64;
         let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize);
         let (mut ca, mut cb) = (g(7 + chunk), g(7 + nc + chunk));
@@ -187,10 +304,63 @@ impl Window {
     }
 }
 
+/// How many keys of a chunk equal the window's boundary keys `a` and `b`.
+fn tie_counts(packed: &[f64], keys: &[u32]) -> (u64, u64) {
+    let (a, b) = (packed[2] as u32, packed[3] as u32);
+    // u32 lanes vectorize; a chunk holds < 2^32 keys.
+    let (na, nb) = keys.iter().fold((0u32, 0u32), |(x, y), &k| (x + u32::from(k == a), y + u32::from(k == b)));
+    (u64::from(na), u64::from(nb))
+}
+
+/// A chunk's decision as a pure function of the key, valid when each boundary tie group
+/// in the chunk is kept or dropped as a whole (every chunk but at most two): then ranking
+/// the ties by index changes nothing, and the test vectorizes.
+#[derive(Debug, Clone, Copy)]
+struct ChunkRule {
+    a: u32,
+    b: u32,
+    keep_a: bool,
+    keep_b: bool,
+}
+
+impl ChunkRule {
+    /// `na`, `nb`: the chunk's counts of keys equal to `a` and `b`.
+    fn of(packed: &[f64], chunk: usize, na: u64, nb: u64) -> Option<ChunkRule> {
+        let g = |i: usize| packed[i] as u64;
+        let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize);
+        // Ranks of the chunk's ties: [first, first + n), all in or all out of [lo, hi)?
+        let whole = |first: u64, n: u64| -> Option<bool> {
+            if n == 0 || (first >= lo && first + n <= hi) {
+                Some(true)
+            } else if first + n <= lo || first >= hi {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        let keep_a = whole(less_a + g(7 + chunk), na)?;
+        // `a == b`: the ties rank by `a`'s counters (as `decide_by_rank` does).
+        let keep_b = if a == b { keep_a } else { whole(less_b + g(7 + nc + chunk), nb)? };
+        Some(ChunkRule { a, b, keep_a, keep_b })
+    }
+
+    #[inline]
+    fn kept(&self, k: u32) -> bool {
+        ((k > self.a) & (k < self.b)) | ((k == self.a) & self.keep_a) | ((k == self.b) & self.keep_b)
+    }
+}
+
 /// Zeroes the dropped entries of `delta` (one chunk) by the window packed in `packed`.
-pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], key: fn(f32) -> u32) {
-    let keys: Vec<u32> = delta.iter().map(|&d| key(d)).collect();
-    Window::decide(packed, chunk, &keys, |j, kept| delta[j] = if kept { delta[j] } else { 0.0 });
+pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], key: impl Fn(f32) -> u32 + Copy) {
+    let (a, b) = (packed[2] as u32, packed[3] as u32);
+    let (na, nb) = delta.iter().fold((0u32, 0u32), |(x, y), &d| (x + u32::from(key(d) == a), y + u32::from(key(d) == b)));
+    match ChunkRule::of(packed, chunk, u64::from(na), u64::from(nb)) {
+        Some(rule) => delta.iter_mut().for_each(|d| *d = if rule.kept(key(*d)) { *d } else { 0.0 }),
+        None => {
+            let keys: Vec<u32> = delta.iter().map(|&d| key(d)).collect();
+            Window::decide_by_rank(packed, chunk, &keys, |j, kept| delta[j] = if kept { delta[j] } else { 0.0 });
+        }
+    }
 }
 
 /// Which norm mergekit's rescale matches (its `RescaleNorm`), or the paper's `1/density`.
@@ -305,6 +475,27 @@ pub(crate) mod tests {
                 let got = kept_by_window(&vals, lo, hi, desc);
                 assert_eq!(got, reference(&vals, lo, hi, desc), "lo {lo} hi {hi} desc {desc}");
                 assert_eq!(got.iter().filter(|&&k| k).count(), hi - lo);
+            }
+        }
+    }
+
+    #[test]
+    fn mask_by_window_keeps_what_the_window_keeps() {
+        // Tie groups on both boundaries straddling chunks: whole-chunk rules and ranked chunks.
+        let n = 4 * CHUNK + 77;
+        let vals: Vec<f32> = (0..n).map(|i| ((crate::rng::mix64(i as u64 + 9) % 5) as f32 - 2.0) * 0.25).collect();
+        for &(lo, hi) in &[(0, n / 5), (n / 5, n - n / 5), (1, n)] {
+            let kf = |v: &[&[f32]], out: &mut [u32]| v[0].iter().zip(out).for_each(|(&x, o)| *o = mag_key(x));
+            let w = Window::find(&crate::kernel::Slices::new(None, &[&vals]), &[0], lo, hi, &kf).unwrap();
+            let mut packed = vec![];
+            w.pack(&mut packed);
+            let want = reference(&vals, lo, hi, false);
+            for (c, ch) in vals.chunks(CHUNK).enumerate() {
+                let mut d = ch.to_vec();
+                mask_by_window(&packed, c, &mut d, mag_key);
+                for (j, (&got, &x)) in d.iter().zip(ch).enumerate() {
+                    assert_eq!(got.to_bits(), if want[c * CHUNK + j] { x } else { 0.0 }.to_bits(), "lo {lo} hi {hi} at {}", c * CHUNK + j);
+                }
             }
         }
     }
