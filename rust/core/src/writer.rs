@@ -190,9 +190,6 @@ impl ShardedWriter {
         for (si, mut group) in groups.into_iter().enumerate() {
             // Wider dtypes first keeps every tensor naturally aligned (as safetensors does).
             group.sort_by_key(|&i| std::cmp::Reverse(specs[i].align()));
-            // The header as text, keys sorted (as a JSON map would write them), written
-            // straight into one buffer: a JSON tree, or a map of per-tensor entry strings,
-            // costs hundreds of bytes per tensor on 100k-tensor models.
             let mut rel = Vec::with_capacity(group.len());
             let mut off = 0usize;
             for &i in &group {
@@ -200,51 +197,77 @@ impl ShardedWriter {
                 rel.push((i, off, len));
                 off += len;
             }
-            let mut order: Vec<usize> = (0..rel.len()).collect();
-            order.sort_unstable_by(|&x, &y| specs[rel[x].0].name.cmp(&specs[rel[y].0].name));
+            drop(group);
+            let mut order: Vec<u32> = (0..rel.len() as u32).collect();
+            order.sort_unstable_by(|&x, &y| specs[rel[x as usize].0].name.cmp(&specs[rel[y as usize].0].name));
             let meta = serde_json::to_string(metadata).unwrap();
-            let mut hbytes = Vec::with_capacity(meta.len() + 20 + rel.iter().map(|&(i, ..)| specs[i].name.len() + 64).sum::<usize>());
-            hbytes.push(b'{');
-            let mut meta_done = false;
-            for &k in &order {
-                let (i, o, len) = rel[k];
-                let s = &specs[i];
-                if !meta_done && "__metadata__" < &*s.name {
-                    hbytes.extend_from_slice(br#""__metadata__":"#);
-                    hbytes.extend_from_slice(meta.as_bytes());
-                    hbytes.push(b',');
-                    meta_done = true;
+            // The header as text, keys sorted (as a JSON map would write them), made twice by
+            // `emit`: once to learn its length, then written out in pieces. A JSON tree, a map
+            // of per-tensor entries, or even the whole text in memory costs 100+ bytes per
+            // tensor on 200k-tensor models.
+            let emit = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<()> {
+                sink(b"{")?;
+                let mut meta_done = false;
+                let mut entry = Vec::new();
+                for (k, &x) in order.iter().enumerate() {
+                    let (i, o, len) = rel[x as usize];
+                    let s = &specs[i];
+                    entry.clear();
+                    if !meta_done && "__metadata__" < &*s.name {
+                        entry.extend_from_slice(br#""__metadata__":"#);
+                        entry.extend_from_slice(meta.as_bytes());
+                        entry.push(b',');
+                        meta_done = true;
+                    }
+                    serde_json::to_writer(&mut entry, &*s.name).unwrap();
+                    let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+                    entry.extend_from_slice(format!(r#":{{"dtype":"{}","shape":[{shape}],"data_offsets":[{o},{}]}}"#, s.dtype_name(), o + len).as_bytes());
+                    if !(meta_done && k + 1 == order.len()) {
+                        entry.push(b',');
+                    }
+                    sink(&entry)?;
                 }
-                hbytes.extend_from_slice(serde_json::to_string(&*s.name).unwrap().as_bytes());
-                let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-                hbytes.extend_from_slice(
-                    format!(r#":{{"dtype":"{}","shape":[{shape}],"data_offsets":[{o},{}]}},"#, s.dtype_name(), o + len).as_bytes(),
-                );
-            }
-            if meta_done {
-                hbytes.pop(); // the last entry's comma
-            } else {
-                hbytes.extend_from_slice(br#""__metadata__":"#);
-                hbytes.extend_from_slice(meta.as_bytes());
-            }
-            hbytes.push(b'}');
-            drop(order);
-            // Pad with spaces so the data section starts 8-aligned.
-            while !hbytes.len().is_multiple_of(8) {
-                hbytes.push(b' ');
-            }
-            let data_start = 8 + hbytes.len() as u64;
+                if !meta_done {
+                    sink(br#""__metadata__":"#)?;
+                    sink(meta.as_bytes())?;
+                }
+                sink(b"}")
+            };
+            let mut hlen = 0usize;
+            emit(&mut |b| {
+                hlen += b.len();
+                Ok(())
+            })?;
+            // Padded with spaces so the data section starts 8-aligned.
+            let padded = hlen.next_multiple_of(8);
+            let data_start = 8 + padded as u64;
             let path = dir.join(file_name(si, n));
             let mine = only.is_none_or(|o| o.contains(&si));
             let f = if mine {
                 let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
                 f.set_len(data_start + off as u64).map_err(|e| Error::io(&path, e))?;
-                f.write_all_at(&(hbytes.len() as u64).to_le_bytes(), 0).map_err(|e| Error::io(&path, e))?;
-                f.write_all_at(&hbytes, 8).map_err(|e| Error::io(&path, e))?;
+                f.write_all_at(&(padded as u64).to_le_bytes(), 0).map_err(|e| Error::io(&path, e))?;
+                let (mut buf, mut pos) = (Vec::with_capacity(1 << 16), 8u64);
+                let mut flush = |buf: &mut Vec<u8>| -> Result<()> {
+                    f.write_all_at(buf, pos).map_err(|e| Error::io(&path, e))?;
+                    pos += buf.len() as u64;
+                    buf.clear();
+                    Ok(())
+                };
+                emit(&mut |b| {
+                    buf.extend_from_slice(b);
+                    if buf.len() >= 1 << 16 {
+                        flush(&mut buf)?;
+                    }
+                    Ok(())
+                })?;
+                buf.resize(buf.len() + padded - hlen, b' ');
+                flush(&mut buf)?;
                 Some(f)
             } else {
                 None
             };
+            drop(order);
             for (i, o, len) in rel {
                 slots[i] = Slot { shard: si as u32, offset: data_start + o as u64, len, written: AtomicUsize::new(0) };
             }
