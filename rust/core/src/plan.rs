@@ -550,7 +550,10 @@ pub fn resolve_job<'a>(plan: &'a PlanSpec, t: &'a TensorSpec, ckpts: &'a [Checkp
     let main = inputs.len() - method.aux_inputs().min(inputs.len());
     for r in base.iter().chain(&inputs[..main]) {
         if r.shape() != shape {
-            return Err(Error::mismatch(name, format!("shape {:?} of {} differs from shape {:?} of {}", r.shape(), r.describe(), shape, first.describe())));
+            return Err(Error::mismatch(
+                name,
+                format!("shape {:?} of {} differs from shape {:?} of {}", r.shape(), r.describe(), shape, first.describe()),
+            ));
         }
     }
     let aux: Vec<&[usize]> = inputs[main..].iter().map(|r| r.shape()).collect();

@@ -190,16 +190,15 @@ impl ShardedWriter {
         for (si, mut group) in groups.into_iter().enumerate() {
             // Wider dtypes first keeps every tensor naturally aligned (as safetensors does).
             group.sort_by_key(|&i| std::cmp::Reverse(specs[i].align()));
-            let mut rel = Vec::with_capacity(group.len());
+            // Offsets relative to the data section until the header's length is known.
             let mut off = 0usize;
             for &i in &group {
                 let len = specs[i].nbytes();
-                rel.push((i, off, len));
+                slots[i] = Slot { shard: si as u32, offset: off as u64, len, written: AtomicUsize::new(0) };
                 off += len;
             }
-            drop(group);
-            let mut order: Vec<u32> = (0..rel.len() as u32).collect();
-            order.sort_unstable_by(|&x, &y| specs[rel[x as usize].0].name.cmp(&specs[rel[y as usize].0].name));
+            let mut order = group;
+            order.sort_unstable_by(|&x, &y| specs[x].name.cmp(&specs[y].name));
             let meta = serde_json::to_string(metadata).unwrap();
             // The header as text, keys sorted (as a JSON map would write them), made twice by
             // `emit`: once to learn its length, then written out in pieces. A JSON tree, a map
@@ -209,9 +208,8 @@ impl ShardedWriter {
                 sink(b"{")?;
                 let mut meta_done = false;
                 let mut entry = Vec::new();
-                for (k, &x) in order.iter().enumerate() {
-                    let (i, o, len) = rel[x as usize];
-                    let s = &specs[i];
+                for (k, &i) in order.iter().enumerate() {
+                    let (o, len, s) = (slots[i].offset as usize, slots[i].len, &specs[i]);
                     entry.clear();
                     if !meta_done && "__metadata__" < &*s.name {
                         entry.extend_from_slice(br#""__metadata__":"#);
@@ -221,7 +219,9 @@ impl ShardedWriter {
                     }
                     serde_json::to_writer(&mut entry, &*s.name).unwrap();
                     let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-                    entry.extend_from_slice(format!(r#":{{"dtype":"{}","shape":[{shape}],"data_offsets":[{o},{}]}}"#, s.dtype_name(), o + len).as_bytes());
+                    entry.extend_from_slice(
+                        format!(r#":{{"dtype":"{}","shape":[{shape}],"data_offsets":[{o},{}]}}"#, s.dtype_name(), o + len).as_bytes(),
+                    );
                     if !(meta_done && k + 1 == order.len()) {
                         entry.push(b',');
                     }
@@ -267,9 +267,8 @@ impl ShardedWriter {
             } else {
                 None
             };
-            drop(order);
-            for (i, o, len) in rel {
-                slots[i] = Slot { shard: si as u32, offset: data_start + o as u64, len, written: AtomicUsize::new(0) };
+            for &i in &order {
+                slots[i].offset += data_start;
             }
             files.push((path, f));
         }
