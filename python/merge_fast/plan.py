@@ -12,7 +12,9 @@ plan → _folders (executor) → _output/hub/_errors/_core.
 """
 from __future__ import annotations
 
+import array
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -226,32 +228,39 @@ def same_tensor_plan(
 
 def _common_names(paths: List[str]) -> List[str]:
     """The reference's tensor names, after checking every input has the same set. The
-    checkpoints are closed on return (the engine opens its own)."""
-    ckpts = [open_checkpoint(p) for p in paths]
-    ref_names = ckpts[0].names()
-    ref_set = set(ref_names)
-    for p, c in zip(paths[1:], ckpts[1:]):
-        names = set(c.names())
+    checkpoints are opened one at a time and closed on return (the engine opens its own):
+    on 200k-tensor models each open one holds tens of MB."""
+    ref_names = open_checkpoint(paths[0]).names()
+    for p in paths[1:]:
+        c = open_checkpoint(p)
+        if len(c) == len(ref_names) and all(n in c for n in ref_names):
+            continue  # same set (names in a checkpoint are unique): no sets of names to build
+        ref_set, names = set(ref_names), set(c.names())
         require_tensors(sorted(ref_set - names), names, p, ref=paths[0], extra=sorted(names - ref_set))
     return ref_names
 
 
 class _SameNamePlans(Sequence[TensorPlan]):
     """The plans of a same-name merge, made on demand from the tensor names: holding a
-    TensorPlan (and its source dicts) per tensor costs ~1 KB each on 100k-tensor models."""
+    TensorPlan (and its source dicts) per tensor costs ~1 KB each on 100k-tensor models.
+    The names are held as one string and end offsets (~40 B per name less than a list of
+    str objects), since they live through the whole merge."""
 
     def __init__(self, names: List[str], method: str, params_for: Callable[[str], Dict[str, Any]],
                  n_paths: int, has_base: bool, dtype: Optional[str]):
-        self.names, self.method, self.params_for = names, method, params_for
+        self._blob = "".join(names)
+        self._ends = array.array("Q", itertools.accumulate(len(n) for n in names))
+        self.method, self.params_for = method, params_for
         self.n_paths, self.has_base, self.dtype = n_paths, has_base, dtype
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self._ends)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        name = self.names[i]
+        i = range(len(self))[i]  # negative indices; IndexError past the end
+        name = self._blob[self._ends[i - 1] if i else 0:self._ends[i]]
         src: List[Source] = [tensor(k) for k in range(self.n_paths)]  # same name: implied
         first = 1 if self.has_base else 0
         return TensorPlan(name=name, method=self.method, params=self.params_for(name),
@@ -302,13 +311,28 @@ def plan_text(paths: Sequence[str], plans: Iterable[TensorPlan], *, seed: int, m
         "metadata": {"merge_fast": json.dumps(plain(recipe), sort_keys=True)},
     }
     # The tensor list is serialized one tensor at a time (no list of per-tensor dicts), and
-    # parameter sets are shared by reference: both matter on 100k-tensor models.
+    # parameter sets are shared by reference: both matter on 100k-tensor models. What the
+    # first tensor has (method, parameter set, sources) becomes the plan's default, written
+    # once: a same-name merge then lists little more than names.
     param_ids: Dict[str, int] = {}
+    defaults: Dict[str, Any] = {}
 
     def tensor_json(t: TensorPlan) -> str:
         d = t.to_json()
         p = plan_json(d.pop("params"))
         d["params_id"] = param_ids.setdefault(p, len(param_ids))
+        src = {"base": d.pop("base", None), "inputs": d.pop("inputs")}
+        if not defaults:
+            defaults.update(method=d["method"], params_id=d["params_id"], sources=plan_json(src), src=src)
+        if d["method"] == defaults["method"]:
+            del d["method"]
+        if d["params_id"] == defaults["params_id"]:
+            del d["params_id"]
+        if plan_json(src) != defaults["sources"]:
+            # "inputs" always (even empty): only a tensor without it takes the default sources
+            d["inputs"] = src["inputs"]
+            if src["base"] is not None:
+                d["base"] = src["base"]
         return plan_json(d)
 
     # Appended to one buffer: a list of per-tensor strings (what `join` builds) would cost
@@ -317,6 +341,12 @@ def plan_text(paths: Sequence[str], plans: Iterable[TensorPlan], *, seed: int, m
     for i, t in enumerate(plans):
         buf += (tensor_json(t) if i == 0 else "," + tensor_json(t)).encode()
     sets = ",".join(param_ids)  # insertion order = id order
+    if defaults:
+        src = defaults["src"]
+        plan.update(default_method=defaults["method"], default_params_id=defaults["params_id"],
+                    default_inputs=src["inputs"])
+        if src["base"] is not None:
+            plan["default_base"] = src["base"]
     return plan_json(plan)[:-1] + f',"param_sets":[{sets}],"tensors":[{buf.decode()}]}}'
 
 

@@ -31,7 +31,7 @@ impl Checkpoint {
 
     /// `[(name, dtype, shape)]` in file order; dtype is the safetensors name ("BF16").
     fn tensors(&self) -> Vec<(String, String, Vec<usize>)> {
-        self.inner.infos().iter().map(|i| (i.name.clone(), format!("{:?}", i.raw_dtype), i.shape.clone())).collect()
+        self.inner.infos().iter().map(|i| (i.name.to_string(), format!("{:?}", i.raw_dtype), i.shape.to_vec())).collect()
     }
 
     fn __len__(&self) -> usize {

@@ -45,7 +45,9 @@ fn execute_plan<'py>(
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
 ) -> Res<Bound<'py, PyDict>> {
-    let plan: PlanSpec = parse_json("plan", plan_json)?;
+    let mut plan: PlanSpec = parse_json("plan", plan_json)?;
+    // grown by doubling while parsed: up to twice the space, held for the whole merge
+    plan.tensors.shrink_to_fit();
     let result = crate::errors::work(py, || {
         let ckpts = plan.inputs.iter().map(Checkpoint::open).collect::<Result<Vec<_>, _>>()?;
         let pool = kernel::pool(threads)?;
@@ -79,14 +81,15 @@ fn execute_plan<'py>(
 /// writing: `{"shards": [(file, [tensor names], data bytes)], "index": text or None}`.
 #[pyfunction]
 fn plan_layout<'py>(py: Python<'py>, plan_json: &str) -> Res<Bound<'py, PyDict>> {
-    let plan: PlanSpec = parse_json("plan", plan_json)?;
+    let mut plan: PlanSpec = parse_json("plan", plan_json)?;
+    plan.tensors.shrink_to_fit();
     let (specs, shards, index) = py.detach(|| {
         let ckpts = plan.inputs.iter().map(Checkpoint::open).collect::<Result<Vec<_>, _>>()?;
         engine::layout(&plan, &ckpts)
     })?;
     let d = PyDict::new(py);
     let rows: Vec<(String, Vec<String>, u64)> =
-        shards.into_iter().map(|s| (s.file, s.tensors.iter().map(|&t| specs[t].name.clone()).collect(), s.data_bytes)).collect();
+        shards.into_iter().map(|s| (s.file, s.tensors.iter().map(|&t| specs[t].name.to_string()).collect(), s.data_bytes)).collect();
     d.set_item("shards", rows)?;
     d.set_item("index", index)?;
     Ok(d)

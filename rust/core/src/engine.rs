@@ -6,11 +6,12 @@ use crate::dtype::encode_f32;
 use crate::error::{Error, Result};
 pub use crate::kernel::{first_non_finite, merge_arrays, pool, Slices, CHUNK};
 use crate::kernel::{merge_tensor, Ctx, TensorIo};
-use crate::plan::{resolve, Job, PlanSpec};
+use crate::plan::{resolve_each, resolve_job, Job, Methods, PlanSpec};
 use crate::reader::Checkpoint;
 use crate::writer::{self, OutSpec, ShardInfo, ShardedWriter};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Progress {
@@ -37,33 +38,60 @@ pub const INPUT_DTYPES_KEY: &str = "merge_fast_input_dtypes";
 /// A note (and metadata entry) when some tensor merges inputs of different float dtypes
 /// (e.g. a BF16 model with an F32 one): accepted, computed in f32, written in one dtype.
 /// Data-aware merges are skipped: their statistics (Fisher, Gram) are F32 by design.
-fn mixed_dtypes(plan: &PlanSpec, jobs: &[Job]) -> Option<(String, String)> {
-    use std::collections::{BTreeMap, BTreeSet};
-    let mut per_input: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
-    let (mut mixed, mut example) = (0usize, None);
-    let skip = crate::methods::data_aware::NAMES;
-    for (_, j) in plan.tensors.iter().zip(jobs).filter(|(t, j)| j.raw.is_none() && !skip.contains(&t.method.as_str())) {
+/// Fed one job at a time (`add`), so no job outlives the check.
+#[derive(Default)]
+struct MixedDtypes {
+    per_input: std::collections::BTreeMap<String, std::collections::BTreeSet<&'static str>>,
+    mixed: usize,
+    example: Option<(String, crate::dtype::Dtype)>,
+}
+
+impl MixedDtypes {
+    fn add(&mut self, method: &str, j: &Job) {
+        if j.raw.is_some() || crate::methods::data_aware::NAMES.contains(&method) {
+            return;
+        }
         let first = j.sources().next().map(|s| s.dtype());
         if j.sources().any(|s| Some(s.dtype()) != first) {
-            mixed += 1;
-            example.get_or_insert((j.name, j.dtype));
+            self.mixed += 1;
+            self.example.get_or_insert_with(|| (j.name.to_owned(), j.dtype));
         }
         for s in j.sources() {
-            per_input.entry(s.root().display().to_string()).or_default().insert(s.dtype().as_str());
+            self.per_input.entry(s.root().display().to_string()).or_default().insert(s.dtype().as_str());
         }
     }
-    let (name, out) = example?;
-    let list = per_input.iter().map(|(k, v)| format!("{k}: {}", v.iter().copied().collect::<Vec<_>>().join("/"))).collect::<Vec<_>>();
-    let note =
-        format!("inputs of different dtypes ({}) in {mixed} tensor(s), e.g. '{name}': merged in float32 and written as {out}", list.join("; "));
-    // The metadata names each input by its folder's name, not its absolute path, so that the
-    // same inputs give the same bytes wherever they sit (hub cache, temporary stage folders).
-    let mut by_name: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
-    for (k, v) in per_input {
-        let name = Path::new(&k).file_name().map_or(k.clone(), |n| n.to_string_lossy().into_owned());
-        by_name.entry(name).or_default().extend(v);
+
+    fn finish(self) -> Option<(String, String)> {
+        use std::collections::{BTreeMap, BTreeSet};
+        let (name, out) = self.example?;
+        let list = self.per_input.iter().map(|(k, v)| format!("{k}: {}", v.iter().copied().collect::<Vec<_>>().join("/"))).collect::<Vec<_>>();
+        let note = format!(
+            "inputs of different dtypes ({}) in {} tensor(s), e.g. '{name}': merged in float32 and written as {out}",
+            list.join("; "),
+            self.mixed
+        );
+        // The metadata names each input by its folder's name, not its absolute path, so that the
+        // same inputs give the same bytes wherever they sit (hub cache, temporary stage folders).
+        let mut by_name: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
+        for (k, v) in self.per_input {
+            let name = Path::new(&k).file_name().map_or(k.clone(), |n| n.to_string_lossy().into_owned());
+            by_name.entry(name).or_default().extend(v);
+        }
+        Some((note, serde_json::to_string(&by_name).expect("strings serialize")))
     }
-    Some((note, serde_json::to_string(&by_name).expect("strings serialize")))
+}
+
+/// Checks every tensor of the plan (`resolve`) and returns the output specs, without keeping
+/// the jobs: `run` binds each again when it runs it.
+fn check_plan<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint], methods: &mut Methods<'a>) -> Result<(Vec<OutSpec>, MixedDtypes)> {
+    let mut specs = Vec::with_capacity(plan.tensors.len());
+    let mut mixed = MixedDtypes::default();
+    resolve_each(plan, ckpts, methods, |t, j| {
+        mixed.add(plan.method_of(t).unwrap_or_default(), &j);
+        specs.push(OutSpec { raw: j.raw, ..OutSpec::new(Arc::clone(&t.name), j.dtype, j.shape) });
+        Ok(())
+    })?;
+    Ok((specs, mixed))
 }
 
 /// Copies a non-float tensor from its first source after checking that every source holds
@@ -152,12 +180,12 @@ pub fn run(
     pool: &rayon::ThreadPool,
     progress: &mut dyn FnMut(&Progress) -> Result<()>,
 ) -> Result<Summary> {
-    let jobs = resolve(plan, ckpts)?;
-    let specs = out_specs(&jobs);
+    let mut methods = Methods::new();
+    let (specs, mixed) = check_plan(plan, ckpts, &mut methods)?;
     let mut metadata = plan.metadata.clone();
     metadata.insert("format".into(), "pt".into());
     let mut notes = Vec::new();
-    if let Some((note, per_input)) = mixed_dtypes(plan, &jobs) {
+    if let Some((note, per_input)) = mixed.finish() {
         metadata.insert(INPUT_DTYPES_KEY.into(), per_input);
         notes.push(note);
     }
@@ -165,12 +193,13 @@ pub fn run(
         None => ShardedWriter::create(out_dir, specs, plan.max_shard_size, &metadata)?,
         Some(only) => ShardedWriter::create_subset(out_dir, specs, plan.max_shard_size, &metadata, only)?,
     };
-    let mine: Vec<usize> = (0..jobs.len()).filter(|&i| writer.owns(i)).collect();
+    let mine: Vec<usize> = (0..plan.tensors.len()).filter(|&i| writer.owns(i)).collect();
     let mut p =
         Progress { tensors_total: mine.len(), bytes_total: mine.iter().map(|&i| writer.specs()[i].nbytes() as u64).sum(), ..Progress::default() };
     let mut bytes_read = 0u64;
     for idx in mine {
-        let job = &jobs[idx];
+        // checked above: binding it again cannot fail, and holds one job at a time
+        let job = &resolve_job(plan, &plan.tensors[idx], ckpts, &mut methods)?;
         if job.raw.is_some() {
             copy_raw(job, &writer, idx)?;
             for s in job.sources() {
@@ -206,14 +235,10 @@ pub fn run(
     Ok(Summary { tensors_written: p.tensors_total, bytes_read, bytes_written: w.bytes_written, files: w.files, notes })
 }
 
-fn out_specs(jobs: &[Job]) -> Vec<OutSpec> {
-    jobs.iter().map(|j| OutSpec { raw: j.raw, ..OutSpec::new(j.name.to_owned(), j.dtype, j.shape.to_vec()) }).collect()
-}
-
 /// The output layout of a plan (every check of `run` before any write, nothing written):
 /// the specs, the shards, and the index text (`None` for a single file).
 pub fn layout(plan: &PlanSpec, ckpts: &[Checkpoint]) -> Result<(Vec<OutSpec>, Vec<ShardInfo>, Option<String>)> {
-    let specs = out_specs(&resolve(plan, ckpts)?);
+    let (specs, _) = check_plan(plan, ckpts, &mut Methods::new())?;
     let shards = writer::layout(&specs, plan.max_shard_size);
     let index = (shards.len() > 1).then(|| writer::index_json(&specs, &shards));
     Ok((specs, shards, index))

@@ -37,29 +37,76 @@ pub struct PlanSpec {
     /// tensor costs hundreds of bytes, and most merges have a handful of distinct sets.
     #[serde(default)]
     pub param_sets: Vec<Map<String, Value>>,
+    /// Defaults for the tensors (most plans merge every tensor the same way): one method
+    /// string, parameter set and source list per plan instead of one per tensor.
+    /// The method of every tensor that names none.
+    #[serde(default)]
+    pub default_method: Option<String>,
+    /// The parameter set of every tensor that gives neither `params` nor `params_id`.
+    #[serde(default)]
+    pub default_params_id: Option<u32>,
+    /// The sources of every tensor that gives neither `base` nor `inputs`.
+    #[serde(default)]
+    pub default_base: Option<Source>,
+    #[serde(default)]
+    pub default_inputs: Vec<Source>,
 }
 
 fn default_shard() -> u64 {
     DEFAULT_MAX_SHARD_SIZE
 }
 
+/// One output tensor. A plan holds one per tensor for the whole merge, so it is kept lean
+/// (no `String`/`Vec` headroom, the name shared with the output layout, the method and
+/// parameters usually given once for the whole plan): see `plan_structs_stay_small`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TensorSpec {
-    pub name: String,
-    pub method: String,
+    #[serde(deserialize_with = "shared_str")]
+    pub name: Arc<str>,
+    /// Default: the plan's `default_method`.
     #[serde(default)]
-    pub params: Map<String, Value>,
+    pub method: Option<Box<str>>,
+    /// Inline parameters (absent: the set `params_id` names, else the plan's
+    /// `default_params_id`, else none).
+    #[serde(default)]
+    pub params: Option<Box<Map<String, Value>>>,
     /// Index into `PlanSpec::param_sets`, instead of `params`.
     #[serde(default)]
-    pub params_id: Option<usize>,
+    pub params_id: Option<u32>,
+    /// `base` and `inputs` both absent: the plan's `default_base` and `default_inputs`
+    /// (an empty `inputs` list is no inputs, not the default).
     #[serde(default)]
     pub base: Option<Source>,
     #[serde(default)]
-    pub inputs: Vec<Source>,
+    pub inputs: Option<Box<[Source]>>,
     /// Output dtype; default: the base's (or first input's) dtype.
     #[serde(default)]
-    pub dtype: Option<String>,
+    pub dtype: Option<Box<str>>,
+}
+
+fn shared_str<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Arc<str>, D::Error> {
+    String::deserialize(d).map(Arc::from)
+}
+
+impl PlanSpec {
+    /// The tensor's method: its own, else the plan's.
+    pub fn method_of<'a>(&'a self, t: &'a TensorSpec) -> Option<&'a str> {
+        t.method.as_deref().or(self.default_method.as_deref())
+    }
+
+    /// The tensor's parameter set (index into `param_sets`), if it uses one.
+    pub fn params_id_of(&self, t: &TensorSpec) -> Option<u32> {
+        t.params_id.or(self.default_params_id.filter(|_| t.params.is_none()))
+    }
+
+    /// The tensor's base and inputs: its own, else the plan's.
+    pub fn sources_of<'a>(&'a self, t: &'a TensorSpec) -> (Option<&'a Source>, &'a [Source]) {
+        match (&t.base, &t.inputs) {
+            (None, None) => (self.default_base.as_ref(), &self.default_inputs),
+            (base, inputs) => (base.as_ref(), inputs.as_deref().unwrap_or_default()),
+        }
+    }
 }
 
 /// Where one input tensor of a merge comes from.
@@ -417,88 +464,116 @@ impl Job<'_> {
     }
 }
 
+/// Method instances by (method, parameter set, inputs, base): a method depends only on
+/// these, so tensors sharing them share one instance.
+pub type Methods<'a> = HashMap<(&'a str, usize, usize, bool), Arc<dyn Method>>;
+
 /// Checks the whole plan against the checkpoints: every source exists, shapes agree,
 /// dtypes are readable and writable, methods and parameters are valid. No data is read.
 pub fn resolve<'a>(plan: &'a PlanSpec, ckpts: &'a [Checkpoint]) -> Result<Vec<Job<'a>>> {
-    let mut seen = HashSet::new();
     let mut jobs = Vec::with_capacity(plan.tensors.len());
-    // Methods depend only on these, not on the tensor: one per combination, not per tensor.
-    let mut methods: HashMap<(&str, usize, usize, bool), Arc<dyn Method>> = HashMap::new();
+    resolve_each(plan, ckpts, &mut Methods::new(), |_, j| {
+        jobs.push(j);
+        Ok(())
+    })?;
+    Ok(jobs)
+}
+
+/// `resolve`, handing each job to `f` in plan order instead of keeping them all: a job per
+/// tensor costs ~200 B, and the engine re-binds each one (`resolve_job`) when it runs it.
+pub fn resolve_each<'a>(
+    plan: &'a PlanSpec,
+    ckpts: &'a [Checkpoint],
+    methods: &mut Methods<'a>,
+    mut f: impl FnMut(&'a TensorSpec, Job<'a>) -> Result<()>,
+) -> Result<()> {
+    let mut seen = HashSet::new();
     for t in &plan.tensors {
-        if !seen.insert(t.name.as_str()) {
+        if !seen.insert(&*t.name) {
             return Err(Error::config(format!("output tensor '{}' is planned twice", t.name)));
         }
-        let raw = raw_dtype(t, ckpts)?;
-        let bind = |s: &'a Source| match (raw, s) {
-            (Some(_), Source::Tensor { input, tensor }) => {
-                find(*input as usize, tensor.as_deref().unwrap_or(&t.name), ckpts, &t.name).map(|(ckpt, info)| Reader::Tensor { ckpt, info })
-            }
-            _ => Reader::bind(s, ckpts, &t.name),
-        };
-        let base = t.base.as_ref().map(bind).transpose()?;
-        let inputs = t.inputs.iter().map(bind).collect::<Result<Vec<_>>>()?;
-        let first = base.as_ref().or(inputs.first()).ok_or_else(|| Error::config(format!("output '{}' has no inputs", t.name)))?;
-        let shape = first.shape();
-        let dtype = match &t.dtype {
-            _ if raw.is_some() => Dtype::F32, // unused: raw tensors keep their dtype
-            Some(d) => Dtype::parse(d)
-                .filter(|d| d.writable())
-                .ok_or_else(|| Error::config(format!("output '{}': cannot write dtype '{d}' (float32, float16 or bfloat16)", t.name)))?,
-            None if first.dtype().writable() => first.dtype(),
-            None => Dtype::F32,
-        };
-        let params = match t.params_id {
-            None => &t.params,
-            Some(k) => plan.param_sets.get(k).filter(|_| t.params.is_empty()).ok_or_else(|| {
-                Error::config(format!("output '{}': params_id {k} with {} parameter sets (and no inline params)", t.name, plan.param_sets.len()))
-            })?,
-        };
-        let key = t.params_id.filter(|_| t.params.is_empty()).map(|k| (t.method.as_str(), k, inputs.len(), base.is_some()));
-        let method = match key.and_then(|k| methods.get(&k)) {
-            Some(m) => Arc::clone(m),
-            None => {
-                let m: Arc<dyn Method> = methods::build(&t.method, params, inputs.len(), base.is_some())
-                    .map_err(|e| match e {
-                        Error::Config(m) => Error::config(format!("output '{}': {m}", t.name)),
-                        e => e,
-                    })?
-                    .into();
-                if let Some(k) = key {
-                    methods.insert(k, Arc::clone(&m));
-                }
-                m
-            }
-        };
-        // A method's auxiliary inputs (Gram matrices) have shapes of their own, checked by it.
-        let main = inputs.len() - method.aux_inputs().min(inputs.len());
-        for r in base.iter().chain(&inputs[..main]) {
-            if r.shape() != shape {
-                return Err(Error::mismatch(
-                    t.name.as_str(),
-                    format!("shape {:?} of {} differs from shape {:?} of {}", r.shape(), r.describe(), shape, first.describe()),
-                ));
-            }
-        }
-        let aux: Vec<&[usize]> = inputs[main..].iter().map(|r| r.shape()).collect();
-        if let Err((k, why)) = method.check_aux(shape, &aux) {
-            return Err(Error::mismatch(t.name.as_str(), format!("{} (shape {:?}): {why}", inputs[main + k].describe(), aux[k])));
-        }
-        jobs.push(Job { name: &t.name, shape, dtype, raw, method, base, inputs });
+        f(t, resolve_job(plan, t, ckpts, methods)?)?;
     }
-    Ok(jobs)
+    Ok(())
+}
+
+/// Binds and checks one output tensor of `plan` (see `resolve`; duplicates are its check).
+pub fn resolve_job<'a>(plan: &'a PlanSpec, t: &'a TensorSpec, ckpts: &'a [Checkpoint], methods: &mut Methods<'a>) -> Result<Job<'a>> {
+    let name: &'a str = &t.name;
+    let (base, inputs) = plan.sources_of(t);
+    let raw = raw_dtype(name, base, inputs, ckpts)?;
+    let bind = |s: &'a Source| match (raw, s) {
+        (Some(_), Source::Tensor { input, tensor }) => {
+            find(*input as usize, tensor.as_deref().unwrap_or(name), ckpts, name).map(|(ckpt, info)| Reader::Tensor { ckpt, info })
+        }
+        _ => Reader::bind(s, ckpts, name),
+    };
+    let base = base.map(bind).transpose()?;
+    let inputs = inputs.iter().map(bind).collect::<Result<Vec<_>>>()?;
+    let first = base.as_ref().or(inputs.first()).ok_or_else(|| Error::config(format!("output '{name}' has no inputs")))?;
+    let shape = first.shape();
+    let dtype = match &t.dtype {
+        _ if raw.is_some() => Dtype::F32, // unused: raw tensors keep their dtype
+        Some(d) => Dtype::parse(d)
+            .filter(|d| d.writable())
+            .ok_or_else(|| Error::config(format!("output '{name}': cannot write dtype '{d}' (float32, float16 or bfloat16)")))?,
+        None if first.dtype().writable() => first.dtype(),
+        None => Dtype::F32,
+    };
+    let method_name = plan.method_of(t).ok_or_else(|| Error::config(format!("output '{name}' names no method (and the plan has no default)")))?;
+    let inline = t.params.as_deref().filter(|p| !p.is_empty());
+    let no_params = Map::new();
+    let params_id = plan.params_id_of(t);
+    let params = match (params_id, inline) {
+        (None, p) => p.unwrap_or(&no_params),
+        (Some(k), p) => plan.param_sets.get(k as usize).filter(|_| p.is_none()).ok_or_else(|| {
+            Error::config(format!("output '{name}': params_id {k} with {} parameter sets (and no inline params)", plan.param_sets.len()))
+        })?,
+    };
+    let key = params_id.filter(|_| inline.is_none()).map(|k| (method_name, k as usize, inputs.len(), base.is_some()));
+    let method = match key.and_then(|k| methods.get(&k)) {
+        Some(m) => Arc::clone(m),
+        None => {
+            let m: Arc<dyn Method> = methods::build(method_name, params, inputs.len(), base.is_some())
+                .map_err(|e| match e {
+                    Error::Config(m) => Error::config(format!("output '{name}': {m}")),
+                    e => e,
+                })?
+                .into();
+            if let Some(k) = key {
+                methods.insert(k, Arc::clone(&m));
+            }
+            m
+        }
+    };
+    // A method's auxiliary inputs (Gram matrices) have shapes of their own, checked by it.
+    let main = inputs.len() - method.aux_inputs().min(inputs.len());
+    for r in base.iter().chain(&inputs[..main]) {
+        if r.shape() != shape {
+            return Err(Error::mismatch(
+                name,
+                format!("shape {:?} of {} differs from shape {:?} of {}", r.shape(), r.describe(), shape, first.describe()),
+            ));
+        }
+    }
+    let aux: Vec<&[usize]> = inputs[main..].iter().map(|r| r.shape()).collect();
+    if let Err((k, why)) = method.check_aux(shape, &aux) {
+        return Err(Error::mismatch(name, format!("{} (shape {:?}): {why}", inputs[main + k].describe(), aux[k])));
+    }
+    Ok(Job { name, shape, dtype, raw, method, base, inputs })
 }
 
 /// `Some(dtype)` when the output's sources are stored non-float tensors (all of one dtype);
 /// a mix of float and non-float sources is a mismatch naming the tensor.
-fn raw_dtype(t: &TensorSpec, ckpts: &[Checkpoint]) -> Result<Option<safetensors::Dtype>> {
+fn raw_dtype(name: &str, base: Option<&Source>, inputs: &[Source], ckpts: &[Checkpoint]) -> Result<Option<safetensors::Dtype>> {
     let kind = |s: &Source| match s {
         Source::Tensor { input, tensor } => {
             let c = ckpts.get(*input as usize)?;
-            c.info(tensor.as_deref().unwrap_or(&t.name)).and_then(|i| i.dtype.is_none().then_some((i.raw_dtype, c.root())))
+            c.info(tensor.as_deref().unwrap_or(name)).and_then(|i| i.dtype.is_none().then_some((i.raw_dtype, c.root())))
         }
         _ => None,
     };
-    let kinds: Vec<_> = t.base.iter().chain(&t.inputs).map(kind).collect();
+    let kinds: Vec<_> = base.into_iter().chain(inputs).map(kind).collect();
     let Some((first, root)) = kinds.iter().flatten().next().copied() else {
         return Ok(None);
     };
@@ -508,7 +583,7 @@ fn raw_dtype(t: &TensorSpec, ckpts: &[Checkpoint]) -> Result<Option<safetensors:
             None => "a float tensor (or an adapter/row source)".into(),
         };
         return Err(Error::mismatch(
-            t.name.as_str(),
+            name,
             format!(
                 "{first:?} in {} but {other}: non-float tensors are copied unchanged, so every model must hold the same dtype and values",
                 root.display()
@@ -527,6 +602,49 @@ mod source_tests {
         // one per input per tensor of a plan: 200k-tensor checkpoints need it lean
         assert!(std::mem::size_of::<Source>() <= 24, "{}", std::mem::size_of::<Source>());
         assert!(std::mem::size_of::<Option<Source>>() <= 24);
+    }
+
+    #[test]
+    fn plan_structs_stay_small() {
+        // One of each per tensor for the whole merge (issue 8: <= 1 KB per tensor on
+        // 200k-tensor models). A `String` or `Vec` field adds 24 bytes plus a heap block:
+        // share names (`Arc<str>`), inline shapes (`Shape`), put defaults on the plan.
+        use std::mem::size_of;
+        assert!(size_of::<TensorSpec>() <= 104, "TensorSpec: {}", size_of::<TensorSpec>());
+        assert!(size_of::<TensorInfo>() <= 72, "TensorInfo: {}", size_of::<TensorInfo>());
+        assert!(size_of::<crate::reader::Shape>() <= 32, "Shape: {}", size_of::<crate::reader::Shape>());
+        assert!(size_of::<OutSpec>() <= 56, "OutSpec: {}", size_of::<OutSpec>());
+    }
+
+    #[test]
+    fn plan_defaults_apply_only_where_a_tensor_gives_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shape = vec![2usize, 3];
+        write(&tmp.path().join("a"), &[("w", shape.clone(), vals(6, 1)), ("v", shape.clone(), vals(6, 2))]);
+        write(&tmp.path().join("b"), &[("w", shape.clone(), vals(6, 3)), ("v", shape.clone(), vals(6, 4))]);
+        let dir = tmp.path().display();
+        let json = format!(
+            r#"{{"inputs":["{dir}/a","{dir}/b"],"param_sets":[{{}},{{"weight":2.0}}],"default_method":"linear",
+               "default_params_id":1,"default_inputs":[{{"kind":"tensor","input":0}},{{"kind":"tensor","input":1}}],
+               "tensors":[{{"name":"w"}},{{"name":"v","method":"passthrough","params_id":0,"inputs":[{{"kind":"tensor","input":1}}]}},
+                          {{"name":"x","inputs":[]}}]}}"#
+        );
+        let mut plan: PlanSpec = serde_json::from_str(&json).unwrap();
+        let ckpts = vec![Checkpoint::open(tmp.path().join("a")).unwrap(), Checkpoint::open(tmp.path().join("b")).unwrap()];
+        let (w, v, x) = (&plan.tensors[0], &plan.tensors[1], &plan.tensors[2]);
+        assert_eq!((plan.method_of(w), plan.params_id_of(w), plan.sources_of(w).1.len()), (Some("linear"), Some(1), 2));
+        assert_eq!((plan.method_of(v), plan.params_id_of(v), plan.sources_of(v).1.len()), (Some("passthrough"), Some(0), 1));
+        // an explicit empty list is no inputs, not the default
+        assert!(plan.sources_of(x).1.is_empty());
+        let err = resolve(&plan, &ckpts).err().unwrap().to_string();
+        assert!(err.contains("output 'x' has no inputs"), "{err}");
+        plan.tensors.pop();
+        let jobs = resolve(&plan, &ckpts).unwrap();
+        assert_eq!((jobs[0].inputs.len(), jobs[1].inputs.len()), (2, 1));
+        // without a default method, a tensor naming none is refused, naming it
+        plan.default_method = None;
+        let err = resolve(&plan, &ckpts).err().unwrap().to_string();
+        assert!(err.contains("output 'w' names no method"), "{err}");
     }
     use crate::writer::{OutSpec, ShardedWriter};
 

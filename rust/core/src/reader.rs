@@ -13,15 +13,60 @@ use std::path::{Path, PathBuf};
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 const MAX_HEADER: u64 = 100 * 1024 * 1024;
 
+/// A tensor shape: up to 3 dimensions (every LLM weight but convolutions) inline, more on
+/// the heap. Checkpoints, plans and outputs hold one per tensor: a `Vec` costs a 32-byte
+/// heap block on top of its 24 bytes, 200k times over.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Shape {
+    Inline(u8, [usize; 3]),
+    Heap(Box<[usize]>),
+}
+
+impl std::ops::Deref for Shape {
+    type Target = [usize];
+    fn deref(&self) -> &[usize] {
+        match self {
+            Shape::Inline(n, d) => &d[..*n as usize],
+            Shape::Heap(d) => d,
+        }
+    }
+}
+
+impl From<&[usize]> for Shape {
+    fn from(d: &[usize]) -> Self {
+        if d.len() <= 3 {
+            let mut a = [0; 3];
+            a[..d.len()].copy_from_slice(d);
+            Shape::Inline(d.len() as u8, a)
+        } else {
+            Shape::Heap(d.into())
+        }
+    }
+}
+
+impl From<Vec<usize>> for Shape {
+    fn from(d: Vec<usize>) -> Self {
+        d.as_slice().into()
+    }
+}
+
+impl std::fmt::Debug for Shape {
+    // as a list, like the `Vec` it replaces: messages print shapes as `[4096, 11008]`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 /// Where one tensor lives.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
-    pub name: String,
+    pub name: Box<str>,
     /// None when the dtype exists in safetensors but is not a float we merge (I64, BOOL...).
     pub dtype: Option<Dtype>,
     pub raw_dtype: safetensors::Dtype,
-    pub shape: Vec<usize>,
-    pub shard: usize,
+    pub shape: Shape,
+    /// Index of the shard file (u32: a checkpoint holds one `TensorInfo` per tensor).
+    pub shard: u32,
     /// Absolute byte range inside the shard file.
     pub span: Range<usize>,
 }
@@ -123,12 +168,12 @@ impl Checkpoint {
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors: Vec<TensorInfo> = Vec::new();
         for (si, file) in files.into_iter().enumerate() {
-            let (shard, infos) = open_shard(&file, si)?;
+            let (shard, infos) = open_shard(&file, si as u32)?;
             let shard_name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             for info in infos {
                 if let Some((_, wanted)) = &index {
                     // Tensors a shard holds but the index does not list are ignored, as loaders do.
-                    if wanted.get(&info.name) != Some(&shard_name) {
+                    if wanted.get(&*info.name) != Some(&shard_name) {
                         continue;
                     }
                 }
@@ -136,17 +181,19 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
+        // pushed one by one: up to twice the space otherwise, held for the whole merge
+        tensors.shrink_to_fit();
         let mut by_name: Vec<u32> = (0..tensors.len() as u32).collect();
         // stable: of two equal names, the one stored first comes first
         by_name.sort_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
         for w in by_name.windows(2) {
             let (first, again) = (&tensors[w[0] as usize], &tensors[w[1] as usize]);
             if first.name == again.name {
-                let (file, other) = (&shards[again.shard].path, &shards[first.shard].path);
+                let (file, other) = (&shards[again.shard as usize].path, &shards[first.shard as usize].path);
                 return Err(Error::invalid(file, Some(&again.name), format!("tensor also stored in {}", other.display())));
             }
         }
-        let ck = |name: &str| by_name.binary_search_by(|&i| tensors[i as usize].name.as_str().cmp(name)).is_ok();
+        let ck = |name: &str| by_name.binary_search_by(|&i| (*tensors[i as usize].name).cmp(name)).is_ok();
         if let Some((index, wanted)) = &index {
             for (name, shard) in wanted {
                 if !ck(name) {
@@ -172,7 +219,7 @@ impl Checkpoint {
 
     /// Tensor names in file order.
     pub fn names(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
-        self.tensors.iter().map(|t| t.name.as_str())
+        self.tensors.iter().map(|t| &*t.name)
     }
 
     /// Every tensor, in file order.
@@ -181,7 +228,7 @@ impl Checkpoint {
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
-        let i = self.by_name.binary_search_by(|&i| self.tensors[i as usize].name.as_str().cmp(name)).ok()?;
+        let i = self.by_name.binary_search_by(|&i| (*self.tensors[i as usize].name).cmp(name)).ok()?;
         Some(&self.tensors[self.by_name[i] as usize])
     }
 
@@ -190,7 +237,7 @@ impl Checkpoint {
     }
 
     pub fn shard_path(&self, info: &TensorInfo) -> &Path {
-        &self.shards[info.shard].path
+        &self.shards[info.shard as usize].path
     }
 
     /// The `__metadata__` of the first shard.
@@ -200,7 +247,7 @@ impl Checkpoint {
 
     /// The raw little-endian bytes of a tensor.
     pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
-        &self.shards[info.shard].mmap[info.span.clone()]
+        &self.shards[info.shard as usize].mmap[info.span.clone()]
     }
 
     /// Widens elements `range` of the tensor to f32 into `dst`.
@@ -217,7 +264,7 @@ impl Checkpoint {
     /// Drops the tensor's pages from this process's memory: merges read each tensor once,
     /// so keeping them mapped would only grow the resident set up to the model's size.
     pub fn release(&self, info: &TensorInfo) {
-        let mmap = &self.shards[info.shard].mmap;
+        let mmap = &self.shards[info.shard as usize].mmap;
         let page = 4096;
         let start = info.span.start / page * page;
         let end = info.span.end.min(mmap.len());
@@ -236,7 +283,7 @@ fn decode_into(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
 }
 
 /// Maps one file and validates its header completely.
-fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)> {
+fn open_shard(file: &Path, shard_idx: u32) -> Result<(Shard, Vec<TensorInfo>)> {
     let f = File::open(file).map_err(|e| Error::io(file, e))?;
     let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
     if len < 8 {
@@ -299,10 +346,10 @@ fn open_shard(file: &Path, shard_idx: usize) -> Result<(Shard, Vec<TensorInfo>)>
         infos.push(TensorInfo {
             dtype: Dtype::from_safetensors(st.dtype),
             raw_dtype: st.dtype,
-            shape: st.shape,
+            shape: st.shape.into(),
             shard: shard_idx,
             span: header_end + s..header_end + e,
-            name,
+            name: name.into_boxed_str(),
         });
     }
     infos.sort_by_key(|a| (a.span.start, a.span.end));

@@ -3,26 +3,28 @@
 //! in place with positioned writes, in any order. Nothing buffers a whole shard.
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::reader::INDEX_NAME;
+use crate::reader::{Shape, INDEX_NAME};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct OutSpec {
-    pub name: String,
+    /// Shared with the plan (a clone is a reference count, not a copy of the name).
+    pub name: Arc<str>,
     pub dtype: Dtype,
-    pub shape: Vec<usize>,
+    pub shape: Shape,
     /// A non-float tensor (I64, U8, BOOL...) copied byte for byte: written with this dtype
     /// (`dtype` is then ignored).
     pub raw: Option<safetensors::Dtype>,
 }
 
 impl OutSpec {
-    pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> Self {
-        OutSpec { name: name.into(), dtype, shape, raw: None }
+    pub fn new(name: impl Into<Arc<str>>, dtype: Dtype, shape: impl Into<Shape>) -> Self {
+        OutSpec { name: name.into(), dtype, shape: shape.into(), raw: None }
     }
 
     pub fn nbytes(&self) -> usize {
@@ -47,7 +49,7 @@ impl OutSpec {
 }
 
 struct Slot {
-    shard: usize,
+    shard: u32,
     /// Absolute file offset of the tensor's first byte.
     offset: u64,
     len: usize,
@@ -123,13 +125,13 @@ pub fn index_json(specs: &[OutSpec], shards: &[ShardInfo]) -> String {
     let mut weight_map = BTreeMap::new();
     for sh in shards {
         for &t in &sh.tensors {
-            weight_map.insert(specs[t].name.clone(), sh.file.clone());
+            weight_map.insert(&*specs[t].name, sh.file.as_str());
         }
     }
     index_text(&weight_map, specs.iter().map(|s| s.nbytes() as u64).sum())
 }
 
-fn index_text(weight_map: &BTreeMap<String, String>, total_size: u64) -> String {
+fn index_text(weight_map: &BTreeMap<&str, &str>, total_size: u64) -> String {
     let index = serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
     serde_json::to_string_pretty(&index).unwrap()
 }
@@ -148,7 +150,7 @@ impl ShardedWriter {
 
     /// Whether tensor `idx` is written by this writer.
     pub fn owns(&self, idx: usize) -> bool {
-        self.files[self.slots[idx].shard].1.is_some()
+        self.files[self.slots[idx].shard as usize].1.is_some()
     }
 
     /// One single file at `path`, whatever its size (no index).
@@ -169,84 +171,108 @@ impl ShardedWriter {
     ) -> Result<Self> {
         let mut seen = std::collections::HashSet::new();
         for s in &specs {
-            if !seen.insert(&s.name) {
+            if !seen.insert(&*s.name) {
                 return Err(Error::config(format!("output tensor '{}' is planned twice", s.name)));
             }
             if s.raw.is_none() && !s.dtype.writable() {
                 return Err(Error::config(format!("output tensor '{}': cannot write dtype {}", s.name, s.dtype)));
             }
         }
+        drop(seen);
         let groups = assign_shards(&specs, max_shard_size.max(1));
         let n = groups.len();
         if let Some(bad) = only.and_then(|o| o.iter().find(|&&i| i >= n)) {
             return Err(Error::config(format!("output shard {bad} requested, but the layout has {n} shard(s)")));
         }
-        let mut slots: Vec<Option<Slot>> = (0..specs.len()).map(|_| None).collect();
+        // every tensor is in one group, so every slot is set below
+        let mut slots: Vec<Slot> = (0..specs.len()).map(|_| Slot { shard: 0, offset: 0, len: 0, written: AtomicUsize::new(0) }).collect();
         let mut files = Vec::with_capacity(n);
         for (si, mut group) in groups.into_iter().enumerate() {
             // Wider dtypes first keeps every tensor naturally aligned (as safetensors does).
             group.sort_by_key(|&i| std::cmp::Reverse(specs[i].align()));
-            // The header as text, keys sorted (as a JSON map would write them), written
-            // straight into one buffer: a JSON tree, or a map of per-tensor entry strings,
-            // costs hundreds of bytes per tensor on 100k-tensor models.
-            let mut rel = Vec::with_capacity(group.len());
+            // Offsets relative to the data section until the header's length is known.
             let mut off = 0usize;
             for &i in &group {
                 let len = specs[i].nbytes();
-                rel.push((i, off, len));
+                slots[i] = Slot { shard: si as u32, offset: off as u64, len, written: AtomicUsize::new(0) };
                 off += len;
             }
-            let mut order: Vec<usize> = (0..rel.len()).collect();
-            order.sort_unstable_by(|&x, &y| specs[rel[x].0].name.cmp(&specs[rel[y].0].name));
+            let mut order = group;
+            order.sort_unstable_by(|&x, &y| specs[x].name.cmp(&specs[y].name));
             let meta = serde_json::to_string(metadata).unwrap();
-            let mut hbytes = Vec::with_capacity(meta.len() + 20 + rel.iter().map(|&(i, ..)| specs[i].name.len() + 64).sum::<usize>());
-            hbytes.push(b'{');
-            let mut meta_done = false;
-            for &k in &order {
-                let (i, o, len) = rel[k];
-                let s = &specs[i];
-                if !meta_done && "__metadata__" < s.name.as_str() {
-                    hbytes.extend_from_slice(br#""__metadata__":"#);
-                    hbytes.extend_from_slice(meta.as_bytes());
-                    hbytes.push(b',');
-                    meta_done = true;
+            // The header as text, keys sorted (as a JSON map would write them), made twice by
+            // `emit`: once to learn its length, then written out in pieces. A JSON tree, a map
+            // of per-tensor entries, or even the whole text in memory costs 100+ bytes per
+            // tensor on 200k-tensor models.
+            let emit = |sink: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<()> {
+                sink(b"{")?;
+                let mut meta_done = false;
+                let mut entry = Vec::new();
+                for (k, &i) in order.iter().enumerate() {
+                    let (o, len, s) = (slots[i].offset as usize, slots[i].len, &specs[i]);
+                    entry.clear();
+                    if !meta_done && "__metadata__" < &*s.name {
+                        entry.extend_from_slice(br#""__metadata__":"#);
+                        entry.extend_from_slice(meta.as_bytes());
+                        entry.push(b',');
+                        meta_done = true;
+                    }
+                    serde_json::to_writer(&mut entry, &*s.name).unwrap();
+                    let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+                    entry.extend_from_slice(
+                        format!(r#":{{"dtype":"{}","shape":[{shape}],"data_offsets":[{o},{}]}}"#, s.dtype_name(), o + len).as_bytes(),
+                    );
+                    if !(meta_done && k + 1 == order.len()) {
+                        entry.push(b',');
+                    }
+                    sink(&entry)?;
                 }
-                hbytes.extend_from_slice(serde_json::to_string(&s.name).unwrap().as_bytes());
-                let shape = s.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-                hbytes.extend_from_slice(
-                    format!(r#":{{"dtype":"{}","shape":[{shape}],"data_offsets":[{o},{}]}},"#, s.dtype_name(), o + len).as_bytes(),
-                );
-            }
-            if meta_done {
-                hbytes.pop(); // the last entry's comma
-            } else {
-                hbytes.extend_from_slice(br#""__metadata__":"#);
-                hbytes.extend_from_slice(meta.as_bytes());
-            }
-            hbytes.push(b'}');
-            drop(order);
-            // Pad with spaces so the data section starts 8-aligned.
-            while !hbytes.len().is_multiple_of(8) {
-                hbytes.push(b' ');
-            }
-            let data_start = 8 + hbytes.len() as u64;
+                if !meta_done {
+                    sink(br#""__metadata__":"#)?;
+                    sink(meta.as_bytes())?;
+                }
+                sink(b"}")
+            };
+            let mut hlen = 0usize;
+            emit(&mut |b| {
+                hlen += b.len();
+                Ok(())
+            })?;
+            // Padded with spaces so the data section starts 8-aligned.
+            let padded = hlen.next_multiple_of(8);
+            let data_start = 8 + padded as u64;
             let path = dir.join(file_name(si, n));
             let mine = only.is_none_or(|o| o.contains(&si));
             let f = if mine {
                 let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
                 f.set_len(data_start + off as u64).map_err(|e| Error::io(&path, e))?;
-                f.write_all_at(&(hbytes.len() as u64).to_le_bytes(), 0).map_err(|e| Error::io(&path, e))?;
-                f.write_all_at(&hbytes, 8).map_err(|e| Error::io(&path, e))?;
+                f.write_all_at(&(padded as u64).to_le_bytes(), 0).map_err(|e| Error::io(&path, e))?;
+                let (mut buf, mut pos) = (Vec::with_capacity(1 << 16), 8u64);
+                let mut flush = |buf: &mut Vec<u8>| -> Result<()> {
+                    f.write_all_at(buf, pos).map_err(|e| Error::io(&path, e))?;
+                    pos += buf.len() as u64;
+                    buf.clear();
+                    Ok(())
+                };
+                emit(&mut |b| {
+                    buf.extend_from_slice(b);
+                    if buf.len() >= 1 << 16 {
+                        flush(&mut buf)?;
+                    }
+                    Ok(())
+                })?;
+                buf.resize(buf.len() + padded - hlen, b' ');
+                flush(&mut buf)?;
                 Some(f)
             } else {
                 None
             };
-            for (i, o, len) in rel {
-                slots[i] = Some(Slot { shard: si, offset: data_start + o as u64, len, written: AtomicUsize::new(0) });
+            for &i in &order {
+                slots[i].offset += data_start;
             }
             files.push((path, f));
         }
-        Ok(ShardedWriter { dir: dir.to_path_buf(), files, all: only.is_none(), slots: slots.into_iter().map(Option::unwrap).collect(), specs })
+        Ok(ShardedWriter { dir: dir.to_path_buf(), files, all: only.is_none(), slots, specs })
     }
 
     pub fn specs(&self) -> &[OutSpec] {
@@ -259,7 +285,7 @@ impl ShardedWriter {
         if offset + data.len() > slot.len {
             return Err(Error::config(format!("internal: write past the end of tensor '{}'", self.specs[idx].name)));
         }
-        let (path, f) = &self.files[slot.shard];
+        let (path, f) = &self.files[slot.shard as usize];
         let f = f
             .as_ref()
             .ok_or_else(|| Error::config(format!("internal: tensor '{}' belongs to a shard this writer does not write", self.specs[idx].name)))?;
@@ -272,7 +298,7 @@ impl ShardedWriter {
     pub fn finish(self) -> Result<WriteSummary> {
         for (slot, spec) in self.slots.iter().zip(&self.specs) {
             let w = slot.written.load(Ordering::Relaxed);
-            if self.files[slot.shard].1.is_some() && w != slot.len {
+            if self.files[slot.shard as usize].1.is_some() && w != slot.len {
                 return Err(Error::config(format!("internal: tensor '{}' got {w} of {} bytes", spec.name, slot.len)));
             }
         }
@@ -287,10 +313,10 @@ impl ShardedWriter {
             }
         }
         if self.all && n_shards > 1 {
+            let files: Vec<String> = paths.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
             let mut weight_map = BTreeMap::new();
             for (slot, spec) in self.slots.iter().zip(&self.specs) {
-                let name = paths[slot.shard].file_name().unwrap().to_string_lossy().into_owned();
-                weight_map.insert(spec.name.clone(), name);
+                weight_map.insert(&*spec.name, files[slot.shard as usize].as_str());
             }
             let p = self.dir.join(INDEX_NAME);
             let text = index_text(&weight_map, total_size);
