@@ -67,7 +67,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -77,7 +77,8 @@ from ..arch import PASSTHROUGH_PREFIX
 from ..arch.roles import CanonicalKey
 from ..linalg import procrustes
 from ._model import FamilyArg, ModelView
-from ._writer import write_canonical_model
+from .. import plan as _plan
+from ._engine import SideFiles, execute_canonical, new_side_dir, stored_source
 from .projection import match_axis, subspace_map
 
 __all__ = ["AlignResult", "Alignment", "align", "depth_map", "estimate_rotation", "per_tensor_rotate"]
@@ -418,6 +419,114 @@ class DonorAligner:
                 X, _ = match_axis(Wa, np.ascontiguousarray(X), axis)
         return "donor", per_tensor_rotate(Wa, X)
 
+    # -------------------------------------------------------------- as plan sources
+    def plan_source(self, key: str, a_in: int, d_in: int, side: SideFiles, tag: str
+                    ) -> Tuple[str, Optional[_plan.Source]]:
+        """:meth:`aligned` as a plan source the core materialises: ``("anchor", src)``,
+        ``("missing", None)``, ``("donor", src)``, or ``("numpy", None)`` where the value
+        has to come from :meth:`aligned` (per-tensor mode, biases, width projections, stored
+        tensors that are fused or transposed). ``a_in``/``d_in``: the plan's input indices of
+        the anchor and donor; ``tag`` names this donor's matrices in ``side``."""
+        A, D = self.anchor, self.donor
+        if key.startswith(PASSTHROUGH_PREFIX):
+            return self._status("anchor", stored_source(A, key, a_in))
+        k = CanonicalKey.parse(key)
+        role, param = k.role, k.param
+        if role in NORM_ROLES:
+            return self._status("anchor", stored_source(A, key, a_in))
+        if self.mode != "residual" or param != "weight":
+            return "numpy", None
+        dkey = self.donor_key(key)
+        dk = CanonicalKey.parse(dkey)
+        ashape = A.shape(key)
+        c = float(self.conv(role))
+
+        def rot() -> _plan.TensorRef:
+            return side.ref(f"{tag}/R", lambda: self.R)
+
+        if role in ("embed", "pos_embed"):
+            src_key = "embed.weight" if role == "embed" else dkey
+            if not D.has(src_key):
+                return "missing", None
+            src = stored_source(D, src_key, d_in)
+            if src is None:
+                return "numpy", None
+            aff = _plan.affine(src, [D.shape(src_key)[0], ashape[1]], right=rot(), scale=c)
+            return self._status("donor", self._rows_source(A, key, a_in, aff, D.shape(src_key)[0], role == "embed"))
+        if role == "lm_head":
+            src_key = "lm_head.weight" if D.has("lm_head.weight") else "embed.weight"
+            src = stored_source(D, src_key, d_in)
+            if src is None:
+                return "numpy", None
+            aff = self._read_affine(src, [D.shape(src_key)[0], ashape[1]], k, None, None, side, tag, c)
+            return self._status("donor", self._rows_source(A, key, a_in, aff, D.shape(src_key)[0], True))
+        if role in READ_ROLES:
+            if not D.has(dkey):
+                return "missing", None
+            if D.shape(dkey)[0] != ashape[0]:
+                return "numpy", None
+            src = stored_source(D, dkey, d_in)
+            if src is None:
+                return "numpy", None
+            return self._status("donor", self._read_affine(src, ashape, k, k.layer, dk.layer, side, tag, c))
+        if role in WRITE_ROLES:
+            if not D.has(dkey):
+                return "missing", None
+            if D.shape(dkey)[1] != ashape[1]:
+                return "numpy", None
+            src = stored_source(D, dkey, d_in)
+            if src is None:
+                return "numpy", None
+            rt = side.ref(f"{tag}/RT", lambda: np.ascontiguousarray(self.R.T))
+            return self._status("donor", _plan.affine(src, ashape, left=rt, scale=c))
+        if not D.has(dkey):
+            return "missing", None
+        if tuple(D.shape(dkey)) != tuple(ashape):
+            return self._status("anchor", stored_source(A, key, a_in))
+        return self._status("donor", stored_source(D, dkey, d_in))
+
+    @staticmethod
+    def _status(status: str, src: Optional[_plan.Source]) -> Tuple[str, Optional[_plan.Source]]:
+        return (status, src) if src is not None else ("numpy", None)
+
+    def _rows_source(self, A: ModelView, key: str, a_in: int, donor: _plan.Source, donor_rows: int,
+                     by_token: bool) -> Optional[_plan.Source]:
+        """:meth:`_rows` (``by_token``; else the first rows) as a row gather: anchor rows
+        (source 0) where the donor has no row for the token, the donor's (source 1) elsewhere."""
+        anc = stored_source(A, key, a_in)
+        if anc is None:
+            return None
+        shape = list(A.shape(key))
+        table: List[List[Tuple[int, int]]] = [[(0, i)] for i in range(shape[0])]
+        if by_token and self.al.method != "subspace":
+            pairs = zip(self.al.anchor_rows.tolist(), self.al.donor_rows.tolist())
+        else:
+            n = min(shape[0], donor_rows)
+            pairs = zip(range(n), range(n))
+        for a, d in pairs:
+            table[a] = [(1, d)]
+        return _plan.rows([anc, donor], shape, table)
+
+    def _read_affine(self, src: _plan.Source, shape: List[int], k: CanonicalKey, a_layer: Optional[int],
+                     dk_layer: Optional[int], side: SideFiles, tag: str, c: float) -> _plan.Source:
+        """:meth:`_read_side` (times ``c``) as an affine source:
+        ``W · diag(g_d) · R · diag(1/g_a) · read_scale · c``."""
+        D, A = self.donor, self.anchor
+        nd = self._norm_for(D, CanonicalKey(dk_layer, k.role, "weight") if dk_layer is not None else k, dk_layer)
+        na = self._norm_for(A, k, a_layer)
+        g = h = None
+        if nd is not None and D.has(nd + ".weight"):
+            g = side.ref(f"{tag}/g/{nd}", lambda: D.gain(nd + ".weight"))
+        if na is not None and A.has(na + ".weight"):
+            def inv() -> np.ndarray:
+                ga = A.gain(na + ".weight")
+                safe = np.abs(ga) > 1e-12
+                return np.where(safe, np.float32(1.0) / np.where(safe, ga, np.float32(1.0)), np.float32(0.0))
+
+            h = side.ref(f"anchor/inv_g/{na}", inv)
+        return _plan.affine(src, shape, right=side.ref(f"{tag}/R", lambda: self.R), right_in=g, right_out=h,
+                            scale=float(self.read_scale) * c)
+
     def _read_side(self, Wd, D: ModelView, A: ModelView, k: CanonicalKey, a_layer, dk_layer) -> np.ndarray:
         nd = self._norm_for(D, CanonicalKey(dk_layer, k.role, "weight") if dk_layer is not None else k, dk_layer)
         gd = D.gain(nd + ".weight")
@@ -467,6 +576,8 @@ def align(
     cache_dir: Optional[PathLike] = None,
     mode: str = "residual",
     cross_attention: str = "error",
+    threads: Optional[int] = None,
+    progress: bool = False,
 ) -> AlignResult:
     """Rotate ``donor``'s residual stream onto ``anchor``'s and (with ``out``) write the aligned
     donor under the anchor's tensor names, config and tokenizer.
@@ -487,6 +598,7 @@ def align(
             ``"per_tensor"`` (each tensor its own Procrustes rotation; module docstring).
         cross_attention: an encoder-decoder donor's cross-attention: ``"error"`` (refuse) or
             ``"skip"`` (leave it out; only self-attention and MLP carry over).
+        threads, progress: as for :func:`merge_fast.merge` (the output is written by the engine).
 
     Returns:
         :class:`AlignResult` with the estimated ``rotation`` ``R`` (``d_donor x d_anchor``,
@@ -509,23 +621,45 @@ def align(
         return res
     filled: List[str] = []
 
+    def absent(key: str) -> None:
+        if missing == "error":
+            raise TensorMismatch(
+                f"tensor mismatch for '{A.family.from_canonical(key)}' (canonical '{key}'): donor {D.path} "
+                f"({D.family.name}) has no '{al.donor_key(key)}'"
+            )
+        filled.append(key)
+
     def value(key: str) -> np.ndarray:
         status, v = al.aligned(key)
         if status == "donor":
+            assert v is not None
             return v
         if status == "missing":
-            if missing == "error":
-                raise TensorMismatch(
-                    f"tensor mismatch for '{A.family.from_canonical(key)}' (canonical '{key}'): donor {D.path} "
-                    f"({D.family.name}) has no '{al.donor_key(key)}'"
-                )
-            filled.append(key)
+            absent(key)
         return A.get(key)
 
     recipe = {"method": "align", "anchor": str(anchor), "donor": str(donor), "rotation_method": al.al.method}
-    wr = write_canonical_model(A, value, out, recipe=recipe, out_dtype=out_dtype, max_shard_size=max_shard_size,
-                               inputs=[D.folder], overwrite=overwrite)
-    res.path, res.tensors_written = wr.path, wr.tensors_written
+    inputs = _plan.Inputs()
+    a_in, d_in = inputs(A.path), inputs(D.path)
+    with new_side_dir() as tmp:
+        side = SideFiles(inputs, Path(tmp))
+
+        def plan_for(name: str, key: str) -> Optional[Tuple[str, Dict[str, Any], Optional[_plan.Source],
+                                                            List[_plan.Source]]]:
+            status, src = al.plan_source(key, a_in, d_in, side, "donor")
+            if status == "missing":
+                src = stored_source(A, key, a_in)
+                if src is None:
+                    return None  # value() decides
+                absent(key)
+            if src is None:
+                return None
+            return "passthrough", {}, None, [src]
+
+        mr = execute_canonical(A, inputs, side, plan_for, value, out, recipe=recipe, out_dtype=out_dtype,
+                               max_shard_size=max_shard_size, protected=[A.folder, D.folder], overwrite=overwrite,
+                               threads=threads, progress=progress)
+    res.path, res.tensors_written = mr.path, mr.tensors_written
     res.filled_from_anchor = filled
     res.seconds = time.perf_counter() - t0
     return res
