@@ -97,6 +97,7 @@ def execute_canonical(
     overwrite: bool,
     threads: Optional[int] = None,
     progress: ProgressArg = False,
+    seed: int = 0,
 ) -> MergeResult:
     """Plans and runs every stored tensor of ``anchor`` (same names, shapes, order).
 
@@ -133,7 +134,7 @@ def execute_canonical(
     side.flush()
     return _plan.execute(inputs.paths, plans, out, recipe=recipe, side_files_from=anchor.folder, out_dtype=code,
                          threads=threads, max_shard_size=shard, progress=progress, overwrite=overwrite,
-                         inputs=list(protected))
+                         inputs=list(protected), seed=seed)
 
 
 def new_side_dir() -> "tempfile.TemporaryDirectory[str]":
