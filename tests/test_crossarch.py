@@ -416,3 +416,27 @@ def test_align_through_engine_matches_formula(anchor, donors, root, monkeypatch)
     assert srcs["model.layers.1.self_attn.o_proj.weight"]["kind"] == "affine"
     assert srcs["model.embed_tokens.weight"]["kind"] == "rows"
     assert srcs["model.norm.weight"] == {"kind": "tensor", "input": 0, "tensor": "model.norm.weight"}
+
+
+def test_absorb_through_engine_is_deterministic(anchor, donors, root, monkeypatch):
+    """procrustes_absorb plans the absorb_filtered kernel over the anchor's tensor and the
+    donors' aligned (affine) sources; 1 and 2 threads write the same bytes."""
+    import merge_fast.plan as plan_mod
+
+    texts = []
+    real = plan_mod.plan_text
+    monkeypatch.setattr(plan_mod, "plan_text", lambda *a, **k: texts.append(real(*a, **k)) or texts[-1])
+    outs = []
+    for threads in (1, 2):
+        out = root / f"absorb_threads_{threads}"
+        mf.procrustes_absorb(anchor, [donors["llama"], donors["llama48"]], beta=0.3, attn_rank=3, mlp_rank=5,
+                             out=out, threads=threads, max_shard_size="30KB")
+        outs.append(out)
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    for f in names:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    t = {x["name"]: x for x in json.loads(texts[0])["tensors"]}["model.layers.1.self_attn.q_proj.weight"]
+    assert t["method"] == "absorb_filtered" and t["base"]["kind"] == "tensor"
+    # same-width donor: made by the core from its file; the wider one: aligned with numpy (width projection)
+    assert [s["kind"] for s in t["inputs"]] == ["affine", "tensor"]
