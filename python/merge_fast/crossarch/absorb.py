@@ -218,7 +218,7 @@ def procrustes_absorb(
                     f"tensor mismatch for '{A.family.from_canonical(key)}' (canonical '{key}'): donor "
                     f"{al.donor.path} ({al.donor.family.name}) has no '{al.donor_key(key)}' (strict=True)"
                 )
-    common = dict(
+    common: Dict[str, Any] = dict(
         rotations=[al.R for al in aligners], alignment_methods=[al.al.method for al in aligners],
         layer_maps=[al.layers for al in aligners], absorbed=absorbed, missing=missing,
     )
@@ -229,7 +229,7 @@ def procrustes_absorb(
     scale = np.float32(1.0 - beta)
 
     def value(key: str) -> np.ndarray:
-        base = A.get(key)
+        base = A.need(key)
         k = CanonicalKey.parse(key) if not key.startswith("passthrough.") else None
         group = _group(k.role) if k is not None else None
         if group is None or (group == "embed" and not include_embeddings) or ranks[group] == 0:
@@ -240,7 +240,7 @@ def procrustes_absorb(
             if status == "missing":
                 missing[str(al.donor.path)].append(key)
                 continue
-            if status != "donor" or wd == 0.0:
+            if status != "donor" or wd == 0.0 or v is None:
                 continue
             if v.shape != base.shape:
                 raise TensorMismatch(f"tensor mismatch for '{key}': aligned donor shape {v.shape} != {base.shape}")
@@ -295,7 +295,8 @@ def procrustes_absorb(
                         if v.shape != A.shape(key):
                             raise TensorMismatch(f"tensor mismatch for '{key}': aligned donor shape {v.shape} != "
                                                  f"{A.shape(key)}")
-                        ref = side.ref(f"d{j}/out/{key}", lambda v=v: v)
+                        got: np.ndarray = v
+                        ref = side.ref(f"d{j}/out/{key}", lambda: got)
                         src = _plan.tensor(ref["input"], ref["tensor"])
                 if status == "missing":
                     missing[str(al.donor.path)].append(key)

@@ -67,7 +67,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -184,8 +184,8 @@ def _row_pairs(anchor: ModelView, donor: ModelView) -> Tuple[str, np.ndarray, np
 def estimate_rotation(anchor: ModelView, donor: ModelView, *, seed: int = 0) -> Alignment:
     """Procrustes ``R`` from embedding rows (see module docstring)."""
     method, ra, rd = _row_pairs(anchor, donor)
-    Ea = anchor.get("embed.weight")
-    Ed = donor.get("embed.weight")
+    Ea = anchor.need("embed.weight")
+    Ed = donor.need("embed.weight")
     if method == "subspace":
         R = subspace_map(Ea, Ed, seed=seed)
         return Alignment(R, method, ra, rd, float("nan"))
@@ -269,7 +269,7 @@ class DonorAligner:
     def _inner(self, key: str, W: np.ndarray, axis: int) -> np.ndarray:
         if W.shape[axis] == self.anchor.shape(key)[axis]:
             return W
-        W2, P = match_axis(self.anchor.get(key), W, axis)
+        W2, P = match_axis(self.anchor.need(key), W, axis)
         self._proj[key] = P
         return W2
 
@@ -303,7 +303,7 @@ class DonorAligner:
             Ed = D.get("embed.weight") @ R
             if c != 1.0:
                 Ed *= c
-            return "donor", self._rows(A.get(key), Ed)
+            return "donor", self._rows(A.need(key), Ed)
         if role == "pos_embed":
             P = D.get(dkey)
             if P is None:
@@ -318,14 +318,14 @@ class DonorAligner:
                 b = D.get(dkey)
                 if b is None:
                     return "missing", None
-                return "donor", self._rows(A.get(key)[:, None], (b * c)[:, None])[:, 0]
+                return "donor", self._rows(A.need(key)[:, None], (b * c)[:, None])[:, 0]
             W = D.get("lm_head.weight")
             if W is None:
                 W = D.get("embed.weight")  # tied donor
             W = self._read_side(W, D, A, k, None, dk_layer=None)
             if c != 1.0:
                 W *= c
-            return "donor", self._rows(A.get(key), W)
+            return "donor", self._rows(A.need(key), W)
         if role in READ_ROLES:
             Wd = D.get(str(CanonicalKey(dk.layer, role, "weight")))
             if Wd is None:
@@ -384,7 +384,7 @@ class DonorAligner:
         if role == "embed":  # the residual-stream fit *is* the embedding's per-tensor fit
             return self._residual(key)
         c = self.conv(role)
-        Wa = A.get(key)
+        Wa = A.need(key)
         if role == "lm_head":
             X = D.get(key)
             if X is None and param == "weight":
@@ -507,8 +507,8 @@ class DonorAligner:
             table[a] = [(1, d)]
         return _plan.rows([anc, donor], shape, table)
 
-    def _read_affine(self, src: _plan.Source, shape: List[int], k: CanonicalKey, a_layer: Optional[int],
-                     dk_layer: Optional[int], side: SideFiles, tag: str, c: float) -> _plan.Source:
+    def _read_affine(self, src: _plan.Source, shape: Sequence[int], k: CanonicalKey, a_layer: Optional[int],
+                     dk_layer: Optional[int], side: SideFiles, tag: str, c: float) -> _plan.AffineSource:
         """:meth:`_read_side` (times ``c``) as an affine source:
         ``W · diag(g_d) · R · diag(1/g_a) · read_scale · c``."""
         D, A = self.donor, self.anchor
@@ -516,10 +516,13 @@ class DonorAligner:
         na = self._norm_for(A, k, a_layer)
         g = h = None
         if nd is not None and D.has(nd + ".weight"):
-            g = side.ref(f"{tag}/g/{nd}", lambda: D.gain(nd + ".weight"))
+            dg = nd + ".weight"
+            g = side.ref(f"{tag}/g/{nd}", lambda: D.need_gain(dg))
         if na is not None and A.has(na + ".weight"):
+            ag = na + ".weight"
+
             def inv() -> np.ndarray:
-                ga = A.gain(na + ".weight")
+                ga = A.need_gain(ag)
                 safe = np.abs(ga) > 1e-12
                 return np.where(safe, np.float32(1.0) / np.where(safe, ga, np.float32(1.0)), np.float32(0.0))
 
@@ -529,6 +532,7 @@ class DonorAligner:
 
     def _read_side(self, Wd, D: ModelView, A: ModelView, k: CanonicalKey, a_layer, dk_layer) -> np.ndarray:
         nd = self._norm_for(D, CanonicalKey(dk_layer, k.role, "weight") if dk_layer is not None else k, dk_layer)
+        assert nd is not None, "reading linears have a norm"
         gd = D.gain(nd + ".weight")
         if gd is not None:  # W diag(g_d) R == W (diag(g_d) R): scale R's rows, not W
             W = Wd @ (gd[:, None] * self.R)
@@ -538,6 +542,7 @@ class DonorAligner:
         if self.read_scale != 1.0:
             W *= self.read_scale
         na = self._norm_for(A, k, a_layer)
+        assert na is not None, "reading linears have a norm"
         ga = A.gain(na + ".weight")
         if ga is not None:
             safe = np.abs(ga) > 1e-12
@@ -636,7 +641,7 @@ def align(
             return v
         if status == "missing":
             absent(key)
-        return A.get(key)
+        return A.need(key)
 
     recipe = {"method": "align", "anchor": str(anchor), "donor": str(donor), "rotation_method": al.al.method}
     inputs = _plan.Inputs()

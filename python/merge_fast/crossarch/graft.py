@@ -159,30 +159,30 @@ def graft_attention(
     def value(key: str) -> np.ndarray:
         k = CanonicalKey.parse(key)
         if k.layer is None or k.layer not in todo or not k.role.startswith("attn."):
-            return B.get(key)
+            return B.need(key)
         i, j = k.layer, dmap[k.layer]
         dkey = str(CanonicalKey(j, k.role, k.param))
         role, X = k.role, D.get(dkey)
         if role in ("attn.q", "attn.k", "attn.v"):
             rows = q_rows if role == "attn.q" else kv_rows
             if k.param == "weight":
-                v = read(X[rows], i, j)
+                v = read(D.need(dkey)[rows], i, j)
             else:  # bias: the donor's rows, zeros where the donor has none
                 v = X[rows] if X is not None else np.zeros(len(rows), np.float32)
         elif role == "attn.o":
             if k.param == "weight":
-                v = R.T @ X[:, q_rows]
+                v = R.T @ D.need(dkey)[:, q_rows]
             else:
                 v = R.T @ X if X is not None else np.zeros(B.hidden, np.float32)
         elif role in ("attn.q_norm", "attn.k_norm"):
             if X is None:
-                return B.get(key)  # a donor without per-head norms: keep the body's
-            g = D.gain(dkey)
+                return B.need(key)  # a donor without per-head norms: keep the body's
+            g = D.need_gain(dkey)
             half = hd_d // 2
             tiled = np.concatenate([np.tile(g[:half], m), np.tile(g[half:], m)]) * qk_scale
             v = tiled - np.float32(B.norm_offset)
         else:
-            return B.get(key)
+            return B.need(key)
         replaced.append(B.family.from_canonical(key))
         return np.ascontiguousarray(v, dtype=np.float32)
 
