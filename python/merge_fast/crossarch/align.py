@@ -61,6 +61,14 @@ Sandwich norms (Gemma-2/3 ``attn_post_norm``/``mlp_post_norm``) and post-norm mo
 (BERT, OPT with ``do_layer_norm_before=False``) have a norm between a writing linear and
 the stream, which no rotation can pass through: they raise :class:`ConfigError` naming
 the tensor.
+
+**Output.** The aligned donor is planned for the Rust engine (:mod:`._engine`,
+:meth:`DonorAligner.plan_source`): reading linears are ``affine`` sources
+``W · diag(g_d) · R · diag(1/g_a) · s`` and writing ones ``Rᵀ · W · s`` over the donor's
+stored tensors, the embedding and head row gathers over the anchor's and the rotated
+donor's rows, norms the anchor's tensors; only ``R``, the gains and what those sources
+cannot express (biases, width projections, per-tensor mode, fused or transposed stored
+layouts) are computed here, into temporary side files the plan reads.
 """
 from __future__ import annotations
 
