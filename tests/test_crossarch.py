@@ -366,3 +366,77 @@ parameters: {{beta: 0.6, attn_rank: 2, mlp_rank: 3}}
     with pytest.raises(mf.ConfigError, match="line 8.*betta"):
         mf.run(cfg.replace("beta:", "betta:"), root / "cfg_bad")
     assert not (root / "cfg_bad").exists()
+
+
+def test_align_through_engine_matches_formula(anchor, donors, root, monkeypatch):
+    """align's output is planned as affine/row-gather sources the core materialises (same
+    bytes for 1 and 2 threads), and equals the formulas of the module docstring in float64:
+    reading linears W·diag(g_d)·R·diag(1/g_a), writing ones Rᵀ·W, embed/head rows by token."""
+    import merge_fast.plan as plan_mod
+
+    texts = []
+    real = plan_mod.plan_text
+    monkeypatch.setattr(plan_mod, "plan_text", lambda *a, **k: texts.append(real(*a, **k)) or texts[-1])
+    for donor, layers in ((donors["llama"], (0, 2)), (donors["llama48"], (0, 1))):
+        outs = []
+        for threads in (1, 2):
+            out = root / f"engine_{donor.name}_{threads}"
+            res = mf.align(anchor, donor, out=out, missing="anchor", threads=threads, max_shard_size="20KB")
+            outs.append(out)
+        files = sorted(p.name for p in outs[0].iterdir())
+        assert len([f for f in files if f.endswith(".safetensors")]) > 1
+        assert files == sorted(p.name for p in outs[1].iterdir())
+        for f in files:
+            assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+        A, D, got = read_all(anchor), read_all(donor), read_all(outs[0])
+        R = res.rotation.astype(np.float64)
+        ga = {k: v.astype(np.float64) for k, v in A.items() if "norm" in k}
+        gd = {k: v.astype(np.float64) for k, v in D.items() if "norm" in k}
+        # embedding / head rows by token string (llama48's vocabulary is reversed and larger)
+        at = json.loads((anchor / "tokenizer.json").read_text())["model"]["vocab"]
+        dt = json.loads((donor / "tokenizer.json").read_text())["model"]["vocab"]
+        rows = [dt[t] for t, _ in sorted(at.items(), key=lambda x: x[1])]
+        emb = D["model.embed_tokens.weight"].astype(np.float64)[rows] @ R
+        np.testing.assert_allclose(got["model.embed_tokens.weight"], emb, atol=1e-5)
+        head = (D["lm_head.weight"].astype(np.float64)[rows] * gd["model.norm.weight"]) @ R / ga["model.norm.weight"]
+        np.testing.assert_allclose(got["lm_head.weight"], head, atol=1e-5)
+        if donor == donors["llama"]:  # same widths: every linear is an affine source
+            j = layers[1]  # anchor layer 1 <- donor layer 2 (depth map)
+            q = (D[f"model.layers.{j}.self_attn.q_proj.weight"].astype(np.float64)
+                 * gd[f"model.layers.{j}.input_layernorm.weight"]) @ R / ga["model.layers.1.input_layernorm.weight"]
+            np.testing.assert_allclose(got["model.layers.1.self_attn.q_proj.weight"], q, atol=1e-5)
+            o = R.T @ D[f"model.layers.{j}.self_attn.o_proj.weight"].astype(np.float64)
+            np.testing.assert_allclose(got["model.layers.1.self_attn.o_proj.weight"], o, atol=1e-5)
+            assert np.array_equal(got["model.layers.1.input_layernorm.weight"],
+                                  A["model.layers.1.input_layernorm.weight"])
+    # the large tensors were not computed in Python: they are affine sources of the plan
+    plan = json.loads(texts[0])
+    srcs = {t["name"]: t["inputs"][0] for t in plan["tensors"]}
+    assert srcs["model.layers.1.self_attn.q_proj.weight"]["kind"] == "affine"
+    assert srcs["model.layers.1.self_attn.o_proj.weight"]["kind"] == "affine"
+    assert srcs["model.embed_tokens.weight"]["kind"] == "rows"
+    assert srcs["model.norm.weight"] == {"kind": "tensor", "input": 0, "tensor": "model.norm.weight"}
+
+
+def test_absorb_through_engine_is_deterministic(anchor, donors, root, monkeypatch):
+    """procrustes_absorb plans the absorb_filtered kernel over the anchor's tensor and the
+    donors' aligned (affine) sources; 1 and 2 threads write the same bytes."""
+    import merge_fast.plan as plan_mod
+
+    texts = []
+    real = plan_mod.plan_text
+    monkeypatch.setattr(plan_mod, "plan_text", lambda *a, **k: texts.append(real(*a, **k)) or texts[-1])
+    outs = []
+    for threads in (1, 2):
+        out = root / f"absorb_threads_{threads}"
+        mf.procrustes_absorb(anchor, [donors["llama"], donors["llama48"]], beta=0.3, attn_rank=3, mlp_rank=5,
+                             out=out, threads=threads, max_shard_size="30KB")
+        outs.append(out)
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    for f in names:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    t = {x["name"]: x for x in json.loads(texts[0])["tensors"]}["model.layers.1.self_attn.q_proj.weight"]
+    assert t["method"] == "absorb_filtered" and t["base"]["kind"] == "tensor"
+    # same-width donor: made by the core from its file; the wider one: aligned with numpy (width projection)
+    assert [s["kind"] for s in t["inputs"]] == ["affine", "tensor"]

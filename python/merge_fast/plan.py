@@ -3,7 +3,7 @@ Fisher merge) becomes the one plan the Rust core executes.
 
 A plan is data: the input files, and per output tensor its method, parameters and sources.
 The source builders below mirror ``rust/core/src/plan.rs`` (``Source``: ``tensor``, ``lora``,
-``rows``); nothing else in the package writes a ``{"kind": ...}`` dict. Missing tensors are
+``rows``, ``affine``); nothing else in the package writes a ``{"kind": ...}`` dict. Missing tensors are
 checked by :func:`require_tensors`, the output folder by :func:`check_output`, and
 :func:`execute` serializes the plan and hands it to the executor (:mod:`merge_fast._folders`).
 
@@ -30,7 +30,7 @@ from ._output import check_output_dir, check_threads, parse_size
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
-    "TensorRef", "TensorSource", "LoraSource", "RowsSource", "Source", "TensorPlan", "Inputs",
+    "TensorRef", "TensorSource", "LoraSource", "RowsSource", "AffineSource", "Source", "affine", "TensorPlan", "Inputs",
     "tensor", "lora", "rows", "layer_structure", "check_output", "missing", "require_tensors", "same_tensor_plan",
     "open_checkpoint", "out_dtype_code", "shard_size", "plan_json", "plan_text", "plain", "execute",
 ]
@@ -75,7 +75,25 @@ class RowsSource(TypedDict):
     rows: List[List[Tuple[int, int]]]
 
 
-Source = Union[TensorSource, LoraSource, RowsSource]
+class _AffineRequired(TypedDict):
+    kind: Literal["affine"]
+    src: "Source"
+    shape: List[int]
+    scale: float
+
+
+class AffineSource(_AffineRequired, total=False):
+    """``scale · left · src · diag(right_in) · right · diag(right_out)`` of a 2-D source,
+    each factor optional (cross-architecture alignment: a donor weight carried into the
+    anchor's residual stream); ``shape`` is the result's."""
+
+    left: TensorRef
+    right: TensorRef
+    right_in: TensorRef
+    right_out: TensorRef
+
+
+Source = Union[TensorSource, LoraSource, RowsSource, AffineSource]
 
 
 def tensor(input: int, name: Optional[str] = None) -> TensorSource:
@@ -91,6 +109,21 @@ def lora(base: Source, a: TensorRef, b: TensorRef, scale: float, transpose: bool
 
 def rows(sources: List[Source], shape: List[int], row_map: List[Any]) -> RowsSource:
     return {"kind": "rows", "sources": sources, "shape": shape, "rows": row_map}
+
+
+def affine(src: Source, shape: Sequence[int], *, left: Optional[TensorRef] = None,
+           right: Optional[TensorRef] = None, right_in: Optional[TensorRef] = None,
+           right_out: Optional[TensorRef] = None, scale: float = 1.0) -> AffineSource:
+    d: AffineSource = {"kind": "affine", "src": src, "shape": [int(x) for x in shape], "scale": float(scale)}
+    if left is not None:
+        d["left"] = left
+    if right is not None:
+        d["right"] = right
+    if right_in is not None:
+        d["right_in"] = right_in
+    if right_out is not None:
+        d["right_out"] = right_out
+    return d
 
 
 @dataclasses.dataclass

@@ -278,7 +278,7 @@ def _run_recipe(cfg: MergeConfig, out: Path, *, shard: int, threads, progress, s
         return fisher_dampened(base, models, fisher, weights=weights, **glob, **opts)
     from ..crossarch import procrustes_absorb
 
-    # Its writer buffers one output shard, so it keeps its own (small) shard size.
+    # Written by the engine; keeps its own default shard size (128MB).
     return procrustes_absorb(base, models, out=str(out), weights=weights, seed=seed, overwrite=overwrite, **glob)
 
 

@@ -110,7 +110,7 @@ def function_scales(family: Family, config: Mapping[str, Any]) -> Dict[str, floa
             out["lm_head"] = 1.0 / _cfg_number(config, mult["logits"], family)
     if attrs.get("attention_scale") == "none":
         hd = config.get("d_kv") or dims.get("head_dim")
-        out["attn.q"] = float(np.sqrt(hd))
+        out["attn.q"] = float(np.sqrt(float(hd or 0)))
     key = attrs.get("decoder_output_scale")
     if isinstance(key, str):
         on = config.get(key)
@@ -220,6 +220,19 @@ class ModelView:
             return None
         stored = self._stored(r.source)
         return stored if r.is_identity else np.ascontiguousarray(apply_recipe(r, stored))
+
+    def need(self, key: str) -> np.ndarray:
+        """:meth:`get` for a key the caller knows is there (TensorMismatch naming it if not)."""
+        v = self.get(key)
+        if v is None:
+            raise TensorMismatch(f"tensor mismatch for '{key}': missing from {self.path}")
+        return v
+
+    def need_gain(self, key: str) -> np.ndarray:
+        g = self.gain(key)
+        if g is None:
+            raise TensorMismatch(f"tensor mismatch for '{key}': missing from {self.path}")
+        return g
 
     def gain(self, key: str) -> Optional[np.ndarray]:
         """Effective norm gain (``offset + weight``) of a norm weight key, or None."""

@@ -48,7 +48,9 @@ from .._output import check_output_dir
 from ..arch.roles import CanonicalKey
 from ..linalg import svd
 from ._model import FamilyArg, ModelView
-from ._writer import copy_model_verbatim, write_canonical_model
+from .. import plan as _plan
+from ._engine import Planned, SideFiles, execute_canonical, new_side_dir, stored_source
+from ._writer import copy_model_verbatim
 from .align import DonorAligner
 
 __all__ = ["AbsorbResult", "procrustes_absorb", "procrustes_absorb_params", "filter_delta"]
@@ -154,6 +156,8 @@ def procrustes_absorb(
     cache_dir: Optional[PathLike] = None,
     alignment: str = "residual",
     cross_attention: str = "error",
+    threads: Optional[int] = None,
+    progress: bool = False,
 ) -> AbsorbResult:
     """Absorb the Procrustes-aligned, filtered deltas of ``donors`` (any supported families)
     into ``anchor`` and write the result under the anchor's names to ``out``.
@@ -164,6 +168,13 @@ def procrustes_absorb(
     ``alignment``: ``"residual"`` or ``"per_tensor"`` (module docstring). ``cross_attention``:
     an encoder-decoder (T5) donor's cross-attention has no place in a decoder-only anchor:
     ``"error"`` (default) refuses, ``"skip"`` absorbs only its self-attention and MLP.
+    ``threads``, ``progress``: as for :func:`merge_fast.merge`.
+
+    The merge is planned for the Rust engine: each absorbed tensor runs the
+    ``absorb_filtered`` kernel (the filter and blend above) on the anchor's tensor and the
+    donors' aligned tensors, which the core materialises from the donors' files
+    (:meth:`.align.DonorAligner.plan_source`); tensors it cannot express (fused or
+    transposed stored layouts, width projections) are computed with numpy.
     """
     if alignment not in ("residual", "per_tensor"):
         raise config_error(f"parameter 'alignment' must be 'residual' or 'per_tensor', got {alignment!r}")
@@ -207,7 +218,7 @@ def procrustes_absorb(
                     f"tensor mismatch for '{A.family.from_canonical(key)}' (canonical '{key}'): donor "
                     f"{al.donor.path} ({al.donor.family.name}) has no '{al.donor_key(key)}' (strict=True)"
                 )
-    common = dict(
+    common: Dict[str, Any] = dict(
         rotations=[al.R for al in aligners], alignment_methods=[al.al.method for al in aligners],
         layer_maps=[al.layers for al in aligners], absorbed=absorbed, missing=missing,
     )
@@ -218,7 +229,7 @@ def procrustes_absorb(
     scale = np.float32(1.0 - beta)
 
     def value(key: str) -> np.ndarray:
-        base = A.get(key)
+        base = A.need(key)
         k = CanonicalKey.parse(key) if not key.startswith("passthrough.") else None
         group = _group(k.role) if k is not None else None
         if group is None or (group == "embed" and not include_embeddings) or ranks[group] == 0:
@@ -229,7 +240,7 @@ def procrustes_absorb(
             if status == "missing":
                 missing[str(al.donor.path)].append(key)
                 continue
-            if status != "donor" or wd == 0.0:
+            if status != "donor" or wd == 0.0 or v is None:
                 continue
             if v.shape != base.shape:
                 raise TensorMismatch(f"tensor mismatch for '{key}': aligned donor shape {v.shape} != {base.shape}")
@@ -258,9 +269,55 @@ def procrustes_absorb(
         "mlp_tol": mlp_tol, "embed_tol": embed_tol, "weights": w, "include_embeddings": include_embeddings,
         "seed": seed, "alignment": alignment,
     }
-    wr = write_canonical_model(A, value, out, recipe=recipe, out_dtype=out_dtype, max_shard_size=max_shard_size,
-                               inputs=[v.folder for v in views], overwrite=overwrite)
-    return AbsorbResult(wr.path, wr.tensors_written, wr.bytes_written, time.perf_counter() - t0, files=wr.files,
+    inputs = _plan.Inputs()
+    a_in = inputs(A.path)
+    d_ins = [inputs(v.path) for v in views]
+    with new_side_dir() as tmp:
+        side = SideFiles(inputs, Path(tmp))
+
+        def plan_for(name: str, key: str) -> Optional[Planned]:
+            base = stored_source(A, key, a_in)
+            if base is None:
+                return None
+            keep: Planned = ("passthrough", {}, None, [base])
+            k = CanonicalKey.parse(key) if not key.startswith("passthrough.") else None
+            group = _group(k.role) if k is not None else None
+            if group is None or (group == "embed" and not include_embeddings) or ranks[group] == 0:
+                return keep
+            srcs: List[_plan.Source] = []
+            wts: List[float] = []
+            for j, (al, wd) in enumerate(zip(aligners, w)):
+                status, src = al.plan_source(key, a_in, d_ins[j], side, f"d{j}")
+                if status == "numpy":  # aligned with numpy, read by the kernel from a side file
+                    status, v = al.aligned(key)
+                    if status == "donor":
+                        assert v is not None
+                        if v.shape != A.shape(key):
+                            raise TensorMismatch(f"tensor mismatch for '{key}': aligned donor shape {v.shape} != "
+                                                 f"{A.shape(key)}")
+                        got: np.ndarray = v
+                        ref = side.ref(f"d{j}/out/{key}", lambda: got)
+                        src = _plan.tensor(ref["input"], ref["tensor"])
+                if status == "missing":
+                    missing[str(al.donor.path)].append(key)
+                    continue
+                if status != "donor" or wd == 0.0 or src is None:
+                    continue
+                srcs.append(src)
+                wts.append(wd)
+            if not srcs:
+                return keep
+            absorbed[key] = len(srcs)
+            params: Dict[str, Any] = {"beta": beta, "tol": tols[group], "weight": wts, "oversample": oversample,
+                                      "power_iters": power_iters}
+            if ranks[group] is not None:
+                params["rank"] = ranks[group]
+            return "absorb_filtered", params, base, srcs
+
+        mr = execute_canonical(A, inputs, side, plan_for, value, out, recipe=recipe, out_dtype=out_dtype,
+                               max_shard_size=max_shard_size, protected=[A.folder, *(v.folder for v in views)],
+                               overwrite=overwrite, threads=threads, progress=progress, seed=seed)
+    return AbsorbResult(mr.path, mr.tensors_written, mr.bytes_written, time.perf_counter() - t0, files=mr.files,
                         **common)
 
 

@@ -61,13 +61,21 @@ Sandwich norms (Gemma-2/3 ``attn_post_norm``/``mlp_post_norm``) and post-norm mo
 (BERT, OPT with ``do_layer_norm_before=False``) have a norm between a writing linear and
 the stream, which no rotation can pass through: they raise :class:`ConfigError` naming
 the tensor.
+
+**Output.** The aligned donor is planned for the Rust engine (:mod:`._engine`,
+:meth:`DonorAligner.plan_source`): reading linears are ``affine`` sources
+``W · diag(g_d) · R · diag(1/g_a) · s`` and writing ones ``Rᵀ · W · s`` over the donor's
+stored tensors, the embedding and head row gathers over the anchor's and the rotated
+donor's rows, norms the anchor's tensors; only ``R``, the gains and what those sources
+cannot express (biases, width projections, per-tensor mode, fused or transposed stored
+layouts) are computed here, into temporary side files the plan reads.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -77,7 +85,8 @@ from ..arch import PASSTHROUGH_PREFIX
 from ..arch.roles import CanonicalKey
 from ..linalg import procrustes
 from ._model import FamilyArg, ModelView
-from ._writer import write_canonical_model
+from .. import plan as _plan
+from ._engine import SideFiles, execute_canonical, new_side_dir, stored_source
 from .projection import match_axis, subspace_map
 
 __all__ = ["AlignResult", "Alignment", "align", "depth_map", "estimate_rotation", "per_tensor_rotate"]
@@ -183,8 +192,8 @@ def _row_pairs(anchor: ModelView, donor: ModelView) -> Tuple[str, np.ndarray, np
 def estimate_rotation(anchor: ModelView, donor: ModelView, *, seed: int = 0) -> Alignment:
     """Procrustes ``R`` from embedding rows (see module docstring)."""
     method, ra, rd = _row_pairs(anchor, donor)
-    Ea = anchor.get("embed.weight")
-    Ed = donor.get("embed.weight")
+    Ea = anchor.need("embed.weight")
+    Ed = donor.need("embed.weight")
     if method == "subspace":
         R = subspace_map(Ea, Ed, seed=seed)
         return Alignment(R, method, ra, rd, float("nan"))
@@ -268,7 +277,7 @@ class DonorAligner:
     def _inner(self, key: str, W: np.ndarray, axis: int) -> np.ndarray:
         if W.shape[axis] == self.anchor.shape(key)[axis]:
             return W
-        W2, P = match_axis(self.anchor.get(key), W, axis)
+        W2, P = match_axis(self.anchor.need(key), W, axis)
         self._proj[key] = P
         return W2
 
@@ -302,7 +311,7 @@ class DonorAligner:
             Ed = D.get("embed.weight") @ R
             if c != 1.0:
                 Ed *= c
-            return "donor", self._rows(A.get(key), Ed)
+            return "donor", self._rows(A.need(key), Ed)
         if role == "pos_embed":
             P = D.get(dkey)
             if P is None:
@@ -317,14 +326,14 @@ class DonorAligner:
                 b = D.get(dkey)
                 if b is None:
                     return "missing", None
-                return "donor", self._rows(A.get(key)[:, None], (b * c)[:, None])[:, 0]
+                return "donor", self._rows(A.need(key)[:, None], (b * c)[:, None])[:, 0]
             W = D.get("lm_head.weight")
             if W is None:
                 W = D.get("embed.weight")  # tied donor
             W = self._read_side(W, D, A, k, None, dk_layer=None)
             if c != 1.0:
                 W *= c
-            return "donor", self._rows(A.get(key), W)
+            return "donor", self._rows(A.need(key), W)
         if role in READ_ROLES:
             Wd = D.get(str(CanonicalKey(dk.layer, role, "weight")))
             if Wd is None:
@@ -383,7 +392,7 @@ class DonorAligner:
         if role == "embed":  # the residual-stream fit *is* the embedding's per-tensor fit
             return self._residual(key)
         c = self.conv(role)
-        Wa = A.get(key)
+        Wa = A.need(key)
         if role == "lm_head":
             X = D.get(key)
             if X is None and param == "weight":
@@ -418,8 +427,120 @@ class DonorAligner:
                 X, _ = match_axis(Wa, np.ascontiguousarray(X), axis)
         return "donor", per_tensor_rotate(Wa, X)
 
+    # -------------------------------------------------------------- as plan sources
+    def plan_source(self, key: str, a_in: int, d_in: int, side: SideFiles, tag: str
+                    ) -> Tuple[str, Optional[_plan.Source]]:
+        """:meth:`aligned` as a plan source the core materialises: ``("anchor", src)``,
+        ``("missing", None)``, ``("donor", src)``, or ``("numpy", None)`` where the value
+        has to come from :meth:`aligned` (per-tensor mode, biases, width projections, stored
+        tensors that are fused or transposed). ``a_in``/``d_in``: the plan's input indices of
+        the anchor and donor; ``tag`` names this donor's matrices in ``side``."""
+        A, D = self.anchor, self.donor
+        if key.startswith(PASSTHROUGH_PREFIX):
+            return self._status("anchor", stored_source(A, key, a_in))
+        k = CanonicalKey.parse(key)
+        role, param = k.role, k.param
+        if role in NORM_ROLES:
+            return self._status("anchor", stored_source(A, key, a_in))
+        if self.mode != "residual" or param != "weight":
+            return "numpy", None
+        dkey = self.donor_key(key)
+        dk = CanonicalKey.parse(dkey)
+        ashape = A.shape(key)
+        c = float(self.conv(role))
+
+        def rot() -> _plan.TensorRef:
+            return side.ref(f"{tag}/R", lambda: self.R)
+
+        if role in ("embed", "pos_embed"):
+            src_key = "embed.weight" if role == "embed" else dkey
+            if not D.has(src_key):
+                return "missing", None
+            src = stored_source(D, src_key, d_in)
+            if src is None:
+                return "numpy", None
+            aff = _plan.affine(src, [D.shape(src_key)[0], ashape[1]], right=rot(), scale=c)
+            return self._status("donor", self._rows_source(A, key, a_in, aff, D.shape(src_key)[0], role == "embed"))
+        if role == "lm_head":
+            src_key = "lm_head.weight" if D.has("lm_head.weight") else "embed.weight"
+            src = stored_source(D, src_key, d_in)
+            if src is None:
+                return "numpy", None
+            aff = self._read_affine(src, [D.shape(src_key)[0], ashape[1]], k, None, None, side, tag, c)
+            return self._status("donor", self._rows_source(A, key, a_in, aff, D.shape(src_key)[0], True))
+        if role in READ_ROLES:
+            if not D.has(dkey):
+                return "missing", None
+            if D.shape(dkey)[0] != ashape[0]:
+                return "numpy", None
+            src = stored_source(D, dkey, d_in)
+            if src is None:
+                return "numpy", None
+            return self._status("donor", self._read_affine(src, ashape, k, k.layer, dk.layer, side, tag, c))
+        if role in WRITE_ROLES:
+            if not D.has(dkey):
+                return "missing", None
+            if D.shape(dkey)[1] != ashape[1]:
+                return "numpy", None
+            src = stored_source(D, dkey, d_in)
+            if src is None:
+                return "numpy", None
+            rt = side.ref(f"{tag}/RT", lambda: np.ascontiguousarray(self.R.T))
+            return self._status("donor", _plan.affine(src, ashape, left=rt, scale=c))
+        if not D.has(dkey):
+            return "missing", None
+        if tuple(D.shape(dkey)) != tuple(ashape):
+            return self._status("anchor", stored_source(A, key, a_in))
+        return self._status("donor", stored_source(D, dkey, d_in))
+
+    @staticmethod
+    def _status(status: str, src: Optional[_plan.Source]) -> Tuple[str, Optional[_plan.Source]]:
+        return (status, src) if src is not None else ("numpy", None)
+
+    def _rows_source(self, A: ModelView, key: str, a_in: int, donor: _plan.Source, donor_rows: int,
+                     by_token: bool) -> Optional[_plan.Source]:
+        """:meth:`_rows` (``by_token``; else the first rows) as a row gather: anchor rows
+        (source 0) where the donor has no row for the token, the donor's (source 1) elsewhere."""
+        anc = stored_source(A, key, a_in)
+        if anc is None:
+            return None
+        shape = list(A.shape(key))
+        table: List[List[Tuple[int, int]]] = [[(0, i)] for i in range(shape[0])]
+        if by_token and self.al.method != "subspace":
+            pairs = zip(self.al.anchor_rows.tolist(), self.al.donor_rows.tolist())
+        else:
+            n = min(shape[0], donor_rows)
+            pairs = zip(range(n), range(n))
+        for a, d in pairs:
+            table[a] = [(1, d)]
+        return _plan.rows([anc, donor], shape, table)
+
+    def _read_affine(self, src: _plan.Source, shape: Sequence[int], k: CanonicalKey, a_layer: Optional[int],
+                     dk_layer: Optional[int], side: SideFiles, tag: str, c: float) -> _plan.AffineSource:
+        """:meth:`_read_side` (times ``c``) as an affine source:
+        ``W · diag(g_d) · R · diag(1/g_a) · read_scale · c``."""
+        D, A = self.donor, self.anchor
+        nd = self._norm_for(D, CanonicalKey(dk_layer, k.role, "weight") if dk_layer is not None else k, dk_layer)
+        na = self._norm_for(A, k, a_layer)
+        g = h = None
+        if nd is not None and D.has(nd + ".weight"):
+            dg = nd + ".weight"
+            g = side.ref(f"{tag}/g/{nd}", lambda: D.need_gain(dg))
+        if na is not None and A.has(na + ".weight"):
+            ag = na + ".weight"
+
+            def inv() -> np.ndarray:
+                ga = A.need_gain(ag)
+                safe = np.abs(ga) > 1e-12
+                return np.where(safe, np.float32(1.0) / np.where(safe, ga, np.float32(1.0)), np.float32(0.0))
+
+            h = side.ref(f"anchor/inv_g/{na}", inv)
+        return _plan.affine(src, shape, right=side.ref(f"{tag}/R", lambda: self.R), right_in=g, right_out=h,
+                            scale=float(self.read_scale) * c)
+
     def _read_side(self, Wd, D: ModelView, A: ModelView, k: CanonicalKey, a_layer, dk_layer) -> np.ndarray:
         nd = self._norm_for(D, CanonicalKey(dk_layer, k.role, "weight") if dk_layer is not None else k, dk_layer)
+        assert nd is not None, "reading linears have a norm"
         gd = D.gain(nd + ".weight")
         if gd is not None:  # W diag(g_d) R == W (diag(g_d) R): scale R's rows, not W
             W = Wd @ (gd[:, None] * self.R)
@@ -429,6 +550,7 @@ class DonorAligner:
         if self.read_scale != 1.0:
             W *= self.read_scale
         na = self._norm_for(A, k, a_layer)
+        assert na is not None, "reading linears have a norm"
         ga = A.gain(na + ".weight")
         if ga is not None:
             safe = np.abs(ga) > 1e-12
@@ -467,6 +589,8 @@ def align(
     cache_dir: Optional[PathLike] = None,
     mode: str = "residual",
     cross_attention: str = "error",
+    threads: Optional[int] = None,
+    progress: bool = False,
 ) -> AlignResult:
     """Rotate ``donor``'s residual stream onto ``anchor``'s and (with ``out``) write the aligned
     donor under the anchor's tensor names, config and tokenizer.
@@ -487,6 +611,7 @@ def align(
             ``"per_tensor"`` (each tensor its own Procrustes rotation; module docstring).
         cross_attention: an encoder-decoder donor's cross-attention: ``"error"`` (refuse) or
             ``"skip"`` (leave it out; only self-attention and MLP carry over).
+        threads, progress: as for :func:`merge_fast.merge` (the output is written by the engine).
 
     Returns:
         :class:`AlignResult` with the estimated ``rotation`` ``R`` (``d_donor x d_anchor``,
@@ -509,23 +634,45 @@ def align(
         return res
     filled: List[str] = []
 
+    def absent(key: str) -> None:
+        if missing == "error":
+            raise TensorMismatch(
+                f"tensor mismatch for '{A.family.from_canonical(key)}' (canonical '{key}'): donor {D.path} "
+                f"({D.family.name}) has no '{al.donor_key(key)}'"
+            )
+        filled.append(key)
+
     def value(key: str) -> np.ndarray:
         status, v = al.aligned(key)
         if status == "donor":
+            assert v is not None
             return v
         if status == "missing":
-            if missing == "error":
-                raise TensorMismatch(
-                    f"tensor mismatch for '{A.family.from_canonical(key)}' (canonical '{key}'): donor {D.path} "
-                    f"({D.family.name}) has no '{al.donor_key(key)}'"
-                )
-            filled.append(key)
-        return A.get(key)
+            absent(key)
+        return A.need(key)
 
     recipe = {"method": "align", "anchor": str(anchor), "donor": str(donor), "rotation_method": al.al.method}
-    wr = write_canonical_model(A, value, out, recipe=recipe, out_dtype=out_dtype, max_shard_size=max_shard_size,
-                               inputs=[D.folder], overwrite=overwrite)
-    res.path, res.tensors_written = wr.path, wr.tensors_written
+    inputs = _plan.Inputs()
+    a_in, d_in = inputs(A.path), inputs(D.path)
+    with new_side_dir() as tmp:
+        side = SideFiles(inputs, Path(tmp))
+
+        def plan_for(name: str, key: str) -> Optional[Tuple[str, Dict[str, Any], Optional[_plan.Source],
+                                                            List[_plan.Source]]]:
+            status, src = al.plan_source(key, a_in, d_in, side, "donor")
+            if status == "missing":
+                src = stored_source(A, key, a_in)
+                if src is None:
+                    return None  # value() decides
+                absent(key)
+            if src is None:
+                return None
+            return "passthrough", {}, None, [src]
+
+        mr = execute_canonical(A, inputs, side, plan_for, value, out, recipe=recipe, out_dtype=out_dtype,
+                               max_shard_size=max_shard_size, protected=[A.folder, D.folder], overwrite=overwrite,
+                               threads=threads, progress=progress)
+    res.path, res.tensors_written = mr.path, mr.tensors_written
     res.filled_from_anchor = filled
     res.seconds = time.perf_counter() - t0
     return res

@@ -37,7 +37,8 @@ from .._errors import ConfigError
 from .._output import check_output_dir
 from ..arch.roles import CanonicalKey
 from ._model import FamilyArg, ModelView
-from ._writer import write_canonical_model
+from .. import plan as _plan
+from ._engine import Planned, SideFiles, execute_canonical, new_side_dir, stored_source
 from .align import depth_map, estimate_rotation
 
 __all__ = ["GraftResult", "graft_attention", "head_groups"]
@@ -158,30 +159,30 @@ def graft_attention(
     def value(key: str) -> np.ndarray:
         k = CanonicalKey.parse(key)
         if k.layer is None or k.layer not in todo or not k.role.startswith("attn."):
-            return B.get(key)
+            return B.need(key)
         i, j = k.layer, dmap[k.layer]
         dkey = str(CanonicalKey(j, k.role, k.param))
         role, X = k.role, D.get(dkey)
         if role in ("attn.q", "attn.k", "attn.v"):
             rows = q_rows if role == "attn.q" else kv_rows
             if k.param == "weight":
-                v = read(X[rows], i, j)
+                v = read(D.need(dkey)[rows], i, j)
             else:  # bias: the donor's rows, zeros where the donor has none
                 v = X[rows] if X is not None else np.zeros(len(rows), np.float32)
         elif role == "attn.o":
             if k.param == "weight":
-                v = R.T @ X[:, q_rows]
+                v = R.T @ D.need(dkey)[:, q_rows]
             else:
                 v = R.T @ X if X is not None else np.zeros(B.hidden, np.float32)
         elif role in ("attn.q_norm", "attn.k_norm"):
             if X is None:
-                return B.get(key)  # a donor without per-head norms: keep the body's
-            g = D.gain(dkey)
+                return B.need(key)  # a donor without per-head norms: keep the body's
+            g = D.need_gain(dkey)
             half = hd_d // 2
             tiled = np.concatenate([np.tile(g[:half], m), np.tile(g[half:], m)]) * qk_scale
             v = tiled - np.float32(B.norm_offset)
         else:
-            return B.get(key)
+            return B.need(key)
         replaced.append(B.family.from_canonical(key))
         return np.ascontiguousarray(v, dtype=np.float32)
 
@@ -193,7 +194,19 @@ def graft_attention(
                               f"q_norm/k_norm to hold that; cannot graft its attention")
     recipe = {"method": "graft_attention", "body": str(body), "donor": str(donor), "rotation_method": al.method,
               "layers": sorted(todo)}
-    wr = write_canonical_model(B, value, out, recipe=recipe, out_dtype=out_dtype, inputs=[D.folder],
+    inputs = _plan.Inputs()
+    b_in = inputs(B.path)
+
+    def plan_for(name: str, key: str) -> Optional[Planned]:
+        k = CanonicalKey.parse(key)
+        if k.layer is None or k.layer not in todo or not k.role.startswith("attn."):
+            src = stored_source(B, key, b_in)  # the body's own tensor, copied by the engine
+            return None if src is None else ("passthrough", {}, None, [src])
+        return None  # grafted attention: made with numpy (small), read from a side file
+
+    with new_side_dir() as tmp:
+        mr = execute_canonical(B, inputs, SideFiles(inputs, Path(tmp)), plan_for, value, out, recipe=recipe,
+                               out_dtype=out_dtype, max_shard_size="128MB", protected=[B.folder, D.folder],
                                overwrite=overwrite)
-    return GraftResult(wr.path, R, al.method, al.residual, {i: dmap[i] for i in sorted(todo)}, q_groups, kv_groups,
+    return GraftResult(mr.path, R, al.method, al.residual, {i: dmap[i] for i in sorted(todo)}, q_groups, kv_groups,
                        replaced)

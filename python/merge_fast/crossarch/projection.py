@@ -17,6 +17,8 @@ Two places need them:
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import numpy as np
 
 from ..linalg import procrustes, svd
@@ -53,7 +55,7 @@ def subspace_map(E_anchor: np.ndarray, E_donor: np.ndarray, *, seed: int = 0) ->
     return np.ascontiguousarray(R, dtype=np.float32)
 
 
-def match_axis(W_anchor: np.ndarray, W_donor: np.ndarray, axis: int) -> np.ndarray:
+def match_axis(W_anchor: np.ndarray, W_donor: np.ndarray, axis: int) -> Tuple[np.ndarray, np.ndarray]:
     """Project ``W_donor`` along ``axis`` onto the anchor's size on that axis.
 
     ``axis=0``: ``W_donor`` is ``(n_d, c)`` and the result ``Pᵀ W_donor`` is ``(n_a, c)``;

@@ -13,6 +13,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+mod affine;
+pub use affine::{AffineReader, AffineSpec};
+
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +129,9 @@ pub enum Source {
     Lora(Box<LoraSpec>),
     /// Rows gathered from other sources along axis 0 (vocabulary permutations).
     Rows(Box<RowsSpec>),
+    /// `scale · L · S · diag(g) · R · diag(h)` of another source (cross-architecture
+    /// alignment; see `affine.rs`).
+    Affine(Box<AffineSpec>),
 }
 
 /// `base + scale · B·A` (PEFT layout: A is `[r, in]`, B is `[out, r]`, base `[out, in]`).
@@ -165,6 +171,7 @@ pub enum Reader<'a> {
     Tensor { ckpt: &'a Checkpoint, info: &'a TensorInfo },
     Lora(Box<LoraReader<'a>>),
     Rows(Box<RowsReader<'a>>),
+    Affine(Box<AffineReader<'a>>),
 }
 
 /// `base + scale · B·A`, computed for any element range; the (small) factors are read on
@@ -371,6 +378,7 @@ impl<'a> Reader<'a> {
                 let dtype = readers.first().map(|r| r.dtype()).unwrap_or(Dtype::F32);
                 Ok(Reader::Rows(Box::new(RowsReader { sources: readers, shape: shape.as_slice(), row_len, rows: rows.as_slice(), dtype })))
             }
+            Source::Affine(a) => Ok(Reader::Affine(Box::new(AffineReader::bind(a, ckpts, out_name)?))),
         }
     }
 
@@ -382,6 +390,7 @@ impl<'a> Reader<'a> {
             }
             Reader::Lora(l) => l.base.shape(),
             Reader::Rows(r) => r.shape,
+            Reader::Affine(a) => a.shape,
         }
     }
 
@@ -390,6 +399,7 @@ impl<'a> Reader<'a> {
             Reader::Tensor { info, .. } => info.dtype.expect("checked at bind"),
             Reader::Lora(l) => l.base.dtype(),
             Reader::Rows(r) => r.dtype,
+            Reader::Affine(a) => a.dtype(),
         }
     }
 
@@ -399,6 +409,7 @@ impl<'a> Reader<'a> {
             Reader::Tensor { ckpt, .. } => ckpt.root(),
             Reader::Lora(l) => l.base.root(),
             Reader::Rows(r) => r.sources.first().map_or(Path::new(""), |s| s.root()),
+            Reader::Affine(a) => a.root(),
         }
     }
 
@@ -409,6 +420,7 @@ impl<'a> Reader<'a> {
             }
             Reader::Lora(l) => format!("{} + LoRA '{}'/'{}' in {}", l.base.describe(), l.a.1.name, l.b.1.name, l.a.0.root().display()),
             Reader::Rows(r) => format!("rows gathered from [{}]", r.sources.iter().map(|s| s.describe()).collect::<Vec<_>>().join(", ")),
+            Reader::Affine(a) => a.describe(),
         }
     }
 
@@ -418,6 +430,7 @@ impl<'a> Reader<'a> {
             Reader::Tensor { info, .. } => info.span.len() as u64,
             Reader::Lora(l) => l.base.nbytes() + l.a.1.span.len() as u64 + l.b.1.span.len() as u64,
             Reader::Rows(r) => r.sources.iter().map(|s| s.nbytes()).sum(),
+            Reader::Affine(a) => a.nbytes(),
         }
     }
 
@@ -426,6 +439,7 @@ impl<'a> Reader<'a> {
             Reader::Tensor { ckpt, info } => ckpt.read_f32(info, range, dst),
             Reader::Lora(l) => l.read(range, dst),
             Reader::Rows(r) => r.read(range, dst),
+            Reader::Affine(a) => a.read(range, dst),
         }
     }
 
@@ -434,6 +448,7 @@ impl<'a> Reader<'a> {
             Reader::Tensor { ckpt, info } => ckpt.release(info),
             Reader::Lora(l) => l.release(),
             Reader::Rows(r) => r.sources.iter().for_each(|s| s.release()),
+            Reader::Affine(a) => a.release(),
         }
     }
 }
@@ -731,5 +746,57 @@ mod source_tests {
         }
         let oob = Source::Rows(Box::new(RowsSpec { sources: vec![base()], shape: vec![m, n], rows: vec![vec![(0, m)]; m] }));
         assert!(Reader::bind(&oob, &ckpts, "w").is_err());
+    }
+
+    #[test]
+    fn affine_source_matches_naive_formula() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (m, n, p, q) = (9usize, 7usize, 5usize, 6usize);
+        let (w, l, r, g, h) = (vals(m * n, 11), vals(p * m, 12), vals(n * q, 13), vals(n, 14), vals(q, 15));
+        write(&tmp.path().join("d"), &[("w", vec![m, n], w.clone())]);
+        write(
+            &tmp.path().join("side"),
+            &[("L", vec![p, m], l.clone()), ("R", vec![n, q], r.clone()), ("g", vec![n], g.clone()), ("h", vec![q], h.clone())],
+        );
+        let ckpts = vec![Checkpoint::open(tmp.path().join("d")).unwrap(), Checkpoint::open(tmp.path().join("side")).unwrap()];
+        let tr = |t: &str| Some(TensorRef { input: 1, tensor: t.into() });
+        let spec = |left, right, right_in, right_out, shape: Vec<usize>| {
+            Source::Affine(Box::new(AffineSpec {
+                src: Source::Tensor { input: 0, tensor: Some("w".into()) },
+                shape,
+                left,
+                right,
+                right_in,
+                right_out,
+                scale: 0.5,
+            }))
+        };
+        // scale · L · W · diag(g) · R · diag(h), summed in f64
+        let full = spec(tr("L"), tr("R"), tr("g"), tr("h"), vec![p, q]);
+        let got = read_ranges(&Reader::bind(&full, &ckpts, "w").unwrap(), p * q);
+        for i in 0..p {
+            for j in 0..q {
+                let mut want = 0f64;
+                for a in 0..m {
+                    for b in 0..n {
+                        want += l[i * m + a] as f64 * w[a * n + b] as f64 * g[b] as f64 * r[b * q + j] as f64;
+                    }
+                }
+                want *= 0.5 * h[j] as f64;
+                assert!((got[i * q + j] as f64 - want).abs() < 1e-4, "{i} {j}: {} vs {want}", got[i * q + j]);
+            }
+        }
+        // no R: diag(g) scales W's columns
+        let cols = spec(None, None, tr("g"), None, vec![m, n]);
+        let got = read_ranges(&Reader::bind(&cols, &ckpts, "w").unwrap(), m * n);
+        for i in 0..m {
+            for j in 0..n {
+                assert!((got[i * n + j] - 0.5 * w[i * n + j] * g[j]).abs() < 1e-6);
+            }
+        }
+        // factors that do not fit, or a wrong planned shape, are refused at bind
+        assert!(matches!(Reader::bind(&spec(tr("R"), None, None, None, vec![n, n]), &ckpts, "w"), Err(Error::TensorMismatch { .. })));
+        assert!(Reader::bind(&spec(None, tr("R"), None, None, vec![m, n]), &ckpts, "w").is_err());
+        assert!(Reader::bind(&spec(None, tr("R"), None, tr("g"), vec![m, q]), &ckpts, "w").is_err());
     }
 }

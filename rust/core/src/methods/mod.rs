@@ -8,6 +8,7 @@ use crate::params::{MethodSpec, Params};
 use serde_json::{Map, Value};
 use std::sync::OnceLock;
 
+pub mod absorb;
 pub mod linear;
 pub mod slerp;
 pub mod task_arithmetic;
@@ -27,6 +28,7 @@ fn registry() -> Vec<MethodSpec> {
     all.extend(data_aware::specs());
     all.extend(spectral::specs());
     all.push(trimmed_mean::spec());
+    all.push(absorb::spec());
     all
 }
 
