@@ -39,12 +39,12 @@ pub struct Absorb {
 impl Absorb {
     fn build(p: &Params, n: usize) -> Result<Self> {
         Ok(Absorb {
-            keep: (1.0 - p.f64("beta", 0.5, Range::UNIT)?) as f32,
-            rank: p.count("rank", ALL as usize, ALL as usize)?,
-            tol: p.f64("tol", 0.0, Range::NON_NEG)? as f32,
-            weights: p.per_model("weight", n, Some(1.0), Range::FINITE)?.iter().map(|&w| w as f32).collect(),
-            oversample: p.count("oversample", DEFAULT_OVERSAMPLE, 1 << 20)?,
-            power_iters: p.count("power_iters", DEFAULT_POWER_ITERS, 64)?,
+            keep: (1.0 - p.f64("beta")?) as f32,
+            rank: p.count("rank")?,
+            tol: p.f64("tol")? as f32,
+            weights: p.per_model("weight", n)?.iter().map(|&w| w as f32).collect(),
+            oversample: p.count("oversample")?,
+            power_iters: p.count("power_iters")?,
         })
     }
 

@@ -8,7 +8,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::reader::{Checkpoint, TensorInfo};
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, MatMut, MatRef, Par};
 use serde::Deserialize;
 use std::ops::Range;
 use std::path::Path;
@@ -80,7 +80,7 @@ impl<'a> AffineReader<'a> {
             rows = l[0];
         }
         if let Some(g) = dims(right_in) {
-            if g != [n] {
+            if *g != [n] {
                 return bad(format!("column scales of shape {g:?}, expected [{n}]"));
             }
         }
@@ -92,7 +92,7 @@ impl<'a> AffineReader<'a> {
             cols = r[1];
         }
         if let Some(h) = dims(right_out) {
-            if h != [cols] {
+            if *h != [cols] {
                 return bad(format!("output column scales of shape {h:?}, expected [{cols}]"));
             }
         }
@@ -109,21 +109,22 @@ impl<'a> AffineReader<'a> {
         let (m, n) = (self.src.shape()[0], self.src.shape()[1]);
         let mut s = vec![0f32; m * n];
         self.src.read(0..m * n, &mut s)?;
-        // diag(g) · R (or diag(g) alone): scales S's columns when there is no R.
+        // Row-major buffers written in place by faer: at most two tensor-sized ones alive.
         let g = self.right_in.map(read_all).transpose()?;
-        let mut t: Mat<f32> = match self.right {
+        let (mut t, q) = match self.right {
             Some(r) => {
                 let mut rv = read_all(r)?;
                 let q = rv.len() / n.max(1);
                 if let Some(g) = &g {
+                    // diag(g) · R: scale R's rows (n × q), not S
                     for (row, &gi) in rv.chunks_exact_mut(q.max(1)).zip(g) {
                         row.iter_mut().for_each(|x| *x *= gi);
                     }
                 }
-                let mut t = Mat::<f32>::zeros(m, q);
+                let mut t = vec![0f32; m * q];
                 let (sm, rm) = (MatRef::from_row_major_slice(&s, m, n), MatRef::from_row_major_slice(&rv, n, q));
-                matmul(t.as_mut(), Accum::Replace, sm, rm, 1.0f32, Par::Seq);
-                t
+                matmul(MatMut::from_row_major_slice_mut(&mut t, m, q), Accum::Replace, sm, rm, 1.0f32, Par::Seq);
+                (t, q)
             }
             None => {
                 if let Some(g) = &g {
@@ -131,30 +132,26 @@ impl<'a> AffineReader<'a> {
                         row.iter_mut().zip(g).for_each(|(x, &gi)| *x *= gi);
                     }
                 }
-                MatRef::from_row_major_slice(&s, m, n).to_owned()
+                (std::mem::take(&mut s), n)
             }
         };
         drop(s);
         if let Some(l) = self.left {
             let lv = read_all(l)?;
             let p = lv.len() / m.max(1);
-            let mut u = Mat::<f32>::zeros(p, t.ncols());
-            matmul(u.as_mut(), Accum::Replace, MatRef::from_row_major_slice(&lv, p, m), t.as_ref(), 1.0f32, Par::Seq);
+            let mut u = vec![0f32; p * q];
+            let (lm, tm) = (MatRef::from_row_major_slice(&lv, p, m), MatRef::from_row_major_slice(&t, m, q));
+            matmul(MatMut::from_row_major_slice_mut(&mut u, p, q), Accum::Replace, lm, tm, 1.0f32, Par::Seq);
             t = u;
         }
         let h = self.right_out.map(read_all).transpose()?;
-        let (rows, cols) = (t.nrows(), t.ncols());
-        let mut out = vec![0f32; rows * cols];
-        for i in 0..rows {
-            for j in 0..cols {
-                let x = t[(i, j)] * self.scale;
-                out[i * cols + j] = match &h {
-                    Some(h) => x * h[j],
-                    None => x,
-                };
+        for row in t.chunks_exact_mut(q.max(1)) {
+            match &h {
+                Some(h) => row.iter_mut().zip(h).for_each(|(x, &hj)| *x = *x * self.scale * hj),
+                None => row.iter_mut().for_each(|x| *x *= self.scale),
             }
         }
-        Ok(out)
+        Ok(t)
     }
 
     pub(super) fn read(&self, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
