@@ -98,6 +98,7 @@ def execute_canonical(
     threads: Optional[int] = None,
     progress: ProgressArg = False,
     seed: int = 0,
+    fsync: bool = True,
 ) -> MergeResult:
     """Plans and runs every stored tensor of ``anchor`` (same names, shapes, order).
 
@@ -134,7 +135,7 @@ def execute_canonical(
     side.flush()
     return _plan.execute(inputs.paths, plans, out, recipe=recipe, side_files_from=anchor.folder, out_dtype=code,
                          threads=threads, max_shard_size=shard, progress=progress, overwrite=overwrite,
-                         inputs=list(protected), seed=seed)
+                         inputs=list(protected), seed=seed, fsync=fsync)
 
 
 def new_side_dir() -> "tempfile.TemporaryDirectory[str]":

@@ -158,6 +158,7 @@ def procrustes_absorb(
     cross_attention: str = "error",
     threads: Optional[int] = None,
     progress: bool = False,
+    fsync: bool = True,
 ) -> AbsorbResult:
     """Absorb the Procrustes-aligned, filtered deltas of ``donors`` (any supported families)
     into ``anchor`` and write the result under the anchor's names to ``out``.
@@ -168,7 +169,7 @@ def procrustes_absorb(
     ``alignment``: ``"residual"`` or ``"per_tensor"`` (module docstring). ``cross_attention``:
     an encoder-decoder (T5) donor's cross-attention has no place in a decoder-only anchor:
     ``"error"`` (default) refuses, ``"skip"`` absorbs only its self-attention and MLP.
-    ``threads``, ``progress``: as for :func:`merge_fast.merge`.
+    ``threads``, ``progress``, ``fsync``: as for :func:`merge_fast.merge`.
 
     The merge is planned for the Rust engine: each absorbed tensor runs the
     ``absorb_filtered`` kernel (the filter and blend above) on the anchor's tensor and the
@@ -316,7 +317,8 @@ def procrustes_absorb(
 
         mr = execute_canonical(A, inputs, side, plan_for, value, out, recipe=recipe, out_dtype=out_dtype,
                                max_shard_size=max_shard_size, protected=[A.folder, *(v.folder for v in views)],
-                               overwrite=overwrite, threads=threads, progress=progress, seed=seed)
+                               overwrite=overwrite, threads=threads, progress=progress, seed=seed,
+                               fsync=fsync)
     return AbsorbResult(mr.path, mr.tensors_written, mr.bytes_written, time.perf_counter() - t0, files=mr.files,
                         **common)
 

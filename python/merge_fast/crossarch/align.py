@@ -591,6 +591,7 @@ def align(
     cross_attention: str = "error",
     threads: Optional[int] = None,
     progress: bool = False,
+    fsync: bool = True,
 ) -> AlignResult:
     """Rotate ``donor``'s residual stream onto ``anchor``'s and (with ``out``) write the aligned
     donor under the anchor's tensor names, config and tokenizer.
@@ -611,7 +612,7 @@ def align(
             ``"per_tensor"`` (each tensor its own Procrustes rotation; module docstring).
         cross_attention: an encoder-decoder donor's cross-attention: ``"error"`` (refuse) or
             ``"skip"`` (leave it out; only self-attention and MLP carry over).
-        threads, progress: as for :func:`merge_fast.merge` (the output is written by the engine).
+        threads, progress, fsync: as for :func:`merge_fast.merge` (the output is written by the engine).
 
     Returns:
         :class:`AlignResult` with the estimated ``rotation`` ``R`` (``d_donor x d_anchor``,
@@ -671,7 +672,7 @@ def align(
 
         mr = execute_canonical(A, inputs, side, plan_for, value, out, recipe=recipe, out_dtype=out_dtype,
                                max_shard_size=max_shard_size, protected=[A.folder, D.folder], overwrite=overwrite,
-                               threads=threads, progress=progress)
+                               threads=threads, progress=progress, fsync=fsync)
     res.path, res.tensors_written = mr.path, mr.tensors_written
     res.filled_from_anchor = filled
     res.seconds = time.perf_counter() - t0
