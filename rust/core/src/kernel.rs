@@ -256,11 +256,13 @@ where
     let has_base = io.has_base();
     if !method.elementwise() {
         let (mut bufs, mut out, mut bytes) = scratch(io.slots());
-        for (slot, b) in bufs.iter_mut().enumerate() {
+        // Whole inputs, read side by side: a source made on the fly (a rotated donor
+        // tensor) costs a matrix product each; each slot's value does not depend on the order.
+        bufs.par_iter_mut().enumerate().with_max_len(1).try_for_each(|(slot, b)| {
             let len = io.slot_numel(slot);
             b.resize(len, 0.0);
-            io.read(slot, 0..len, b)?;
-        }
+            io.read(slot, 0..len, b)
+        })?;
         let mut it = bufs.iter().map(|b| b.as_slice());
         let base = if has_base { it.next() } else { None };
         let inputs: Vec<&[f32]> = it.collect();

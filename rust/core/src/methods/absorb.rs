@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::kernel::{Ctx, Method};
 use crate::linalg::{svd, svd_topk, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+use rayon::prelude::*;
 
 /// `rank` meaning "every component".
 const ALL: i64 = 1 << 40;
@@ -89,12 +90,19 @@ impl Method for Absorb {
         if self.rank == 0 {
             return Ok(());
         }
+        // Each donor's delta filtered on its own thread (one SVD each); summed in donor order,
+        // so the result does not depend on the number of threads.
+        let deltas: Vec<Vec<f32>> = inputs
+            .par_iter()
+            .with_max_len(1)
+            .map(|x| {
+                let mut delta: Vec<f32> = x.iter().zip(base).map(|(&x, &b)| x - b).collect();
+                self.filter(ctx, &mut delta).map(|_| delta)
+            })
+            .collect::<Result<_>>()?;
         let mut total = vec![0f32; base.len()];
-        let mut delta = vec![0f32; base.len()];
-        for (x, &w) in inputs.iter().zip(&self.weights) {
-            delta.iter_mut().zip(x.iter().zip(base)).for_each(|(d, (&x, &b))| *d = x - b);
-            self.filter(ctx, &mut delta)?;
-            total.iter_mut().zip(&delta).for_each(|(t, &d)| *t += w * d);
+        for (delta, &w) in deltas.iter().zip(&self.weights) {
+            total.iter_mut().zip(delta).for_each(|(t, &d)| *t += w * d);
         }
         for (o, &t) in out.iter_mut().zip(&total) {
             *o += self.keep * t;
