@@ -96,7 +96,9 @@ def run(data: Path) -> dict:
     out = {}
     cases = [("normal_300x1000", arrays(1, (300, 1000), "normal")),
              ("ties_700x700", arrays(2, (700, 700), "ties")),
-             ("normal_vec_200003", arrays(3, (200003,), "normal"))]
+             ("normal_vec_200003", arrays(3, (200003,), "normal")),
+             # over arcee_fusion's 1,000,000-element sampling threshold
+             ("normal_1100x1000", arrays(4, (1100, 1000), "normal"))]
     for cname, (base, fts) in cases:
         for m, p in METHODS.items():
             models = fts[:1] if m in SINGLE else fts

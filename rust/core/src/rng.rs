@@ -25,7 +25,27 @@ pub fn stream_key(seed: u64, tensor: &str, sub: u64) -> u64 {
 /// with `key` (one mixing step per draw; DARE's masks are bound by this cost).
 #[inline]
 pub fn uniform(key: u64, i: u64) -> f64 {
-    (mix64(key.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    draw(key, i) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// The integer form of a coin with probability `p`: `draw(key, i) < below(p)` holds exactly
+/// when `uniform(key, i) < p` does (`uniform` is `draw · 2⁻⁵³`, exact; `draw` is an integer,
+/// so `draw < p·2⁵³ ⇔ draw < ⌈p·2⁵³⌉`), without an integer-to-float conversion per element.
+#[inline]
+pub fn below(p: f64) -> u64 {
+    if p.is_nan() || p <= 0.0 {
+        0
+    } else if p >= 1.0 {
+        1 << 53
+    } else {
+        (p * (1u64 << 53) as f64).ceil() as u64
+    }
+}
+
+/// The 53 random bits behind `uniform(key, i)`.
+#[inline]
+pub fn draw(key: u64, i: u64) -> u64 {
+    mix64(key.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11
 }
 
 /// Standard normal for element `i` of a stream (Box-Muller on two counter draws).
@@ -50,6 +70,25 @@ mod tests {
         let m = z.iter().sum::<f64>() / n as f64;
         let v = z.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n as f64;
         assert!(m.abs() < 0.01 && (v - 1.0).abs() < 0.02, "{m} {v}");
+    }
+
+    #[test]
+    fn integer_coin_is_the_float_coin() {
+        let k = stream_key(3, "w", 1);
+        let mut ps = vec![0.0, -0.5, 1.0, 1.5, f64::NAN, 1e-300, f64::MIN_POSITIVE, 0.5, 0.3, 0.1 + 0.2, 1.0 - f64::EPSILON / 2.0];
+        ps.extend((1..200).map(|j| uniform(k, 10_000 + j))); // thresholds that land on draws
+        for &p in &ps {
+            let t = below(p);
+            for i in 0..2_000u64 {
+                assert_eq!(draw(k, i) < t, uniform(k, i) < p, "p {p} i {i}");
+            }
+            // Right at the threshold: a draw equal to p·2⁵³ (when p is a draw) is not below it.
+            let u = (p * (1u64 << 53) as f64) as u64;
+            if p > 0.0 && p < 1.0 {
+                assert_eq!(u < t, (u as f64 * (1.0 / (1u64 << 53) as f64)) < p, "edge {p}");
+                assert_eq!(u + 1 < t, ((u + 1) as f64 * (1.0 / (1u64 << 53) as f64)) < p, "edge+1 {p}");
+            }
+        }
     }
 
     #[test]

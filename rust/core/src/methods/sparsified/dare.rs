@@ -14,7 +14,7 @@ use super::gta::{Mode, Sparsifier};
 use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
-use crate::rng::{stream_key, uniform};
+use crate::rng::{below, draw, stream_key, uniform};
 
 pub struct Random {
     density: Vec<f64>,
@@ -49,9 +49,11 @@ impl Sparsifier for Random {
 
     fn mask(&self, ctx: &Ctx, _: usize, i: usize, _: &[f64], delta: &mut [f32]) {
         let key = stream_key(ctx.seed, ctx.tensor, i as u64);
-        let d = self.density[i];
+        let t = below(self.density[i]);
         for (j, x) in delta.iter_mut().enumerate() {
-            *x = if uniform(key, (ctx.offset + j) as u64) < d { *x } else { 0.0 };
+            // `uniform < density` in integers, and a bit mask rather than a branch on a coin flip
+            let keep = u32::from(draw(key, (ctx.offset + j) as u64) < t);
+            *x = f32::from_bits(x.to_bits() & 0u32.wrapping_sub(keep));
         }
     }
 

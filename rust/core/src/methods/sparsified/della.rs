@@ -16,12 +16,12 @@
 //! f32 tensor per model), so `apply` stays elementwise.
 use super::gta::{Mode, Sparsifier};
 use super::select::radix_sort_pairs;
-use super::sparsify::mag_key;
+use super::sparsify::{bits, mag_key};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
-use crate::rng::{stream_key, uniform};
+use crate::rng::{below, draw, stream_key};
 use rayon::prelude::*;
 
 pub struct MagPrune {
@@ -71,6 +71,8 @@ fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u
     let (mut b, mut x) = (Vec::new(), Vec::new());
     let mut words: Vec<u64> = Vec::with_capacity(m);
     let mut tmp: Vec<u64> = Vec::with_capacity(m);
+    // Per rank, the integer threshold of its coin (rng::below): no division or float draw per entry.
+    let thresholds: Vec<u64> = (0..m).map(|r| below(keep_prob(r, m, d, e))).collect();
     for row in (start..end).step_by(m) {
         words.clear();
         for s in (row..row + m).step_by(CHUNK) {
@@ -84,7 +86,7 @@ fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u
         radix_sort_pairs(&mut words, &mut tmp);
         for (rank, &w) in words.iter().enumerate() {
             let j = (w & 0xFFFF_FFFF) as usize;
-            kept[row - start + j] = uniform(key, (row + j) as u64) < keep_prob(rank, m, d, e);
+            kept[row - start + j] = draw(key, (row + j) as u64) < thresholds[rank];
         }
     }
     Ok(kept)
@@ -113,9 +115,7 @@ impl Sparsifier for MagPrune {
             let parts: Vec<Vec<bool>> = wave.par_iter().map(|&st| rows_kept(io, i, st, m, key, (d, e))).collect::<Result<_>>()?;
             for (&(s, _), kept) in wave.iter().zip(parts) {
                 for (j, k) in kept.into_iter().enumerate() {
-                    if k {
-                        words[(s + j) / 32] |= 1 << ((s + j) % 32);
-                    }
+                    words[(s + j) / 32] |= u32::from(k) << ((s + j) % 32); // no branch on a coin flip
                 }
             }
         }
@@ -123,12 +123,7 @@ impl Sparsifier for MagPrune {
     }
 
     fn mask(&self, ctx: &Ctx, _: usize, _: usize, state: &[f64], delta: &mut [f32]) {
-        for (j, x) in delta.iter_mut().enumerate() {
-            let g = ctx.offset + j;
-            if (state[g / 32] as u32 >> (g % 32)) & 1 == 0 {
-                *x = 0.0;
-            }
-        }
+        bits::mask(state, ctx.offset, delta);
     }
 
     fn density(&self, i: usize) -> f64 {

@@ -11,10 +11,11 @@
 //!    `θ = θ_base + Σ_agree w_i τ_i / max(Σ_agree w_i, 1e-6)`.
 //!
 //! mergekit takes no per-model weight for SCE and neither do we. `int8_mask` is accepted and
-//! changes nothing. Memory: one `u32` per element while finding the variance threshold;
-//! `apply` is elementwise.
+//! changes nothing. Memory: one `u32` per element while finding the variance threshold, and
+//! the selection as bits (1/16 of the f32 tensor) for `apply`, which is elementwise. Each
+//! variance is computed once, in the key pass.
 use super::gta::Mode;
-use super::sparsify::{chunk_of, delta_into, keys_and_hist, par_chunks, scratch, Window};
+use super::sparsify::{bits, chunk_of, delta_into, keys_and_hist, par_chunks, scratch, Window};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, Method, TensorIo};
@@ -39,14 +40,6 @@ impl Sce {
     }
 }
 
-/// Population variance across models of `τ_i[j]` (computed in f64, rounded to f32).
-#[inline]
-fn variance(tv: &[Vec<f32>], j: usize) -> f32 {
-    let n = tv.len() as f64;
-    let mean = tv.iter().map(|t| t[j] as f64).sum::<f64>() / n;
-    (tv.iter().map(|t| (t[j] as f64 - mean).powi(2)).sum::<f64>() / n) as f32
-}
-
 /// Task vectors of one chunk from the slot slices (`v[0]` the base).
 fn task_vectors(v: &[&[f32]]) -> Vec<Vec<f32>> {
     v[1..]
@@ -62,30 +55,30 @@ fn task_vectors(v: &[&[f32]]) -> Vec<Vec<f32>> {
 /// The descending key of a zero variance.
 const ZERO_VAR: u32 = !0u32;
 
+/// Descending keys of the population variance across models of `τ_i[j]` (in f64, rounded
+/// to f32), computed model by model over the chunk so the loops vectorize.
 fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
     let tv = task_vectors(v);
-    out.iter_mut().enumerate().for_each(|(j, o)| *o = !variance(&tv, j).to_bits());
+    let n = tv.len() as f64;
+    let mut mean = vec![0f64; out.len()];
+    tv.iter().for_each(|t| mean.iter_mut().zip(t).for_each(|(m, &x)| *m += x as f64));
+    mean.iter_mut().for_each(|m| *m /= n);
+    let mut ss = vec![0f64; out.len()];
+    tv.iter().for_each(|t| ss.iter_mut().zip(t.iter().zip(&mean)).for_each(|(s, (&x, &m))| *s += (x as f64 - m) * (x as f64 - m)));
+    out.iter_mut().zip(&ss).for_each(|(o, &s)| *o = !((s / n) as f32).to_bits());
 }
 
-const HEAD: usize = 1; // mode, then n weights, then the window
+const HEAD: usize = 1; // mode, then n weights, then the keep bits of a partial selection
 
 impl Sce {
-    /// Applies the selection to one chunk's task vectors.
-    fn select(&self, mode: u8, window: &[f64], chunk: usize, tv: &mut [Vec<f32>]) {
-        if mode == Mode::Keep as u8 {
-            return;
-        }
+    /// Applies the selection to one chunk's task vectors (`words`: the keep bits of a
+    /// `Partial` selection, from the tensor's first element).
+    fn select(mode: u8, words: &[f64], chunk: usize, tv: &mut [Vec<f32>]) {
         if mode == Mode::Drop as u8 {
             tv.iter_mut().for_each(|t| t.fill(0.0));
-            return;
+        } else if mode == Mode::Partial as u8 {
+            tv.iter_mut().for_each(|t| bits::mask(words, chunk * CHUNK, t));
         }
-        let len = tv[0].len();
-        let keys: Vec<u32> = (0..len).map(|j| !variance(tv, j).to_bits()).collect();
-        Window::decide(window, chunk, &keys, |j, kept| {
-            if !kept {
-                tv.iter_mut().for_each(|t| t[j] = 0.0);
-            }
-        });
     }
 }
 
@@ -100,10 +93,10 @@ impl Method for Sce {
         let n = io.slots() - 1;
         let numel = io.numel();
         let slots: Vec<usize> = (0..=n).collect();
-        let (mode, mut window) = if self.topk >= 1.0 || numel == 0 {
-            (Mode::Keep, vec![])
+        let (mode, window, keys) = if self.topk >= 1.0 || numel == 0 {
+            (Mode::Keep, vec![], None)
         } else if self.topk <= 0.0 {
-            (Mode::Drop, vec![])
+            (Mode::Drop, vec![], None)
         } else {
             // One pass: every variance key and its histogram; nnz counts the keys of a zero
             // variance (`!0.0.to_bits()`, the largest descending key) out.
@@ -112,22 +105,32 @@ impl Method for Sce {
             let nnz = (numel - zeros) as u64;
             let k = ((nnz as f32) * (self.topk as f32)) as usize;
             if k == 0 {
-                (Mode::Drop, vec![])
+                (Mode::Drop, vec![], None)
             } else {
                 let w = Window::from_keys(&keys, &hist, 0, k.min(numel));
                 let mut st = vec![];
                 w.pack(&mut st);
-                (Mode::Partial, st)
+                (Mode::Partial, st, Some(keys))
             }
         };
-        // Mean squares of the selected task vectors, folded in chunk order.
-        let parts = par_chunks(io, &slots, |c, _, v| {
+        // Mean squares of the selected task vectors, folded in chunk order; the selection is
+        // decided once here from the stored keys and kept as bits for `apply`.
+        let parts = par_chunks(io, &slots, |c, r, v| {
             let mut tv = task_vectors(v);
-            self.select(mode as u8, &window, c, &mut tv);
-            Ok(tv.iter().map(|t| t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect::<Vec<f64>>())
+            let words: Vec<f64> = if let Some(keys) = &keys {
+                let mut kept = vec![false; r.len()];
+                Window::decide(&window, c, &keys[r.clone()], |j, k| kept[j] = k);
+                (0..r.len().div_ceil(32)).map(|w| bits::word(w, r.len(), |g| kept[g])).collect()
+            } else {
+                vec![]
+            };
+            Self::select(mode as u8, &words, 0, &mut tv);
+            let ms = tv.iter().map(|t| t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect::<Vec<f64>>();
+            Ok((ms, words))
         })?;
+        drop(keys);
         let mut ms = vec![0f64; n];
-        for p in &parts {
+        for (p, _) in &parts {
             ms.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
         ms.iter_mut().for_each(|m| *m /= numel.max(1) as f64);
@@ -138,7 +141,7 @@ impl Method for Sce {
         }
         let mut stats = vec![mode as u8 as f64];
         stats.extend(weights);
-        stats.append(&mut window);
+        parts.into_iter().for_each(|(_, w)| stats.extend(w));
         Ok(stats)
     }
 
@@ -150,7 +153,7 @@ impl Method for Sce {
         let mut slices = vec![base];
         slices.extend_from_slice(inputs);
         let mut tv = task_vectors(&slices);
-        self.select(stats[0] as u8, &stats[HEAD + n..], chunk, &mut tv);
+        Self::select(stats[0] as u8, &stats[HEAD + n..], chunk, &mut tv);
         let len = out.len();
         let mut maj = vec![0f32; len];
         for t in &tv {

@@ -363,6 +363,31 @@ pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], key: impl
     }
 }
 
+/// Keep decisions stored as bits (`u32` words carried exactly as `f64` statistics, bit `g % 32`
+/// of word `g / 32` for element `g`): 1/16 of the tensor's f32 size, and `apply` needs no
+/// second look at keys or ranks.
+pub mod bits {
+    /// Word `w` of a mask whose element `g` is kept when `kept(g)`, for `g` in `[32w, 32w+32) ∩ [0, n)`.
+    #[inline]
+    pub fn word(w: usize, n: usize, kept: impl Fn(usize) -> bool) -> f64 {
+        let g0 = 32 * w;
+        (g0..(g0 + 32).min(n)).fold(0u32, |acc, g| acc | (u32::from(kept(g)) << (g - g0))) as f64
+    }
+
+    /// Zeroes the entries of `delta` (elements `first..`, `first` a multiple of 32) whose bit
+    /// is clear. Branch-free: the decisions are coin flips, a branch mispredicts half of them.
+    #[inline]
+    pub fn mask(words: &[f64], first: usize, delta: &mut [f32]) {
+        debug_assert!(first.is_multiple_of(32));
+        for (xs, &w) in delta.chunks_mut(32).zip(&words[first / 32..]) {
+            let w = w as u32;
+            for (b, x) in xs.iter_mut().enumerate() {
+                *x = f32::from_bits(x.to_bits() & 0u32.wrapping_sub((w >> b) & 1));
+            }
+        }
+    }
+}
+
 /// Which norm mergekit's rescale matches (its `RescaleNorm`), or the paper's `1/density`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rescale {
@@ -475,6 +500,22 @@ pub(crate) mod tests {
                 let got = kept_by_window(&vals, lo, hi, desc);
                 assert_eq!(got, reference(&vals, lo, hi, desc), "lo {lo} hi {hi} desc {desc}");
                 assert_eq!(got.iter().filter(|&&k| k).count(), hi - lo);
+            }
+        }
+    }
+
+    #[test]
+    fn bit_masks_zero_exactly_the_dropped_entries() {
+        let n: usize = 1000; // not a multiple of 32
+        let keep = |g: usize| !(g * 7919).is_multiple_of(3);
+        let words: Vec<f64> = (0..n.div_ceil(32)).map(|w| bits::word(w, n, keep)).collect();
+        let vals: Vec<f32> = (0..n).map(|g| g as f32 - 500.5).collect();
+        for first in [0, 32, 320] {
+            let mut d = vals[first..].to_vec();
+            bits::mask(&words, first, &mut d);
+            for (j, x) in d.iter().enumerate() {
+                let want = if keep(first + j) { vals[first + j] } else { 0.0 };
+                assert_eq!(x.to_bits(), want.to_bits(), "element {}", first + j);
             }
         }
     }
