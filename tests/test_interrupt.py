@@ -185,8 +185,12 @@ def _signal_mid_merge(fam, tmp_path, sig, mode):
     work = tmp_path / "work"
     work.mkdir()
     out, marker = work / "merged", tmp_path / "marker"
+    # A shell's background job (e.g. a test run started with `&` without job control) inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt: give the child the
+    # disposition an interactive user's merge has.
     p = subprocess.Popen([sys.executable, "-c", SIGNAL_CHILD, str(fam.a), str(fam.b), str(out), str(marker), mode],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
