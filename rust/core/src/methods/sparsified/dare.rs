@@ -11,6 +11,7 @@
 //! equals `1/density` only in expectation. That is our default too (`rescale_mode: l1`);
 //! `rescale_mode: density` gives the paper's `1/density`.
 use super::gta::{Mode, Sparsifier};
+use super::sparsify::bits;
 use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
@@ -51,9 +52,8 @@ impl Sparsifier for Random {
         let key = stream_key(ctx.seed, ctx.tensor, i as u64);
         let t = below(self.density[i]);
         for (j, x) in delta.iter_mut().enumerate() {
-            // `uniform < density` in integers, and a bit mask rather than a branch on a coin flip
-            let keep = u32::from(draw(key, (ctx.offset + j) as u64) < t);
-            *x = f32::from_bits(x.to_bits() & 0u32.wrapping_sub(keep));
+            *x = bits::keep_if(*x, u32::from(draw(key, (ctx.offset + j) as u64) < t));
+            // `uniform < density` in integers
         }
     }
 

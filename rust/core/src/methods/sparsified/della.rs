@@ -115,7 +115,7 @@ impl Sparsifier for MagPrune {
             let parts: Vec<Vec<bool>> = wave.par_iter().map(|&st| rows_kept(io, i, st, m, key, (d, e))).collect::<Result<_>>()?;
             for (&(s, _), kept) in wave.iter().zip(parts) {
                 for (j, k) in kept.into_iter().enumerate() {
-                    words[(s + j) / 32] |= u32::from(k) << ((s + j) % 32); // no branch on a coin flip
+                    bits::set(&mut words, s + j, k);
                 }
             }
         }

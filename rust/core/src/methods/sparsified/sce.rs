@@ -118,9 +118,9 @@ impl Method for Sce {
         let parts = par_chunks(io, &slots, |c, r, v| {
             let mut tv = task_vectors(v);
             let words: Vec<f64> = if let Some(keys) = &keys {
-                let mut kept = vec![false; r.len()];
-                Window::decide(&window, c, &keys[r.clone()], |j, k| kept[j] = k);
-                (0..r.len().div_ceil(32)).map(|w| bits::word(w, r.len(), |g| kept[g])).collect()
+                let mut kept = vec![0u32; r.len().div_ceil(32)];
+                Window::decide(&window, c, &keys[r.clone()], |j, k| bits::set(&mut kept, j, k));
+                kept.into_iter().map(f64::from).collect()
             } else {
                 vec![]
             };

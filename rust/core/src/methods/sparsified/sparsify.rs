@@ -367,22 +367,28 @@ pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], key: impl
 /// of word `g / 32` for element `g`): 1/16 of the tensor's f32 size, and `apply` needs no
 /// second look at keys or ranks.
 pub mod bits {
-    /// Word `w` of a mask whose element `g` is kept when `kept(g)`, for `g` in `[32w, 32w+32) ∩ [0, n)`.
+    /// Records element `g`'s decision (words start zeroed); no branch on a coin flip.
     #[inline]
-    pub fn word(w: usize, n: usize, kept: impl Fn(usize) -> bool) -> f64 {
-        let g0 = 32 * w;
-        (g0..(g0 + 32).min(n)).fold(0u32, |acc, g| acc | (u32::from(kept(g)) << (g - g0))) as f64
+    pub fn set(words: &mut [u32], g: usize, kept: bool) {
+        words[g / 32] |= u32::from(kept) << (g % 32);
+    }
+
+    /// `x` when `keep` is 1, `+0.0` when it is 0, without a branch (the decisions are coin
+    /// flips: a branch mispredicts half of them).
+    #[inline]
+    pub fn keep_if(x: f32, keep: u32) -> f32 {
+        f32::from_bits(x.to_bits() & 0u32.wrapping_sub(keep))
     }
 
     /// Zeroes the entries of `delta` (elements `first..`, `first` a multiple of 32) whose bit
-    /// is clear. Branch-free: the decisions are coin flips, a branch mispredicts half of them.
+    /// is clear.
     #[inline]
     pub fn mask(words: &[f64], first: usize, delta: &mut [f32]) {
         debug_assert!(first.is_multiple_of(32));
         for (xs, &w) in delta.chunks_mut(32).zip(&words[first / 32..]) {
             let w = w as u32;
             for (b, x) in xs.iter_mut().enumerate() {
-                *x = f32::from_bits(x.to_bits() & 0u32.wrapping_sub((w >> b) & 1));
+                *x = keep_if(*x, (w >> b) & 1);
             }
         }
     }
@@ -508,7 +514,9 @@ pub(crate) mod tests {
     fn bit_masks_zero_exactly_the_dropped_entries() {
         let n: usize = 1000; // not a multiple of 32
         let keep = |g: usize| !(g * 7919).is_multiple_of(3);
-        let words: Vec<f64> = (0..n.div_ceil(32)).map(|w| bits::word(w, n, keep)).collect();
+        let mut packed = vec![0u32; n.div_ceil(32)];
+        (0..n).for_each(|g| bits::set(&mut packed, g, keep(g)));
+        let words: Vec<f64> = packed.into_iter().map(f64::from).collect();
         let vals: Vec<f32> = (0..n).map(|g| g as f32 - 500.5).collect();
         for first in [0, 32, 320] {
             let mut d = vals[first..].to_vec();
