@@ -36,9 +36,15 @@ METHODS = {
     "sce": {"select_topk": 0.4},
     "arcee_fusion": {},
     "model_stock": {},
+    "model_stock/filter_wise": {"filter_wise": True},
+    "nuslerp": {"weight": [0.3, 0.7]},
+    "nuslerp/row_wise": {"weight": [0.3, 0.7], "nuslerp_row_wise": True, "nuslerp_flatten": False},
+    "multislerp": {"weight": [0.4, 0.6]},
+    "karcher": {},
+    "slerp": {"t": 0.4},
     "task_arithmetic": {},
 }
-SINGLE = {"arcee_fusion"}  # one model only
+SINGLE = {"arcee_fusion", "slerp"}  # one model only
 
 
 def arrays(seed: int, shape, kind: str):
@@ -101,16 +107,18 @@ def run(data: Path) -> dict:
              ("normal_1100x1000", arrays(4, (1100, 1000), "normal"))]
     for cname, (base, fts) in cases:
         for m, p in METHODS.items():
-            models = fts[:1] if m in SINGLE else fts
+            method = m.split("/")[0]  # "name/variant": the method with other parameters
+            models = fts[:1] if method in SINGLE else fts
             for th in (1, 2):
-                r = mf.merge(m, models, base=base, params=p, threads=th, seed=5)
+                r = mf.merge(method, models, base=base, params=p, threads=th, seed=5)
                 out[f"{cname}/{m}/t{th}"] = digest(r)
     b, f1, f2 = folders(data / "folders")
     for m, p in METHODS.items():
-        models = [str(f1)] if m in SINGLE else [str(f1), str(f2)]
+        method = m.split("/")[0]
+        models = [str(f1)] if method in SINGLE else [str(f1), str(f2)]
         for th in (1, 2):
-            o = data / "out" / f"{m}_t{th}"
-            mf.merge(m, models, base=str(b), params=p, threads=th, seed=5, out=str(o), dtype="bfloat16")
+            o = data / "out" / f"{m.replace('/', '_')}_t{th}"
+            mf.merge(method, models, base=str(b), params=p, threads=th, seed=5, out=str(o), dtype="bfloat16")
             h = hashlib.sha256()
             for f in sorted(o.glob("*.safetensors")):
                 h.update(f.read_bytes())

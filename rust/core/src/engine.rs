@@ -214,7 +214,11 @@ pub fn run(
         let dt = job.dtype;
         let sz = dt.size();
         let sink = |off: usize, vals: &[f32], bytes: &mut Vec<u8>| {
-            bytes.resize(vals.len() * sz, 0);
+            let n = vals.len() * sz;
+            if bytes.len() < n {
+                bytes.resize(n, 0);
+            }
+            let bytes = &mut bytes[..n];
             encode_f32(dt, vals, bytes);
             check_fits(job.name, dt, vals, bytes, off)?;
             writer.write(idx, off * sz, bytes)

@@ -4,7 +4,7 @@
 //! matrices (all pairwise dot products) of the inputs.
 use crate::error::Result;
 use crate::kernel::TensorIo;
-use crate::kernel::CHUNK;
+use crate::kernel::{with_scratch, CHUNK};
 use rayon::prelude::*;
 
 /// How a tensor is cut into the vectors that per-vector math works on.
@@ -125,39 +125,42 @@ where
                 Layout::Cols { inner } => (0, inner),
             };
             let mut acc = vec![0f64; nacc * k];
-            let mut bufs = vec![vec![0f32; CHUNK]; slots];
-            let mut s = start;
-            while s < end {
-                let e = (s + CHUNK).min(end);
-                for (slot, b) in bufs.iter_mut().enumerate() {
-                    io.read(slot, s..e, &mut b[..e - s])?;
-                }
-                let mut run: Vec<&[f32]> = Vec::with_capacity(slots);
-                match layout {
-                    Layout::Rows { len } => {
-                        let mut p = s;
-                        while p < e {
-                            let seg = p / len;
-                            let q = ((seg + 1) * len).min(e);
-                            run.clear();
-                            run.extend(bufs.iter().map(|b| &b[p - s..q - s]));
-                            let a = seg - seg0;
-                            f(&run, &mut acc[a * k..(a + 1) * k]);
-                            p = q;
+            with_scratch(|sc| -> Result<()> {
+                let (bufs, _, _) = sc.parts(slots, CHUNK);
+                let mut s = start;
+                while s < end {
+                    let e = (s + CHUNK).min(end);
+                    for (slot, b) in bufs.iter_mut().enumerate() {
+                        io.read(slot, s..e, &mut b[..e - s])?;
+                    }
+                    let mut run: Vec<&[f32]> = Vec::with_capacity(slots);
+                    match layout {
+                        Layout::Rows { len } => {
+                            let mut p = s;
+                            while p < e {
+                                let seg = p / len;
+                                let q = ((seg + 1) * len).min(e);
+                                run.clear();
+                                run.extend(bufs.iter().map(|b| &b[p - s..q - s]));
+                                let a = seg - seg0;
+                                f(&run, &mut acc[a * k..(a + 1) * k]);
+                                p = q;
+                            }
+                        }
+                        Layout::Cols { .. } => {
+                            let mut segs = layout.segments(s);
+                            for i in 0..e - s {
+                                let seg = segs.next().unwrap();
+                                run.clear();
+                                run.extend(bufs.iter().map(|b| &b[i..i + 1]));
+                                f(&run, &mut acc[seg * k..(seg + 1) * k]);
+                            }
                         }
                     }
-                    Layout::Cols { .. } => {
-                        let mut segs = layout.segments(s);
-                        for i in 0..e - s {
-                            let seg = segs.next().unwrap();
-                            run.clear();
-                            run.extend(bufs.iter().map(|b| &b[i..i + 1]));
-                            f(&run, &mut acc[seg * k..(seg + 1) * k]);
-                        }
-                    }
+                    s = e;
                 }
-                s = e;
-            }
+                Ok(())
+            })?;
             Ok((seg0, acc))
         })
         .collect::<Result<_>>()?;
@@ -208,16 +211,108 @@ pub fn dot(x: &[f32], y: &[f32], b: Option<&[f32]>) -> f64 {
 }
 
 /// Adds the packed Gram matrix (upper triangle with diagonal) of the vectors
-/// `run[idx[i]]` (minus `run[base]` when given) over one run to `acc`.
+/// `run[idx[i]]` (minus `run[base]` when given) over one run to `acc`. Each entry is
+/// exactly `dot` of its pair; up to four vectors are swept once for all pairs (each
+/// difference taken once), more pair by pair.
 #[inline]
 pub fn gram_run(run: &[&[f32]], idx: &[usize], base: Option<usize>, acc: &mut [f64]) {
     let b = base.map(|s| run[s]);
-    let n = idx.len();
+    let v = |i: usize| run[idx[i]];
+    match idx.len() {
+        1 => gram_swept::<1, 1>(core::array::from_fn(v), b, acc),
+        2 => gram_swept::<2, 3>(core::array::from_fn(v), b, acc),
+        3 => gram_swept::<3, 6>(core::array::from_fn(v), b, acc),
+        4 => gram_swept::<4, 10>(core::array::from_fn(v), b, acc),
+        n => gram_pairwise(n, v, b, acc),
+    }
+}
+
+fn gram_pairwise<'a>(n: usize, v: impl Fn(usize) -> &'a [f32], b: Option<&[f32]>, acc: &mut [f64]) {
     let mut t = 0;
     for i in 0..n {
         for j in i..n {
-            acc[t] += dot(run[idx[i]], run[idx[j]], b);
+            acc[t] += dot(v(i), v(j), b);
             t += 1;
+        }
+    }
+}
+
+/// `gram_run` for `N` vectors (`P` = N(N+1)/2 pairs) in one sweep: the same four lane sums,
+/// tail and final fold per pair as `dot`, so every entry is bit-identical to it.
+#[inline]
+fn gram_swept<const N: usize, const P: usize>(v: [&[f32]; N], b: Option<&[f32]>, acc: &mut [f64]) {
+    let len = v[0].len();
+    let v: [&[f32]; N] = core::array::from_fn(|i| &v[i][..len]);
+    match b {
+        Some(b) => {
+            let b = &b[..len];
+            sweep::<N, P>(len, |i, j| (v[i][j] - b[j]) as f64, acc)
+        }
+        None => sweep::<N, P>(len, |i, j| v[i][j] as f64, acc),
+    }
+}
+
+#[inline(always)]
+fn sweep<const N: usize, const P: usize>(len: usize, diff: impl Fn(usize, usize) -> f64, acc: &mut [f64]) {
+    let n4 = len / 4 * 4;
+    let mut lanes = [[0f64; 4]; P];
+    let mut tail = [0f64; P];
+    for k in (0..n4).step_by(4) {
+        let mut d = [[0f64; 4]; N];
+        for (i, di) in d.iter_mut().enumerate() {
+            for (l, x) in di.iter_mut().enumerate() {
+                *x = diff(i, k + l);
+            }
+        }
+        let mut t = 0;
+        for i in 0..N {
+            for j in i..N {
+                for l in 0..4 {
+                    lanes[t][l] += d[i][l] * d[j][l];
+                }
+                t += 1;
+            }
+        }
+    }
+    for k in n4..len {
+        let mut d = [0f64; N];
+        for (i, x) in d.iter_mut().enumerate() {
+            *x = diff(i, k);
+        }
+        let mut t = 0;
+        for i in 0..N {
+            for j in i..N {
+                tail[t] += d[i] * d[j];
+                t += 1;
+            }
+        }
+    }
+    for t in 0..P {
+        let a = &lanes[t];
+        acc[t] += (a[0] + a[1]) + (a[2] + a[3]) + tail[t];
+    }
+}
+
+/// Calls `f(range, vector)` for each maximal run of elements `offset..offset + len` (as
+/// positions within the piece) that belong to one vector of `layout`: kernels then apply
+/// a per-vector coefficient run by run, in loops that vectorize.
+#[inline]
+pub fn for_each_run(layout: Layout, offset: usize, len: usize, mut f: impl FnMut(std::ops::Range<usize>, usize)) {
+    match layout {
+        Layout::Rows { len: row } => {
+            let mut p = offset;
+            while p < offset + len {
+                let seg = p / row;
+                let q = ((seg + 1) * row).min(offset + len);
+                f(p - offset..q - offset, seg);
+                p = q;
+            }
+        }
+        Layout::Cols { .. } => {
+            let mut segs = layout.segments(offset);
+            for i in 0..len {
+                f(i..i + 1, segs.next().unwrap());
+            }
         }
     }
 }
@@ -298,6 +393,34 @@ mod tests {
             let three = run_threads(3, name, p, &[r, c], Some(&base), &xs).unwrap();
             assert_eq!(one, three, "{name}");
         }
+    }
+
+    #[test]
+    fn swept_gram_is_pairwise_dot_bit_for_bit() {
+        for n in 1..=5 {
+            for len in [1usize, 3, 4, 7, 1001] {
+                let xs: Vec<Vec<f32>> = (0..=n).map(|k| testing::rand(len, 40 + k as u64)).collect();
+                let run: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+                let idx: Vec<usize> = (1..=n).collect();
+                for base in [None, Some(0)] {
+                    let mut got = vec![0.5f64; n * (n + 1) / 2];
+                    gram_run(&run, &idx, base, &mut got);
+                    let mut want = vec![0.5f64; n * (n + 1) / 2];
+                    gram_pairwise(n, |i| run[idx[i]], base.map(|s| run[s]), &mut want);
+                    assert_eq!(got.iter().map(|g| g.to_bits()).collect::<Vec<_>>(), want.iter().map(|w| w.to_bits()).collect::<Vec<_>>());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn runs_cover_each_vector_once() {
+        let mut seen = vec![];
+        for_each_run(Layout::Rows { len: 3 }, 2, 5, |r, s| seen.push((r, s)));
+        assert_eq!(seen, vec![(0..1, 0), (1..4, 1), (4..5, 2)]);
+        seen.clear();
+        for_each_run(Layout::Cols { inner: 3 }, 2, 3, |r, s| seen.push((r, s)));
+        assert_eq!(seen, vec![(0..1, 2), (1..2, 0), (2..3, 1)]);
     }
 
     #[test]

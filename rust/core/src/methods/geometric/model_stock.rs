@@ -15,7 +15,7 @@
 //! Memory: the pairwise dot products and norms are streamed (whole-tensor mode) or
 //! gathered per row in `prepare` (filter-wise: one f64 per row and statistic); `apply`
 //! runs elementwise on chunks.
-use super::common::{gram_run, tri, vector_stats, Layout, MAX_MODELS};
+use super::common::{for_each_run, gram_run, tri, vector_stats, Layout, MAX_MODELS};
 use crate::error::{Error, Result};
 use crate::kernel::{Ctx, Method, TensorIo};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params};
@@ -93,22 +93,22 @@ impl Method for ModelStock {
 
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
         let base = base.expect("arity checked at build");
-        let inv_n = self.n as f32;
-        let mut segs = self.layout(ctx.shape).segments(ctx.offset);
-        for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
-            let t = stats[segs.next().unwrap()];
+        let n = self.n as f32;
+        for_each_run(self.layout(ctx.shape), ctx.offset, out.len(), |r, seg| {
+            let (o, b) = (&mut out[r.clone()], &base[r.clone()]);
+            let t = stats[seg];
             if t.is_nan() {
-                *o = b;
-                continue;
+                o.copy_from_slice(b);
+                return;
             }
             let t = t as f32;
-            let mut s = 0f32;
+            // The sum starts from +0.0 and adds the models in order (as the reference does).
+            o.fill(0.0);
             for x in inputs {
-                s += x[j];
+                o.iter_mut().zip(&x[r.clone()]).for_each(|(o, &v)| *o += v);
             }
-            let avg = s / inv_n;
-            *o = t * avg + (1.0 - t) * b;
-        }
+            o.iter_mut().zip(b).for_each(|(o, &b)| *o = t * (*o / n) + (1.0 - t) * b);
+        });
         Ok(())
     }
 }

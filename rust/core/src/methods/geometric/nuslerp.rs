@@ -15,7 +15,7 @@
 //!
 //! Memory: per-vector dot products and norms are streamed in `prepare` (one coefficient
 //! pair per vector); `apply` runs elementwise on chunks.
-use super::common::{dot, vector_stats, Layout};
+use super::common::{for_each_run, gram_run, vector_stats, Layout};
 use crate::error::Result;
 use crate::kernel::{Ctx, Method, TensorIo};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
@@ -80,16 +80,11 @@ impl Method for NuSlerp {
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let off = usize::from(io.has_base());
         let base = io.has_base().then_some(0);
-        let g = vector_stats(io, self.layout(ctx.shape), 3, |run, acc| {
-            let b = base.map(|s| run[s]);
-            let (x, y) = (run[off], run[off + 1]);
-            acc[0] += dot(x, y, b);
-            acc[1] += dot(x, x, b);
-            acc[2] += dot(y, y, b);
-        })?;
+        // Per vector the packed Gram matrix of the two models: |x|², ⟨x,y⟩, |y|².
+        let g = vector_stats(io, self.layout(ctx.shape), 3, |run, acc| gram_run(run, &[off, off + 1], base, acc))?;
         let mut out = Vec::with_capacity(g.len() / 3 * 2);
         for s in g.chunks(3) {
-            let (c0, c1) = Self::coefficients(self.t, s[0], s[1], s[2]);
+            let (c0, c1) = Self::coefficients(self.t, s[1], s[0], s[2]);
             out.push(c0);
             out.push(c1);
         }
@@ -97,24 +92,20 @@ impl Method for NuSlerp {
     }
 
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
-        let mut segs = self.layout(ctx.shape).segments(ctx.offset);
         let (x, y) = (inputs[0], inputs[1]);
-        match base {
-            Some(b) => {
-                for (j, o) in out.iter_mut().enumerate() {
-                    let s = segs.next().unwrap();
-                    let (c0, c1) = (stats[2 * s] as f32, stats[2 * s + 1] as f32);
-                    *o = b[j] + (c0 * (x[j] - b[j]) + c1 * (y[j] - b[j]));
+        for_each_run(self.layout(ctx.shape), ctx.offset, out.len(), |r, s| {
+            let (c0, c1) = (stats[2 * s] as f32, stats[2 * s + 1] as f32);
+            let (o, x, y) = (&mut out[r.clone()], &x[r.clone()], &y[r.clone()]);
+            match base {
+                Some(b) => {
+                    let b = &b[r];
+                    for (j, o) in o.iter_mut().enumerate() {
+                        *o = b[j] + (c0 * (x[j] - b[j]) + c1 * (y[j] - b[j]));
+                    }
                 }
+                None => o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = c0 * x + c1 * y),
             }
-            None => {
-                for (j, o) in out.iter_mut().enumerate() {
-                    let s = segs.next().unwrap();
-                    let (c0, c1) = (stats[2 * s] as f32, stats[2 * s + 1] as f32);
-                    *o = c0 * x[j] + c1 * y[j];
-                }
-            }
-        }
+        });
         Ok(())
     }
 }
