@@ -226,6 +226,22 @@ thread_local! {
     static SPARE: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
 }
 
+thread_local! {
+    static WORK: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's f32 work buffer of `len` elements (contents unspecified),
+/// kept between calls: a kernel's per-chunk temporaries without an allocation per chunk.
+pub fn with_work<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut w = WORK.with(|c| c.take());
+    if w.len() < len {
+        w.resize(len, 0.0);
+    }
+    let r = f(&mut w[..len]);
+    WORK.with(|c| c.set(w));
+    r
+}
+
 /// Runs `f` with this thread's scratch buffers, kept from chunk to chunk and tensor to tensor:
 /// fresh buffers per rayon split were zeroed and faulted in each time (~8% of the CPU time of
 /// a 1.1B model_stock merge). The buffers are taken out while in use, so a job the thread

@@ -22,7 +22,7 @@
 //! buffer (dropped before the next model); `apply` is elementwise on engine chunks.
 use super::sparsify::{chunk_of, delta_into, par_chunks, phase, scratch, sign, Rescale, RESCALE_EPS};
 use crate::error::{Error, Result};
-use crate::kernel::{Ctx, Method, TensorIo};
+use crate::kernel::{with_work, Ctx, Method, TensorIo};
 use crate::params::Params;
 
 /// What sparsification leaves of one model's delta on one tensor.
@@ -145,13 +145,20 @@ impl Gta {
             _ => {}
         }
         let parts = par_chunks(io, &[0, i + 1], |c, r, v| {
-            let mut d = vec![0f32; r.len()];
-            delta_into(v[1], v[0], &mut d);
-            let (mut before, mut after) = (0f64, 0f64);
-            d.iter().for_each(|&x| norm.acc(&mut before, x));
-            self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, state, &mut d);
-            d.iter().for_each(|&x| norm.acc(&mut after, x));
-            Ok((before, after))
+            with_work(2 * r.len(), |w| {
+                let (d, kept) = w.split_at_mut(r.len());
+                delta_into(v[1], v[0], d);
+                kept.copy_from_slice(d);
+                self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, state, kept);
+                // Both norms in one loop: two independent sums (each in element order), which
+                // the CPU overlaps; one after the other, each waited on its own additions.
+                let (mut before, mut after) = (0f64, 0f64);
+                d.iter().zip(kept.iter()).for_each(|(&x, &y)| {
+                    norm.acc(&mut before, x);
+                    norm.acc(&mut after, y);
+                });
+                Ok((before, after))
+            })
         })?;
         let (b, a) = parts.iter().fold((0.0, 0.0), |(b, a), &(pb, pa)| (norm.fold(b, pb), norm.fold(a, pa)));
         let (b, a) = (norm.finish(b), norm.finish(a));
@@ -188,13 +195,27 @@ impl Gta {
         let base = base.expect("arity checked at build");
         let (n, len) = (inputs.len(), out.len());
         let chunk = chunk_of(ctx)?;
-        // Every delta written once, no zero fill first (the vector is fresh per chunk).
-        let mut d = Vec::with_capacity(n * len);
+        // The deltas, the elected signs and the divisors in one per-thread buffer.
+        with_work((n + 2) * len, |w| self.combine_chunk(ctx, chunk, base, inputs, stats, w, out));
+        if self.lambda != 1.0 {
+            out.iter_mut().for_each(|o| *o *= self.lambda);
+        }
+        out.iter_mut().zip(base).for_each(|(o, &b)| *o += b);
+        Ok(())
+    }
+
+    /// The combined (not yet λ-scaled) deltas of one chunk into `out`; `w` holds (n + 2)·len.
+    #[allow(clippy::too_many_arguments)]
+    fn combine_chunk(&self, ctx: &Ctx, chunk: usize, base: &[f32], inputs: &[&[f32]], stats: &[f64], w: &mut [f32], out: &mut [f32]) {
+        let (n, len) = (inputs.len(), out.len());
+        let (d, rest) = w.split_at_mut(n * len);
+        let (maj, div) = rest.split_at_mut(len);
         for (i, x) in inputs.iter().enumerate() {
+            let di = &mut d[i * len..(i + 1) * len];
             if stats[HEAD * i] as u8 == Mode::Drop as u8 {
-                d.extend(std::iter::repeat_n(0f32, len));
+                di.fill(0.0);
             } else {
-                d.extend(x.iter().zip(base).map(|(&v, &b)| v - b)); // as `delta_into`
+                delta_into(x, base, di);
             }
         }
         for (i, di) in d.chunks_mut(len.max(1)).enumerate().take(n) {
@@ -215,7 +236,7 @@ impl Gta {
         match self.consensus {
             Some(c) => {
                 // Branch-free per model (vectorizes): s = Σ_i d_i (or Σ sign), then the agreeing sums.
-                let mut maj = vec![0f32; len];
+                maj.fill(0.0);
                 for di in d.chunks(len.max(1)).take(n) {
                     if c == Consensus::Count {
                         maj.iter_mut().zip(di).for_each(|(s, &v)| *s += sign(v));
@@ -224,18 +245,18 @@ impl Gta {
                     }
                 }
                 maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
-                let mut div = vec![0f32; len];
+                div.fill(0.0);
                 out.iter_mut().for_each(|o| *o = 0.0);
                 for (i, di) in d.chunks(len.max(1)).enumerate().take(n) {
                     let wi = if self.count_mean { 1.0 } else { self.weights[i] };
-                    for ((o, q), (&x, &m)) in out.iter_mut().zip(div.iter_mut()).zip(di.iter().zip(&maj)) {
+                    for ((o, q), (&x, &m)) in out.iter_mut().zip(div.iter_mut()).zip(di.iter().zip(maj.iter())) {
                         let agree = x * m > 0.0; // sign(d) == elected sign; zeros never agree
                         *o += if agree { x } else { 0.0 };
                         *q += if agree { wi } else { 0.0 };
                     }
                 }
                 if self.normalize {
-                    out.iter_mut().zip(&div).for_each(|(o, &v)| *o /= if v == 0.0 { 1.0 } else { v });
+                    out.iter_mut().zip(div.iter()).for_each(|(o, &v)| *o /= if v == 0.0 { 1.0 } else { v });
                 }
             }
             None => {
@@ -248,10 +269,5 @@ impl Gta {
                 }
             }
         }
-        if self.lambda != 1.0 {
-            out.iter_mut().for_each(|o| *o *= self.lambda);
-        }
-        out.iter_mut().zip(base).for_each(|(o, &b)| *o += b);
-        Ok(())
     }
 }

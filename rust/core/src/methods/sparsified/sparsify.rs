@@ -16,8 +16,7 @@
 //!   exact in f64).
 use super::select::{locate, min_chunks_per_hist, HighHist, BUCKETS};
 use crate::error::{Error, Result};
-use crate::kernel::CHUNK;
-use crate::kernel::{Ctx, TensorIo};
+use crate::kernel::{with_scratch, Ctx, TensorIo, CHUNK};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -95,18 +94,17 @@ where
     let numel = io.numel();
     (0..n_chunks(numel))
         .into_par_iter()
-        .map_init(
-            || vec![Vec::<f32>::new(); slots.len()],
-            |bufs, c| {
+        .map(|c| {
+            with_scratch(|sc| {
                 let r = c * CHUNK..((c + 1) * CHUNK).min(numel);
+                let (bufs, _, _) = sc.parts(slots.len(), r.len());
                 for (b, &s) in bufs.iter_mut().zip(slots) {
-                    b.resize(r.len(), 0.0);
-                    io.read(s, r.clone(), b)?;
+                    io.read(s, r.clone(), &mut b[..r.len()])?;
                 }
                 let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
                 f(c, r, &views)
-            },
-        )
+            })
+        })
         .collect()
 }
 
@@ -176,21 +174,20 @@ pub fn keys_and_hist(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn) -> Resu
         .par_chunks_mut(CHUNK)
         .enumerate()
         .with_min_len(min_chunks_per_hist(n_chunks(io.numel())))
-        .try_fold(
-            || (vec![Vec::<f32>::new(); slots.len()], HighHist::new()),
-            |(mut bufs, mut hist), (c, out)| -> Result<_> {
-                let r = c * CHUNK..c * CHUNK + out.len();
+        .try_fold(HighHist::new, |mut hist, (c, out)| -> Result<_> {
+            let r = c * CHUNK..c * CHUNK + out.len();
+            with_scratch(|sc| {
+                let (bufs, _, _) = sc.parts(slots.len(), r.len());
                 for (buf, &s) in bufs.iter_mut().zip(slots) {
-                    buf.resize(r.len(), 0.0);
-                    io.read(s, r.clone(), buf)?;
+                    io.read(s, r.clone(), &mut buf[..r.len()])?;
                 }
                 let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
                 key_fn(&views, out);
-                hist.add(out);
-                Ok((bufs, hist))
-            },
-        )
-        .map(|r| r.map(|(_, h)| h))
+                Ok(())
+            })?;
+            hist.add(out);
+            Ok(hist)
+        })
         .try_reduce(HighHist::new, |a, b| Ok(a.merge(b)))?;
     Ok((keys, hist))
 }
