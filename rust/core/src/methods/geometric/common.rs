@@ -238,9 +238,27 @@ fn gram_pairwise<'a>(n: usize, v: impl Fn(usize) -> &'a [f32], b: Option<&[f32]>
 }
 
 /// `gram_run` for `N` vectors (`P` = N(N+1)/2 pairs) in one sweep: the same four lane sums,
-/// tail and final fold per pair as `dot`, so every entry is bit-identical to it.
+/// tail and final fold per pair as `dot`, so every entry is bit-identical to it. Also
+/// compiled for AVX2 (four f64 lanes instead of two; chosen at run time): the same
+/// additions and multiplications in the same order (Rust never fuses them), the same bits.
 #[inline]
 fn gram_swept<const N: usize, const P: usize>(v: [&[f32]; N], b: Option<&[f32]>, acc: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the target feature it is compiled with was just detected.
+        return unsafe { gram_swept_avx2::<N, P>(v, b, acc) };
+    }
+    gram_swept_any::<N, P>(v, b, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gram_swept_avx2<const N: usize, const P: usize>(v: [&[f32]; N], b: Option<&[f32]>, acc: &mut [f64]) {
+    gram_swept_any::<N, P>(v, b, acc)
+}
+
+#[inline(always)]
+fn gram_swept_any<const N: usize, const P: usize>(v: [&[f32]; N], b: Option<&[f32]>, acc: &mut [f64]) {
     let len = v[0].len();
     let v: [&[f32]; N] = core::array::from_fn(|i| &v[i][..len]);
     match b {

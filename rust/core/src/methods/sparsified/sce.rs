@@ -18,7 +18,7 @@ use super::gta::Mode;
 use super::sparsify::{bits, chunk_of, delta_into, keys_and_hist, par_chunks, scratch, Window};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
-use crate::kernel::{Ctx, Method, TensorIo};
+use crate::kernel::{with_work, Ctx, Method, TensorIo};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 
 pub fn spec() -> MethodSpec {
@@ -40,32 +40,61 @@ impl Sce {
     }
 }
 
-/// Task vectors of one chunk from the slot slices (`v[0]` the base).
-fn task_vectors(v: &[&[f32]]) -> Vec<Vec<f32>> {
-    v[1..]
-        .iter()
-        .map(|x| {
-            let mut t = vec![0f32; x.len()];
-            delta_into(x, v[0], &mut t);
-            t
-        })
-        .collect()
+/// Task vectors of one chunk from the slot slices (`v[0]` the base) into `tv`, model after
+/// model (`tv.len()` = models · chunk length).
+fn task_vectors(v: &[&[f32]], tv: &mut [f32]) {
+    let len = v[0].len();
+    for (x, t) in v[1..].iter().zip(tv.chunks_mut(len.max(1))) {
+        delta_into(x, v[0], t);
+    }
 }
 
 /// The descending key of a zero variance.
 const ZERO_VAR: u32 = !0u32;
 
 /// Descending keys of the population variance across models of `τ_i[j]` (in f64, rounded
-/// to f32), computed model by model over the chunk so the loops vectorize.
+/// to f32), computed model by model over blocks of the chunk so the loops vectorize.
 fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
-    let tv = task_vectors(v);
-    let n = tv.len() as f64;
-    let mut mean = vec![0f64; out.len()];
-    tv.iter().for_each(|t| mean.iter_mut().zip(t).for_each(|(m, &x)| *m += x as f64));
-    mean.iter_mut().for_each(|m| *m /= n);
-    let mut ss = vec![0f64; out.len()];
-    tv.iter().for_each(|t| ss.iter_mut().zip(t.iter().zip(&mean)).for_each(|(s, (&x, &m))| *s += (x as f64 - m) * (x as f64 - m)));
-    out.iter_mut().zip(&ss).for_each(|(o, &s)| *o = !((s / n) as f32).to_bits());
+    const B: usize = 1024;
+    let n = (v.len() - 1) as f64;
+    let (mut mean, mut ss, mut t) = ([0f64; B], [0f64; B], [0f32; B]);
+    for (k, o) in out.chunks_mut(B).enumerate() {
+        let r = k * B..k * B + o.len();
+        let (mean, ss, t) = (&mut mean[..o.len()], &mut ss[..o.len()], &mut t[..o.len()]);
+        mean.fill(0.0);
+        for x in &v[1..] {
+            delta_into(&x[r.clone()], &v[0][r.clone()], t);
+            mean.iter_mut().zip(t.iter()).for_each(|(m, &x)| *m += x as f64);
+        }
+        mean.iter_mut().for_each(|m| *m /= n);
+        ss.fill(0.0);
+        for x in &v[1..] {
+            delta_into(&x[r.clone()], &v[0][r.clone()], t);
+            ss.iter_mut().zip(t.iter().zip(mean.iter())).for_each(|(s, (&x, &m))| *s += (x as f64 - m) * (x as f64 - m));
+        }
+        o.iter_mut().zip(ss.iter()).for_each(|(o, &s)| *o = !((s / n) as f32).to_bits());
+    }
+}
+
+/// `Σ τ²` of each model's task vector over the chunk (each sum in element order), two
+/// models per loop: their sums are independent, so the CPU overlaps them.
+fn mean_squares(tv: &[f32], len: usize, n: usize) -> Vec<f64> {
+    let sq = |x: f32| (x as f64) * (x as f64);
+    let t = |i: usize| &tv[i * len..(i + 1) * len];
+    let mut ms = vec![0f64; n];
+    for i in (0..n).step_by(2) {
+        if i + 1 < n {
+            let (mut a, mut b) = (0f64, 0f64);
+            t(i).iter().zip(t(i + 1)).for_each(|(&x, &y)| {
+                a += sq(x);
+                b += sq(y);
+            });
+            (ms[i], ms[i + 1]) = (a, b);
+        } else {
+            ms[i] = t(i).iter().fold(0f64, |a, &x| a + sq(x));
+        }
+    }
+    ms
 }
 
 const HEAD: usize = 1; // mode, then n weights, then the keep bits of a partial selection
@@ -73,11 +102,11 @@ const HEAD: usize = 1; // mode, then n weights, then the keep bits of a partial 
 impl Sce {
     /// Applies the selection to one chunk's task vectors (`words`: the keep bits of a
     /// `Partial` selection, from the tensor's first element).
-    fn select(mode: u8, words: &[f64], chunk: usize, tv: &mut [Vec<f32>]) {
+    fn select(mode: u8, words: &[f64], chunk: usize, tv: &mut [f32], len: usize) {
         if mode == Mode::Drop as u8 {
-            tv.iter_mut().for_each(|t| t.fill(0.0));
+            tv.fill(0.0);
         } else if mode == Mode::Partial as u8 {
-            tv.iter_mut().for_each(|t| bits::mask(words, chunk * CHUNK, t));
+            tv.chunks_mut(len.max(1)).for_each(|t| bits::mask(words, chunk * CHUNK, t));
         }
     }
 }
@@ -116,7 +145,6 @@ impl Method for Sce {
         // Mean squares of the selected task vectors, folded in chunk order; the selection is
         // decided once here from the stored keys and kept as bits for `apply`.
         let parts = par_chunks(io, &slots, |c, r, v| {
-            let mut tv = task_vectors(v);
             let words: Vec<f64> = if let Some(keys) = &keys {
                 let mut kept = vec![0u32; r.len().div_ceil(32)];
                 Window::decide(&window, c, &keys[r.clone()], |j, k| bits::set(&mut kept, j, k));
@@ -124,8 +152,11 @@ impl Method for Sce {
             } else {
                 vec![]
             };
-            Self::select(mode as u8, &words, 0, &mut tv);
-            let ms = tv.iter().map(|t| t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect::<Vec<f64>>();
+            let ms = with_work(n * r.len(), |tv| {
+                task_vectors(v, tv);
+                Self::select(mode as u8, &words, 0, tv, r.len());
+                mean_squares(tv, r.len(), n)
+            });
             Ok((ms, words))
         })?;
         drop(keys);
@@ -147,30 +178,52 @@ impl Method for Sce {
 
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
         let base = base.expect("arity checked at build");
-        let n = inputs.len();
+        let (n, len) = (inputs.len(), out.len());
         let chunk = chunk_of(ctx)?;
         let weights: Vec<f32> = stats[HEAD..HEAD + n].iter().map(|&w| w as f32).collect();
         let mut slices = vec![base];
         slices.extend_from_slice(inputs);
-        let mut tv = task_vectors(&slices);
-        Self::select(stats[0] as u8, &stats[HEAD + n..], chunk, &mut tv);
-        let len = out.len();
-        let mut maj = vec![0f32; len];
-        for t in &tv {
-            maj.iter_mut().zip(t).for_each(|(s, &v)| *s += v);
-        }
-        maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
-        let (mut num, mut den) = (vec![0f32; len], vec![0f32; len]);
-        for (t, &w) in tv.iter().zip(&weights) {
-            for j in 0..len {
-                let agree = t[j] * maj[j] > 0.0; // sign(τ) == elected sign; zeros never agree
-                num[j] += if agree { t[j] * w } else { 0.0 };
-                den[j] += if agree { w } else { 0.0 };
+        // Task vectors, elected signs, numerators and denominators in one per-thread buffer.
+        with_work((n + 3) * len, |w| {
+            let (tv, rest) = w.split_at_mut(n * len);
+            let (maj, rest) = rest.split_at_mut(len);
+            let (num, den) = rest.split_at_mut(len);
+            task_vectors(&slices, tv);
+            Self::select(stats[0] as u8, &stats[HEAD + n..], chunk, tv, len);
+            maj.fill(0.0);
+            for t in tv.chunks(len.max(1)) {
+                maj.iter_mut().zip(t).for_each(|(s, &v)| *s += v);
             }
-        }
-        for j in 0..len {
-            out[j] = base[j] + num[j] / den[j].max(1e-6);
-        }
+            maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
+            num.fill(0.0);
+            den.fill(0.0);
+            for (t, &w) in tv.chunks(len.max(1)).zip(&weights) {
+                for ((nu, de), (&x, &m)) in num.iter_mut().zip(den.iter_mut()).zip(t.iter().zip(maj.iter())) {
+                    let agree = x * m > 0.0; // sign(τ) == elected sign; zeros never agree
+                    *nu += if agree { x * w } else { 0.0 };
+                    *de += if agree { w } else { 0.0 };
+                }
+            }
+            for ((o, &b), (&nu, &de)) in out.iter_mut().zip(base).zip(num.iter().zip(den.iter())) {
+                *o = b + nu / de.max(1e-6);
+            }
+        });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_mean_squares_are_the_plain_sums() {
+        for n in 1..=3 {
+            let len = 1001;
+            let tv: Vec<f32> = (0..n * len).map(|j| ((j * 7919 % 1013) as f32 - 500.0) * 1e-3).collect();
+            let want: Vec<u64> = tv.chunks(len).map(|t| t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().to_bits()).collect();
+            let got: Vec<u64> = mean_squares(&tv, len, n).iter().map(|m| m.to_bits()).collect();
+            assert_eq!(got, want, "{n} models");
+        }
     }
 }
