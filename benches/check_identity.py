@@ -43,8 +43,10 @@ METHODS = {
     "karcher": {},
     "slerp": {"t": 0.4},
     "task_arithmetic": {},
+    "passthrough": {},
 }
-SINGLE = {"arcee_fusion", "slerp"}  # one model only
+SINGLE = {"arcee_fusion", "slerp", "passthrough"}  # one model only
+BASELESS = {"passthrough"}  # takes no base
 
 
 def arrays(seed: int, shape, kind: str):
@@ -110,7 +112,7 @@ def run(data: Path) -> dict:
             method = m.split("/")[0]  # "name/variant": the method with other parameters
             models = fts[:1] if method in SINGLE else fts
             for th in (1, 2):
-                r = mf.merge(method, models, base=base, params=p, threads=th, seed=5)
+                r = mf.merge(method, models, base=None if method in BASELESS else base, params=p, threads=th, seed=5)
                 out[f"{cname}/{m}/t{th}"] = digest(r)
     b, f1, f2 = folders(data / "folders")
     for m, p in METHODS.items():
@@ -118,7 +120,7 @@ def run(data: Path) -> dict:
         models = [str(f1)] if method in SINGLE else [str(f1), str(f2)]
         for th in (1, 2):
             o = data / "out" / f"{m.replace('/', '_')}_t{th}"
-            mf.merge(method, models, base=str(b), params=p, threads=th, seed=5, out=str(o), dtype="bfloat16")
+            mf.merge(method, models, base=None if method in BASELESS else str(b), params=p, threads=th, seed=5, out=str(o), dtype="bfloat16")
             h = hashlib.sha256()
             for f in sorted(o.glob("*.safetensors")):
                 h.update(f.read_bytes())

@@ -139,6 +139,34 @@ def test_folder_merge_names_tensor_model_and_element(mf, tmp_path, method, param
     assert not out.exists()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_passthrough_folder_writes_the_input_bytes(mf, tmp_path, dtype):
+    """Passthrough without a scale copies the stored bytes (no widening and rounding back):
+    every value, -0.0 and subnormals included, comes out bit for bit; with a scale the kernel
+    runs; a NaN is refused naming tensor, model and element, as on every merge path."""
+    np_dt = BF16 if dtype == "bfloat16" else np.dtype(dtype)
+    w = (RNG.standard_normal((300, 700)) * 0.02).astype(np.float32)
+    w.flat[:4] = [0.0, -0.0, 1e-40, -6e-39]
+    w = w.astype(np_dt)
+    src = folder(tmp_path, "a", {"w": w, "v": w[0]})
+    out = tmp_path / "out"
+    mf.merge("passthrough", [str(src)], out=str(out))
+    _, got = st_read(out / "model.safetensors")
+    assert got["w"].dtype == np_dt and got["w"].tobytes() == w.tobytes()
+    assert got["v"].tobytes() == w[0].tobytes()
+    mf.merge("passthrough", [str(src)], params={"scale": 2.0}, out=str(out), overwrite=True)
+    _, got = st_read(out / "model.safetensors")
+    assert np.array_equal(got["w"].astype(np.float32), (w.astype(np.float32) * 2).astype(np_dt).astype(np.float32))
+    bad = w.copy()
+    bad.flat[100_000] = np.nan  # in the second engine chunk
+    src2 = folder(tmp_path, "b", {"w": bad, "v": w[0]})
+    with pytest.raises(mf.NumericalError) as ei:
+        mf.merge("passthrough", [str(src2)], out=str(tmp_path / "out2"))
+    msg = str(ei.value)
+    assert "'w'" in msg and "model #0" in msg and "element 100000" in msg and "NaN" in msg, msg
+    assert not (tmp_path / "out2").exists()
+
+
 # ------------------------------------------------------------------ parameter ranges
 BAD_PARAMS = [
     ("ramplus_tl", {"alpha": -0.5}, "alpha"),  # panicked in Rust (clamp min > max)

@@ -74,6 +74,13 @@ pub trait Method: Send + Sync {
         None
     }
 
+    /// `Some(k)` when the output is input slot `k` unchanged (passthrough without a scale):
+    /// the engine then copies the stored bytes where the input's dtype is the output's, the
+    /// same bytes as widening and rounding back, without either.
+    fn copies_input(&self) -> Option<usize> {
+        None
+    }
+
     /// Computes `out` (same length as every input slice).
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()>;
 }

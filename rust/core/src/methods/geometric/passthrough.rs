@@ -26,6 +26,10 @@ impl Passthrough {
 }
 
 impl Method for Passthrough {
+    fn copies_input(&self) -> Option<usize> {
+        matches!(self.scale, None | Some(1.0)).then_some(0)
+    }
+
     fn apply(&self, _: &Ctx, _: Option<&[f32]>, inputs: &[&[f32]], _: &[f64], out: &mut [f32]) -> Result<()> {
         out.copy_from_slice(inputs[0]);
         if let Some(s) = self.scale {
