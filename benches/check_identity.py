@@ -44,6 +44,8 @@ METHODS = {
     "slerp": {"t": 0.4},
     "task_arithmetic": {},
     "passthrough": {},
+    "ram": {"epsilon": 1e-3},
+    "ramplus_tl": {"epsilon": 1e-3},
 }
 SINGLE = {"arcee_fusion", "slerp", "passthrough"}  # one model only
 BASELESS = {"passthrough"}  # takes no base
