@@ -55,6 +55,15 @@ pub trait Method: Send + Sync {
     /// Adds one chunk's contribution to `stats` (which starts from `init_stats`).
     fn accumulate(&self, _base: Option<&[f32]>, _inputs: &[&[f32]], _stats: &mut [f64]) {}
 
+    /// `accumulate` over two chunks (`a`, then `b` no longer than `a`), each into its own
+    /// statistics. Kernels whose sums are chains of dependent additions override it to run
+    /// both chunks' chains in one loop, which the CPU overlaps; each chain still adds in
+    /// element order, so the statistics are the same.
+    fn accumulate_two(&self, a: (Option<&[f32]>, &[&[f32]]), b: (Option<&[f32]>, &[&[f32]]), sa: &mut [f64], sb: &mut [f64]) {
+        self.accumulate(a.0, a.1, sa);
+        self.accumulate(b.0, b.1, sb);
+    }
+
     /// Folds one chunk's statistics into the total (sum by default). The engine folds
     /// chunks in a fixed order, so results never depend on the thread count.
     fn combine(&self, total: &mut [f64], part: &[f64]) {
@@ -281,21 +290,32 @@ pub fn stream_stats<M: Method + ?Sized>(method: &M, io: &dyn TensorIo) -> Result
         return Ok(vec![]);
     }
     let numel = io.numel();
-    let parts: Vec<Vec<f64>> = chunk_starts(numel)
-        .par_iter()
-        .map(|&s| {
+    let (slots, has_base) = (io.slots(), io.has_base());
+    // Chunks two by two (`accumulate_two`), each with statistics of its own.
+    let pairs: Vec<Vec<Vec<f64>>> = chunk_starts(numel)
+        .par_chunks(2)
+        .map(|pair| {
             with_scratch(|sc| {
-                let r = s..(s + CHUNK).min(numel);
-                let (bufs, _, _) = sc.parts(io.slots(), r.len());
-                fill(io, r.clone(), bufs)?;
-                let (base, inputs) = split(bufs, r.len(), io.has_base());
-                let mut part = method.init_stats();
-                method.accumulate(base, &inputs, &mut part);
-                Ok(part)
+                let (bufs, _, _) = sc.parts(2 * slots, CHUNK);
+                let (ba, bb) = bufs.split_at_mut(slots);
+                let ra = pair[0]..(pair[0] + CHUNK).min(numel);
+                fill(io, ra.clone(), ba)?;
+                let (base_a, in_a) = split(ba, ra.len(), has_base);
+                let mut pa = method.init_stats();
+                let Some(&sb) = pair.get(1) else {
+                    method.accumulate(base_a, &in_a, &mut pa);
+                    return Ok(vec![pa]);
+                };
+                let rb = sb..(sb + CHUNK).min(numel);
+                fill(io, rb.clone(), bb)?;
+                let (base_b, in_b) = split(bb, rb.len(), has_base);
+                let mut pb = method.init_stats();
+                method.accumulate_two((base_a, &in_a), (base_b, &in_b), &mut pa, &mut pb);
+                Ok(vec![pa, pb])
             })
         })
         .collect::<Result<_>>()?;
-    Ok(parts.iter().fold(method.init_stats(), |mut acc, p| {
+    Ok(pairs.iter().flatten().fold(method.init_stats(), |mut acc, p| {
         method.combine(&mut acc, p);
         acc
     }))

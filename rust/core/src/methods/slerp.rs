@@ -46,23 +46,37 @@ impl Slerp {
     }
 }
 
+/// One element's terms of ⟨a,b⟩, |a|², |b|² (f64, each sum in element order).
+#[inline(always)]
+fn dots(s: &mut [f64; 3], x: f32, y: f32) {
+    let (x, y) = (x as f64, y as f64);
+    s[0] += x * y;
+    s[1] += x * x;
+    s[2] += y * y;
+}
+
 impl Method for Slerp {
     fn n_stats(&self) -> usize {
         3
     }
 
     fn accumulate(&self, base: Option<&[f32]>, inputs: &[&[f32]], stats: &mut [f64]) {
-        let (a, b) = (base.unwrap(), inputs[0]);
-        let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-        for (&x, &y) in a.iter().zip(b) {
-            let (x, y) = (x as f64, y as f64);
-            ab += x * y;
-            aa += x * x;
-            bb += y * y;
+        let mut s = [0f64; 3];
+        base.unwrap().iter().zip(inputs[0]).for_each(|(&x, &y)| dots(&mut s, x, y));
+        stats.iter_mut().zip(s).for_each(|(t, s)| *t += s);
+    }
+
+    fn accumulate_two(&self, a: (Option<&[f32]>, &[&[f32]]), b: (Option<&[f32]>, &[&[f32]]), sa: &mut [f64], sb: &mut [f64]) {
+        let (xa, ya, xb, yb) = (a.0.unwrap(), a.1[0], b.0.unwrap(), b.1[0]);
+        let n = xb.len();
+        let (mut s, mut t) = ([0f64; 3], [0f64; 3]);
+        for (((&x, &y), &u), &v) in xa[..n].iter().zip(&ya[..n]).zip(xb).zip(yb) {
+            dots(&mut s, x, y);
+            dots(&mut t, u, v);
         }
-        stats[0] += ab;
-        stats[1] += aa;
-        stats[2] += bb;
+        xa[n..].iter().zip(&ya[n..]).for_each(|(&x, &y)| dots(&mut s, x, y));
+        sa.iter_mut().zip(s).for_each(|(a, s)| *a += s);
+        sb.iter_mut().zip(t).for_each(|(b, t)| *b += t);
     }
 
     fn apply(&self, _: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
