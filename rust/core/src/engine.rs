@@ -241,47 +241,30 @@ pub fn run(
         let job = &resolve_job(plan, &plan.tensors[idx], ckpts, &mut methods)?;
         if job.raw.is_some() {
             copy_raw(job, &writer, idx)?;
-            for s in job.sources() {
-                bytes_read += s.nbytes();
-                s.release();
+        } else if !copy_unchanged(job, &writer, idx)? {
+            let dt = job.dtype;
+            let sz = dt.size();
+            let sink = |off: usize, vals: &[f32], bytes: &mut Vec<u8>| {
+                let n = vals.len() * sz;
+                if bytes.len() < n {
+                    bytes.resize(n, 0);
+                }
+                let bytes = &mut bytes[..n];
+                encode_f32(dt, vals, bytes);
+                check_fits(job.name, dt, vals, bytes, off)?;
+                writer.write(idx, off * sz, bytes)
+            };
+            let ctx = Ctx { tensor: job.name, shape: job.shape, offset: 0, seed: plan.seed };
+            if let Some(n) = pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink))? {
+                notes.push(format!("{}: {n}", job.name));
             }
-            p.tensors_done += 1;
-            p.bytes_done += writer.specs()[idx].nbytes() as u64;
-            progress(&p)?;
-            continue;
-        }
-        let dt = job.dtype;
-        let sz = dt.size();
-        if copy_unchanged(job, &writer, idx)? {
-            for s in job.sources() {
-                bytes_read += s.nbytes();
-                s.release();
-            }
-            p.tensors_done += 1;
-            p.bytes_done += (job.numel() * sz) as u64;
-            progress(&p)?;
-            continue;
-        }
-        let sink = |off: usize, vals: &[f32], bytes: &mut Vec<u8>| {
-            let n = vals.len() * sz;
-            if bytes.len() < n {
-                bytes.resize(n, 0);
-            }
-            let bytes = &mut bytes[..n];
-            encode_f32(dt, vals, bytes);
-            check_fits(job.name, dt, vals, bytes, off)?;
-            writer.write(idx, off * sz, bytes)
-        };
-        let ctx = Ctx { tensor: job.name, shape: job.shape, offset: 0, seed: plan.seed };
-        if let Some(n) = pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink))? {
-            notes.push(format!("{}: {n}", job.name));
         }
         for s in job.sources() {
             bytes_read += s.nbytes();
             s.release();
         }
         p.tensors_done += 1;
-        p.bytes_done += (job.numel() * sz) as u64;
+        p.bytes_done += writer.specs()[idx].nbytes() as u64;
         progress(&p)?;
     }
     let w = writer.finish()?;

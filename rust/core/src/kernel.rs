@@ -240,9 +240,6 @@ impl Scratch {
 
 thread_local! {
     static SPARE: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
-}
-
-thread_local! {
     static WORK: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
