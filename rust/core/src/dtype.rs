@@ -101,6 +101,27 @@ pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Index of the first ±inf/NaN among little-endian `bytes` of `dtype` (its exponent bits all
+/// ones), scanning blocks branch-free (vectorizes) before locating it. `None` as well for
+/// dtypes other than BF16, F16 and F32.
+pub fn first_non_finite_bytes(dtype: Dtype, bytes: &[u8]) -> Option<usize> {
+    fn scan<const SZ: usize>(bytes: &[u8], exp: u32) -> Option<usize> {
+        let bad = |b: &[u8]| {
+            let v = if SZ == 2 { u32::from(u16::from_le_bytes([b[0], b[1]])) } else { u32::from_le_bytes([b[0], b[1], b[2], b[3]]) };
+            v & exp == exp
+        };
+        bytes.chunks(1024 * SZ).enumerate().find_map(|(i, blk)| {
+            blk.chunks_exact(SZ).fold(false, |acc, b| acc | bad(b)).then(|| blk.chunks_exact(SZ).position(bad).map(|j| i * 1024 + j))?
+        })
+    }
+    match dtype {
+        Dtype::BF16 => scan::<2>(bytes, 0x7f80),
+        Dtype::F16 => scan::<2>(bytes, 0x7c00),
+        Dtype::F32 => scan::<4>(bytes, 0x7f80_0000),
+        _ => None,
+    }
+}
+
 /// Rounds `src` to `dtype` (round to nearest even) into little-endian `dst` bytes.
 /// Only writable dtypes; the plan rejects others before any work starts.
 pub fn encode_f32(dtype: Dtype, src: &[f32], dst: &mut [u8]) {

@@ -2,7 +2,7 @@
 //! rayon pool (elementwise methods) or handed whole to its kernel, widened to f32 on the
 //! way in, rounded once on the way out, written in place. Fixed chunk boundaries and a
 //! fixed reduction order make the output independent of the thread count.
-use crate::dtype::encode_f32;
+use crate::dtype::{encode_f32, first_non_finite_bytes};
 use crate::error::{Error, Result};
 pub use crate::kernel::{first_non_finite, merge_arrays, pool, Slices, CHUNK};
 use crate::kernel::{merge_tensor, Ctx, TensorIo};
@@ -120,32 +120,21 @@ fn copy_raw(job: &Job, writer: &ShardedWriter, idx: usize) -> Result<()> {
 }
 
 /// Writes a tensor whose kernel copies one input unchanged (`Method::copies_input`) as the
-/// stored bytes, when the input is a stored tensor of the output's dtype
-/// and that dtype widens to f32 exactly (BF16, F16, F32): the bytes widening and rounding
-/// back would give. Non-finite values are refused as on the merge path. False: not such a
-/// tensor (merge it).
+/// stored bytes, when the input is a stored tensor of the output's dtype and that dtype
+/// widens to f32 exactly (BF16, F16, F32): the bytes widening and rounding back would give.
+/// Non-finite values are refused as on the merge path. False: not such a tensor (merge it).
 fn copy_unchanged(job: &Job, writer: &ShardedWriter, idx: usize) -> Result<bool> {
     use crate::dtype::Dtype;
     let Some(slot) = job.method.copies_input() else { return Ok(false) };
     let Some(crate::plan::Reader::Tensor { ckpt, info }) = job.sources().nth(slot) else { return Ok(false) };
-    let exp: u32 = match job.dtype {
-        Dtype::BF16 => 0x7f80,
-        Dtype::F16 => 0x7c00,
-        Dtype::F32 => 0x7f80_0000,
-        _ => return Ok(false),
-    };
-    if info.dtype != Some(job.dtype) {
+    if !matches!(job.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) || info.dtype != Some(job.dtype) {
         return Ok(false);
     }
-    let bytes = ckpt.bytes(info);
     let sz = job.dtype.size();
-    let bits = |b: &[u8]| if sz == 2 { u32::from(u16::from_le_bytes([b[0], b[1]])) } else { u32::from_le_bytes([b[0], b[1], b[2], b[3]]) };
     // One thread: this is only writing, and the file system serializes writers of one file
     // anyway (concurrent writes spun on its lock: 3x the system time, measured).
-    bytes.chunks(CHUNK * sz).enumerate().try_for_each(|(c, piece)| {
-        // Branch-free per block (vectorizes); locate the element only when a block holds one.
-        if piece.chunks_exact(sz).fold(false, |acc, b| acc | (bits(b) & exp == exp)) {
-            let i = piece.chunks_exact(sz).position(|b| bits(b) & exp == exp).expect("found above");
+    ckpt.bytes(info).chunks(CHUNK * sz).enumerate().try_for_each(|(c, piece)| {
+        if let Some(i) = first_non_finite_bytes(job.dtype, piece) {
             let mut v = [0f32];
             crate::dtype::decode_f32(job.dtype, &piece[i * sz..(i + 1) * sz], &mut v);
             return Err(Error::numerical(
@@ -187,21 +176,12 @@ impl TensorIo for Job<'_> {
 /// A finite f32 that rounds to ±inf in a 16-bit output dtype (|x| ≥ 65520 in F16) would be
 /// a silently wrong number in the file: an error naming the tensor, element and value.
 fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], bytes: &[u8], offset: usize) -> Result<()> {
-    let exp: u16 = match dt {
-        crate::dtype::Dtype::F16 => 0x7c00,
-        crate::dtype::Dtype::BF16 => 0x7f80,
-        _ => return Ok(()),
-    };
-    // Branch-free per block (vectorizes); locate the element only when a block holds one.
-    let is_bad = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]) & exp == exp;
-    let bad = bytes.chunks(2048).enumerate().find_map(|(i, blk)| {
-        if blk.chunks_exact(2).fold(false, |acc, b| acc | is_bad(b)) {
-            blk.chunks_exact(2).position(is_bad).map(|j| i * 1024 + j)
-        } else {
-            None
-        }
-    });
-    match bad {
+    use crate::dtype::Dtype;
+    // An f32 output holds the (finite, already checked) values themselves.
+    if !matches!(dt, Dtype::F16 | Dtype::BF16) {
+        return Ok(());
+    }
+    match first_non_finite_bytes(dt, bytes) {
         None => Ok(()),
         Some(i) => {
             Err(Error::numerical(tensor, format!("the merged value {} at element {} does not fit in {dt} (the output dtype)", vals[i], offset + i)))

@@ -40,12 +40,10 @@ impl Sce {
     }
 }
 
-/// Task vectors of one chunk from the slot slices (`v[0]` the base) into `tv`, model after
-/// model (`tv.len()` = models · chunk length).
-fn task_vectors(v: &[&[f32]], tv: &mut [f32]) {
-    let len = v[0].len();
-    for (x, t) in v[1..].iter().zip(tv.chunks_mut(len.max(1))) {
-        delta_into(x, v[0], t);
+/// Task vectors of one chunk into `tv`, model after model (`tv.len()` = models · chunk length).
+fn task_vectors(base: &[f32], inputs: &[&[f32]], tv: &mut [f32]) {
+    for (x, t) in inputs.iter().zip(tv.chunks_mut(base.len().max(1))) {
+        delta_into(x, base, t);
     }
 }
 
@@ -153,7 +151,7 @@ impl Method for Sce {
                 vec![]
             };
             let ms = with_work(n * r.len(), |tv| {
-                task_vectors(v, tv);
+                task_vectors(v[0], &v[1..], tv);
                 Self::select(mode as u8, &words, 0, tv, r.len());
                 mean_squares(tv, r.len(), n)
             });
@@ -180,15 +178,12 @@ impl Method for Sce {
         let base = base.expect("arity checked at build");
         let (n, len) = (inputs.len(), out.len());
         let chunk = chunk_of(ctx)?;
-        let weights: Vec<f32> = stats[HEAD..HEAD + n].iter().map(|&w| w as f32).collect();
-        let mut slices = vec![base];
-        slices.extend_from_slice(inputs);
         // Task vectors, elected signs, numerators and denominators in one per-thread buffer.
         with_work((n + 3) * len, |w| {
             let (tv, rest) = w.split_at_mut(n * len);
             let (maj, rest) = rest.split_at_mut(len);
             let (num, den) = rest.split_at_mut(len);
-            task_vectors(&slices, tv);
+            task_vectors(base, inputs, tv);
             Self::select(stats[0] as u8, &stats[HEAD + n..], chunk, tv, len);
             maj.fill(0.0);
             for t in tv.chunks(len.max(1)) {
@@ -197,7 +192,8 @@ impl Method for Sce {
             maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
             num.fill(0.0);
             den.fill(0.0);
-            for (t, &w) in tv.chunks(len.max(1)).zip(&weights) {
+            for (t, &w) in tv.chunks(len.max(1)).zip(&stats[HEAD..HEAD + n]) {
+                let w = w as f32;
                 for ((nu, de), (&x, &m)) in num.iter_mut().zip(den.iter_mut()).zip(t.iter().zip(maj.iter())) {
                     let agree = x * m > 0.0; // sign(τ) == elected sign; zeros never agree
                     *nu += if agree { x * w } else { 0.0 };
