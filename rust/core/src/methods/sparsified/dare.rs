@@ -59,6 +59,31 @@ unsafe fn keep_coins_avx512(key: u64, first: u64, t: u64, delta: &mut [f32]) {
     keep_coins_any(key, first, t, delta)
 }
 
+/// Bit `j` of `out` (bits of word `j / 32`) is set where `draw(key, first + j) < t[j]`: coins
+/// with one threshold each (DELLA's, by rank). `out` holds `t.len().div_ceil(32)` words, which
+/// it overwrites. Compiled for AVX-512DQ like [`keep_coins`], the same decisions on any CPU.
+pub fn coin_words(key: u64, first: u64, t: &[u64], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512dq") && std::arch::is_x86_feature_detected!("avx512vl") {
+        // SAFETY: the target features it is compiled with were just detected.
+        return unsafe { coin_words_avx512(key, first, t, out) };
+    }
+    coin_words_any(key, first, t, out)
+}
+
+#[inline(always)]
+fn coin_words_any(key: u64, first: u64, t: &[u64], out: &mut [u32]) {
+    for ((w, ts), g) in out.iter_mut().zip(t.chunks(32)).zip((first..).step_by(32)) {
+        *w = ts.iter().zip(0..32).fold(0u32, |w, (&t, b)| w | (u32::from(draw(key, g + b) < t) << b));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512dq,avx512vl")]
+unsafe fn coin_words_avx512(key: u64, first: u64, t: &[u64], out: &mut [u32]) {
+    coin_words_any(key, first, t, out)
+}
+
 impl Sparsifier for Random {
     fn prepare(&self, _: &Ctx, _: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
         let d = self.density[i];
@@ -98,6 +123,22 @@ mod tests {
         let both = a.iter().zip(&b).filter(|(x, y)| **x && **y).count() as f64 / n as f64;
         assert!((both - 0.09).abs() < 0.01, "{both}");
         assert_ne!(a, (0..n).map(|g| kept(8, "w", 0, g, 0.3)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn coin_words_are_the_definition() {
+        let key = stream_key(3, "t", 0);
+        for (first, len) in [(0u64, 1000usize), (4096, 64), (77, 5)] {
+            let t: Vec<u64> = (0..len).map(|j| below(j as f64 / len as f64)).collect();
+            let mut out = vec![u32::MAX; len.div_ceil(32)];
+            coin_words(key, first, &t, &mut out);
+            for (j, &tj) in t.iter().enumerate() {
+                assert_eq!((out[j / 32] >> (j % 32)) & 1 == 1, draw(key, first + j as u64) < tj, "element {j} of run at {first}");
+            }
+            if len % 32 != 0 {
+                assert_eq!(out[len / 32] >> (len % 32), 0, "no bits past the end");
+            }
+        }
     }
 
     #[test]

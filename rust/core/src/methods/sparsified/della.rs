@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
-use crate::rng::{below, draw, stream_key};
+use super::dare::coin_words;
+use crate::rng::{below, stream_key};
 use rayon::prelude::*;
 
 pub struct MagPrune {
@@ -62,17 +63,16 @@ pub fn keep_prob(r: usize, m: usize, density: f64, eps: f64) -> f64 {
     (density - eps) + (r as f64 / (m - 1) as f64) * 2.0 * eps
 }
 
-/// Keep decisions for the rows in `[start, end)` (whole rows of `m`). Each row is ranked by
-/// radix-sorting `(|Δ| key << 32 | index)` words (unique, so the order is fully determined),
-/// read in engine-chunk pieces: a row costs 16 bytes per entry while it is ranked.
-fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u64, (d, e): (f64, f64)) -> Result<Vec<bool>> {
+/// Keep decisions for the rows in `[start, end)` (whole rows of `m`), as bits of `out` (element
+/// `start + j` is bit `j`; `out` starts zeroed). Each row is ranked by radix-sorting
+/// `(|Δ| key << 32 | index)` words (unique, so the order is fully determined), read in
+/// engine-chunk pieces: a row costs 16 bytes per entry while it is ranked.
+fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u64, thresholds: &[u64], out: &mut [u32]) -> Result<()> {
     let (start, end) = rows;
-    let mut kept = vec![false; end - start];
     let (mut b, mut x) = (Vec::new(), Vec::new());
     let mut words: Vec<u64> = Vec::with_capacity(m);
     let mut tmp: Vec<u64> = Vec::with_capacity(m);
-    // Per rank, the integer threshold of its coin (rng::below): no division or float draw per entry.
-    let thresholds: Vec<u64> = (0..m).map(|r| below(keep_prob(r, m, d, e))).collect();
+    let (mut by_index, mut row_bits) = (vec![0u64; m], vec![0u32; m.div_ceil(32)]);
     for row in (start..end).step_by(m) {
         words.clear();
         for s in (row..row + m).step_by(CHUNK) {
@@ -84,12 +84,14 @@ fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u
             words.extend(x.iter().zip(&b).enumerate().map(|(j, (&x, &b))| (u64::from(mag_key(x - b)) << 32) | (s - row + j) as u64));
         }
         radix_sort_pairs(&mut words, &mut tmp);
-        for (rank, &w) in words.iter().enumerate() {
-            let j = (w & 0xFFFF_FFFF) as usize;
-            kept[row - start + j] = draw(key, (row + j) as u64) < thresholds[rank];
+        // Each entry's threshold by its rank, then the row's coins in index order (vectorized).
+        for (&w, &t) in words.iter().zip(thresholds) {
+            by_index[(w & 0xFFFF_FFFF) as usize] = t;
         }
+        coin_words(key, row as u64, &by_index, &mut row_bits);
+        bits::or_at(out, row - start, &row_bits);
     }
-    Ok(kept)
+    Ok(())
 }
 
 impl Sparsifier for MagPrune {
@@ -106,19 +108,17 @@ impl Sparsifier for MagPrune {
         if m > u32::MAX as usize {
             return Err(Error::config(format!("{}: rows of {m} entries are too long to rank", ctx.tensor)));
         }
-        let rows_per_block = (CHUNK / m).max(1);
-        let blocks: Vec<(usize, usize)> = (0..numel).step_by(rows_per_block * m).map(|s| (s, (s + rows_per_block * m).min(numel))).collect();
+        // Blocks of whole rows, a multiple of 32 rows so that each starts on a word of the mask
+        // and fills its own words (in parallel, no merge step).
+        let block = (CHUNK / m).max(1).next_multiple_of(32) * m;
         let key = stream_key(ctx.seed, ctx.tensor, i as u64);
+        // Per rank, the integer threshold of its coin (rng::below): no division or float draw per entry.
+        let thresholds: Vec<u64> = (0..m).map(|r| below(keep_prob(r, m, d, e))).collect();
         let mut words = vec![0u32; numel.div_ceil(32)];
-        // Waves of blocks in parallel keep the temporary decisions bounded.
-        for wave in blocks.chunks(64) {
-            let parts: Vec<Vec<bool>> = wave.par_iter().map(|&st| rows_kept(io, i, st, m, key, (d, e))).collect::<Result<_>>()?;
-            for (&(s, _), kept) in wave.iter().zip(parts) {
-                for (j, k) in kept.into_iter().enumerate() {
-                    bits::set(&mut words, s + j, k);
-                }
-            }
-        }
+        words.par_chunks_mut(block / 32).enumerate().try_for_each(|(n, out)| {
+            let s = n * block;
+            rows_kept(io, i, (s, (s + block).min(numel)), m, key, &thresholds, out)
+        })?;
         Ok((Mode::Partial, words.into_iter().map(|w| w as f64).collect()))
     }
 

@@ -130,32 +130,78 @@ pub fn select_ranks(keys: &[u32], hist: &HighHist, ranks: &[usize]) -> Vec<u32> 
 pub fn radix_sort_pairs(words: &mut Vec<u64>, tmp: &mut Vec<u64>) {
     debug_assert!(words.windows(2).all(|w| (w[0] as u32) < (w[1] as u32)), "indices ascending");
     let n = words.len();
-    let mut counts = [[0usize; 256]; 4];
-    for &w in words.iter() {
-        let k = (w >> 32) as u32;
-        for (p, c) in counts.iter_mut().enumerate() {
-            c[((k >> (8 * p)) & 0xFF) as usize] += 1;
-        }
+    assert!(n <= u32::MAX as usize, "positions are u32");
+    // Two sets of counters, for even and odd words: a byte that is the same in most keys (the
+    // exponent's) would otherwise make each increment wait for the previous one's store.
+    let mut counts = [[[0u32; 256]; 4]; 2];
+    for (j, &w) in words.iter().enumerate() {
+        let (c, k) = (&mut counts[j & 1], (w >> 32) as u32);
+        c[0][(k & 0xFF) as usize] += 1;
+        c[1][((k >> 8) & 0xFF) as usize] += 1;
+        c[2][((k >> 16) & 0xFF) as usize] += 1;
+        c[3][(k >> 24) as usize] += 1;
     }
+    let [even, odd] = counts;
     tmp.clear();
     tmp.resize(n, 0);
-    for (p, c) in counts.iter().enumerate() {
-        if c.contains(&n) {
-            continue; // this byte is the same everywhere: the pass would not move anything
+    for (p, (ce, co)) in even.iter().zip(&odd).enumerate() {
+        let mut pos = [0u32; 256];
+        let (mut s, mut same) = (0u32, false);
+        for (slot, (&a, &b)) in pos.iter_mut().zip(ce.iter().zip(co)) {
+            same |= (a + b) as usize == n; // this byte is the same everywhere: the pass would not move anything
+            *slot = s;
+            s += a + b;
         }
-        let mut pos = [0usize; 256];
-        let mut s = 0;
-        for (d, &x) in c.iter().enumerate() {
-            pos[d] = s;
-            s += x;
+        if same {
+            continue;
         }
-        let shift = 32 + 8 * p;
-        for &w in words.iter() {
-            let d = ((w >> shift) & 0xFF) as usize;
-            tmp[pos[d]] = w;
-            pos[d] += 1;
+        match p {
+            0 => scatter::<32>(words, tmp, &mut pos),
+            1 => scatter::<40>(words, tmp, &mut pos),
+            2 => scatter::<48>(words, tmp, &mut pos),
+            _ => scatter::<56>(words, tmp, &mut pos),
         }
         std::mem::swap(words, tmp);
+    }
+}
+
+/// One stable counting-sort pass of `src` into `dst` by the byte at `SHIFT`; `pos` holds each
+/// digit's first free slot (prefix sums of the digits' counts in `src`). Four words at a time,
+/// each one's slot offset by the earlier ones of the four with the same digit, so that runs of
+/// one digit wait on one store of `pos` per four words instead of one per word.
+#[inline(always)]
+fn scatter<const SHIFT: u32>(src: &[u64], dst: &mut [u64], pos: &mut [u32; 256]) {
+    debug_assert_eq!(src.len(), dst.len());
+    let digit = |w: u64| ((w >> SHIFT) & 0xFF) as usize;
+    let quads = src.chunks_exact(4);
+    let rest = quads.remainder();
+    let mut put = |q: u32, w: u64| {
+        // SAFETY: `pos` starts at the prefix sums of the counts of `src`'s digits, and each
+        // word advances its digit's slot once, so every `q` is distinct and below
+        // `src.len() == dst.len()` (the sequential counting sort's positions).
+        unsafe { *dst.get_unchecked_mut(q as usize) = w };
+    };
+    for q in quads {
+        let (a, b, c, d) = (q[0], q[1], q[2], q[3]);
+        let (da, db, dc, dd) = (digit(a), digit(b), digit(c), digit(d));
+        let qa = pos[da];
+        let qb = pos[db] + u32::from(da == db);
+        let qc = pos[dc] + u32::from(da == dc) + u32::from(db == dc);
+        let qd = pos[dd] + u32::from(da == dd) + u32::from(db == dd) + u32::from(dc == dd);
+        put(qa, a);
+        put(qb, b);
+        put(qc, c);
+        put(qd, d);
+        // Later stores win: a digit's slot ends one past its last word of the four.
+        pos[da] = qa + 1;
+        pos[db] = qb + 1;
+        pos[dc] = qc + 1;
+        pos[dd] = qd + 1;
+    }
+    for &w in rest {
+        let d = digit(w);
+        put(pos[d], w);
+        pos[d] += 1;
     }
 }
 

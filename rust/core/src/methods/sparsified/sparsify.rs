@@ -370,6 +370,18 @@ pub mod bits {
         words[g / 32] |= u32::from(kept) << (g % 32);
     }
 
+    /// ORs the bits of `src` into `words` starting at bit `at` (`src`'s unused high bits clear).
+    #[inline]
+    pub fn or_at(words: &mut [u32], at: usize, src: &[u32]) {
+        let (w0, s) = (at / 32, (at % 32) as u32);
+        for (k, &v) in src.iter().enumerate() {
+            words[w0 + k] |= v << s;
+            if s > 0 && v >> (32 - s) != 0 {
+                words[w0 + k + 1] |= v >> (32 - s);
+            }
+        }
+    }
+
     /// `x` when `keep` is 1, `+0.0` when it is 0, without a branch (the decisions are coin
     /// flips: a branch mispredicts half of them).
     #[inline]
