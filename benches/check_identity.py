@@ -73,7 +73,8 @@ def write_st(path: Path, tensors: dict) -> None:
     header, data, off = {}, [], 0
     for name, a in tensors.items():
         b = a.tobytes()
-        header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        dtype = "BF16" if a.dtype == BF16 else "F32"
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
         data.append(b)
         off += len(b)
     hb = json.dumps(header).encode()
@@ -82,7 +83,10 @@ def write_st(path: Path, tensors: dict) -> None:
 
 
 def folders(root: Path):
-    shapes = {"embed.weight": (700, 400), "proj.weight": (256, 513), "norm.weight": (400,), "odd.weight": (3, 5, 7)}
+    shapes = {"embed.weight": (700, 400), "proj.weight": (256, 513), "norm.weight": (400,), "odd.weight": (3, 5, 7),
+              # numbered layers: fisher_dampened's layer importance ranks them
+              "model.layers.0.mlp.weight": (300, 200), "model.layers.1.mlp.weight": (300, 200),
+              "model.layers.2.attn.weight": (64, 200)}
     rng = np.random.default_rng(7)
     base = {n: rng.standard_normal(s).astype(np.float32) * 0.02 for n, s in shapes.items()}
     dirs = []
@@ -94,6 +98,11 @@ def folders(root: Path):
             v = base[n] if k == 0 else base[n] + rng.standard_normal(s).astype(np.float32) * 0.002
             t[n] = v.astype(BF16)
         write_st(d / "model.safetensors", t)
+        dirs.append(d)
+    for k in range(2):  # positive float32 Fishers whose scale differs by layer
+        d = root / f"fisher{k + 1}"
+        d.mkdir(parents=True, exist_ok=True)
+        write_st(d / "model.safetensors", {n: (rng.random(s) ** 4 * (1 + i)).astype(np.float32) for i, (n, s) in enumerate(shapes.items())})
         dirs.append(d)
     return dirs
 
@@ -116,18 +125,33 @@ def run(data: Path) -> dict:
             for th in (1, 2):
                 r = mf.merge(method, models, base=None if method in BASELESS else base, params=p, threads=th, seed=5)
                 out[f"{cname}/{m}/t{th}"] = digest(r)
-    b, f1, f2 = folders(data / "folders")
+    b, f1, f2, fi1, fi2 = folders(data / "folders")
+    fisher_cases = {
+        "fisher_dampened": lambda o, th: mf.fisher_dampened(str(b), [str(f1), str(f2)], str(fi1), scale=0.3, threads=th, out=str(o)),
+        "fisher_dampened/rank": lambda o, th: mf.fisher_dampened(str(b), [str(f1), str(f2)], str(fi1), normalization="rank",
+                                                                 threads=th, out=str(o)),
+        "fisher_weighted": lambda o, th: mf.fisher_weighted([str(f1), str(f2)], [str(fi1), str(fi2)], threads=th, out=str(o)),
+    }
+    for m, call in fisher_cases.items():
+        for th in (1, 2):
+            o = data / "out" / f"{m.replace('/', '_')}_t{th}"
+            call(o, th)
+            out[f"folder/{m}/t{th}"] = folder_digest(o)
     for m, p in METHODS.items():
         method = m.split("/")[0]
         models = [str(f1)] if method in SINGLE else [str(f1), str(f2)]
         for th in (1, 2):
             o = data / "out" / f"{m.replace('/', '_')}_t{th}"
             mf.merge(method, models, base=None if method in BASELESS else str(b), params=p, threads=th, seed=5, out=str(o), dtype="bfloat16")
-            h = hashlib.sha256()
-            for f in sorted(o.glob("*.safetensors")):
-                h.update(f.read_bytes())
-            out[f"folder/{m}/t{th}"] = h.hexdigest()[:16]
+            out[f"folder/{m}/t{th}"] = folder_digest(o)
     return out
+
+
+def folder_digest(o: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(o.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def main() -> int:

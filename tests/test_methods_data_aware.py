@@ -203,6 +203,22 @@ def test_layer_importance_single_layer(tmp_path, rng):
     assert layer_importance(tmp_path / "f.safetensors") == {"model.layers.0.w": 0.0, "model.norm.weight": 0.0}
 
 
+def test_checkpoint_sum_matches_exact_sum(mf, tmp_path, rng):
+    # Several engine chunks (summed in parallel) of values over many magnitudes, against the
+    # exactly rounded sum.
+    import math
+    from merge_fast import _core
+
+    x = (rng.standard_normal(300_001) * 10.0 ** rng.integers(-8, 4, 300_001)).astype(np.float32)
+    save_file({"a": x, "empty": np.zeros((0,), np.float32)}, str(tmp_path / "f.safetensors"))
+    ck = _core.Checkpoint(str(tmp_path / "f.safetensors"))
+    want = math.fsum(x.astype(np.float64))
+    assert ck.sum("a") == pytest.approx(want, rel=1e-12, abs=1e-12 * float(np.abs(x.astype(np.float64)).sum()))
+    assert ck.sum("empty") == 0.0
+    with pytest.raises(mf.MergeError, match="nope"):
+        ck.sum("nope")
+
+
 def test_missing_fisher_tensors_named(mf, model_family, tmp_path, rng):
     fam = model_family("llama", "float32")
     names = list(read_folder_f32(fam.base))

@@ -7,6 +7,7 @@ RegMean's Gram matrices (``[in, in]`` per linear weight, under the weight's name
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -35,18 +36,18 @@ def layer_importance(fisher: PathLike, names: Optional[Sequence[str]] = None) ->
     min-max normalized across layers. A tensor outside numbered layers gets its own mean
     Fisher on the same scale, clipped to [0, 1]. With a single layer (or equal means) every
     value is 0: nothing to rank, so nothing is dampened at the layer level."""
-    import numpy as np  # lazily: `import merge_fast` stays numpy-free
-
     ck = open_checkpoint(fisher)
     names = list(names) if names is not None else ck.names()
+    sizes = {n: math.prod(shape) for n, _, shape in ck.tensors()}
     sums: Dict[Optional[int], List[float]] = {}
     tensor_mean: Dict[str, float] = {}
     for n in names:
-        f = ck.read_f32(n).astype(np.float64)
-        tensor_mean[n] = float(f.mean()) if f.size else 0.0
+        total = ck.sum(n)  # float64, in parallel; a missing tensor raises naming it and the file
+        size = sizes[n]
+        tensor_mean[n] = total / size if size else 0.0
         acc = sums.setdefault(layer_of(n), [0.0, 0.0])
-        acc[0] += float(f.sum())
-        acc[1] += f.size
+        acc[0] += total
+        acc[1] += size
     layer_mean = {k: s / max(c, 1) for k, (s, c) in sums.items() if k is not None}
     if not layer_mean:
         return {n: 0.0 for n in names}

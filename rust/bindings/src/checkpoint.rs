@@ -60,6 +60,17 @@ impl Checkpoint {
         Ok(PyArray1::from_vec(py, out))
     }
 
+    /// The sum of one tensor's entries in float64, read in parallel (fisher_dampened's layer
+    /// means); the same value for any number of threads.
+    fn sum(&self, py: Python<'_>, name: &str) -> Res<f64> {
+        let info = self.inner.get(name)?;
+        Ok(crate::errors::work(py, || {
+            let r = merge_fast_core::methods::data_aware::fisher_dampened::entry_sum(&self.inner, info);
+            self.inner.release(info);
+            r
+        })?)
+    }
+
     fn __repr__(&self) -> String {
         format!("Checkpoint({:?}, {} tensors)", self.inner.root(), self.inner.names().len())
     }

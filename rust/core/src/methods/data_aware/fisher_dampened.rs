@@ -13,8 +13,10 @@
 //! - `minmax`: min-max of F itself.
 //! - `rank`: the entry's quantile in the tensor (interpolated between 1024 quantiles).
 use crate::error::{Error, Result};
-use crate::kernel::{Ctx, Method, TensorIo};
+use crate::kernel::{with_work, Ctx, Method, TensorIo, CHUNK};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+use crate::reader::{Checkpoint, TensorInfo};
+use rayon::prelude::*;
 
 /// The inputs are the models then one Fisher (of the base).
 pub fn spec() -> MethodSpec {
@@ -91,52 +93,84 @@ impl FisherDampened {
     }
 }
 
+/// The sum of a tensor's entries in f64, for F̂_layer's layer means (the planner normalizes
+/// them across layers): engine chunks in parallel, each summed in eight lanes, the chunk sums
+/// added in chunk order, so the value is the same for any number of threads.
+pub fn entry_sum(ck: &Checkpoint, info: &TensorInfo) -> Result<f64> {
+    let n = info.numel();
+    let parts: Vec<f64> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let r = c * CHUNK..((c + 1) * CHUNK).min(n);
+            with_work(r.len(), |v| {
+                ck.read_f32(info, r, v)?;
+                let mut lanes = [0f64; 8];
+                let blocks = v.chunks_exact(8);
+                let tail: f64 = blocks.remainder().iter().map(|&x| f64::from(x)).sum();
+                for b in blocks {
+                    for (l, &x) in lanes.iter_mut().zip(b) {
+                        *l += f64::from(x);
+                    }
+                }
+                Ok(((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + tail)
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(parts.iter().sum())
+}
+
 impl Method for FisherDampened {
-    fn n_stats(&self) -> usize {
-        2
-    }
-
-    fn init_stats(&self) -> Vec<f64> {
-        vec![f64::INFINITY, f64::NEG_INFINITY]
-    }
-
-    fn accumulate(&self, _: Option<&[f32]>, inputs: &[&[f32]], stats: &mut [f64]) {
-        for &f in *inputs.last().unwrap() {
-            let v = self.transform(f);
-            stats[0] = stats[0].min(v);
-            stats[1] = stats[1].max(v);
-        }
-    }
-
-    fn combine(&self, total: &mut [f64], part: &[f64]) {
-        total[0] = total[0].min(part[0]);
-        total[1] = total[1].max(part[1]);
-    }
-
     fn prepare(&self, _ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
+        let (n, fisher) = (io.numel(), io.slots() - 1);
         if self.norm != Norm::Rank {
-            return crate::kernel::stream_stats(self, io);
+            // The extremes of the Fisher alone (the models are not read), transformed once:
+            // F ↦ ln(max(F, 0) + ε) never decreases, so they give those of the transform.
+            let (lo, hi) = (0..n.div_ceil(CHUNK))
+                .into_par_iter()
+                .map(|c| {
+                    let r = c * CHUNK..((c + 1) * CHUNK).min(n);
+                    with_work(r.len(), |f| {
+                        io.read(fisher, r, f)?;
+                        Ok(f.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x))))
+                    })
+                })
+                .try_reduce(|| (f32::INFINITY, f32::NEG_INFINITY), |a, b| Ok((a.0.min(b.0), a.1.max(b.1))))?;
+            return Ok(if n == 0 { vec![f64::INFINITY, f64::NEG_INFINITY] } else { vec![self.transform(lo), self.transform(hi)] });
         }
-        if io.numel() == 0 {
+        if n == 0 {
             return Ok(vec![0.0]);
         }
-        let mut f = vec![0f32; io.numel()];
-        io.read(io.slots() - 1, 0..io.numel(), &mut f)?;
+        let mut f = vec![0f32; n];
+        io.read(fisher, 0..n, &mut f)?;
         f.sort_unstable_by(f32::total_cmp);
         let last = f.len().saturating_sub(1);
         Ok((0..QUANTILES).map(|i| f[i * last / (QUANTILES - 1)] as f64).collect())
     }
 
     fn apply(&self, _: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
+        const BLOCK: usize = 256;
         let base = base.expect("arity checked");
         let (models, fisher) = inputs.split_at(inputs.len() - 1);
-        let fisher = fisher[0];
         let layer_keep = 1.0 - self.layer;
-        for (j, o) in out.iter_mut().enumerate() {
-            let b = base[j];
-            let delta: f32 = models.iter().zip(&self.weights).map(|(m, w)| w * (m[j] - b)).sum();
-            let keep = (1.0 - self.normalized(fisher[j], stats)) as f32;
-            *o = b + self.scale * keep * layer_keep * delta;
+        // Block by block: the keep factors first (a logarithm each), then Σ w_i (m_i − b) model
+        // after model, which vectorizes — per element the same operations in the same order as
+        // the sum from −0.0 over the models.
+        let (mut keep, mut delta) = ([0f32; BLOCK], [0f32; BLOCK]);
+        for (s, o) in (0..).step_by(BLOCK).zip(out.chunks_mut(BLOCK)) {
+            let r = s..s + o.len();
+            let (b, d) = (&base[r.clone()], &mut delta[..o.len()]);
+            for (k, &f) in keep.iter_mut().zip(&fisher[0][r.clone()]) {
+                *k = (1.0 - self.normalized(f, stats)) as f32;
+            }
+            d.fill(-0.0);
+            for (m, &w) in models.iter().zip(&self.weights) {
+                for ((d, &x), &bv) in d.iter_mut().zip(&m[r.clone()]).zip(b) {
+                    *d += w * (x - bv);
+                }
+            }
+            for (((o, &bv), &d), &k) in o.iter_mut().zip(b).zip(d.iter()).zip(&keep) {
+                *o = bv + self.scale * k * layer_keep * d;
+            }
         }
         Ok(())
     }

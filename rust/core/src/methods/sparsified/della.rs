@@ -14,6 +14,7 @@
 //! The draw for element `g` of model `i` is `uniform(stream_key(seed, tensor, i), g) < p`.
 //! `prepare` ranks row by row (bounded buffers) and stores the keep mask as bits (1/32 of an
 //! f32 tensor per model), so `apply` stays elementwise.
+use super::dare::coin_words;
 use super::gta::{Mode, Sparsifier};
 use super::select::radix_sort_pairs;
 use super::sparsify::{bits, mag_key};
@@ -21,7 +22,6 @@ use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
-use super::dare::coin_words;
 use crate::rng::{below, stream_key};
 use rayon::prelude::*;
 
