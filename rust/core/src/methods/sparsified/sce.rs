@@ -145,7 +145,7 @@ impl Method for Sce {
         let parts = par_chunks(io, &slots, |c, r, v| {
             let words: Vec<f64> = if let Some(keys) = &keys {
                 let mut kept = vec![0u32; r.len().div_ceil(32)];
-                Window::decide(&window, c, &keys[r.clone()], |j, k| bits::set(&mut kept, j, k));
+                Window::decide_words(&window, c, &keys[r.clone()], &mut kept);
                 kept.into_iter().map(f64::from).collect()
             } else {
                 vec![]

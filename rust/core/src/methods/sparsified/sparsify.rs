@@ -272,12 +272,22 @@ impl Window {
         out.extend(self.eq_b.iter().map(|&v| v as f64));
     }
 
-    /// Calls `keep(j, kept)` for every key of the chunk `chunk` (keys in index order).
-    pub fn decide(packed: &[f64], chunk: usize, keys: &[u32], mut keep: impl FnMut(usize, bool)) {
+    /// The keep decisions for the keys of the chunk `chunk` (in index order) as bits of
+    /// `out` (bit `j % 32` of word `j / 32`; `keys.len().div_ceil(32)` words, overwritten).
+    /// Each word is built in a register: setting bits one by one in memory made every
+    /// decision wait for the previous one's store.
+    pub fn decide_words(packed: &[f64], chunk: usize, keys: &[u32], out: &mut [u32]) {
         let (na, nb) = tie_counts(packed, keys);
         match ChunkRule::of(packed, chunk, na, nb) {
-            Some(rule) => keys.iter().enumerate().for_each(|(j, &k)| keep(j, rule.kept(k))),
-            None => Self::decide_by_rank(packed, chunk, keys, keep),
+            Some(rule) => {
+                for (w, ks) in out.iter_mut().zip(keys.chunks(32)) {
+                    *w = ks.iter().zip(0..32).fold(0u32, |w, (&k, b)| w | (u32::from(rule.kept(k)) << b));
+                }
+            }
+            None => {
+                out.fill(0);
+                Self::decide_by_rank(packed, chunk, keys, |j, kept| bits::set(out, j, kept));
+            }
         }
     }
 
@@ -482,7 +492,9 @@ pub(crate) mod tests {
         let mut kept = vec![];
         for (c, ch) in vals.chunks(CHUNK).enumerate() {
             let keys: Vec<u32> = ch.iter().map(|&x| key(x)).collect();
-            Window::decide(&packed, c, &keys, |_, k| kept.push(k));
+            let mut words = vec![u32::MAX; keys.len().div_ceil(32)];
+            Window::decide_words(&packed, c, &keys, &mut words);
+            kept.extend((0..keys.len()).map(|j| (words[j / 32] >> (j % 32)) & 1 == 1));
         }
         kept
     }
