@@ -66,7 +66,8 @@ pub fn keep_prob(r: usize, m: usize, density: f64, eps: f64) -> f64 {
 /// Keep decisions for the rows in `[start, end)` (whole rows of `m`), as bits of `out` (element
 /// `start + j` is bit `j`; `out` starts zeroed). Each row is ranked by radix-sorting
 /// `(|Δ| key << 32 | index)` words (unique, so the order is fully determined), read in
-/// engine-chunk pieces: a row costs 16 bytes per entry while it is ranked.
+/// engine-chunk pieces: a row costs 24 bytes per entry while it is ranked (two word buffers and
+/// the thresholds by index).
 fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u64, thresholds: &[u64], out: &mut [u32]) -> Result<()> {
     let (start, end) = rows;
     let (mut b, mut x) = (Vec::new(), Vec::new());

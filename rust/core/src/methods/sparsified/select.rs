@@ -155,11 +155,15 @@ pub fn radix_sort_pairs(words: &mut Vec<u64>, tmp: &mut Vec<u64>) {
         if same {
             continue;
         }
-        match p {
-            0 => scatter::<32>(words, tmp, &mut pos),
-            1 => scatter::<40>(words, tmp, &mut pos),
-            2 => scatter::<48>(words, tmp, &mut pos),
-            _ => scatter::<56>(words, tmp, &mut pos),
+        // SAFETY: `pos` holds the prefix sums of this byte's counts over `words`, and `tmp`
+        // has `words`' length.
+        unsafe {
+            match p {
+                0 => scatter::<32>(words, tmp, &mut pos),
+                1 => scatter::<40>(words, tmp, &mut pos),
+                2 => scatter::<48>(words, tmp, &mut pos),
+                _ => scatter::<56>(words, tmp, &mut pos),
+            }
         }
         std::mem::swap(words, tmp);
     }
@@ -169,16 +173,19 @@ pub fn radix_sort_pairs(words: &mut Vec<u64>, tmp: &mut Vec<u64>) {
 /// digit's first free slot (prefix sums of the digits' counts in `src`). Four words at a time,
 /// each one's slot offset by the earlier ones of the four with the same digit, so that runs of
 /// one digit wait on one store of `pos` per four words instead of one per word.
+///
+/// # Safety
+/// `pos[d]` must be the number of words of `src` whose digit is below `d`, and `dst` as long
+/// as `src`: then every slot written is distinct and in bounds (unchecked writes).
 #[inline(always)]
-fn scatter<const SHIFT: u32>(src: &[u64], dst: &mut [u64], pos: &mut [u32; 256]) {
+unsafe fn scatter<const SHIFT: u32>(src: &[u64], dst: &mut [u64], pos: &mut [u32; 256]) {
     debug_assert_eq!(src.len(), dst.len());
     let digit = |w: u64| ((w >> SHIFT) & 0xFF) as usize;
     let quads = src.chunks_exact(4);
     let rest = quads.remainder();
     let mut put = |q: u32, w: u64| {
-        // SAFETY: `pos` starts at the prefix sums of the counts of `src`'s digits, and each
-        // word advances its digit's slot once, so every `q` is distinct and below
-        // `src.len() == dst.len()` (the sequential counting sort's positions).
+        // SAFETY: by the caller's contract each `q` is the sequential counting sort's
+        // position of `w`, below `src.len() == dst.len()`.
         unsafe { *dst.get_unchecked_mut(q as usize) = w };
     };
     for q in quads {
