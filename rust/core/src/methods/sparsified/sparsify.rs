@@ -518,6 +518,20 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn or_at_places_bits_at_any_offset() {
+        // Against setting the bits one by one, at aligned and unaligned offsets.
+        let src: Vec<u32> = vec![0xDEAD_BEEF, 0x8000_0001, 0x0000_0FF0];
+        let len = 3 * 32 - 4; // the last word's top bits unused (clear)
+        for at in [0usize, 1, 31, 32, 45, 64] {
+            let mut got = vec![0u32; (at + len).div_ceil(32)];
+            bits::or_at(&mut got, at, &src);
+            let mut want = vec![0u32; got.len()];
+            (0..len).for_each(|j| bits::set(&mut want, at + j, (src[j / 32] >> (j % 32)) & 1 == 1));
+            assert_eq!(got, want, "at {at}");
+        }
+    }
+
+    #[test]
     fn window_matches_stable_sort_with_ties_across_chunks() {
         // Few distinct magnitudes so the boundaries fall on big tie groups that straddle chunks.
         let n = 3 * CHUNK + 123;
