@@ -137,43 +137,64 @@ pub fn build(name: &str, p: &Params, n: usize, _has_base: bool, spec: Spec, spar
 const HEAD: usize = 4; // per model: mode, scale, start, len
 
 impl Gta {
-    fn scale(&self, ctx: &Ctx, io: &dyn TensorIo, i: usize, state: &[f64]) -> Result<f64> {
+    /// Each model's rescale factor. The measured norms (l1, l2, linf) of every partially kept
+    /// model come from one pass over the chunks that reads the base once for all of them; per
+    /// model, the sums are those of a pass of its own (element order, chunks folded in order).
+    fn scales(&self, ctx: &Ctx, io: &dyn TensorIo, prepared: &[(Mode, Vec<f64>)]) -> Result<Vec<f64>> {
         let norm = self.rescale;
-        match norm {
-            Rescale::None => return Ok(1.0),
-            Rescale::Density => return Ok(1.0 / self.sparsifier.density(i)),
-            _ => {}
+        let mut scales: Vec<f64> = prepared
+            .iter()
+            .enumerate()
+            .map(|(i, (mode, _))| match (mode, norm) {
+                (Mode::Partial, Rescale::Density) => 1.0 / self.sparsifier.density(i),
+                _ => 1.0,
+            })
+            .collect();
+        if matches!(norm, Rescale::None | Rescale::Density) {
+            return Ok(scales);
         }
-        let parts = par_chunks(io, &[0, i + 1], |c, r, v| {
+        let measured: Vec<usize> = (0..prepared.len()).filter(|&i| prepared[i].0 == Mode::Partial).collect();
+        if measured.is_empty() {
+            return Ok(scales);
+        }
+        let slots: Vec<usize> = std::iter::once(0).chain(measured.iter().map(|&i| i + 1)).collect();
+        let parts = par_chunks(io, &slots, |c, r, v| {
             with_work(2 * r.len(), |w| {
                 let (d, kept) = w.split_at_mut(r.len());
-                delta_into(v[1], v[0], d);
-                kept.copy_from_slice(d);
-                self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, state, kept);
-                // Both norms in one loop: two independent sums (each in element order), which
-                // the CPU overlaps; one after the other, each waited on its own additions.
-                let (mut before, mut after) = (0f64, 0f64);
-                d.iter().zip(kept.iter()).for_each(|(&x, &y)| {
-                    norm.acc(&mut before, x);
-                    norm.acc(&mut after, y);
+                let sums = measured.iter().zip(&v[1..]).map(|(&i, x)| {
+                    delta_into(x, v[0], d);
+                    kept.copy_from_slice(d);
+                    self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, &prepared[i].1, kept);
+                    // Both norms in one loop: two independent sums (each in element order),
+                    // which the CPU overlaps; one after the other, each waited on its own additions.
+                    let (mut before, mut after) = (0f64, 0f64);
+                    d.iter().zip(kept.iter()).for_each(|(&x, &y)| {
+                        norm.acc(&mut before, x);
+                        norm.acc(&mut after, y);
+                    });
+                    (before, after)
                 });
-                Ok((before, after))
+                Ok(sums.collect::<Vec<_>>())
             })
         })?;
-        let (b, a) = parts.iter().fold((0.0, 0.0), |(b, a), &(pb, pa)| (norm.fold(b, pb), norm.fold(a, pa)));
-        let (b, a) = (norm.finish(b), norm.finish(a));
-        Ok(if b < RESCALE_EPS || a < RESCALE_EPS { 1.0 } else { b / a })
+        for (k, &i) in measured.iter().enumerate() {
+            let (b, a) = parts.iter().fold((0.0, 0.0), |(b, a), p| (norm.fold(b, p[k].0), norm.fold(a, p[k].1)));
+            let (b, a) = (norm.finish(b), norm.finish(a));
+            scales[i] = if b < RESCALE_EPS || a < RESCALE_EPS { 1.0 } else { b / a };
+        }
+        Ok(scales)
     }
 }
 
 impl Method for Gta {
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let n = io.slots() - 1;
+        let prepared: Vec<(Mode, Vec<f64>)> =
+            (0..n).map(|i| if io.numel() == 0 { Ok((Mode::Keep, vec![])) } else { self.sparsifier.prepare(ctx, io, i) }).collect::<Result<_>>()?;
+        let scales = phase::time(phase::SCALE, || self.scales(ctx, io, &prepared))?;
         let mut head = Vec::with_capacity(HEAD * n);
         let mut body = Vec::new();
-        for i in 0..n {
-            let (mode, state) = if io.numel() == 0 { (Mode::Keep, vec![]) } else { self.sparsifier.prepare(ctx, io, i)? };
-            let scale = if mode == Mode::Partial { phase::time(phase::SCALE, || self.scale(ctx, io, i, &state))? } else { 1.0 };
+        for (i, ((mode, state), scale)) in prepared.into_iter().zip(scales).enumerate() {
             if !scale.is_finite() {
                 return Err(Error::numerical(ctx.tensor, format!("model #{i}: rescale factor {scale}")));
             }
