@@ -15,7 +15,7 @@
 //! the importances (or the sample) in one f32 scratch buffer of at most 1,000,000 values,
 //! whose quantiles are radix-selected (exact, as a sort would give them);
 //! `apply` runs elementwise on chunks.
-use super::common::Layout;
+use super::common::{for_each_run, Layout};
 use crate::error::Result;
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, Method, TensorIo};
@@ -48,13 +48,20 @@ fn row_len(shape: &[usize]) -> usize {
 /// KL(softmax(x) + 1e-8 ‖ softmax(b) + 1e-8) of one row (each `exp` taken once: they are
 /// most of the method's time).
 pub fn row_kl(x: &[f32], b: &[f32]) -> f32 {
-    let exps = |v: &[f32]| {
+    row_kl_in(x, b, &mut Vec::new(), &mut Vec::new())
+}
+
+/// [`row_kl`] with the exponentials in caller-owned buffers (reused from row to row).
+fn row_kl_in(x: &[f32], b: &[f32], ex: &mut Vec<f64>, eb: &mut Vec<f64>) -> f32 {
+    let exps = |v: &[f32], e: &mut Vec<f64>| {
         let m = v.iter().fold(f32::NEG_INFINITY, |m, &t| m.max(t)) as f64;
-        v.iter().map(|&t| (t as f64 - m).exp()).collect::<Vec<f64>>()
+        e.clear();
+        e.extend(v.iter().map(|&t| (t as f64 - m).exp()));
     };
-    let (ex, eb) = (exps(x), exps(b));
+    exps(x, ex);
+    exps(b, eb);
     let (sx, sb): (f64, f64) = (ex.iter().sum(), eb.iter().sum());
-    let kl = ex.iter().zip(&eb).fold(0f64, |kl, (&ex, &eb)| {
+    let kl = ex.iter().zip(eb.iter()).fold(0f64, |kl, (&ex, &eb)| {
         let p = ex / sx + 1e-8;
         let q = eb / sb + 1e-8;
         kl + p * (p / q).ln()
@@ -102,7 +109,8 @@ impl Method for ArceeFusion {
                 let (mut b, mut x) = (vec![0f32; span.len()], vec![0f32; span.len()]);
                 io.read(0, span.clone(), &mut b)?;
                 io.read(1, span, &mut x)?;
-                Ok(x.chunks(len).zip(b.chunks(len)).map(|(xr, br)| row_kl(xr, br)).collect::<Vec<f32>>())
+                let (mut ex, mut eb) = (Vec::new(), Vec::new());
+                Ok(x.chunks(len).zip(b.chunks(len)).map(|(xr, br)| row_kl_in(xr, br, &mut ex, &mut eb)).collect::<Vec<f32>>())
             })
             .collect::<Result<Vec<_>>>()?
             .concat();
@@ -168,11 +176,13 @@ impl Method for ArceeFusion {
         let b = base.expect("arity checked at build");
         let thr = stats[0] as f32;
         let len = row_len(ctx.shape);
-        let mut segs = Layout::Rows { len }.segments(ctx.offset);
-        for ((o, &x), &bv) in out.iter_mut().zip(inputs[0]).zip(b) {
-            let kl = stats[1 + segs.next().unwrap()] as f32;
-            *o = if importance(x, bv, kl) >= thr { bv + (x - bv) } else { bv };
-        }
+        // Row by row: one KL per run, a loop without a lookup per element (vectorizes).
+        for_each_run(Layout::Rows { len }, ctx.offset, out.len(), |r, row| {
+            let kl = stats[1 + row] as f32;
+            for ((o, &x), &bv) in out[r.clone()].iter_mut().zip(&inputs[0][r.clone()]).zip(&b[r]) {
+                *o = if importance(x, bv, kl) >= thr { bv + (x - bv) } else { bv };
+            }
+        });
         Ok(())
     }
 }
