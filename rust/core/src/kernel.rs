@@ -280,6 +280,30 @@ fn chunk_starts(numel: usize) -> Vec<usize> {
     (0..numel).step_by(CHUNK).collect()
 }
 
+/// Runs `f(chunk index, element range, slot slices)` on every engine chunk in parallel
+/// (reading only `slots`, in that order) and returns the results in chunk order.
+pub fn par_chunks<T, F>(io: &dyn TensorIo, slots: &[usize], f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(usize, Range<usize>, &[&[f32]]) -> Result<T> + Sync,
+{
+    let numel = io.numel();
+    (0..numel.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            with_scratch(|sc| {
+                let r = c * CHUNK..((c + 1) * CHUNK).min(numel);
+                let (bufs, _, _) = sc.parts(slots.len(), r.len());
+                for (b, &s) in bufs.iter_mut().zip(slots) {
+                    io.read(s, r.clone(), &mut b[..r.len()])?;
+                }
+                let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
+                f(c, r, &views)
+            })
+        })
+        .collect()
+}
+
 /// The default `Method::prepare`: streams fixed chunks through `accumulate` in parallel and
 /// folds the parts with `combine` in chunk order.
 pub fn stream_stats<M: Method + ?Sized>(method: &M, io: &dyn TensorIo) -> Result<Vec<f64>> {

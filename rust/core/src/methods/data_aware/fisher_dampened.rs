@@ -13,7 +13,7 @@
 //! - `minmax`: min-max of F itself.
 //! - `rank`: the entry's quantile in the tensor (interpolated between 1024 quantiles).
 use crate::error::{Error, Result};
-use crate::kernel::{with_work, Ctx, Method, TensorIo, CHUNK};
+use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo, CHUNK};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 use crate::reader::{Checkpoint, TensorInfo};
 use rayon::prelude::*;
@@ -125,16 +125,9 @@ impl Method for FisherDampened {
         if self.norm != Norm::Rank {
             // The extremes of the Fisher alone (the models are not read), transformed once:
             // F ↦ ln(max(F, 0) + ε) never decreases, so they give those of the transform.
-            let (lo, hi) = (0..n.div_ceil(CHUNK))
-                .into_par_iter()
-                .map(|c| {
-                    let r = c * CHUNK..((c + 1) * CHUNK).min(n);
-                    with_work(r.len(), |f| {
-                        io.read(fisher, r, f)?;
-                        Ok(f.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x))))
-                    })
-                })
-                .try_reduce(|| (f32::INFINITY, f32::NEG_INFINITY), |a, b| Ok((a.0.min(b.0), a.1.max(b.1))))?;
+            let none = (f32::INFINITY, f32::NEG_INFINITY);
+            let parts = par_chunks(io, &[fisher], |_, _, v| Ok(v[0].iter().fold(none, |(lo, hi), &x| (lo.min(x), hi.max(x)))))?;
+            let (lo, hi) = parts.into_iter().fold(none, |(lo, hi), (a, b)| (lo.min(a), hi.max(b)));
             return Ok(if n == 0 { vec![f64::INFINITY, f64::NEG_INFINITY] } else { vec![self.transform(lo), self.transform(hi)] });
         }
         if n == 0 {

@@ -20,9 +20,9 @@
 //!
 //! Memory: `prepare` handles one model at a time with at most one whole-tensor `u32` scratch
 //! buffer (dropped before the next model); `apply` is elementwise on engine chunks.
-use super::sparsify::{chunk_of, delta_into, par_chunks, phase, scratch, sign, Rescale, RESCALE_EPS};
+use super::sparsify::{chunk_of, delta_into, phase, scratch, sign, Rescale, RESCALE_EPS};
 use crate::error::{Error, Result};
-use crate::kernel::{with_work, Ctx, Method, TensorIo};
+use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
 use crate::params::Params;
 
 /// What sparsification leaves of one model's delta on one tensor.

@@ -15,10 +15,10 @@
 //! the selection as bits (1/16 of the f32 tensor) for `apply`, which is elementwise. Each
 //! variance is computed once, in the key pass.
 use super::gta::Mode;
-use super::sparsify::{bits, chunk_of, delta_into, keys_and_hist, par_chunks, scratch, Window};
+use super::sparsify::{bits, chunk_of, delta_into, keys_and_hist, scratch, Window};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
-use crate::kernel::{with_work, Ctx, Method, TensorIo};
+use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 
 pub fn spec() -> MethodSpec {

@@ -18,7 +18,6 @@ use super::select::{locate, min_chunks_per_hist, HighHist, BUCKETS};
 use crate::error::{Error, Result};
 use crate::kernel::{with_scratch, Ctx, TensorIo, CHUNK};
 use rayon::prelude::*;
-use std::ops::Range;
 
 /// Per-phase seconds of the family's kernels (wall time of each whole-tensor pass; `apply`
 /// summed over the chunks, i.e. thread-seconds), cumulative, printed to stderr after each
@@ -82,30 +81,6 @@ pub fn chunk_of(ctx: &Ctx) -> Result<usize> {
         return Err(Error::numerical(ctx.tensor, format!("sparsified kernels need chunk-aligned pieces, got offset {}", ctx.offset)));
     }
     Ok(ctx.offset / CHUNK)
-}
-
-/// Runs `f(chunk index, element range, slot slices)` on every engine chunk in parallel
-/// (reading only `slots`, in that order) and returns the results in chunk order.
-pub fn par_chunks<T, F>(io: &dyn TensorIo, slots: &[usize], f: F) -> Result<Vec<T>>
-where
-    T: Send,
-    F: Fn(usize, Range<usize>, &[&[f32]]) -> Result<T> + Sync,
-{
-    let numel = io.numel();
-    (0..n_chunks(numel))
-        .into_par_iter()
-        .map(|c| {
-            with_scratch(|sc| {
-                let r = c * CHUNK..((c + 1) * CHUNK).min(numel);
-                let (bufs, _, _) = sc.parts(slots.len(), r.len());
-                for (b, &s) in bufs.iter_mut().zip(slots) {
-                    io.read(s, r.clone(), &mut b[..r.len()])?;
-                }
-                let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
-                f(c, r, &views)
-            })
-        })
-        .collect()
 }
 
 /// `x − base` into `out`, exactly as every kernel of the family computes a delta (f32).
