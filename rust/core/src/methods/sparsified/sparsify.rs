@@ -176,7 +176,8 @@ pub struct Window {
     pub b: u32,
     pub less_a: u64,
     pub less_b: u64,
-    /// Per chunk: how many keys equal `a` (resp. `b`) in the chunks before it.
+    /// Per chunk: how many keys equal `a` (resp. `b`) in the chunks before it; one more
+    /// entry, all of them (so a chunk's own count is a difference, not a pass over it).
     pub eq_a: Vec<u64>,
     pub eq_b: Vec<u64>,
 }
@@ -205,13 +206,22 @@ impl Window {
             keys.par_chunks(CHUNK)
                 .map(|c| {
                     let (mut la, mut lb) = (Vec::new(), Vec::new());
-                    for &k in c {
-                        let h = k >> 16;
-                        if h == ha {
-                            la.push(k as u16);
-                        } else if h == hb {
-                            lb.push(k as u16);
-                        }
+                    // Which of 32 keys fall in either bucket, as bits built in registers
+                    // (vectorizes); the few set bits are then visited one by one. `hb` only
+                    // where it differs from `ha`.
+                    for ks in c.chunks(32) {
+                        let (ma, mb) = ks.iter().zip(0..32).fold((0u32, 0u32), |(ma, mb), (&k, bit)| {
+                            let h = k >> 16;
+                            (ma | (u32::from(h == ha) << bit), mb | (u32::from(h == hb) << bit))
+                        });
+                        let push = |mut m: u32, list: &mut Vec<u16>| {
+                            while m != 0 {
+                                list.push(ks[m.trailing_zeros() as usize] as u16);
+                                m &= m - 1;
+                            }
+                        };
+                        push(ma, &mut la);
+                        push(mb & !ma, &mut lb);
                     }
                     (la, lb)
                 })
@@ -226,7 +236,7 @@ impl Window {
             let (l, _) = locate(&low, r);
             let below = hist.0[..bucket].iter().sum::<u64>() + low[..l].iter().sum::<u64>();
             let mut seen = 0u64;
-            let eq = lists
+            let mut eq: Vec<u64> = lists
                 .iter()
                 .map(|c| {
                     let before = seen;
@@ -234,6 +244,7 @@ impl Window {
                     before
                 })
                 .collect();
+            eq.push(seen);
             (((bucket as u32) << 16) | l as u32, below, eq)
         };
         let (a, less_a, eq_a) = exact(ba, ra, &sa);
@@ -252,8 +263,7 @@ impl Window {
     /// Each word is built in a register: setting bits one by one in memory made every
     /// decision wait for the previous one's store.
     pub fn decide_words(packed: &[f64], chunk: usize, keys: &[u32], out: &mut [u32]) {
-        let (na, nb) = tie_counts(packed, keys);
-        match ChunkRule::of(packed, chunk, na, nb) {
+        match ChunkRule::of(packed, chunk) {
             Some(rule) => {
                 for (w, ks) in out.iter_mut().zip(keys.chunks(32)) {
                     *w = ks.iter().zip(0..32).fold(0u32, |w, (&k, b)| w | (u32::from(rule.kept(k)) << b));
@@ -269,7 +279,7 @@ impl Window {
     /// The exact rule: keys on a boundary ranked one by one by index.
     fn decide_by_rank(packed: &[f64], chunk: usize, keys: &[u32], mut keep: impl FnMut(usize, bool)) {
         let g = |i: usize| packed[i] as u64;
-        let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize);
+        let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize); // nc: chunks + 1
         let (mut ca, mut cb) = (g(7 + chunk), g(7 + nc + chunk));
         for (j, &k) in keys.iter().enumerate() {
             // Keys on a boundary are rare: rank them by index; the rest is a range test.
@@ -286,14 +296,6 @@ impl Window {
     }
 }
 
-/// How many keys of a chunk equal the window's boundary keys `a` and `b`.
-fn tie_counts(packed: &[f64], keys: &[u32]) -> (u64, u64) {
-    let (a, b) = (packed[2] as u32, packed[3] as u32);
-    // u32 lanes vectorize; a chunk holds < 2^32 keys.
-    let (na, nb) = keys.iter().fold((0u32, 0u32), |(x, y), &k| (x + u32::from(k == a), y + u32::from(k == b)));
-    (u64::from(na), u64::from(nb))
-}
-
 /// A chunk's decision as a pure function of the key, valid when each boundary tie group
 /// in the chunk is kept or dropped as a whole (every chunk but at most two): then ranking
 /// the ties by index changes nothing, and the test vectorizes.
@@ -306,10 +308,11 @@ struct ChunkRule {
 }
 
 impl ChunkRule {
-    /// `na`, `nb`: the chunk's counts of keys equal to `a` and `b`.
-    fn of(packed: &[f64], chunk: usize, na: u64, nb: u64) -> Option<ChunkRule> {
+    fn of(packed: &[f64], chunk: usize) -> Option<ChunkRule> {
         let g = |i: usize| packed[i] as u64;
-        let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize);
+        let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize); // nc: chunks + 1
+                                                                                                                    // The chunk's counts of keys equal to `a` and `b`.
+        let (na, nb) = (g(8 + chunk) - g(7 + chunk), g(8 + nc + chunk) - g(7 + nc + chunk));
         // Ranks of the chunk's ties: [first, first + n), all in or all out of [lo, hi)?
         let whole = |first: u64, n: u64| -> Option<bool> {
             if n == 0 || (first >= lo && first + n <= hi) {
@@ -334,9 +337,7 @@ impl ChunkRule {
 
 /// Zeroes the dropped entries of `delta` (one chunk) by the window packed in `packed`.
 pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], key: impl Fn(f32) -> u32 + Copy) {
-    let (a, b) = (packed[2] as u32, packed[3] as u32);
-    let (na, nb) = delta.iter().fold((0u32, 0u32), |(x, y), &d| (x + u32::from(key(d) == a), y + u32::from(key(d) == b)));
-    match ChunkRule::of(packed, chunk, u64::from(na), u64::from(nb)) {
+    match ChunkRule::of(packed, chunk) {
         Some(rule) => delta.iter_mut().for_each(|d| *d = if rule.kept(key(*d)) { *d } else { 0.0 }),
         None => {
             let keys: Vec<u32> = delta.iter().map(|&d| key(d)).collect();
