@@ -25,6 +25,10 @@ use crate::error::{Error, Result};
 use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
 use crate::params::Params;
 
+/// Elements per tile of `apply`'s elementwise passes: the tile's deltas, signs, divisors and
+/// output (a few models) fit in L1.
+const TILE: usize = 1024;
+
 /// What sparsification leaves of one model's delta on one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -217,58 +221,66 @@ impl Gta {
         let (n, len) = (inputs.len(), out.len());
         let chunk = chunk_of(ctx)?;
         // The deltas, the elected signs and the divisors in one per-thread buffer.
-        with_work((n + 2) * len, |w| self.combine_chunk(ctx, chunk, base, inputs, stats, w, out));
-        if self.lambda != 1.0 {
-            out.iter_mut().for_each(|o| *o *= self.lambda);
-        }
-        out.iter_mut().zip(base).for_each(|(o, &b)| *o += b);
+        with_work((n + 2) * len, |w| {
+            let (d, rest) = w.split_at_mut(n * len);
+            let (maj, div) = rest.split_at_mut(len);
+            self.sparsified_deltas(ctx, chunk, base, inputs, stats, d);
+            // The rest is elementwise: tile by tile, so its passes stay in L1 (the same
+            // operations per element as whole-chunk passes).
+            for t in (0..len).step_by(TILE) {
+                let r = t..(t + TILE).min(len);
+                let dt: Vec<&mut [f32]> = d.chunks_mut(len.max(1)).take(n).map(|di| &mut di[r.clone()]).collect();
+                self.combine_tile(stats, dt, &mut maj[r.clone()], &mut div[r.clone()], &base[r.clone()], &mut out[r]);
+            }
+        });
         Ok(())
     }
 
-    /// The combined (not yet λ-scaled) deltas of one chunk into `out`; `w` holds (n + 2)·len.
-    #[allow(clippy::too_many_arguments)]
-    fn combine_chunk(&self, ctx: &Ctx, chunk: usize, base: &[f32], inputs: &[&[f32]], stats: &[f64], w: &mut [f32], out: &mut [f32]) {
-        let (n, len) = (inputs.len(), out.len());
-        let (d, rest) = w.split_at_mut(n * len);
-        let (maj, div) = rest.split_at_mut(len);
-        for (i, x) in inputs.iter().enumerate() {
-            let di = &mut d[i * len..(i + 1) * len];
-            if stats[HEAD * i] as u8 == Mode::Drop as u8 {
-                di.fill(0.0);
-            } else {
-                delta_into(x, base, di);
-            }
-        }
-        for (i, di) in d.chunks_mut(len.max(1)).enumerate().take(n) {
+    /// Each model's delta `d_i` for one chunk, masked and rescaled by its sparsifier (a mask
+    /// is decided per engine chunk).
+    fn sparsified_deltas(&self, ctx: &Ctx, chunk: usize, base: &[f32], inputs: &[&[f32]], stats: &[f64], d: &mut [f32]) {
+        let len = base.len();
+        for (i, (x, di)) in inputs.iter().zip(d.chunks_mut(len.max(1))).enumerate() {
             let h = &stats[HEAD * i..HEAD * (i + 1)];
             let (mode, scale, start, slen) = (h[0] as u8, h[1] as f32, h[2] as usize, h[3] as usize);
             if mode == Mode::Drop as u8 {
-                continue; // stays zero
+                di.fill(0.0);
+                continue;
             }
+            delta_into(x, base, di);
             if mode == Mode::Partial as u8 {
                 self.sparsifier.mask(ctx, chunk, i, &stats[start..start + slen], di);
                 if scale != 1.0 {
                     di.iter_mut().for_each(|x| *x *= scale);
                 }
             }
-            let w = self.weights[i];
-            di.iter_mut().for_each(|x| *x *= w);
+        }
+    }
+
+    /// `out = base + λ · combined` for one tile, from the tile's sparsified deltas `d` (one
+    /// slice per model; weighted in place); `maj` and `div` are scratch.
+    fn combine_tile(&self, stats: &[f64], mut d: Vec<&mut [f32]>, maj: &mut [f32], div: &mut [f32], base: &[f32], out: &mut [f32]) {
+        for (i, di) in d.iter_mut().enumerate() {
+            if stats[HEAD * i] as u8 != Mode::Drop as u8 {
+                let w = self.weights[i];
+                di.iter_mut().for_each(|x| *x *= w);
+            }
         }
         match self.consensus {
             Some(c) => {
                 // Branch-free per model (vectorizes): s = Σ_i d_i (or Σ sign), then the agreeing sums.
                 maj.fill(0.0);
-                for di in d.chunks(len.max(1)).take(n) {
+                for di in &d {
                     if c == Consensus::Count {
-                        maj.iter_mut().zip(di).for_each(|(s, &v)| *s += sign(v));
+                        maj.iter_mut().zip(di.iter()).for_each(|(s, &v)| *s += sign(v));
                     } else {
-                        maj.iter_mut().zip(di).for_each(|(s, &v)| *s += v);
+                        maj.iter_mut().zip(di.iter()).for_each(|(s, &v)| *s += v);
                     }
                 }
                 maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
                 div.fill(0.0);
-                out.iter_mut().for_each(|o| *o = 0.0);
-                for (i, di) in d.chunks(len.max(1)).enumerate().take(n) {
+                out.fill(0.0);
+                for (i, di) in d.iter().enumerate() {
                     let wi = if self.count_mean { 1.0 } else { self.weights[i] };
                     for ((o, q), (&x, &m)) in out.iter_mut().zip(div.iter_mut()).zip(di.iter().zip(maj.iter())) {
                         let agree = x * m > 0.0; // sign(d) == elected sign; zeros never agree
@@ -281,14 +293,18 @@ impl Gta {
                 }
             }
             None => {
-                out.copy_from_slice(&d[..len]);
-                for i in 1..n {
-                    out.iter_mut().zip(&d[i * len..(i + 1) * len]).for_each(|(o, &v)| *o += v);
+                out.copy_from_slice(&d[0][..]);
+                for di in &d[1..] {
+                    out.iter_mut().zip(di.iter()).for_each(|(o, &v)| *o += v);
                 }
                 if self.normalize {
                     out.iter_mut().for_each(|o| *o /= self.linear_divisor);
                 }
             }
         }
+        if self.lambda != 1.0 {
+            out.iter_mut().for_each(|o| *o *= self.lambda);
+        }
+        out.iter_mut().zip(base).for_each(|(o, &b)| *o += b);
     }
 }
