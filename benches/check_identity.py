@@ -51,11 +51,11 @@ SINGLE = {"arcee_fusion", "slerp", "passthrough"}  # one model only
 BASELESS = {"passthrough"}  # takes no base
 
 
-def arrays(seed: int, shape, kind: str):
+def arrays(seed: int, shape, kind: str, models: int = 2):
     rng = np.random.default_rng(seed)
     base = rng.standard_normal(shape).astype(np.float32) * 0.02
     fts = []
-    for k in range(2):
+    for k in range(models):
         d = rng.standard_normal(shape).astype(np.float32) * 0.002
         if kind == "ties":
             # Few distinct magnitudes, many exact zeros, some subnormal deltas.
@@ -63,7 +63,7 @@ def arrays(seed: int, shape, kind: str):
             d[rng.random(shape) < 0.2] = 0.0
             sub = rng.random(shape) < 0.01
             d[sub] = np.float32(1e-40) * (1 + (rng.random(sub.sum()) < 0.5))
-            fts.append((base + d).astype(np.float32) if k == 0 else (base + d * 2).astype(np.float32))
+            fts.append((base + d * (k + 1)).astype(np.float32))
         else:
             fts.append((base + d).astype(np.float32))
     return base, fts
@@ -117,10 +117,15 @@ def run(data: Path) -> dict:
              ("ties_700x700", arrays(2, (700, 700), "ties")),
              ("normal_vec_200003", arrays(3, (200003,), "normal")),
              # over arcee_fusion's 1,000,000-element sampling threshold
-             ("normal_1100x1000", arrays(4, (1100, 1000), "normal"))]
+             ("normal_1100x1000", arrays(4, (1100, 1000), "normal")),
+             # three models: kernels with a per-model-count path (e.g. a division by n)
+             ("three_normal_300x1000", arrays(5, (300, 1000), "normal", 3)),
+             ("three_ties_700x700", arrays(6, (700, 700), "ties", 3))]
     for cname, (base, fts) in cases:
         for m, p in METHODS.items():
             method = m.split("/")[0]  # "name/variant": the method with other parameters
+            if len(fts) > 2 and (method in SINGLE or "weight" in p):  # two-model methods or weights
+                continue
             models = fts[:1] if method in SINGLE else fts
             for th in (1, 2):
                 r = mf.merge(method, models, base=None if method in BASELESS else base, params=p, threads=th, seed=5)

@@ -20,14 +20,10 @@
 //!
 //! Memory: `prepare` handles one model at a time with at most one whole-tensor `u32` scratch
 //! buffer (dropped before the next model); `apply` is elementwise on engine chunks.
-use super::sparsify::{chunk_of, delta_into, phase, scratch, sign, Rescale, RESCALE_EPS};
+use super::sparsify::{chunk_of, delta_into, phase, scratch, sign, Rescale, RESCALE_EPS, TILE};
 use crate::error::{Error, Result};
 use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
 use crate::params::Params;
-
-/// Elements per tile of `apply`'s elementwise passes: the tile's deltas, signs, divisors and
-/// output (a few models) fit in L1.
-const TILE: usize = 1024;
 
 /// What sparsification leaves of one model's delta on one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

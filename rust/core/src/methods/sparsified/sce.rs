@@ -15,7 +15,7 @@
 //! the selection as bits (1/16 of the f32 tensor) for `apply`, which is elementwise. Each
 //! variance is computed once, in the key pass.
 use super::gta::Mode;
-use super::sparsify::{bits, chunk_of, delta_into, keys_and_hist, scratch, Window};
+use super::sparsify::{bits, chunk_of, delta_into, keys_and_hist, scratch, Window, TILE};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
@@ -55,6 +55,13 @@ const ZERO_VAR: u32 = !0u32;
 fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
     const B: usize = 1024;
     let n = (v.len() - 1) as f64;
+    // Dividing by a power of two is multiplying by its exact reciprocal (the same real
+    // number, rounded once): the same bits, and much cheaper than a division.
+    let inv = (v.len() - 1).is_power_of_two().then(|| 1.0 / n);
+    let per_model = |x: &mut [f64]| match inv {
+        Some(inv) => x.iter_mut().for_each(|m| *m *= inv),
+        None => x.iter_mut().for_each(|m| *m /= n),
+    };
     let (mut mean, mut ss, mut t) = ([0f64; B], [0f64; B], [0f32; B]);
     for (k, o) in out.chunks_mut(B).enumerate() {
         let r = k * B..k * B + o.len();
@@ -64,13 +71,14 @@ fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
             delta_into(&x[r.clone()], &v[0][r.clone()], t);
             mean.iter_mut().zip(t.iter()).for_each(|(m, &x)| *m += x as f64);
         }
-        mean.iter_mut().for_each(|m| *m /= n);
+        per_model(mean);
         ss.fill(0.0);
         for x in &v[1..] {
             delta_into(&x[r.clone()], &v[0][r.clone()], t);
             ss.iter_mut().zip(t.iter().zip(mean.iter())).for_each(|(s, (&x, &m))| *s += (x as f64 - m) * (x as f64 - m));
         }
-        o.iter_mut().zip(ss.iter()).for_each(|(o, &s)| *o = !((s / n) as f32).to_bits());
+        per_model(ss);
+        o.iter_mut().zip(ss.iter()).for_each(|(o, &s)| *o = !(s as f32).to_bits());
     }
 }
 
@@ -98,13 +106,14 @@ fn mean_squares(tv: &[f32], len: usize, n: usize) -> Vec<f64> {
 const HEAD: usize = 1; // mode, then n weights, then the keep bits of a partial selection
 
 impl Sce {
-    /// Applies the selection to one chunk's task vectors (`words`: the keep bits of a
-    /// `Partial` selection, from the tensor's first element).
-    fn select(mode: u8, words: &[f64], chunk: usize, tv: &mut [f32], len: usize) {
+    /// Applies the selection to the task vectors of elements `first..first + len` (`words`:
+    /// the keep bits of a `Partial` selection, bit 0 for element 0 of `words`' range;
+    /// `first` a multiple of 32).
+    fn select(mode: u8, words: &[f64], first: usize, tv: &mut [f32], len: usize) {
         if mode == Mode::Drop as u8 {
             tv.fill(0.0);
         } else if mode == Mode::Partial as u8 {
-            tv.chunks_mut(len.max(1)).for_each(|t| bits::mask(words, chunk * CHUNK, t));
+            tv.chunks_mut(len.max(1)).for_each(|t| bits::mask(words, first, t));
         }
     }
 }
@@ -176,32 +185,40 @@ impl Method for Sce {
 
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
         let base = base.expect("arity checked at build");
-        let (n, len) = (inputs.len(), out.len());
-        let chunk = chunk_of(ctx)?;
-        // Task vectors, elected signs, numerators and denominators in one per-thread buffer.
-        with_work((n + 3) * len, |w| {
-            let (tv, rest) = w.split_at_mut(n * len);
-            let (maj, rest) = rest.split_at_mut(len);
-            let (num, den) = rest.split_at_mut(len);
-            task_vectors(base, inputs, tv);
-            Self::select(stats[0] as u8, &stats[HEAD + n..], chunk, tv, len);
-            maj.fill(0.0);
-            for t in tv.chunks(len.max(1)) {
-                maj.iter_mut().zip(t).for_each(|(s, &v)| *s += v);
-            }
-            maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
-            num.fill(0.0);
-            den.fill(0.0);
-            for (t, &w) in tv.chunks(len.max(1)).zip(&stats[HEAD..HEAD + n]) {
-                let w = w as f32;
-                for ((nu, de), (&x, &m)) in num.iter_mut().zip(den.iter_mut()).zip(t.iter().zip(maj.iter())) {
-                    let agree = x * m > 0.0; // sign(τ) == elected sign; zeros never agree
-                    *nu += if agree { x * w } else { 0.0 };
-                    *de += if agree { w } else { 0.0 };
+        let n = inputs.len();
+        let first = chunk_of(ctx)? * CHUNK;
+        // Task vectors, elected signs, numerators and denominators of one tile in one
+        // per-thread buffer; tile by tile so every pass stays in L1 (the same operations
+        // per element as whole-chunk passes).
+        with_work((n + 3) * TILE, |w| {
+            for t0 in (0..out.len()).step_by(TILE) {
+                let r = t0..(t0 + TILE).min(out.len());
+                let len = r.len();
+                let (tv, rest) = w.split_at_mut(n * len);
+                let (maj, rest) = rest.split_at_mut(len);
+                let (num, den) = rest[..2 * len].split_at_mut(len);
+                let xs: Vec<&[f32]> = inputs.iter().map(|x| &x[r.clone()]).collect();
+                let (base, out) = (&base[r.clone()], &mut out[r]);
+                task_vectors(base, &xs, tv);
+                Self::select(stats[0] as u8, &stats[HEAD + n..], first + t0, tv, len);
+                maj.fill(0.0);
+                for t in tv.chunks(len) {
+                    maj.iter_mut().zip(t).for_each(|(s, &v)| *s += v);
                 }
-            }
-            for ((o, &b), (&nu, &de)) in out.iter_mut().zip(base).zip(num.iter().zip(den.iter())) {
-                *o = b + nu / de.max(1e-6);
+                maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
+                num.fill(0.0);
+                den.fill(0.0);
+                for (t, &w) in tv.chunks(len).zip(&stats[HEAD..HEAD + n]) {
+                    let w = w as f32;
+                    for ((nu, de), (&x, &m)) in num.iter_mut().zip(den.iter_mut()).zip(t.iter().zip(maj.iter())) {
+                        let agree = x * m > 0.0; // sign(τ) == elected sign; zeros never agree
+                        *nu += if agree { x * w } else { 0.0 };
+                        *de += if agree { w } else { 0.0 };
+                    }
+                }
+                for ((o, &b), (&nu, &de)) in out.iter_mut().zip(base).zip(num.iter().zip(den.iter())) {
+                    *o = b + nu / de.max(1e-6);
+                }
             }
         });
         Ok(())

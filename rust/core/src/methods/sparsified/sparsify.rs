@@ -59,6 +59,10 @@ pub mod phase {
     }
 }
 
+/// Elements per tile of an `apply`'s elementwise passes: a tile's inputs, deltas and
+/// scratch rows (a few models) stay in L1 from one pass to the next.
+pub const TILE: usize = 1024;
+
 /// Ascending magnitude key: non-negative floats order like their bit patterns.
 #[inline]
 pub fn mag_key(x: f32) -> u32 {
