@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import read_folder_native, st_read, st_read_header, st_rewrite, st_write
+from conftest import BF16, read_folder_native, st_read, st_read_header, st_rewrite, st_write
 
 X = "model.layers.0.self_attn.k_proj.weight"  # 16x32, same shape as V
 V = "model.layers.0.self_attn.v_proj.weight"
@@ -381,6 +381,26 @@ def test_non_finite_input_is_error(mf, single_pair, tmp_path, value):
     st_write(f, tensors, metadata=meta)
     msg = expect_error(mf, mf.MergeError, a, b, tmp_path, must=[X])
     assert "nan" in msg.lower() or "finite" in msg.lower() or "inf" in msg.lower(), msg
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_non_finite_input_named_by_element_deep_in_a_tensor(mf, tmp_path, dtype):
+    """Inputs are checked block by block as they are widened: the message still names the
+    element's index in the whole tensor (here in the second engine chunk, past its first
+    blocks), for a stored bf16 and a float32 tensor."""
+    rng = np.random.default_rng(3)
+    np_dtype = BF16 if dtype == "bfloat16" else np.float32
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        st_write(d / "model.safetensors", {"w": rng.standard_normal((200, 700)).astype(np_dtype)})
+    _, t = st_read(b / "model.safetensors")
+    w = t["w"].copy()
+    w.reshape(-1)[70001] = np.inf
+    st_write(b / "model.safetensors", {"w": w})
+    with pytest.raises(mf.NumericalError, match="input model #1 .* is inf at element 70001"):
+        mf.linear([str(a), str(b)], [0.5, 0.5], out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_failed_merge_creates_no_parent_folders(mf, single_pair, tmp_path):
