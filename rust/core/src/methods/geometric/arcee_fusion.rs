@@ -60,7 +60,10 @@ fn row_kl_in(x: &[f32], b: &[f32], ex: &mut Vec<f64>, eb: &mut Vec<f64>) -> f32 
     };
     exps(x, ex);
     exps(b, eb);
-    let (sx, sb): (f64, f64) = (ex.iter().sum(), eb.iter().sum());
+    // Both sums in one loop: two independent chains of additions (each in element order,
+    // from −0.0 as `Iterator::sum`), which the CPU overlaps; one after the other, each
+    // waited on its own additions.
+    let (sx, sb) = ex.iter().zip(eb.iter()).fold((-0.0f64, -0.0f64), |(a, b), (&x, &y)| (a + x, b + y));
     let kl = ex.iter().zip(eb.iter()).fold(0f64, |kl, (&ex, &eb)| {
         let p = ex / sx + 1e-8;
         let q = eb / sb + 1e-8;
