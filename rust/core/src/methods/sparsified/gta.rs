@@ -158,32 +158,23 @@ impl Gta {
             return Ok(scales);
         }
         let slots: Vec<usize> = std::iter::once(0).chain(measured.iter().map(|&i| i + 1)).collect();
-        let m = measured.len();
         let parts = par_chunks(io, &slots, |c, r, v| {
-            let len = r.len().max(1);
-            with_work(2 * m * len, |w| {
-                // Every measured model's delta and its masked copy, then all their norms in
-                // loops of four independent sums (two models) at a time.
-                let (ds, ks) = w.split_at_mut(m * len);
-                for ((&i, x), (d, kept)) in measured.iter().zip(&v[1..]).zip(ds.chunks_mut(len).zip(ks.chunks_mut(len))) {
-                    let (d, kept) = (&mut d[..r.len()], &mut kept[..r.len()]);
+            with_work(2 * r.len(), |w| {
+                let (d, kept) = w.split_at_mut(r.len());
+                let sums = measured.iter().zip(&v[1..]).map(|(&i, x)| {
                     delta_into(x, v[0], d);
                     kept.copy_from_slice(d);
                     self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, &prepared[i].1, kept);
-                }
-                let (ds, ks): (Vec<&[f32]>, Vec<&[f32]>) =
-                    (ds.chunks(len).map(|d| &d[..r.len()]).collect(), ks.chunks(len).map(|k| &k[..r.len()]).collect());
-                let mut sums = Vec::with_capacity(m);
-                for k in (0..m).step_by(2) {
-                    if k + 1 < m {
-                        let [b0, a0, b1, a1] = norm.sums([ds[k], ks[k], ds[k + 1], ks[k + 1]]);
-                        sums.extend([(b0, a0), (b1, a1)]);
-                    } else {
-                        let [b, a] = norm.sums([ds[k], ks[k]]);
-                        sums.push((b, a));
-                    }
-                }
-                Ok(sums)
+                    // Both norms in one loop: two independent sums (each in element order),
+                    // which the CPU overlaps; one after the other, each waited on its own additions.
+                    let (mut before, mut after) = (0f64, 0f64);
+                    d.iter().zip(kept.iter()).for_each(|(&x, &y)| {
+                        norm.acc(&mut before, x);
+                        norm.acc(&mut after, y);
+                    });
+                    (before, after)
+                });
+                Ok(sums.collect::<Vec<_>>())
             })
         })?;
         for (k, &i) in measured.iter().enumerate() {

@@ -416,25 +416,13 @@ impl Rescale {
         })
     }
 
-    /// The norm's running value over each of `M` vectors (of one length), in one loop:
-    /// `M` independent chains, each in element order, which the CPU overlaps (a chain of
-    /// additions alone waits on each one's latency).
-    pub fn sums<const M: usize>(self, xs: [&[f32]; M]) -> [f64; M] {
-        fn run<const M: usize>(xs: [&[f32]; M], f: impl Fn(f64, f64) -> f64) -> [f64; M] {
-            let n = xs[0].len();
-            assert!(xs.iter().all(|x| x.len() == n));
-            let mut s = [0f64; M];
-            for j in 0..n {
-                for (s, x) in s.iter_mut().zip(&xs) {
-                    *s = f(*s, x[j] as f64);
-                }
-            }
-            s
-        }
+    #[inline]
+    pub fn acc(self, acc: &mut f64, x: f32) {
+        let x = x as f64;
         match self {
-            Rescale::L2 => run(xs, |a, x| a + x * x),
-            Rescale::Linf => run(xs, |a, x| a.max(x.abs())),
-            _ => run(xs, |a, x| a + x.abs()),
+            Rescale::L2 => *acc += x * x,
+            Rescale::Linf => *acc = acc.max(x.abs()),
+            _ => *acc += x.abs(),
         }
     }
 
