@@ -216,17 +216,15 @@ impl Gta {
         let base = base.expect("arity checked at build");
         let (n, len) = (inputs.len(), out.len());
         let chunk = chunk_of(ctx)?;
-        // The deltas, the elected signs and the divisors in one per-thread buffer.
-        with_work((n + 2) * len, |w| {
-            let (d, rest) = w.split_at_mut(n * len);
-            let (maj, div) = rest.split_at_mut(len);
+        // The deltas in one per-thread buffer.
+        with_work(n * len, |d| {
             self.sparsified_deltas(ctx, chunk, base, inputs, stats, d);
+            let mut ds: Vec<&mut [f32]> = d.chunks_mut(len.max(1)).take(n).collect();
             // The rest is elementwise: tile by tile, so its passes stay in L1 (the same
             // operations per element as whole-chunk passes).
             for t in (0..len).step_by(TILE) {
                 let r = t..(t + TILE).min(len);
-                let dt: Vec<&mut [f32]> = d.chunks_mut(len.max(1)).take(n).map(|di| &mut di[r.clone()]).collect();
-                self.combine_tile(stats, dt, &mut maj[r.clone()], &mut div[r.clone()], &base[r.clone()], &mut out[r]);
+                self.combine_tile(stats, &mut ds, r.clone(), &base[r.clone()], &mut out[r]);
             }
         });
         Ok(())
@@ -253,20 +251,23 @@ impl Gta {
         }
     }
 
-    /// `out = base + λ · combined` for one tile, from the tile's sparsified deltas `d` (one
-    /// slice per model; weighted in place); `maj` and `div` are scratch.
-    fn combine_tile(&self, stats: &[f64], mut d: Vec<&mut [f32]>, maj: &mut [f32], div: &mut [f32], base: &[f32], out: &mut [f32]) {
-        for (i, di) in d.iter_mut().enumerate() {
+    /// `out = base + λ · combined` for the tile `r` of the chunk's sparsified deltas `ds`
+    /// (one slice per model; weighted in place); `base` and `out` are the tile's.
+    fn combine_tile(&self, stats: &[f64], ds: &mut [&mut [f32]], r: std::ops::Range<usize>, base: &[f32], out: &mut [f32]) {
+        // The elected signs and the divisors (scratch).
+        let (mut maj, mut div) = ([0f32; TILE], [0f32; TILE]);
+        let (maj, div) = (&mut maj[..r.len()], &mut div[..r.len()]);
+        for (i, di) in ds.iter_mut().enumerate() {
             if stats[HEAD * i] as u8 != Mode::Drop as u8 {
                 let w = self.weights[i];
-                di.iter_mut().for_each(|x| *x *= w);
+                di[r.clone()].iter_mut().for_each(|x| *x *= w);
             }
         }
+        let d = || ds.iter().map(|di| &di[r.clone()]);
         match self.consensus {
             Some(c) => {
                 // Branch-free per model (vectorizes): s = Σ_i d_i (or Σ sign), then the agreeing sums.
-                maj.fill(0.0);
-                for di in &d {
+                for di in d() {
                     if c == Consensus::Count {
                         maj.iter_mut().zip(di.iter()).for_each(|(s, &v)| *s += sign(v));
                     } else {
@@ -274,9 +275,8 @@ impl Gta {
                     }
                 }
                 maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
-                div.fill(0.0);
                 out.fill(0.0);
-                for (i, di) in d.iter().enumerate() {
+                for (i, di) in d().enumerate() {
                     let wi = if self.count_mean { 1.0 } else { self.weights[i] };
                     for ((o, q), (&x, &m)) in out.iter_mut().zip(div.iter_mut()).zip(di.iter().zip(maj.iter())) {
                         let agree = x * m > 0.0; // sign(d) == elected sign; zeros never agree
@@ -289,8 +289,9 @@ impl Gta {
                 }
             }
             None => {
-                out.copy_from_slice(&d[0][..]);
-                for di in &d[1..] {
+                let mut d = d();
+                out.copy_from_slice(d.next().expect("at least one model"));
+                for di in d {
                     out.iter_mut().zip(di.iter()).for_each(|(o, &v)| *o += v);
                 }
                 if self.normalize {

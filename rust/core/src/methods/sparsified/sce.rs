@@ -191,13 +191,15 @@ impl Method for Sce {
         // per-thread buffer; tile by tile so every pass stays in L1 (the same operations
         // per element as whole-chunk passes).
         with_work((n + 3) * TILE, |w| {
+            let mut xs: Vec<&[f32]> = Vec::with_capacity(n);
             for t0 in (0..out.len()).step_by(TILE) {
                 let r = t0..(t0 + TILE).min(out.len());
                 let len = r.len();
                 let (tv, rest) = w.split_at_mut(n * len);
                 let (maj, rest) = rest.split_at_mut(len);
                 let (num, den) = rest[..2 * len].split_at_mut(len);
-                let xs: Vec<&[f32]> = inputs.iter().map(|x| &x[r.clone()]).collect();
+                xs.clear();
+                xs.extend(inputs.iter().map(|x| &x[r.clone()]));
                 let (base, out) = (&base[r.clone()], &mut out[r]);
                 task_vectors(base, &xs, tv);
                 Self::select(stats[0] as u8, &stats[HEAD + n..], first + t0, tv, len);
