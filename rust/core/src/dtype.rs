@@ -101,6 +101,63 @@ pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// `decode_f32`, and the index of the first ±inf/NaN among the values (the merge path refuses
+/// them). For BF16, the test rides on the widening itself, block by block in L1, instead of a
+/// second pass over the widened floats; the values are `decode_f32`'s, NaNs included.
+pub fn decode_f32_finite(dtype: Dtype, src: &[u8], dst: &mut [f32]) -> Option<usize> {
+    if dtype == Dtype::BF16 {
+        if let Some(s) = aligned::<u16>(src) {
+            return widen_bf16_finite(s, dst);
+        }
+    }
+    decode_f32(dtype, src, dst);
+    first_non_finite(dst)
+}
+
+/// Index of the first NaN/±inf, scanning blocks branch-free (vectorizes) before locating it.
+pub fn first_non_finite(x: &[f32]) -> Option<usize> {
+    const EXP: u32 = 0x7f80_0000;
+    for (b, block) in x.chunks(1024).enumerate() {
+        if block.iter().fold(false, |acc, v| acc | (v.to_bits() & EXP == EXP)) {
+            return block.iter().position(|v| !v.is_finite()).map(|i| b * 1024 + i);
+        }
+    }
+    None
+}
+
+fn widen_bf16_finite(src: &[u16], dst: &mut [f32]) -> Option<usize> {
+    debug_assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { widen_bf16_finite_avx2(src, dst) };
+    }
+    widen_bf16_finite_blocks(src, dst)
+}
+
+/// The same loop compiled for AVX2: twice the elements per instruction of the baseline's SSE2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_finite_avx2(src: &[u16], dst: &mut [f32]) -> Option<usize> {
+    widen_bf16_finite_blocks(src, dst)
+}
+
+#[inline(always)]
+fn widen_bf16_finite_blocks(src: &[u16], dst: &mut [f32]) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    for (b, (s, d)) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)).enumerate() {
+        if s.iter().fold(false, |acc, &x| acc | (x & 0x7f80 == 0x7f80)) {
+            // The rest as `decode_f32` widens it (`half` quiets NaNs), and where it starts.
+            let (s, d) = (&src[b * BLOCK..], &mut dst[b * BLOCK..]);
+            d.iter_mut().zip(s).for_each(|(o, &x)| *o = bf16::from_bits(x).to_f32());
+            return first_non_finite(d).map(|i| b * BLOCK + i);
+        }
+        // A finite bf16 is the high half of its f32.
+        d.iter_mut().zip(s).for_each(|(o, &x)| *o = f32::from_bits(u32::from(x) << 16));
+    }
+    None
+}
+
 /// Index of the first ±inf/NaN among little-endian `bytes` of `dtype` (its exponent bits all
 /// ones), scanning blocks branch-free (vectorizes) before locating it. `None` as well for
 /// dtypes other than BF16, F16 and F32.
@@ -158,6 +215,59 @@ fn aligned_mut<T: Copy>(b: &mut [u8]) -> Option<&mut [T]> {
     // SAFETY: as above; every bit pattern is a valid T.
     let (pre, mid, post) = unsafe { b.align_to_mut::<T>() };
     (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+/// `encode_f32`, and the index of the first encoded value that is ±inf/NaN in `dtype` (a
+/// finite f32 too large for a 16-bit dtype). For BF16 the rounding is the integer form of
+/// round-to-nearest-even, which `half` gives for every non-NaN value, and the test rides on
+/// it block by block, instead of `half`'s NaN-aware loop and a second pass over the bytes.
+pub fn encode_f32_finite(dtype: Dtype, src: &[f32], dst: &mut [u8]) -> Option<usize> {
+    if dtype == Dtype::BF16 {
+        if let Some(d) = aligned_mut::<u16>(dst) {
+            return narrow_bf16_finite(src, d);
+        }
+    }
+    encode_f32(dtype, src, dst);
+    first_non_finite_bytes(dtype, dst)
+}
+
+fn narrow_bf16_finite(src: &[f32], dst: &mut [u16]) -> Option<usize> {
+    debug_assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { narrow_bf16_finite_avx2(src, dst) };
+    }
+    narrow_bf16_finite_blocks(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn narrow_bf16_finite_avx2(src: &[f32], dst: &mut [u16]) -> Option<usize> {
+    narrow_bf16_finite_blocks(src, dst)
+}
+
+#[inline(always)]
+fn narrow_bf16_finite_blocks(src: &[f32], dst: &mut [u16]) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    const EXP: u32 = 0x7f80_0000;
+    let mut first = None;
+    for (b, (s, d)) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)).enumerate() {
+        if s.iter().fold(false, |acc, v| acc | (v.to_bits() & EXP == EXP)) {
+            // NaNs need `half`'s handling (a quiet NaN, never rounded into ±inf).
+            d.iter_mut().zip(s).for_each(|(o, &x)| *o = bf16::from_f32(x).to_bits());
+        } else {
+            // Round to nearest even: add just under half an ulp, plus the kept lowest bit.
+            d.iter_mut().zip(s).for_each(|(o, &x)| {
+                let v = x.to_bits();
+                *o = ((v + 0x7fff + ((v >> 16) & 1)) >> 16) as u16;
+            });
+        }
+        if first.is_none() && d.iter().fold(false, |acc, &v| acc | (v & 0x7f80 == 0x7f80)) {
+            first = d.iter().position(|&v| v & 0x7f80 == 0x7f80).map(|i| b * BLOCK + i);
+        }
+    }
+    first
 }
 
 /// OCP FP8 E4M3 (the "fn" variant torch and safetensors use): bias 7, no infinities,
@@ -227,6 +337,64 @@ mod tests {
                         _ => *v,
                     };
                     assert_eq!(expect.to_bits(), w.to_bits(), "{dt} offset {off}");
+                }
+            }
+        }
+    }
+
+    /// The fused BF16 rounding against `half`'s: ties to even both ways, carries into the
+    /// exponent, overflow to ±inf, subnormals, ±0 and NaNs, aligned or not.
+    #[test]
+    fn encode_finite_is_encode_then_scan() {
+        let mut vals: Vec<f32> = (0..5000u64).map(|i| f32::from_bits(crate::rng::mix64(i) as u32)).collect();
+        for hi in [0x0000u32, 0x0001, 0x3f80, 0x3f81, 0x7f7f, 0x8001, 0xff7f, 0x0080] {
+            for lo in [0x0000u32, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                vals.push(f32::from_bits(hi << 16 | lo));
+            }
+        }
+        vals.extend([f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 0.0, -0.0, f32::INFINITY, f32::NAN, f32::from_bits(0x7f80_0001)]);
+        let finite: Vec<f32> = vals.iter().copied().filter(|v| v.is_finite() && v.abs() < 1e38).collect();
+        for v in [vals, finite] {
+            for dt in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+                for off in [0usize, 1] {
+                    let n = v.len() * dt.size();
+                    let (mut a, mut b) = (vec![0u8; n + 1], vec![1u8; n + 1]);
+                    encode_f32(dt, &v, &mut a[off..off + n]);
+                    let got = encode_f32_finite(dt, &v, &mut b[off..off + n]);
+                    assert_eq!(got, first_non_finite_bytes(dt, &a[off..off + n]), "{dt} offset {off}");
+                    assert_eq!(a[off..off + n], b[off..off + n], "{dt} offset {off}");
+                }
+            }
+        }
+    }
+
+    /// The fused BF16 path against `half`'s widening and a separate scan: every bit pattern
+    /// class (subnormals, ±0, ±inf, quiet and signalling NaNs) at block edges, aligned or not.
+    #[test]
+    fn decode_finite_is_decode_then_scan() {
+        let n = 3 * 1024 + 37;
+        let finite: Vec<u16> = (0..n).map(|i| (crate::rng::mix64(i as u64) as u16) & 0x7f7f | ((i as u16 & 1) << 15)).collect();
+        let mut cases = vec![(None, finite.clone())];
+        for (at, bad) in [(0, 0x7f80u16), (1023, 0xff80), (1024, 0x7fc1), (2 * 1024 + 5, 0x7f81), (n - 1, 0xffff)] {
+            let mut v = finite.clone();
+            v[at] = bad;
+            v[n - 2] = 0x7f80; // a later one must not be the one reported
+            cases.push((Some(at.min(n - 2)), v));
+        }
+        for (want, vals) in cases {
+            for dt in [Dtype::BF16, Dtype::F16] {
+                for off in [0usize, 1] {
+                    let mut bytes = vec![0u8; 2 * n + 1];
+                    bytes[off..off + 2 * n].iter_mut().zip(vals.iter().flat_map(|v| v.to_le_bytes())).for_each(|(b, v)| *b = v);
+                    let src = &bytes[off..off + 2 * n];
+                    let (mut a, mut b) = (vec![0f32; n], vec![1f32; n]);
+                    decode_f32(dt, src, &mut a);
+                    let got = decode_f32_finite(dt, src, &mut b);
+                    assert_eq!(got, first_non_finite(&a), "{dt} offset {off}");
+                    if dt == Dtype::BF16 {
+                        assert_eq!(got, want, "offset {off}");
+                    }
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{dt} offset {off}");
                 }
             }
         }

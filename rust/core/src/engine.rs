@@ -2,7 +2,7 @@
 //! rayon pool (elementwise methods) or handed whole to its kernel, widened to f32 on the
 //! way in, rounded once on the way out, written in place. Fixed chunk boundaries and a
 //! fixed reduction order make the output independent of the thread count.
-use crate::dtype::{encode_f32, first_non_finite_bytes};
+use crate::dtype::{encode_f32_finite, first_non_finite_bytes};
 use crate::error::{Error, Result};
 pub use crate::kernel::{first_non_finite, merge_arrays, pool, Slices, CHUNK};
 use crate::kernel::{merge_tensor, Ctx, TensorIo};
@@ -163,6 +163,9 @@ impl TensorIo for Job<'_> {
     fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
         self.sources().nth(slot).expect("slot in range").read(range, dst)
     }
+    fn read_finite(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<Option<usize>> {
+        self.sources().nth(slot).expect("slot in range").read_finite(range, dst)
+    }
     fn describe(&self, slot: usize) -> String {
         let s = self.sources().nth(slot).expect("slot in range").describe();
         match (self.base.is_some(), slot) {
@@ -175,13 +178,10 @@ impl TensorIo for Job<'_> {
 
 /// A finite f32 that rounds to ±inf in a 16-bit output dtype (|x| ≥ 65520 in F16) would be
 /// a silently wrong number in the file: an error naming the tensor, element and value.
-fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], bytes: &[u8], offset: usize) -> Result<()> {
-    use crate::dtype::Dtype;
-    // An f32 output holds the (finite, already checked) values themselves.
-    if !matches!(dt, Dtype::F16 | Dtype::BF16) {
-        return Ok(());
-    }
-    match first_non_finite_bytes(dt, bytes) {
+/// `first`: the first encoded value that is not finite (an f32 output holds the finite,
+/// already checked values themselves).
+fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], first: Option<usize>, offset: usize) -> Result<()> {
+    match first {
         None => Ok(()),
         Some(i) => {
             Err(Error::numerical(tensor, format!("the merged value {} at element {} does not fit in {dt} (the output dtype)", vals[i], offset + i)))
@@ -230,8 +230,7 @@ pub fn run(
                     bytes.resize(n, 0);
                 }
                 let bytes = &mut bytes[..n];
-                encode_f32(dt, vals, bytes);
-                check_fits(job.name, dt, vals, bytes, off)?;
+                check_fits(job.name, dt, vals, encode_f32_finite(dt, vals, bytes), off)?;
                 writer.write(idx, off * sz, bytes)
             };
             let ctx = Ctx { tensor: job.name, shape: job.shape, offset: 0, seed: plan.seed };

@@ -105,6 +105,12 @@ pub trait TensorIo: Sync {
     fn has_base(&self) -> bool;
     /// Widens elements `range` of input `slot` into `dst`.
     fn read(&self, slot: usize, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()>;
+    /// `read`, and the index (in `dst`) of the first ±inf/NaN read. Sources that widen
+    /// stored bytes test them while widening (one pass instead of two).
+    fn read_finite(&self, slot: usize, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<Option<usize>> {
+        self.read(slot, range, dst)?;
+        Ok(first_non_finite(dst))
+    }
     /// Names input `slot` in messages ("base", "model #1", or the file it comes from).
     fn describe(&self, slot: usize) -> String {
         match (self.has_base(), slot) {
@@ -140,8 +146,7 @@ impl TensorIo for FiniteInputs<'_> {
         self.io.describe(slot)
     }
     fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
-        self.io.read(slot, range.clone(), dst)?;
-        match first_non_finite(dst) {
+        match self.io.read_finite(slot, range.clone(), dst)? {
             None => Ok(()),
             Some(i) => Err(Error::numerical(
                 self.tensor,
@@ -151,16 +156,7 @@ impl TensorIo for FiniteInputs<'_> {
     }
 }
 
-/// Index of the first NaN/±inf, scanning blocks branch-free (vectorizes) before locating it.
-pub fn first_non_finite(x: &[f32]) -> Option<usize> {
-    const EXP: u32 = 0x7f80_0000;
-    for (b, block) in x.chunks(1024).enumerate() {
-        if block.iter().fold(false, |acc, v| acc | (v.to_bits() & EXP == EXP)) {
-            return block.iter().position(|v| !v.is_finite()).map(|i| b * 1024 + i);
-        }
-    }
-    None
-}
+pub use crate::dtype::first_non_finite;
 
 /// In-memory inputs (the array API, and tests of kernels that use `TensorIo`).
 pub struct Slices<'s> {

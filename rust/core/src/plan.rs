@@ -443,6 +443,17 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `read`, and the index of the first ±inf/NaN read (see `TensorIo::read_finite`).
+    pub fn read_finite(&self, range: Range<usize>, dst: &mut [f32]) -> Result<Option<usize>> {
+        match self {
+            Reader::Tensor { ckpt, info } => ckpt.read_f32_finite(info, range, dst),
+            _ => {
+                self.read(range, dst)?;
+                Ok(crate::dtype::first_non_finite(dst))
+            }
+        }
+    }
+
     pub fn release(&self) {
         match self {
             Reader::Tensor { ckpt, info } => ckpt.release(info),

@@ -252,13 +252,24 @@ impl Checkpoint {
 
     /// Widens elements `range` of the tensor to f32 into `dst`.
     pub fn read_f32(&self, info: &TensorInfo, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
+        let (dtype, src) = self.float_bytes(info, range)?;
+        crate::dtype::decode_f32(dtype, src, dst);
+        Ok(())
+    }
+
+    /// `read_f32`, and the index (in `dst`) of the first ±inf/NaN.
+    pub fn read_f32_finite(&self, info: &TensorInfo, range: Range<usize>, dst: &mut [f32]) -> Result<Option<usize>> {
+        let (dtype, src) = self.float_bytes(info, range)?;
+        Ok(crate::dtype::decode_f32_finite(dtype, src, dst))
+    }
+
+    /// The stored bytes of elements `range` of a float tensor, and their dtype.
+    fn float_bytes(&self, info: &TensorInfo, range: Range<usize>) -> Result<(Dtype, &[u8])> {
         let dtype = info.dtype.ok_or_else(|| {
             Error::invalid(self.shard_path(info), Some(&info.name), format!("dtype {:?} cannot be merged (only float tensors)", info.raw_dtype))
         })?;
         let sz = dtype.size();
-        let bytes = self.bytes(info);
-        decode_into(dtype, &bytes[range.start * sz..range.end * sz], dst);
-        Ok(())
+        Ok((dtype, &self.bytes(info)[range.start * sz..range.end * sz]))
     }
 
     /// Drops the tensor's pages from this process's memory: merges read each tensor once,
@@ -276,10 +287,6 @@ impl Checkpoint {
             }
         }
     }
-}
-
-fn decode_into(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
-    crate::dtype::decode_f32(dtype, src, dst)
 }
 
 /// Maps one file and validates its header completely.
