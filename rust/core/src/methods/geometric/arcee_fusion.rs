@@ -19,7 +19,7 @@ use super::common::{for_each_run, Layout};
 use crate::error::Result;
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, Method, TensorIo};
-use crate::methods::sparsified::select::{select_ranks, HighHist};
+use crate::methods::sparsified::select::{counts, select_ranks, HighHist};
 use crate::params::{BaseRule, MethodSpec, Params};
 
 pub fn spec() -> MethodSpec {
@@ -31,6 +31,12 @@ use rayon::prelude::*;
 pub const SAMPLE: usize = 1_000_000;
 
 pub struct ArceeFusion;
+
+impl Drop for ArceeFusion {
+    fn drop(&mut self) {
+        counts::release(); // the histograms' buffers live as long as the merge's kernel
+    }
+}
 
 impl ArceeFusion {
     pub fn build(_p: &Params, _n: usize, _has_base: bool) -> Result<Self> {

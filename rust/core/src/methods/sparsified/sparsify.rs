@@ -14,7 +14,7 @@
 //! * Chunk streaming over a `TensorIo` in fixed engine chunks, folded in chunk order.
 //! * Packing of per-model state into the engine's `Vec<f64>` statistics (integers < 2^53 are
 //!   exact in f64).
-use super::select::{locate, min_chunks_per_hist, HighHist, BUCKETS};
+use super::select::{counts, locate, min_chunks_per_hist, HighHist, BUCKETS};
 use crate::error::{Error, Result};
 use crate::kernel::{with_scratch, Ctx, TensorIo, CHUNK};
 use rayon::prelude::*;
@@ -139,9 +139,10 @@ pub mod scratch {
         }
     }
 
-    /// Frees the pooled buffer.
+    /// Frees the pooled buffers (this key buffer and the histograms).
     pub fn release() {
         *POOL.lock().unwrap_or_else(|e| e.into_inner()) = Vec::new();
+        super::super::select::counts::release();
     }
 }
 
@@ -235,7 +236,7 @@ impl Window {
         let (sa, sb) = (side(false), side(true));
         // Boundary key, keys below it, and per-chunk counts of keys equal to it before each chunk.
         let exact = |bucket: usize, r: u64, lists: &[&[u16]]| -> (u32, u64, Vec<u64>) {
-            let mut low = vec![0u64; BUCKETS];
+            let mut low = counts::take(BUCKETS);
             lists.iter().for_each(|l| l.iter().for_each(|&x| low[x as usize] += 1));
             let (l, _) = locate(&low, r);
             let below = hist.0[..bucket].iter().sum::<u64>() + low[..l].iter().sum::<u64>();
@@ -249,6 +250,7 @@ impl Window {
                 })
                 .collect();
             eq.push(seen);
+            counts::give(low);
             (((bucket as u32) << 16) | l as u32, below, eq)
         };
         let (a, less_a, eq_a) = exact(ba, ra, &sa);
