@@ -2,7 +2,7 @@
 //! rayon pool (elementwise methods) or handed whole to its kernel, widened to f32 on the
 //! way in, rounded once on the way out, written in place. Fixed chunk boundaries and a
 //! fixed reduction order make the output independent of the thread count.
-use crate::dtype::{encode_f32_finite, first_non_finite_bytes};
+use crate::dtype::{encode_f32, encode_f32_finite, first_non_finite_bytes, Dtype};
 use crate::error::{Error, Result};
 pub use crate::kernel::{first_non_finite, merge_arrays, pool, Slices, CHUNK};
 use crate::kernel::{merge_tensor, Ctx, TensorIo};
@@ -178,8 +178,7 @@ impl TensorIo for Job<'_> {
 
 /// A finite f32 that rounds to ±inf in a 16-bit output dtype (|x| ≥ 65520 in F16) would be
 /// a silently wrong number in the file: an error naming the tensor, element and value.
-/// `first`: the first encoded value that is not finite (an f32 output holds the finite,
-/// already checked values themselves).
+/// `first`: the first encoded value that is not finite.
 fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], first: Option<usize>, offset: usize) -> Result<()> {
     match first {
         None => Ok(()),
@@ -230,7 +229,15 @@ pub fn run(
                     bytes.resize(n, 0);
                 }
                 let bytes = &mut bytes[..n];
-                check_fits(job.name, dt, vals, encode_f32_finite(dt, vals, bytes), off)?;
+                let first = match dt {
+                    // the values themselves, already checked finite
+                    Dtype::F32 => {
+                        encode_f32(dt, vals, bytes);
+                        None
+                    }
+                    _ => encode_f32_finite(dt, vals, bytes),
+                };
+                check_fits(job.name, dt, vals, first, off)?;
                 writer.write(idx, off * sz, bytes)
             };
             let ctx = Ctx { tensor: job.name, shape: job.shape, offset: 0, seed: plan.seed };

@@ -32,19 +32,37 @@ pub mod counts {
     /// Enough for the accumulators of a pass (about 4 per thread) and the reductions.
     const KEEP: usize = 32;
 
+    /// Counts that go back to the pool when dropped.
+    #[derive(Debug, PartialEq)]
+    pub struct Counts(Vec<u64>);
+
     /// `n` zeros.
-    pub fn take(n: usize) -> Vec<u64> {
+    pub fn take(n: usize) -> Counts {
         let mut v = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
         v.clear();
         v.resize(n, 0);
-        v
+        Counts(v)
     }
 
-    /// Gives `v` back for a later `take`.
-    pub fn give(v: Vec<u64>) {
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < KEEP {
-            pool.push(v);
+    impl std::ops::Deref for Counts {
+        type Target = [u64];
+        fn deref(&self) -> &[u64] {
+            &self.0
+        }
+    }
+
+    impl std::ops::DerefMut for Counts {
+        fn deref_mut(&mut self) -> &mut [u64] {
+            &mut self.0
+        }
+    }
+
+    impl Drop for Counts {
+        fn drop(&mut self) {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < KEEP {
+                pool.push(std::mem::take(&mut self.0));
+            }
         }
     }
 
@@ -54,16 +72,9 @@ pub mod counts {
     }
 }
 
-/// Counts of the high 16 bits of a set of keys (its buffer goes back to [`counts`] when
-/// dropped).
+/// Counts of the high 16 bits of a set of keys.
 #[derive(Debug, PartialEq)]
-pub struct HighHist(pub Vec<u64>);
-
-impl Drop for HighHist {
-    fn drop(&mut self) {
-        counts::give(std::mem::take(&mut self.0));
-    }
-}
+pub struct HighHist(pub counts::Counts);
 
 impl HighHist {
     pub fn new() -> Self {
@@ -78,7 +89,7 @@ impl HighHist {
     }
 
     pub fn merge(mut self, other: HighHist) -> HighHist {
-        self.0.iter_mut().zip(&other.0).for_each(|(a, b)| *a += b);
+        self.0.iter_mut().zip(other.0.iter()).for_each(|(a, b)| *a += b);
         self
     }
 
@@ -133,7 +144,7 @@ pub fn select_ranks(keys: &[u32], hist: &HighHist, ranks: &[usize]) -> Vec<u32> 
     // slots hold a value no 16-bit high part equals.
     let mut want = [u32::MAX; 3];
     want[..nb].copy_from_slice(&buckets);
-    let tally = |mut h: Vec<u64>, c: &[u32]| {
+    let tally = |mut h: counts::Counts, c: &[u32]| {
         for &k in c {
             let (hi, lo) = (k >> BITS, (k & LOW) as usize);
             if hi == want[0] {
@@ -149,21 +160,18 @@ pub fn select_ranks(keys: &[u32], hist: &HighHist, ranks: &[usize]) -> Vec<u32> 
     let low = keys.par_chunks(CHUNK).with_min_len(min_chunks_per_hist(keys.len().div_ceil(CHUNK))).fold(|| counts::take(nb * BUCKETS), tally).reduce(
         || counts::take(nb * BUCKETS),
         |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            counts::give(b);
+            a.iter_mut().zip(b.iter()).for_each(|(x, y)| *x += y);
             a
         },
     );
-    let keys = located
+    located
         .iter()
         .map(|&(b, r)| {
             let i = buckets.iter().position(|&x| x == b as u32).expect("bucket listed");
             let (l, _) = locate(&low[i * BUCKETS..(i + 1) * BUCKETS], r);
             ((b as u32) << BITS) | l as u32
         })
-        .collect();
-    counts::give(low);
-    keys
+        .collect()
 }
 
 /// Sorts `words` (`key << 32 | index`, indices distinct) ascending, i.e. by key and, among

@@ -250,7 +250,6 @@ impl Window {
                 })
                 .collect();
             eq.push(seen);
-            counts::give(low);
             (((bucket as u32) << 16) | l as u32, below, eq)
         };
         let (a, less_a, eq_a) = exact(ba, ra, &sa);
