@@ -15,6 +15,9 @@ round-robin (repeat 1 of all, then repeat 2 of all, ...) so machine noise spread
                       (16 MB blocks, one thread, no fsync); methods with the same inputs share
                       these runs;
 * ``io-floor-fsync``  the same, fsyncing the output file (``dd conv=fsync``'s floor);
+* ``io-floor-direct`` the same, written with ``O_DIRECT`` then fsynced (``dd oflag=direct``'s
+                      floor: how merge_fast writes a durable output); informational, the
+                      targets stay against ``io-floor-fsync``;
 * ``merge_fast``      the Python API in a fresh ``python -c``, bf16 in, bf16 out, default
                       threads, 5GB shards, fsync on (merge_fast's default): compared with the
                       fsynced floor;
@@ -157,6 +160,7 @@ class Contender:
     label: str
     kind: str  # io-floor | merge_fast | mergekit
     fsync: bool = False
+    direct: bool = False  # io-floor only: O_DIRECT writes
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +237,8 @@ def build_cmd(c: Contender, method: str, paths: Dict[str, Path], out: Path, args
         ins = [f for k in CASES[method].inputs for f in C.shard_files(paths[k])]
         return [sys.executable, str(HERE / "_common.py"), "io-floor", "--inputs",
                 *map(str, ins), "--out-file", str(out) + ".bin",
-                "--out-bytes", str(C.dir_bytes(paths["base"]))] + (["--fsync"] if c.fsync else [])
+                "--out-bytes", str(C.dir_bytes(paths["base"]))] + (["--fsync"] if c.fsync else []) \
+            + (["--direct"] if c.direct else [])
     if c.kind == "merge_fast":
         return mf_cmd(args.mf_python, method, paths, out, args, c.fsync)
     if c.kind == "mergekit":
@@ -524,7 +529,7 @@ def run_size_method(size: str, method: str, paths: Dict[str, Path],
             if c.kind == "mergekit" and rep >= args.mergekit_repeats:
                 continue
             out = outs[c.key]
-            floor_key = (size, CASES[method].inputs, c.fsync)
+            floor_key = (size, CASES[method].inputs, c.fsync, c.direct)
             if c.kind == "io-floor" and len(FLOORS.get(floor_key, [])) > rep:
                 row.runs.append(FLOORS[floor_key][rep])  # measured for an earlier method
                 continue
@@ -575,7 +580,7 @@ def run_size_method(size: str, method: str, paths: Dict[str, Path],
 def floor_of(rs: List[Row], fsync: bool) -> float:
     """The median I/O floor a contender is measured against: the fsynced floor for a merge
     that fsyncs (merge_fast's default), the plain one otherwise (mergekit never fsyncs)."""
-    return next((r.med for r in rs if r.contender.kind == "io-floor"
+    return next((r.med for r in rs if r.contender.kind == "io-floor" and not r.contender.direct
                  and r.contender.fsync == fsync and r.walls()), float("nan"))
 
 
@@ -677,7 +682,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs per contender, median reported (default 3; 1 for --sizes tiny)")
     ap.add_argument("--contenders", default="io-floor,io-floor-fsync,merge_fast,mergekit",
-                    help="subset of io-floor,io-floor-fsync,merge_fast (fsyncs its output, "
+                    help="subset of io-floor,io-floor-fsync,io-floor-direct,merge_fast (fsyncs its output, "
                          "the default),merge_fast-nofsync,mergekit")
     ap.add_argument("--mergekit-repeats", type=int, default=None,
                     help="run mergekit only on the first N repeats (default: all); its "
@@ -739,6 +744,8 @@ def main(argv=None) -> int:
         contenders.append(Contender("io-floor", "I/O floor", "io-floor"))
     if "io-floor-fsync" in kinds:
         contenders.append(Contender("io-floor-fsync", "I/O floor, fsync", "io-floor", True))
+    if "io-floor-direct" in kinds:
+        contenders.append(Contender("io-floor-direct", "I/O floor, O_DIRECT", "io-floor", True, True))
     if "merge_fast" in kinds:
         contenders.append(Contender("merge_fast", "merge_fast", "merge_fast", True))
     if "merge_fast-nofsync" in kinds:

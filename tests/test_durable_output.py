@@ -71,3 +71,37 @@ def test_config_run_fsync_option(mf, llama_f32, tmp_path, fsynced):
     cfg_file.write_text(f"merge_method: linear\nparameters:\n  weight: 1.0\nmodels:\n  - model: {llama_f32.a}\n  - model: {llama_f32.b}\n")
     assert main(["run", str(cfg_file), str(tmp_path / "run3"), "--no-fsync", "-q"]) == 0
     assert fsynced == [] and (tmp_path / "run3" / "model.safetensors").is_file()
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of `path`'s pages are in the page cache (``mincore`` on a mapping of it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        buf = (ctypes.c_char * size).from_buffer(m)  # private and never written: the file's pages
+        try:
+            assert libc.mincore(ctypes.addressof(buf), size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            del buf
+    return sum(v & 1 for v in vec)
+
+
+def test_durable_output_goes_around_the_page_cache(mf, llama_f32, tmp_path):
+    """A durable merge's shards are written with O_DIRECT (their bytes reach the disk before
+    the merge returns anyway): the same files as a scratch merge's, none of their pages left
+    in the page cache."""
+    args = ([str(llama_f32.a), str(llama_f32.b)], [0.3, 0.7])
+    mf.linear(*args, out=str(tmp_path / "durable"), max_shard_size=100_000)
+    mf.linear(*args, out=str(tmp_path / "scratch"), max_shard_size=100_000, fsync=False)
+    shards = sorted(p.name for p in (tmp_path / "durable").glob("*.safetensors"))
+    assert len(shards) > 1
+    for name in shards:  # before reading them back, which caches them
+        assert _resident_pages(tmp_path / "durable" / name) == 0, name
+        assert _resident_pages(tmp_path / "scratch" / name) > 0, name  # the check sees cached pages
+    for name in shards + ["model.safetensors.index.json"]:
+        assert (tmp_path / "durable" / name).read_bytes() == (tmp_path / "scratch" / name).read_bytes(), name

@@ -335,12 +335,14 @@ def plan_json(obj: Any) -> str:
 
 
 def plan_text(paths: Sequence[str], plans: Iterable[TensorPlan], *, seed: int, max_shard_size: int,
-              recipe: Dict[str, Any]) -> str:
-    """The plan as the core reads it (plan.rs ``PlanSpec``)."""
+              recipe: Dict[str, Any], direct_io: bool = False) -> str:
+    """The plan as the core reads it (plan.rs ``PlanSpec``). `direct_io`: write the output
+    around the page cache (for an output that is fsynced before use)."""
     plan = {
         "inputs": list(paths),
         "seed": int(seed),
         "max_shard_size": max_shard_size,
+        "direct_io": bool(direct_io),
         "metadata": {"merge_fast": json.dumps(plain(recipe), sort_keys=True)},
     }
     # The tensor list is serialized one tensor at a time (no list of per-tensor dicts), and
@@ -407,6 +409,9 @@ def execute(
     protected = [*paths, side_files_from, *inputs]
     check_output(out, protected, overwrite=overwrite)
     threads = check_threads(threads)
-    text = plan_text(paths, plans, seed=seed, max_shard_size=shard_size(max_shard_size), recipe=recipe)
+    # A durable output goes to the disk before the merge returns anyway: written around the
+    # page cache, it is not also copied into fresh cache pages and written back by the fsync.
+    text = plan_text(paths, plans, seed=seed, max_shard_size=shard_size(max_shard_size), recipe=recipe,
+                     direct_io=fsync)
     return run(text, out, protected, side_files_from=side_files_from, out_dtype=out_dtype, threads=threads,
                progress=progress, extra_files=extra_files, overwrite=overwrite, fsync=fsync)

@@ -8,7 +8,7 @@ pub use crate::kernel::{first_non_finite, merge_arrays, pool, Slices, CHUNK};
 use crate::kernel::{merge_tensor, Ctx, TensorIo};
 use crate::plan::{resolve_each, resolve_job, Job, Methods, PlanSpec};
 use crate::reader::Checkpoint;
-use crate::writer::{self, OutSpec, ShardInfo, ShardedWriter};
+use crate::writer::{self, OutSpec, ShardInfo, ShardedWriter, WriteMode};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -207,10 +207,8 @@ pub fn run(
         metadata.insert(INPUT_DTYPES_KEY.into(), per_input);
         notes.push(note);
     }
-    let writer = match &plan.only_shards {
-        None => ShardedWriter::create(out_dir, specs, plan.max_shard_size, &metadata)?,
-        Some(only) => ShardedWriter::create_subset(out_dir, specs, plan.max_shard_size, &metadata, only)?,
-    };
+    let mode = if plan.direct_io { WriteMode::Direct } else { WriteMode::Buffered };
+    let writer = ShardedWriter::create_with(out_dir, specs, plan.max_shard_size, &metadata, plan.only_shards.as_deref(), mode)?;
     let mine: Vec<usize> = (0..plan.tensors.len()).filter(|&i| writer.owns(i)).collect();
     let mut p =
         Progress { tensors_total: mine.len(), bytes_total: mine.iter().map(|&i| writer.specs()[i].nbytes() as u64).sum(), ..Progress::default() };

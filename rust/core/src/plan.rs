@@ -36,6 +36,10 @@ pub struct PlanSpec {
     /// executor runs disjoint subsets in separate processes and writes the index itself.
     #[serde(default)]
     pub only_shards: Option<Vec<usize>>,
+    /// Write the output around the page cache (`O_DIRECT`): for an output the caller
+    /// fsyncs before use, whose bytes must reach the disk anyway.
+    #[serde(default)]
+    pub direct_io: bool,
     /// Parameter sets shared by many tensors (`TensorSpec::params_id`): one JSON map per
     /// tensor costs hundreds of bytes, and most merges have a handful of distinct sets.
     #[serde(default)]

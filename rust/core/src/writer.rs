@@ -1,6 +1,11 @@
 //! Sharded safetensors writer. Every tensor's name, shape and dtype is known up front, so
 //! shards and headers are laid out before any data exists; workers then write each piece
 //! in place with positioned writes, in any order. Nothing buffers a whole shard.
+//!
+//! Two ways to the disk: through the page cache (positioned writes), or, for an output
+//! that will be fsynced anyway, around it ([`WriteMode::Direct`], see `direct.rs`).
+mod direct;
+
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::reader::{Shape, INDEX_NAME};
@@ -80,10 +85,23 @@ const MAX_PENDING: usize = 8;
 /// Larger pieces (a whole tensor from a kernel that is not elementwise) are never copied.
 const MAX_PENDING_BYTES: usize = 1 << 20;
 
+/// How a writer's bytes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// Positioned writes into the page cache.
+    #[default]
+    Buffered,
+    /// Staged into aligned blocks written with `O_DIRECT` by a writer thread, for output
+    /// that is fsynced before use (files whose file system refuses it are buffered).
+    Direct,
+}
+
 struct Shard {
     path: PathBuf,
     /// `None` for a shard another process writes.
     file: Option<File>,
+    /// Set when the shard's bytes go around the page cache.
+    direct: Option<direct::DirectFile>,
     turn: Mutex<Turn>,
     /// Signalled when the queue gets room or the file becomes free.
     room: Condvar,
@@ -95,6 +113,8 @@ pub struct ShardedWriter {
     files: Vec<Shard>,
     /// False when writing a subset of the shards: the index is then the caller's.
     all: bool,
+    /// The staging and writer thread of `WriteMode::Direct`.
+    stager: Option<direct::Direct>,
     slots: Vec<Slot>,
     specs: Vec<OutSpec>,
 }
@@ -172,13 +192,25 @@ fn index_text(weight_map: &BTreeMap<&str, &str>, total_size: u64) -> String {
 impl ShardedWriter {
     /// Lays out `model.safetensors` or `model-0000i-of-0000n.safetensors` shards in `dir`.
     pub fn create(dir: &Path, specs: Vec<OutSpec>, max_shard_size: u64, metadata: &BTreeMap<String, String>) -> Result<Self> {
-        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, None)
+        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, None, WriteMode::Buffered)
+    }
+
+    /// `create` (or `create_subset` with `only`) writing in `mode`.
+    pub fn create_with(
+        dir: &Path,
+        specs: Vec<OutSpec>,
+        max_shard_size: u64,
+        metadata: &BTreeMap<String, String>,
+        only: Option<&[usize]>,
+        mode: WriteMode,
+    ) -> Result<Self> {
+        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, only, mode)
     }
 
     /// Like `create`, but creates (or truncates and rewrites, so a retry is idempotent) only
     /// the files of shards `only` of the full layout; their bytes are identical to `create`'s.
     pub fn create_subset(dir: &Path, specs: Vec<OutSpec>, max_shard_size: u64, metadata: &BTreeMap<String, String>, only: &[usize]) -> Result<Self> {
-        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, Some(only))
+        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, Some(only), WriteMode::Buffered)
     }
 
     /// Whether tensor `idx` is written by this writer.
@@ -191,7 +223,7 @@ impl ShardedWriter {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().ok_or_else(|| Error::config(format!("{} is not a file path", path.display())))?;
         let name = name.to_string_lossy().into_owned();
-        Self::create_named(dir, specs, u64::MAX, metadata, &|_, _| name.clone(), None)
+        Self::create_named(dir, specs, u64::MAX, metadata, &|_, _| name.clone(), None, WriteMode::Buffered)
     }
 
     fn create_named(
@@ -201,6 +233,7 @@ impl ShardedWriter {
         metadata: &BTreeMap<String, String>,
         file_name: &dyn Fn(usize, usize) -> String,
         only: Option<&[usize]>,
+        mode: WriteMode,
     ) -> Result<Self> {
         let mut seen = std::collections::HashSet::new();
         for s in &specs {
@@ -220,6 +253,10 @@ impl ShardedWriter {
         // every tensor is in one group, so every slot is set below
         let mut slots: Vec<Slot> = (0..specs.len()).map(|_| Slot { shard: 0, offset: 0, len: 0, written: AtomicUsize::new(0) }).collect();
         let mut files = Vec::with_capacity(n);
+        let stager = match (mode, only.is_none_or(|o| !o.is_empty())) {
+            (WriteMode::Direct, true) => Some(direct::Direct::start()?),
+            _ => None,
+        };
         for (si, mut group) in groups.into_iter().enumerate() {
             // Wider dtypes first keeps every tensor naturally aligned (as safetensors does).
             group.sort_by_key(|&i| std::cmp::Reverse(specs[i].align()));
@@ -276,13 +313,23 @@ impl ShardedWriter {
             let data_start = 8 + padded as u64;
             let path = dir.join(file_name(si, n));
             let mine = only.is_none_or(|o| o.contains(&si));
-            let f = if mine {
+            let (f, df) = if mine {
                 let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-                f.set_len(data_start + off as u64).map_err(|e| Error::io(&path, e))?;
-                f.write_all_at(&(padded as u64).to_le_bytes(), 0).map_err(|e| Error::io(&path, e))?;
+                let file_len = data_start + off as u64;
+                f.set_len(file_len).map_err(|e| Error::io(&path, e))?;
+                let df = stager.as_ref().and_then(|s| s.open(&path, &f, file_len));
+                // The header takes the same way as the data (a direct block holding its first
+                // bytes must hold them all).
+                let put = |pos: u64, bytes: &[u8]| -> Result<()> {
+                    match (&stager, &df) {
+                        (Some(s), Some(d)) => s.put(d, pos, bytes),
+                        _ => f.write_all_at(bytes, pos).map_err(|e| Error::io(&path, e)),
+                    }
+                };
+                put(0, &(padded as u64).to_le_bytes())?;
                 let (mut buf, mut pos) = (Vec::with_capacity(1 << 16), 8u64);
                 let mut flush = |buf: &mut Vec<u8>| -> Result<()> {
-                    f.write_all_at(buf, pos).map_err(|e| Error::io(&path, e))?;
+                    put(pos, buf)?;
                     pos += buf.len() as u64;
                     buf.clear();
                     Ok(())
@@ -296,16 +343,16 @@ impl ShardedWriter {
                 })?;
                 buf.resize(buf.len() + padded - hlen, b' ');
                 flush(&mut buf)?;
-                Some(f)
+                (Some(f), df)
             } else {
-                None
+                (None, None)
             };
             for &i in &order {
                 slots[i].offset += data_start;
             }
-            files.push(Shard { path, file: f, turn: Mutex::default(), room: Condvar::new() });
+            files.push(Shard { path, file: f, direct: df, turn: Mutex::default(), room: Condvar::new() });
         }
-        Ok(ShardedWriter { dir: dir.to_path_buf(), files, all: only.is_none(), slots, specs })
+        Ok(ShardedWriter { dir: dir.to_path_buf(), files, all: only.is_none(), stager, slots, specs })
     }
 
     pub fn specs(&self) -> &[OutSpec] {
@@ -325,6 +372,11 @@ impl ShardedWriter {
             return Err(Error::config(format!("internal: tensor '{}' belongs to a shard this writer does not write", self.specs[idx].name)));
         }
         let pos = slot.offset + offset as u64;
+        if let (Some(s), Some(d)) = (&self.stager, &shard.direct) {
+            s.put(d, pos, data)?;
+            slot.written.fetch_add(data.len(), Ordering::Relaxed);
+            return Ok(());
+        }
         let mut turn = shard.turn.lock().unwrap_or_else(|e| e.into_inner());
         while turn.busy {
             if data.len() > MAX_PENDING_BYTES {
@@ -370,12 +422,15 @@ impl ShardedWriter {
     }
 
     /// Checks every byte was written, closes the shards and writes the index when sharded.
-    pub fn finish(self) -> Result<WriteSummary> {
+    pub fn finish(mut self) -> Result<WriteSummary> {
         for (slot, spec) in self.slots.iter().zip(&self.specs) {
             let w = slot.written.load(Ordering::Relaxed);
             if self.files[slot.shard as usize].file.is_some() && w != slot.len {
                 return Err(Error::config(format!("internal: tensor '{}' got {w} of {} bytes", spec.name, slot.len)));
             }
+        }
+        if let Some(s) = self.stager.take() {
+            s.finish(self.files.iter().filter_map(|f| f.direct.as_ref()))?;
         }
         let total_size: u64 = self.slots.iter().map(|s| s.len as u64).sum();
         let mut bytes_written = 0;

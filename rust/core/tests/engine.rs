@@ -4,7 +4,7 @@ use merge_fast_core::dtype::Dtype;
 use merge_fast_core::engine::{self, Progress};
 use merge_fast_core::plan::PlanSpec;
 use merge_fast_core::reader::Checkpoint;
-use merge_fast_core::writer::{OutSpec, ShardedWriter};
+use merge_fast_core::writer::{OutSpec, ShardedWriter, WriteMode};
 use merge_fast_core::Error;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -91,34 +91,65 @@ fn writer_reader_roundtrip_sharded_and_single() {
     }
 }
 
-/// Threads that find a shard busy hand their pieces to the thread writing it: with many
-/// threads writing small pieces of two tensors of one file at once, every piece must still
-/// land at its place (`finish` counts the bytes; the values are read back).
+/// Threads that find a shard busy hand their pieces to the thread writing it (buffered), or
+/// stage them into blocks for the writer thread (direct): with many threads writing small
+/// pieces of two tensors of one file at once, every piece must still land at its place
+/// (`finish` counts the bytes; the values are read back), and both ways give the same file.
 #[test]
 fn concurrent_writers_of_one_shard_lose_no_piece() {
     let tmp = tempfile::tempdir().unwrap();
     let tensors = [("a", values(300_000, 7)), ("b", values(77_777, 8))];
-    let specs = tensors.iter().map(|(n, v)| OutSpec::new(n.to_string(), Dtype::F32, vec![v.len()])).collect();
-    let w = ShardedWriter::create(tmp.path(), specs, u64::MAX, &BTreeMap::new()).unwrap();
-    // Pieces of 1000 values (the last shorter), dealt round-robin to 6 threads.
-    let pieces: Vec<(usize, usize)> = tensors.iter().enumerate().flat_map(|(t, (_, v))| (0..v.len()).step_by(1000).map(move |s| (t, s))).collect();
-    std::thread::scope(|sc| {
-        for k in 0..6 {
-            let (w, pieces, tensors) = (&w, &pieces, &tensors);
-            sc.spawn(move || {
-                for &(t, s) in pieces.iter().skip(k).step_by(6) {
-                    let v = &tensors[t].1[s..(s + 1000).min(tensors[t].1.len())];
-                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    w.write(t, s * 4, &bytes).unwrap();
-                }
-            });
+    for mode in [WriteMode::Buffered, WriteMode::Direct] {
+        let dir = tmp.path().join(format!("{mode:?}"));
+        std::fs::create_dir(&dir).unwrap();
+        let specs = tensors.iter().map(|(n, v)| OutSpec::new(n.to_string(), Dtype::F32, vec![v.len()])).collect();
+        let w = ShardedWriter::create_with(&dir, specs, u64::MAX, &BTreeMap::new(), None, mode).unwrap();
+        // Pieces of 1000 values (the last shorter), dealt round-robin to 6 threads.
+        let pieces: Vec<(usize, usize)> =
+            tensors.iter().enumerate().flat_map(|(t, (_, v))| (0..v.len()).step_by(1000).map(move |s| (t, s))).collect();
+        std::thread::scope(|sc| {
+            for k in 0..6 {
+                let (w, pieces, tensors) = (&w, &pieces, &tensors);
+                sc.spawn(move || {
+                    for &(t, s) in pieces.iter().skip(k).step_by(6) {
+                        let v = &tensors[t].1[s..(s + 1000).min(tensors[t].1.len())];
+                        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        w.write(t, s * 4, &bytes).unwrap();
+                    }
+                });
+            }
+        });
+        w.finish().unwrap();
+        let got = read_all(&dir);
+        for (n, v) in &tensors {
+            assert!(got[*n] == *v, "{mode:?} {n}");
         }
-    });
-    w.finish().unwrap();
-    let got = read_all(tmp.path());
-    for (n, v) in &tensors {
-        assert!(got[*n] == *v, "{n}");
     }
+    let file = |m: &str| std::fs::read(tmp.path().join(m).join("model.safetensors")).unwrap();
+    assert!(file("Buffered") == file("Direct"));
+}
+
+/// A durable plan (`direct_io`) writes every shard and the index exactly as a buffered one.
+#[test]
+fn direct_io_plans_write_the_same_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_model(&a, &model(1), Dtype::BF16, u64::MAX);
+    write_model(&b, &model(2), Dtype::BF16, u64::MAX);
+    let mut p = plan(&[&a, &b], "linear", serde_json::json!({"weight": [1.0, 3.0]}), false, 10_000);
+    run(&p, &tmp.path().join("buffered"), 2).unwrap();
+    p.direct_io = true;
+    run(&p, &tmp.path().join("direct"), 2).unwrap();
+    let files = |d: &str| -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(tmp.path().join(d))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+            .collect()
+    };
+    let (x, y) = (files("buffered"), files("direct"));
+    assert_eq!(x.len(), 3); // two shards and the index
+    assert!(x == y);
 }
 
 #[test]
