@@ -10,6 +10,7 @@ pub mod params;
 pub mod plan;
 pub mod reader;
 pub mod rng;
+pub mod simd;
 pub mod subspace;
 pub mod writer;
 

@@ -24,6 +24,7 @@ use super::sparsify::{chunk_of, delta_into, phase, scratch, sign, Rescale, RESCA
 use crate::error::{Error, Result};
 use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
 use crate::params::Params;
+use crate::simd::avx2;
 
 /// What sparsification leaves of one model's delta on one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,24 +215,15 @@ impl Method for Gta {
 impl Gta {
     fn apply_chunk(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
         let base = base.expect("arity checked at build");
-        let (n, len) = (inputs.len(), out.len());
         let chunk = chunk_of(ctx)?;
         // The deltas in one per-thread buffer.
-        with_work(n * len, |d| {
-            self.sparsified_deltas(ctx, chunk, base, inputs, stats, d);
-            let mut ds: Vec<&mut [f32]> = d.chunks_mut(len.max(1)).take(n).collect();
-            // The rest is elementwise: tile by tile, so its passes stay in L1 (the same
-            // operations per element as whole-chunk passes).
-            for t in (0..len).step_by(TILE) {
-                let r = t..(t + TILE).min(len);
-                self.combine_tile(stats, &mut ds, r.clone(), &base[r.clone()], &mut out[r]);
-            }
-        });
+        with_work(inputs.len() * out.len(), |d| merge_chunk(self, ctx, chunk, base, inputs, stats, out, d));
         Ok(())
     }
 
     /// Each model's delta `d_i` for one chunk, masked and rescaled by its sparsifier (a mask
     /// is decided per engine chunk).
+    #[inline(always)]
     fn sparsified_deltas(&self, ctx: &Ctx, chunk: usize, base: &[f32], inputs: &[&[f32]], stats: &[f64], d: &mut [f32]) {
         let len = base.len();
         for (i, (x, di)) in inputs.iter().zip(d.chunks_mut(len.max(1))).enumerate() {
@@ -253,6 +245,7 @@ impl Gta {
 
     /// `out = base + λ · combined` for the tile `r` of the chunk's sparsified deltas `ds`
     /// (one slice per model; weighted in place); `base` and `out` are the tile's.
+    #[inline(always)]
     fn combine_tile(&self, stats: &[f64], ds: &mut [&mut [f32]], r: std::ops::Range<usize>, base: &[f32], out: &mut [f32]) {
         // The elected signs and the divisors (scratch).
         let (mut maj, mut div) = ([0f32; TILE], [0f32; TILE]);
@@ -304,4 +297,20 @@ impl Gta {
         }
         out.iter_mut().zip(base).for_each(|(o, &b)| *o += b);
     }
+}
+
+avx2! {
+/// [`Gta::apply`] of one chunk, with the models' deltas in `d` (`models · chunk` floats).
+#[allow(clippy::too_many_arguments)]
+fn merge_chunk(g: &Gta, ctx: &Ctx, chunk: usize, base: &[f32], inputs: &[&[f32]], stats: &[f64], out: &mut [f32], d: &mut [f32]) {
+    let (n, len) = (inputs.len(), out.len());
+    g.sparsified_deltas(ctx, chunk, base, inputs, stats, d);
+    let mut ds: Vec<&mut [f32]> = d.chunks_mut(len.max(1)).take(n).collect();
+    // The rest is elementwise: tile by tile, so its passes stay in L1 (the same operations
+    // per element as whole-chunk passes).
+    for t in (0..len).step_by(TILE) {
+        let r = t..(t + TILE).min(len);
+        g.combine_tile(stats, &mut ds, r.clone(), &base[r.clone()], &mut out[r]);
+    }
+}
 }

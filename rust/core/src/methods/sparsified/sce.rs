@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
+use crate::simd::avx2;
 
 pub fn spec() -> MethodSpec {
     MethodSpec::new("sce", BaseRule::Required, |p, n, b| Ok(Box::new(Sce::build(p, n, b)?)))
@@ -50,6 +51,7 @@ fn task_vectors(base: &[f32], inputs: &[&[f32]], tv: &mut [f32]) {
 /// The descending key of a zero variance.
 const ZERO_VAR: u32 = !0u32;
 
+avx2! {
 /// Descending keys of the population variance across models of `τ_i[j]` (in f64, rounded
 /// to f32), computed model by model over blocks of the chunk so the loops vectorize.
 fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
@@ -80,6 +82,7 @@ fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
         per_model(ss);
         o.iter_mut().zip(ss.iter()).for_each(|(o, &s)| *o = !(s as f32).to_bits());
     }
+}
 }
 
 /// `Σ τ²` of each model's task vector over the chunk (each sum in element order), two
@@ -185,46 +188,51 @@ impl Method for Sce {
 
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
         let base = base.expect("arity checked at build");
-        let n = inputs.len();
         let first = chunk_of(ctx)? * CHUNK;
-        // Task vectors, elected signs, numerators and denominators of one tile in one
-        // per-thread buffer; tile by tile so every pass stays in L1 (the same operations
-        // per element as whole-chunk passes).
-        with_work((n + 3) * TILE, |w| {
-            let mut xs: Vec<&[f32]> = Vec::with_capacity(n);
-            for t0 in (0..out.len()).step_by(TILE) {
-                let r = t0..(t0 + TILE).min(out.len());
-                let len = r.len();
-                let (tv, rest) = w.split_at_mut(n * len);
-                let (maj, rest) = rest.split_at_mut(len);
-                let (num, den) = rest[..2 * len].split_at_mut(len);
-                xs.clear();
-                xs.extend(inputs.iter().map(|x| &x[r.clone()]));
-                let (base, out) = (&base[r.clone()], &mut out[r]);
-                task_vectors(base, &xs, tv);
-                Self::select(stats[0] as u8, &stats[HEAD + n..], first + t0, tv, len);
-                maj.fill(0.0);
-                for t in tv.chunks(len) {
-                    maj.iter_mut().zip(t).for_each(|(s, &v)| *s += v);
-                }
-                maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
-                num.fill(0.0);
-                den.fill(0.0);
-                for (t, &w) in tv.chunks(len).zip(&stats[HEAD..HEAD + n]) {
-                    let w = w as f32;
-                    for ((nu, de), (&x, &m)) in num.iter_mut().zip(den.iter_mut()).zip(t.iter().zip(maj.iter())) {
-                        let agree = x * m > 0.0; // sign(τ) == elected sign; zeros never agree
-                        *nu += if agree { x * w } else { 0.0 };
-                        *de += if agree { w } else { 0.0 };
-                    }
-                }
-                for ((o, &b), (&nu, &de)) in out.iter_mut().zip(base).zip(num.iter().zip(den.iter())) {
-                    *o = b + nu / de.max(1e-6);
-                }
-            }
-        });
+        with_work((inputs.len() + 3) * TILE, |w| erase(stats, first, base, inputs, out, w));
         Ok(())
     }
+}
+
+avx2! {
+/// `apply` of the chunk at element `first`: the selected task vectors' sign election and
+/// weighted disjoint mean. Task vectors, elected signs, numerators and denominators of one
+/// tile in `w` (`(models + 3) · TILE` floats); tile by tile so every pass stays in L1 (the
+/// same operations per element as whole-chunk passes).
+fn erase(stats: &[f64], first: usize, base: &[f32], inputs: &[&[f32]], out: &mut [f32], w: &mut [f32]) {
+    let n = inputs.len();
+    let mut xs: Vec<&[f32]> = Vec::with_capacity(n);
+    for t0 in (0..out.len()).step_by(TILE) {
+        let r = t0..(t0 + TILE).min(out.len());
+        let len = r.len();
+        let (tv, rest) = w.split_at_mut(n * len);
+        let (maj, rest) = rest.split_at_mut(len);
+        let (num, den) = rest[..2 * len].split_at_mut(len);
+        xs.clear();
+        xs.extend(inputs.iter().map(|x| &x[r.clone()]));
+        let (base, out) = (&base[r.clone()], &mut out[r]);
+        task_vectors(base, &xs, tv);
+        Sce::select(stats[0] as u8, &stats[HEAD + n..], first + t0, tv, len);
+        maj.fill(0.0);
+        for t in tv.chunks(len) {
+            maj.iter_mut().zip(t).for_each(|(s, &v)| *s += v);
+        }
+        maj.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 });
+        num.fill(0.0);
+        den.fill(0.0);
+        for (t, &w) in tv.chunks(len).zip(&stats[HEAD..HEAD + n]) {
+            let w = w as f32;
+            for ((nu, de), (&x, &m)) in num.iter_mut().zip(den.iter_mut()).zip(t.iter().zip(maj.iter())) {
+                let agree = x * m > 0.0; // sign(τ) == elected sign; zeros never agree
+                *nu += if agree { x * w } else { 0.0 };
+                *de += if agree { w } else { 0.0 };
+            }
+        }
+        for ((o, &b), (&nu, &de)) in out.iter_mut().zip(base).zip(num.iter().zip(den.iter())) {
+            *o = b + nu / de.max(1e-6);
+        }
+    }
+}
 }
 
 #[cfg(test)]

@@ -1,0 +1,77 @@
+//! Run-time CPU dispatch for hot loops. The crate is built for the baseline x86-64 (SSE2), so
+//! that one wheel runs everywhere; [`avx2!`] compiles a function's body a second time with
+//! AVX2 and FMA enabled and runs that build where the CPU has them. Rust never contracts
+//! `a * b + c` into a fused multiply-add on its own, so both builds compute the same bits.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static BASELINE_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Runs every [`avx2!`] function in its baseline build from now on (`true`) or lets it pick
+/// again: for tests that both builds give the same bits.
+pub fn baseline_only(on: bool) {
+    BASELINE_ONLY.store(on, Ordering::Relaxed);
+}
+
+#[doc(hidden)]
+#[inline(always)]
+pub fn wide_allowed() -> bool {
+    !BASELINE_ONLY.load(Ordering::Relaxed)
+}
+
+/// Defines a function whose body also gets an AVX2+FMA build, chosen at run time:
+/// `avx2! { pub fn name(a: &[f32], b: &mut [f32]) -> T { ... } }`. Plain (non-generic)
+/// signatures only.
+macro_rules! avx2 {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if $crate::simd::wide_allowed() && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the target features `wide` is compiled with were just detected.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2;
+
+#[cfg(test)]
+mod tests {
+    use crate::methods::geometric::common::testing::{rand, run};
+    use serde_json::json;
+
+    /// The kernels with an AVX2 build give the same bits from either build (on a CPU without
+    /// AVX2 both runs take the baseline one).
+    #[test]
+    fn both_builds_give_the_same_bits() {
+        let (r, c) = (300, 700);
+        let base = rand(r * c, 1);
+        let xs: Vec<Vec<f32>> = (2..5).map(|k| base.iter().zip(rand(r * c, k)).map(|(&b, d)| b + 0.01 * d).collect()).collect();
+        let xs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let cases = [
+            ("sce", json!({"select_topk": 0.3})),
+            ("ties", json!({"density": 0.4, "weight": [0.5, 0.3, 0.2]})),
+            ("dare_ties", json!({"density": 0.6, "weight": [0.5, 0.3, 0.2]})),
+            ("breadcrumbs_ties", json!({"density": 0.8, "gamma": 0.05, "weight": [1.0, 1.0, 1.0], "normalize": true})),
+            ("della", json!({"density": 0.5, "epsilon": 0.1, "weight": [0.4, 0.4, 0.2], "lambda": 0.9})),
+        ];
+        for (name, params) in cases {
+            super::baseline_only(false);
+            let wide = run(name, params.clone(), &[r, c], Some(&base), &xs).unwrap();
+            super::baseline_only(true);
+            let plain = run(name, params, &[r, c], Some(&base), &xs).unwrap();
+            super::baseline_only(false);
+            assert!(wide.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}");
+        }
+    }
+}
