@@ -85,8 +85,12 @@ pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
             Some(s) => s.convert_to_f32_slice(dst),
             None => src.chunks_exact(2).zip(dst).for_each(|(b, d)| *d = f16::from_le_bytes([b[0], b[1]]).to_f32()),
         },
-        Dtype::BF16 => match aligned::<bf16>(src) {
-            Some(s) => s.convert_to_f32_slice(dst),
+        Dtype::BF16 => match aligned::<u16>(src) {
+            // The merge path's widening (its finiteness test unused): `half`'s values, NaNs
+            // included, faster than `half`'s loop (AVX2 where present).
+            Some(s) => {
+                widen_bf16_finite(s, dst);
+            }
             None => src.chunks_exact(2).zip(dst).for_each(|(b, d)| *d = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         },
         Dtype::F64 => src.chunks_exact(8).zip(dst).for_each(|(b, d)| *d = f64::from_le_bytes(b.try_into().unwrap()) as f32),
@@ -387,8 +391,13 @@ mod tests {
                     let mut bytes = vec![0u8; 2 * n + 1];
                     bytes[off..off + 2 * n].iter_mut().zip(vals.iter().flat_map(|v| v.to_le_bytes())).for_each(|(b, v)| *b = v);
                     let src = &bytes[off..off + 2 * n];
-                    let (mut a, mut b) = (vec![0f32; n], vec![1f32; n]);
-                    decode_f32(dt, src, &mut a);
+                    let (mut a, mut b, mut c) = (vec![0f32; n], vec![1f32; n], vec![2f32; n]);
+                    // `half`'s widening, one value at a time: the reference for both paths.
+                    a.iter_mut()
+                        .zip(&vals)
+                        .for_each(|(a, &v)| *a = if dt == Dtype::BF16 { bf16::from_bits(v).to_f32() } else { f16::from_bits(v).to_f32() });
+                    decode_f32(dt, src, &mut c);
+                    assert!(a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "{dt} offset {off}");
                     let got = decode_f32_finite(dt, src, &mut b);
                     assert_eq!(got, first_non_finite(&a), "{dt} offset {off}");
                     if dt == Dtype::BF16 {
