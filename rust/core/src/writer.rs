@@ -195,7 +195,9 @@ impl ShardedWriter {
         Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, None, WriteMode::Buffered)
     }
 
-    /// `create` (or `create_subset` with `only`) writing in `mode`.
+    /// `create` writing in `mode`; with `only`, creates (or truncates and rewrites, so a retry
+    /// is idempotent) only the files of shards `only` of the full layout, their bytes
+    /// identical to `create`'s.
     pub fn create_with(
         dir: &Path,
         specs: Vec<OutSpec>,
@@ -205,12 +207,6 @@ impl ShardedWriter {
         mode: WriteMode,
     ) -> Result<Self> {
         Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, only, mode)
-    }
-
-    /// Like `create`, but creates (or truncates and rewrites, so a retry is idempotent) only
-    /// the files of shards `only` of the full layout; their bytes are identical to `create`'s.
-    pub fn create_subset(dir: &Path, specs: Vec<OutSpec>, max_shard_size: u64, metadata: &BTreeMap<String, String>, only: &[usize]) -> Result<Self> {
-        Self::create_named(dir, specs, max_shard_size, metadata, &shard_file_name, Some(only), WriteMode::Buffered)
     }
 
     /// Whether tensor `idx` is written by this writer.

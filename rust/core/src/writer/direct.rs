@@ -129,11 +129,15 @@ impl Direct {
     /// page cache).
     pub fn open(&self, path: &Path, plain: &File, len: u64) -> Option<DirectFile> {
         #[cfg(target_os = "linux")]
-        let flags = libc::O_DIRECT;
+        {
+            let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()?;
+            Self::staged(path, direct, plain, len)
+        }
         #[cfg(not(target_os = "linux"))]
-        return None;
-        let direct = OpenOptions::new().write(true).custom_flags(flags).open(path).ok()?;
-        Self::staged(path, direct, plain, len)
+        {
+            let _ = (path, plain, len);
+            None
+        }
     }
 
     /// A file staged in blocks like an `O_DIRECT` one, whose blocks are written through
@@ -156,6 +160,8 @@ impl Direct {
     /// is returned by the next call (or by `finish`).
     pub fn put(&self, f: &DirectFile, pos: u64, data: &[u8]) -> Result<()> {
         if let Some(e) = lock(&self.shared.error).take() {
+            // The merge stops with this error: the writer thread drops what is queued.
+            self.shared.cancelled.store(true, Ordering::Release);
             return Err(e);
         }
         let mut done = 0;
