@@ -119,3 +119,22 @@ def test_durable_output_goes_around_the_page_cache(mf, llama_f32, tmp_path):
         assert _resident_pages(tmp_path / "scratch" / name) > 0, name  # the check sees cached pages
     for name in shards + ["model.safetensors.index.json"]:
         assert (tmp_path / "durable" / name).read_bytes() == (tmp_path / "scratch" / name).read_bytes(), name
+
+
+def test_multi_stage_config_fsyncs_only_the_final_output(mf, llama_f32, tmp_path, fsynced):
+    """Intermediate stages are scratch (deleted once the final stage is written, read right
+    back by the next one): only the final output is fsynced, and the same bytes come out."""
+    a, b = llama_f32.a, llama_f32.b
+    text = (f"name: mid\nmerge_method: linear\nparameters:\n  weight: [0.3, 0.7]\nmodels:\n"
+            f"  - model: {a}\n  - model: {b}\n---\n"
+            f"merge_method: linear\nparameters:\n  weight: 0.5\nmodels:\n  - model: mid\n  - model: {a}\n")
+    cfg = tmp_path / "stages.yml"
+    cfg.write_text(text)
+    out = tmp_path / "final"
+    mf.run(str(cfg), out=out)
+    _check_durable(fsynced, out)
+    assert not [c for c in fsynced if ".merge-fast-stages-" in c], fsynced
+    fsynced.clear()
+    mf.run(str(cfg), out=tmp_path / "scratch", fsync=False)
+    assert fsynced == []
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "scratch" / "model.safetensors").read_bytes()

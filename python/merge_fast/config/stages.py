@@ -140,11 +140,15 @@ def run_stages(srcs: List[ConfigSource], out: Path, stage: Optional[str], run: C
         for n in order:
             if n not in needed:
                 continue
+            stage_opts = opts
             if n == final:
                 dest = out
             else:
                 assert n is not None  # only the final stage may be unnamed
                 dest = Path(folders[n])
+                # Scratch: deleted once the final stage is written, and read right back by
+                # the next stage; neither fsynced nor written around the page cache.
+                stage_opts = dict(opts, fsync=False)
             earlier: Set[str] = set()  # every stage this one is built from, directly or not
             todo = list(deps[n])
             while todo:
@@ -153,7 +157,7 @@ def run_stages(srcs: List[ConfigSource], out: Path, stage: Optional[str], run: C
                     earlier.add(d)
                     todo += deps[d]
             pinned = tuple(dict.fromkeys(h for d in sorted(earlier) for h in hub[d]))
-            result = run(dataclasses.replace(cfgs[n], earlier_hub_inputs=pinned), dest, **opts)
+            result = run(dataclasses.replace(cfgs[n], earlier_hub_inputs=pinned), dest, **stage_opts)
         return result
 
 
