@@ -584,39 +584,44 @@ def io_floor(inputs: Sequence[Path | str], out_file: Path | str, out_bytes: int,
     nread = warm_page_cache(inputs, block)
     t1 = time.perf_counter()
     if direct:
-        import mmap
-
-        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
-        buf.write(os.urandom(1024) * (block // 1024))
+        _write_direct(out_file, out_bytes, block)
+    else:
+        buf = bytearray(os.urandom(1024)) * (block // 1024)
         mv = memoryview(buf)
-        fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        try:
-            pos = 0
-            while pos < out_bytes:
-                n = min(out_bytes - pos, block)
-                pos += os.write(fd, mv[:-(-n // 4096) * 4096])
-            os.ftruncate(fd, out_bytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            mv.release()
-            buf.close()
-        return {"read_bytes": nread, "read_s": t1 - t0, "write_bytes": out_bytes,
-                "write_s": time.perf_counter() - t1}
-    buf = bytearray(os.urandom(1024)) * (block // 1024)
-    mv = memoryview(buf)
-    left = out_bytes
-    with open(out_file, "wb", buffering=0) as f:
-        while left > 0:
-            n = min(left, block)
-            f.write(mv[:n])
-            left -= n
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+        left = out_bytes
+        with open(out_file, "wb", buffering=0) as f:
+            while left > 0:
+                n = min(left, block)
+                f.write(mv[:n])
+                left -= n
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
     t2 = time.perf_counter()
     return {"read_bytes": nread, "read_s": t1 - t0, "write_bytes": out_bytes,
             "write_s": t2 - t1}
+
+
+def _write_direct(out_file: Path | str, out_bytes: int, block: int) -> None:
+    """``out_bytes`` written with ``O_DIRECT`` in ``block``-sized writes from a page-aligned
+    buffer (the last padded to 4 KiB, then cut), then fsynced."""
+    import mmap
+
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(1024) * (block // 1024))
+    mv = memoryview(buf)
+    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        pos = 0
+        while pos < out_bytes:
+            n = min(out_bytes - pos, block)
+            pos += os.write(fd, mv[:-(-n // 4096) * 4096])
+        os.ftruncate(fd, out_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        mv.release()
+        buf.close()
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:

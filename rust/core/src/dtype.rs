@@ -1,5 +1,6 @@
 //! Element types we read and write, and their conversion to and from f32.
 //! Merges always compute in f32; inputs are widened once and outputs rounded once.
+use crate::simd::avx2;
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use std::sync::OnceLock;
 
@@ -129,25 +130,11 @@ pub fn first_non_finite(x: &[f32]) -> Option<usize> {
     None
 }
 
+avx2! {
+/// Widens with the finiteness test in the same block loop (the AVX2 build: twice the elements
+/// per instruction of the baseline's SSE2).
 fn widen_bf16_finite(src: &[u16], dst: &mut [f32]) -> Option<usize> {
     debug_assert_eq!(src.len(), dst.len());
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { widen_bf16_finite_avx2(src, dst) };
-    }
-    widen_bf16_finite_blocks(src, dst)
-}
-
-/// The same loop compiled for AVX2: twice the elements per instruction of the baseline's SSE2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn widen_bf16_finite_avx2(src: &[u16], dst: &mut [f32]) -> Option<usize> {
-    widen_bf16_finite_blocks(src, dst)
-}
-
-#[inline(always)]
-fn widen_bf16_finite_blocks(src: &[u16], dst: &mut [f32]) -> Option<usize> {
     const BLOCK: usize = 1024;
     for (b, (s, d)) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)).enumerate() {
         if s.iter().fold(false, |acc, &x| acc | (x & 0x7f80 == 0x7f80)) {
@@ -160,6 +147,7 @@ fn widen_bf16_finite_blocks(src: &[u16], dst: &mut [f32]) -> Option<usize> {
         d.iter_mut().zip(s).for_each(|(o, &x)| *o = f32::from_bits(u32::from(x) << 16));
     }
     None
+}
 }
 
 /// Index of the first ±inf/NaN among little-endian `bytes` of `dtype` (its exponent bits all
@@ -235,24 +223,10 @@ pub fn encode_f32_finite(dtype: Dtype, src: &[f32], dst: &mut [u8]) -> Option<us
     first_non_finite_bytes(dtype, dst)
 }
 
+avx2! {
+/// Rounds with the overflow test in the same block loop.
 fn narrow_bf16_finite(src: &[f32], dst: &mut [u16]) -> Option<usize> {
     debug_assert_eq!(src.len(), dst.len());
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { narrow_bf16_finite_avx2(src, dst) };
-    }
-    narrow_bf16_finite_blocks(src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn narrow_bf16_finite_avx2(src: &[f32], dst: &mut [u16]) -> Option<usize> {
-    narrow_bf16_finite_blocks(src, dst)
-}
-
-#[inline(always)]
-fn narrow_bf16_finite_blocks(src: &[f32], dst: &mut [u16]) -> Option<usize> {
     const BLOCK: usize = 1024;
     const EXP: u32 = 0x7f80_0000;
     let mut first = None;
@@ -272,6 +246,7 @@ fn narrow_bf16_finite_blocks(src: &[f32], dst: &mut [u16]) -> Option<usize> {
         }
     }
     first
+}
 }
 
 /// OCP FP8 E4M3 (the "fn" variant torch and safetensors use): bias 7, no infinities,
@@ -350,62 +325,72 @@ mod tests {
     /// exponent, overflow to ±inf, subnormals, ±0 and NaNs, aligned or not.
     #[test]
     fn encode_finite_is_encode_then_scan() {
-        let mut vals: Vec<f32> = (0..5000u64).map(|i| f32::from_bits(crate::rng::mix64(i) as u32)).collect();
-        for hi in [0x0000u32, 0x0001, 0x3f80, 0x3f81, 0x7f7f, 0x8001, 0xff7f, 0x0080] {
-            for lo in [0x0000u32, 0x7fff, 0x8000, 0x8001, 0xffff] {
-                vals.push(f32::from_bits(hi << 16 | lo));
+        // Both builds of the AVX2-dispatched loops (simd.rs).
+        for baseline in [false, true] {
+            crate::simd::baseline_only(baseline);
+            let mut vals: Vec<f32> = (0..5000u64).map(|i| f32::from_bits(crate::rng::mix64(i) as u32)).collect();
+            for hi in [0x0000u32, 0x0001, 0x3f80, 0x3f81, 0x7f7f, 0x8001, 0xff7f, 0x0080] {
+                for lo in [0x0000u32, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                    vals.push(f32::from_bits(hi << 16 | lo));
+                }
             }
-        }
-        vals.extend([f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 0.0, -0.0, f32::INFINITY, f32::NAN, f32::from_bits(0x7f80_0001)]);
-        let finite: Vec<f32> = vals.iter().copied().filter(|v| v.is_finite() && v.abs() < 1e38).collect();
-        for v in [vals, finite] {
-            for dt in [Dtype::BF16, Dtype::F16, Dtype::F32] {
-                for off in [0usize, 1] {
-                    let n = v.len() * dt.size();
-                    let (mut a, mut b) = (vec![0u8; n + 1], vec![1u8; n + 1]);
-                    encode_f32(dt, &v, &mut a[off..off + n]);
-                    let got = encode_f32_finite(dt, &v, &mut b[off..off + n]);
-                    assert_eq!(got, first_non_finite_bytes(dt, &a[off..off + n]), "{dt} offset {off}");
-                    assert_eq!(a[off..off + n], b[off..off + n], "{dt} offset {off}");
+            vals.extend([f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 0.0, -0.0, f32::INFINITY, f32::NAN, f32::from_bits(0x7f80_0001)]);
+            let finite: Vec<f32> = vals.iter().copied().filter(|v| v.is_finite() && v.abs() < 1e38).collect();
+            for v in [vals, finite] {
+                for dt in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+                    for off in [0usize, 1] {
+                        let n = v.len() * dt.size();
+                        let (mut a, mut b) = (vec![0u8; n + 1], vec![1u8; n + 1]);
+                        encode_f32(dt, &v, &mut a[off..off + n]);
+                        let got = encode_f32_finite(dt, &v, &mut b[off..off + n]);
+                        assert_eq!(got, first_non_finite_bytes(dt, &a[off..off + n]), "{dt} offset {off}");
+                        assert_eq!(a[off..off + n], b[off..off + n], "{dt} offset {off}");
+                    }
                 }
             }
         }
+        crate::simd::baseline_only(false);
     }
 
     /// The fused BF16 path against `half`'s widening and a separate scan: every bit pattern
     /// class (subnormals, ±0, ±inf, quiet and signalling NaNs) at block edges, aligned or not.
     #[test]
     fn decode_finite_is_decode_then_scan() {
-        let n = 3 * 1024 + 37;
-        let finite: Vec<u16> = (0..n).map(|i| (crate::rng::mix64(i as u64) as u16) & 0x7f7f | ((i as u16 & 1) << 15)).collect();
-        let mut cases = vec![(None, finite.clone())];
-        for (at, bad) in [(0, 0x7f80u16), (1023, 0xff80), (1024, 0x7fc1), (2 * 1024 + 5, 0x7f81), (n - 1, 0xffff)] {
-            let mut v = finite.clone();
-            v[at] = bad;
-            v[n - 2] = 0x7f80; // a later one must not be the one reported
-            cases.push((Some(at.min(n - 2)), v));
-        }
-        for (want, vals) in cases {
-            for dt in [Dtype::BF16, Dtype::F16] {
-                for off in [0usize, 1] {
-                    let mut bytes = vec![0u8; 2 * n + 1];
-                    bytes[off..off + 2 * n].iter_mut().zip(vals.iter().flat_map(|v| v.to_le_bytes())).for_each(|(b, v)| *b = v);
-                    let src = &bytes[off..off + 2 * n];
-                    let (mut a, mut b, mut c) = (vec![0f32; n], vec![1f32; n], vec![2f32; n]);
-                    // `half`'s widening, one value at a time: the reference for both paths.
-                    a.iter_mut()
-                        .zip(&vals)
-                        .for_each(|(a, &v)| *a = if dt == Dtype::BF16 { bf16::from_bits(v).to_f32() } else { f16::from_bits(v).to_f32() });
-                    decode_f32(dt, src, &mut c);
-                    assert!(a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "{dt} offset {off}");
-                    let got = decode_f32_finite(dt, src, &mut b);
-                    assert_eq!(got, first_non_finite(&a), "{dt} offset {off}");
-                    if dt == Dtype::BF16 {
-                        assert_eq!(got, want, "offset {off}");
+        // Both builds of the AVX2-dispatched loops (simd.rs).
+        for baseline in [false, true] {
+            crate::simd::baseline_only(baseline);
+            let n = 3 * 1024 + 37;
+            let finite: Vec<u16> = (0..n).map(|i| (crate::rng::mix64(i as u64) as u16) & 0x7f7f | ((i as u16 & 1) << 15)).collect();
+            let mut cases = vec![(None, finite.clone())];
+            for (at, bad) in [(0, 0x7f80u16), (1023, 0xff80), (1024, 0x7fc1), (2 * 1024 + 5, 0x7f81), (n - 1, 0xffff)] {
+                let mut v = finite.clone();
+                v[at] = bad;
+                v[n - 2] = 0x7f80; // a later one must not be the one reported
+                cases.push((Some(at.min(n - 2)), v));
+            }
+            for (want, vals) in cases {
+                for dt in [Dtype::BF16, Dtype::F16] {
+                    for off in [0usize, 1] {
+                        let mut bytes = vec![0u8; 2 * n + 1];
+                        bytes[off..off + 2 * n].iter_mut().zip(vals.iter().flat_map(|v| v.to_le_bytes())).for_each(|(b, v)| *b = v);
+                        let src = &bytes[off..off + 2 * n];
+                        let (mut a, mut b, mut c) = (vec![0f32; n], vec![1f32; n], vec![2f32; n]);
+                        // `half`'s widening, one value at a time: the reference for both paths.
+                        a.iter_mut()
+                            .zip(&vals)
+                            .for_each(|(a, &v)| *a = if dt == Dtype::BF16 { bf16::from_bits(v).to_f32() } else { f16::from_bits(v).to_f32() });
+                        decode_f32(dt, src, &mut c);
+                        assert!(a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "{dt} offset {off}");
+                        let got = decode_f32_finite(dt, src, &mut b);
+                        assert_eq!(got, first_non_finite(&a), "{dt} offset {off}");
+                        if dt == Dtype::BF16 {
+                            assert_eq!(got, want, "offset {off}");
+                        }
+                        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{dt} offset {off}");
                     }
-                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{dt} offset {off}");
                 }
             }
         }
+        crate::simd::baseline_only(false);
     }
 }
