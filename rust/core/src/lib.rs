@@ -3,6 +3,7 @@
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod exp_ln;
 pub mod kernel;
 pub mod linalg;
 pub mod methods;

@@ -13,6 +13,7 @@
 //! - `minmax`: min-max of F itself.
 //! - `rank`: the entry's quantile in the tensor (interpolated between 1024 quantiles).
 use crate::error::{Error, Result};
+use crate::exp_ln;
 use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo, CHUNK};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 use crate::reader::{Checkpoint, TensorInfo};
@@ -63,7 +64,7 @@ impl FisherDampened {
 
     fn transform(&self, f: f32) -> f64 {
         match self.norm {
-            Norm::Log => (f.max(0.0) as f64 + LOG_EPS).ln(),
+            Norm::Log => exp_ln::ln(log_arg(f)),
             _ => f as f64,
         }
     }
@@ -84,12 +85,24 @@ impl FisherDampened {
             let frac = if hi > lo { (f as f64 - lo) / (hi - lo) } else { 0.0 };
             return ((k - 1) as f64 + frac) / (q.len() - 1) as f64;
         }
-        let (lo, hi) = (stats[0], stats[1]);
-        if hi > lo {
-            ((self.transform(f) - lo) / (hi - lo)).clamp(0.0, 1.0)
-        } else {
-            0.0 // a constant Fisher carries no ranking: no dampening
-        }
+        min_max(self.transform(f), stats)
+    }
+}
+
+/// The argument of the log normalization's logarithm.
+#[inline]
+fn log_arg(f: f32) -> f64 {
+    f.max(0.0) as f64 + LOG_EPS
+}
+
+/// A transformed Fisher value scaled by the tensor's extremes (`stats[0..2]`) into [0, 1].
+#[inline]
+fn min_max(t: f64, stats: &[f64]) -> f64 {
+    let (lo, hi) = (stats[0], stats[1]);
+    if hi > lo {
+        ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
+    } else {
+        0.0 // a constant Fisher carries no ranking: no dampening
     }
 }
 
@@ -148,12 +161,19 @@ impl Method for FisherDampened {
         // Block by block: the keep factors first (a logarithm each), then Σ w_i (m_i − b) model
         // after model, which vectorizes — per element the same operations in the same order as
         // the sum from −0.0 over the models.
-        let (mut keep, mut delta) = ([0f32; BLOCK], [0f32; BLOCK]);
+        let (mut keep, mut delta, mut logs) = ([0f32; BLOCK], [0f32; BLOCK], [0f64; BLOCK]);
         for (s, o) in (0..).step_by(BLOCK).zip(out.chunks_mut(BLOCK)) {
             let r = s..s + o.len();
             let (b, d) = (&base[r.clone()], &mut delta[..o.len()]);
-            for (k, &f) in keep.iter_mut().zip(&fisher[0][r.clone()]) {
-                *k = (1.0 - self.normalized(f, stats)) as f32;
+            let (keep, f) = (&mut keep[..o.len()], &fisher[0][r.clone()]);
+            if self.norm == Norm::Log {
+                // The block's logarithms four at a time (`exp_ln`, the C library's bits).
+                let logs = &mut logs[..o.len()];
+                logs.iter_mut().zip(f).for_each(|(l, &f)| *l = log_arg(f));
+                exp_ln::ln_all(logs);
+                keep.iter_mut().zip(logs.iter()).for_each(|(k, &t)| *k = (1.0 - min_max(t, stats)) as f32);
+            } else {
+                keep.iter_mut().zip(f).for_each(|(k, &f)| *k = (1.0 - self.normalized(f, stats)) as f32);
             }
             d.fill(-0.0);
             for (m, &w) in models.iter().zip(&self.weights) {
@@ -161,7 +181,7 @@ impl Method for FisherDampened {
                     *d += w * (x - bv);
                 }
             }
-            for (((o, &bv), &d), &k) in o.iter_mut().zip(b).zip(d.iter()).zip(&keep) {
+            for (((o, &bv), &d), &k) in o.iter_mut().zip(b).zip(d.iter()).zip(keep.iter()) {
                 *o = bv + self.scale * k * layer_keep * d;
             }
         }

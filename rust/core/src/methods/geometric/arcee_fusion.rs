@@ -17,20 +17,36 @@
 //! `apply` runs elementwise on chunks.
 use super::common::{for_each_run, Layout};
 use crate::error::Result;
+use crate::exp_ln;
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, Method, TensorIo};
 use crate::methods::sparsified::select::{counts, select_ranks, HighHist};
 use crate::params::{BaseRule, MethodSpec, Params};
+use crate::simd::avx2;
 
 pub fn spec() -> MethodSpec {
     MethodSpec::new("arcee_fusion", BaseRule::Required, |p, n, b| Ok(Box::new(ArceeFusion::build(p, n, b)?))).models(1, Some(1)).mergekit()
 }
 use crate::rng::{stream_key, uniform};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 pub const SAMPLE: usize = 1_000_000;
 
-pub struct ArceeFusion;
+pub struct ArceeFusion {
+    /// Sampling buffers (several MB) reused from tensor to tensor: fresh ones cost a page
+    /// fault per 4 KiB each time (the allocator hands such blocks back to the system), which
+    /// quadrupled the merge's page faults.
+    scratch: Mutex<Vec<Scratch>>,
+}
+
+#[derive(Default)]
+struct Scratch {
+    idx: Vec<usize>,
+    grouped: Vec<usize>,
+    vals: Vec<f32>,
+    keys: Vec<u32>,
+}
 
 impl Drop for ArceeFusion {
     fn drop(&mut self) {
@@ -40,7 +56,7 @@ impl Drop for ArceeFusion {
 
 impl ArceeFusion {
     pub fn build(_p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
-        Ok(ArceeFusion)
+        Ok(ArceeFusion { scratch: Mutex::new(Vec::new()) })
     }
 }
 
@@ -51,31 +67,70 @@ fn row_len(shape: &[usize]) -> usize {
     }
 }
 
-/// KL(softmax(x) + 1e-8 ‖ softmax(b) + 1e-8) of one row (each `exp` taken once: they are
-/// most of the method's time).
+/// KL(softmax(x) + 1e-8 ‖ softmax(b) + 1e-8) of one row.
 pub fn row_kl(x: &[f32], b: &[f32]) -> f32 {
-    row_kl_in(x, b, &mut Vec::new(), &mut Vec::new())
+    let mut kl = [0f32];
+    rows_kl(x, b, x.len(), &mut Buffers::default(), &mut kl);
+    kl[0]
 }
 
-/// [`row_kl`] with the exponentials in caller-owned buffers (reused from row to row).
-fn row_kl_in(x: &[f32], b: &[f32], ex: &mut Vec<f64>, eb: &mut Vec<f64>) -> f32 {
+/// The exponentials of up to four rows, reused from group to group.
+#[derive(Default)]
+struct Buffers {
+    ex: Vec<f64>,
+    eb: Vec<f64>,
+}
+
+/// Four rows' values at one element, in lockstep; missing rows repeat the last one (their
+/// lanes are computed and dropped), so one code path serves any group.
+fn four<T>(v: &[T], len: usize, rows: usize) -> [&[T]; 4] {
+    std::array::from_fn(|k| &v[k.min(rows - 1) * len..][..len])
+}
+
+avx2! {
+/// KL of each of the (one to four) rows of `x` and `b` into `out`. Every row's sums run in
+/// element order from the same start, as a row alone would (so the bits do not depend on the
+/// grouping); the four rows' chains of additions overlap instead of each waiting on its own
+/// latency. `exp` and `ln` four at a time (`exp_ln`, the C library's bits); the divisions
+/// too, in the AVX2 build.
+fn rows_kl(x: &[f32], b: &[f32], len: usize, buf: &mut Buffers, out: &mut [f32]) {
+    let rows = out.len();
     let exps = |v: &[f32], e: &mut Vec<f64>| {
-        let m = v.iter().fold(f32::NEG_INFINITY, |m, &t| m.max(t)) as f64;
         e.clear();
-        e.extend(v.iter().map(|&t| (t as f64 - m).exp()));
+        for r in v.chunks(len) {
+            let m = r.iter().fold(f32::NEG_INFINITY, |m, &t| m.max(t)) as f64;
+            e.extend(r.iter().map(|&t| t as f64 - m));
+        }
+        exp_ln::exp_all(e);
     };
-    exps(x, ex);
-    exps(b, eb);
-    // Both sums in one loop: two independent chains of additions (each in element order,
-    // from −0.0 as `Iterator::sum`), which the CPU overlaps; one after the other, each
-    // waited on its own additions.
-    let (sx, sb) = ex.iter().zip(eb.iter()).fold((-0.0f64, -0.0f64), |(a, b), (&x, &y)| (a + x, b + y));
-    let kl = ex.iter().zip(eb.iter()).fold(0f64, |kl, (&ex, &eb)| {
-        let p = ex / sx + 1e-8;
-        let q = eb / sb + 1e-8;
-        kl + p * (p / q).ln()
-    });
-    kl as f32
+    exps(x, &mut buf.ex);
+    exps(b, &mut buf.eb);
+    let (ex, eb) = (four(&buf.ex, len, rows), four(&buf.eb, len, rows));
+    let (mut sx, mut sb) = ([-0.0f64; 4], [-0.0f64; 4]);
+    for j in 0..len {
+        for k in 0..4 {
+            sx[k] += ex[k][j];
+            sb[k] += eb[k][j];
+        }
+    }
+    // p into `ex`, then ln(p/q) into `eb`.
+    for (k, (ex, eb)) in buf.ex.chunks_mut(len).zip(buf.eb.chunks_mut(len)).enumerate() {
+        for (ex, eb) in ex.iter_mut().zip(eb.iter_mut()) {
+            let p = *ex / sx[k] + 1e-8;
+            let q = *eb / sb[k] + 1e-8;
+            (*ex, *eb) = (p, p / q);
+        }
+    }
+    exp_ln::ln_all(&mut buf.eb);
+    let (p, l) = (four(&buf.ex, len, rows), four(&buf.eb, len, rows));
+    let mut kl = [0f64; 4];
+    for j in 0..len {
+        for k in 0..4 {
+            kl[k] += p[k][j] * l[k][j];
+        }
+    }
+    out.iter_mut().zip(kl).for_each(|(o, kl)| *o = kl as f32);
+}
 }
 
 /// A `u32` that orders like `f32::total_cmp`, and back.
@@ -109,70 +164,61 @@ impl Method for ArceeFusion {
         let rows = numel.div_ceil(len);
         // Blocks of whole rows (about one chunk each, at least one row).
         let per = (CHUNK / len).max(1);
-        let blocks: Vec<usize> = (0..rows).step_by(per).collect();
-        let kl: Vec<f32> = blocks
-            .par_iter()
-            .map(|&r0| {
-                let r1 = (r0 + per).min(rows);
+        let nb = rows.div_ceil(per);
+        // Importances: every element, or a deterministic sample with replacement, its indices
+        // grouped by block (a counting sort: the quantiles do not depend on their order), so
+        // that a block's importances come from the same read as its rows' KL.
+        let mut sc = self.scratch.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        let sample = (numel > SAMPLE).then(|| {
+            let key = stream_key(ctx.seed, ctx.tensor, 0xA7CE_F051);
+            sc.idx.clear();
+            sc.idx.par_extend((0..SAMPLE).into_par_iter().map(|i| ((uniform(key, i as u64) * numel as f64) as usize).min(numel - 1)));
+            let block = |j: usize| j / len / per;
+            let mut starts = vec![0usize; nb + 1];
+            sc.idx.iter().for_each(|&j| starts[block(j) + 1] += 1);
+            (0..nb).for_each(|c| starts[c + 1] += starts[c]);
+            let mut next = starts.clone();
+            sc.grouped.clear();
+            sc.grouped.resize(SAMPLE, 0);
+            for &j in &sc.idx {
+                sc.grouped[next[block(j)]] = j;
+                next[block(j)] += 1;
+            }
+            (starts, &sc.grouped)
+        });
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..nb)
+            .into_par_iter()
+            .map(|bi| {
+                let (r0, r1) = (bi * per, ((bi + 1) * per).min(rows));
                 let span = r0 * len..(r1 * len).min(numel);
                 let (mut b, mut x) = (vec![0f32; span.len()], vec![0f32; span.len()]);
                 io.read(0, span.clone(), &mut b)?;
-                io.read(1, span, &mut x)?;
-                let (mut ex, mut eb) = (Vec::new(), Vec::new());
-                Ok(x.chunks(len).zip(b.chunks(len)).map(|(xr, br)| row_kl_in(xr, br, &mut ex, &mut eb)).collect::<Vec<f32>>())
-            })
-            .collect::<Result<Vec<_>>>()?
-            .concat();
-        // Importances: every element, or a deterministic sample with replacement.
-        let vals: Vec<f32> = if numel <= SAMPLE {
-            let mut v = vec![0f32; numel];
-            let (mut b, mut x) = (vec![0f32; CHUNK], vec![0f32; CHUNK]);
-            for s in (0..numel).step_by(CHUNK) {
-                let e = (s + CHUNK).min(numel);
-                io.read(0, s..e, &mut b[..e - s])?;
-                io.read(1, s..e, &mut x[..e - s])?;
-                for j in s..e {
-                    v[j] = importance(x[j - s], b[j - s], kl[j / len]);
+                io.read(1, span.clone(), &mut x)?;
+                let (mut buf, mut kl) = (Buffers::default(), vec![0f32; r1 - r0]);
+                for ((x, b), kl) in x.chunks(4 * len).zip(b.chunks(4 * len)).zip(kl.chunks_mut(4)) {
+                    rows_kl(x, b, len, &mut buf, kl);
                 }
-            }
-            v
-        } else {
-            let key = stream_key(ctx.seed, ctx.tensor, 0xA7CE_F051);
-            // The sample's indices grouped by engine chunk (a counting sort: the quantiles
-            // do not depend on the order), then each chunk read once, in parallel.
-            let nc = numel.div_ceil(CHUNK);
-            let mut starts = vec![0usize; nc + 1];
-            let idx: Vec<usize> = (0..SAMPLE).map(|i| ((uniform(key, i as u64) * numel as f64) as usize).min(numel - 1)).collect();
-            idx.iter().for_each(|&j| starts[j / CHUNK + 1] += 1);
-            (0..nc).for_each(|c| starts[c + 1] += starts[c]);
-            let mut grouped = vec![0usize; SAMPLE];
-            let mut next = starts.clone();
-            for &j in &idx {
-                grouped[next[j / CHUNK]] = j;
-                next[j / CHUNK] += 1;
-            }
-            drop(idx);
-            let parts: Vec<Vec<f32>> = (0..nc)
-                .into_par_iter()
-                .map(|c| {
-                    let ids = &grouped[starts[c]..starts[c + 1]];
-                    if ids.is_empty() {
-                        return Ok(vec![]);
-                    }
-                    let (s, e) = (c * CHUNK, ((c + 1) * CHUNK).min(numel));
-                    let (mut b, mut x) = (vec![0f32; e - s], vec![0f32; e - s]);
-                    io.read(0, s..e, &mut b)?;
-                    io.read(1, s..e, &mut x)?;
-                    Ok(ids.iter().map(|&j| importance(x[j - s], b[j - s], kl[j / len])).collect())
-                })
-                .collect::<Result<_>>()?;
-            parts.concat()
-        };
-        let n = vals.len();
+                let at = |i: usize| importance(x[i], b[i], kl[i / len]);
+                let imp = match &sample {
+                    None => (0..span.len()).map(at).collect(),
+                    Some((starts, grouped)) => grouped[starts[bi]..starts[bi + 1]].iter().map(|&j| at(j - span.start)).collect(),
+                };
+                Ok((kl, imp))
+            })
+            .collect::<Result<_>>()?;
+        let mut kl = Vec::with_capacity(rows);
+        sc.vals.clear();
+        for (k, v) in parts {
+            kl.extend(k);
+            sc.vals.extend(v);
+        }
+        let n = sc.vals.len();
         let rank = |f: f32| ((f * (n - 1) as f32) as usize).min(n - 1);
-        let keys: Vec<u32> = vals.par_iter().map(|&v| total_key(v)).collect();
-        drop(vals);
-        let q = select_ranks(&keys, &HighHist::of(&keys), &[rank(0.25), rank(0.5), rank(0.75)]);
+        sc.keys.clear();
+        sc.keys.par_extend(sc.vals.par_iter().map(|&v| total_key(v)));
+        let keys = &sc.keys;
+        let q = select_ranks(keys, &HighHist::of(keys), &[rank(0.25), rank(0.5), rank(0.75)]);
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner()).push(sc);
         let (q1, med, q3) = (from_total_key(q[0]), from_total_key(q[1]), from_total_key(q[2]));
         let thr = med + 1.5f32 * (q3 - q1);
         let mut out = Vec::with_capacity(1 + rows);
@@ -210,8 +256,24 @@ mod tests {
         let noise = rand(n, 2);
         let x: Vec<f32> = (0..n).map(|j| base[j] + 0.01 * noise[j] + if j % 97 == 0 { 1.0 } else { 0.0 }).collect();
         let y = run("arcee_fusion", json!({}), &[r, c], Some(&base), &[&x]).unwrap();
-        // Reference in f64 from the formulas.
-        let kl: Vec<f64> = (0..r).map(|i| row_kl(&x[i * c..(i + 1) * c], &base[i * c..(i + 1) * c]) as f64).collect();
+        // Reference in f64 from the formulas, with the standard library's exp and ln.
+        let kl_ref = |x: &[f32], b: &[f32]| {
+            let soft = |v: &[f32]| {
+                let m = v.iter().fold(f32::NEG_INFINITY, |m, &t| m.max(t)) as f64;
+                let e: Vec<f64> = v.iter().map(|&t| (t as f64 - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                e.into_iter().map(move |e| e / s + 1e-8)
+            };
+            soft(x).zip(soft(b)).map(|(p, q)| p * (p / q).ln()).sum::<f64>() as f32
+        };
+        let kl: Vec<f64> = (0..r)
+            .map(|i| {
+                let (xr, br) = (&x[i * c..(i + 1) * c], &base[i * c..(i + 1) * c]);
+                let (got, want) = (row_kl(xr, br), kl_ref(xr, br));
+                assert!((got - want).abs() <= 1e-6 * want.abs(), "row {i}: {got} vs {want}");
+                got as f64
+            })
+            .collect();
         let imp: Vec<f64> = (0..n).map(|j| (x[j] - base[j]).abs() as f64 * kl[j / c]).collect();
         let mut s = imp.clone();
         s.sort_by(|a, b| a.total_cmp(b));
