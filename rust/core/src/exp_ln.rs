@@ -1,6 +1,6 @@
 //! `exp` and `ln` of f64, bit for bit as glibc computes them on x86-64 CPUs with AVX2 and FMA
-//! (its `__exp_fma` / `__log_fma`, glibc ≥ 2.28: ARM's optimized-routines algorithms, whose
-//! constants are below), and four at a time with AVX2.
+//! (its `__exp_fma` / `__log_fma`, glibc ≥ 2.28: the algorithms of ARM's optimized-routines,
+//! MIT / Apache-2.0, whose constants are below), and four at a time with AVX2.
 //!
 //! Why not `f64::exp`: Arcee Fusion takes two `exp` and one `ln` per element and the
 //! log-normalized Fisher one `ln`; as libm calls they were ~40% of those merges' time. Outputs
@@ -10,6 +10,8 @@
 //! CPU, where glibc's own result depends on the CPU (its non-FMA build rounds differently).
 //! Tests compare every path with the C library's `exp` and `log` where that library is glibc on
 //! an AVX2+FMA CPU, and with each other everywhere.
+
+use crate::simd::avx2;
 
 // exp: x = k·ln2/128 + r; the polynomial approximates exp(r) − 1.
 const INVLN2N: f64 = 184.6649652337873;
@@ -37,8 +39,6 @@ const B: [f64; 11] = [
     0.09181994006195467,
     -0.08328363062289341,
 ];
-
-use crate::simd::avx2;
 
 #[repr(align(32))]
 struct Table([u64; 256]);

@@ -11,10 +11,11 @@
 //! the seed and tensor name, so results are deterministic. Smaller tensors use every
 //! element, as mergekit.
 //!
-//! Memory: `prepare` computes one KL value per row (rows are read whole, two slots), then
-//! the importances (or the sample) in one f32 scratch buffer of at most 1,000,000 values,
-//! whose quantiles are radix-selected (exact, as a sort would give them);
-//! `apply` runs elementwise on chunks.
+//! Memory: `prepare` reads blocks of whole rows (about a chunk, two slots) in parallel; from
+//! each block it takes its rows' KL values and the importances of its elements (or of the
+//! sampled ones among them), gathered into one f32 buffer of at most 1,000,000 values, whose
+//! quantiles are radix-selected (exact, as a sort would give them); `apply` runs elementwise
+//! on chunks.
 use super::common::{for_each_run, Layout};
 use crate::error::Result;
 use crate::exp_ln;
@@ -69,6 +70,9 @@ fn row_len(shape: &[usize]) -> usize {
 
 /// KL(softmax(x) + 1e-8 ‖ softmax(b) + 1e-8) of one row.
 pub fn row_kl(x: &[f32], b: &[f32]) -> f32 {
+    if x.is_empty() {
+        return 0.0;
+    }
     let mut kl = [0f32];
     rows_kl(x, b, x.len(), &mut Buffers::default(), &mut kl);
     kl[0]
