@@ -201,15 +201,11 @@ pub fn radix_sort_pairs(words: &mut Vec<u64>, tmp: &mut Vec<u64>) {
     let shifts: Vec<u32> = (0..passes).map(|p| 32 + lo + p * bits).collect();
     let mask = (1usize << bits) - 1;
     let digit = |w: u64, shift: u32| (w >> shift) as usize & mask & (MAX_SLOTS - 1);
-    // Two sets of counters, for even and odd words: a digit that is the same in most keys (the
-    // exponent's) would otherwise make each increment wait for the previous one's store.
-    let mut counts = vec![[0u32; MAX_SLOTS]; 2 * passes as usize];
-    for (j, &w) in words.iter().enumerate() {
-        let set = &mut counts[(j & 1) * passes as usize..][..passes as usize];
-        for (c, &sh) in set.iter_mut().zip(&shifts) {
-            c[digit(w, sh)] += 1;
-        }
-    }
+    let counts = match passes {
+        1 => histogram::<1>(words, &shifts, digit),
+        2 => histogram::<2>(words, &shifts, digit),
+        _ => histogram::<3>(words, &shifts, digit), // 32 bits take at most three
+    };
     tmp.clear();
     tmp.resize(n, 0);
     let (even, odd) = counts.split_at(passes as usize);
@@ -229,6 +225,28 @@ pub fn radix_sort_pairs(words: &mut Vec<u64>, tmp: &mut Vec<u64>) {
         unsafe { scatter(words, tmp, &mut pos, |w| digit(w, sh)) };
         std::mem::swap(words, tmp);
     }
+}
+
+/// Counts of each pass's digits, as two sets (even and odd words) per pass: a digit that is
+/// the same in most keys (the exponent's) would otherwise make each increment wait for the
+/// previous one's store. `P` passes, so that the loop over them unrolls.
+fn histogram<const P: usize>(words: &[u64], shifts: &[u32], digit: impl Fn(u64, u32) -> usize) -> Vec<[u32; MAX_SLOTS]> {
+    let sh: [u32; P] = std::array::from_fn(|p| shifts[p]);
+    let mut counts = vec![[0u32; MAX_SLOTS]; 2 * P];
+    let (even, odd) = counts.split_at_mut(P);
+    let mut pairs = words.chunks_exact(2);
+    for pair in &mut pairs {
+        for p in 0..P {
+            even[p][digit(pair[0], sh[p])] += 1;
+            odd[p][digit(pair[1], sh[p])] += 1;
+        }
+    }
+    for &w in pairs.remainder() {
+        for p in 0..P {
+            even[p][digit(w, sh[p])] += 1;
+        }
+    }
+    counts
 }
 
 /// One stable counting-sort pass of `src` into `dst` by `digit`; `pos` holds each digit's
