@@ -1,13 +1,13 @@
 //! Run-time CPU dispatch for hot loops. The crate is built for the baseline x86-64 (SSE2), so
 //! that one wheel runs everywhere; [`avx2!`] compiles a function's body a second time with
-//! AVX2 and FMA enabled and runs that build where the CPU has them. Rust never contracts
+//! AVX2 and FMA enabled and runs that build where the CPU has them ([`avx512!`]: AVX-512 too). Rust never contracts
 //! `a * b + c` into a fused multiply-add on its own, so both builds compute the same bits.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static BASELINE_ONLY: AtomicBool = AtomicBool::new(false);
 
-/// Runs every [`avx2!`] function in its baseline build from now on (`true`) or lets it pick
+/// Runs every [`avx2!`] and [`avx512!`] function in its baseline build from now on (`true`) or lets it pick
 /// again: for tests that both builds give the same bits.
 pub fn baseline_only(on: bool) {
     BASELINE_ONLY.store(on, Ordering::Relaxed);
@@ -19,22 +19,21 @@ pub fn wide_allowed() -> bool {
     !BASELINE_ONLY.load(Ordering::Relaxed)
 }
 
-/// Defines a function whose body also gets an AVX2+FMA build, chosen at run time:
-/// `avx2! { pub fn name(a: &[f32], b: &mut [f32]) -> T { ... } }`. Plain (non-generic)
-/// signatures only.
-macro_rules! avx2 {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+/// Defines a function whose body also gets a build with the given target features, chosen at
+/// run time where the CPU has them (the shared body of [`avx2!`] and [`avx512!`]).
+macro_rules! wide_build {
+    ($features:literal, [$($detect:tt),+], $(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx2,fma")]
+                #[target_feature(enable = $features)]
                 unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if $crate::simd::wide_allowed() && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if $crate::simd::wide_allowed() $(&& std::arch::is_x86_feature_detected!($detect))+ {
                     // SAFETY: the target features `wide` is compiled with were just detected.
                     return unsafe { wide($($arg),*) };
                 }
@@ -43,7 +42,26 @@ macro_rules! avx2 {
         }
     };
 }
+pub(crate) use wide_build;
+
+/// Defines a function whose body also gets an AVX2+FMA build, chosen at run time:
+/// `avx2! { pub fn name(a: &[f32], b: &mut [f32]) -> T { ... } }`. Plain (non-generic)
+/// signatures only.
+macro_rules! avx2 {
+    ($($item:tt)*) => {
+        $crate::simd::wide_build!("avx2,fma", ["avx2", "fma"], $($item)*);
+    };
+}
 pub(crate) use avx2;
+
+/// As [`avx2!`], with AVX-512 (F, DQ, VL) as well: for loops of 64-bit integer multiplies
+/// (the counter-based coins), which only AVX-512DQ vectorizes.
+macro_rules! avx512 {
+    ($($item:tt)*) => {
+        $crate::simd::wide_build!("avx2,fma,avx512f,avx512dq,avx512vl", ["avx512f", "avx512dq", "avx512vl"], $($item)*);
+    };
+}
+pub(crate) use avx512;
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,7 @@ use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
 use crate::rng::{below, draw, stream_key, uniform};
+use crate::simd::avx512;
 
 pub struct Random {
     density: Vec<f64>,
@@ -33,55 +34,36 @@ pub fn kept(seed: u64, tensor: &str, i: usize, g: usize, density: f64) -> bool {
     uniform(stream_key(seed, tensor, i as u64), g as u64) < density
 }
 
+avx512! {
 /// Keeps `delta[j]` (else +0.0) where `draw(key, first + j) < t` (`uniform < density` in
 /// integers). The draws are 64-bit multiplies: on a CPU with AVX-512DQ the same loop is
 /// compiled with its 64-bit lane multiplies (chosen at run time), 2–3x faster. Integer
 /// arithmetic: the same decisions, so the same bytes, on any CPU.
 pub fn keep_coins(key: u64, first: u64, t: u64, delta: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512dq") && std::arch::is_x86_feature_detected!("avx512vl") {
-        // SAFETY: the target features it is compiled with were just detected.
-        return unsafe { keep_coins_avx512(key, first, t, delta) };
-    }
-    keep_coins_any(key, first, t, delta)
-}
-
-#[inline(always)]
-fn keep_coins_any(key: u64, first: u64, t: u64, delta: &mut [f32]) {
     for (j, x) in delta.iter_mut().enumerate() {
         *x = bits::keep_if(*x, u32::from(draw(key, first + j as u64) < t));
     }
 }
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f,avx512dq,avx512vl")]
-unsafe fn keep_coins_avx512(key: u64, first: u64, t: u64, delta: &mut [f32]) {
-    keep_coins_any(key, first, t, delta)
 }
 
+avx512! {
 /// Bit `j` of `out` (bits of word `j / 32`) is set where `draw(key, first + j) < t[j]`: coins
 /// with one threshold each (DELLA's, by rank). `out` holds `t.len().div_ceil(32)` words, which
 /// it overwrites. Compiled for AVX-512DQ like [`keep_coins`], the same decisions on any CPU.
 pub fn coin_words(key: u64, first: u64, t: &[u64], out: &mut [u32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512dq") && std::arch::is_x86_feature_detected!("avx512vl") {
-        // SAFETY: the target features it is compiled with were just detected.
-        return unsafe { coin_words_avx512(key, first, t, out) };
-    }
-    coin_words_any(key, first, t, out)
-}
-
-#[inline(always)]
-fn coin_words_any(key: u64, first: u64, t: &[u64], out: &mut [u32]) {
     for ((w, ts), g) in out.iter_mut().zip(t.chunks(32)).zip((first..).step_by(32)) {
         *w = ts.iter().zip(0..32).fold(0u32, |w, (&t, b)| w | (u32::from(draw(key, g + b) < t) << b));
     }
 }
+}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f,avx512dq,avx512vl")]
-unsafe fn coin_words_avx512(key: u64, first: u64, t: &[u64], out: &mut [u32]) {
-    coin_words_any(key, first, t, out)
+avx512! {
+/// `draw(key, first + j)` into `out[j]`, AVX-512DQ's 64-bit multiplies where the CPU has them.
+pub fn draws(key: u64, first: u64, out: &mut [u64]) {
+    for (u, j) in out.iter_mut().zip(first..) {
+        *u = draw(key, j);
+    }
+}
 }
 
 impl Sparsifier for Random {

@@ -12,9 +12,10 @@
 //! ranked along their flattened trailing axes (mergekit ranks along axis 1).
 //!
 //! The draw for element `g` of model `i` is `uniform(stream_key(seed, tensor, i), g) < p`.
-//! `prepare` ranks row by row (bounded buffers) and stores the keep mask as bits (1/32 of an
-//! f32 tensor per model), so `apply` stays elementwise.
-use super::dare::coin_words;
+//! `prepare` decides row by row (bounded buffers; an element's exact rank only where its draw
+//! and its key's bucket leave the decision open, see `keep_bits`) and stores the keep mask as
+//! bits (1/32 of an f32 tensor per model), so `apply` stays elementwise.
+use super::dare::{coin_words, draws};
 use super::gta::{Mode, Sparsifier};
 use super::select::radix_sort_pairs;
 use super::sparsify::{bits, mag_key};
@@ -23,6 +24,7 @@ use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
 use crate::rng::{below, stream_key};
+use crate::simd::avx2;
 use rayon::prelude::*;
 
 pub struct MagPrune {
@@ -64,35 +66,130 @@ pub fn keep_prob(r: usize, m: usize, density: f64, eps: f64) -> f64 {
 }
 
 /// Keep decisions for the rows in `[start, end)` (whole rows of `m`), as bits of `out` (element
-/// `start + j` is bit `j`; `out` starts zeroed). Each row is ranked by radix-sorting
-/// `(|Δ| key << 32 | index)` words (unique, so the order is fully determined), read in
-/// engine-chunk pieces: a row costs 24 bytes per entry while it is ranked (two word buffers and
-/// the thresholds by index).
+/// `start + j` is bit `j`; `out` starts zeroed), read in engine-chunk pieces.
 fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u64, thresholds: &[u64], out: &mut [u32]) -> Result<()> {
     let (start, end) = rows;
     let (mut b, mut x) = (Vec::new(), Vec::new());
-    let mut words: Vec<u64> = Vec::with_capacity(m);
-    let mut tmp: Vec<u64> = Vec::with_capacity(m);
-    let (mut by_index, mut row_bits) = (vec![0u64; m], vec![0u32; m.div_ceil(32)]);
+    let mut sc = RowScratch::default();
+    let mut row_bits = vec![0u32; m.div_ceil(32)];
     for row in (start..end).step_by(m) {
-        words.clear();
+        sc.keys.clear();
         for s in (row..row + m).step_by(CHUNK) {
             let t = (s + CHUNK).min(row + m);
             b.resize(t - s, 0f32);
             x.resize(t - s, 0f32);
             io.read(0, s..t, &mut b)?;
             io.read(i + 1, s..t, &mut x)?;
-            words.extend(x.iter().zip(&b).enumerate().map(|(j, (&x, &b))| (u64::from(mag_key(x - b)) << 32) | (s - row + j) as u64));
+            sc.keys.extend(x.iter().zip(&b).map(|(&x, &b)| mag_key(x - b)));
         }
-        radix_sort_pairs(&mut words, &mut tmp);
-        // Each entry's threshold by its rank, then the row's coins in index order (vectorized).
-        for (&w, &t) in words.iter().zip(thresholds) {
-            by_index[(w & 0xFFFF_FFFF) as usize] = t;
-        }
-        coin_words(key, row as u64, &by_index, &mut row_bits);
+        keep_bits(key, row as u64, thresholds, SCANS, &mut sc, &mut row_bits);
         bits::or_at(out, row - start, &row_bits);
     }
     Ok(())
+}
+
+/// A row's buffers, reused from row to row.
+#[derive(Default)]
+struct RowScratch {
+    keys: Vec<u32>,
+    /// Per bucket of keys, its first rank (prefix sums of the bucket counts).
+    start: Vec<u32>,
+    /// Elements whose decision needs their exact rank.
+    exact: Vec<u32>,
+    /// The row's draws.
+    draws: Vec<u64>,
+    words: Vec<u64>,
+    tmp: Vec<u64>,
+}
+
+avx2! {
+/// The rank of element `j` of `keys` by key and index: a pass over the row (u32 counts: eight
+/// lanes in the AVX2 build).
+fn rank(keys: &[u32], j: usize) -> usize {
+    let kj = keys[j];
+    let below = keys[..j].iter().map(|&k| u32::from(k <= kj)).sum::<u32>();
+    (below + keys[j + 1..].iter().map(|&k| u32::from(k < kj)).sum::<u32>()) as usize
+}
+}
+
+/// `keep_bits`' limit on the elements ranked one by one in a row.
+const SCANS: usize = 32;
+
+/// The keep bits of one row (`sc.keys`, the `|Δ|` keys of elements `first..first + m`) into
+/// `out`: element `j` is kept when `draw(key, first + j) < thresholds[r]`, `r` its rank in the
+/// row ordered by key and, among equal keys, by index.
+///
+/// Most decisions need no rank: the thresholds grow with the rank, so an element whose key
+/// lies in a bucket of ranks `lo..=hi` (a histogram of the keys' high bits) is kept when its
+/// draw is below the threshold of `lo` and dropped when it is not below that of `hi`. Only
+/// draws between the two (a bucket's share of the `2ε` band) need the exact rank: counted
+/// over the row for a few, from a sort of the row when there are many. The decisions are
+/// those of ranking every element. `t` must not decrease (ε ≥ 0). At most `scans` elements
+/// are ranked one by one (a pass over the row each); past that the row is sorted.
+fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch, out: &mut [u32]) {
+    let keys = &sc.keys;
+    let m = keys.len();
+    debug_assert!(t.len() == m && t.windows(2).all(|w| w[0] <= w[1]));
+    let k0 = keys[0];
+    let differ = keys.iter().fold(0u32, |d, &k| d | (k ^ k0));
+    if differ == 0 {
+        // One key: the ranks are the indices.
+        return coin_words(key, first, &t[..m], out);
+    }
+    // Buckets on the highest differing bits: one per one or two elements, at most 4096 (more
+    // buckets, fewer exact ranks; fewer, less work per row).
+    let hi = 32 - differ.leading_zeros();
+    let nbits = hi.min(usize::BITS - 1 - m.leading_zeros()).clamp(1, 12);
+    let (shift, mask) = (hi - nbits, (1u32 << nbits) - 1);
+    let bucket = |k: u32| ((k >> shift) & mask) as usize;
+    let nb = 1usize << nbits;
+    sc.start.clear();
+    sc.start.resize(nb + 1, 0);
+    let start = &mut sc.start;
+    for &k in keys {
+        start[bucket(k) + 1] += 1;
+    }
+    // Prefix sums: bucket `b` holds ranks `start[b]..start[b + 1]`.
+    let mut lo = 0u32;
+    for c in start[1..=nb].iter_mut() {
+        lo += *c;
+        *c = lo;
+    }
+    sc.exact.resize(m.max(sc.exact.len()), 0);
+    sc.draws.resize(m, 0);
+    draws(key, first, &mut sc.draws);
+    let (exact, mut n) = (&mut sc.exact[..m], 0);
+    for ((w, ks), (us, j0)) in out.iter_mut().zip(keys.chunks(32)).zip(sc.draws.chunks(32).zip((0u32..).step_by(32))) {
+        let mut bits = 0u32;
+        for (b, ((&k, &u), j)) in ks.iter().zip(us).zip(j0..).enumerate() {
+            // The thresholds of the bucket's first and last rank (an empty bucket has no key).
+            let bk = bucket(k);
+            let (tl, th) = (t[start[bk] as usize], t[start[bk + 1] as usize - 1]);
+            bits |= u32::from(u < tl) << b;
+            exact[n] = j;
+            n += usize::from(u >= tl && u < th);
+        }
+        *w = bits;
+    }
+    let exact = &sc.exact[..n];
+    let us = &sc.draws;
+    let mut decide = |j: u32, r: usize| bits::set(out, j as usize, us[j as usize] < t[r]);
+    if n <= scans {
+        for &j in exact {
+            decide(j, rank(keys, j as usize));
+        }
+    } else {
+        sc.words.clear();
+        sc.words.extend(keys.iter().zip(0u64..).map(|(&k, j)| (u64::from(k) << 32) | j));
+        radix_sort_pairs(&mut sc.words, &mut sc.tmp);
+        // The row's ranks by index, in `tmp` (free after the sort).
+        for (r, &w) in sc.words.iter().enumerate() {
+            sc.tmp[(w & 0xFFFF_FFFF) as usize] = r as u64;
+        }
+        for &j in exact {
+            decide(j, sc.tmp[j as usize] as usize);
+        }
+    }
 }
 
 impl Sparsifier for MagPrune {
@@ -113,7 +210,8 @@ impl Sparsifier for MagPrune {
         // and fills its own words (in parallel, no merge step).
         let block = (CHUNK / m).max(1).next_multiple_of(32) * m;
         let key = stream_key(ctx.seed, ctx.tensor, i as u64);
-        // Per rank, the integer threshold of its coin (rng::below): no division or float draw per entry.
+        // Per rank, the integer threshold of its coin (rng::below): no division or float draw per
+        // entry. They grow with the rank (ε ≥ 0 by the parameter's range), as keep_bits needs.
         let thresholds: Vec<u64> = (0..m).map(|r| below(keep_prob(r, m, d, e))).collect();
         let mut words = vec![0u32; numel.div_ceil(32)];
         words.par_chunks_mut(block / 32).enumerate().try_for_each(|(n, out)| {
@@ -135,6 +233,8 @@ impl Sparsifier for MagPrune {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::draw;
+    use proptest::prelude::*;
 
     #[test]
     fn probabilities() {
@@ -145,5 +245,89 @@ mod tests {
         assert_eq!(MagPrune::row_len(&[4, 8], 32), 8);
         assert_eq!(MagPrune::row_len(&[32], 32), 32);
         assert_eq!(MagPrune::row_len(&[2, 3, 4], 24), 12);
+    }
+
+    /// The decisions of ranking every element: the row sorted by (key, index).
+    fn keep_by_sort(keys: &[u32], key: u64, first: u64, t: &[u64]) -> Vec<bool> {
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_unstable_by_key(|&j| (keys[j], j));
+        let mut kept = vec![false; keys.len()];
+        for (r, &j) in order.iter().enumerate() {
+            kept[j] = draw(key, first + j as u64) < t[r];
+        }
+        kept
+    }
+
+    fn row_keys() -> impl Strategy<Value = Vec<u32>> {
+        let gauss = (1usize..3000, any::<u64>()).prop_map(|(m, s)| (0..m).map(|j| mag_key(crate::rng::normal(s, j as u64) as f32 * 0.002)).collect());
+        // bf16 values' differences: keys with zero low mantissa bits and many ties.
+        let bf16 = (1usize..3000, any::<u64>()).prop_map(|(m, s)| {
+            let r = |x: f64| half::bf16::from_f64(x).to_f32();
+            (0..m).map(|j| mag_key(r(crate::rng::normal(s, 2 * j as u64) * 0.02) - r(crate::rng::normal(s, 2 * j as u64 + 1) * 0.02))).collect()
+        });
+        let few = prop::collection::vec(0u32..4, 1..600);
+        let one = (1usize..300, any::<u32>()).prop_map(|(m, k)| vec![k; m]);
+        prop_oneof![gauss, bf16, few, one, prop::collection::vec(any::<u32>(), 1..300)]
+    }
+
+    proptest! {
+        #[test]
+        fn keep_bits_match_ranking_every_element(keys in row_keys(), key in any::<u64>(), first in 0u64..1 << 40,
+                                                 d in 0.05f64..0.95, e in 0.0f64..1.0) {
+            let m = keys.len();
+            let e = e * d.min(1.0 - d);
+            let t: Vec<u64> = (0..m).map(|r| below(keep_prob(r, m, d, e))).collect();
+            let want = keep_by_sort(&keys, key, first, &t);
+            for scans in [0, SCANS, usize::MAX] {
+                let mut sc = RowScratch { keys: keys.clone(), ..Default::default() };
+                let mut out = vec![u32::MAX; m.div_ceil(32)];
+                keep_bits(key, first, &t, scans, &mut sc, &mut out);
+                for (j, &w) in want.iter().enumerate() {
+                    prop_assert_eq!((out[j / 32] >> (j % 32)) & 1 == 1, w, "element {} of {}, scans {}", j, m, scans);
+                }
+                prop_assert_eq!(out[m / 32..].iter().map(|w| w.count_ones()).sum::<u32>(), want[m / 32 * 32..].iter().filter(|&&k| k).count() as u32);
+            }
+        }
+    }
+
+    /// `cargo test --profile quick -p merge_fast_core della_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn della_timing() {
+        let r = |x: f64| half::bf16::from_f64(x).to_f32();
+        for m in [2048usize, 5632] {
+            let rows = (1 << 24) / m;
+            let keys: Vec<u32> = (0..rows * m)
+                .map(|j| {
+                    let b = r(crate::rng::normal(3, j as u64) * 0.02);
+                    mag_key(r(b as f64 + crate::rng::normal(4, j as u64) * 0.002) - b)
+                })
+                .collect();
+            let t: Vec<u64> = (0..m).map(|r| below(keep_prob(r, m, 0.5, 0.1))).collect();
+            let mut out = vec![0u32; m / 32];
+            for _ in 0..3 {
+                let mut sc = RowScratch::default();
+                let now = std::time::Instant::now();
+                for (row, ks) in keys.chunks(m).enumerate() {
+                    sc.keys.clear();
+                    sc.keys.extend_from_slice(ks);
+                    keep_bits(7, (row * m) as u64, &t, SCANS, &mut sc, &mut out);
+                }
+                let new = now.elapsed().as_secs_f64() * 1e9 / keys.len() as f64;
+                let (mut words, mut tmp, mut by_index) = (Vec::new(), Vec::new(), vec![0u64; m]);
+                let now = std::time::Instant::now();
+                for (row, ks) in keys.chunks(m).enumerate() {
+                    words.clear();
+                    words.extend(ks.iter().zip(0u64..).map(|(&k, j)| (u64::from(k) << 32) | j));
+                    radix_sort_pairs(&mut words, &mut tmp);
+                    for (&w, &t) in words.iter().zip(&t) {
+                        by_index[(w & 0xFFFF_FFFF) as usize] = t;
+                    }
+                    coin_words(7, (row * m) as u64, &by_index, &mut out);
+                }
+                let old = now.elapsed().as_secs_f64() * 1e9 / keys.len() as f64;
+                println!("m {m}: keep_bits {new:.2} ns/element, sort {old:.2}");
+            }
+        }
     }
 }
