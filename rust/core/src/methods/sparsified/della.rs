@@ -24,7 +24,7 @@ use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
 use crate::rng::{below, stream_key};
-use crate::simd::avx2;
+use crate::simd::{avx2, avx512};
 use rayon::prelude::*;
 
 pub struct MagPrune {
@@ -96,8 +96,9 @@ struct RowScratch {
     start: Vec<u32>,
     /// Elements whose decision needs their exact rank.
     exact: Vec<u32>,
-    /// The row's draws.
+    /// The row's draws, and per word of 32 the bits of those its rank decides.
     draws: Vec<u64>,
+    band: Vec<u32>,
     words: Vec<u64>,
     tmp: Vec<u64>,
 }
@@ -109,6 +110,17 @@ fn rank(keys: &[u32], j: usize) -> usize {
     let kj = keys[j];
     let below = keys[..j].iter().map(|&k| u32::from(k <= kj)).sum::<u32>();
     (below + keys[j + 1..].iter().map(|&k| u32::from(k < kj)).sum::<u32>()) as usize
+}
+}
+
+avx512! {
+/// Per word of 32 draws, the bits of those below `lo` into `keep` and of those in `lo..hi` into
+/// `band` (branch-free: the comparisons vectorize).
+fn split_draws(us: &[u64], lo: u64, hi: u64, keep: &mut [u32], band: &mut [u32]) {
+    for ((k, d), us) in keep.iter_mut().zip(band.iter_mut()).zip(us.chunks(32)) {
+        *k = us.iter().zip(0..32).fold(0, |w, (&u, b)| w | (u32::from(u < lo) << b));
+        *d = us.iter().zip(0..32).fold(0, |w, (&u, b)| w | (u32::from(u >= lo && u < hi) << b));
+    }
 }
 }
 
@@ -157,19 +169,26 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
     }
     sc.exact.resize(m.max(sc.exact.len()), 0);
     sc.draws.resize(m, 0);
+    sc.band.resize(out.len(), 0);
     draws(key, first, &mut sc.draws);
-    let (exact, mut n) = (&mut sc.exact[..m], 0);
-    for ((w, ks), (us, j0)) in out.iter_mut().zip(keys.chunks(32)).zip(sc.draws.chunks(32).zip((0u32..).step_by(32))) {
-        let mut bits = 0u32;
-        for (b, ((&k, &u), j)) in ks.iter().zip(us).zip(j0..).enumerate() {
-            // The thresholds of the bucket's first and last rank (an empty bucket has no key).
-            let bk = bucket(k);
+    // Draws below the lowest threshold keep their entry and those not below the highest drop
+    // it, whatever the rank (four in five, at ε = 0.1); the rest are decided by their bucket.
+    split_draws(&sc.draws, t[0], t[m - 1], out, &mut sc.band);
+    let (exact, us, mut n) = (&mut sc.exact[..m], &sc.draws, 0);
+    for ((w, &band), j0) in out.iter_mut().zip(&sc.band).zip((0usize..).step_by(32)) {
+        let mut rest = band;
+        while rest != 0 {
+            let b = rest.trailing_zeros();
+            rest &= rest - 1;
+            let j = j0 + b as usize;
+            let u = us[j];
+            // The thresholds of the bucket's first and last rank.
+            let bk = bucket(keys[j]);
             let (tl, th) = (t[start[bk] as usize], t[start[bk + 1] as usize - 1]);
-            bits |= u32::from(u < tl) << b;
-            exact[n] = j;
+            *w |= u32::from(u < tl) << b;
+            exact[n] = j as u32;
             n += usize::from(u >= tl && u < th);
         }
-        *w = bits;
     }
     let exact = &sc.exact[..n];
     let us = &sc.draws;

@@ -135,6 +135,22 @@ pub fn build(name: &str, p: &Params, n: usize, _has_base: bool, spec: Spec, spar
     }))
 }
 
+avx2! {
+/// The norms of two models' deltas before and after masking (`d[k]`, `kept[k]`). Each of the
+/// four sums runs in element order, as a pass of its own would take it; in one loop their
+/// chains of additions overlap instead of each waiting on its own latency.
+fn norms_of_two(norm: Rescale, d: [&[f32]; 2], kept: [&[f32]; 2]) -> [(f64, f64); 2] {
+    let mut s = [0f64; 4];
+    for (((&d0, &k0), &d1), &k1) in d[0].iter().zip(kept[0]).zip(d[1]).zip(kept[1]) {
+        norm.acc(&mut s[0], d0);
+        norm.acc(&mut s[1], k0);
+        norm.acc(&mut s[2], d1);
+        norm.acc(&mut s[3], k1);
+    }
+    [(s[0], s[1]), (s[2], s[3])]
+}
+}
+
 const HEAD: usize = 4; // per model: mode, scale, start, len
 
 impl Gta {
@@ -160,22 +176,23 @@ impl Gta {
         }
         let slots: Vec<usize> = std::iter::once(0).chain(measured.iter().map(|&i| i + 1)).collect();
         let parts = par_chunks(io, &slots, |c, r, v| {
-            with_work(2 * r.len(), |w| {
-                let (d, kept) = w.split_at_mut(r.len());
-                let sums = measured.iter().zip(&v[1..]).map(|(&i, x)| {
+            let len = r.len();
+            with_work(2 * len * measured.len(), |w| {
+                let (d, kept) = w.split_at_mut(len * measured.len());
+                for (((&i, x), d), kept) in measured.iter().zip(&v[1..]).zip(d.chunks_mut(len)).zip(kept.chunks_mut(len)) {
                     delta_into(x, v[0], d);
                     kept.copy_from_slice(d);
                     self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, &prepared[i].1, kept);
-                    // Both norms in one loop: two independent sums (each in element order),
-                    // which the CPU overlaps; one after the other, each waited on its own additions.
-                    let (mut before, mut after) = (0f64, 0f64);
-                    d.iter().zip(kept.iter()).for_each(|(&x, &y)| {
-                        norm.acc(&mut before, x);
-                        norm.acc(&mut after, y);
-                    });
-                    (before, after)
-                });
-                Ok(sums.collect::<Vec<_>>())
+                }
+                // Two models at a time (the last one alone: twice, its copy dropped).
+                let (d, kept): (Vec<&[f32]>, Vec<&[f32]>) = (d.chunks(len).collect(), kept.chunks(len).collect());
+                let mut sums: Vec<(f64, f64)> = Vec::with_capacity(measured.len());
+                for k in (0..measured.len()).step_by(2) {
+                    let l = (k + 1).min(measured.len() - 1);
+                    let two = norms_of_two(norm, [d[k], d[l]], [kept[k], kept[l]]);
+                    sums.extend(&two[..1 + l - k]);
+                }
+                Ok(sums)
             })
         })?;
         for (k, &i) in measured.iter().enumerate() {
