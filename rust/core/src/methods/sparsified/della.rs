@@ -88,10 +88,13 @@ fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u
     Ok(())
 }
 
+const BUCKETS: usize = 1 << 12;
+
 /// A row's buffers, reused from row to row.
-#[derive(Default)]
 struct RowScratch {
     keys: Vec<u32>,
+    /// Per bucket of keys, its count (two sets).
+    counts: Box<[[u32; BUCKETS]; 2]>,
     /// Per bucket of keys, its first rank (prefix sums of the bucket counts).
     start: Vec<u32>,
     /// Elements whose decision needs their exact rank.
@@ -101,6 +104,13 @@ struct RowScratch {
     band: Vec<u32>,
     words: Vec<u64>,
     tmp: Vec<u64>,
+}
+
+impl Default for RowScratch {
+    fn default() -> Self {
+        let (counts, start, exact, draws, band) = (Box::new([[0; BUCKETS]; 2]), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        RowScratch { keys: Vec::new(), counts, start, exact, draws, band, words: Vec::new(), tmp: Vec::new() }
+    }
 }
 
 avx2! {
@@ -151,22 +161,31 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
     // Buckets on the highest differing bits: one per one or two elements, at most 4096 (more
     // buckets, fewer exact ranks; fewer, less work per row).
     let hi = 32 - differ.leading_zeros();
-    let nbits = hi.min(usize::BITS - 1 - m.leading_zeros()).clamp(1, 12);
+    let nbits = hi.min(usize::BITS - 1 - m.leading_zeros()).clamp(1, BUCKETS.trailing_zeros());
     let (shift, mask) = (hi - nbits, (1u32 << nbits) - 1);
-    let bucket = |k: u32| ((k >> shift) & mask) as usize;
+    let bucket = |k: u32| ((k >> shift) & mask) as usize & (BUCKETS - 1);
     let nb = 1usize << nbits;
-    sc.start.clear();
-    sc.start.resize(nb + 1, 0);
-    let start = &mut sc.start;
-    for &k in keys {
-        start[bucket(k) + 1] += 1;
+    // Counted in two sets (even and odd entries): runs of one key would otherwise make each
+    // increment wait for the previous one's store.
+    let counts = &mut *sc.counts;
+    counts.iter_mut().for_each(|c| c[..nb].fill(0));
+    let mut pairs = keys.chunks_exact(2);
+    for p in &mut pairs {
+        counts[0][bucket(p[0])] += 1;
+        counts[1][bucket(p[1])] += 1;
+    }
+    for &k in pairs.remainder() {
+        counts[0][bucket(k)] += 1;
     }
     // Prefix sums: bucket `b` holds ranks `start[b]..start[b + 1]`.
+    sc.start.clear();
+    sc.start.push(0);
     let mut lo = 0u32;
-    for c in start[1..=nb].iter_mut() {
-        lo += *c;
-        *c = lo;
-    }
+    sc.start.extend(counts[0][..nb].iter().zip(&counts[1][..nb]).map(|(a, b)| {
+        lo += a + b;
+        lo
+    }));
+    let start = &sc.start;
     sc.exact.resize(m.max(sc.exact.len()), 0);
     sc.draws.resize(m, 0);
     sc.band.resize(out.len(), 0);
