@@ -78,59 +78,55 @@ pub fn row_kl(x: &[f32], b: &[f32]) -> f32 {
     kl[0]
 }
 
-/// The exponentials of up to four rows, reused from group to group.
+/// The exponentials of four rows, interleaved (entry `j` of row `k` at `4j + k`), reused from
+/// group to group.
 #[derive(Default)]
 struct Buffers {
     ex: Vec<f64>,
     eb: Vec<f64>,
 }
 
-/// Four rows' values at one element, in lockstep; missing rows repeat the last one (their
-/// lanes are computed and dropped), so one code path serves any group.
-fn four<T>(v: &[T], len: usize, rows: usize) -> [&[T]; 4] {
-    std::array::from_fn(|k| &v[k.min(rows - 1) * len..][..len])
-}
-
 avx2! {
-/// KL of each of the (one to four) rows of `x` and `b` into `out`. Every row's sums run in
-/// element order from the same start, as a row alone would (so the bits do not depend on the
-/// grouping); the four rows' chains of additions overlap instead of each waiting on its own
-/// latency. `exp` and `ln` four at a time (`exp_ln`, the C library's bits); the divisions
-/// too, in the AVX2 build.
+/// KL of each of the (one to four) rows of `x` and `b` into `out`. The rows are interleaved,
+/// so that one vector holds the four rows' values at an entry: every row's sums still run in
+/// element order from the same start, as a row alone would (the bits do not depend on the
+/// grouping), but the four chains of additions advance in one instruction. Missing rows repeat
+/// the last one (their lanes are computed and dropped). `exp` and `ln` four at a time
+/// (`exp_ln`, the C library's bits); the divisions too, in the AVX2 build.
 fn rows_kl(x: &[f32], b: &[f32], len: usize, buf: &mut Buffers, out: &mut [f32]) {
     let rows = out.len();
-    let exps = |v: &[f32], e: &mut Vec<f64>| {
-        e.clear();
-        for r in v.chunks(len) {
-            let m = r.iter().fold(f32::NEG_INFINITY, |m, &t| m.max(t)) as f64;
-            e.extend(r.iter().map(|&t| t as f64 - m));
+    // A loop, not a closure: a closure would not inherit the AVX2 build's target features.
+    for (v, e) in [(x, &mut buf.ex), (b, &mut buf.eb)] {
+        let r: [&[f32]; 4] = std::array::from_fn(|k| &v[k.min(rows - 1) * len..][..len]);
+        let m = r.map(|r| r.iter().fold(f32::NEG_INFINITY, |m, &t| m.max(t)) as f64);
+        e.resize(4 * len, 0.0);
+        for (j, e4) in e.chunks_exact_mut(4).enumerate() {
+            for k in 0..4 {
+                e4[k] = r[k][j] as f64 - m[k];
+            }
         }
         exp_ln::exp_all(e);
-    };
-    exps(x, &mut buf.ex);
-    exps(b, &mut buf.eb);
-    let (ex, eb) = (four(&buf.ex, len, rows), four(&buf.eb, len, rows));
+    }
     let (mut sx, mut sb) = ([-0.0f64; 4], [-0.0f64; 4]);
-    for j in 0..len {
+    for (x4, b4) in buf.ex.chunks_exact(4).zip(buf.eb.chunks_exact(4)) {
         for k in 0..4 {
-            sx[k] += ex[k][j];
-            sb[k] += eb[k][j];
+            sx[k] += x4[k];
+            sb[k] += b4[k];
         }
     }
     // p into `ex`, then ln(p/q) into `eb`.
-    for (k, (ex, eb)) in buf.ex.chunks_mut(len).zip(buf.eb.chunks_mut(len)).enumerate() {
-        for (ex, eb) in ex.iter_mut().zip(eb.iter_mut()) {
-            let p = *ex / sx[k] + 1e-8;
-            let q = *eb / sb[k] + 1e-8;
-            (*ex, *eb) = (p, p / q);
+    for (x4, b4) in buf.ex.chunks_exact_mut(4).zip(buf.eb.chunks_exact_mut(4)) {
+        for k in 0..4 {
+            let p = x4[k] / sx[k] + 1e-8;
+            let q = b4[k] / sb[k] + 1e-8;
+            (x4[k], b4[k]) = (p, p / q);
         }
     }
     exp_ln::ln_all(&mut buf.eb);
-    let (p, l) = (four(&buf.ex, len, rows), four(&buf.eb, len, rows));
     let mut kl = [0f64; 4];
-    for j in 0..len {
+    for (p4, l4) in buf.ex.chunks_exact(4).zip(buf.eb.chunks_exact(4)) {
         for k in 0..4 {
-            kl[k] += p[k][j] * l[k][j];
+            kl[k] += p4[k] * l4[k];
         }
     }
     out.iter_mut().zip(kl).for_each(|(o, kl)| *o = kl as f32);
