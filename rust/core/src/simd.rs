@@ -1,14 +1,15 @@
 //! Run-time CPU dispatch for hot loops. The crate is built for the baseline x86-64 (SSE2), so
 //! that one wheel runs everywhere; [`avx2!`] compiles a function's body a second time with
-//! AVX2 and FMA enabled and runs that build where the CPU has them ([`avx512!`]: AVX-512 too). Rust never contracts
-//! `a * b + c` into a fused multiply-add on its own, so both builds compute the same bits.
+//! AVX2 and FMA enabled and runs that build where the CPU has them ([`avx512!`]: AVX-512 too).
+//! Rust never contracts `a * b + c` into a fused multiply-add on its own, so both builds
+//! compute the same bits.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static BASELINE_ONLY: AtomicBool = AtomicBool::new(false);
 
-/// Runs every [`avx2!`] and [`avx512!`] function in its baseline build from now on (`true`) or lets it pick
-/// again: for tests that both builds give the same bits.
+/// Runs every [`avx2!`] and [`avx512!`] function in its baseline build from now on (`true`)
+/// or lets it pick again: for tests that both builds give the same bits.
 pub fn baseline_only(on: bool) {
     BASELINE_ONLY.store(on, Ordering::Relaxed);
 }
@@ -58,7 +59,7 @@ pub(crate) use avx2;
 /// (the counter-based coins), which only AVX-512DQ vectorizes.
 macro_rules! avx512 {
     ($($item:tt)*) => {
-        $crate::simd::wide_build!("avx2,fma,avx512f,avx512dq,avx512vl", ["avx512f", "avx512dq", "avx512vl"], $($item)*);
+        $crate::simd::wide_build!("avx2,fma,avx512f,avx512dq,avx512vl", ["avx2", "fma", "avx512f", "avx512dq", "avx512vl"], $($item)*);
     };
 }
 pub(crate) use avx512;

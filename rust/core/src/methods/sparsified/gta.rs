@@ -185,11 +185,13 @@ impl Gta {
                     self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, &prepared[i].1, kept);
                 }
                 // Two models at a time (the last one alone: twice, its copy dropped).
-                let (d, kept): (Vec<&[f32]>, Vec<&[f32]>) = (d.chunks(len).collect(), kept.chunks(len).collect());
+                let (d, kept) = (&*d, &*kept);
+                let model = |k: usize| (&d[k * len..][..len], &kept[k * len..][..len]);
                 let mut sums: Vec<(f64, f64)> = Vec::with_capacity(measured.len());
                 for k in (0..measured.len()).step_by(2) {
                     let l = (k + 1).min(measured.len() - 1);
-                    let two = norms_of_two(norm, [d[k], d[l]], [kept[k], kept[l]]);
+                    let ((dk, kk), (dl, kl)) = (model(k), model(l));
+                    let two = norms_of_two(norm, [dk, dl], [kk, kl]);
                     sums.extend(&two[..1 + l - k]);
                 }
                 Ok(sums)
