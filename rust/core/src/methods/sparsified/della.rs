@@ -12,13 +12,16 @@
 //! ranked along their flattened trailing axes (mergekit ranks along axis 1).
 //!
 //! The draw for element `g` of model `i` is `uniform(stream_key(seed, tensor, i), g) < p`.
-//! `prepare` decides row by row (bounded buffers; an element's exact rank only where its draw
-//! and its key's bucket leave the decision open, see `keep_bits`) and stores the keep mask as
-//! bits (1/32 of an f32 tensor per model), so `apply` stays elementwise.
+//! `prepare` decides row by row, every model in one pass that reads the base once (bounded
+//! buffers; an element's exact rank only where its draw and its key's bucket leave the
+//! decision open, see `keep_bits`), and stores the keep masks as bits (1/32 of an f32 tensor
+//! per model), so `apply` stays elementwise. The same pass measures the rescale norms (in the
+//! order of gta's own pass, which it then spares) where its blocks of rows can be whole
+//! engine chunks.
 use super::dare::{coin_words, draws};
-use super::gta::{Mode, Sparsifier};
+use super::gta::{Mode, Prepared, Sparsifier};
 use super::select::radix_sort_pairs;
-use super::sparsify::{bits, mag_key};
+use super::sparsify::{bits, mag_key, Rescale};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{Ctx, TensorIo};
@@ -65,27 +68,86 @@ pub fn keep_prob(r: usize, m: usize, density: f64, eps: f64) -> f64 {
     (density - eps) + (r as f64 / (m - 1) as f64) * 2.0 * eps
 }
 
-/// Keep decisions for the rows in `[start, end)` (whole rows of `m`), as bits of `out` (element
-/// `start + j` is bit `j`; `out` starts zeroed), read in engine-chunk pieces.
-fn rows_kept(io: &dyn TensorIo, i: usize, rows: (usize, usize), m: usize, key: u64, thresholds: &[u64], out: &mut [u32]) -> Result<()> {
+/// One model's share of a block of rows.
+struct BlockModel<'a> {
+    slot: usize,
+    key: u64,
+    thresholds: &'a [u64],
+    /// The block's mask words (zeroed on entry).
+    out: &'a mut [u32],
+}
+
+/// The keep decisions of every model for the rows in `[start, end)` (whole rows of `m`), as
+/// bits of each model's `out` (element `start + j` is bit `j`), read in engine-chunk pieces, the
+/// base once for all models. With `norm`, also each model's rescale sums (before, after
+/// masking) per engine chunk, in element order, as a pass over the chunk would take them:
+/// `sums[c * n + k]` for chunk `c` of the block and model `k` (the block must start on a chunk).
+fn block_kept(io: &dyn TensorIo, models: &mut [BlockModel], rows: (usize, usize), m: usize, norm: Option<Rescale>) -> Result<Vec<(f64, f64)>> {
     let (start, end) = rows;
+    let n = models.len();
     let (mut b, mut x) = (Vec::new(), Vec::new());
-    let mut sc = RowScratch::default();
-    let mut row_bits = vec![0u32; m.div_ceil(32)];
+    let mut sc: Vec<RowScratch> = models.iter().map(|_| RowScratch::default()).collect();
+    let mut row_bits = vec![0u32; n * m.div_ceil(32)];
+    let mut sums = Vec::new();
+    let mut acc = vec![[0f64; 2]; n];
     for row in (start..end).step_by(m) {
-        sc.keys.clear();
+        sc.iter_mut().for_each(|s| s.keys.clear());
         for s in (row..row + m).step_by(CHUNK) {
             let t = (s + CHUNK).min(row + m);
             b.resize(t - s, 0f32);
             x.resize(t - s, 0f32);
             io.read(0, s..t, &mut b)?;
-            io.read(i + 1, s..t, &mut x)?;
-            sc.keys.extend(x.iter().zip(&b).map(|(&x, &b)| mag_key(x - b)));
+            for (md, sc) in models.iter().zip(sc.iter_mut()) {
+                io.read(md.slot, s..t, &mut x)?;
+                sc.keys.extend(x.iter().zip(&b).map(|(&x, &b)| mag_key(x - b)));
+            }
         }
-        keep_bits(key, row as u64, thresholds, SCANS, &mut sc, &mut row_bits);
-        bits::or_at(out, row - start, &row_bits);
+        for ((md, sc), bits) in models.iter_mut().zip(sc.iter_mut()).zip(row_bits.chunks_mut(m.div_ceil(32))) {
+            keep_bits(md.key, row as u64, md.thresholds, SCANS, sc, bits);
+            bits::or_at(md.out, row - start, bits);
+        }
+        let Some(norm) = norm else { continue };
+        // The row's pieces by engine chunk; a chunk's sums go out when its last element is in.
+        let mut j = 0;
+        while j < m {
+            let g = row + j;
+            let stop = (g / CHUNK + 1) * CHUNK;
+            let k = stop.min(row + m) - row;
+            let words = |i: usize| &row_bits[i * m.div_ceil(32)..][..m.div_ceil(32)];
+            // Two models at a time (the last one alone: twice, its copy dropped).
+            for i in (0..n).step_by(2) {
+                let l = (i + 1).min(n - 1);
+                let mut s = [acc[i][0], acc[i][1], acc[l][0], acc[l][1]];
+                sums_of_two(norm, [&sc[i].keys[j..k], &sc[l].keys[j..k]], [words(i), words(l)], j, &mut s);
+                acc[i] = [s[0], s[1]];
+                acc[l] = [s[2], s[3]];
+            }
+            if row + k == stop || row + k == end {
+                sums.extend(acc.iter().map(|a| (a[0], a[1])));
+                acc.iter_mut().for_each(|a| *a = [0.0; 2]);
+            }
+            j = k;
+        }
     }
-    Ok(())
+    Ok(sums)
+}
+
+avx2! {
+/// Continues two models' sums `s` (model 0: before and after masking, then model 1) over the
+/// keys (`|Δ|` bits) of a piece of a row starting at element `j0`, `bits` the row's keep bits:
+/// the additions of [`super::gta`]'s pass over the masked deltas, in the same order.
+fn sums_of_two(norm: Rescale, keys: [&[u32]; 2], bits: [&[u32]; 2], j0: usize, s: &mut [f64; 4]) {
+    // In locals: sums kept in memory would put a store and a load on each addition's chain.
+    let [mut b0, mut a0, mut b1, mut a1] = *s;
+    for ((&k0, &k1), j) in keys[0].iter().zip(keys[1]).zip(j0..) {
+        let (w0, w1) = ((bits[0][j / 32] >> (j % 32)) & 1, (bits[1][j / 32] >> (j % 32)) & 1);
+        norm.acc(&mut b0, f32::from_bits(k0));
+        norm.acc(&mut a0, f32::from_bits(k0 & 0u32.wrapping_sub(w0)));
+        norm.acc(&mut b1, f32::from_bits(k1));
+        norm.acc(&mut a1, f32::from_bits(k1 & 0u32.wrapping_sub(w1)));
+    }
+    *s = [b0, a0, b1, a1];
+}
 }
 
 const BUCKETS: usize = 1 << 12;
@@ -149,7 +211,7 @@ const SCANS: usize = 32;
 /// those of ranking every element. `t` must not decrease (ε ≥ 0). At most `scans` elements
 /// are ranked one by one (a pass over the row each); past that the row is sorted.
 fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch, out: &mut [u32]) {
-    let keys = &sc.keys;
+    let keys: &[u32] = &sc.keys;
     let m = keys.len();
     debug_assert!(t.len() == m && t.windows(2).all(|w| w[0] <= w[1]));
     let k0 = keys[0];
@@ -177,15 +239,26 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
     for &k in pairs.remainder() {
         counts[0][bucket(k)] += 1;
     }
-    // Prefix sums: bucket `b` holds ranks `start[b]..start[b + 1]`.
-    sc.start.clear();
-    sc.start.push(0);
+    // Prefix sums: bucket `b` holds ranks `start[b]..start[b + 1]`. The counts are added first
+    // (vectorized), then summed four buckets per step of the running total, whose chain of
+    // additions otherwise takes most of the loop's time.
+    sc.start.resize(nb + 1, 0);
+    sc.start[0] = 0;
+    sc.start[1..].iter_mut().zip(&counts[0][..nb]).zip(&counts[1][..nb]).for_each(|((s, a), b)| *s = a + b);
     let mut lo = 0u32;
-    sc.start.extend(counts[0][..nb].iter().zip(&counts[1][..nb]).map(|(a, b)| {
-        lo += a + b;
-        lo
-    }));
-    let start = &sc.start;
+    let mut quads = sc.start[1..].chunks_exact_mut(4);
+    for q in &mut quads {
+        let (a, ab) = (q[0], q[0] + q[1]);
+        let abc = ab + q[2];
+        let abcd = abc + q[3];
+        (q[0], q[1], q[2], q[3]) = (lo + a, lo + ab, lo + abc, lo + abcd);
+        lo = q[3];
+    }
+    for s in quads.into_remainder() {
+        lo += *s;
+        *s = lo;
+    }
+    let start: &[u32] = &sc.start;
     sc.exact.resize(m.max(sc.exact.len()), 0);
     sc.draws.resize(m, 0);
     sc.band.resize(out.len(), 0);
@@ -193,9 +266,10 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
     // Draws below the lowest threshold keep their entry and those not below the highest drop
     // it, whatever the rank (four in five, at ε = 0.1); the rest are decided by their bucket.
     split_draws(&sc.draws, t[0], t[m - 1], out, &mut sc.band);
-    let (exact, us, mut n) = (&mut sc.exact[..m], &sc.draws, 0);
+    // Slices and the word in locals: through `sc` and `out`, each entry reloaded them.
+    let (exact, us, t, mut n) = (&mut sc.exact[..m], &sc.draws[..m], &t[..m], 0);
     for ((w, &band), j0) in out.iter_mut().zip(&sc.band).zip((0usize..).step_by(32)) {
-        let mut rest = band;
+        let (mut rest, mut word) = (band, *w);
         while rest != 0 {
             let b = rest.trailing_zeros();
             rest &= rest - 1;
@@ -204,10 +278,11 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
             // The thresholds of the bucket's first and last rank.
             let bk = bucket(keys[j]);
             let (tl, th) = (t[start[bk] as usize], t[start[bk + 1] as usize - 1]);
-            *w |= u32::from(u < tl) << b;
+            word |= u32::from(u < tl) << b;
             exact[n] = j as u32;
             n += usize::from(u >= tl && u < th);
         }
+        *w = word;
     }
     let exact = &sc.exact[..n];
     let us = &sc.draws;
@@ -230,33 +305,97 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
     }
 }
 
-impl Sparsifier for MagPrune {
-    fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
-        let (d, e) = (self.density[i], self.epsilon[i]);
-        if d >= 1.0 {
-            return Ok((Mode::Keep, vec![]));
+/// Greatest common divisor (Euclid).
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The largest block of rows that may be chunk-aligned for the rescale sums (elements).
+const MAX_ALIGNED_BLOCK: usize = 16 * CHUNK;
+
+impl MagPrune {
+    fn mode(&self, i: usize) -> Mode {
+        match self.density[i] {
+            d if d >= 1.0 => Mode::Keep,
+            d if d <= 0.0 => Mode::Drop,
+            _ => Mode::Partial,
         }
-        if d <= 0.0 {
-            return Ok((Mode::Drop, vec![]));
-        }
+    }
+
+    /// Each of `models`' preparation, the partially kept ones decided together.
+    fn prepare_models(&self, ctx: &Ctx, io: &dyn TensorIo, models: &[usize], norm: Rescale) -> Result<Vec<Prepared>> {
+        let partial: Vec<usize> = models.iter().copied().filter(|&i| self.mode(i) == Mode::Partial).collect();
+        let mut decided = if partial.is_empty() { vec![] } else { self.decide(ctx, io, &partial, norm)? }.into_iter();
+        Ok(models
+            .iter()
+            .map(|&i| match self.mode(i) {
+                Mode::Partial => decided.next().expect("one per partial model"),
+                mode => Prepared { mode, state: vec![], sums: None },
+            })
+            .collect())
+    }
+
+    /// The keep masks of `models` (all partially kept) as bit words, in one parallel pass over
+    /// blocks of rows; with `norm` (l1, l2, linf), also each model's rescale sums where the
+    /// blocks can be made of whole engine chunks.
+    fn decide(&self, ctx: &Ctx, io: &dyn TensorIo, models: &[usize], norm: Rescale) -> Result<Vec<Prepared>> {
         let numel = io.numel();
         let m = Self::row_len(ctx.shape, numel);
         if m > u32::MAX as usize {
             return Err(Error::config(format!("{}: rows of {m} entries are too long to rank", ctx.tensor)));
         }
         // Blocks of whole rows, a multiple of 32 rows so that each starts on a word of the mask
-        // and fills its own words (in parallel, no merge step).
-        let block = (CHUNK / m).max(1).next_multiple_of(32) * m;
-        let key = stream_key(ctx.seed, ctx.tensor, i as u64);
+        // and fills its own words (in parallel, no merge step), and of whole engine chunks
+        // where that is not too long, so that the block can measure the rescale norms.
+        let rows32 = 32 * m;
+        let aligned = rows32 / gcd(rows32, CHUNK) * CHUNK;
+        let measure = matches!(norm, Rescale::L1 | Rescale::L2 | Rescale::Linf) && aligned <= MAX_ALIGNED_BLOCK;
+        let block = if measure { aligned } else { (CHUNK / m).max(1).next_multiple_of(32) * m };
         // Per rank, the integer threshold of its coin (rng::below): no division or float draw per
         // entry. They grow with the rank (ε ≥ 0 by the parameter's range), as keep_bits needs.
-        let thresholds: Vec<u64> = (0..m).map(|r| below(keep_prob(r, m, d, e))).collect();
-        let mut words = vec![0u32; numel.div_ceil(32)];
-        words.par_chunks_mut(block / 32).enumerate().try_for_each(|(n, out)| {
-            let s = n * block;
-            rows_kept(io, i, (s, (s + block).min(numel)), m, key, &thresholds, out)
-        })?;
-        Ok((Mode::Partial, words.into_iter().map(|w| w as f64).collect()))
+        let thresholds: Vec<Vec<u64>> =
+            models.iter().map(|&i| (0..m).map(|r| below(keep_prob(r, m, self.density[i], self.epsilon[i]))).collect()).collect();
+        let mut words: Vec<Vec<u32>> = models.iter().map(|_| vec![0u32; numel.div_ceil(32)]).collect();
+        let mut blocks: Vec<Vec<BlockModel>> = (0..numel.div_ceil(block)).map(|_| Vec::with_capacity(models.len())).collect();
+        for ((w, &i), t) in words.iter_mut().zip(models).zip(&thresholds) {
+            let key = stream_key(ctx.seed, ctx.tensor, i as u64);
+            for (bm, out) in blocks.iter_mut().zip(w.chunks_mut(block / 32)) {
+                bm.push(BlockModel { slot: i + 1, key, thresholds: t, out });
+            }
+        }
+        let parts: Vec<Vec<(f64, f64)>> = blocks
+            .into_par_iter()
+            .enumerate()
+            .map(|(n, mut bm)| {
+                let s = n * block;
+                block_kept(io, &mut bm, (s, (s + block).min(numel)), m, measure.then_some(norm))
+            })
+            .collect::<Result<_>>()?;
+        let n = models.len();
+        Ok(words
+            .into_iter()
+            .enumerate()
+            .map(|(k, w)| Prepared {
+                mode: Mode::Partial,
+                state: w.into_iter().map(f64::from).collect(),
+                sums: measure.then(|| norm.fold_parts(parts.iter().flat_map(|p| p.iter().skip(k).step_by(n).copied()))),
+            })
+            .collect())
+    }
+}
+
+impl Sparsifier for MagPrune {
+    fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
+        let p = self.prepare_models(ctx, io, &[i], Rescale::None)?.pop().expect("one model");
+        Ok((p.mode, p.state))
+    }
+
+    fn prepare_all(&self, ctx: &Ctx, io: &dyn TensorIo, norm: Rescale) -> Result<Vec<Prepared>> {
+        self.prepare_models(ctx, io, &(0..io.slots() - 1).collect::<Vec<_>>(), norm)
     }
 
     fn mask(&self, ctx: &Ctx, _: usize, _: usize, state: &[f64], delta: &mut [f32]) {
@@ -324,6 +463,48 @@ mod tests {
                     prop_assert_eq!((out[j / 32] >> (j % 32)) & 1 == 1, w, "element {} of {}, scans {}", j, m, scans);
                 }
                 prop_assert_eq!(out[m / 32..].iter().map(|w| w.count_ones()).sum::<u32>(), want[m / 32 * 32..].iter().filter(|&&k| k).count() as u32);
+            }
+        }
+    }
+
+    /// The rescale sums measured while deciding are those of a pass over each engine chunk's
+    /// masked deltas in element order, folded in chunk order (what gta's own pass computes),
+    /// for rows that divide a chunk, rows that straddle chunks, blocks too long to align
+    /// (no sums), and tensors that end inside a chunk.
+    #[test]
+    fn measured_sums_match_a_pass_per_chunk() {
+        let map = serde_json::json!({"density": [0.4, 0.6, 0.5], "epsilon": 0.1}).as_object().cloned().unwrap();
+        let prune = MagPrune::build("della", &Params::new(crate::methods::spec("della").unwrap(), &map), 3).unwrap();
+        for shape in [vec![70, 2048], vec![50, 5632], vec![9, 70000], vec![20, 700], vec![150_000], vec![3, 4, 5]] {
+            let numel: usize = shape.iter().product();
+            let r = |s: u64| -> Vec<f32> { (0..numel).map(|j| half::bf16::from_f64(crate::rng::normal(s, j as u64) * 0.02).to_f32()).collect() };
+            let base = r(1);
+            let xs: Vec<Vec<f32>> = (2..5).map(|s| base.iter().zip(r(s)).map(|(&b, d)| b + 0.1 * d).collect()).collect();
+            let views: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            let io = crate::kernel::Slices::new(Some(&base), &views);
+            let ctx = Ctx { tensor: "w", shape: &shape, offset: 0, seed: 5 };
+            for norm in [Rescale::L1, Rescale::L2, Rescale::Linf] {
+                let prepared = prune.prepare_all(&ctx, &io, norm).unwrap();
+                let rows = MagPrune::row_len(&shape, numel);
+                let aligned = 32 * rows / gcd(32 * rows, CHUNK) * CHUNK <= MAX_ALIGNED_BLOCK;
+                for (k, p) in prepared.iter().enumerate() {
+                    let Some(got) = p.sums else {
+                        assert!(!aligned, "{shape:?}: no sums");
+                        continue;
+                    };
+                    let parts = (0..numel).step_by(CHUNK).map(|c| {
+                        let mut s = (0f64, 0f64);
+                        for g in c..(c + CHUNK).min(numel) {
+                            let d = xs[k][g] - base[g];
+                            let kept = if (p.state[g / 32] as u32 >> (g % 32)) & 1 == 1 { d } else { 0.0 };
+                            norm.acc(&mut s.0, d);
+                            norm.acc(&mut s.1, kept);
+                        }
+                        s
+                    });
+                    let want = norm.fold_parts(parts);
+                    assert_eq!((got.0.to_bits(), got.1.to_bits()), (want.0.to_bits(), want.1.to_bits()), "{shape:?} {norm:?} model {k}");
+                }
             }
         }
     }

@@ -19,7 +19,8 @@
 //! 5. `θ = θ_base + λ · mixed`.
 //!
 //! Memory: `prepare` handles one model at a time with at most one whole-tensor `u32` scratch
-//! buffer (dropped before the next model); `apply` is elementwise on engine chunks.
+//! buffer (dropped before the next model), or all models row by row (della); `apply` is
+//! elementwise on engine chunks.
 use super::sparsify::{chunk_of, delta_into, phase, scratch, sign, Rescale, RESCALE_EPS, TILE};
 use crate::error::{Error, Result};
 use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
@@ -37,9 +38,25 @@ pub enum Mode {
     Partial = 2,
 }
 
+/// One model's preparation for a tensor.
+pub struct Prepared {
+    pub mode: Mode,
+    /// The sparsifier's state, given back to [`Sparsifier::mask`].
+    pub state: Vec<f64>,
+    /// The rescale norm's sums of the delta before and after masking (per engine chunk in
+    /// element order, folded in chunk order, not finished), where the sparsifier measured
+    /// them on a pass of its own; else [`Gta`] measures them.
+    pub sums: Option<(f64, f64)>,
+}
+
 pub trait Sparsifier: Send + Sync {
     /// Whole-tensor preparation of model `i` (slot `i + 1`; slot 0 is the base).
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)>;
+    /// Every model's preparation (a non-empty tensor); `norm` is the rescale's, for a
+    /// sparsifier that reads the deltas anyway and can measure their norms on the way.
+    fn prepare_all(&self, ctx: &Ctx, io: &dyn TensorIo, _norm: Rescale) -> Result<Vec<Prepared>> {
+        (0..io.slots() - 1).map(|i| self.prepare(ctx, io, i).map(|(mode, state)| Prepared { mode, state, sums: None })).collect()
+    }
     /// Zeroes the dropped entries of model `i`'s delta on the chunk at `ctx.offset`.
     fn mask(&self, ctx: &Ctx, chunk: usize, i: usize, state: &[f64], delta: &mut [f32]);
     /// Model `i`'s density (for `rescale_mode: density`).
@@ -157,12 +174,12 @@ impl Gta {
     /// Each model's rescale factor. The measured norms (l1, l2, linf) of every partially kept
     /// model come from one pass over the chunks that reads the base once for all of them; per
     /// model, the sums are those of a pass of its own (element order, chunks folded in order).
-    fn scales(&self, ctx: &Ctx, io: &dyn TensorIo, prepared: &[(Mode, Vec<f64>)]) -> Result<Vec<f64>> {
+    fn scales(&self, ctx: &Ctx, io: &dyn TensorIo, prepared: &[Prepared]) -> Result<Vec<f64>> {
         let norm = self.rescale;
         let mut scales: Vec<f64> = prepared
             .iter()
             .enumerate()
-            .map(|(i, (mode, _))| match (mode, norm) {
+            .map(|(i, p)| match (p.mode, norm) {
                 (Mode::Partial, Rescale::Density) => 1.0 / self.sparsifier.density(i),
                 _ => 1.0,
             })
@@ -170,7 +187,20 @@ impl Gta {
         if matches!(norm, Rescale::None | Rescale::Density) {
             return Ok(scales);
         }
-        let measured: Vec<usize> = (0..prepared.len()).filter(|&i| prepared[i].0 == Mode::Partial).collect();
+        let scale = |(b, a): (f64, f64)| {
+            let (b, a) = (norm.finish(b), norm.finish(a));
+            if b < RESCALE_EPS || a < RESCALE_EPS {
+                1.0
+            } else {
+                b / a
+            }
+        };
+        for (s, p) in scales.iter_mut().zip(prepared) {
+            if let (Mode::Partial, Some(sums)) = (p.mode, p.sums) {
+                *s = scale(sums);
+            }
+        }
+        let measured: Vec<usize> = (0..prepared.len()).filter(|&i| prepared[i].mode == Mode::Partial && prepared[i].sums.is_none()).collect();
         if measured.is_empty() {
             return Ok(scales);
         }
@@ -182,7 +212,7 @@ impl Gta {
                 for (((&i, x), d), kept) in measured.iter().zip(&v[1..]).zip(d.chunks_mut(len)).zip(kept.chunks_mut(len)) {
                     delta_into(x, v[0], d);
                     kept.copy_from_slice(d);
-                    self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, &prepared[i].1, kept);
+                    self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, &prepared[i].state, kept);
                 }
                 // Two models at a time (the last one alone: twice, its copy dropped).
                 let (d, kept) = (&*d, &*kept);
@@ -198,9 +228,7 @@ impl Gta {
             })
         })?;
         for (k, &i) in measured.iter().enumerate() {
-            let (b, a) = parts.iter().fold((0.0, 0.0), |(b, a), p| (norm.fold(b, p[k].0), norm.fold(a, p[k].1)));
-            let (b, a) = (norm.finish(b), norm.finish(a));
-            scales[i] = if b < RESCALE_EPS || a < RESCALE_EPS { 1.0 } else { b / a };
+            scales[i] = scale(norm.fold_parts(parts.iter().map(|p| p[k])));
         }
         Ok(scales)
     }
@@ -209,12 +237,15 @@ impl Gta {
 impl Method for Gta {
     fn prepare(&self, ctx: &Ctx, io: &dyn TensorIo) -> Result<Vec<f64>> {
         let n = io.slots() - 1;
-        let prepared: Vec<(Mode, Vec<f64>)> =
-            (0..n).map(|i| if io.numel() == 0 { Ok((Mode::Keep, vec![])) } else { self.sparsifier.prepare(ctx, io, i) }).collect::<Result<_>>()?;
+        let prepared = if io.numel() == 0 {
+            (0..n).map(|_| Prepared { mode: Mode::Keep, state: vec![], sums: None }).collect()
+        } else {
+            self.sparsifier.prepare_all(ctx, io, self.rescale)?
+        };
         let scales = phase::time(phase::SCALE, || self.scales(ctx, io, &prepared))?;
         let mut head = Vec::with_capacity(HEAD * n);
         let mut body = Vec::new();
-        for (i, ((mode, state), scale)) in prepared.into_iter().zip(scales).enumerate() {
+        for (i, (Prepared { mode, state, .. }, scale)) in prepared.into_iter().zip(scales).enumerate() {
             if !scale.is_finite() {
                 return Err(Error::numerical(ctx.tensor, format!("model #{i}: rescale factor {scale}")));
             }

@@ -435,6 +435,11 @@ impl Rescale {
         }
     }
 
+    /// The sums of a tensor from those of its chunks `(before, after)`, folded in chunk order.
+    pub fn fold_parts(self, parts: impl IntoIterator<Item = (f64, f64)>) -> (f64, f64) {
+        parts.into_iter().fold((0.0, 0.0), |(b, a), (pb, pa)| (self.fold(b, pb), self.fold(a, pa)))
+    }
+
     pub fn finish(self, v: f64) -> f64 {
         if self == Rescale::L2 {
             v.sqrt()
