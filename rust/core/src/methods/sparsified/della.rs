@@ -81,72 +81,110 @@ struct BlockModel<'a> {
 /// bits of each model's `out` (element `start + j` is bit `j`), read in engine-chunk pieces, the
 /// base once for all models. With `norm`, also each model's rescale sums (before, after
 /// masking) per engine chunk, in element order, as a pass over the chunk would take them:
-/// `sums[c * n + k]` for chunk `c` of the block and model `k` (the block must start on a chunk).
-fn block_kept(io: &dyn TensorIo, models: &mut [BlockModel], rows: (usize, usize), m: usize, norm: Option<Rescale>) -> Result<Vec<(f64, f64)>> {
+/// `sums[c * n + k]` for chunk `c` of the block and model `k`.
+///
+/// The block is cut into strands of `strand` elements (whole engine chunks when measuring),
+/// whose rows are taken in step: the additions of the sums are a chain per model and chunk,
+/// and two strands' chains overlap where one strand's would wait on each addition.
+fn block_kept(
+    io: &dyn TensorIo,
+    models: &mut [BlockModel],
+    rows: (usize, usize),
+    strand: usize,
+    m: usize,
+    norm: Option<Rescale>,
+) -> Result<Vec<(f64, f64)>> {
     let (start, end) = rows;
-    let n = models.len();
+    let (n, words) = (models.len(), m.div_ceil(32));
+    let strands: Vec<(usize, usize)> = (start..end).step_by(strand).map(|s| (s, s.saturating_add(strand).min(end))).collect();
+    // One lane per strand and model: lane `s * n + k`.
+    let lanes = strands.len() * n;
     let (mut b, mut x) = (Vec::new(), Vec::new());
-    let mut sc: Vec<RowScratch> = models.iter().map(|_| RowScratch::default()).collect();
-    let mut row_bits = vec![0u32; n * m.div_ceil(32)];
-    let mut sums = Vec::new();
-    let mut acc = vec![[0f64; 2]; n];
-    for row in (start..end).step_by(m) {
-        sc.iter_mut().for_each(|s| s.keys.clear());
-        for s in (row..row + m).step_by(CHUNK) {
-            let t = (s + CHUNK).min(row + m);
-            b.resize(t - s, 0f32);
-            x.resize(t - s, 0f32);
-            io.read(0, s..t, &mut b)?;
-            for (md, sc) in models.iter().zip(sc.iter_mut()) {
-                io.read(md.slot, s..t, &mut x)?;
-                sc.keys.extend(x.iter().zip(&b).map(|(&x, &b)| mag_key(x - b)));
+    let mut sc: Vec<RowScratch> = (0..lanes).map(|_| RowScratch::default()).collect();
+    let mut row_bits = vec![0u32; lanes * words];
+    let mut sums = vec![Vec::new(); strands.len()];
+    let mut acc = vec![[0f64; 2]; lanes];
+    let (first, longest) = strands[0];
+    for r in (0..longest - first).step_by(m) {
+        // Only the last strand can be shorter.
+        let live = strands.iter().take_while(|&&(s, e)| s + r < e).count();
+        for ((&(s, _), sc), bits) in strands[..live].iter().zip(sc.chunks_mut(n)).zip(row_bits.chunks_mut(n * words)) {
+            let row = s + r;
+            sc.iter_mut().for_each(|s| s.keys.clear());
+            for s in (row..row + m).step_by(CHUNK) {
+                let t = (s + CHUNK).min(row + m);
+                b.resize(t - s, 0f32);
+                x.resize(t - s, 0f32);
+                io.read(0, s..t, &mut b)?;
+                for (md, sc) in models.iter().zip(sc.iter_mut()) {
+                    io.read(md.slot, s..t, &mut x)?;
+                    sc.keys.extend(x.iter().zip(&b).map(|(&x, &b)| mag_key(x - b)));
+                }
             }
-        }
-        for ((md, sc), bits) in models.iter_mut().zip(sc.iter_mut()).zip(row_bits.chunks_mut(m.div_ceil(32))) {
-            keep_bits(md.key, row as u64, md.thresholds, SCANS, sc, bits);
-            bits::or_at(md.out, row - start, bits);
+            for ((md, sc), bits) in models.iter_mut().zip(sc.iter_mut()).zip(bits.chunks_mut(words)) {
+                keep_bits(md.key, row as u64, md.thresholds, SCANS, sc, bits);
+                bits::or_at(md.out, row - start, bits);
+            }
         }
         let Some(norm) = norm else { continue };
-        // The row's pieces by engine chunk; a chunk's sums go out when its last element is in.
+        // The row's pieces by engine chunk (at the same offsets in every strand, which start on
+        // chunks); a chunk's sums go out when its last element is in.
+        let (row, lanes) = (first + r, live * n);
         let mut j = 0;
         while j < m {
-            let g = row + j;
-            let stop = (g / CHUNK + 1) * CHUNK;
-            let k = stop.min(row + m) - row;
-            let words = |i: usize| &row_bits[i * m.div_ceil(32)..][..m.div_ceil(32)];
-            // Two models at a time (the last one alone: twice, its copy dropped).
-            for i in (0..n).step_by(2) {
-                let l = (i + 1).min(n - 1);
-                let mut s = [acc[i][0], acc[i][1], acc[l][0], acc[l][1]];
-                sums_of_two(norm, [&sc[i].keys[j..k], &sc[l].keys[j..k]], [words(i), words(l)], j, &mut s);
-                acc[i] = [s[0], s[1]];
-                acc[l] = [s[2], s[3]];
+            let k = (((row + j) / CHUNK + 1) * CHUNK - row).min(m);
+            // Four lanes at a time (the last one repeated to fill four, its copies dropped).
+            for g in (0..lanes).step_by(4) {
+                let q = [g, g + 1, g + 2, g + 3].map(|q| q.min(lanes - 1));
+                let mut s = [0f64; 8];
+                for (p, &l) in q.iter().enumerate() {
+                    s[2 * p..2 * p + 2].copy_from_slice(&acc[l]);
+                }
+                sums_of_four(norm, q.map(|l| &sc[l].keys[j..k]), q.map(|l| &row_bits[l * words..][..words]), j, &mut s);
+                for (p, &l) in q.iter().enumerate() {
+                    acc[l] = [s[2 * p], s[2 * p + 1]];
+                }
             }
-            if row + k == stop || row + k == end {
-                sums.extend(acc.iter().map(|a| (a[0], a[1])));
-                acc.iter_mut().for_each(|a| *a = [0.0; 2]);
+            for ((&(s, e), sums), acc) in strands[..live].iter().zip(&mut sums).zip(acc.chunks_mut(n)) {
+                let at = s + r + k;
+                if at.is_multiple_of(CHUNK) || at == e {
+                    sums.extend(acc.iter().map(|a| (a[0], a[1])));
+                    acc.fill([0.0; 2]);
+                }
             }
             j = k;
         }
     }
-    Ok(sums)
+    Ok(sums.concat())
 }
 
 avx2! {
-/// Continues two models' sums `s` (model 0: before and after masking, then model 1) over the
-/// keys (`|Δ|` bits) of a piece of a row starting at element `j0`, `bits` the row's keep bits:
-/// the additions of [`super::gta`]'s pass over the masked deltas, in the same order.
-fn sums_of_two(norm: Rescale, keys: [&[u32]; 2], bits: [&[u32]; 2], j0: usize, s: &mut [f64; 4]) {
-    // In locals: sums kept in memory would put a store and a load on each addition's chain.
-    let [mut b0, mut a0, mut b1, mut a1] = *s;
-    for ((&k0, &k1), j) in keys[0].iter().zip(keys[1]).zip(j0..) {
-        let (w0, w1) = ((bits[0][j / 32] >> (j % 32)) & 1, (bits[1][j / 32] >> (j % 32)) & 1);
-        norm.acc(&mut b0, f32::from_bits(k0));
-        norm.acc(&mut a0, f32::from_bits(k0 & 0u32.wrapping_sub(w0)));
-        norm.acc(&mut b1, f32::from_bits(k1));
-        norm.acc(&mut a1, f32::from_bits(k1 & 0u32.wrapping_sub(w1)));
+/// Continues four lanes' sums `s` (lane `p`: `s[2p]` before masking, `s[2p + 1]` after) over
+/// the keys (`|Δ|` bits) of a piece of a row starting at element `j0`, `bits` the row's keep
+/// bits: the additions of [`super::gta`]'s pass over the masked deltas, in the same order.
+fn sums_of_four(norm: Rescale, keys: [&[u32]; 4], bits: [&[u32]; 4], j0: usize, s: &mut [f64; 8]) {
+    #[inline(always)]
+    fn run(keys: [&[u32]; 4], bits: [&[u32]; 4], j0: usize, s: &mut [f64; 8], add: impl Fn(f64, f64) -> f64) {
+        // In locals: sums kept in memory would put a store and a load on each addition's chain.
+        let mut t = *s;
+        let len = keys[0].len();
+        let keys = keys.map(|k| &k[..len]);
+        for (i, j) in (0..len).zip(j0..) {
+            for p in 0..4 {
+                let k = keys[p][i];
+                let w = (bits[p][j / 32] >> (j % 32)) & 1;
+                t[2 * p] = add(t[2 * p], f32::from_bits(k) as f64);
+                t[2 * p + 1] = add(t[2 * p + 1], f32::from_bits(k & 0u32.wrapping_sub(w)) as f64);
+            }
+        }
+        *s = t;
     }
-    *s = [b0, a0, b1, a1];
+    // One loop per norm (`Rescale::acc`'s operations), not a match per addition.
+    match norm {
+        Rescale::L2 => run(keys, bits, j0, s, |a, x| a + x * x),
+        Rescale::Linf => run(keys, bits, j0, s, f64::max),
+        _ => run(keys, bits, j0, s, |a, x| a + x),
+    }
 }
 }
 
@@ -155,7 +193,7 @@ const BUCKETS: usize = 1 << 12;
 /// A row's buffers, reused from row to row.
 struct RowScratch {
     keys: Vec<u32>,
-    /// Per bucket of keys, its count (two sets).
+    /// Per bucket of keys, its count (two sets; all zero between rows).
     counts: Box<[[u32; BUCKETS]; 2]>,
     /// Per bucket of keys, its first rank (prefix sums of the bucket counts).
     start: Vec<u32>,
@@ -229,8 +267,8 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
     let nb = 1usize << nbits;
     // Counted in two sets (even and odd entries): runs of one key would otherwise make each
     // increment wait for the previous one's store.
+    // They are zero between rows: the prefix sums below clear the counts they read.
     let counts = &mut *sc.counts;
-    counts.iter_mut().for_each(|c| c[..nb].fill(0));
     let mut pairs = keys.chunks_exact(2);
     for p in &mut pairs {
         counts[0][bucket(p[0])] += 1;
@@ -244,7 +282,10 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
     // additions otherwise takes most of the loop's time.
     sc.start.resize(nb + 1, 0);
     sc.start[0] = 0;
-    sc.start[1..].iter_mut().zip(&counts[0][..nb]).zip(&counts[1][..nb]).for_each(|((s, a), b)| *s = a + b);
+    let [c0, c1] = counts;
+    for ((s, a), b) in sc.start[1..].iter_mut().zip(&mut c0[..nb]).zip(&mut c1[..nb]) {
+        *s = std::mem::take(a) + std::mem::take(b);
+    }
     let mut lo = 0u32;
     let mut quads = sc.start[1..].chunks_exact_mut(4);
     for q in &mut quads {
@@ -314,8 +355,9 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// The largest block of rows that may be chunk-aligned for the rescale sums (elements).
-const MAX_ALIGNED_BLOCK: usize = 16 * CHUNK;
+/// The longest strand of rows that may be made of whole engine chunks for the rescale sums
+/// (elements; a block is two strands).
+const MAX_ALIGNED_STRAND: usize = 16 * CHUNK;
 
 impl MagPrune {
     fn mode(&self, i: usize) -> Mode {
@@ -353,8 +395,8 @@ impl MagPrune {
         // where that is not too long, so that the block can measure the rescale norms.
         let rows32 = 32 * m;
         let aligned = rows32 / gcd(rows32, CHUNK) * CHUNK;
-        let measure = matches!(norm, Rescale::L1 | Rescale::L2 | Rescale::Linf) && aligned <= MAX_ALIGNED_BLOCK;
-        let block = if measure { aligned } else { (CHUNK / m).max(1).next_multiple_of(32) * m };
+        let measure = matches!(norm, Rescale::L1 | Rescale::L2 | Rescale::Linf) && aligned <= MAX_ALIGNED_STRAND;
+        let (block, strand) = if measure { (2 * aligned, aligned) } else { ((CHUNK / m).max(1).next_multiple_of(32) * m, usize::MAX) };
         // Per rank, the integer threshold of its coin (rng::below): no division or float draw per
         // entry. They grow with the rank (ε ≥ 0 by the parameter's range), as keep_bits needs.
         let thresholds: Vec<Vec<u64>> =
@@ -372,7 +414,7 @@ impl MagPrune {
             .enumerate()
             .map(|(n, mut bm)| {
                 let s = n * block;
-                block_kept(io, &mut bm, (s, (s + block).min(numel)), m, measure.then_some(norm))
+                block_kept(io, &mut bm, (s, (s + block).min(numel)), strand, m, measure.then_some(norm))
             })
             .collect::<Result<_>>()?;
         let n = models.len();
@@ -455,8 +497,10 @@ mod tests {
             let e = e * d.min(1.0 - d);
             let t: Vec<u64> = (0..m).map(|r| below(keep_prob(r, m, d, e))).collect();
             let want = keep_by_sort(&keys, key, first, &t);
+            // One scratch for the three calls, as for the rows of a block.
+            let mut sc = RowScratch::default();
             for scans in [0, SCANS, usize::MAX] {
-                let mut sc = RowScratch { keys: keys.clone(), ..Default::default() };
+                sc.keys.clone_from(&keys);
                 let mut out = vec![u32::MAX; m.div_ceil(32)];
                 keep_bits(key, first, &t, scans, &mut sc, &mut out);
                 for (j, &w) in want.iter().enumerate() {
@@ -475,7 +519,7 @@ mod tests {
     fn measured_sums_match_a_pass_per_chunk() {
         let map = serde_json::json!({"density": [0.4, 0.6, 0.5], "epsilon": 0.1}).as_object().cloned().unwrap();
         let prune = MagPrune::build("della", &Params::new(crate::methods::spec("della").unwrap(), &map), 3).unwrap();
-        for shape in [vec![70, 2048], vec![50, 5632], vec![9, 70000], vec![20, 700], vec![150_000], vec![3, 4, 5]] {
+        for shape in [vec![70, 2048], vec![40, 2048], vec![50, 5632], vec![300, 5632], vec![9, 70000], vec![20, 700], vec![150_000], vec![3, 4, 5]] {
             let numel: usize = shape.iter().product();
             let r = |s: u64| -> Vec<f32> { (0..numel).map(|j| half::bf16::from_f64(crate::rng::normal(s, j as u64) * 0.02).to_f32()).collect() };
             let base = r(1);
@@ -486,7 +530,7 @@ mod tests {
             for norm in [Rescale::L1, Rescale::L2, Rescale::Linf] {
                 let prepared = prune.prepare_all(&ctx, &io, norm).unwrap();
                 let rows = MagPrune::row_len(&shape, numel);
-                let aligned = 32 * rows / gcd(32 * rows, CHUNK) * CHUNK <= MAX_ALIGNED_BLOCK;
+                let aligned = 32 * rows / gcd(32 * rows, CHUNK) * CHUNK <= MAX_ALIGNED_STRAND;
                 for (k, p) in prepared.iter().enumerate() {
                     let Some(got) = p.sums else {
                         assert!(!aligned, "{shape:?}: no sums");
