@@ -29,6 +29,7 @@ use crate::params::Params;
 use crate::rng::{below, stream_key};
 use crate::simd::{avx2, avx512};
 use rayon::prelude::*;
+use std::cell::Cell;
 
 pub struct MagPrune {
     density: Vec<f64>,
@@ -100,7 +101,11 @@ fn block_kept(
     // One lane per strand and model: lane `s * n + k`.
     let lanes = strands.len() * n;
     let (mut b, mut x) = (Vec::new(), Vec::new());
-    let mut sc: Vec<RowScratch> = (0..lanes).map(|_| RowScratch::default()).collect();
+    // The thread's row buffers, kept from block to block: fresh ones (a few hundred KiB per
+    // block) were page-faulted and zeroed each time. Lost on an error, which ends the merge.
+    let mut all = SCRATCH.with(Cell::take);
+    all.resize_with(all.len().max(lanes), RowScratch::default);
+    let sc = &mut all[..lanes];
     let mut row_bits = vec![0u32; lanes * words];
     let mut sums = vec![Vec::new(); strands.len()];
     let mut acc = vec![[0f64; 2]; lanes];
@@ -124,6 +129,10 @@ fn block_kept(
             for ((md, sc), bits) in models.iter_mut().zip(sc.iter_mut()).zip(bits.chunks_mut(words)) {
                 keep_bits(md.key, row as u64, md.thresholds, SCANS, sc, bits);
                 bits::or_at(md.out, row - start, bits);
+                if norm.is_some() {
+                    sc.kept.resize(m, 0);
+                    kept_keys(&sc.keys, bits, &mut sc.kept);
+                }
             }
         }
         let Some(norm) = norm else { continue };
@@ -140,7 +149,7 @@ fn block_kept(
                 for (p, &l) in q.iter().enumerate() {
                     s[2 * p..2 * p + 2].copy_from_slice(&acc[l]);
                 }
-                sums_of_four(norm, q.map(|l| &sc[l].keys[j..k]), q.map(|l| &row_bits[l * words..][..words]), j, &mut s);
+                sums_of_four(norm, q.map(|l| &sc[l].keys[j..k]), q.map(|l| &sc[l].kept[j..k]), &mut s);
                 for (p, &l) in q.iter().enumerate() {
                     acc[l] = [s[2 * p], s[2 * p + 1]];
                 }
@@ -155,35 +164,49 @@ fn block_kept(
             j = k;
         }
     }
+    SCRATCH.with(|c| c.set(all));
     Ok(sums.concat())
+}
+
+thread_local! {
+    static SCRATCH: Cell<Vec<RowScratch>> = const { Cell::new(Vec::new()) };
+}
+
+avx2! {
+/// `keys` where the element is kept (its bit in `bits`), else 0.
+fn kept_keys(keys: &[u32], bits: &[u32], out: &mut [u32]) {
+    for ((o, k), &w) in out.chunks_mut(32).zip(keys.chunks(32)).zip(bits) {
+        for ((o, &k), b) in o.iter_mut().zip(k).zip(0..32) {
+            *o = k & 0u32.wrapping_sub((w >> b) & 1);
+        }
+    }
+}
 }
 
 avx2! {
 /// Continues four lanes' sums `s` (lane `p`: `s[2p]` before masking, `s[2p + 1]` after) over
-/// the keys (`|Δ|` bits) of a piece of a row starting at element `j0`, `bits` the row's keep
-/// bits: the additions of [`super::gta`]'s pass over the masked deltas, in the same order.
-fn sums_of_four(norm: Rescale, keys: [&[u32]; 4], bits: [&[u32]; 4], j0: usize, s: &mut [f64; 8]) {
+/// a piece of a row: its keys (`|Δ|` bits) and its kept keys (0 where dropped). The additions
+/// of [`super::gta`]'s pass over the masked deltas, in the same order.
+fn sums_of_four(norm: Rescale, keys: [&[u32]; 4], kept: [&[u32]; 4], s: &mut [f64; 8]) {
     #[inline(always)]
-    fn run(keys: [&[u32]; 4], bits: [&[u32]; 4], j0: usize, s: &mut [f64; 8], add: impl Fn(f64, f64) -> f64) {
+    fn run(keys: [&[u32]; 4], kept: [&[u32]; 4], s: &mut [f64; 8], add: impl Fn(f64, f64) -> f64) {
         // In locals: sums kept in memory would put a store and a load on each addition's chain.
         let mut t = *s;
         let len = keys[0].len();
-        let keys = keys.map(|k| &k[..len]);
-        for (i, j) in (0..len).zip(j0..) {
+        let (keys, kept) = (keys.map(|k| &k[..len]), kept.map(|k| &k[..len]));
+        for i in 0..len {
             for p in 0..4 {
-                let k = keys[p][i];
-                let w = (bits[p][j / 32] >> (j % 32)) & 1;
-                t[2 * p] = add(t[2 * p], f32::from_bits(k) as f64);
-                t[2 * p + 1] = add(t[2 * p + 1], f32::from_bits(k & 0u32.wrapping_sub(w)) as f64);
+                t[2 * p] = add(t[2 * p], f32::from_bits(keys[p][i]) as f64);
+                t[2 * p + 1] = add(t[2 * p + 1], f32::from_bits(kept[p][i]) as f64);
             }
         }
         *s = t;
     }
     // One loop per norm (`Rescale::acc`'s operations), not a match per addition.
     match norm {
-        Rescale::L2 => run(keys, bits, j0, s, |a, x| a + x * x),
-        Rescale::Linf => run(keys, bits, j0, s, f64::max),
-        _ => run(keys, bits, j0, s, |a, x| a + x),
+        Rescale::L2 => run(keys, kept, s, |a, x| a + x * x),
+        Rescale::Linf => run(keys, kept, s, f64::max),
+        _ => run(keys, kept, s, |a, x| a + x),
     }
 }
 }
@@ -193,6 +216,8 @@ const BUCKETS: usize = 1 << 12;
 /// A row's buffers, reused from row to row.
 struct RowScratch {
     keys: Vec<u32>,
+    /// The keys of the kept elements, 0 for the dropped (for the rescale sums).
+    kept: Vec<u32>,
     /// Per bucket of keys, its count (two sets; all zero between rows).
     counts: Box<[[u32; BUCKETS]; 2]>,
     /// Per bucket of keys, its first rank (prefix sums of the bucket counts).
@@ -209,7 +234,7 @@ struct RowScratch {
 impl Default for RowScratch {
     fn default() -> Self {
         let (counts, start, exact, draws, band) = (Box::new([[0; BUCKETS]; 2]), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        RowScratch { keys: Vec::new(), counts, start, exact, draws, band, words: Vec::new(), tmp: Vec::new() }
+        RowScratch { keys: Vec::new(), kept: Vec::new(), counts, start, exact, draws, band, words: Vec::new(), tmp: Vec::new() }
     }
 }
 
