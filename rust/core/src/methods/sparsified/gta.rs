@@ -172,8 +172,9 @@ const HEAD: usize = 4; // per model: mode, scale, start, len
 
 impl Gta {
     /// Each model's rescale factor. The measured norms (l1, l2, linf) of every partially kept
-    /// model come from one pass over the chunks that reads the base once for all of them; per
-    /// model, the sums are those of a pass of its own (element order, chunks folded in order).
+    /// model whose sparsifier did not measure them come from one pass over the chunks that
+    /// reads the base once for all of them; per model, the sums are those of a pass of its
+    /// own (element order, chunks folded in order).
     fn scales(&self, ctx: &Ctx, io: &dyn TensorIo, prepared: &[Prepared]) -> Result<Vec<f64>> {
         let norm = self.rescale;
         let mut scales: Vec<f64> = prepared
