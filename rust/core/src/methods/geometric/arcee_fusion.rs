@@ -20,7 +20,7 @@ use super::common::{for_each_run, Layout};
 use crate::error::Result;
 use crate::exp_ln;
 use crate::kernel::CHUNK;
-use crate::kernel::{Ctx, Method, TensorIo};
+use crate::kernel::{with_work, Ctx, Method, TensorIo};
 use crate::methods::sparsified::select::{counts, select_ranks, HighHist};
 use crate::params::{BaseRule, MethodSpec, Params};
 use crate::simd::avx2;
@@ -195,29 +195,33 @@ impl Method for ArceeFusion {
             .map(|bi| {
                 let (r0, r1) = (bi * per, ((bi + 1) * per).min(rows));
                 let span = r0 * len..(r1 * len).min(numel);
-                let (mut b, mut x) = (vec![0f32; span.len()], vec![0f32; span.len()]);
-                io.read(0, span.clone(), &mut b)?;
-                io.read(1, span.clone(), &mut x)?;
-                let (mut buf, mut kl) = (Buffers::default(), vec![0f32; r1 - r0]);
-                for ((x, b), kl) in x.chunks(4 * len).zip(b.chunks(4 * len)).zip(kl.chunks_mut(4)) {
-                    rows_kl(x, b, len, &mut buf, kl);
-                }
-                let imp = match &sample {
-                    None => x
-                        .chunks(len)
-                        .zip(b.chunks(len))
-                        .zip(&kl)
-                        .flat_map(|((xr, br), &k)| xr.iter().zip(br).map(move |(&x, &b)| importance(x, b, k)))
-                        .collect(),
-                    Some((starts, grouped)) => grouped[starts[bi]..starts[bi + 1]]
-                        .iter()
-                        .map(|&j| {
-                            let i = j - span.start;
-                            importance(x[i], b[i], kl[i / len])
-                        })
-                        .collect(),
-                };
-                Ok((kl, imp))
+                // The thread's work buffer: fresh ones were zeroed and page-faulted per block.
+                with_work(2 * span.len(), |w| {
+                    let (b, x) = w.split_at_mut(span.len());
+                    io.read(0, span.clone(), b)?;
+                    io.read(1, span.clone(), x)?;
+                    let (b, x) = (&*b, &*x);
+                    let (mut buf, mut kl) = (Buffers::default(), vec![0f32; r1 - r0]);
+                    for ((x, b), kl) in x.chunks(4 * len).zip(b.chunks(4 * len)).zip(kl.chunks_mut(4)) {
+                        rows_kl(x, b, len, &mut buf, kl);
+                    }
+                    let imp = match &sample {
+                        None => x
+                            .chunks(len)
+                            .zip(b.chunks(len))
+                            .zip(&kl)
+                            .flat_map(|((xr, br), &k)| xr.iter().zip(br).map(move |(&x, &b)| importance(x, b, k)))
+                            .collect(),
+                        Some((starts, grouped)) => grouped[starts[bi]..starts[bi + 1]]
+                            .iter()
+                            .map(|&j| {
+                                let i = j - span.start;
+                                importance(x[i], b[i], kl[i / len])
+                            })
+                            .collect(),
+                    };
+                    Ok((kl, imp))
+                })
             })
             .collect::<Result<_>>()?;
         let mut kl = Vec::with_capacity(rows);
