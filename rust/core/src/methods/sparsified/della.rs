@@ -262,6 +262,7 @@ fn split_draws(us: &[u64], lo: u64, hi: u64, keep: &mut [u32], band: &mut [u32])
 /// `keep_bits`' limit on the elements ranked one by one in a row.
 const SCANS: usize = 32;
 
+avx2! {
 /// The keep bits of one row (`sc.keys`, the `|Δ|` keys of elements `first..first + m`) into
 /// `out`: element `j` is kept when `draw(key, first + j) < thresholds[r]`, `r` its rank in the
 /// row ordered by key and, among equal keys, by index.
@@ -369,6 +370,7 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
             decide(j, sc.tmp[j as usize] as usize);
         }
     }
+}
 }
 
 /// Greatest common divisor (Euclid).
