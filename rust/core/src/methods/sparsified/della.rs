@@ -580,6 +580,23 @@ mod tests {
         }
     }
 
+    /// The one-pass decisions and measured norms (blocks of two chunk-aligned strands, the
+    /// second one partial) give the same bytes for any thread count.
+    #[test]
+    fn thread_count_does_not_change_results() {
+        use crate::methods::geometric::common::testing::{rand, run_threads};
+        for shape in [[300usize, 2048], [130, 5632]] {
+            let n = shape[0] * shape[1];
+            let base = rand(n, 1);
+            let xs: Vec<Vec<f32>> = (2..4).map(|k| base.iter().zip(rand(n, k)).map(|(&b, d)| b + 0.01 * d).collect()).collect();
+            let xs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            let p = serde_json::json!({"density": 0.5, "epsilon": 0.1, "weight": [0.6, 0.4]});
+            let one = run_threads(1, "della", p.clone(), &shape, Some(&base), &xs).unwrap();
+            let three = run_threads(3, "della", p, &shape, Some(&base), &xs).unwrap();
+            assert!(one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()), "{shape:?}");
+        }
+    }
+
     /// `cargo test --profile quick -p merge_fast_core della_timing -- --ignored --nocapture`
     #[test]
     #[ignore]
