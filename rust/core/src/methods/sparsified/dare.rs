@@ -68,17 +68,7 @@ pub fn draws(key: u64, first: u64, out: &mut [u64]) {
 
 impl Sparsifier for Random {
     fn prepare(&self, _: &Ctx, _: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
-        let d = self.density[i];
-        Ok((
-            if d >= 1.0 {
-                Mode::Keep
-            } else if d <= 0.0 {
-                Mode::Drop
-            } else {
-                Mode::Partial
-            },
-            vec![],
-        ))
+        Ok((Mode::of_density(self.density[i]), vec![]))
     }
 
     fn mask(&self, ctx: &Ctx, _: usize, i: usize, _: &[f64], delta: &mut [f32]) {

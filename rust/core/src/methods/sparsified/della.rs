@@ -386,22 +386,22 @@ fn gcd(a: usize, b: usize) -> usize {
 /// (elements; a block is two strands).
 const MAX_ALIGNED_STRAND: usize = 16 * CHUNK;
 
-impl MagPrune {
-    fn mode(&self, i: usize) -> Mode {
-        match self.density[i] {
-            d if d >= 1.0 => Mode::Keep,
-            d if d <= 0.0 => Mode::Drop,
-            _ => Mode::Partial,
-        }
-    }
+/// The shortest run of whole rows of `m` that is a multiple of 32 rows (a word of the mask
+/// per element) and of whole engine chunks, when it is not longer than `MAX_ALIGNED_STRAND`.
+fn aligned_strand(m: usize) -> Option<usize> {
+    let rows32 = 32 * m;
+    let aligned = rows32 / gcd(rows32, CHUNK) * CHUNK;
+    (aligned <= MAX_ALIGNED_STRAND).then_some(aligned)
+}
 
+impl MagPrune {
     /// Each of `models`' preparation, the partially kept ones decided together.
     fn prepare_models(&self, ctx: &Ctx, io: &dyn TensorIo, models: &[usize], norm: Rescale) -> Result<Vec<Prepared>> {
-        let partial: Vec<usize> = models.iter().copied().filter(|&i| self.mode(i) == Mode::Partial).collect();
+        let partial: Vec<usize> = models.iter().copied().filter(|&i| Mode::of_density(self.density[i]) == Mode::Partial).collect();
         let mut decided = if partial.is_empty() { vec![] } else { self.decide(ctx, io, &partial, norm)? }.into_iter();
         Ok(models
             .iter()
-            .map(|&i| match self.mode(i) {
+            .map(|&i| match Mode::of_density(self.density[i]) {
                 Mode::Partial => decided.next().expect("one per partial model"),
                 mode => Prepared { mode, state: vec![], sums: None },
             })
@@ -420,10 +420,12 @@ impl MagPrune {
         // Blocks of whole rows, a multiple of 32 rows so that each starts on a word of the mask
         // and fills its own words (in parallel, no merge step), and of whole engine chunks
         // where that is not too long, so that the block can measure the rescale norms.
-        let rows32 = 32 * m;
-        let aligned = rows32 / gcd(rows32, CHUNK) * CHUNK;
-        let measure = matches!(norm, Rescale::L1 | Rescale::L2 | Rescale::Linf) && aligned <= MAX_ALIGNED_STRAND;
-        let (block, strand) = if measure { (2 * aligned, aligned) } else { ((CHUNK / m).max(1).next_multiple_of(32) * m, usize::MAX) };
+        let aligned = aligned_strand(m).filter(|_| matches!(norm, Rescale::L1 | Rescale::L2 | Rescale::Linf));
+        let measure = aligned.is_some();
+        let (block, strand) = match aligned {
+            Some(a) => (2 * a, a),
+            None => ((CHUNK / m).max(1).next_multiple_of(32) * m, usize::MAX),
+        };
         // Per rank, the integer threshold of its coin (rng::below): no division or float draw per
         // entry. They grow with the rank (ε ≥ 0 by the parameter's range), as keep_bits needs.
         let thresholds: Vec<Vec<u64>> =
@@ -557,7 +559,7 @@ mod tests {
             for norm in [Rescale::L1, Rescale::L2, Rescale::Linf] {
                 let prepared = prune.prepare_all(&ctx, &io, norm).unwrap();
                 let rows = MagPrune::row_len(&shape, numel);
-                let aligned = 32 * rows / gcd(32 * rows, CHUNK) * CHUNK <= MAX_ALIGNED_STRAND;
+                let aligned = aligned_strand(rows).is_some();
                 for (k, p) in prepared.iter().enumerate() {
                     let Some(got) = p.sums else {
                         assert!(!aligned, "{shape:?}: no sums");

@@ -38,6 +38,19 @@ pub enum Mode {
     Partial = 2,
 }
 
+impl Mode {
+    /// What a density leaves: ≥ 1 everything, ≤ 0 nothing, else a mask.
+    pub fn of_density(d: f64) -> Mode {
+        if d >= 1.0 {
+            Mode::Keep
+        } else if d <= 0.0 {
+            Mode::Drop
+        } else {
+            Mode::Partial
+        }
+    }
+}
+
 /// One model's preparation for a tensor.
 pub struct Prepared {
     pub mode: Mode,
