@@ -320,6 +320,56 @@ mod tests {
         }
     }
 
+    /// The AVX2 pass gives the baseline's bits: groups of one to four rows, rows whose length
+    /// is not a multiple of four, lanes off exp's common path (entries far below the row's
+    /// maximum) and ratios p/q far from 1.
+    #[test]
+    fn both_builds_give_the_same_kl() {
+        for (rows, len) in [(1, 1), (3, 3), (4, 701), (7, 2048), (2, 5)] {
+            let n = rows * len;
+            let b = rand(n, 5);
+            let mut x: Vec<f32> = b.iter().zip(rand(n, 6)).map(|(&b, d)| b + 0.05 * d).collect();
+            if n > 4 {
+                (x[1], x[n - 2]) = (-900.0, 40.0);
+            }
+            let kl = |wide: bool| {
+                crate::simd::baseline_only(!wide);
+                let mut out = vec![0f32; rows];
+                let mut buf = Buffers::default();
+                for ((x, b), o) in x.chunks(4 * len).zip(b.chunks(4 * len)).zip(out.chunks_mut(4)) {
+                    rows_kl(x, b, len, &mut buf, o);
+                }
+                crate::simd::baseline_only(false);
+                out
+            };
+            let (wide, plain) = (kl(true), kl(false));
+            assert!(wide.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows}x{len}: {wide:?} vs {plain:?}");
+        }
+    }
+
+    /// `cargo test --profile quick -p merge_fast_core arcee_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn arcee_timing() {
+        let r = |x: f64| half::bf16::from_f64(x).to_f32();
+        for m in [2048usize, 5632] {
+            let n = (1 << 22) / m * m;
+            let b: Vec<f32> = (0..n).map(|j| r(crate::rng::normal(3, j as u64) * 0.02)).collect();
+            let x: Vec<f32> = b.iter().enumerate().map(|(j, &b)| r(b as f64 + crate::rng::normal(4, j as u64) * 0.002)).collect();
+            let mut kl = vec![0f32; n / m];
+            let mut buf = Buffers::default();
+            let mut best = f64::MAX;
+            for _ in 0..15 {
+                let now = std::time::Instant::now();
+                for ((x, b), kl) in x.chunks(4 * m).zip(b.chunks(4 * m)).zip(kl.chunks_mut(4)) {
+                    rows_kl(x, b, m, &mut buf, kl);
+                }
+                best = best.min(now.elapsed().as_secs_f64() * 1e9 / n as f64);
+            }
+            println!("m {m}: rows_kl {best:.2} ns/element (minimum of 15 runs)");
+        }
+    }
+
     #[test]
     fn sampled_is_deterministic() {
         let n = 1_100_000;
