@@ -473,6 +473,10 @@ impl Sparsifier for MagPrune {
         bits::mask(state, ctx.offset, delta);
     }
 
+    fn masked_delta(&self, ctx: &Ctx, _: usize, _: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
+        bits::masked_delta(state, ctx.offset, x, base, out);
+    }
+
     fn density(&self, i: usize) -> f64 {
         self.density[i]
     }

@@ -72,6 +72,13 @@ pub trait Sparsifier: Send + Sync {
     }
     /// Zeroes the dropped entries of model `i`'s delta on the chunk at `ctx.offset`.
     fn mask(&self, ctx: &Ctx, chunk: usize, i: usize, state: &[f64], delta: &mut [f32]);
+    /// Model `i`'s delta `x − base` on the chunk at `ctx.offset` with its dropped entries
+    /// zeroed into `out`: [`delta_into`] then [`Sparsifier::mask`], which a sparsifier may fuse.
+    #[allow(clippy::too_many_arguments)]
+    fn masked_delta(&self, ctx: &Ctx, chunk: usize, i: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
+        delta_into(x, base, out);
+        self.mask(ctx, chunk, i, state, out);
+    }
     /// Model `i`'s density (for `rescale_mode: density`).
     fn density(&self, i: usize) -> f64;
 }
@@ -297,12 +304,13 @@ impl Gta {
                 di.fill(0.0);
                 continue;
             }
-            delta_into(x, base, di);
             if mode == Mode::Partial as u8 {
-                self.sparsifier.mask(ctx, chunk, i, &stats[start..start + slen], di);
+                self.sparsifier.masked_delta(ctx, chunk, i, &stats[start..start + slen], x, base, di);
                 if scale != 1.0 {
                     di.iter_mut().for_each(|x| *x *= scale);
                 }
+            } else {
+                delta_into(x, base, di);
             }
         }
     }

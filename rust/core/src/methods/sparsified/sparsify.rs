@@ -392,6 +392,31 @@ pub mod bits {
             }
         }
     }
+
+    crate::simd::avx2! {
+    /// `x − base` into `out` with the entries whose bit is clear zeroed (elements `first..`,
+    /// `first` a multiple of 32): [`super::delta_into`] then [`mask`] in one pass. (Masking in
+    /// place, the AVX2 build stores the zeros with masked stores, slow on AMD's CPUs.)
+    pub fn masked_delta(words: &[f64], first: usize, x: &[f32], base: &[f32], out: &mut [f32]) {
+        debug_assert!(first.is_multiple_of(32));
+        // Bit `j` of the word moved to the sign and spread over the lane: a shift per lane by
+        // its own count, eight lanes at a time in the AVX2 build.
+        let spread = |w: u32, j: usize| ((w << (31 - j)) as i32 >> 31) as u32;
+        for ((o, (x, b)), &w) in out.chunks_mut(32).zip(x.chunks(32).zip(base.chunks(32))).zip(&words[first / 32..]) {
+            let w = w as u32;
+            if let (Ok(o), Ok(x), Ok(b)) = (<&mut [f32; 32]>::try_from(&mut *o), <&[f32; 32]>::try_from(x), <&[f32; 32]>::try_from(b)) {
+                // A whole word: a fixed count, so that the loop is unrolled and vectorized.
+                for j in 0..32 {
+                    o[j] = f32::from_bits((x[j] - b[j]).to_bits() & spread(w, j));
+                }
+            } else {
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = f32::from_bits((x[j] - b[j]).to_bits() & spread(w, j));
+                }
+            }
+        }
+    }
+    }
 }
 
 /// Which norm mergekit's rescale matches (its `RescaleNorm`), or the paper's `1/density`.
@@ -539,12 +564,28 @@ pub(crate) mod tests {
         (0..n).for_each(|g| bits::set(&mut packed, g, keep(g)));
         let words: Vec<f64> = packed.into_iter().map(f64::from).collect();
         let vals: Vec<f32> = (0..n).map(|g| g as f32 - 500.5).collect();
+        // Every fifth delta zero.
+        let base: Vec<f32> = (0..n).map(|g| if g % 5 == 0 { g as f32 - 500.5 } else { 0.25 * g as f32 }).collect();
         for first in [0, 32, 320] {
             let mut d = vals[first..].to_vec();
             bits::mask(&words, first, &mut d);
             for (j, x) in d.iter().enumerate() {
                 let want = if keep(first + j) { vals[first + j] } else { 0.0 };
                 assert_eq!(x.to_bits(), want.to_bits(), "element {}", first + j);
+            }
+            // The fused delta and mask, from both builds, for whole words and a partial last one.
+            for wide in [true, false] {
+                crate::simd::baseline_only(!wide);
+                for len in [n - first, 64, 37] {
+                    let r = first..first + len;
+                    let mut got = vec![f32::NAN; len];
+                    bits::masked_delta(&words, first, &vals[r.clone()], &base[r.clone()], &mut got);
+                    let mut want = vec![0f32; len];
+                    delta_into(&vals[r.clone()], &base[r], &mut want);
+                    bits::mask(&words, first, &mut want);
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "from {first}, {len} elements, wide {wide}");
+                }
+                crate::simd::baseline_only(false);
             }
         }
     }
