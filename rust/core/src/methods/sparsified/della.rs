@@ -452,7 +452,8 @@ impl MagPrune {
             .enumerate()
             .map(|(k, w)| Prepared {
                 mode: Mode::Partial,
-                state: w.into_iter().map(f64::from).collect(),
+                // In parallel: on one thread, both cores waited on it.
+                state: w.into_par_iter().map(f64::from).collect(),
                 sums: measure.then(|| norm.fold_parts(parts.iter().flat_map(|p| p.iter().skip(k).step_by(n).copied()))),
             })
             .collect())
