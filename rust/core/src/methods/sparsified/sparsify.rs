@@ -402,17 +402,16 @@ pub mod bits {
         // Bit `j` of the word moved to the sign and spread over the lane: a shift per lane by
         // its own count, eight lanes at a time in the AVX2 build.
         let spread = |w: u32, j: usize| ((w << (31 - j)) as i32 >> 31) as u32;
+        let word = |o: &mut [f32], x: &[f32], b: &[f32], w: u32| {
+            for (j, (o, (&x, &b))) in o.iter_mut().zip(x.iter().zip(b)).enumerate() {
+                *o = f32::from_bits((x - b).to_bits() & spread(w, j));
+            }
+        };
         for ((o, (x, b)), &w) in out.chunks_mut(32).zip(x.chunks(32).zip(base.chunks(32))).zip(&words[first / 32..]) {
-            let w = w as u32;
-            if let (Ok(o), Ok(x), Ok(b)) = (<&mut [f32; 32]>::try_from(&mut *o), <&[f32; 32]>::try_from(x), <&[f32; 32]>::try_from(b)) {
+            match (<&mut [f32; 32]>::try_from(&mut *o), <&[f32; 32]>::try_from(x), <&[f32; 32]>::try_from(b)) {
                 // A whole word: a fixed count, so that the loop is unrolled and vectorized.
-                for j in 0..32 {
-                    o[j] = f32::from_bits((x[j] - b[j]).to_bits() & spread(w, j));
-                }
-            } else {
-                for (j, o) in o.iter_mut().enumerate() {
-                    *o = f32::from_bits((x[j] - b[j]).to_bits() & spread(w, j));
-                }
+                (Ok(o), Ok(x), Ok(b)) => word(o, x, b, w as u32),
+                _ => word(o, x, b, w as u32),
             }
         }
     }
