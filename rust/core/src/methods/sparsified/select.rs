@@ -16,11 +16,15 @@ const BITS: u32 = 16;
 pub const BUCKETS: usize = 1 << BITS;
 const LOW: u32 = (1 << BITS) - 1;
 
-/// Smallest run of chunks one histogram accumulator covers: about 4 per thread in all, so
-/// zeroing and merging the 512 KiB histograms stays negligible next to the counting.
+/// Smallest run of chunks one histogram accumulator covers: about 4 per thread in all, and at
+/// least 4 chunks (four keys per bucket), so that zeroing and merging the 512 KiB histograms
+/// stays small next to the counting.
 pub fn min_chunks_per_hist(n_chunks: usize) -> usize {
-    (n_chunks / (4 * rayon::current_num_threads())).max(1)
+    (n_chunks / (4 * rayon::current_num_threads())).max(4)
 }
+
+/// Most keys [`select_ranks`] gathers and sorts instead of counting their low bits.
+const GATHER: u64 = 1 << 14;
 
 /// Zeroed count buffers, reused. A histogram (512 KiB) is above glibc's mmap threshold,
 /// so a fresh one cost 128 page faults and zeroed pages: a ties merge at 1.1B built ~2500
@@ -144,6 +148,21 @@ pub fn select_ranks(keys: &[u32], hist: &HighHist, ranks: &[usize]) -> Vec<u32> 
     // slots hold a value no 16-bit high part equals.
     let mut want = [u32::MAX; 3];
     want[..nb].copy_from_slice(&buckets);
+    let sizes: Vec<u64> = buckets.iter().map(|&b| hist.0[b as usize]).collect();
+    if sizes.iter().sum::<u64>() <= GATHER {
+        // Few keys in those buckets: gathered and sorted (a bucket is a range of keys, so the
+        // sorted keys run bucket after bucket), without the low histograms (512 KiB each to
+        // zero and merge: most of the time for a million keys).
+        let mut found: Vec<u32> = keys.par_chunks(CHUNK).flat_map_iter(|c| c.iter().copied().filter(|&k| want.contains(&(k >> BITS)))).collect();
+        found.sort_unstable();
+        return located
+            .iter()
+            .map(|&(b, r)| {
+                let before: u64 = buckets.iter().zip(&sizes).filter(|&(&x, _)| x < b as u32).map(|(_, &n)| n).sum();
+                found[(before + r) as usize]
+            })
+            .collect();
+    }
     let tally = |mut h: counts::Counts, c: &[u32]| {
         for &k in c {
             let (hi, lo) = (k >> BITS, (k & LOW) as usize);
@@ -364,9 +383,12 @@ mod tests {
         let n = 5 * CHUNK + 17;
         let same = vec![0x3A00_1234u32; n];
         assert_eq!(select(&same, &[0, n / 2, n - 1]), vec![0x3A00_1234; 3]);
-        let keys: Vec<u32> = (0..n).map(|i| (crate::rng::mix64(i as u64) as u32) & 0x0003_FFFF).collect();
+        // Crowded buckets (low histograms), then spread ones (their keys gathered and sorted).
         let ranks = [0, 1, n / 3, n / 3 + 1, n - 2, n - 1];
-        assert_eq!(select(&keys, &ranks), reference(&keys, &ranks));
+        for mask in [0x0003_FFFF, u32::MAX] {
+            let keys: Vec<u32> = (0..n).map(|i| (crate::rng::mix64(i as u64) as u32) & mask).collect();
+            assert_eq!(select(&keys, &ranks), reference(&keys, &ranks), "{mask:x}");
+        }
         assert_eq!(select(&[7], &[0]), vec![7]);
     }
 }
