@@ -13,9 +13,9 @@
 //!
 //! Memory: `prepare` reads blocks of whole rows (about a chunk, two slots) in parallel; from
 //! each block it takes its rows' KL values and the importances of its elements (or of the
-//! sampled ones among them), gathered into one f32 buffer of at most 1,000,000 values, whose
-//! quantiles are radix-selected (exact, as a sort would give them); `apply` runs elementwise
-//! on chunks.
+//! sampled ones among them, grouped by block beforehand), written as ordered keys into their
+//! places in one buffer of at most 1,000,000, whose quantiles are radix-selected (exact, as a
+//! sort would give them); `apply` runs elementwise on chunks.
 use super::common::{for_each_run, Layout};
 use crate::error::Result;
 use crate::exp_ln;
@@ -24,6 +24,7 @@ use crate::kernel::{with_work, Ctx, Method, TensorIo};
 use crate::methods::sparsified::select::{counts, select_ranks, HighHist};
 use crate::params::{BaseRule, MethodSpec, Params};
 use crate::simd::avx2;
+use crate::simd::avx512;
 
 pub fn spec() -> MethodSpec {
     MethodSpec::new("arcee_fusion", BaseRule::Required, |p, n, b| Ok(Box::new(ArceeFusion::build(p, n, b)?))).models(1, Some(1)).mergekit()
@@ -33,6 +34,44 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 pub const SAMPLE: usize = 1_000_000;
+/// Samples per piece of the parallel sampling passes.
+const PIECE: usize = 1 << 17;
+
+avx512! {
+/// Sampled indices `first..` (of `numel` elements) into `out` (the conversions to and from
+/// floats vectorize with AVX-512DQ).
+fn sample_indices(key: u64, numel: usize, first: u64, out: &mut [usize]) {
+    for (o, i) in out.iter_mut().zip(first..) {
+        *o = ((uniform(key, i) * numel as f64) as usize).min(numel - 1);
+    }
+}
+}
+
+/// `j / d` by a multiply where `j` and `d` are below 2^32 (a block of a sampled index, twice
+/// per sample): with `m = ⌈2^64 / d⌉`, `j·m / 2^64` exceeds `j / d` by less than `2^-32 < 1/d`,
+/// never reaching the next integer. A division otherwise.
+#[derive(Clone, Copy)]
+struct DivBy {
+    d: usize,
+    /// 0: divide.
+    m: u64,
+}
+
+impl DivBy {
+    fn new(d: usize) -> DivBy {
+        let m = if (2..1 << 32).contains(&d) { u64::MAX / d as u64 + 1 } else { 0 };
+        DivBy { d, m }
+    }
+
+    #[inline]
+    fn of(self, j: usize) -> usize {
+        if self.m != 0 && j < 1 << 32 {
+            ((j as u128 * self.m as u128) >> 64) as usize
+        } else {
+            j / self.d
+        }
+    }
+}
 
 pub struct ArceeFusion {
     /// Sampling buffers (several MB) reused from tensor to tensor: fresh ones cost a page
@@ -43,9 +82,8 @@ pub struct ArceeFusion {
 
 #[derive(Default)]
 struct Scratch {
-    idx: Vec<(usize, usize)>,
+    idx: Vec<usize>,
     grouped: Vec<usize>,
-    vals: Vec<f32>,
     keys: Vec<u32>,
 }
 
@@ -171,69 +209,91 @@ impl Method for ArceeFusion {
         let mut sc = self.scratch.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
         let sample = (numel > SAMPLE).then(|| {
             let key = stream_key(ctx.seed, ctx.tensor, 0xA7CE_F051);
-            sc.idx.clear();
-            // Each index with its block (one integer division each, in parallel: they were a
-            // tenth of the merge's time when taken again in the loops below).
-            sc.idx.par_extend((0..SAMPLE).into_par_iter().map(|i| {
-                let j = ((uniform(key, i as u64) * numel as f64) as usize).min(numel - 1);
-                (j, j / (per * len))
-            }));
-            let mut starts = vec![0usize; nb + 1];
-            sc.idx.iter().for_each(|&(_, b)| starts[b + 1] += 1);
-            (0..nb).for_each(|c| starts[c + 1] += starts[c]);
-            let mut next = starts.clone();
-            sc.grouped.clear();
+            let block = DivBy::new(per * len);
+            // The indices in pieces, in parallel; each piece's count per block; then the pieces
+            // scattered in parallel into disjoint slices laid out block by block (a counting sort
+            // on one thread waited the other core out for a tenth of the merge).
+            sc.idx.resize(SAMPLE, 0);
+            sc.idx.par_chunks_mut(PIECE).enumerate().for_each(|(p, c)| sample_indices(key, numel, (p * PIECE) as u64, c));
+            let counts: Vec<Vec<usize>> = sc
+                .idx
+                .par_chunks(PIECE)
+                .map(|c| {
+                    let mut h = vec![0usize; nb];
+                    c.iter().for_each(|&j| h[block.of(j)] += 1);
+                    h
+                })
+                .collect();
             sc.grouped.resize(SAMPLE, 0);
-            for &(j, b) in &sc.idx {
-                sc.grouped[next[b]] = j;
-                next[b] += 1;
+            let mut starts = Vec::with_capacity(nb + 1);
+            let mut slices: Vec<Vec<&mut [usize]>> = counts.iter().map(|_| Vec::with_capacity(nb)).collect();
+            let mut rest: &mut [usize] = &mut sc.grouped;
+            for b in 0..nb {
+                starts.push(SAMPLE - rest.len());
+                for (h, s) in counts.iter().zip(&mut slices) {
+                    let (mine, after) = std::mem::take(&mut rest).split_at_mut(h[b]);
+                    s.push(mine);
+                    rest = after;
+                }
             }
+            starts.push(SAMPLE);
+            slices.into_par_iter().zip(sc.idx.par_chunks(PIECE)).for_each(|(mut s, c)| {
+                let mut at = vec![0usize; nb];
+                for &j in c {
+                    let b = block.of(j);
+                    s[b][at[b]] = j;
+                    at[b] += 1;
+                }
+            });
             (starts, &sc.grouped)
         });
-        let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..nb)
-            .into_par_iter()
-            .map(|bi| {
-                let (r0, r1) = (bi * per, ((bi + 1) * per).min(rows));
-                let span = r0 * len..(r1 * len).min(numel);
-                // The thread's work buffer: fresh ones were zeroed and page-faulted per block.
-                with_work(2 * span.len(), |w| {
-                    let (b, x) = w.split_at_mut(span.len());
-                    io.read(0, span.clone(), b)?;
-                    io.read(1, span.clone(), x)?;
-                    let (b, x) = (&*b, &*x);
-                    let (mut buf, mut kl) = (Buffers::default(), vec![0f32; r1 - r0]);
-                    for ((x, b), kl) in x.chunks(4 * len).zip(b.chunks(4 * len)).zip(kl.chunks_mut(4)) {
-                        rows_kl(x, b, len, &mut buf, kl);
-                    }
-                    let imp = match &sample {
-                        None => x
-                            .chunks(len)
-                            .zip(b.chunks(len))
-                            .zip(&kl)
-                            .flat_map(|((xr, br), &k)| xr.iter().zip(br).map(move |(&x, &b)| importance(x, b, k)))
-                            .collect(),
-                        Some((starts, grouped)) => grouped[starts[bi]..starts[bi + 1]]
-                            .iter()
-                            .map(|&j| {
-                                let i = j - span.start;
-                                importance(x[i], b[i], kl[i / len])
-                            })
-                            .collect(),
-                    };
-                    Ok((kl, imp))
-                })
-            })
-            .collect::<Result<_>>()?;
-        let mut kl = Vec::with_capacity(rows);
-        sc.vals.clear();
-        for (k, v) in parts {
-            kl.extend(k);
-            sc.vals.extend(v);
-        }
-        let n = sc.vals.len();
-        let rank = |f: f32| ((f * (n - 1) as f32) as usize).min(n - 1);
+        // Each block's rows' KL and its share of the importances' keys, written in place.
+        let n = if sample.is_some() { SAMPLE } else { numel };
         sc.keys.clear();
-        sc.keys.par_extend(sc.vals.par_iter().map(|&v| total_key(v)));
+        sc.keys.resize(n, 0);
+        let mut shares = Vec::with_capacity(nb);
+        let mut rest: &mut [u32] = &mut sc.keys;
+        for bi in 0..nb {
+            let k = match &sample {
+                None => ((bi + 1) * per * len).min(numel) - bi * per * len,
+                Some((starts, _)) => starts[bi + 1] - starts[bi],
+            };
+            let (mine, after) = std::mem::take(&mut rest).split_at_mut(k);
+            shares.push(mine);
+            rest = after;
+        }
+        let mut kl = vec![0f32; rows];
+        let row = DivBy::new(len);
+        kl.par_chunks_mut(per).zip(shares).enumerate().try_for_each(|(bi, (kl, keys))| {
+            let (r0, r1) = (bi * per, ((bi + 1) * per).min(rows));
+            let span = r0 * len..(r1 * len).min(numel);
+            // The thread's work buffer: fresh ones were zeroed and page-faulted per block.
+            with_work(2 * span.len(), |w| {
+                let (b, x) = w.split_at_mut(span.len());
+                io.read(0, span.clone(), b)?;
+                io.read(1, span.clone(), x)?;
+                let (b, x) = (&*b, &*x);
+                let mut buf = Buffers::default();
+                for ((x, b), kl) in x.chunks(4 * len).zip(b.chunks(4 * len)).zip(kl.chunks_mut(4)) {
+                    rows_kl(x, b, len, &mut buf, kl);
+                }
+                match &sample {
+                    None => {
+                        for (((xr, br), &k), kr) in x.chunks(len).zip(b.chunks(len)).zip(&*kl).zip(keys.chunks_mut(len)) {
+                            kr.iter_mut().zip(xr.iter().zip(br)).for_each(|(o, (&x, &b))| *o = total_key(importance(x, b, k)));
+                        }
+                    }
+                    Some((starts, grouped)) => {
+                        for (o, &j) in keys.iter_mut().zip(&grouped[starts[bi]..starts[bi + 1]]) {
+                            let i = j - span.start;
+                            *o = total_key(importance(x[i], b[i], kl[row.of(i)]));
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })?;
+        let rank = |f: f32| ((f * (n - 1) as f32) as usize).min(n - 1);
         let keys = &sc.keys;
         let q = select_ranks(keys, &HighHist::of(keys), &[rank(0.25), rank(0.5), rank(0.75)]);
         self.scratch.lock().unwrap_or_else(|e| e.into_inner()).push(sc);
@@ -367,6 +427,18 @@ mod tests {
                 best = best.min(now.elapsed().as_secs_f64() * 1e9 / n as f64);
             }
             println!("m {m}: rows_kl {best:.2} ns/element (minimum of 15 runs)");
+        }
+    }
+
+    #[test]
+    fn div_by_divides() {
+        let js = [0usize, 1, 2, 3, 65535, 65536, 720895, 720896, (1 << 31) - 1, 1 << 31, (1 << 32) - 2, (1 << 32) - 1, 1 << 32, 1 << 40];
+        for d in [1usize, 2, 3, 7, 2048, 65536, 720896, (1 << 31) + 1, (1 << 32) - 1, 1 << 32, (1 << 32) + 3] {
+            let by = DivBy::new(d);
+            let more = (0..10_000u64).map(|i| (crate::rng::mix64(i ^ d as u64) >> 32) as usize);
+            for j in js.into_iter().chain(js.map(|j| j.saturating_sub(d) + d / 2)).chain(more) {
+                assert_eq!(by.of(j), j / d, "{j} / {d}");
+            }
         }
     }
 
