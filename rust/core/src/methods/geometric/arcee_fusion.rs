@@ -23,8 +23,7 @@ use crate::kernel::CHUNK;
 use crate::kernel::{with_work, Ctx, Method, TensorIo};
 use crate::methods::sparsified::select::{counts, select_ranks, HighHist};
 use crate::params::{BaseRule, MethodSpec, Params};
-use crate::simd::avx2;
-use crate::simd::avx512;
+use crate::simd::{avx2, avx512};
 
 pub fn spec() -> MethodSpec {
     MethodSpec::new("arcee_fusion", BaseRule::Required, |p, n, b| Ok(Box::new(ArceeFusion::build(p, n, b)?))).models(1, Some(1)).mergekit()
@@ -47,8 +46,8 @@ fn sample_indices(key: u64, numel: usize, first: u64, out: &mut [usize]) {
 }
 }
 
-/// `j / d` by a multiply where `j` and `d` are below 2^32 (a block of a sampled index, twice
-/// per sample): with `m = ⌈2^64 / d⌉`, `j·m / 2^64` exceeds `j / d` by less than `2^-32 < 1/d`,
+/// `j / d` by a multiply where `j` and `d` are below 2^32 (a sampled index's block, twice per
+/// sample, and its row): with `m = ⌈2^64 / d⌉`, `j·m / 2^64` exceeds `j / d` by less than `2^-32 < 1/d`,
 /// never reaching the next integer. A division otherwise.
 #[derive(Clone, Copy)]
 struct DivBy {
