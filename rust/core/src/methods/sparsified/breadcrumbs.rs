@@ -10,7 +10,7 @@
 //! `target` entries are kept (mergekit 0.1.5 does the same). Ties on a boundary magnitude are
 //! broken by index (the lower index ranks lower), so exactly `target` entries survive.
 use super::gta::{Mode, Sparsifier};
-use super::sparsify::{mag_key, mask_by_window, Window};
+use super::sparsify::{delta_keys, mask_by_window, masked_delta_by_window, Window};
 use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
@@ -36,10 +36,6 @@ impl Outliers {
     }
 }
 
-fn delta_keys(v: &[&[f32]], out: &mut [u32]) {
-    out.iter_mut().zip(v[1].iter().zip(v[0])).for_each(|(o, (&x, &b))| *o = mag_key(x - b));
-}
-
 impl Sparsifier for Outliers {
     fn prepare(&self, _: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
         if self.density[i] >= 1.0 {
@@ -49,14 +45,18 @@ impl Sparsifier for Outliers {
         if lo == hi {
             return Ok((Mode::Drop, vec![]));
         }
-        let w = Window::find(io, &[0, i + 1], lo, hi, &delta_keys)?;
+        let w = Window::find(io, &[0, i + 1], lo, hi, &|v, out| delta_keys(v, out, false))?;
         let mut st = vec![];
         w.pack(&mut st);
         Ok((Mode::Partial, st))
     }
 
     fn mask(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], delta: &mut [f32]) {
-        mask_by_window(state, chunk, delta, mag_key);
+        mask_by_window(state, chunk, delta, false);
+    }
+
+    fn masked_delta(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
+        masked_delta_by_window(state, chunk, x, base, out, false);
     }
 
     fn density(&self, i: usize) -> f64 {

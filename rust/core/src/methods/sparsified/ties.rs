@@ -4,7 +4,7 @@
 //! first, so exactly k survive (mergekit's `argsort` leaves that order unspecified).
 //! Memory: one `u32` per element of scratch while finding the threshold, then elementwise.
 use super::gta::{Mode, Sparsifier};
-use super::sparsify::{mag_key_desc, mask_by_window, Window};
+use super::sparsify::{delta_keys, mask_by_window, masked_delta_by_window, Window};
 use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
@@ -24,11 +24,6 @@ impl Magnitude {
     }
 }
 
-/// Descending-magnitude keys of `model − base` for one chunk (`v = [base, model]`).
-pub fn delta_keys_desc(v: &[&[f32]], out: &mut [u32]) {
-    out.iter_mut().zip(v[1].iter().zip(v[0])).for_each(|(o, (&x, &b))| *o = mag_key_desc(x - b));
-}
-
 impl Sparsifier for Magnitude {
     fn prepare(&self, _: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
         let (n, d) = (io.numel(), self.density[i]);
@@ -39,14 +34,18 @@ impl Sparsifier for Magnitude {
             return Ok((Mode::Drop, vec![]));
         }
         let k = ((d * n as f64) as usize).clamp(1, n);
-        let w = Window::find(io, &[0, i + 1], 0, k, &delta_keys_desc)?;
+        let w = Window::find(io, &[0, i + 1], 0, k, &|v, out| delta_keys(v, out, true))?;
         let mut st = vec![];
         w.pack(&mut st);
         Ok((Mode::Partial, st))
     }
 
     fn mask(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], delta: &mut [f32]) {
-        mask_by_window(state, chunk, delta, mag_key_desc);
+        mask_by_window(state, chunk, delta, true);
+    }
+
+    fn masked_delta(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
+        masked_delta_by_window(state, chunk, x, base, out, true);
     }
 
     fn density(&self, i: usize) -> f64 {
