@@ -300,6 +300,46 @@ where
         .collect()
 }
 
+/// A chunk as [`par_chunk_pairs`] hands it over: its index, element range and slot slices.
+pub type ChunkView<'a> = (usize, Range<usize>, Vec<&'a [f32]>);
+
+/// As [`par_chunks`], two chunks per call (one for the last of an odd count): `f` gets each
+/// chunk's index, element range and slot slices, and returns one result per chunk, in chunk
+/// order. For passes whose sums run in element order per chunk: two chunks' chains of
+/// additions can advance in one loop.
+pub fn par_chunk_pairs<T, F>(io: &dyn TensorIo, slots: &[usize], f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(&[ChunkView]) -> Result<Vec<T>> + Sync,
+{
+    let numel = io.numel();
+    let n = numel.div_ceil(CHUNK);
+    let pairs: Vec<Vec<T>> = (0..n.div_ceil(2))
+        .into_par_iter()
+        .map(|p| {
+            with_scratch(|sc| {
+                let chunks: Vec<(usize, Range<usize>)> = (2 * p..(2 * p + 2).min(n)).map(|c| (c, c * CHUNK..((c + 1) * CHUNK).min(numel))).collect();
+                let (bufs, _, _) = sc.parts(chunks.len() * slots.len(), CHUNK);
+                for ((_, r), bufs) in chunks.iter().zip(bufs.chunks_mut(slots.len())) {
+                    for (b, &s) in bufs.iter_mut().zip(slots) {
+                        io.read(s, r.clone(), &mut b[..r.len()])?;
+                    }
+                }
+                let views: Vec<ChunkView> = chunks
+                    .into_iter()
+                    .zip(bufs.chunks(slots.len()))
+                    .map(|((c, r), bufs)| {
+                        let v = bufs.iter().map(|b| &b[..r.len()]).collect();
+                        (c, r, v)
+                    })
+                    .collect();
+                f(&views)
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(pairs.into_iter().flatten().collect())
+}
+
 /// The default `Method::prepare`: streams fixed chunks through `accumulate` in parallel and
 /// folds the parts with `combine` in chunk order.
 pub fn stream_stats<M: Method + ?Sized>(method: &M, io: &dyn TensorIo) -> Result<Vec<f64>> {

@@ -18,7 +18,7 @@ use super::gta::Mode;
 use super::sparsify::{bits, chunk_of, delta_into, keys_and_hist, scratch, Window, TILE};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
-use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
+use crate::kernel::{par_chunk_pairs, with_work, Ctx, Method, TensorIo};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 use crate::simd::avx2;
 
@@ -85,25 +85,30 @@ fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
 }
 }
 
-/// `Σ τ²` of each model's task vector over the chunk (each sum in element order), two
-/// models per loop: their sums are independent, so the CPU overlaps them.
-fn mean_squares(tv: &[f32], len: usize, n: usize) -> Vec<f64> {
+/// `Σ x²` of each lane (in f64, each sum in element order), four lanes per loop: their sums
+/// are independent chains of additions, which the CPU overlaps (a lane alone waits on each
+/// addition's latency).
+fn sums_of_squares(lanes: &[&[f32]]) -> Vec<f64> {
     let sq = |x: f32| (x as f64) * (x as f64);
-    let t = |i: usize| &tv[i * len..(i + 1) * len];
-    let mut ms = vec![0f64; n];
-    for i in (0..n).step_by(2) {
-        if i + 1 < n {
-            let (mut a, mut b) = (0f64, 0f64);
-            t(i).iter().zip(t(i + 1)).for_each(|(&x, &y)| {
-                a += sq(x);
-                b += sq(y);
-            });
-            (ms[i], ms[i + 1]) = (a, b);
-        } else {
-            ms[i] = t(i).iter().fold(0f64, |a, &x| a + sq(x));
+    let mut out = Vec::with_capacity(lanes.len());
+    for group in lanes.chunks(4) {
+        // Missing lanes repeat the last one (their sums are dropped).
+        let l: [&[f32]; 4] = std::array::from_fn(|k| group[k.min(group.len() - 1)]);
+        let common = l.iter().map(|l| l.len()).min().unwrap_or(0);
+        let mut s = [0f64; 4];
+        let c = |k: usize| &l[k][..common];
+        for (((&a, &b), &c), &d) in c(0).iter().zip(c(1)).zip(c(2)).zip(c(3)) {
+            s[0] += sq(a);
+            s[1] += sq(b);
+            s[2] += sq(c);
+            s[3] += sq(d);
         }
+        for (k, s) in s.iter_mut().enumerate().take(group.len()) {
+            *s = l[k][common..].iter().fold(*s, |a, &x| a + sq(x));
+        }
+        out.extend(&s[..group.len()]);
     }
-    ms
+    out
 }
 
 const HEAD: usize = 1; // mode, then n weights, then the keep bits of a partial selection
@@ -154,20 +159,31 @@ impl Method for Sce {
         };
         // Mean squares of the selected task vectors, folded in chunk order; the selection is
         // decided once here from the stored keys and kept as bits for `apply`.
-        let parts = par_chunks(io, &slots, |c, r, v| {
-            let words: Vec<f64> = if let Some(keys) = &keys {
-                let mut kept = vec![0u32; r.len().div_ceil(32)];
-                Window::decide_words(&window, c, &keys[r.clone()], &mut kept);
-                kept.into_iter().map(f64::from).collect()
-            } else {
-                vec![]
-            };
-            let ms = with_work(n * r.len(), |tv| {
-                task_vectors(v[0], &v[1..], tv);
-                Self::select(mode as u8, &words, 0, tv, r.len());
-                mean_squares(tv, r.len(), n)
+        // Two chunks at a time: each model's sum per chunk is a chain of additions in element
+        // order; the two chunks' chains advance in one loop.
+        let parts = par_chunk_pairs(io, &slots, |chunks| {
+            let words: Vec<Vec<f64>> = chunks
+                .iter()
+                .map(|(c, r, _)| match &keys {
+                    Some(keys) => {
+                        let mut kept = vec![0u32; r.len().div_ceil(32)];
+                        Window::decide_words(&window, *c, &keys[r.clone()], &mut kept);
+                        kept.into_iter().map(f64::from).collect()
+                    }
+                    None => vec![],
+                })
+                .collect();
+            let ms = with_work(n * 2 * CHUNK, |w| {
+                let mut lanes = Vec::with_capacity(2 * n);
+                for (((_, r, v), words), tv) in chunks.iter().zip(&words).zip(w.chunks_mut(n * CHUNK)) {
+                    let tv = &mut tv[..n * r.len()];
+                    task_vectors(v[0], &v[1..], tv);
+                    Self::select(mode as u8, words, 0, tv, r.len());
+                    lanes.extend(tv.chunks(r.len().max(1)).take(n));
+                }
+                sums_of_squares(&lanes)
             });
-            Ok((ms, words))
+            Ok(ms.chunks(n).zip(words).map(|(ms, w)| (ms.to_vec(), w)).collect())
         })?;
         drop(keys);
         let mut ms = vec![0f64; n];
@@ -240,13 +256,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paired_mean_squares_are_the_plain_sums() {
-        for n in 1..=3 {
-            let len = 1001;
-            let tv: Vec<f32> = (0..n * len).map(|j| ((j * 7919 % 1013) as f32 - 500.0) * 1e-3).collect();
-            let want: Vec<u64> = tv.chunks(len).map(|t| t.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().to_bits()).collect();
-            let got: Vec<u64> = mean_squares(&tv, len, n).iter().map(|m| m.to_bits()).collect();
-            assert_eq!(got, want, "{n} models");
+    fn grouped_sums_of_squares_are_the_plain_sums() {
+        // One to nine lanes (groups of four and a partial one), lanes of different lengths
+        // (a last chunk is shorter), an empty one.
+        for n in 1..=9 {
+            let lanes: Vec<Vec<f32>> = (0..n)
+                .map(|i| (0..if i == 5 { 0 } else { 1001 - 97 * (i % 3) }).map(|j| (((j + i) * 7919 % 1013) as f32 - 500.0) * 1e-3).collect())
+                .collect();
+            let want: Vec<u64> = lanes.iter().map(|t| t.iter().fold(0f64, |a, &x| a + (x as f64) * (x as f64)).to_bits()).collect();
+            let views: Vec<&[f32]> = lanes.iter().map(|l| l.as_slice()).collect();
+            let got: Vec<u64> = sums_of_squares(&views).iter().map(|m| m.to_bits()).collect();
+            assert_eq!(got, want, "{n} lanes");
         }
     }
 }

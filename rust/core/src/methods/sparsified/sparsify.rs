@@ -275,40 +275,38 @@ impl Window {
 
     /// The keep decisions for the keys of the chunk `chunk` (in index order) as bits of
     /// `out` (bit `j % 32` of word `j / 32`; `keys.len().div_ceil(32)` words, overwritten).
-    /// Each word is built in a register: setting bits one by one in memory made every
-    /// decision wait for the previous one's store.
     pub fn decide_words(packed: &[f64], chunk: usize, keys: &[u32], out: &mut [u32]) {
         match ChunkRule::of(packed, chunk) {
-            Some(rule) => {
-                for (w, ks) in out.iter_mut().zip(keys.chunks(32)) {
-                    *w = ks.iter().zip(0..32).fold(0u32, |w, (&k, b)| w | (u32::from(rule.kept(k)) << b));
-                }
-            }
+            Some(rule) => rule_words(rule, keys, out),
             None => {
                 out.fill(0);
-                Self::decide_by_rank(packed, chunk, keys, |j, kept| bits::set(out, j, kept));
+                let mut words = Vec::new();
+                for (r, rule) in ChunkRule::runs(packed, chunk, keys) {
+                    // The words this run touches, then only its own bits of them.
+                    let (w0, w1) = (r.start / 32, r.end.div_ceil(32));
+                    words.resize(w1 - w0, 0);
+                    rule_words(rule, &keys[w0 * 32..(w1 * 32).min(keys.len())], &mut words);
+                    for (k, (o, &w)) in out[w0..w1].iter_mut().zip(&words).enumerate() {
+                        let at = (w0 + k) * 32;
+                        let (s, e) = (r.start.max(at) - at, r.end.min(at + 32) - at);
+                        let mask = (u32::MAX >> (32 - (e - s))) << s;
+                        *o |= w & mask;
+                    }
+                }
             }
         }
     }
+}
 
-    /// The exact rule: keys on a boundary ranked one by one by index.
-    fn decide_by_rank(packed: &[f64], chunk: usize, keys: &[u32], mut keep: impl FnMut(usize, bool)) {
-        let g = |i: usize| packed[i] as u64;
-        let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize); // nc: chunks + 1
-        let (mut ca, mut cb) = (g(7 + chunk), g(7 + nc + chunk));
-        for (j, &k) in keys.iter().enumerate() {
-            // Keys on a boundary are rare: rank them by index; the rest is a range test.
-            let kept = if k == a || k == b {
-                let r = if k == a { less_a + ca } else { less_b + cb };
-                ca += u64::from(k == a);
-                cb += u64::from(k == b);
-                r >= lo && r < hi
-            } else {
-                (k > a) & (k < b)
-            };
-            keep(j, kept);
-        }
+crate::simd::avx2! {
+/// The bits of `rule`'s decisions on `keys` (bit `j % 32` of word `j / 32`), each word built
+/// in a register (setting bits one by one in memory made every decision wait for the
+/// previous one's store).
+fn rule_words(rule: ChunkRule, keys: &[u32], out: &mut [u32]) {
+    for (w, ks) in out.iter_mut().zip(keys.chunks(32)) {
+        *w = ks.iter().zip(0..32).fold(0u32, |w, (&k, b)| w | (u32::from(rule.kept(k)) << b));
     }
+}
 }
 
 /// A chunk's decision as a pure function of the key, valid when each boundary tie group
@@ -339,7 +337,7 @@ impl ChunkRule {
             }
         };
         let keep_a = whole(less_a + g(7 + chunk), na)?;
-        // `a == b`: the ties rank by `a`'s counters (as `decide_by_rank` does).
+        // `a == b`: the ties rank by `a`'s counters (as `runs` does).
         let keep_b = if a == b { keep_a } else { whole(less_b + g(7 + nc + chunk), nb)? };
         Some(ChunkRule { a, b, keep_a, keep_b })
     }
@@ -349,11 +347,11 @@ impl ChunkRule {
         ((k > self.a) & (k < self.b)) | ((k == self.a) & self.keep_a) | ((k == self.b) & self.keep_b)
     }
 
-    /// A chunk's decisions as runs of one rule each (`(start, rule)`, at most five), where
+    /// A chunk's decisions as runs of one rule each (at most five), where
     /// [`ChunkRule::of`] finds none: a boundary key's ties rank by index, so the kept ones among
     /// them are the occurrences `s..e` of that key in the chunk, and the rule changes only
-    /// where those start and stop. The same decisions as `Window::decide_by_rank`.
-    fn runs(packed: &[f64], chunk: usize, keys: &[u32]) -> Vec<(usize, ChunkRule)> {
+    /// where those start and stop.
+    fn runs(packed: &[f64], chunk: usize, keys: &[u32]) -> Vec<(std::ops::Range<usize>, ChunkRule)> {
         let g = |i: usize| packed[i] as u64;
         // nc: chunks + 1
         let (lo, hi, a, b, less_a, less_b, nc) = (g(0), g(1), g(2) as u32, g(3) as u32, g(4), g(5), g(6) as usize);
@@ -379,8 +377,10 @@ impl ChunkRule {
         let mut cuts = vec![0, sa.0, sa.1, sb.0, sb.1];
         cuts.sort_unstable();
         cuts.dedup();
+        cuts.retain(|&p| p < keys.len());
         let inside = |p: usize, (s, e): (usize, usize)| p >= s && p < e;
-        cuts.into_iter().filter(|&p| p < keys.len()).map(|p| (p, ChunkRule { a, b, keep_a: inside(p, sa), keep_b: inside(p, sb) })).collect()
+        let ends = cuts.iter().skip(1).copied().chain([keys.len()]);
+        cuts.iter().zip(ends).map(|(&p, e)| (p..e, ChunkRule { a, b, keep_a: inside(p, sa), keep_b: inside(p, sb) })).collect()
     }
 }
 
@@ -392,7 +392,9 @@ pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], desc: boo
         Some(rule) => delta.iter_mut().for_each(|d| *d = if rule.kept(key(*d)) { *d } else { 0.0 }),
         None => {
             let keys: Vec<u32> = delta.iter().map(|&d| key(d)).collect();
-            Window::decide_by_rank(packed, chunk, &keys, |j, kept| delta[j] = if kept { delta[j] } else { 0.0 });
+            for (r, rule) in ChunkRule::runs(packed, chunk, &keys) {
+                delta[r].iter_mut().for_each(|d| *d = if rule.kept(key(*d)) { *d } else { 0.0 });
+            }
         }
     }
 }
@@ -416,9 +418,7 @@ pub fn masked_delta_by_window(packed: &[f64], chunk: usize, x: &[f32], base: &[f
         None => {
             let flip = if desc { u32::MAX } else { 0 };
             let keys: Vec<u32> = x.iter().zip(base).map(|(&x, &b)| mag_key(x - b) ^ flip).collect();
-            let runs = ChunkRule::runs(packed, chunk, &keys);
-            for (k, &(start, rule)) in runs.iter().enumerate() {
-                let r = start..runs.get(k + 1).map_or(keys.len(), |&(end, _)| end);
+            for (r, rule) in ChunkRule::runs(packed, chunk, &keys) {
                 masked_delta_by_rule(rule, desc, &x[r.clone()], &base[r.clone()], &mut out[r]);
             }
         }
