@@ -75,6 +75,17 @@ pub fn mag_key_desc(x: f32) -> u32 {
     !mag_key(x)
 }
 
+/// XORed into an ascending magnitude key, the descending key (`desc`) or the key itself:
+/// one loop for both orders, without a branch.
+#[inline]
+fn key_flip(desc: bool) -> u32 {
+    if desc {
+        u32::MAX
+    } else {
+        0
+    }
+}
+
 pub fn n_chunks(numel: usize) -> usize {
     numel.div_ceil(CHUNK)
 }
@@ -98,7 +109,7 @@ crate::simd::avx2! {
 /// ascending (TIES's top-k, breadcrumbs' window). An AVX2 build: the baseline's were
 /// SSE2 loops, 6% of a 125M TIES merge.
 pub fn delta_keys(v: &[&[f32]], out: &mut [u32], desc: bool) {
-    let flip = if desc { u32::MAX } else { 0 };
+    let flip = key_flip(desc);
     out.iter_mut().zip(v[1].iter().zip(v[0])).for_each(|(o, (&x, &b))| *o = mag_key(x - b) ^ flip);
 }
 }
@@ -403,7 +414,7 @@ crate::simd::avx2! {
 /// `x − base` into `out`, zeroed where `rule` drops its key. Every entry is stored computed
 /// (masking in place, the AVX2 build stored the zeros with masked stores, slow on AMD's CPUs).
 fn masked_delta_by_rule(rule: ChunkRule, desc: bool, x: &[f32], base: &[f32], out: &mut [f32]) {
-    let flip = if desc { u32::MAX } else { 0 };
+    let flip = key_flip(desc);
     for (o, (&x, &b)) in out.iter_mut().zip(x.iter().zip(base)) {
         let d = x - b;
         *o = bits::keep_if(d, u32::from(rule.kept(mag_key(d) ^ flip)));
@@ -416,7 +427,7 @@ pub fn masked_delta_by_window(packed: &[f64], chunk: usize, x: &[f32], base: &[f
     match ChunkRule::of(packed, chunk) {
         Some(rule) => masked_delta_by_rule(rule, desc, x, base, out),
         None => {
-            let flip = if desc { u32::MAX } else { 0 };
+            let flip = key_flip(desc);
             let keys: Vec<u32> = x.iter().zip(base).map(|(&x, &b)| mag_key(x - b) ^ flip).collect();
             for (r, rule) in ChunkRule::runs(packed, chunk, &keys) {
                 masked_delta_by_rule(rule, desc, &x[r.clone()], &base[r.clone()], &mut out[r]);
