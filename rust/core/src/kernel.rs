@@ -283,43 +283,31 @@ where
     T: Send,
     F: Fn(usize, Range<usize>, &[&[f32]]) -> Result<T> + Sync,
 {
-    let numel = io.numel();
-    (0..numel.div_ceil(CHUNK))
-        .into_par_iter()
-        .map(|c| {
-            with_scratch(|sc| {
-                let r = c * CHUNK..((c + 1) * CHUNK).min(numel);
-                let (bufs, _, _) = sc.parts(slots.len(), r.len());
-                for (b, &s) in bufs.iter_mut().zip(slots) {
-                    io.read(s, r.clone(), &mut b[..r.len()])?;
-                }
-                let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
-                f(c, r, &views)
-            })
-        })
-        .collect()
+    par_chunk_groups(io, slots, 1, |v| Ok(vec![f(v[0].0, v[0].1.clone(), &v[0].2)?]))
 }
 
-/// A chunk as [`par_chunk_pairs`] hands it over: its index, element range and slot slices.
+/// A chunk as [`par_chunk_groups`] hands it over: its index, element range and slot slices.
 pub type ChunkView<'a> = (usize, Range<usize>, Vec<&'a [f32]>);
 
-/// As [`par_chunks`], two chunks per call (one for the last of an odd count): `f` gets each
-/// chunk's index, element range and slot slices, and returns one result per chunk, in chunk
-/// order. For passes whose sums run in element order per chunk: two chunks' chains of
-/// additions can advance in one loop.
-pub fn par_chunk_pairs<T, F>(io: &dyn TensorIo, slots: &[usize], f: F) -> Result<Vec<T>>
+/// As [`par_chunks`], `per` consecutive chunks per call (fewer for the last group): `f` gets
+/// each chunk's index, element range and slot slices, and returns one result per chunk; the
+/// results come back in chunk order. For passes whose sums run in element order per chunk:
+/// several chunks' chains of additions can advance in one loop.
+pub fn par_chunk_groups<T, F>(io: &dyn TensorIo, slots: &[usize], per: usize, f: F) -> Result<Vec<T>>
 where
     T: Send,
     F: Fn(&[ChunkView]) -> Result<Vec<T>> + Sync,
 {
     let numel = io.numel();
     let n = numel.div_ceil(CHUNK);
-    let pairs: Vec<Vec<T>> = (0..n.div_ceil(2))
+    let groups: Vec<Vec<T>> = (0..n.div_ceil(per))
         .into_par_iter()
-        .map(|p| {
+        .map(|g| {
             with_scratch(|sc| {
-                let chunks: Vec<(usize, Range<usize>)> = (2 * p..(2 * p + 2).min(n)).map(|c| (c, c * CHUNK..((c + 1) * CHUNK).min(numel))).collect();
-                let (bufs, _, _) = sc.parts(chunks.len() * slots.len(), CHUNK);
+                let chunks: Vec<(usize, Range<usize>)> =
+                    (g * per..((g + 1) * per).min(n)).map(|c| (c, c * CHUNK..((c + 1) * CHUNK).min(numel))).collect();
+                let len = chunks.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+                let (bufs, _, _) = sc.parts(chunks.len() * slots.len(), len);
                 for ((_, r), bufs) in chunks.iter().zip(bufs.chunks_mut(slots.len())) {
                     for (b, &s) in bufs.iter_mut().zip(slots) {
                         io.read(s, r.clone(), &mut b[..r.len()])?;
@@ -337,7 +325,7 @@ where
             })
         })
         .collect::<Result<_>>()?;
-    Ok(pairs.into_iter().flatten().collect())
+    Ok(groups.into_iter().flatten().collect())
 }
 
 /// The default `Method::prepare`: streams fixed chunks through `accumulate` in parallel and

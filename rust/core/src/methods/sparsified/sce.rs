@@ -18,7 +18,7 @@ use super::gta::Mode;
 use super::sparsify::{bits, chunk_of, delta_into, keys_and_hist, scratch, Window, TILE};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
-use crate::kernel::{par_chunk_pairs, with_work, Ctx, Method, TensorIo};
+use crate::kernel::{par_chunk_groups, with_work, Ctx, Method, TensorIo};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 use crate::simd::avx2;
 
@@ -161,7 +161,7 @@ impl Method for Sce {
         // decided once here from the stored keys and kept as bits for `apply`.
         // Two chunks at a time: each model's sum per chunk is a chain of additions in element
         // order; the two chunks' chains advance in one loop.
-        let parts = par_chunk_pairs(io, &slots, |chunks| {
+        let parts = par_chunk_groups(io, &slots, 2, |chunks| {
             let words: Vec<Vec<f64>> = chunks
                 .iter()
                 .map(|(c, r, _)| match &keys {

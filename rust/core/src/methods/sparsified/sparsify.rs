@@ -18,6 +18,7 @@ use super::select::{counts, locate, min_chunks_per_hist, HighHist, BUCKETS};
 use crate::error::{Error, Result};
 use crate::kernel::{with_scratch, Ctx, TensorIo, CHUNK};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Per-phase seconds of the family's kernels (wall time of each whole-tensor pass; `apply`
 /// summed over the chunks, i.e. thread-seconds), cumulative, printed to stderr after each
@@ -287,23 +288,22 @@ impl Window {
     /// The keep decisions for the keys of the chunk `chunk` (in index order) as bits of
     /// `out` (bit `j % 32` of word `j / 32`; `keys.len().div_ceil(32)` words, overwritten).
     pub fn decide_words(packed: &[f64], chunk: usize, keys: &[u32], out: &mut [u32]) {
-        match ChunkRule::of(packed, chunk) {
-            Some(rule) => rule_words(rule, keys, out),
-            None => {
-                out.fill(0);
-                let mut words = Vec::new();
-                for (r, rule) in ChunkRule::runs(packed, chunk, keys) {
-                    // The words this run touches, then only its own bits of them.
-                    let (w0, w1) = (r.start / 32, r.end.div_ceil(32));
-                    words.resize(w1 - w0, 0);
-                    rule_words(rule, &keys[w0 * 32..(w1 * 32).min(keys.len())], &mut words);
-                    for (k, (o, &w)) in out[w0..w1].iter_mut().zip(&words).enumerate() {
-                        let at = (w0 + k) * 32;
-                        let (s, e) = (r.start.max(at) - at, r.end.min(at + 32) - at);
-                        let mask = (u32::MAX >> (32 - (e - s))) << s;
-                        *o |= w & mask;
-                    }
-                }
+        let mut words = Vec::new();
+        for (r, rule) in ChunkRule::runs_of(packed, chunk, keys.len(), || keys.into()) {
+            let (w0, w1) = (r.start / 32, r.end.div_ceil(32));
+            if r.start % 32 == 0 && (r.end % 32 == 0 || r.end == keys.len()) {
+                rule_words(rule, &keys[r], &mut out[w0..w1]);
+                continue;
+            }
+            // A run cut inside a word: the words it touches, then only its own bits of them.
+            words.resize(w1 - w0, 0);
+            rule_words(rule, &keys[w0 * 32..(w1 * 32).min(keys.len())], &mut words);
+            for (k, (o, &w)) in out[w0..w1].iter_mut().zip(&words).enumerate() {
+                let at = (w0 + k) * 32;
+                // The last run takes the word's bits past the chunk too (zero in `w`).
+                let (s, e) = (r.start.max(at) - at, if r.end == keys.len() { 32 } else { r.end.min(at + 32) - at });
+                let mask = (u32::MAX >> (32 - (e - s))) << s;
+                *o = (*o & !mask) | (w & mask);
             }
         }
     }
@@ -358,6 +358,16 @@ impl ChunkRule {
         ((k > self.a) & (k < self.b)) | ((k == self.a) & self.keep_a) | ((k == self.b) & self.keep_b)
     }
 
+    /// A chunk's (`len` entries) decisions as runs of one rule each: the whole chunk where
+    /// [`ChunkRule::of`] finds one rule, else [`ChunkRule::runs`] of its keys (`keys` only
+    /// called then).
+    fn runs_of<'k>(packed: &[f64], chunk: usize, len: usize, keys: impl FnOnce() -> Cow<'k, [u32]>) -> Vec<(std::ops::Range<usize>, ChunkRule)> {
+        match ChunkRule::of(packed, chunk) {
+            Some(rule) => vec![(0..len, rule)],
+            None => Self::runs(packed, chunk, &keys()),
+        }
+    }
+
     /// A chunk's decisions as runs of one rule each (at most five), where
     /// [`ChunkRule::of`] finds none: a boundary key's ties rank by index, so the kept ones among
     /// them are the occurrences `s..e` of that key in the chunk, and the rule changes only
@@ -399,14 +409,8 @@ impl ChunkRule {
 /// descending (`desc`) or ascending magnitude keys.
 pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], desc: bool) {
     let key = if desc { mag_key_desc } else { mag_key };
-    match ChunkRule::of(packed, chunk) {
-        Some(rule) => delta.iter_mut().for_each(|d| *d = if rule.kept(key(*d)) { *d } else { 0.0 }),
-        None => {
-            let keys: Vec<u32> = delta.iter().map(|&d| key(d)).collect();
-            for (r, rule) in ChunkRule::runs(packed, chunk, &keys) {
-                delta[r].iter_mut().for_each(|d| *d = if rule.kept(key(*d)) { *d } else { 0.0 });
-            }
-        }
+    for (r, rule) in ChunkRule::runs_of(packed, chunk, delta.len(), || delta.iter().map(|&d| key(d)).collect()) {
+        delta[r].iter_mut().for_each(|d| *d = if rule.kept(key(*d)) { *d } else { 0.0 });
     }
 }
 
@@ -424,15 +428,10 @@ fn masked_delta_by_rule(rule: ChunkRule, desc: bool, x: &[f32], base: &[f32], ou
 
 /// [`delta_into`] then [`mask_by_window`], in one pass per run of one rule.
 pub fn masked_delta_by_window(packed: &[f64], chunk: usize, x: &[f32], base: &[f32], out: &mut [f32], desc: bool) {
-    match ChunkRule::of(packed, chunk) {
-        Some(rule) => masked_delta_by_rule(rule, desc, x, base, out),
-        None => {
-            let flip = key_flip(desc);
-            let keys: Vec<u32> = x.iter().zip(base).map(|(&x, &b)| mag_key(x - b) ^ flip).collect();
-            for (r, rule) in ChunkRule::runs(packed, chunk, &keys) {
-                masked_delta_by_rule(rule, desc, &x[r.clone()], &base[r.clone()], &mut out[r]);
-            }
-        }
+    let flip = key_flip(desc);
+    let keys = || x.iter().zip(base).map(|(&x, &b)| mag_key(x - b) ^ flip).collect();
+    for (r, rule) in ChunkRule::runs_of(packed, chunk, x.len(), keys) {
+        masked_delta_by_rule(rule, desc, &x[r.clone()], &base[r.clone()], &mut out[r]);
     }
 }
 
