@@ -14,6 +14,7 @@
 //! | sce | variance top-k (select_topk) | sum | — | — |
 use crate::params::{BaseRule, Build, MethodSpec, ParamSpec, Range};
 
+pub mod bracket;
 pub mod breadcrumbs;
 pub mod dare;
 pub mod della;

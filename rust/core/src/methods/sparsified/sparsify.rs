@@ -1,10 +1,12 @@
 //! Shared pieces of the sparsify-and-merge family.
 //!
 //! * [`Window`]: keep the elements whose *stable* rank by a `u32` sort key lies in
-//!   `[lo, hi)`, with bounded memory. `find` computes the keys into ONE scratch buffer in a
-//!   parallel pass that also histograms their high bits, radix-selects the two boundary keys
-//!   (`select.rs`: no sort, O(1) work per element), and counts, per engine chunk, how many
-//!   keys fall below / on each boundary. `apply` then
+//!   `[lo, hi)`, with bounded memory. `find` brackets the two boundary keys from a sample
+//!   and pins them in one counting pass (`bracket.rs`); where the sample misled it, it
+//!   computes the keys into ONE scratch buffer in a parallel pass that also histograms
+//!   their high bits and radix-selects the boundary keys (`select.rs`: no sort, O(1) work
+//!   per element). Either way it counts, per engine chunk, how many keys fall below / on
+//!   each boundary. `apply` then
 //!   decides any chunk elementwise: keys strictly inside the boundaries are kept, keys on a
 //!   boundary are ranked by index (lowest index first), so exactly `hi − lo` elements survive
 //!   whatever the ties and whatever the thread count.
@@ -235,10 +237,14 @@ pub struct Window {
 
 impl Window {
     /// Finds the window `[lo, hi)` (0 ≤ lo < hi ≤ numel) of the keys `key_fn` gives for the
-    /// chunks of `slots`. Memory: one `u32` per element, freed before returning.
+    /// chunks of `slots`. Memory: a sample and the keys near the boundaries; one `u32` per
+    /// element where the sample misses (freed before returning).
     pub fn find(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Window> {
         let numel = io.numel();
         assert!(lo < hi && hi <= numel, "window [{lo}, {hi}) of {numel}");
+        if let Some(w) = super::bracket::window(io, slots, lo, hi, key_fn)? {
+            return Ok(w);
+        }
         let (keys, hist) = phase::time(phase::KEYS, || keys_and_hist(io, slots, key_fn))?;
         Ok(Window::from_keys(&keys, &hist, lo, hi))
     }

@@ -2,7 +2,8 @@
 //! `k = max(1, ⌊density · n⌋)` entries of each `Δ_i` with the largest `|Δ|` (density ≥ 1
 //! keeps all, density ≤ 0 none). Entries tied at the k-th magnitude are kept lowest index
 //! first, so exactly k survive (mergekit's `argsort` leaves that order unspecified).
-//! Memory: one `u32` per element of scratch while finding the threshold, then elementwise.
+//! Memory: a sample of the keys and those near the threshold while finding it (see
+//! [`Window::find`]), then elementwise.
 use super::gta::{Mode, Sparsifier};
 use super::sparsify::{delta_keys, mask_by_window, masked_delta_by_window, Window};
 use crate::error::Result;

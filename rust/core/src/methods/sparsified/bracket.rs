@@ -1,0 +1,418 @@
+//! A rank window's boundary keys from a sample and one counting pass: the fast path of
+//! [`Window::find`].
+//!
+//! A sample of the keys (short blocks spread over every chunk, a fixed set of positions)
+//! brackets each boundary rank between two sample keys, a few standard errors of a
+//! sample quantile either side. One pass over the tensor then computes each chunk's keys in
+//! L1-sized tiles, counts the keys below each bracket and collects the few inside it. The
+//! collected keys give the boundary keys and the per-chunk tie counts exactly, as the
+//! keys-and-histogram path does, without storing every key or histogramming it. Where a
+//! boundary rank falls outside its bracket (an unlucky sample) the caller falls back to that
+//! exact path, so the window is the same either way.
+use super::sparsify::{n_chunks, KeyFn, Window};
+use crate::error::Result;
+use crate::kernel::{with_scratch, TensorIo, CHUNK};
+use rayon::prelude::*;
+
+/// Elements of one sample block: a few cache lines of each input.
+const BLOCK: usize = 128;
+/// About this many sampled keys per tensor (fewer in small ones: 1 in 32 elements), so that
+/// sorting out the sample stays small next to the pass over the tensor.
+const SAMPLE: usize = 1 << 16;
+/// Below this many elements no sample: every key is collected and the boundaries selected
+/// among them (the histograms of the exact path would cost more to zero than to fill).
+const SMALL: usize = 1 << 14;
+/// Bracket half-width in standard errors of the sample quantile, plus a floor in sample ranks.
+const SPREAD: f64 = 6.0;
+const FLOOR: usize = 16;
+/// Keys per tile of the counting pass (16 KiB: stays in L1 with its inputs' tiles).
+const TILE: usize = 4096;
+
+/// The window `[lo, hi)` of the keys `key_fn` gives for the chunks of `slots`, or `None`
+/// where a boundary rank missed its bracket (the caller then takes the exact path). Memory:
+/// the sample and the keys inside the brackets.
+pub fn window(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Option<Window>> {
+    let numel = io.numel();
+    let ranks = [lo, hi - 1];
+    let brackets = if numel < SMALL {
+        [(0, u32::MAX); 2] // every key inside: a selection among all of them
+    } else {
+        brackets(&sample(io, slots, key_fn)?, numel, ranks)
+    };
+    let tallies = count(io, slots, key_fn, brackets)?;
+    let (Some((a, less_a, eq_a)), Some((b, less_b, eq_b))) = (boundary(&tallies, 0, ranks[0]), boundary(&tallies, 1, ranks[1])) else {
+        return Ok(None);
+    };
+    Ok(Some(Window { lo: lo as u64, hi: hi as u64, a, b, less_a, less_b, eq_a, eq_b }))
+}
+
+/// The sample blocks of chunk `c` (`len` elements): `per` blocks, one in each of `per`
+/// equal segments, at a pseudo-random offset within it (a fixed offset would sample the
+/// same columns of every row where a row's length divides the segment).
+fn blocks(c: usize, len: usize, per: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let seg = len / per;
+    (0..per).filter(move |_| seg > 0).map(move |j| {
+        let room = seg.saturating_sub(BLOCK);
+        let at = j * seg + (crate::rng::mix64(((c as u64) << 32) | j as u64) as usize) % (room + 1);
+        at..at + BLOCK.min(seg)
+    })
+}
+
+/// Sampled keys in chunk and block order, and each block's length.
+struct Sample {
+    keys: Vec<u32>,
+    lens: Vec<usize>,
+}
+
+fn sample(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn) -> Result<Sample> {
+    let numel = io.numel();
+    let nc = n_chunks(numel);
+    let per = (SAMPLE.min(numel / 32) / (nc * BLOCK)).clamp(1, CHUNK / BLOCK / 4);
+    let parts: Vec<(Vec<u32>, Vec<usize>)> = (0..nc)
+        .into_par_iter()
+        .map(|c| {
+            let start = c * CHUNK;
+            let len = CHUNK.min(numel - start);
+            let mut keys = vec![0u32; per * BLOCK];
+            let mut lens = Vec::with_capacity(per);
+            let mut n = 0;
+            with_scratch(|sc| -> Result<()> {
+                let (bufs, _, _) = sc.parts(slots.len(), BLOCK);
+                for r in blocks(c, len, per) {
+                    for (buf, &s) in bufs.iter_mut().zip(slots) {
+                        io.read(s, start + r.start..start + r.end, &mut buf[..r.len()])?;
+                    }
+                    let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
+                    key_fn(&views, &mut keys[n..n + r.len()]);
+                    n += r.len();
+                    lens.push(r.len());
+                }
+                Ok(())
+            })?;
+            keys.truncate(n);
+            Ok((keys, lens))
+        })
+        .collect::<Result<_>>()?;
+    let (keys, lens): (Vec<Vec<u32>>, Vec<Vec<usize>>) = parts.into_iter().unzip();
+    Ok(Sample { keys: keys.concat(), lens: lens.concat() })
+}
+
+impl Sample {
+    /// Standard error of the sample's fraction of keys below `q`, from the spread of that
+    /// fraction between blocks (a cluster sample: where a tensor's rows differ, neighbouring
+    /// keys do too, and the blocks' spread says by how much), and at least a simple random
+    /// sample's.
+    fn error_below(&self, q: u32) -> f64 {
+        let (m, nb) = (self.keys.len() as f64, self.lens.len() as f64);
+        let mut at = 0;
+        let counts: Vec<(f64, f64)> = self
+            .lens
+            .iter()
+            .map(|&l| {
+                let c = self.keys[at..at + l].iter().filter(|&&k| k < q).count();
+                at += l;
+                (c as f64, l as f64)
+            })
+            .collect();
+        let p = counts.iter().map(|c| c.0).sum::<f64>() / m;
+        let between = counts.iter().map(|&(c, l)| (c - p * l).powi(2)).sum::<f64>() * nb / (nb - 1.0).max(1.0) / (m * m);
+        between.max(p * (1.0 - p) / m).sqrt()
+    }
+}
+
+/// Selects the sorted positions `at` (ascending, within `s`) of `s`: afterwards `s[i]` is the
+/// key a sort would put at each `i` in `at`. Halving the positions at each step costs about
+/// `len · log(at.len())` instead of a pass over the rest per position.
+fn select_at(s: &mut [u32], at: &[usize]) {
+    if at.is_empty() {
+        return;
+    }
+    let mid = at.len() / 2;
+    let (left, _, right) = s.select_nth_unstable(at[mid]);
+    select_at(left, &at[..mid]);
+    let off = at[mid] + 1;
+    let rest: Vec<usize> = at[mid + 1..].iter().map(|&i| i - off).collect();
+    select_at(right, &rest);
+}
+
+/// Each rank's bracket `[low, high]` of keys: the sample keys a few standard errors of the
+/// sample quantile below and above the one matching it (the extremes where that runs past
+/// the sample).
+fn brackets(s: &Sample, numel: usize, ranks: [usize; 2]) -> [(u32, u32); 2] {
+    let m = s.keys.len();
+    let mut t = s.keys.clone();
+    let mid = ranks.map(|r| ((r as f64 / numel as f64 * m as f64) as usize).min(m - 1));
+    let mut want = mid.to_vec();
+    want.dedup();
+    select_at(&mut t, &want);
+    let ends = mid.map(|i| {
+        let half = (SPREAD * s.error_below(t[i]) * m as f64) as usize + FLOOR;
+        (i.checked_sub(half), Some(i + half).filter(|&j| j < m))
+    });
+    let mut want: Vec<usize> = ends.iter().flat_map(|&(l, h)| [l, h]).flatten().collect();
+    want.sort_unstable();
+    want.dedup();
+    select_at(&mut t, &want);
+    ends.map(|(l, h)| (l.map_or(0, |i| t[i]), h.map_or(u32::MAX, |i| t[i])))
+}
+
+/// A chunk's counts against the two brackets: keys below each bracket, and the keys inside it.
+#[derive(Default)]
+struct Tally {
+    below: [u64; 2],
+    inside: [Vec<u32>; 2],
+}
+
+/// The pass over the tensor: every chunk's [`Tally`], in chunk order.
+fn count(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn, br: [(u32, u32); 2]) -> Result<Vec<Tally>> {
+    let numel = io.numel();
+    (0..n_chunks(numel))
+        .into_par_iter()
+        .map(|c| {
+            let r = c * CHUNK..(c * CHUNK + CHUNK).min(numel);
+            with_scratch(|sc| {
+                let (bufs, _, _) = sc.parts(slots.len(), r.len());
+                for (buf, &s) in bufs.iter_mut().zip(slots) {
+                    io.read(s, r.clone(), &mut buf[..r.len()])?;
+                }
+                let mut t = Tally::default();
+                let mut keys = [0u32; TILE];
+                let mut views: Vec<&[f32]> = Vec::with_capacity(slots.len());
+                for at in (0..r.len()).step_by(TILE) {
+                    let n = TILE.min(r.len() - at);
+                    views.clear();
+                    views.extend(bufs.iter().map(|b| &b[at..at + n]));
+                    key_fn(&views, &mut keys[..n]);
+                    tally(&keys[..n], [br[0].0, br[0].1, br[1].0, br[1].1], &mut t.below, &mut t.inside);
+                }
+                Ok(t)
+            })
+        })
+        .collect()
+}
+
+/// Adds to `below[i]` the keys under bracket `i` (`[br[2i], br[2i + 1]]`) and pushes those
+/// inside it to `inside[i]`; at most [`TILE`] keys. Inside is one unsigned comparison,
+/// `k − low ≤ high − low`.
+fn tally(keys: &[u32], br: [u32; 4], below: &mut [u64; 2], inside: &mut [Vec<u32>; 2]) {
+    assert!(keys.len() <= TILE);
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::wide_allowed() && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: AVX2 and POPCNT were just detected.
+        return unsafe { x86::tally(keys, br, below, inside) };
+    }
+    tally_scalar(keys, br, below, inside);
+}
+
+fn tally_scalar(keys: &[u32], br: [u32; 4], below: &mut [u64; 2], inside: &mut [Vec<u32>; 2]) {
+    for &k in keys {
+        for (i, (b, list)) in below.iter_mut().zip(inside.iter_mut()).enumerate() {
+            let (low, high) = (br[2 * i], br[2 * i + 1]);
+            *b += u64::from(k < low);
+            if k.wrapping_sub(low) <= high.wrapping_sub(low) {
+                list.push(k);
+            }
+        }
+    }
+}
+
+/// [`tally`] eight keys at a time, without a branch per key: the keys inside a bracket are
+/// moved to the front of a vector by a permutation looked up from their comparison mask and
+/// stored whole, the next store starting just past them (a branch on each key, inside one
+/// time in twenty or so, mispredicted often; the auto-vectorized masks cost more than this).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// For each 8-bit mask, the positions of its set bits, lowest first (then zeros).
+    static FRONT: [[u32; 8]; 256] = {
+        let mut t = [[0u32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let (mut j, mut n) = (0, 0);
+            while j < 8 {
+                if m >> j & 1 == 1 {
+                    t[m][n] = j as u32;
+                    n += 1;
+                }
+                j += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    /// # Safety
+    /// AVX2 and POPCNT must be available.
+    #[target_feature(enable = "avx2,popcnt")]
+    pub unsafe fn tally(keys: &[u32], br: [u32; 4], below: &mut [u64; 2], inside: &mut [Vec<u32>; 2]) {
+        // Unsigned order as signed order with the top bit flipped.
+        let flip = _mm256_set1_epi32(i32::MIN);
+        let (l0, l1) = (_mm256_set1_epi32(br[0] as i32), _mm256_set1_epi32(br[2] as i32));
+        let (lx0, lx1) = (_mm256_xor_si256(l0, flip), _mm256_xor_si256(l1, flip));
+        let wx = |lo: u32, hi: u32| _mm256_set1_epi32((hi.wrapping_sub(lo) ^ 0x8000_0000) as i32);
+        let (wx0, wx1) = (wx(br[0], br[1]), wx(br[2], br[3]));
+        // Minus the counts below, per lane (at most `TILE / 8` each).
+        let (mut u0, mut u1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        // The keys inside go straight to the lists' spare room: whole vectors stored, each
+        // next one from just past the kept lanes.
+        let [v0, v1] = &mut *inside;
+        v0.reserve(keys.len() + 8);
+        v1.reserve(keys.len() + 8);
+        let (p0, p1) = (v0.as_mut_ptr().add(v0.len()), v1.as_mut_ptr().add(v1.len()));
+        let (mut n0, mut n1) = (0usize, 0usize);
+        let kept = |k: __m256i, l: __m256i, wx: __m256i| {
+            let d = _mm256_xor_si256(_mm256_sub_epi32(k, l), flip);
+            (!_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(d, wx))) & 0xFF) as usize
+        };
+        let front = |k: __m256i, m: usize| _mm256_permutevar8x32_epi32(k, _mm256_loadu_si256(FRONT[m].as_ptr().cast()));
+        let mut octets = keys.chunks_exact(8);
+        for o in &mut octets {
+            let k = _mm256_loadu_si256(o.as_ptr().cast());
+            let kx = _mm256_xor_si256(k, flip);
+            u0 = _mm256_add_epi32(u0, _mm256_cmpgt_epi32(lx0, kx));
+            u1 = _mm256_add_epi32(u1, _mm256_cmpgt_epi32(lx1, kx));
+            let (m0, m1) = (kept(k, l0, wx0), kept(k, l1, wx1));
+            // SAFETY: `n0`, `n1` count keys of earlier octets, so the 8 lanes stored end within
+            // the `keys.len() + 8` reserved.
+            _mm256_storeu_si256(p0.add(n0).cast(), front(k, m0));
+            _mm256_storeu_si256(p1.add(n1).cast(), front(k, m1));
+            n0 += m0.count_ones() as usize;
+            n1 += m1.count_ones() as usize;
+        }
+        // SAFETY: the first `n0` (`n1`) slots past each list's length were written above.
+        v0.set_len(v0.len() + n0);
+        v1.set_len(v1.len() + n1);
+        for (b, u) in below.iter_mut().zip([u0, u1]) {
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), u);
+            *b += lanes.iter().map(|&c| u64::from(c.unsigned_abs())).sum::<u64>();
+        }
+        super::tally_scalar(octets.remainder(), br, below, inside);
+    }
+}
+
+/// Boundary `i`'s key (the one at `rank`), the count of keys below it, and per chunk the
+/// count of keys equal to it in the chunks before (one more entry: all of them); `None`
+/// where `rank` is not among the keys inside the bracket.
+fn boundary(tallies: &[Tally], i: usize, rank: usize) -> Option<(u32, u64, Vec<u64>)> {
+    let below: u64 = tallies.iter().map(|t| t.below[i]).sum();
+    let r = (rank as u64).checked_sub(below)? as usize;
+    let mut inside: Vec<u32> = tallies.iter().flat_map(|t| t.inside[i].iter().copied()).collect();
+    if r >= inside.len() {
+        return None;
+    }
+    let key = *inside.select_nth_unstable(r).1;
+    let less = below + inside.iter().filter(|&&k| k < key).count() as u64;
+    let mut seen = 0u64;
+    let mut eq: Vec<u64> = tallies
+        .iter()
+        .map(|t| {
+            let before = seen;
+            seen += t.inside[i].iter().filter(|&&k| k == key).count() as u64;
+            before
+        })
+        .collect();
+    eq.push(seen);
+    Some((key, less, eq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::kernel::Slices;
+    use crate::methods::sparsified::sparsify::{keys_and_hist, mag_key, mag_key_desc};
+
+    fn keys_of(desc: bool) -> impl Fn(&[&[f32]], &mut [u32]) + Sync {
+        let key = if desc { mag_key_desc } else { mag_key };
+        move |v: &[&[f32]], out: &mut [u32]| v[0].iter().zip(out).for_each(|(&x, o)| *o = key(x))
+    }
+
+    /// The exact path's window: every key stored and histogrammed.
+    fn exact(vals: &[f32], lo: usize, hi: usize, desc: bool) -> Window {
+        let (keys, hist) = keys_and_hist(&Slices::new(None, &[vals]), &[0], &keys_of(desc)).unwrap();
+        Window::from_keys(&keys, &hist, lo, hi)
+    }
+
+    fn windows(n: usize) -> Vec<(usize, usize)> {
+        vec![(0, n / 2), (0, 1), (n / 10, n - n / 100), (n - 1, n), (0, n), (n / 3, n / 3 + 5)]
+    }
+
+    /// The sampled path finds the exact path's window: ties on the boundaries (bf16-like
+    /// deltas, few magnitudes), tensors below `SMALL`, in one chunk and over ragged chunks,
+    /// and a tensor whose rows differ in scale, where neighbouring keys are alike and the
+    /// brackets must widen by the blocks' spread (an error taken as a simple random sample's
+    /// misses there).
+    #[test]
+    fn sampled_window_is_the_exact_one() {
+        let noise = |n: usize, seed: u64| -> Vec<f32> { (0..n).map(|i| crate::rng::normal(seed, i as u64) as f32).collect() };
+        let rows = |n: usize| -> Vec<f32> {
+            // Rows of 700, every other band of 4 rows 30x larger: about as long as the spacing of
+            // the sample blocks, so that each block sees one scale or the other.
+            noise(n, 5).iter().enumerate().map(|(i, &x)| if (i / 700 / 4) % 2 == 0 { 30.0 * x } else { x }).collect()
+        };
+        let cases: Vec<(&str, Vec<f32>)> = vec![
+            ("ties", noise(3 * CHUNK + 999, 1).iter().map(|&x| (x * 8.0).round() / 64.0).collect()),
+            ("small", noise(SMALL - 3, 2)),
+            ("one chunk", noise(CHUNK - 100, 3)),
+            ("ragged", noise(9 * CHUNK + 12345, 4)),
+            ("rows", rows(40 * CHUNK)),
+        ];
+        for (name, vals) in &cases {
+            let n = vals.len();
+            for (lo, hi) in windows(n) {
+                for desc in [false, true] {
+                    let got = window(&Slices::new(None, &[vals]), &[0], lo, hi, &keys_of(desc)).unwrap();
+                    assert_eq!(got, Some(exact(vals, lo, hi, desc)), "{name}: [{lo}, {hi}) desc {desc}");
+                }
+            }
+        }
+    }
+
+    /// A sample that misrepresents the tensor (the sampled positions hold the only large
+    /// values) misses its bracket; `Window::find` then takes the exact path.
+    #[test]
+    fn a_missed_bracket_falls_back_to_the_exact_path() {
+        let n = 6 * CHUNK;
+        let per = (SAMPLE.min(n / 32) / (6 * BLOCK)).clamp(1, CHUNK / BLOCK / 4);
+        let mut vals: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3).collect();
+        for c in 0..6 {
+            for r in blocks(c, CHUNK, per) {
+                vals[c * CHUNK + r.start..c * CHUNK + r.end].iter_mut().for_each(|v| *v += 100.0);
+            }
+        }
+        let (lo, hi) = (0, n / 2);
+        let io = Slices::new(None, &[&vals]);
+        assert_eq!(window(&io, &[0], lo, hi, &keys_of(true)).unwrap(), None);
+        assert_eq!(Window::find(&io, &[0], lo, hi, &keys_of(true)).unwrap(), exact(&vals, lo, hi, true));
+    }
+
+    /// Both builds of `tally` against a plain count, for brackets at the extremes, empty
+    /// and full ones, and lengths that leave a remainder.
+    #[test]
+    fn tally_counts_and_collects() {
+        let keys: Vec<u32> = (0..TILE as u64).map(|i| (crate::rng::mix64(i) as u32) >> (i % 3 * 8)).collect();
+        let brackets = [[0, u32::MAX, 5, 5], [0, 0, u32::MAX, u32::MAX], [1 << 20, 1 << 28, 1 << 10, 1 << 30], [7, 3 << 29, 0, 1]];
+        for br in brackets {
+            for len in [0, 5, 8, 1001, TILE] {
+                let ks = &keys[..len];
+                let want: Vec<(u64, Vec<u32>)> = (0..2)
+                    .map(|i| {
+                        let (l, h) = (br[2 * i], br[2 * i + 1]);
+                        (ks.iter().filter(|&&k| k < l).count() as u64, ks.iter().copied().filter(|&k| k >= l && k <= h).collect())
+                    })
+                    .collect();
+                for wide in [true, false] {
+                    crate::simd::baseline_only(!wide);
+                    let (mut below, mut inside) = ([3, 4], [vec![9], vec![]]);
+                    tally(ks, br, &mut below, &mut inside);
+                    crate::simd::baseline_only(false);
+                    assert_eq!(below, [3 + want[0].0, 4 + want[1].0], "{br:?} {len} wide {wide}");
+                    assert_eq!(inside[0][1..], want[0].1[..], "{br:?} {len} wide {wide}");
+                    assert_eq!(inside[1], want[1].1, "{br:?} {len} wide {wide}");
+                }
+            }
+        }
+    }
+}
