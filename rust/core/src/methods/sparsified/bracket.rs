@@ -1,5 +1,5 @@
 //! A rank window's boundary keys from a sample and one counting pass: the fast path of
-//! [`Window::find`].
+//! [`Window::find`] (TIES, breadcrumbs) and of SCE's top-k ([`keys_and_top`]).
 //!
 //! A sample of the keys (short blocks spread over every chunk, a fixed set of positions)
 //! brackets each boundary rank between two sample keys, a few standard errors of a
@@ -33,17 +33,46 @@ const TILE: usize = 4096;
 /// the sample and the keys inside the brackets.
 pub fn window(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Option<Window>> {
     let numel = io.numel();
-    let ranks = [lo, hi - 1];
     let brackets = if numel < SMALL {
         [(0, u32::MAX); 2] // every key inside: a selection among all of them
     } else {
-        brackets(&sample(io, slots, key_fn)?, numel, ranks)
+        brackets(&sample(io, slots, key_fn)?, numel, [lo, hi - 1])
     };
-    let tallies = count(io, slots, key_fn, brackets)?;
-    let (Some((a, less_a, eq_a)), Some((b, less_b, eq_b))) = (boundary(&tallies, 0, ranks[0]), boundary(&tallies, 1, ranks[1])) else {
-        return Ok(None);
+    Ok(window_of(&count(io, slots, key_fn, brackets, None)?, lo, hi))
+}
+
+/// Every key `key_fn` gives into `keys` (index order), `k = k_of(z)` where `z` counts the
+/// keys equal to `zero`, and the window `[0, k)` of the keys when `k > 0` and the boundary
+/// ranks fell in their brackets (else the caller selects among `keys`). The brackets come
+/// from a sample's estimate of `k`. For a top-k whose size depends on the keys themselves
+/// (SCE's counts the non-zero variances), by a pass that also stores the keys for later use.
+pub fn keys_and_top(
+    io: &dyn TensorIo,
+    slots: &[usize],
+    key_fn: &KeyFn,
+    keys: &mut [u32],
+    zero: u32,
+    k_of: &dyn Fn(usize) -> usize,
+) -> Result<(usize, Option<Window>)> {
+    let numel = io.numel();
+    let brackets = if numel < SMALL {
+        [(0, u32::MAX); 2]
+    } else {
+        let s = sample(io, slots, key_fn)?;
+        let zeros = s.keys.iter().filter(|&&k| k == zero).count() * numel / s.keys.len();
+        brackets(&s, numel, [0, k_of(zeros).clamp(1, numel) - 1])
     };
-    Ok(Some(Window { lo: lo as u64, hi: hi as u64, a, b, less_a, less_b, eq_a, eq_b }))
+    let tallies = count(io, slots, key_fn, brackets, Some(keys))?;
+    let zeros = keys.par_chunks(CHUNK).map(|c| c.iter().filter(|&&k| k == zero).count()).sum();
+    let k = k_of(zeros).min(numel);
+    Ok((k, if k == 0 { None } else { window_of(&tallies, 0, k) }))
+}
+
+/// The window `[lo, hi)` from the chunks' tallies, `None` where a boundary rank missed.
+fn window_of(tallies: &[Tally], lo: usize, hi: usize) -> Option<Window> {
+    let (a, less_a, eq_a) = boundary(tallies, 0, lo)?;
+    let (b, less_b, eq_b) = boundary(tallies, 1, hi - 1)?;
+    Some(Window { lo: lo as u64, hi: hi as u64, a, b, less_a, less_b, eq_a, eq_b })
 }
 
 /// The sample blocks of chunk `c` (`len` elements): `per` blocks, one in each of `per`
@@ -163,12 +192,17 @@ struct Tally {
     inside: [Vec<u32>; 2],
 }
 
-/// The pass over the tensor: every chunk's [`Tally`], in chunk order.
-fn count(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn, br: [(u32, u32); 2]) -> Result<Vec<Tally>> {
+/// The pass over the tensor: every chunk's [`Tally`], in chunk order. The keys go to `store`
+/// (all of them, index order) when given, else through an L1-sized tile.
+fn count(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn, br: [(u32, u32); 2], store: Option<&mut [u32]>) -> Result<Vec<Tally>> {
     let numel = io.numel();
-    (0..n_chunks(numel))
-        .into_par_iter()
-        .map(|c| {
+    let outs: Vec<Option<&mut [u32]>> = match store {
+        Some(keys) => keys.chunks_mut(CHUNK).map(Some).collect(),
+        None => (0..n_chunks(numel)).map(|_| None).collect(),
+    };
+    outs.into_par_iter()
+        .enumerate()
+        .map(|(c, out)| {
             let r = c * CHUNK..(c * CHUNK + CHUNK).min(numel);
             with_scratch(|sc| {
                 let (bufs, _, _) = sc.parts(slots.len(), r.len());
@@ -176,14 +210,22 @@ fn count(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn, br: [(u32, u32); 2]
                     io.read(s, r.clone(), &mut buf[..r.len()])?;
                 }
                 let mut t = Tally::default();
-                let mut keys = [0u32; TILE];
+                let br = [br[0].0, br[0].1, br[1].0, br[1].1];
+                if let Some(keys) = out {
+                    // The whole chunk's keys at once (a key function may set up per call).
+                    let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
+                    key_fn(&views, keys);
+                    keys.chunks(TILE).for_each(|k| tally(k, br, &mut t.below, &mut t.inside));
+                    return Ok(t);
+                }
+                let mut tile = [0u32; TILE];
                 let mut views: Vec<&[f32]> = Vec::with_capacity(slots.len());
                 for at in (0..r.len()).step_by(TILE) {
                     let n = TILE.min(r.len() - at);
                     views.clear();
                     views.extend(bufs.iter().map(|b| &b[at..at + n]));
-                    key_fn(&views, &mut keys[..n]);
-                    tally(&keys[..n], [br[0].0, br[0].1, br[1].0, br[1].1], &mut t.below, &mut t.inside);
+                    key_fn(&views, &mut tile[..n]);
+                    tally(&tile[..n], br, &mut t.below, &mut t.inside);
                 }
                 Ok(t)
             })
@@ -366,6 +408,32 @@ mod tests {
                     let got = window(&Slices::new(None, &[vals]), &[0], lo, hi, &keys_of(desc)).unwrap();
                     assert_eq!(got, Some(exact(vals, lo, hi, desc)), "{name}: [{lo}, {hi}) desc {desc}");
                 }
+            }
+        }
+    }
+
+    /// SCE's top-k over keys it stores: the same keys as the key function's, the same `k`
+    /// (the keys equal to `zero`, here those of a zero value, counted out) and the exact window,
+    /// with zeros both scattered and filling whole chunks; and no window when `k` is 0.
+    #[test]
+    fn top_k_counts_zeros_out_and_stores_the_keys() {
+        let n = 5 * CHUNK + 321;
+        let vals: Vec<f32> = (0..n)
+            .map(|i| if i % 7 == 0 || (CHUNK..2 * CHUNK).contains(&i) { 0.0 } else { (crate::rng::normal(8, i as u64) as f32 * 16.0).round() })
+            .collect();
+        let io = Slices::new(None, &[&vals]);
+        let (want_keys, hist) = keys_and_hist(&io, &[0], &keys_of(true)).unwrap();
+        let zeros = want_keys.iter().filter(|&&k| k == u32::MAX).count();
+        for topk in [0.3f32, 1.0, 1e-9] {
+            let k_of = |z: usize| ((n - z) as f32 * topk) as usize;
+            let mut keys = vec![0u32; n];
+            let (k, w) = keys_and_top(&io, &[0], &keys_of(true), &mut keys, u32::MAX, &k_of).unwrap();
+            assert_eq!(keys, *want_keys);
+            assert_eq!(k, k_of(zeros));
+            if k == 0 {
+                assert_eq!(w, None);
+            } else {
+                assert_eq!(w, Some(Window::from_keys(&want_keys, &hist, 0, k)), "topk {topk}");
             }
         }
     }

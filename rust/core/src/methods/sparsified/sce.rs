@@ -14,8 +14,10 @@
 //! changes nothing. Memory: one `u32` per element while finding the variance threshold, and
 //! the selection as bits (1/16 of the f32 tensor) for `apply`, which is elementwise. Each
 //! variance is computed once, in the key pass.
+use super::bracket;
 use super::gta::Mode;
-use super::sparsify::{bits, chunk_of, delta_into, keys_and_hist, scratch, Window, TILE};
+use super::select::HighHist;
+use super::sparsify::{bits, chunk_of, delta_into, scratch, Window, TILE};
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{par_chunk_groups, with_work, Ctx, Method, TensorIo};
@@ -27,7 +29,6 @@ pub fn spec() -> MethodSpec {
         .params(&[ParamSpec::bool("int8_mask", false), ParamSpec::float("select_topk", 1.0, Range::FRACTION)])
         .mergekit()
 }
-use rayon::prelude::*;
 
 pub struct Sce {
     topk: f64,
@@ -142,16 +143,16 @@ impl Method for Sce {
         } else if self.topk <= 0.0 {
             (Mode::Drop, vec![], None)
         } else {
-            // One pass: every variance key and its histogram; nnz counts the keys of a zero
-            // variance (`!0.0.to_bits()`, the largest descending key) out.
-            let (keys, hist) = keys_and_hist(io, &slots, &var_keys_desc)?;
-            let zeros: usize = keys.par_chunks(CHUNK).map(|c| c.iter().filter(|&&k| k == ZERO_VAR).count()).sum();
-            let nnz = (numel - zeros) as u64;
-            let k = ((nnz as f32) * (self.topk as f32)) as usize;
+            // One pass: every variance key, stored, and the top-k's boundaries bracketed from
+            // a sample; nnz counts the keys of a zero variance (`!0.0.to_bits()`, the largest
+            // descending key) out.
+            let mut keys = scratch::take(numel);
+            let k_of = |zeros: usize| (((numel - zeros) as f32) * (self.topk as f32)) as usize;
+            let (k, w) = bracket::keys_and_top(io, &slots, &var_keys_desc, &mut keys, ZERO_VAR, &k_of)?;
             if k == 0 {
                 (Mode::Drop, vec![], None)
             } else {
-                let w = Window::from_keys(&keys, &hist, 0, k.min(numel));
+                let w = w.unwrap_or_else(|| Window::from_keys(&keys, &HighHist::of(&keys), 0, k));
                 let mut st = vec![];
                 w.pack(&mut st);
                 (Mode::Partial, st, Some(keys))
