@@ -28,17 +28,25 @@ const FLOOR: usize = 16;
 /// Keys per tile of the counting pass (16 KiB: stays in L1 with its inputs' tiles).
 const TILE: usize = 4096;
 
-/// The window `[lo, hi)` of the keys `key_fn` gives for the chunks of `slots`, or `None`
-/// where a boundary rank missed its bracket (the caller then takes the exact path). Memory:
-/// the sample and the keys inside the brackets.
-pub fn window(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Option<Window>> {
+/// The windows `[lo, hi)` of several sets of keys, group `g`'s from `key_fn` on the chunks
+/// of its `slots`, or `None` for those whose boundary ranks missed their brackets (the caller
+/// then takes the exact path). One counting pass reads each input once for every group
+/// (TIES's models share the base). Memory: the samples and the keys inside the brackets.
+pub fn windows(io: &dyn TensorIo, groups: &[(&[usize], usize, usize)], key_fn: &KeyFn) -> Result<Vec<Option<Window>>> {
     let numel = io.numel();
-    let brackets = if numel < SMALL {
-        [(0, u32::MAX); 2] // every key inside: a selection among all of them
-    } else {
-        brackets(&sample(io, slots, key_fn)?, numel, [lo, hi - 1])
-    };
-    Ok(window_of(&count(io, slots, key_fn, brackets, None)?, lo, hi))
+    let gs = groups
+        .iter()
+        .map(|&(slots, lo, hi)| {
+            let br = if numel < SMALL {
+                FULL // every key inside: a selection among all of them
+            } else {
+                brackets(&sample(io, slots, key_fn)?, numel, [lo, hi - 1])
+            };
+            Ok(Group { slots, br })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tallies = count(io, &gs, key_fn, None)?;
+    Ok(tallies.iter().zip(groups).map(|(t, &(_, lo, hi))| window_of(t, lo, hi)).collect())
 }
 
 /// Every key `key_fn` gives into `keys` (index order), `k = k_of(z)` where `z` counts the
@@ -55,14 +63,14 @@ pub fn keys_and_top(
     k_of: &dyn Fn(usize) -> usize,
 ) -> Result<(usize, Option<Window>)> {
     let numel = io.numel();
-    let brackets = if numel < SMALL {
-        [(0, u32::MAX); 2]
+    let br = if numel < SMALL {
+        FULL
     } else {
         let s = sample(io, slots, key_fn)?;
         let zeros = s.keys.iter().filter(|&&k| k == zero).count() * numel / s.keys.len();
         brackets(&s, numel, [0, k_of(zeros).clamp(1, numel) - 1])
     };
-    let tallies = count(io, slots, key_fn, brackets, Some(keys))?;
+    let tallies = count(io, &[Group { slots, br }], key_fn, Some(keys))?.remove(0);
     let zeros = keys.par_chunks(CHUNK).map(|c| c.iter().filter(|&&k| k == zero).count()).sum();
     let k = k_of(zeros).min(numel);
     Ok((k, if k == 0 { None } else { window_of(&tallies, 0, k) }))
@@ -192,45 +200,70 @@ struct Tally {
     inside: [Vec<u32>; 2],
 }
 
-/// The pass over the tensor: every chunk's [`Tally`], in chunk order. The keys go to `store`
-/// (all of them, index order) when given, else through an L1-sized tile.
-fn count(io: &dyn TensorIo, slots: &[usize], key_fn: &KeyFn, br: [(u32, u32); 2], store: Option<&mut [u32]>) -> Result<Vec<Tally>> {
+/// Brackets that hold every key.
+const FULL: [(u32, u32); 2] = [(0, u32::MAX); 2];
+
+/// One set of keys in a counting pass: the input slots its keys come from, its brackets.
+struct Group<'s> {
+    slots: &'s [usize],
+    br: [(u32, u32); 2],
+}
+
+/// The pass over the tensor: per group, every chunk's [`Tally`] in chunk order. Each input
+/// is read once per chunk for all groups. The keys go to `store` (all of them, index order;
+/// one group only) when given, else through an L1-sized tile.
+fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<&mut [u32]>) -> Result<Vec<Vec<Tally>>> {
     let numel = io.numel();
+    let nc = n_chunks(numel);
+    assert!(store.is_none() || groups.len() == 1, "stored keys are one group's");
+    let mut read: Vec<usize> = groups.iter().flat_map(|g| g.slots.iter().copied()).collect();
+    read.sort_unstable();
+    read.dedup();
     let outs: Vec<Option<&mut [u32]>> = match store {
         Some(keys) => keys.chunks_mut(CHUNK).map(Some).collect(),
-        None => (0..n_chunks(numel)).map(|_| None).collect(),
+        None => (0..nc).map(|_| None).collect(),
     };
-    outs.into_par_iter()
+    let per_chunk: Vec<Vec<Tally>> = outs
+        .into_par_iter()
         .enumerate()
-        .map(|(c, out)| {
+        .map(|(c, mut out)| {
             let r = c * CHUNK..(c * CHUNK + CHUNK).min(numel);
             with_scratch(|sc| {
-                let (bufs, _, _) = sc.parts(slots.len(), r.len());
-                for (buf, &s) in bufs.iter_mut().zip(slots) {
+                let (bufs, _, _) = sc.parts(read.len(), r.len());
+                for (buf, &s) in bufs.iter_mut().zip(&read) {
                     io.read(s, r.clone(), &mut buf[..r.len()])?;
                 }
-                let mut t = Tally::default();
-                let br = [br[0].0, br[0].1, br[1].0, br[1].1];
-                if let Some(keys) = out {
-                    // The whole chunk's keys at once (a key function may set up per call).
-                    let views: Vec<&[f32]> = bufs.iter().map(|b| &b[..r.len()]).collect();
-                    key_fn(&views, keys);
-                    keys.chunks(TILE).for_each(|k| tally(k, br, &mut t.below, &mut t.inside));
-                    return Ok(t);
-                }
+                let bufs = &*bufs;
+                let views = |slots: &[usize], span: std::ops::Range<usize>| -> Vec<&[f32]> {
+                    slots.iter().map(|s| &bufs[read.binary_search(s).expect("slot read")][span.clone()]).collect()
+                };
                 let mut tile = [0u32; TILE];
-                let mut views: Vec<&[f32]> = Vec::with_capacity(slots.len());
-                for at in (0..r.len()).step_by(TILE) {
-                    let n = TILE.min(r.len() - at);
-                    views.clear();
-                    views.extend(bufs.iter().map(|b| &b[at..at + n]));
-                    key_fn(&views, &mut tile[..n]);
-                    tally(&tile[..n], br, &mut t.below, &mut t.inside);
+                let mut ts = Vec::with_capacity(groups.len());
+                for g in groups {
+                    let mut t = Tally::default();
+                    let br = [g.br[0].0, g.br[0].1, g.br[1].0, g.br[1].1];
+                    if let Some(keys) = out.take() {
+                        // The whole chunk's keys at once (a key function may set up per call).
+                        key_fn(&views(g.slots, 0..r.len()), keys);
+                        keys.chunks(TILE).for_each(|k| tally(k, br, &mut t.below, &mut t.inside));
+                    } else {
+                        for at in (0..r.len()).step_by(TILE) {
+                            let n = TILE.min(r.len() - at);
+                            key_fn(&views(g.slots, at..at + n), &mut tile[..n]);
+                            tally(&tile[..n], br, &mut t.below, &mut t.inside);
+                        }
+                    }
+                    ts.push(t);
                 }
-                Ok(t)
+                Ok(ts)
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    let mut by_group: Vec<Vec<Tally>> = groups.iter().map(|_| Vec::with_capacity(nc)).collect();
+    for ts in per_chunk {
+        by_group.iter_mut().zip(ts).for_each(|(g, t)| g.push(t));
+    }
+    Ok(by_group)
 }
 
 /// Adds to `below[i]` the keys under bracket `i` (`[br[2i], br[2i + 1]]`) and pushes those
@@ -366,6 +399,10 @@ mod tests {
     use crate::kernel::Slices;
     use crate::methods::sparsified::sparsify::{keys_and_hist, mag_key, mag_key_desc};
 
+    fn window(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Option<Window>> {
+        Ok(windows(io, &[(slots, lo, hi)], key_fn)?.remove(0))
+    }
+
     fn keys_of(desc: bool) -> impl Fn(&[&[f32]], &mut [u32]) + Sync {
         let key = if desc { mag_key_desc } else { mag_key };
         move |v: &[&[f32]], out: &mut [u32]| v[0].iter().zip(out).for_each(|(&x, o)| *o = key(x))
@@ -377,7 +414,7 @@ mod tests {
         Window::from_keys(&keys, &hist, lo, hi)
     }
 
-    fn windows(n: usize) -> Vec<(usize, usize)> {
+    fn spans(n: usize) -> Vec<(usize, usize)> {
         vec![(0, n / 2), (0, 1), (n / 10, n - n / 100), (n - 1, n), (0, n), (n / 3, n / 3 + 5)]
     }
 
@@ -403,12 +440,39 @@ mod tests {
         ];
         for (name, vals) in &cases {
             let n = vals.len();
-            for (lo, hi) in windows(n) {
+            for (lo, hi) in spans(n) {
                 for desc in [false, true] {
                     let got = window(&Slices::new(None, &[vals]), &[0], lo, hi, &keys_of(desc)).unwrap();
                     assert_eq!(got, Some(exact(vals, lo, hi, desc)), "{name}: [{lo}, {hi}) desc {desc}");
                 }
             }
+        }
+    }
+
+    /// Several groups in one pass (three models' deltas from one base, each its own window,
+    /// one of them twice): each group's window is the one found for it alone, exactly.
+    #[test]
+    fn groups_in_one_pass_are_windows_of_their_own() {
+        let n = 4 * CHUNK + 77;
+        let base: Vec<f32> = (0..n).map(|i| crate::rng::normal(11, i as u64) as f32).collect();
+        let models: Vec<Vec<f32>> = (0..3)
+            .map(|m| {
+                base.iter()
+                    .enumerate()
+                    .map(|(i, &b)| b + (crate::rng::normal(12 + m, i as u64) as f32 * (m + 1) as f32 * 8.0).round() / 64.0)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = models.iter().map(|m| m.as_slice()).collect();
+        let io = Slices::new(Some(&base), &refs);
+        let kf = |v: &[&[f32]], out: &mut [u32]| v[1].iter().zip(v[0]).zip(out).for_each(|((&x, &b), o)| *o = mag_key_desc(x - b));
+        let slots = [[0, 1], [0, 2], [0, 3], [0, 2]];
+        let spans = [(0, n / 3), (0, 5), (n / 2, n - 9), (7, n)];
+        let groups: Vec<(&[usize], usize, usize)> = slots.iter().zip(spans).map(|(s, (lo, hi))| (&s[..], lo, hi)).collect();
+        let got = windows(&io, &groups, &kf).unwrap();
+        for ((s, (lo, hi)), w) in slots.iter().zip(spans).zip(got) {
+            let d: Vec<f32> = models[s[1] - 1].iter().zip(&base).map(|(&x, &b)| x - b).collect();
+            assert_eq!(w, Some(exact(&d, lo, hi, true)), "model {} [{lo}, {hi})", s[1] - 1);
         }
     }
 

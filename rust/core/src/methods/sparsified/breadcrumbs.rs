@@ -9,8 +9,9 @@
 //! `n_top` rounds to 0, i.e. `gamma·n < 1`) does not occur here: with `n_top = 0` the top
 //! `target` entries are kept (mergekit 0.1.5 does the same). Ties on a boundary magnitude are
 //! broken by index (the lower index ranks lower), so exactly `target` entries survive.
-use super::gta::{Mode, Sparsifier};
-use super::sparsify::{delta_keys, mask_by_window, masked_delta_by_window, Window};
+use super::gta::{Mode, Prepared, Sparsifier};
+use super::sparsify::{mask_by_window, masked_delta_by_window, Rescale};
+use super::ties::prepare_windows;
 use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
@@ -36,19 +37,26 @@ impl Outliers {
     }
 }
 
+impl Outliers {
+    /// Model `i`'s mode and kept rank window (ascending |Δ|) on a tensor of `n` elements.
+    fn span(&self, n: usize, i: usize) -> (usize, Mode, usize, usize) {
+        if self.density[i] >= 1.0 {
+            return (i, Mode::Keep, 0, 0);
+        }
+        let (lo, hi) = Self::window(n, self.density[i], self.gamma[i]);
+        (i, if lo == hi { Mode::Drop } else { Mode::Partial }, lo, hi)
+    }
+}
+
 impl Sparsifier for Outliers {
     fn prepare(&self, _: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
-        if self.density[i] >= 1.0 {
-            return Ok((Mode::Keep, vec![]));
-        }
-        let (lo, hi) = Self::window(io.numel(), self.density[i], self.gamma[i]);
-        if lo == hi {
-            return Ok((Mode::Drop, vec![]));
-        }
-        let w = Window::find(io, &[0, i + 1], lo, hi, &|v, out| delta_keys(v, out, false))?;
-        let mut st = vec![];
-        w.pack(&mut st);
-        Ok((Mode::Partial, st))
+        let p = prepare_windows(io, &[self.span(io.numel(), i)], false)?.remove(0);
+        Ok((p.mode, p.state))
+    }
+
+    fn prepare_all(&self, _: &Ctx, io: &dyn TensorIo, _: Rescale) -> Result<Vec<Prepared>> {
+        let spans: Vec<_> = (0..io.slots() - 1).map(|i| self.span(io.numel(), i)).collect();
+        prepare_windows(io, &spans, false)
     }
 
     fn mask(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], delta: &mut [f32]) {

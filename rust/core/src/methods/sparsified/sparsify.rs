@@ -240,13 +240,28 @@ impl Window {
     /// chunks of `slots`. Memory: a sample and the keys near the boundaries; one `u32` per
     /// element where the sample misses (freed before returning).
     pub fn find(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Window> {
+        Ok(Self::find_all(io, &[(slots, lo, hi)], key_fn)?.remove(0))
+    }
+
+    /// [`Window::find`] for several sets of keys (group `g`'s from `key_fn` on its slots),
+    /// whose sampled path reads each input once for all of them.
+    pub fn find_all(io: &dyn TensorIo, groups: &[(&[usize], usize, usize)], key_fn: &KeyFn) -> Result<Vec<Window>> {
         let numel = io.numel();
-        assert!(lo < hi && hi <= numel, "window [{lo}, {hi}) of {numel}");
-        if let Some(w) = super::bracket::window(io, slots, lo, hi, key_fn)? {
-            return Ok(w);
+        for &(_, lo, hi) in groups {
+            assert!(lo < hi && hi <= numel, "window [{lo}, {hi}) of {numel}");
         }
-        let (keys, hist) = phase::time(phase::KEYS, || keys_and_hist(io, slots, key_fn))?;
-        Ok(Window::from_keys(&keys, &hist, lo, hi))
+        let found = super::bracket::windows(io, groups, key_fn)?;
+        found
+            .into_iter()
+            .zip(groups)
+            .map(|(w, &(slots, lo, hi))| match w {
+                Some(w) => Ok(w),
+                None => {
+                    let (keys, hist) = phase::time(phase::KEYS, || keys_and_hist(io, slots, key_fn))?;
+                    Ok(Window::from_keys(&keys, &hist, lo, hi))
+                }
+            })
+            .collect()
     }
 
     /// The window `[lo, hi)` of `keys` (all of a tensor's keys in index order, `hist` their
