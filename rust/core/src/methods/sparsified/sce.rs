@@ -42,10 +42,19 @@ impl Sce {
     }
 }
 
-/// Task vectors of one chunk into `tv`, model after model (`tv.len()` = models · chunk length).
-fn task_vectors(base: &[f32], inputs: &[&[f32]], tv: &mut [f32]) {
+/// The selected task vectors of the elements `first..first + base.len()` into `tv` (model
+/// after model, `tv.len()` = models · `base.len()`): `θ_i − θ_base` with the unselected entries
+/// zeroed, in one pass (`words`: the keep bits of a `Partial` selection, bit 0 for element 0
+/// of `words`' range; `first` a multiple of 32).
+fn selected_task_vectors(mode: u8, words: &[f64], first: usize, base: &[f32], inputs: &[&[f32]], tv: &mut [f32]) {
     for (x, t) in inputs.iter().zip(tv.chunks_mut(base.len().max(1))) {
-        delta_into(x, base, t);
+        if mode == Mode::Drop as u8 {
+            t.fill(0.0);
+        } else if mode == Mode::Partial as u8 {
+            bits::masked_delta(words, first, x, base, t);
+        } else {
+            delta_into(x, base, t);
+        }
     }
 }
 
@@ -114,19 +123,6 @@ fn sums_of_squares(lanes: &[&[f32]]) -> Vec<f64> {
 
 const HEAD: usize = 1; // mode, then n weights, then the keep bits of a partial selection
 
-impl Sce {
-    /// Applies the selection to the task vectors of elements `first..first + len` (`words`:
-    /// the keep bits of a `Partial` selection, bit 0 for element 0 of `words`' range;
-    /// `first` a multiple of 32).
-    fn select(mode: u8, words: &[f64], first: usize, tv: &mut [f32], len: usize) {
-        if mode == Mode::Drop as u8 {
-            tv.fill(0.0);
-        } else if mode == Mode::Partial as u8 {
-            tv.chunks_mut(len.max(1)).for_each(|t| bits::mask(words, first, t));
-        }
-    }
-}
-
 impl Drop for Sce {
     fn drop(&mut self) {
         scratch::release(); // the key buffer lives as long as the merge's kernel
@@ -178,8 +174,7 @@ impl Method for Sce {
                 let mut lanes = Vec::with_capacity(2 * n);
                 for (((_, r, v), words), tv) in chunks.iter().zip(&words).zip(w.chunks_mut(n * CHUNK)) {
                     let tv = &mut tv[..n * r.len()];
-                    task_vectors(v[0], &v[1..], tv);
-                    Self::select(mode as u8, words, 0, tv, r.len());
+                    selected_task_vectors(mode as u8, words, 0, v[0], &v[1..], tv);
                     lanes.extend(tv.chunks(r.len().max(1)).take(n));
                 }
                 sums_of_squares(&lanes)
@@ -228,8 +223,7 @@ fn erase(stats: &[f64], first: usize, base: &[f32], inputs: &[&[f32]], out: &mut
         xs.clear();
         xs.extend(inputs.iter().map(|x| &x[r.clone()]));
         let (base, out) = (&base[r.clone()], &mut out[r]);
-        task_vectors(base, &xs, tv);
-        Sce::select(stats[0] as u8, &stats[HEAD + n..], first + t0, tv, len);
+        selected_task_vectors(stats[0] as u8, &stats[HEAD + n..], first + t0, base, &xs, tv);
         maj.fill(0.0);
         for t in tv.chunks(len) {
             maj.iter_mut().zip(t).for_each(|(s, &v)| *s += v);
