@@ -70,7 +70,9 @@ def test_fisher_weighted_rejects_negative_fisher(mf, rng):
     f = np.ones(20, np.float32)
     g = f.copy()
     g[3] = -1
-    with pytest.raises(mf.NumericalError, match="negative"):
+    f[5] = -2
+    # The first offending element (then model) is named.
+    with pytest.raises(mf.NumericalError, match=r"Fisher of model #1 is negative \(-1\) at element 3"):
         mf.fisher_weighted([a, b], [f, g])
 
 
