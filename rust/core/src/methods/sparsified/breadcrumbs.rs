@@ -9,11 +9,9 @@
 //! `n_top` rounds to 0, i.e. `gamma·n < 1`) does not occur here: with `n_top = 0` the top
 //! `target` entries are kept (mergekit 0.1.5 does the same). Ties on a boundary magnitude are
 //! broken by index (the lower index ranks lower), so exactly `target` entries survive.
-use super::gta::{Mode, Prepared, Sparsifier};
-use super::sparsify::{mask_by_window, masked_delta_by_window, Rescale};
-use super::ties::prepare_windows;
+use super::gta::Mode;
+use super::ties::RankWindow;
 use crate::error::Result;
-use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
 
 pub struct Outliers {
@@ -37,34 +35,15 @@ impl Outliers {
     }
 }
 
-impl Outliers {
-    /// Model `i`'s mode and kept rank window (ascending |Δ|) on a tensor of `n` elements.
-    fn span(&self, n: usize, i: usize) -> (usize, Mode, usize, usize) {
+impl RankWindow for Outliers {
+    const DESC: bool = false;
+
+    fn span(&self, n: usize, i: usize) -> (Mode, usize, usize) {
         if self.density[i] >= 1.0 {
-            return (i, Mode::Keep, 0, 0);
+            return (Mode::Keep, 0, 0);
         }
         let (lo, hi) = Self::window(n, self.density[i], self.gamma[i]);
-        (i, if lo == hi { Mode::Drop } else { Mode::Partial }, lo, hi)
-    }
-}
-
-impl Sparsifier for Outliers {
-    fn prepare(&self, _: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
-        let p = prepare_windows(io, &[self.span(io.numel(), i)], false)?.remove(0);
-        Ok((p.mode, p.state))
-    }
-
-    fn prepare_all(&self, _: &Ctx, io: &dyn TensorIo, _: Rescale) -> Result<Vec<Prepared>> {
-        let spans: Vec<_> = (0..io.slots() - 1).map(|i| self.span(io.numel(), i)).collect();
-        prepare_windows(io, &spans, false)
-    }
-
-    fn mask(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], delta: &mut [f32]) {
-        mask_by_window(state, chunk, delta, false);
-    }
-
-    fn masked_delta(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
-        masked_delta_by_window(state, chunk, x, base, out, false);
+        (if lo == hi { Mode::Drop } else { Mode::Partial }, lo, hi)
     }
 
     fn density(&self, i: usize) -> f64 {

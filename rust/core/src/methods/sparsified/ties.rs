@@ -25,26 +25,41 @@ impl Magnitude {
     }
 }
 
-impl Magnitude {
-    /// Model `i`'s mode and kept rank window (descending |Δ|) on a tensor of `n` elements.
-    fn span(&self, n: usize, i: usize) -> (usize, Mode, usize, usize) {
+impl RankWindow for Magnitude {
+    const DESC: bool = true;
+
+    fn span(&self, n: usize, i: usize) -> (Mode, usize, usize) {
         let d = self.density[i];
-        let mode = Mode::of_density(d);
-        (i, mode, 0, ((d * n as f64) as usize).clamp(1, n.max(1)))
+        (Mode::of_density(d), 0, ((d * n as f64) as usize).clamp(1, n.max(1)))
+    }
+
+    fn density(&self, i: usize) -> f64 {
+        self.density[i]
     }
 }
 
-/// Every listed model's mode and, for the partial ones, its window over the magnitude keys
-/// of its delta (descending or not): `spans` holds (model, mode, lo, hi). The windows come
-/// from one pass over the inputs, which reads the base once for all models.
-pub(super) fn prepare_windows(io: &dyn TensorIo, spans: &[(usize, Mode, usize, usize)], desc: bool) -> Result<Vec<Prepared>> {
-    let slots: Vec<[usize; 2]> = spans.iter().map(|&(i, ..)| [0, i + 1]).collect();
+/// A sparsifier that keeps a window of ranks of each model's `|Δ|` (TIES: the top k;
+/// breadcrumbs: a band below the outliers), in one order or the other.
+pub(super) trait RankWindow: Send + Sync {
+    /// Ranks by descending `|Δ|` (else ascending).
+    const DESC: bool;
+    /// Model `i`'s mode and kept rank window `[lo, hi)` on a tensor of `n` elements.
+    fn span(&self, n: usize, i: usize) -> (Mode, usize, usize);
+    fn density(&self, i: usize) -> f64;
+}
+
+/// The windows of the listed models (`models`) in one pass over the inputs, which reads the
+/// base once for all of them; a model's state is its packed window where it is partial.
+fn prepare_windows<W: RankWindow>(w: &W, io: &dyn TensorIo, models: impl Iterator<Item = usize>) -> Result<Vec<Prepared>> {
+    let models: Vec<usize> = models.collect();
+    let spans: Vec<(Mode, usize, usize)> = models.iter().map(|&i| w.span(io.numel(), i)).collect();
+    let slots: Vec<[usize; 2]> = models.iter().map(|&i| [0, i + 1]).collect();
     let groups: Vec<(&[usize], usize, usize)> =
-        spans.iter().zip(&slots).filter(|((_, mode, ..), _)| *mode == Mode::Partial).map(|(&(_, _, lo, hi), s)| (&s[..], lo, hi)).collect();
-    let mut windows = Window::find_all(io, &groups, &|v, out| delta_keys(v, out, desc))?.into_iter();
+        spans.iter().zip(&slots).filter(|((mode, ..), _)| *mode == Mode::Partial).map(|(&(_, lo, hi), s)| (&s[..], lo, hi)).collect();
+    let mut windows = Window::find_all(io, &groups, &|v, out| delta_keys(v, out, W::DESC))?.into_iter();
     Ok(spans
         .iter()
-        .map(|&(_, mode, ..)| {
+        .map(|&(mode, ..)| {
             let mut state = vec![];
             if mode == Mode::Partial {
                 windows.next().expect("a window per partial model").pack(&mut state);
@@ -54,26 +69,25 @@ pub(super) fn prepare_windows(io: &dyn TensorIo, spans: &[(usize, Mode, usize, u
         .collect())
 }
 
-impl Sparsifier for Magnitude {
+impl<W: RankWindow> Sparsifier for W {
     fn prepare(&self, _: &Ctx, io: &dyn TensorIo, i: usize) -> Result<(Mode, Vec<f64>)> {
-        let p = prepare_windows(io, &[self.span(io.numel(), i)], true)?.remove(0);
+        let p = prepare_windows(self, io, std::iter::once(i))?.remove(0);
         Ok((p.mode, p.state))
     }
 
     fn prepare_all(&self, _: &Ctx, io: &dyn TensorIo, _: Rescale) -> Result<Vec<Prepared>> {
-        let spans: Vec<_> = (0..io.slots() - 1).map(|i| self.span(io.numel(), i)).collect();
-        prepare_windows(io, &spans, true)
+        prepare_windows(self, io, 0..io.slots() - 1)
     }
 
     fn mask(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], delta: &mut [f32]) {
-        mask_by_window(state, chunk, delta, true);
+        mask_by_window(state, chunk, delta, W::DESC);
     }
 
     fn masked_delta(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
-        masked_delta_by_window(state, chunk, x, base, out, true);
+        masked_delta_by_window(state, chunk, x, base, out, W::DESC);
     }
 
     fn density(&self, i: usize) -> f64 {
-        self.density[i]
+        RankWindow::density(self, i)
     }
 }
