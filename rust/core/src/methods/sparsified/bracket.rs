@@ -253,6 +253,8 @@ fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<&mut
                             tally(&tile[..n], br, &mut t.below, &mut t.inside);
                         }
                     }
+                    // The lists grew a tile's room at a time: give back what they did not use.
+                    t.inside.iter_mut().for_each(Vec::shrink_to_fit);
                     ts.push(t);
                 }
                 Ok(ts)
