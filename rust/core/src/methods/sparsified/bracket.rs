@@ -70,9 +70,9 @@ pub fn keys_and_top(
         let zeros = s.keys.iter().filter(|&&k| k == zero).count() * numel / s.keys.len();
         brackets(&s, numel, [0, k_of(zeros).clamp(1, numel) - 1])
     };
-    let tallies = count(io, &[Group { slots, br }], key_fn, Some(keys))?.remove(0);
-    let zeros = keys.par_chunks(CHUNK).map(|c| c.iter().filter(|&&k| k == zero).count()).sum();
-    let k = k_of(zeros).min(numel);
+    let tallies = count(io, &[Group { slots, br }], key_fn, Some((keys, zero)))?.remove(0);
+    let zeros: u64 = tallies.iter().map(|t| t.zeros).sum();
+    let k = k_of(zeros as usize).min(numel);
     Ok((k, if k == 0 { None } else { window_of(&tallies, 0, k) }))
 }
 
@@ -193,11 +193,13 @@ fn brackets(s: &Sample, numel: usize, ranks: [usize; 2]) -> [(u32, u32); 2] {
     ends.map(|(l, h)| (l.map_or(0, |i| t[i]), h.map_or(u32::MAX, |i| t[i])))
 }
 
-/// A chunk's counts against the two brackets: keys below each bracket, and the keys inside it.
+/// A chunk's counts against the two brackets: keys below each bracket, and the keys inside it;
+/// in a pass that stores the keys, also those equal to its `zero`.
 #[derive(Default)]
 struct Tally {
     below: [u64; 2],
     inside: [Vec<u32>; 2],
+    zeros: u64,
 }
 
 /// Brackets that hold every key.
@@ -211,16 +213,19 @@ struct Group<'s> {
 
 /// The pass over the tensor: per group, every chunk's [`Tally`] in chunk order. Each input
 /// is read once per chunk for all groups. The keys go to `store` (all of them, index order;
-/// one group only) when given, else through an L1-sized tile.
-fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<&mut [u32]>) -> Result<Vec<Vec<Tally>>> {
+/// one group only; with the key whose occurrences each chunk counts, while they are in
+/// cache) when given, else through an L1-sized tile.
+fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<(&mut [u32], u32)>) -> Result<Vec<Vec<Tally>>> {
     let numel = io.numel();
     let nc = n_chunks(numel);
     assert!(store.is_none() || groups.len() == 1, "stored keys are one group's");
     let mut read: Vec<usize> = groups.iter().flat_map(|g| g.slots.iter().copied()).collect();
     read.sort_unstable();
     read.dedup();
-    let outs: Vec<Option<&mut [u32]>> = match store {
-        Some(keys) => keys.chunks_mut(CHUNK).map(Some).collect(),
+    // Per group, where each of its slots is among the buffers read.
+    let at: Vec<Vec<usize>> = groups.iter().map(|g| g.slots.iter().map(|s| read.binary_search(s).expect("slot read")).collect()).collect();
+    let outs: Vec<Option<(&mut [u32], u32)>> = match store {
+        Some((keys, zero)) => keys.chunks_mut(CHUNK).map(|k| Some((k, zero))).collect(),
         None => (0..nc).map(|_| None).collect(),
     };
     let per_chunk: Vec<Vec<Tally>> = outs
@@ -233,23 +238,21 @@ fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<&mut
                 for (buf, &s) in bufs.iter_mut().zip(&read) {
                     io.read(s, r.clone(), &mut buf[..r.len()])?;
                 }
-                let bufs = &*bufs;
-                let views = |slots: &[usize], span: std::ops::Range<usize>| -> Vec<&[f32]> {
-                    slots.iter().map(|s| &bufs[read.binary_search(s).expect("slot read")][span.clone()]).collect()
-                };
+                let mut views: Vec<&[f32]> = Vec::with_capacity(read.len());
                 let mut tile = [0u32; TILE];
                 let mut ts = Vec::with_capacity(groups.len());
-                for g in groups {
+                for (g, at) in groups.iter().zip(&at) {
                     let mut t = Tally::default();
                     let br = [g.br[0].0, g.br[0].1, g.br[1].0, g.br[1].1];
-                    if let Some(keys) = out.take() {
+                    if let Some((keys, zero)) = out.take() {
                         // The whole chunk's keys at once (a key function may set up per call).
-                        key_fn(&views(g.slots, 0..r.len()), keys);
+                        key_fn(slices(&mut views, bufs, at, 0..r.len()), keys);
                         keys.chunks(TILE).for_each(|k| tally(k, br, &mut t.below, &mut t.inside));
+                        t.zeros = keys.iter().map(|&k| u64::from(k == zero)).sum();
                     } else {
-                        for at in (0..r.len()).step_by(TILE) {
-                            let n = TILE.min(r.len() - at);
-                            key_fn(&views(g.slots, at..at + n), &mut tile[..n]);
+                        for s in (0..r.len()).step_by(TILE) {
+                            let n = TILE.min(r.len() - s);
+                            key_fn(slices(&mut views, bufs, at, s..s + n), &mut tile[..n]);
                             tally(&tile[..n], br, &mut t.below, &mut t.inside);
                         }
                     }
@@ -266,6 +269,13 @@ fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<&mut
         by_group.iter_mut().zip(ts).for_each(|(g, t)| g.push(t));
     }
     Ok(by_group)
+}
+
+/// `span` of the buffers `at` of `bufs`, in `views` (reused from call to call).
+fn slices<'v, 'b>(views: &'v mut Vec<&'b [f32]>, bufs: &'b [Vec<f32>], at: &[usize], span: std::ops::Range<usize>) -> &'v [&'b [f32]] {
+    views.clear();
+    views.extend(at.iter().map(|&b| &bufs[b][span.clone()]));
+    views
 }
 
 /// Adds to `below[i]` the keys under bracket `i` (`[br[2i], br[2i + 1]]`) and pushes those

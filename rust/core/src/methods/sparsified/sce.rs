@@ -13,7 +13,7 @@
 //! mergekit takes no per-model weight for SCE and neither do we. `int8_mask` is accepted and
 //! changes nothing. Memory: one `u32` per element while finding the variance threshold, and
 //! the selection as bits (1/16 of the f32 tensor) for `apply`, which is elementwise. Each
-//! variance is computed once, in the key pass.
+//! variance is computed once in the key pass (and again for the few sampled before it).
 use super::bracket;
 use super::gta::Mode;
 use super::select::HighHist;

@@ -238,7 +238,9 @@ pub struct Window {
 impl Window {
     /// Finds the window `[lo, hi)` (0 ≤ lo < hi ≤ numel) of the keys `key_fn` gives for the
     /// chunks of `slots`. Memory: a sample and the keys near the boundaries; one `u32` per
-    /// element where the sample misses (freed before returning).
+    /// element where the sample misses (freed before returning). (The kernels find every
+    /// model's window at once, [`Window::find_all`].)
+    #[cfg(test)]
     pub fn find(io: &dyn TensorIo, slots: &[usize], lo: usize, hi: usize, key_fn: &KeyFn) -> Result<Window> {
         Ok(Self::find_all(io, &[(slots, lo, hi)], key_fn)?.remove(0))
     }
