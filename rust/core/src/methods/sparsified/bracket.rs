@@ -45,20 +45,20 @@ pub fn windows(io: &dyn TensorIo, groups: &[(&[usize], usize, usize)], key_fn: &
             Ok(Group { slots, br })
         })
         .collect::<Result<Vec<_>>>()?;
-    let tallies = count(io, &gs, key_fn, None)?;
+    let tallies = count(io, &gs, key_fn, None, None)?;
     Ok(tallies.iter().zip(groups).map(|(t, &(_, lo, hi))| window_of(t, lo, hi)).collect())
 }
 
-/// Every key `key_fn` gives into `keys` (index order), `k = k_of(z)` where `z` counts the
-/// keys equal to `zero`, and the window `[0, k)` of the keys when `k > 0` and the boundary
-/// ranks fell in their brackets (else the caller selects among `keys`). The brackets come
-/// from a sample's estimate of `k`. For a top-k whose size depends on the keys themselves
-/// (SCE's counts the non-zero variances), by a pass that also stores the keys for later use.
+/// `k = k_of(z)` where `z` counts the keys `key_fn` gives that equal `zero`, and the window
+/// `[0, k)` of the keys when `k > 0` and the boundary ranks fell in their brackets (else the
+/// caller selects among all the keys). The brackets come from a sample's estimate of `k`. For
+/// a top-k whose size depends on the keys themselves (SCE's counts the non-zero variances), by
+/// a pass that also stores every key into `keys` (index order) when given, for later use.
 pub fn keys_and_top(
     io: &dyn TensorIo,
     slots: &[usize],
     key_fn: &KeyFn,
-    keys: &mut [u32],
+    keys: Option<&mut [u32]>,
     zero: u32,
     k_of: &dyn Fn(usize) -> usize,
 ) -> Result<(usize, Option<Window>)> {
@@ -70,7 +70,7 @@ pub fn keys_and_top(
         let zeros = s.keys.iter().filter(|&&k| k == zero).count() * numel / s.keys.len();
         brackets(&s, numel, [0, k_of(zeros).clamp(1, numel) - 1])
     };
-    let tallies = count(io, &[Group { slots, br }], key_fn, Some((keys, zero)))?.remove(0);
+    let tallies = count(io, &[Group { slots, br }], key_fn, keys, Some(zero))?.remove(0);
     let zeros: u64 = tallies.iter().map(|t| t.zeros).sum();
     let k = k_of(zeros as usize).min(numel);
     Ok((k, if k == 0 { None } else { window_of(&tallies, 0, k) }))
@@ -194,7 +194,7 @@ fn brackets(s: &Sample, numel: usize, ranks: [usize; 2]) -> [(u32, u32); 2] {
 }
 
 /// A chunk's counts against the two brackets: keys below each bracket, and the keys inside it;
-/// in a pass that stores the keys, also those equal to its `zero`.
+/// in a pass given a `zero` key, also the keys equal to it.
 #[derive(Default)]
 struct Tally {
     below: [u64; 2],
@@ -213,19 +213,20 @@ struct Group<'s> {
 
 /// The pass over the tensor: per group, every chunk's [`Tally`] in chunk order. Each input
 /// is read once per chunk for all groups. The keys go to `store` (all of them, index order;
-/// one group only; with the key whose occurrences each chunk counts, while they are in
-/// cache) when given, else through an L1-sized tile.
-fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<(&mut [u32], u32)>) -> Result<Vec<Vec<Tally>>> {
+/// one group only) when given, else through an L1-sized tile; with `zero` (one group only),
+/// each chunk counts that key's occurrences while its keys are in cache.
+fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<&mut [u32]>, zero: Option<u32>) -> Result<Vec<Vec<Tally>>> {
     let numel = io.numel();
     let nc = n_chunks(numel);
-    assert!(store.is_none() || groups.len() == 1, "stored keys are one group's");
+    assert!((store.is_none() && zero.is_none()) || groups.len() == 1, "stored or zero-counted keys are one group's");
+    let zeros = |keys: &[u32]| zero.map_or(0, |z| keys.iter().map(|&k| u64::from(k == z)).sum());
     let mut read: Vec<usize> = groups.iter().flat_map(|g| g.slots.iter().copied()).collect();
     read.sort_unstable();
     read.dedup();
     // Per group, where each of its slots is among the buffers read.
     let at: Vec<Vec<usize>> = groups.iter().map(|g| g.slots.iter().map(|s| read.binary_search(s).expect("slot read")).collect()).collect();
-    let outs: Vec<Option<(&mut [u32], u32)>> = match store {
-        Some((keys, zero)) => keys.chunks_mut(CHUNK).map(|k| Some((k, zero))).collect(),
+    let outs: Vec<Option<&mut [u32]>> = match store {
+        Some(keys) => keys.chunks_mut(CHUNK).map(Some).collect(),
         None => (0..nc).map(|_| None).collect(),
     };
     let per_chunk: Vec<Vec<Tally>> = outs
@@ -244,16 +245,17 @@ fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<(&mu
                 for (g, at) in groups.iter().zip(&at) {
                     let mut t = Tally::default();
                     let br = [g.br[0].0, g.br[0].1, g.br[1].0, g.br[1].1];
-                    if let Some((keys, zero)) = out.take() {
+                    if let Some(keys) = out.take() {
                         // The whole chunk's keys at once (a key function may set up per call).
                         key_fn(slices(&mut views, bufs, at, 0..r.len()), keys);
                         keys.chunks(TILE).for_each(|k| tally(k, br, &mut t.below, &mut t.inside));
-                        t.zeros = keys.iter().map(|&k| u64::from(k == zero)).sum();
+                        t.zeros = zeros(keys);
                     } else {
                         for s in (0..r.len()).step_by(TILE) {
                             let n = TILE.min(r.len() - s);
                             key_fn(slices(&mut views, bufs, at, s..s + n), &mut tile[..n]);
                             tally(&tile[..n], br, &mut t.below, &mut t.inside);
+                            t.zeros += zeros(&tile[..n]);
                         }
                     }
                     // The lists grew a tile's room at a time: give back what they did not use.
@@ -488,9 +490,10 @@ mod tests {
         }
     }
 
-    /// SCE's top-k over keys it stores: the same keys as the key function's, the same `k`
-    /// (the keys equal to `zero`, here those of a zero value, counted out) and the exact window,
-    /// with zeros both scattered and filling whole chunks; and no window when `k` is 0.
+    /// SCE's top-k, storing the keys or not: the stored keys are the key function's, and either
+    /// way the same `k` (the keys equal to `zero`, here those of a zero value, counted out) and
+    /// the exact window, with zeros both scattered and filling whole chunks; and no window when
+    /// `k` is 0.
     #[test]
     fn top_k_counts_zeros_out_and_stores_the_keys() {
         let n = 5 * CHUNK + 321;
@@ -503,13 +506,15 @@ mod tests {
         for topk in [0.3f32, 1.0, 1e-9] {
             let k_of = |z: usize| ((n - z) as f32 * topk) as usize;
             let mut keys = vec![0u32; n];
-            let (k, w) = keys_and_top(&io, &[0], &keys_of(true), &mut keys, u32::MAX, &k_of).unwrap();
+            let stored = keys_and_top(&io, &[0], &keys_of(true), Some(&mut keys), u32::MAX, &k_of).unwrap();
             assert_eq!(keys, *want_keys);
-            assert_eq!(k, k_of(zeros));
-            if k == 0 {
-                assert_eq!(w, None);
-            } else {
-                assert_eq!(w, Some(Window::from_keys(&want_keys, &hist, 0, k)), "topk {topk}");
+            for (k, w) in [stored, keys_and_top(&io, &[0], &keys_of(true), None, u32::MAX, &k_of).unwrap()] {
+                assert_eq!(k, k_of(zeros));
+                if k == 0 {
+                    assert_eq!(w, None);
+                } else {
+                    assert_eq!(w, Some(Window::from_keys(&want_keys, &hist, 0, k)), "topk {topk}");
+                }
             }
         }
     }

@@ -11,9 +11,10 @@
 //!    `θ = θ_base + Σ_agree w_i τ_i / max(Σ_agree w_i, 1e-6)`.
 //!
 //! mergekit takes no per-model weight for SCE and neither do we. `int8_mask` is accepted and
-//! changes nothing. Memory: one `u32` per element while finding the variance threshold, and
-//! the selection as bits (1/16 of the f32 tensor) for `apply`, which is elementwise. Each
-//! variance is computed once in the key pass (and again for the few sampled before it).
+//! changes nothing. Memory: one `u32` per element while finding the variance threshold in
+//! tensors of up to 2^26 elements (larger ones compute their variances again instead), and the
+//! selection as bits (1/16 of the f32 tensor) for `apply`, which is elementwise. Each variance
+//! is computed once in the key pass (and again for the few sampled before it).
 use super::bracket;
 use super::gta::Mode;
 use super::select::HighHist;
@@ -32,13 +33,15 @@ pub fn spec() -> MethodSpec {
 
 pub struct Sce {
     topk: f64,
+    /// Tensors of up to this many elements keep their variance keys between passes.
+    stored_keys: usize,
 }
 
 impl Sce {
     pub fn build(p: &Params, _n: usize, _has_base: bool) -> Result<Self> {
         p.bool("int8_mask")?;
         let topk = p.f64("select_topk")?;
-        Ok(Sce { topk })
+        Ok(Sce { topk, stored_keys: STORED_KEYS })
     }
 }
 
@@ -123,6 +126,17 @@ fn sums_of_squares(lanes: &[&[f32]]) -> Vec<f64> {
 
 const HEAD: usize = 1; // mode, then n weights, then the keep bits of a partial selection
 
+/// Tensors of up to this many elements keep their variance keys (4 bytes each: 256 MiB at
+/// most) from the pass that finds the top-k to the pass that decides the selection; larger
+/// ones compute each chunk's again there (one more variance per element), so that memory does
+/// not grow with the largest tensor (a 3B model's 128k-vocabulary embedding: 1.6 GB of keys).
+const STORED_KEYS: usize = 1 << 26;
+
+thread_local! {
+    /// A chunk's variance keys computed again, the buffer kept from chunk to chunk.
+    static CHUNK_KEYS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 impl Drop for Sce {
     fn drop(&mut self) {
         scratch::release(); // the key buffer lives as long as the merge's kernel
@@ -139,35 +153,62 @@ impl Method for Sce {
         } else if self.topk <= 0.0 {
             (Mode::Drop, vec![], None)
         } else {
-            // One pass: every variance key, stored, and the top-k's boundaries bracketed from
-            // a sample; nnz counts the keys of a zero variance (`!0.0.to_bits()`, the largest
-            // descending key) out.
-            let mut keys = scratch::take(numel);
+            // One pass: every variance key (stored, up to `stored_keys` of them) and the top-k's
+            // boundaries bracketed from a sample; nnz counts the keys of a zero variance
+            // (`!0.0.to_bits()`, the largest descending key) out.
+            let mut keys = (numel <= self.stored_keys).then(|| scratch::take(numel));
             let k_of = |zeros: usize| (((numel - zeros) as f32) * (self.topk as f32)) as usize;
-            let (k, w) = bracket::keys_and_top(io, &slots, &var_keys_desc, &mut keys, ZERO_VAR, &k_of)?;
+            let (k, w) = bracket::keys_and_top(io, &slots, &var_keys_desc, keys.as_deref_mut(), ZERO_VAR, &k_of)?;
             if k == 0 {
                 (Mode::Drop, vec![], None)
             } else {
-                let w = w.unwrap_or_else(|| Window::from_keys(&keys, &HighHist::of(&keys), 0, k));
+                let w = match w {
+                    Some(w) => w,
+                    // A missed bracket: the exact selection among all the keys, stored now if
+                    // they were not.
+                    None => {
+                        let keys = match &mut keys {
+                            Some(keys) => keys,
+                            None => {
+                                let mut all = scratch::take(numel);
+                                bracket::keys_and_top(io, &slots, &var_keys_desc, Some(&mut all), ZERO_VAR, &k_of)?;
+                                keys.insert(all)
+                            }
+                        };
+                        Window::from_keys(keys, &HighHist::of(keys), 0, k)
+                    }
+                };
                 let mut st = vec![];
                 w.pack(&mut st);
-                (Mode::Partial, st, Some(keys))
+                (Mode::Partial, st, keys)
             }
         };
         // Mean squares of the selected task vectors, folded in chunk order; the selection is
-        // decided once here from the stored keys and kept as bits for `apply`.
+        // decided once here, from the stored keys or the chunk's computed again, and kept as
+        // bits for `apply`.
         // Two chunks at a time: each model's sum per chunk is a chain of additions in element
         // order; the two chunks' chains advance in one loop.
         let parts = par_chunk_groups(io, &slots, 2, |chunks| {
             let words: Vec<Vec<f64>> = chunks
                 .iter()
-                .map(|(c, r, _)| match &keys {
-                    Some(keys) => {
+                .map(|(c, r, v)| {
+                    let decide = |keys: &[u32]| {
                         let mut kept = vec![0u32; r.len().div_ceil(32)];
-                        Window::decide_words(&window, *c, &keys[r.clone()], &mut kept);
+                        Window::decide_words(&window, *c, keys, &mut kept);
                         kept.into_iter().map(f64::from).collect()
+                    };
+                    match (&keys, mode) {
+                        (Some(keys), _) => decide(&keys[r.clone()]),
+                        (None, Mode::Partial) => {
+                            let mut ck = CHUNK_KEYS.take();
+                            ck.resize(r.len(), 0);
+                            var_keys_desc(v, &mut ck);
+                            let kept = decide(&ck);
+                            CHUNK_KEYS.set(ck);
+                            kept
+                        }
+                        _ => vec![],
                     }
-                    None => vec![],
                 })
                 .collect();
             let ms = with_work(n * 2 * CHUNK, |w| {
@@ -262,6 +303,28 @@ mod tests {
             let views: Vec<&[f32]> = lanes.iter().map(|l| l.as_slice()).collect();
             let got: Vec<u64> = sums_of_squares(&views).iter().map(|m| m.to_bits()).collect();
             assert_eq!(got, want, "{n} lanes");
+        }
+    }
+
+    /// A tensor over the stored-keys limit (set low here) computes its variances again in the
+    /// selection pass: the same bytes as with its keys stored, for tied and zero variances
+    /// (models equal to the base in places) across chunks and a ragged last chunk.
+    #[test]
+    fn variances_computed_again_give_the_stored_bytes() {
+        use crate::methods::geometric::common::testing::rand;
+        let n = 3 * CHUNK + 1234;
+        let base = rand(n, 1);
+        let q = |x: f32| (x * 64.0).round() / 64.0;
+        let models: Vec<Vec<f32>> = (2..5)
+            .map(|k| base.iter().zip(rand(n, k)).enumerate().map(|(j, (&b, d))| if j % 5 == 0 { b } else { b + q(d) * 0.01 }).collect())
+            .collect();
+        let inputs: Vec<&[f32]> = models.iter().map(|m| m.as_slice()).collect();
+        let pool = crate::kernel::pool(Some(2)).unwrap();
+        for topk in [0.3, 0.9] {
+            let run = |stored_keys| crate::kernel::merge_arrays(&Sce { topk, stored_keys }, "t", &[n], 7, Some(&base), &inputs, &pool).unwrap();
+            let (stored, again) = (run(usize::MAX), run(0));
+            assert!(stored.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "topk {topk}");
+            assert!(stored.iter().zip(&base).any(|(a, b)| a != b));
         }
     }
 }
