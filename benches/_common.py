@@ -147,6 +147,10 @@ SPECS: Dict[str, LlamaSpec] = {
     # TinyLlama-1.1B shape: ~1.10B params, 2.2 GB bf16, 3 input shards of <= 1 GB
     "1.1b": LlamaSpec("1.1b", hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4,
                       vocab=32000, shard_bytes=1000 * 1000 * 1000),
+    # Llama-3.2-3B shape with its 128k vocabulary, embeddings untied: ~3.6B params, 7.2 GB bf16.
+    # Three such inputs and an output exceed a 24 GB machine's page cache: the disk-bound regime
+    "3b": LlamaSpec("3b", hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8,
+                    vocab=128256, shard_bytes=2000 * 1000 * 1000, rope_theta=500000.0),
 }
 
 
