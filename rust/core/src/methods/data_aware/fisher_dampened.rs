@@ -15,6 +15,7 @@
 use crate::error::{Error, Result};
 use crate::exp_ln;
 use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo, CHUNK};
+use crate::methods::sparsified::select::{from_total_key, ranks_streamed, total_key};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 use crate::reader::{Checkpoint, TensorInfo};
 use crate::simd::avx2;
@@ -32,10 +33,10 @@ pub fn spec() -> MethodSpec {
 
 const QUANTILES: usize = 1024;
 const LOG_EPS: f64 = 1e-30;
-/// A Fisher whose values are all bfloat16 (the low 16 bits of every f32 zero, as read from a
-/// bf16 file) has at most 2^16 distinct values: past this many elements its log-normalized keep
-/// factors are looked up in a table of all 2^16, built once per tensor, instead of one `ln` per
-/// element (those were a quarter of a 125M merge's CPU time).
+/// A Fisher whose values are all bfloat16 (as read from a bf16 file: the low 16 bits of every
+/// f32 zero) has at most 2^16 distinct values: past this many elements its keep factors (log or
+/// rank normalization) are looked up in a table of all 2^16, built once per tensor, instead of
+/// one `ln` or quantile search per element (the `ln`s were a quarter of a 125M merge's CPU time).
 const TABLE_MIN: usize = 1 << 18;
 const TABLE: usize = 1 << 16;
 
@@ -76,39 +77,90 @@ impl FisherDampened {
         }
     }
 
-    /// The keep factor `1 − F̂` of each Fisher value in `f` into `keep`, from the prepared
-    /// statistics (the extremes, then for a bf16 Fisher in log mode the table by high 16 bits).
-    fn keep_factors(&self, f: &[f32], stats: &[f64], keep: &mut [f32], logs: &mut [f64]) {
-        let table = stats.get(2..).filter(|_| self.norm == Norm::Log).and_then(|t| <&[f64; TABLE]>::try_from(t).ok());
-        if let Some(table) = table {
-            look_up(table, f, keep);
-        } else if self.norm == Norm::Log {
-            // Four logarithms at a time (`exp_ln`, the C library's bits).
-            logs.iter_mut().zip(f).for_each(|(l, &f)| *l = log_arg(f));
-            exp_ln::ln_all(logs);
-            keep.iter_mut().zip(logs.iter()).for_each(|(k, &t)| *k = (1.0 - min_max(t, stats)) as f32);
-        } else {
-            keep.iter_mut().zip(f).for_each(|(k, &f)| *k = (1.0 - self.normalized(f, stats)) as f32);
+    /// How `keep_factors` finds a chunk's factors from the prepared statistics: the extremes
+    /// (log, minmax) or the quantiles (rank), then for a bf16 Fisher the table of factors.
+    fn factors<'s>(&self, stats: &'s [f64]) -> Factors<'s> {
+        let at = if self.norm == Norm::Rank { QUANTILES } else { 2 };
+        match stats.get(at..).and_then(|t| <&[f64; TABLE]>::try_from(t).ok()) {
+            Some(table) if self.norm != Norm::MinMax => Factors::Table(table),
+            _ if self.norm == Norm::Rank => Factors::Rank(Quantiles::new(stats)),
+            _ => Factors::Extremes(stats),
         }
     }
 
-    /// F̂ in [0, 1] for one Fisher value, from the prepared statistics.
-    fn normalized(&self, f: f32, stats: &[f64]) -> f64 {
-        if self.norm == Norm::Rank {
-            // stats are sorted quantiles q_0..q_{Q-1}; interpolate the position of f.
-            let q = stats;
-            let k = q.partition_point(|&x| x < f as f64);
-            if k == 0 {
-                return 0.0;
+    /// The keep factor `1 − F̂` of each Fisher value in `f` into `keep`.
+    fn keep_factors(&self, how: &Factors, f: &[f32], keep: &mut [f32], logs: &mut [f64]) {
+        match how {
+            Factors::Table(table) => look_up(table, f, keep),
+            Factors::Rank(q) => keep.iter_mut().zip(f).for_each(|(k, &f)| *k = (1.0 - q.normalized(f)) as f32),
+            Factors::Extremes(stats) if self.norm == Norm::Log => {
+                // Four logarithms at a time (`exp_ln`, the C library's bits).
+                logs.iter_mut().zip(f).for_each(|(l, &f)| *l = log_arg(f));
+                exp_ln::ln_all(logs);
+                keep.iter_mut().zip(logs.iter()).for_each(|(k, &t)| *k = (1.0 - min_max(t, stats)) as f32);
             }
-            if k >= q.len() {
-                return 1.0;
-            }
-            let (lo, hi) = (q[k - 1], q[k]);
-            let frac = if hi > lo { (f as f64 - lo) / (hi - lo) } else { 0.0 };
-            return ((k - 1) as f64 + frac) / (q.len() - 1) as f64;
+            Factors::Extremes(stats) => keep.iter_mut().zip(f).for_each(|(k, &f)| *k = (1.0 - min_max(f as f64, stats)) as f32),
         }
-        min_max(self.transform(f), stats)
+    }
+
+    /// `stats` followed by the keep factor of every bfloat16 value (by its bits' high half),
+    /// as `keep_factors` computes it from `stats` (non-finite patterns included: the inputs were
+    /// checked finite, so their entries are never read).
+    fn with_table(&self, mut stats: Vec<f64>) -> Vec<f64> {
+        let f: Vec<f32> = (0..TABLE as u32).map(|h| f32::from_bits(h << 16)).collect();
+        let mut keep = vec![0f32; TABLE];
+        self.keep_factors(&self.factors(&stats), &f, &mut keep, &mut vec![0f64; TABLE]);
+        stats.extend(keep.iter().map(|&k| f64::from(k)));
+        stats
+    }
+}
+
+enum Factors<'s> {
+    Table(&'s [f64; TABLE]),
+    Rank(Quantiles<'s>),
+    Extremes(&'s [f64]),
+}
+
+/// A tensor's quantiles of the Fisher (ascending) and, to place a value among them in a few
+/// steps, a directory by the high 12 bits of an order-preserving key: `dir[b]` counts the
+/// quantiles whose key is below bucket `b`'s keys.
+struct Quantiles<'s> {
+    q: &'s [f64],
+    keys: Vec<u32>,
+    dir: Vec<usize>,
+}
+
+impl<'s> Quantiles<'s> {
+    const SHIFT: u32 = 20;
+
+    fn new(q: &'s [f64]) -> Self {
+        let q = &q[..q.len().min(QUANTILES)];
+        let keys: Vec<u32> = q.iter().map(|&v| Self::key(v as f32)).collect();
+        let dir = (0..=1u64 << (32 - Self::SHIFT)).map(|b| keys.partition_point(|&k| u64::from(k) < b << Self::SHIFT)).collect();
+        Quantiles { q, keys, dir }
+    }
+
+    /// Orders finite values as `<` does: [`total_key`] with −0 taken as +0 (equal under `<`).
+    fn key(x: f32) -> u32 {
+        total_key(if x == 0.0 { 0.0 } else { x })
+    }
+
+    /// F̂ in [0, 1] for `f`: its position among the quantiles, interpolated (the quantiles are
+    /// f32 values, so `q < f` as f64 is `key(q) < key(f)` for finite values).
+    fn normalized(&self, f: f32) -> f64 {
+        let (q, k) = (self.q, Self::key(f));
+        let b = (k >> Self::SHIFT) as usize;
+        let (lo, hi) = (self.dir[b], self.dir[b + 1]);
+        let k = lo + self.keys[lo..hi].partition_point(|&x| x < k);
+        if k == 0 {
+            return 0.0;
+        }
+        if k >= q.len() {
+            return 1.0;
+        }
+        let (lo, hi) = (q[k - 1], q[k]);
+        let frac = if hi > lo { (f as f64 - lo) / (hi - lo) } else { 0.0 };
+        ((k - 1) as f64 + frac) / (q.len() - 1) as f64
     }
 }
 
@@ -195,25 +247,19 @@ impl Method for FisherDampened {
             if n == 0 {
                 return Ok(vec![f64::INFINITY, f64::NEG_INFINITY]);
             }
-            let mut stats = vec![self.transform(lo), self.transform(hi)];
-            if self.norm == Norm::Log && low == 0 && n >= TABLE_MIN {
-                // Every bf16 value's factor, as `keep_factors` computes it (non-finite patterns
-                // included: the inputs were checked finite, so their entries are never read).
-                let f: Vec<f32> = (0..TABLE as u32).map(|h| f32::from_bits(h << 16)).collect();
-                let mut keep = vec![0f32; TABLE];
-                self.keep_factors(&f, &stats, &mut keep, &mut vec![0f64; TABLE]);
-                stats.extend(keep.iter().map(|&k| f64::from(k)));
-            }
-            return Ok(stats);
+            let stats = vec![self.transform(lo), self.transform(hi)];
+            return Ok(if self.norm == Norm::Log && low == 0 && n >= TABLE_MIN { self.with_table(stats) } else { stats });
         }
         if n == 0 {
             return Ok(vec![0.0]);
         }
-        let mut f = vec![0f32; n];
-        io.read(fisher, 0..n, &mut f)?;
-        f.sort_unstable_by(f32::total_cmp);
-        let last = f.len().saturating_sub(1);
-        Ok((0..QUANTILES).map(|i| f[i * last / (QUANTILES - 1)] as f64).collect())
+        // The values at ranks i·(n − 1)/(Q − 1) of the Fisher sorted by `total_cmp`, without
+        // sorting or holding it (one pass for a bf16 Fisher, up to three otherwise).
+        let ranks: Vec<u64> = (0..QUANTILES).map(|i| (i * (n - 1) / (QUANTILES - 1)) as u64).collect();
+        let (keys, low) = ranks_streamed(io, fisher, total_key, &ranks)?;
+        let stats: Vec<f64> = keys.into_iter().map(|k| from_total_key(k) as f64).collect();
+        // Non-negative bf16 values have zero low halves under `total_key`.
+        Ok(if low & 0xFFFF == 0 && n >= TABLE_MIN { self.with_table(stats) } else { stats })
     }
 
     fn apply(&self, _: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
@@ -224,12 +270,13 @@ impl Method for FisherDampened {
         // Block by block: the keep factors first (a logarithm or a look-up each), then Σ w_i (m_i − b) model
         // after model, which vectorizes — per element the same operations in the same order as
         // the sum from −0.0 over the models.
+        let how = self.factors(stats);
         let (mut keep, mut delta, mut logs) = ([0f32; BLOCK], [0f32; BLOCK], [0f64; BLOCK]);
         for (s, o) in (0..).step_by(BLOCK).zip(out.chunks_mut(BLOCK)) {
             let r = s..s + o.len();
             let (b, d) = (&base[r.clone()], &mut delta[..o.len()]);
             let (keep, f) = (&mut keep[..o.len()], &fisher[0][r.clone()]);
-            self.keep_factors(f, stats, keep, &mut logs[..o.len()]);
+            self.keep_factors(&how, f, keep, &mut logs[..o.len()]);
             d.fill(-0.0);
             for (m, &w) in models.iter().zip(&self.weights) {
                 for ((d, &x), &bv) in d.iter_mut().zip(&m[r.clone()]).zip(b) {
@@ -250,9 +297,11 @@ mod tests {
     use crate::methods::geometric::common::testing::{rand, run};
     use serde_json::json;
 
-    /// The log normalization's bytes, element by element from the formula (one `ln` each), for
-    /// a bf16 Fisher large enough for the table, the same values with one low bit set (no
-    /// table), and a small bf16 one; zeros and negatives (clamped to 0) among the values.
+    /// The log and rank normalizations' bytes, element by element from the formula (one `ln`
+    /// each; the quantiles from a sort), for a bf16 Fisher large enough for the table, the same
+    /// values with one low bit set (no table; every digit of the streamed quantile search), their
+    /// magnitudes (the rank mode's table), and small ones; zeros, a negative zero and negatives
+    /// (clamped to 0 by the log) among the values.
     #[test]
     fn table_gives_the_formula_bits() {
         let bf16 = |x: f32| f32::from_bits(x.to_bits() & 0xFFFF_0000);
@@ -260,18 +309,36 @@ mod tests {
             let base = rand(n, 1);
             let (a, b) = (rand(n, 2), rand(n, 3));
             let mut fisher: Vec<f32> = rand(n, 4).iter().map(|&z| bf16((z * 6.0).exp() * 1e-4)).collect();
-            (fisher[5], fisher[9], fisher[n - 1]) = (0.0, -2.0, 7.5);
+            (fisher[5], fisher[9], fisher[n - 1], fisher[n - 2]) = (0.0, -2.0, 7.5, -0.0);
             let mut odd = fisher.clone();
             odd[3] = f32::from_bits(odd[3].to_bits() | 1);
-            for f in [&fisher, &odd] {
-                let got = run("fisher_dampened", json!({"scale": 0.7, "layer_importance": 0.2}), &[n], Some(&base), &[&a, &b, f]).unwrap();
+            // Under `total_key` a negative value's low half is not zero: the rank mode's table
+            // needs a Fisher of non-negative values (as a Fisher is).
+            let plus: Vec<f32> = fisher.iter().map(|&x| x.abs()).collect();
+            for f in [&fisher, &odd, &plus] {
                 let t = |f: f32| exp_ln::ln(f.max(0.0) as f64 + super::LOG_EPS);
                 let (lo, hi) = f.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| (l.min(t(x)), h.max(t(x))));
-                for j in 0..n {
-                    let keep = (1.0 - ((t(f[j]) - lo) / (hi - lo)).clamp(0.0, 1.0)) as f32;
-                    let d = -0.0 + 0.5f32 * (a[j] - base[j]) + 0.5f32 * (b[j] - base[j]);
-                    let want = base[j] + 0.7f32 * keep * (1.0 - 0.2f32) * d;
-                    assert_eq!(got[j].to_bits(), want.to_bits(), "n {n}, element {j}: {} vs {want}", got[j]);
+                let mut sorted = f.clone();
+                sorted.sort_by(f32::total_cmp);
+                let q: Vec<f64> = (0..super::QUANTILES).map(|i| sorted[i * (n - 1) / (super::QUANTILES - 1)] as f64).collect();
+                let rank = |f: f32| {
+                    let k = q.partition_point(|&x| x < f as f64);
+                    if k == 0 || k >= q.len() {
+                        return if k == 0 { 0.0 } else { 1.0 };
+                    }
+                    let frac = if q[k] > q[k - 1] { (f as f64 - q[k - 1]) / (q[k] - q[k - 1]) } else { 0.0 };
+                    ((k - 1) as f64 + frac) / (q.len() - 1) as f64
+                };
+                for mode in ["log", "rank"] {
+                    let params = json!({"scale": 0.7, "layer_importance": 0.2, "normalization": mode});
+                    let got = run("fisher_dampened", params, &[n], Some(&base), &[&a, &b, f]).unwrap();
+                    for j in 0..n {
+                        let norm = if mode == "log" { ((t(f[j]) - lo) / (hi - lo)).clamp(0.0, 1.0) } else { rank(f[j]) };
+                        let keep = (1.0 - norm) as f32;
+                        let d = -0.0 + 0.5f32 * (a[j] - base[j]) + 0.5f32 * (b[j] - base[j]);
+                        let want = base[j] + 0.7f32 * keep * (1.0 - 0.2f32) * d;
+                        assert_eq!(got[j].to_bits(), want.to_bits(), "{mode}, n {n}, element {j}: {} vs {want}", got[j]);
+                    }
                 }
             }
         }

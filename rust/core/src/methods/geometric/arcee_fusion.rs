@@ -21,7 +21,7 @@ use crate::error::Result;
 use crate::exp_ln;
 use crate::kernel::CHUNK;
 use crate::kernel::{with_work, Ctx, Method, TensorIo};
-use crate::methods::sparsified::select::{counts, select_ranks, HighHist};
+use crate::methods::sparsified::select::{counts, from_total_key, select_ranks, total_key, HighHist};
 use crate::params::{BaseRule, MethodSpec, Params};
 use crate::simd::{avx2, avx512};
 
@@ -168,22 +168,6 @@ fn rows_kl(x: &[f32], b: &[f32], len: usize, buf: &mut Buffers, out: &mut [f32])
     }
     out.iter_mut().zip(kl).for_each(|(o, kl)| *o = kl as f32);
 }
-}
-
-/// A `u32` that orders like `f32::total_cmp`, and back.
-#[inline]
-fn total_key(x: f32) -> u32 {
-    let b = x.to_bits();
-    if b >> 31 == 1 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
-}
-
-#[inline]
-fn from_total_key(k: u32) -> f32 {
-    f32::from_bits(if k >> 31 == 1 { k & 0x7FFF_FFFF } else { !k })
 }
 
 #[inline]
@@ -366,17 +350,6 @@ mod tests {
         }
         assert!(kept > 0 && kept < n);
         assert!(run("arcee_fusion", json!({}), &[r, c], Some(&base), &[&x, &x]).is_err());
-    }
-
-    #[test]
-    fn total_keys_order_like_total_cmp() {
-        let xs = [f32::NEG_INFINITY, -1.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, f32::INFINITY, f32::NAN, -f32::NAN];
-        for &x in &xs {
-            assert_eq!(from_total_key(total_key(x)).to_bits(), x.to_bits());
-            for &y in &xs {
-                assert_eq!(total_key(x).cmp(&total_key(y)), x.total_cmp(&y), "{x} {y}");
-            }
-        }
     }
 
     /// The AVX2 pass gives the baseline's bits: groups of one to four rows, rows whose length

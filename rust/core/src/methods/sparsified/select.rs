@@ -9,12 +9,159 @@
 //!   callers that break ties by index stay exact.
 //! * [`radix_sort_pairs`]: a stable LSD radix sort of `(key, index)` words by key, for the
 //!   rankings that need every rank (DELLA's rows).
-use crate::kernel::CHUNK;
+use crate::error::Result;
+use crate::kernel::{with_work, TensorIo, CHUNK};
 use rayon::prelude::*;
 
 const BITS: u32 = 16;
 pub const BUCKETS: usize = 1 << BITS;
 const LOW: u32 = (1 << BITS) - 1;
+
+/// A `u32` that orders like `f32::total_cmp`, and back.
+#[inline]
+pub fn total_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+#[inline]
+pub fn from_total_key(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & 0x7FFF_FFFF } else { !k })
+}
+
+/// [`ranks_streamed`]'s digits of a key, highest first: (shift, width). The first is a
+/// bfloat16's whole value.
+const DIGITS: [(u32, u32); 3] = [(16, 16), (8, 8), (0, 8)];
+/// No histogram for this prefix.
+const NONE: u16 = u16::MAX;
+
+/// The keys at `ranks` (0-based, in ascending order of the keys; each below the element count)
+/// among `key_of` of input `slot`'s elements, exactly `sorted(keys)[r]`, without storing the
+/// keys; and the OR of every key's low 16 bits (zero for non-negative bfloat16 values under
+/// [`total_key`]). Up to three passes over the input, one per digit (16, 8, 8 bits): each counts
+/// the digit of the keys whose higher digits are a wanted rank's, one histogram per distinct
+/// such prefix; a pass after which those keys have no bits left set ends it (one pass for
+/// bfloat16 values).
+pub fn ranks_streamed<K: Fn(f32) -> u32 + Sync>(io: &dyn TensorIo, slot: usize, key_of: K, ranks: &[u64]) -> Result<(Vec<u32>, u32)> {
+    // Per rank, the key's digits found so far and its rank among the keys that share them.
+    let mut want: Vec<(u32, u64)> = ranks.iter().map(|&r| (0, r)).collect();
+    let mut low16 = 0;
+    for (level, &(shift, width)) in DIGITS.iter().enumerate() {
+        let mut prefixes: Vec<u32> = want.iter().map(|w| w.0).collect();
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        let count = |digits| (io, slot, &key_of, prefixes.len(), digits);
+        let (hist, low): (Vec<u64>, u32) = match level {
+            0 => count_digits(count((shift, width)), |_| 0)?,
+            1 => {
+                let mut by_high = vec![NONE; 1 << 16];
+                prefixes.iter().enumerate().for_each(|(i, &p)| by_high[p as usize] = i as u16);
+                count_digits(count((shift, width)), |k| by_high[(k >> 16) as usize])?
+            }
+            _ => {
+                // 24-bit prefixes: their high 16 bits' group, then the group's table of 256.
+                let mut groups: Vec<u32> = prefixes.iter().map(|p| p >> 8).collect();
+                groups.dedup();
+                let mut by_high = vec![NONE; 1 << 16];
+                groups.iter().enumerate().for_each(|(g, &h)| by_high[h as usize] = g as u16);
+                let mut by_mid = vec![NONE; groups.len() << 8];
+                for (i, &p) in prefixes.iter().enumerate() {
+                    by_mid[((by_high[(p >> 8) as usize] as usize) << 8) | (p & 255) as usize] = i as u16;
+                }
+                count_digits(count((shift, width)), |k| match by_high[(k >> 16) as usize] {
+                    NONE => NONE,
+                    g => by_mid[((g as usize) << 8) | ((k >> 8) & 255) as usize],
+                })?
+            }
+        };
+        if level == 0 {
+            low16 = low;
+        }
+        // Each slot's running counts, then each rank's digit by a binary search (a scan of the
+        // 65536 buckets per rank cost more than the pass).
+        let mut cum = hist;
+        for h in cum.chunks_mut(1 << width) {
+            h.iter_mut().fold(0, |s, c| {
+                *c += s;
+                *c
+            });
+        }
+        for w in &mut want {
+            let s = prefixes.binary_search(&w.0).expect("prefix listed");
+            let run = &cum[s << width..(s + 1) << width];
+            let d = run.partition_point(|&c| c <= w.1);
+            *w = ((w.0 << width) | d as u32, w.1 - d.checked_sub(1).map_or(0, |i| run[i]));
+        }
+        if low == 0 {
+            return Ok((want.iter().map(|w| w.0 << shift).collect(), low16));
+        }
+    }
+    Ok((want.iter().map(|w| w.0).collect(), low16))
+}
+
+/// One pass of [`ranks_streamed`]: per slot (`slot_of` of a key, [`NONE`] for none), the
+/// histogram of the keys' digit `(shift, width)`, and the OR of the counted keys' bits below it.
+/// The pass's input: the input and its slot, the key function, the number of slots, the digit.
+type Pass<'a, K> = (&'a dyn TensorIo, usize, &'a K, usize, (u32, u32));
+
+fn count_digits<K, S>((io, slot, key_of, slots, (shift, width)): Pass<K>, slot_of: S) -> Result<(Vec<u64>, u32)>
+where
+    K: Fn(f32) -> u32 + Sync,
+    S: Fn(u32) -> u16 + Sync,
+{
+    let n = io.slot_numel(slot);
+    let nc = n.div_ceil(CHUNK);
+    let size = slots << width;
+    let (digit, rest) = ((1u32 << width) - 1, (1u32 << shift) - 1);
+    // A few accumulators in all (each up to MBs); two copies of the histograms in each, for
+    // even and odd elements: with one, runs of a bucket (a Fisher's zeros) made each increment
+    // wait for the previous one's store.
+    let per = nc.div_ceil(2 * rayon::current_num_threads()).max(1);
+    let (hist, low) = (0..nc)
+        .into_par_iter()
+        .with_min_len(per)
+        .try_fold(
+            || (vec![0u64; 2 * size], 0u32),
+            |(mut h, low), c| {
+                let r = c * CHUNK..((c + 1) * CHUNK).min(n);
+                let low = with_work(r.len(), |v| {
+                    io.read(slot, r, v)?;
+                    let (h0, h1) = h.split_at_mut(size);
+                    // In a local, not the captured accumulator: that kept it in memory.
+                    let mut low = low;
+                    let mut count = |h: &mut [u64], x: f32| {
+                        let k = key_of(x);
+                        let s = slot_of(k);
+                        if s != NONE {
+                            h[((s as usize) << width) | ((k >> shift) & digit) as usize] += 1;
+                            low |= k & rest;
+                        }
+                    };
+                    let mut pairs = v.chunks_exact(2);
+                    for p in &mut pairs {
+                        count(h0, p[0]);
+                        count(h1, p[1]);
+                    }
+                    pairs.remainder().iter().for_each(|&x| count(h0, x));
+                    Ok(low)
+                })?;
+                Ok((h, low))
+            },
+        )
+        .try_reduce(
+            || (vec![0u64; 2 * size], 0u32),
+            |(mut a, la), (b, lb)| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                Ok((a, la | lb))
+            },
+        )?;
+    let (h0, h1) = hist.split_at(size);
+    Ok((h0.iter().zip(h1).map(|(a, b)| a + b).collect(), low))
+}
 
 /// Smallest run of chunks one histogram accumulator covers: about 4 per thread in all, and at
 /// least 4 chunks (four keys per bucket), so that zeroing and merging the 512 KiB histograms
@@ -313,6 +460,7 @@ unsafe fn scatter(src: &[u64], dst: &mut [u64], pos: &mut [u32; MAX_SLOTS], digi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::Slices;
     use proptest::prelude::*;
 
     fn select(keys: &[u32], ranks: &[usize]) -> Vec<u32> {
@@ -326,6 +474,42 @@ mod tests {
         let mut s = keys.to_vec();
         s.sort();
         ranks.iter().map(|&r| s[r]).collect()
+    }
+
+    #[test]
+    fn total_keys_order_like_total_cmp() {
+        let xs = [f32::NEG_INFINITY, -1.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, f32::INFINITY, f32::NAN, -f32::NAN];
+        for &x in &xs {
+            assert_eq!(from_total_key(total_key(x)).to_bits(), x.to_bits());
+            for &y in &xs {
+                assert_eq!(total_key(x).cmp(&total_key(y)), x.total_cmp(&y), "{x} {y}");
+            }
+        }
+    }
+
+    /// The streamed selection gives the sorted keys' values at every wanted rank (the first,
+    /// the last, repeated ones): float32 values over many binades with ties, negatives and
+    /// both zeros (all three digits), bfloat16 values (one pass), one value, across chunks.
+    #[test]
+    fn streamed_ranks_are_the_sorted_keys() {
+        let n = 3 * CHUNK + 777;
+        let normal = |k: u64| (0..n).map(move |i| crate::rng::normal(k, i as u64) as f32);
+        let wide: Vec<f32> = normal(1).zip(normal(2)).map(|(a, b)| (a * 6.0).exp() * b).map(|x| if x.abs() < 1e-3 { 0.0 } else { x }).collect();
+        let mut tied = wide.clone();
+        tied.iter_mut().step_by(3).for_each(|x| *x = 0.25);
+        tied[5] = -0.0;
+        let bf16: Vec<f32> = wide.iter().map(|x| f32::from_bits(x.to_bits() & 0xFFFF_0000)).collect();
+        let one = vec![3.5f32; n];
+        let last = n - 1;
+        let ranks: Vec<usize> = (0..1024).map(|i| i * last / 1023).chain([0, last, 17, 17]).collect();
+        for (name, vals) in [("wide", &wide), ("tied", &tied), ("bf16", &bf16), ("one", &one)] {
+            let io = Slices::new(None, &[vals]);
+            let keys: Vec<u32> = vals.iter().map(|&x| total_key(x)).collect();
+            let want = reference(&keys, &ranks);
+            let (got, low) = ranks_streamed(&io, 0, total_key, &ranks.iter().map(|&r| r as u64).collect::<Vec<_>>()).unwrap();
+            assert_eq!(got, want, "{name}");
+            assert_eq!(low, keys.iter().fold(0, |o, &k| o | (k & 0xFFFF)), "{name}");
+        }
     }
 
     /// Keys of |x| for awkward floats: zeros, subnormals, ties, huge values.
