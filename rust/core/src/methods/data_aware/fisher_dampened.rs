@@ -15,7 +15,7 @@
 use crate::error::{Error, Result};
 use crate::exp_ln;
 use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo, CHUNK};
-use crate::methods::sparsified::select::{from_total_key, ranks_streamed, total_key};
+use crate::methods::sparsified::select::{counts, from_total_key, ranks_streamed, total_key};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 use crate::reader::{Checkpoint, TensorInfo};
 use crate::simd::avx2;
@@ -115,6 +115,12 @@ impl FisherDampened {
     }
 }
 
+impl Drop for FisherDampened {
+    fn drop(&mut self) {
+        counts::release(); // the rank mode's histograms live as long as the merge's kernel
+    }
+}
+
 enum Factors<'s> {
     Table(&'s [f64; TABLE]),
     Rank(Quantiles<'s>),
@@ -136,7 +142,16 @@ impl<'s> Quantiles<'s> {
     fn new(q: &'s [f64]) -> Self {
         let q = &q[..q.len().min(QUANTILES)];
         let keys: Vec<u32> = q.iter().map(|&v| Self::key(v as f32)).collect();
-        let dir = (0..=1u64 << (32 - Self::SHIFT)).map(|b| keys.partition_point(|&k| u64::from(k) < b << Self::SHIFT)).collect();
+        // One merge of the sorted keys with the buckets' starts (built per chunk: cheap).
+        let mut j = 0;
+        let dir = (0..=1u64 << (32 - Self::SHIFT))
+            .map(|b| {
+                while j < keys.len() && u64::from(keys[j]) < b << Self::SHIFT {
+                    j += 1;
+                }
+                j
+            })
+            .collect();
         Quantiles { q, keys, dir }
     }
 

@@ -117,15 +117,17 @@ where
     let nc = n.div_ceil(CHUNK);
     let size = slots << width;
     let (digit, rest) = ((1u32 << width) - 1, (1u32 << shift) - 1);
-    // A few accumulators in all (each up to MBs); two copies of the histograms in each, for
-    // even and odd elements: with one, runs of a bucket (a Fisher's zeros) made each increment
-    // wait for the previous one's store.
+    // A few accumulators in all, from the pool of count buffers (fresh ones were page-faulted
+    // and zeroed per pass). Below the first digit, two copies of the histograms in each, for
+    // even and odd elements: runs of a bucket (a Fisher's values crowd a few prefixes) made each
+    // increment wait for the previous one's store; the first digit's 2^16 buckets spread them.
+    let copies = if width == 16 { 1 } else { 2 };
     let per = nc.div_ceil(2 * rayon::current_num_threads()).max(1);
     let (hist, low) = (0..nc)
         .into_par_iter()
         .with_min_len(per)
         .try_fold(
-            || (vec![0u64; 2 * size], 0u32),
+            || (counts::take(copies * size), 0u32),
             |(mut h, low), c| {
                 let r = c * CHUNK..((c + 1) * CHUNK).min(n);
                 let low = with_work(r.len(), |v| {
@@ -141,26 +143,30 @@ where
                             low |= k & rest;
                         }
                     };
-                    let mut pairs = v.chunks_exact(2);
-                    for p in &mut pairs {
-                        count(h0, p[0]);
-                        count(h1, p[1]);
+                    if h1.is_empty() {
+                        v.iter().for_each(|&x| count(h0, x));
+                    } else {
+                        let mut pairs = v.chunks_exact(2);
+                        for p in &mut pairs {
+                            count(h0, p[0]);
+                            count(h1, p[1]);
+                        }
+                        pairs.remainder().iter().for_each(|&x| count(h0, x));
                     }
-                    pairs.remainder().iter().for_each(|&x| count(h0, x));
                     Ok(low)
                 })?;
                 Ok((h, low))
             },
         )
         .try_reduce(
-            || (vec![0u64; 2 * size], 0u32),
+            || (counts::take(copies * size), 0u32),
             |(mut a, la), (b, lb)| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a.iter_mut().zip(b.iter()).for_each(|(x, y)| *x += y);
                 Ok((a, la | lb))
             },
         )?;
     let (h0, h1) = hist.split_at(size);
-    Ok((h0.iter().zip(h1).map(|(a, b)| a + b).collect(), low))
+    Ok((if h1.is_empty() { h0.to_vec() } else { h0.iter().zip(h1).map(|(a, b)| a + b).collect() }, low))
 }
 
 /// Smallest run of chunks one histogram accumulator covers: about 4 per thread in all, and at
