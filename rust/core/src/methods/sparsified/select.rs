@@ -7,6 +7,8 @@
 //!   keys in those buckets, which pins the exact key. O(1) work per element per pass, no
 //!   element moved, and the result is the key a full sort would put at that rank — so
 //!   callers that break ties by index stay exact.
+//! * [`ranks_streamed`]: many ranks of keys computed from an input, in passes over the input
+//!   that keep only histograms (fisher_dampened's 1024 quantiles).
 //! * [`radix_sort_pairs`]: a stable LSD radix sort of `(key, index)` words by key, for the
 //!   rankings that need every rank (DELLA's rows).
 use crate::error::Result;
@@ -54,13 +56,13 @@ pub fn ranks_streamed<K: Fn(f32) -> u32 + Sync>(io: &dyn TensorIo, slot: usize, 
         let mut prefixes: Vec<u32> = want.iter().map(|w| w.0).collect();
         prefixes.sort_unstable();
         prefixes.dedup();
-        let count = |digits| (io, slot, &key_of, prefixes.len(), digits);
+        let pass: Pass<K> = (io, slot, &key_of, prefixes.len(), (shift, width));
         let (hist, low): (Vec<u64>, u32) = match level {
-            0 => count_digits(count((shift, width)), |_| 0)?,
+            0 => count_digits(pass, |_| 0)?,
             1 => {
                 let mut by_high = vec![NONE; 1 << 16];
                 prefixes.iter().enumerate().for_each(|(i, &p)| by_high[p as usize] = i as u16);
-                count_digits(count((shift, width)), |k| by_high[(k >> 16) as usize])?
+                count_digits(pass, |k| by_high[(k >> 16) as usize])?
             }
             _ => {
                 // 24-bit prefixes: their high 16 bits' group, then the group's table of 256.
@@ -72,7 +74,7 @@ pub fn ranks_streamed<K: Fn(f32) -> u32 + Sync>(io: &dyn TensorIo, slot: usize, 
                 for (i, &p) in prefixes.iter().enumerate() {
                     by_mid[((by_high[(p >> 8) as usize] as usize) << 8) | (p & 255) as usize] = i as u16;
                 }
-                count_digits(count((shift, width)), |k| match by_high[(k >> 16) as usize] {
+                count_digits(pass, |k| match by_high[(k >> 16) as usize] {
                     NONE => NONE,
                     g => by_mid[((g as usize) << 8) | ((k >> 8) & 255) as usize],
                 })?
@@ -103,11 +105,11 @@ pub fn ranks_streamed<K: Fn(f32) -> u32 + Sync>(io: &dyn TensorIo, slot: usize, 
     Ok((want.iter().map(|w| w.0).collect(), low16))
 }
 
-/// One pass of [`ranks_streamed`]: per slot (`slot_of` of a key, [`NONE`] for none), the
-/// histogram of the keys' digit `(shift, width)`, and the OR of the counted keys' bits below it.
-/// The pass's input: the input and its slot, the key function, the number of slots, the digit.
+/// A pass's input: the input and its slot, the key function, the number of slots, the digit.
 type Pass<'a, K> = (&'a dyn TensorIo, usize, &'a K, usize, (u32, u32));
 
+/// One pass of [`ranks_streamed`]: per slot (`slot_of` of a key, [`NONE`] for none), the
+/// histogram of the keys' digit `(shift, width)`, and the OR of the counted keys' bits below it.
 fn count_digits<K, S>((io, slot, key_of, slots, (shift, width)): Pass<K>, slot_of: S) -> Result<(Vec<u64>, u32)>
 where
     K: Fn(f32) -> u32 + Sync,
