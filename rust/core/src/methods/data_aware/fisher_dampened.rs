@@ -77,29 +77,17 @@ impl FisherDampened {
         }
     }
 
-    /// How `keep_factors` finds a chunk's factors from the prepared statistics: the extremes
-    /// (log, minmax) or the quantiles (rank), then for a bf16 Fisher the table of factors.
+    /// How [`Factors::keep_factors`] finds a chunk's factors from the prepared statistics: the
+    /// extremes (log, minmax) or the quantiles (rank), or for a bf16 Fisher the table of factors.
     fn factors<'s>(&self, stats: &'s [f64]) -> Factors<'s> {
         let at = if self.norm == Norm::Rank { QUANTILES } else { 2 };
         match stats.get(at..).and_then(|t| <&[f64; TABLE]>::try_from(t).ok()) {
             Some(table) if self.norm != Norm::MinMax => Factors::Table(table),
-            _ if self.norm == Norm::Rank => Factors::Rank(Quantiles::new(stats)),
-            _ => Factors::Extremes(stats),
-        }
-    }
-
-    /// The keep factor `1 − F̂` of each Fisher value in `f` into `keep`.
-    fn keep_factors(&self, how: &Factors, f: &[f32], keep: &mut [f32], logs: &mut [f64]) {
-        match how {
-            Factors::Table(table) => look_up(table, f, keep),
-            Factors::Rank(q) => keep.iter_mut().zip(f).for_each(|(k, &f)| *k = (1.0 - q.normalized(f)) as f32),
-            Factors::Extremes(stats) if self.norm == Norm::Log => {
-                // Four logarithms at a time (`exp_ln`, the C library's bits).
-                logs.iter_mut().zip(f).for_each(|(l, &f)| *l = log_arg(f));
-                exp_ln::ln_all(logs);
-                keep.iter_mut().zip(logs.iter()).for_each(|(k, &t)| *k = (1.0 - min_max(t, stats)) as f32);
-            }
-            Factors::Extremes(stats) => keep.iter_mut().zip(f).for_each(|(k, &f)| *k = (1.0 - min_max(f as f64, stats)) as f32),
+            _ => match self.norm {
+                Norm::Rank => Factors::Rank(Quantiles::new(stats)),
+                Norm::Log => Factors::Log(stats),
+                Norm::MinMax => Factors::MinMax(stats),
+            },
         }
     }
 
@@ -109,7 +97,7 @@ impl FisherDampened {
     fn with_table(&self, mut stats: Vec<f64>) -> Vec<f64> {
         let f: Vec<f32> = (0..TABLE as u32).map(|h| f32::from_bits(h << 16)).collect();
         let mut keep = vec![0f32; TABLE];
-        self.keep_factors(&self.factors(&stats), &f, &mut keep, &mut vec![0f64; TABLE]);
+        self.factors(&stats).keep_factors(&f, &mut keep, &mut vec![0f64; TABLE]);
         stats.extend(keep.iter().map(|&k| f64::from(k)));
         stats
     }
@@ -121,10 +109,30 @@ impl Drop for FisherDampened {
     }
 }
 
+/// A tensor's way to its keep factors: the bf16 table, the quantiles, or the extremes of the
+/// transformed Fisher (log) or of the Fisher itself (minmax).
 enum Factors<'s> {
     Table(&'s [f64; TABLE]),
     Rank(Quantiles<'s>),
-    Extremes(&'s [f64]),
+    Log(&'s [f64]),
+    MinMax(&'s [f64]),
+}
+
+impl Factors<'_> {
+    /// The keep factor `1 − F̂` of each Fisher value in `f` into `keep`.
+    fn keep_factors(&self, f: &[f32], keep: &mut [f32], logs: &mut [f64]) {
+        match self {
+            Factors::Table(table) => look_up(table, f, keep),
+            Factors::Rank(q) => keep.iter_mut().zip(f).for_each(|(k, &f)| *k = (1.0 - q.normalized(f)) as f32),
+            Factors::Log(stats) => {
+                // Four logarithms at a time (`exp_ln`, the C library's bits).
+                logs.iter_mut().zip(f).for_each(|(l, &f)| *l = log_arg(f));
+                exp_ln::ln_all(logs);
+                keep.iter_mut().zip(logs.iter()).for_each(|(k, &t)| *k = (1.0 - min_max(t, stats)) as f32);
+            }
+            Factors::MinMax(stats) => keep.iter_mut().zip(f).for_each(|(k, &f)| *k = (1.0 - min_max(f as f64, stats)) as f32),
+        }
+    }
 }
 
 /// A tensor's quantiles of the Fisher (ascending) and, to place a value among them in a few
@@ -291,7 +299,7 @@ impl Method for FisherDampened {
             let r = s..s + o.len();
             let (b, d) = (&base[r.clone()], &mut delta[..o.len()]);
             let (keep, f) = (&mut keep[..o.len()], &fisher[0][r.clone()]);
-            self.keep_factors(&how, f, keep, &mut logs[..o.len()]);
+            how.keep_factors(f, keep, &mut logs[..o.len()]);
             d.fill(-0.0);
             for (m, &w) in models.iter().zip(&self.weights) {
                 for ((d, &x), &bv) in d.iter_mut().zip(&m[r.clone()]).zip(b) {

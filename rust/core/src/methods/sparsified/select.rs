@@ -57,7 +57,7 @@ pub fn ranks_streamed<K: Fn(f32) -> u32 + Sync>(io: &dyn TensorIo, slot: usize, 
         prefixes.sort_unstable();
         prefixes.dedup();
         let pass: Pass<K> = (io, slot, &key_of, prefixes.len(), (shift, width));
-        let (hist, low): (Vec<u64>, u32) = match level {
+        let (mut hist, low): (counts::Counts, u32) = match level {
             0 => count_digits(pass, |_| 0)?,
             1 => {
                 let mut by_high = vec![NONE; 1 << 16];
@@ -85,7 +85,7 @@ pub fn ranks_streamed<K: Fn(f32) -> u32 + Sync>(io: &dyn TensorIo, slot: usize, 
         }
         // Each slot's running counts, then each rank's digit by a binary search (a scan of the
         // 65536 buckets per rank cost more than the pass).
-        let mut cum = hist;
+        let cum = &mut hist[..prefixes.len() << width];
         for h in cum.chunks_mut(1 << width) {
             h.iter_mut().fold(0, |s, c| {
                 *c += s;
@@ -109,8 +109,9 @@ pub fn ranks_streamed<K: Fn(f32) -> u32 + Sync>(io: &dyn TensorIo, slot: usize, 
 type Pass<'a, K> = (&'a dyn TensorIo, usize, &'a K, usize, (u32, u32));
 
 /// One pass of [`ranks_streamed`]: per slot (`slot_of` of a key, [`NONE`] for none), the
-/// histogram of the keys' digit `(shift, width)`, and the OR of the counted keys' bits below it.
-fn count_digits<K, S>((io, slot, key_of, slots, (shift, width)): Pass<K>, slot_of: S) -> Result<(Vec<u64>, u32)>
+/// histogram of the keys' digit `(shift, width)` (the first `slots << width` counts), and the OR
+/// of the counted keys' bits below it.
+fn count_digits<K, S>((io, slot, key_of, slots, (shift, width)): Pass<K>, slot_of: S) -> Result<(counts::Counts, u32)>
 where
     K: Fn(f32) -> u32 + Sync,
     S: Fn(u32) -> u16 + Sync,
@@ -167,8 +168,11 @@ where
                 Ok((a, la | lb))
             },
         )?;
-    let (h0, h1) = hist.split_at(size);
-    Ok((if h1.is_empty() { h0.to_vec() } else { h0.iter().zip(h1).map(|(a, b)| a + b).collect() }, low))
+    // The copies summed into the first (the caller reads `size` counts; no copy out of the pool).
+    let mut hist = hist;
+    let (h0, h1) = hist.split_at_mut(size);
+    h0.iter_mut().zip(h1.iter()).for_each(|(a, b)| *a += b);
+    Ok((hist, low))
 }
 
 /// Smallest run of chunks one histogram accumulator covers: about 4 per thread in all, and at
