@@ -66,7 +66,9 @@ const ZERO_VAR: u32 = !0u32;
 
 avx2! {
 /// Descending keys of the population variance across models of `τ_i[j]` (in f64, rounded
-/// to f32), computed model by model over blocks of the chunk so the loops vectorize.
+/// to f32), computed over blocks of the chunk so the loops vectorize: each model's deltas once
+/// per block, then the mean and the squared deviations model by model, each sum started from
+/// +0.0 as before (`0.0 + x`, not a zeroed buffer: no fill per block).
 fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
     const B: usize = 1024;
     let n = (v.len() - 1) as f64;
@@ -77,19 +79,26 @@ fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
         Some(inv) => x.iter_mut().for_each(|m| *m *= inv),
         None => x.iter_mut().for_each(|m| *m /= n),
     };
-    let (mut mean, mut ss, mut t) = ([0f64; B], [0f64; B], [0f32; B]);
+    let (mut mean, mut ss) = ([0f64; B], [0f64; B]);
+    let mut deltas = vec![0f32; (v.len() - 1) * B];
     for (k, o) in out.chunks_mut(B).enumerate() {
         let r = k * B..k * B + o.len();
-        let (mean, ss, t) = (&mut mean[..o.len()], &mut ss[..o.len()], &mut t[..o.len()]);
-        mean.fill(0.0);
-        for x in &v[1..] {
+        let (mean, ss) = (&mut mean[..o.len()], &mut ss[..o.len()]);
+        let t = &mut deltas[..(v.len() - 1) * o.len()];
+        for (x, t) in v[1..].iter().zip(t.chunks_mut(o.len())) {
             delta_into(&x[r.clone()], &v[0][r.clone()], t);
-            mean.iter_mut().zip(t.iter()).for_each(|(m, &x)| *m += x as f64);
+        }
+        let mut models = t.chunks(o.len());
+        let first = models.next().expect("at least one model");
+        mean.iter_mut().zip(first).for_each(|(m, &x)| *m = 0.0 + x as f64);
+        for t in models {
+            mean.iter_mut().zip(t).for_each(|(m, &x)| *m += x as f64);
         }
         per_model(mean);
-        ss.fill(0.0);
-        for x in &v[1..] {
-            delta_into(&x[r.clone()], &v[0][r.clone()], t);
+        let mut models = t.chunks(o.len());
+        let first = models.next().expect("at least one model");
+        ss.iter_mut().zip(first.iter().zip(mean.iter())).for_each(|(s, (&x, &m))| *s = 0.0 + (x as f64 - m) * (x as f64 - m));
+        for t in models {
             ss.iter_mut().zip(t.iter().zip(mean.iter())).for_each(|(s, (&x, &m))| *s += (x as f64 - m) * (x as f64 - m));
         }
         per_model(ss);
