@@ -452,8 +452,7 @@ impl MagPrune {
             .enumerate()
             .map(|(k, w)| Prepared {
                 mode: Mode::Partial,
-                // In parallel: on one thread, both cores waited on it.
-                state: w.into_par_iter().map(f64::from).collect(),
+                state: bits::pack(&w),
                 sums: measure.then(|| norm.fold_parts(parts.iter().flat_map(|p| p.iter().skip(k).step_by(n).copied()))),
             })
             .collect())
@@ -574,7 +573,7 @@ mod tests {
                         let mut s = (0f64, 0f64);
                         for g in c..(c + CHUNK).min(numel) {
                             let d = xs[k][g] - base[g];
-                            let kept = if (p.state[g / 32] as u32 >> (g % 32)) & 1 == 1 { d } else { 0.0 };
+                            let kept = if bits::kept(&p.state, g) { d } else { 0.0 };
                             norm.acc(&mut s.0, d);
                             norm.acc(&mut s.1, kept);
                         }

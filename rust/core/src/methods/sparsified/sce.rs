@@ -13,7 +13,7 @@
 //! mergekit takes no per-model weight for SCE and neither do we. `int8_mask` is accepted and
 //! changes nothing. Memory: one `u32` per element while finding the variance threshold in
 //! tensors of up to 2^26 elements (larger ones compute their variances again instead), and the
-//! selection as bits (1/16 of the f32 tensor) for `apply`, which is elementwise. Each variance
+//! selection as bits (1/32 of the f32 tensor) for `apply`, which is elementwise. Each variance
 //! is computed once in the key pass (and again for the few sampled before it).
 use super::bracket;
 use super::gta::Mode;
@@ -204,7 +204,7 @@ impl Method for Sce {
                     let decide = |keys: &[u32]| {
                         let mut kept = vec![0u32; r.len().div_ceil(32)];
                         Window::decide_words(&window, *c, keys, &mut kept);
-                        kept.into_iter().map(f64::from).collect()
+                        bits::pack(&kept)
                     };
                     match (&keys, mode) {
                         (Some(keys), _) => decide(&keys[r.clone()]),

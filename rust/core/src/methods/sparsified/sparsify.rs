@@ -458,10 +458,31 @@ pub fn masked_delta_by_window(packed: &[f64], chunk: usize, x: &[f32], base: &[f
     }
 }
 
-/// Keep decisions stored as bits (`u32` words carried exactly as `f64` statistics, bit `g % 32`
-/// of word `g / 32` for element `g`): 1/16 of the tensor's f32 size, and `apply` needs no
-/// second look at keys or ranks.
+/// Keep decisions stored as bits (`u32` words, bit `g % 32` of word `g / 32` for element `g`,
+/// carried as `f64` statistics two words per value: [`pack`]): 1/32 of the tensor's f32 size,
+/// and `apply` needs no second look at keys or ranks.
 pub mod bits {
+    use rayon::prelude::*;
+
+    /// Words `2k` and `2k + 1` as the low and high halves of value `k`'s bits (a word per `f64`
+    /// took twice the memory: 200 MB per model for a 3B model's embedding). The values are
+    /// only moved and copied, never computed with, so their bits (NaN patterns included) stay.
+    pub fn pack(words: &[u32]) -> Vec<f64> {
+        words.par_chunks(2).map(|p| f64::from_bits(u64::from(p[0]) | u64::from(p.get(1).copied().unwrap_or(0)) << 32)).collect()
+    }
+
+    /// Element `g`'s decision in packed words.
+    #[cfg(test)]
+    pub fn kept(packed: &[f64], g: usize) -> bool {
+        words_from(packed, g / 32).next().is_some_and(|w| (w >> (g % 32)) & 1 == 1)
+    }
+
+    /// The packed words from word `k` on.
+    #[inline]
+    fn words_from(packed: &[f64], k: usize) -> impl Iterator<Item = u32> + '_ {
+        (k..packed.len() * 2).map(move |k| (packed[k / 2].to_bits() >> (32 * (k % 2))) as u32)
+    }
+
     /// Records element `g`'s decision (words start zeroed); no branch on a coin flip.
     #[inline]
     pub fn set(words: &mut [u32], g: usize, kept: bool) {
@@ -492,8 +513,7 @@ pub mod bits {
     #[inline]
     pub fn mask(words: &[f64], first: usize, delta: &mut [f32]) {
         debug_assert!(first.is_multiple_of(32));
-        for (xs, &w) in delta.chunks_mut(32).zip(&words[first / 32..]) {
-            let w = w as u32;
+        for (xs, w) in delta.chunks_mut(32).zip(words_from(words, first / 32)) {
             for (b, x) in xs.iter_mut().enumerate() {
                 *x = keep_if(*x, (w >> b) & 1);
             }
@@ -514,11 +534,11 @@ pub mod bits {
                 *o = f32::from_bits((x - b).to_bits() & spread(w, j));
             }
         };
-        for ((o, (x, b)), &w) in out.chunks_mut(32).zip(x.chunks(32).zip(base.chunks(32))).zip(&words[first / 32..]) {
+        for ((o, (x, b)), w) in out.chunks_mut(32).zip(x.chunks(32).zip(base.chunks(32))).zip(words_from(words, first / 32)) {
             match (<&mut [f32; 32]>::try_from(&mut *o), <&[f32; 32]>::try_from(x), <&[f32; 32]>::try_from(b)) {
                 // A whole word: a fixed count, so that the loop is unrolled and vectorized.
-                (Ok(o), Ok(x), Ok(b)) => word(o, x, b, w as u32),
-                _ => word(o, x, b, w as u32),
+                (Ok(o), Ok(x), Ok(b)) => word(o, x, b, w),
+                _ => word(o, x, b, w),
             }
         }
     }
@@ -664,35 +684,53 @@ pub(crate) mod tests {
 
     #[test]
     fn bit_masks_zero_exactly_the_dropped_entries() {
-        let n: usize = 1000; // not a multiple of 32
-        let keep = |g: usize| !(g * 7919).is_multiple_of(3);
-        let mut packed = vec![0u32; n.div_ceil(32)];
-        (0..n).for_each(|g| bits::set(&mut packed, g, keep(g)));
-        let words: Vec<f64> = packed.into_iter().map(f64::from).collect();
-        let vals: Vec<f32> = (0..n).map(|g| g as f32 - 500.5).collect();
-        // Every fifth delta zero.
-        let base: Vec<f32> = (0..n).map(|g| if g % 5 == 0 { g as f32 - 500.5 } else { 0.25 * g as f32 }).collect();
-        for first in [0, 32, 320] {
-            let mut d = vals[first..].to_vec();
-            bits::mask(&words, first, &mut d);
-            for (j, x) in d.iter().enumerate() {
-                let want = if keep(first + j) { vals[first + j] } else { 0.0 };
-                assert_eq!(x.to_bits(), want.to_bits(), "element {}", first + j);
-            }
-            // The fused delta and mask, from both builds, for whole words and a partial last one.
-            for wide in [true, false] {
-                crate::simd::baseline_only(!wide);
-                for len in [n - first, 64, 37] {
-                    let r = first..first + len;
-                    let mut got = vec![f32::NAN; len];
-                    bits::masked_delta(&words, first, &vals[r.clone()], &base[r.clone()], &mut got);
-                    let mut want = vec![0f32; len];
-                    delta_into(&vals[r.clone()], &base[r], &mut want);
-                    bits::mask(&words, first, &mut want);
-                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "from {first}, {len} elements, wide {wide}");
+        // Not multiples of 32; an even and an odd number of words (two per packed value).
+        for n in [1000usize, 970] {
+            let keep = |g: usize| !(g * 7919).is_multiple_of(3);
+            let mut packed = vec![0u32; n.div_ceil(32)];
+            (0..n).for_each(|g| bits::set(&mut packed, g, keep(g)));
+            let words = bits::pack(&packed);
+            let vals: Vec<f32> = (0..n).map(|g| g as f32 - 500.5).collect();
+            // Every fifth delta zero.
+            let base: Vec<f32> = (0..n).map(|g| if g % 5 == 0 { g as f32 - 500.5 } else { 0.25 * g as f32 }).collect();
+            for first in [0, 32, 320] {
+                let mut d = vals[first..].to_vec();
+                bits::mask(&words, first, &mut d);
+                for (j, x) in d.iter().enumerate() {
+                    let want = if keep(first + j) { vals[first + j] } else { 0.0 };
+                    assert_eq!(x.to_bits(), want.to_bits(), "element {}", first + j);
                 }
-                crate::simd::baseline_only(false);
+                // The fused delta and mask, from both builds, for whole words and a partial last one.
+                for wide in [true, false] {
+                    crate::simd::baseline_only(!wide);
+                    for len in [n - first, 64, 37] {
+                        let r = first..first + len;
+                        let mut got = vec![f32::NAN; len];
+                        bits::masked_delta(&words, first, &vals[r.clone()], &base[r.clone()], &mut got);
+                        let mut want = vec![0f32; len];
+                        delta_into(&vals[r.clone()], &base[r], &mut want);
+                        bits::mask(&words, first, &mut want);
+                        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "n {n}, from {first}, {len} elements, wide {wide}");
+                    }
+                    crate::simd::baseline_only(false);
+                }
             }
+        }
+    }
+
+    /// Packed words whose halves make NaN and infinite `f64` patterns (a high word with its
+    /// bits 20–30 set) come back as they went in, through the copies a merge makes.
+    #[test]
+    fn packed_words_keep_their_bits() {
+        let words = [!0u32, 0x7FF0_0001, 0xFFF8_0000, 0x7FF0_0000, 1 << 31, 0, 0x0000_0001];
+        for k in 0..words.len() {
+            let w: Vec<u32> = words.iter().cycle().skip(k).take(words.len()).copied().collect();
+            let packed: Vec<f64> = bits::pack(&w).to_vec();
+            let ones = vec![1f32; 32 * w.len()];
+            let mut got = ones.clone();
+            bits::mask(&packed, 0, &mut got);
+            let want: Vec<f32> = (0..ones.len()).map(|g| if (w[g / 32] >> (g % 32)) & 1 == 1 { 1.0 } else { 0.0 }).collect();
+            assert_eq!(got, want, "rotation {k}");
         }
     }
 
