@@ -468,7 +468,10 @@ pub mod bits {
     /// took twice the memory: 200 MB per model for a 3B model's embedding). The values are
     /// only moved and copied, never computed with, so their bits (NaN patterns included) stay.
     pub fn pack(words: &[u32]) -> Vec<f64> {
-        words.par_chunks(2).map(|p| f64::from_bits(u64::from(p[0]) | u64::from(p.get(1).copied().unwrap_or(0)) << 32)).collect()
+        // In parallel for a whole tensor's masks (della: on one thread, both cores waited on it);
+        // a chunk's (SCE) stays on its thread.
+        let pair = |p: &[u32]| f64::from_bits(u64::from(p[0]) | u64::from(p.get(1).copied().unwrap_or(0)) << 32);
+        words.par_chunks(2).with_min_len(1 << 14).map(pair).collect()
     }
 
     /// Element `g`'s decision in packed words.
