@@ -282,7 +282,7 @@ impl Method for FisherDampened {
         let (keys, low) = ranks_streamed(io, fisher, total_key, &ranks)?;
         let stats: Vec<f64> = keys.into_iter().map(|k| from_total_key(k) as f64).collect();
         // Non-negative bf16 values have zero low halves under `total_key`.
-        Ok(if low & 0xFFFF == 0 && n >= TABLE_MIN { self.with_table(stats) } else { stats })
+        Ok(if low == 0 && n >= TABLE_MIN { self.with_table(stats) } else { stats })
     }
 
     fn apply(&self, _: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {

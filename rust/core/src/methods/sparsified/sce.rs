@@ -80,7 +80,8 @@ fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
         None => x.iter_mut().for_each(|m| *m /= n),
     };
     let (mut mean, mut ss) = ([0f64; B], [0f64; B]);
-    let mut deltas = vec![0f32; (v.len() - 1) * B];
+    // Sized to this call (the streamed pass calls it per tile of keys).
+    let mut deltas = vec![0f32; (v.len() - 1) * out.len().min(B)];
     for (k, o) in out.chunks_mut(B).enumerate() {
         let r = k * B..k * B + o.len();
         let (mean, ss) = (&mut mean[..o.len()], &mut ss[..o.len()]);
