@@ -14,7 +14,7 @@ _Progress = Callable[[int, int, int, int], Any]
 __all__ = [
     "__version__", "MergeError", "InvalidCheckpoint", "TensorMismatch", "ConfigError", "NumericalError",
     "MergeIOError", "MergeInterrupted", "Checkpoint", "execute_plan", "merge_arrays", "plan_layout", "save_file",
-    "METHODS", "method_specs", "svd_stack", "procrustes_stack", "subspace_masks",
+    "METHODS", "method_specs", "svd_stack", "procrustes_stack", "procrustes_cross", "polar_stack", "subspace_masks",
 ]
 
 __version__: str
@@ -67,6 +67,8 @@ def svd_stack(
     x: npt.NDArray[np.float32], k: Optional[int] = None, oversample: int = 10, power_iters: int = 2, seed: int = 0
 ) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32], List[float]]: ...
 def procrustes_stack(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+def procrustes_cross(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+def polar_stack(m: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
 def subspace_masks(
     it_path: _Path,
     pt_path: _Path,

@@ -6,7 +6,7 @@ use crate::errors::{Failure, Res};
 use merge_fast_core::linalg::{self, MatRef};
 use merge_fast_core::Error;
 use numpy::ndarray::{Array1, Array2, Array3};
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray3, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 fn slice3<'a>(a: &'a PyReadonlyArray3<'_, f32>, what: &str) -> Res<(&'a [f32], [usize; 3])> {
@@ -121,7 +121,34 @@ fn procrustes_stack<'py>(py: Python<'py>, a: PyReadonlyArray3<'py, f32>, b: PyRe
     Ok(out.into_pyarray(py))
 }
 
+/// `Bᵀ A` (`(kb, ka)`) of `A (m, ka)` and `B (m, kb)`: the cross product whose polar factor
+/// is their Procrustes rotation (`polar_stack`).
+#[pyfunction]
+fn procrustes_cross<'py>(py: Python<'py>, a: PyReadonlyArray2<'py, f32>, b: PyReadonlyArray2<'py, f32>) -> Res<Bound<'py, PyArray2<f32>>> {
+    let (ash, bsh) = (a.shape().to_vec(), b.shape().to_vec());
+    if ash[0] != bsh[0] {
+        return Err(Failure::from(Error::config(format!("procrustes: A has {} rows but B has {}", ash[0], bsh[0]))));
+    }
+    let contiguous = |what: &str| Failure::from(Error::config(format!("{what}: array must be C-contiguous float32")));
+    let (ad, bd) = (a.as_slice().map_err(|_| contiguous("procrustes A"))?, b.as_slice().map_err(|_| contiguous("procrustes B"))?);
+    let c = crate::errors::work(py, || linalg::procrustes_cross(ad, bd, ash[0], ash[1], bsh[1]))?;
+    let c = Array2::from_shape_vec((bsh[1], ash[1]), c).map_err(|e| Failure::from(Error::config(format!("procrustes: {e}"))))?;
+    Ok(c.into_pyarray(py))
+}
+
+/// The polar factor `U Vᵀ` (`U S Vᵀ = svd(M)`) of each matrix of a `(batch, kb, ka)` stack.
+#[pyfunction]
+fn polar_stack<'py>(py: Python<'py>, m: PyReadonlyArray3<'py, f32>) -> Res<Bound<'py, PyArray3<f32>>> {
+    let (data, shape) = slice3(&m, "polar M")?;
+    let ms = mats(data, shape)?;
+    let rs = crate::errors::work(py, || linalg::polar_batch(&ms))?;
+    let out = Array3::from_shape_vec((shape[0], shape[1], shape[2]), rs.concat()).map_err(|e| Failure::from(Error::config(format!("polar: {e}"))))?;
+    Ok(out.into_pyarray(py))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(procrustes_cross, m)?)?;
+    m.add_function(wrap_pyfunction!(polar_stack, m)?)?;
     m.add_function(wrap_pyfunction!(svd_stack, m)?)?;
     m.add_function(wrap_pyfunction!(procrustes_stack, m)?)?;
     Ok(())

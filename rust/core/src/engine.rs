@@ -166,6 +166,9 @@ impl TensorIo for Job<'_> {
     fn read_finite(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<Option<usize>> {
         self.sources().nth(slot).expect("slot in range").read_finite(range, dst)
     }
+    fn factors(&self, slot: usize) -> Result<Option<crate::linalg::AffineMap>> {
+        self.sources().nth(slot).expect("slot in range").factors()
+    }
     fn describe(&self, slot: usize) -> String {
         let s = self.sources().nth(slot).expect("slot in range").describe();
         match (self.base.is_some(), slot) {

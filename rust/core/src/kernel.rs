@@ -92,6 +92,29 @@ pub trait Method: Send + Sync {
 
     /// Computes `out` (same length as every input slice).
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()>;
+
+    /// Whole-tensor methods: computes `out` from the inputs in `io`. The default reads every
+    /// input whole ([`apply_read_whole`]); a kernel that can work from an input's factors
+    /// ([`TensorIo::factors`]) reads its inputs itself.
+    fn apply_whole(&self, ctx: &Ctx, io: &dyn TensorIo, stats: &[f64], out: &mut [f32]) -> Result<()> {
+        apply_read_whole(self, ctx, io, stats, out)
+    }
+}
+
+/// Reads every input of `io` whole, side by side (a source made on the fly, a rotated donor
+/// tensor, costs a matrix product each; each slot's value does not depend on the order),
+/// and runs `method.apply` on them.
+pub fn apply_read_whole<M: Method + ?Sized>(method: &M, ctx: &Ctx, io: &dyn TensorIo, stats: &[f64], out: &mut [f32]) -> Result<()> {
+    let mut bufs = vec![Vec::new(); io.slots()];
+    bufs.par_iter_mut().enumerate().with_max_len(1).try_for_each(|(slot, b)| {
+        let len = io.slot_numel(slot);
+        b.resize(len, 0.0);
+        io.read(slot, 0..len, b)
+    })?;
+    let mut it = bufs.iter().map(|b| b.as_slice());
+    let base = if io.has_base() { it.next() } else { None };
+    let inputs: Vec<&[f32]> = it.collect();
+    method.apply(ctx, base, &inputs, stats, out)
 }
 
 /// Random access to the inputs of the tensor being merged (slot 0 is the base if any).
@@ -110,6 +133,11 @@ pub trait TensorIo: Sync {
     fn read_finite(&self, slot: usize, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<Option<usize>> {
         self.read(slot, range, dst)?;
         Ok(first_non_finite(dst))
+    }
+    /// Input `slot` as the factors it is made of, when it is made on the fly as a product
+    /// (a donor tensor rotated into an anchor's basis); `None` when it is stored values.
+    fn factors(&self, _slot: usize) -> Result<Option<crate::linalg::AffineMap>> {
+        Ok(None)
     }
     /// Names input `slot` in messages ("base", "model #1", or the file it comes from).
     fn describe(&self, slot: usize) -> String {
@@ -144,6 +172,14 @@ impl TensorIo for FiniteInputs<'_> {
     }
     fn describe(&self, slot: usize) -> String {
         self.io.describe(slot)
+    }
+    fn factors(&self, slot: usize) -> Result<Option<crate::linalg::AffineMap>> {
+        match self.io.factors(slot)? {
+            Some(f) if !f.is_finite() => {
+                Err(Error::numerical(self.tensor, format!("input {} has a NaN or infinite factor: inputs must be finite", self.io.describe(slot))))
+            }
+            f => Ok(f),
+        }
     }
     fn read(&self, slot: usize, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
         match self.io.read_finite(slot, range.clone(), dst)? {
@@ -379,21 +415,17 @@ where
     let note = method.note(&stats);
     let has_base = io.has_base();
     if !method.elementwise() {
-        let (mut bufs, mut out, mut bytes) = (vec![Vec::new(); io.slots()], Vec::new(), Vec::new());
-        // Whole inputs, read side by side: a source made on the fly (a rotated donor
-        // tensor) costs a matrix product each; each slot's value does not depend on the order.
-        bufs.par_iter_mut().enumerate().with_max_len(1).try_for_each(|(slot, b)| {
-            let len = io.slot_numel(slot);
-            b.resize(len, 0.0);
-            io.read(slot, 0..len, b)
-        })?;
-        let mut it = bufs.iter().map(|b| b.as_slice());
-        let base = if has_base { it.next() } else { None };
-        let inputs: Vec<&[f32]> = it.collect();
-        out.resize(numel, 0.0);
-        method.apply(&ctx, base, &inputs, &stats, &mut out)?;
-        check_finite(ctx.tensor, &out, 0)?;
-        return sink(0, &out, &mut bytes).map(|_| note);
+        let mut out = vec![0.0; numel];
+        method.apply_whole(&ctx, io, &stats, &mut out)?;
+        // Checked and handed on in chunks across the pool (the whole tensor on one thread
+        // left the other core idle for a tenth of a cross-architecture merge); the first
+        // non-finite element is the one reported, whatever the thread count.
+        let bad = out.par_chunks(CHUNK).map(|c| first_non_finite(c).is_some()).collect::<Vec<_>>();
+        if let Some(c) = bad.iter().position(|&b| b) {
+            check_finite(ctx.tensor, &out[c * CHUNK..], c * CHUNK)?;
+        }
+        out.par_chunks(CHUNK).enumerate().try_for_each(|(c, piece)| with_scratch(|sc| sink(c * CHUNK, piece, &mut sc.bytes)))?;
+        return Ok(note);
     }
     chunk_starts(numel).par_iter().try_for_each(|&s| {
         with_scratch(|sc| {

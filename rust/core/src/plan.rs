@@ -458,6 +458,15 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A source made as a product of factors (`affine`): those factors, for kernels that
+    /// only need the product's products (see [`crate::linalg::LinOp`]); `None` for the others.
+    pub fn factors(&self) -> Result<Option<crate::linalg::AffineMap>> {
+        match self {
+            Reader::Affine(a) => a.factors().map(Some),
+            _ => Ok(None),
+        }
+    }
+
     pub fn release(&self) {
         match self {
             Reader::Tensor { ckpt, info } => ckpt.release(info),

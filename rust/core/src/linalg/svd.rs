@@ -8,7 +8,7 @@ use faer::linalg::qr::no_pivoting::factor as qr;
 use faer::linalg::svd::{self as fsvd, ComputeSvdVectors};
 use faer::{Accum, Conj, Mat, MatMut, Par};
 
-use super::{check_finite, check_shape, par_map, MatRef, WHAT};
+use super::{check_finite, check_shape, par_map, LinOp, MatRef, WHAT};
 use crate::error::{Error, Result};
 
 pub const DEFAULT_OVERSAMPLE: usize = 10;
@@ -259,22 +259,43 @@ fn topk(x: &[f32], m: usize, n: usize, k: usize, oversample: usize, power_iters:
     }
 
     let a = faer::MatRef::from_row_major_slice(x, m, n);
+    let svd = randomized(&a, k, l, power_iters, seed, par)?;
+    let energy = energy_of(&svd.s);
+    Ok(TopkSvd { svd, energy, exact: false })
+}
+
+/// Top-`k` SVD of a map known by its products (see [`LinOp`]), by the randomized range
+/// finding of [`svd_topk`] (the same probes and steps; a dense matrix gives the same bits
+/// either way). For maps whose `2(k + oversample)` is below `min(m, n)`, where that saves
+/// work; the caller forms smaller ones and takes [`svd_topk`]'s exact path.
+pub fn svd_topk_op(a: &dyn LinOp, k: usize, oversample: usize, power_iters: usize, seed: u64) -> Result<Svd> {
+    let r = a.nrows().min(a.ncols());
+    let k = k.min(r);
+    if k == 0 {
+        return Err(Error::config("svd_topk: k must be at least 1"));
+    }
+    randomized(a, k, k.saturating_add(oversample).min(r), power_iters, seed, Par::Seq)
+}
+
+/// The randomized top-`k` SVD of `a` with `l >= k` probes.
+fn randomized(a: &dyn LinOp, k: usize, l: usize, power_iters: usize, seed: u64, par: Par) -> Result<Svd> {
+    let (m, n) = (a.nrows(), a.ncols());
     let omega = gaussian_matrix(n, l, seed);
     let mut y = Mat::<f32>::zeros(m, l);
-    matmul(y.as_mut(), Accum::Replace, a, omega.as_ref(), 1.0, par);
+    a.apply(omega.as_ref(), y.as_mut(), par);
     let mut q = orthonormalize(y.as_ref(), par);
     let mut z = Mat::<f32>::zeros(n, l);
     for _ in 0..power_iters {
         // Re-orthonormalize after each product: otherwise the small singular directions
         // drown in rounding after (s_1/s_l)^(2q) growth.
-        matmul(z.as_mut(), Accum::Replace, a.transpose(), q.as_ref(), 1.0, par);
+        a.apply_t(q.as_ref(), z.as_mut(), par);
         let zq = orthonormalize(z.as_ref(), par);
-        matmul(y.as_mut(), Accum::Replace, a, zq.as_ref(), 1.0, par);
+        a.apply(zq.as_ref(), y.as_mut(), par);
         q = orthonormalize(y.as_ref(), par);
     }
 
     // Bᵀ = Xᵀ Q (n x l); Bᵀ = P S Wᵀ, so X ≈ Q B = (Q W) S Pᵀ.
-    matmul(z.as_mut(), Accum::Replace, a.transpose(), q.as_ref(), 1.0, par);
+    a.apply_t(q.as_ref(), z.as_mut(), par);
     let (p, s, w) = svd_faer_mat(z.as_ref(), par)?;
     let s: Vec<f32> = s[..k].to_vec();
     let mut vt = vec![0.0f32; k * n];
@@ -283,8 +304,7 @@ fn topk(x: &[f32], m: usize, n: usize, k: usize, oversample: usize, power_iters:
     matmul(MatMut::from_row_major_slice_mut(&mut u, m, k), Accum::Replace, q.as_ref(), w.get(.., ..k), 1.0, par);
     let mut svd = Svd { u, s, vt, m, n };
     svd.normalize_signs();
-    let energy = energy_of(&svd.s);
-    Ok(TopkSvd { svd, energy, exact: false })
+    Ok(svd)
 }
 
 /// Orthonormal basis (thin Q of a Householder QR) of the columns of `a` (`m x l`, `l <= m`).

@@ -6,6 +6,7 @@
 use super::{bind_ref, Reader, Source, TensorRef};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::linalg::AffineMap;
 use crate::reader::{Checkpoint, TensorInfo};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -152,6 +153,38 @@ impl<'a> AffineReader<'a> {
             }
         }
         Ok(t)
+    }
+
+    /// The map's factors, not multiplied out (`S` widened; `g` folded into `R`'s rows, or
+    /// into the column scales `d = g·scale·h` without `R`).
+    pub(super) fn factors(&self) -> Result<AffineMap> {
+        let (m, n) = (self.src.shape()[0], self.src.shape()[1]);
+        let mut s = vec![0f32; m * n];
+        self.src.read(0..m * n, &mut s)?;
+        let g = self.right_in.map(read_all).transpose()?;
+        let right = self
+            .right
+            .map(|r| -> Result<(Vec<f32>, usize)> {
+                let mut rv = read_all(r)?;
+                let q = rv.len() / n.max(1);
+                if let Some(g) = &g {
+                    for (row, &gi) in rv.chunks_exact_mut(q.max(1)).zip(g) {
+                        row.iter_mut().for_each(|x| *x *= gi);
+                    }
+                }
+                Ok((rv, q))
+            })
+            .transpose()?;
+        let q = right.as_ref().map_or(n, |r| r.1);
+        let mut d = match self.right_out.map(read_all).transpose()? {
+            Some(h) => h.iter().map(|&h| self.scale * h).collect(),
+            None => vec![self.scale; q],
+        };
+        if let (None, Some(g)) = (&right, &g) {
+            d.iter_mut().zip(g).for_each(|(x, &gi)| *x *= gi);
+        }
+        let left = self.left.map(|l| read_all(l).map(|v| (v.len() / m.max(1), v))).transpose()?.map(|(p, v)| (v, p));
+        Ok(AffineMap { s, m, n, left, right, d })
     }
 
     pub(super) fn read(&self, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
