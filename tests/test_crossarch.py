@@ -188,6 +188,22 @@ def test_align_matches_vocab_by_token(rotated, anchor, root):
         np.testing.assert_allclose(got[k], ref[k], atol=5e-5, err_msg=k)
 
 
+def test_estimate_rotations_match_one_by_one(rotated, anchor, donors):
+    """Several donors' fits at once (cross products one by one, polar factors together, as
+    procrustes_absorb takes them) give each donor the one-donor fit's R bit for bit."""
+    from merge_fast.crossarch._model import ModelView
+    from merge_fast.crossarch.align import estimate_rotation, estimate_rotations
+
+    A = ModelView(anchor, None, is_anchor=True)
+    views = [ModelView(p, None) for p in (rotated[0], donors["llama"])]
+    many = estimate_rotations(A, views)
+    assert len(many) == 2
+    for v, al in zip(views, many):
+        one = estimate_rotation(A, v)
+        assert al.method == one.method and np.array_equal(al.rotation, one.rotation)
+        assert np.isnan(al.residual) and np.isfinite(one.residual)
+
+
 def test_align_estimate_only_and_depth_map(rotated, anchor):
     d, Q, _ = rotated
     res = mf.align(anchor, d)

@@ -162,6 +162,27 @@ def test_procrustes_random(m, ka, kb):
         assert np.linalg.norm(A - B @ (R @ Q.astype(np.float32))) >= base - 1e-4
 
 
+def test_procrustes_from_its_cross_product():
+    """polar(procrustes_cross(A, B)) is procrustes(A, B) bit for bit, over enough rows that the
+    cross product is summed from two halves (the numpy reference bounds both), and a stack of
+    cross products gives each one's polar factor."""
+    from merge_fast.linalg import polar, procrustes_cross
+
+    g = rng(15)
+    A = g.standard_normal((5000, 24)).astype(np.float32)
+    Bs = [g.standard_normal((5000, k)).astype(np.float32) for k in (24, 24)]
+    crosses = [procrustes_cross(A, B) for B in Bs]
+    np.testing.assert_allclose(crosses[0], Bs[0].astype(np.float64).T @ A, rtol=1e-4, atol=1e-3)
+    Rs = polar(np.stack(crosses))
+    for B, C, R in zip(Bs, crosses, Rs):
+        assert np.array_equal(R, mf.procrustes(A, B)) and np.array_equal(R, polar(C))
+        np.testing.assert_allclose(R, ref_procrustes(A, B), atol=1e-4)
+    with pytest.raises(mf.ConfigError, match="rows"):
+        procrustes_cross(A, Bs[0][:10])
+    with pytest.raises(mf.MergeError, match="NaN"):
+        polar(np.full((3, 3), np.nan, np.float32))
+
+
 def test_procrustes_recovers_rotation():
     g = rng(11)
     A = g.standard_normal((200, 32)).astype(np.float32)

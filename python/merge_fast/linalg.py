@@ -101,3 +101,18 @@ def procrustes(A: Any, B: Any) -> np.ndarray:
         raise config_error("procrustes: pass two matrices or two stacks, not a mix")
     R = _core.procrustes_stack(a, b)
     return R if sa else R[0]
+
+
+def procrustes_cross(A: Any, B: Any) -> np.ndarray:
+    """``Bᵀ A`` (``(kb, ka)``) of ``A (m, ka)`` and ``B (m, kb)``: the matrix whose polar factor
+    (:func:`polar`) is :func:`procrustes`'s ``R``, bit for bit. Fits sharing ``A`` (an anchor
+    and several donors) take their cross products one at a time and their polar factors, an
+    exact SVD each, side by side."""
+    return _core.procrustes_cross(_as_f32(A, "procrustes A"), _as_f32(B, "procrustes B"))
+
+
+def polar(M: Any) -> np.ndarray:
+    """``U Vᵀ`` of ``U S Vᵀ = svd(M)`` for a matrix ``(kb, ka)`` or a stack (in parallel)."""
+    m, stacked = _stack(M, "polar M")
+    R = _core.polar_stack(m)
+    return R if stacked else R[0]

@@ -51,7 +51,7 @@ from ._model import FamilyArg, ModelView
 from .. import plan as _plan
 from ._engine import Planned, SideFiles, execute_canonical, new_side_dir, stored_source
 from ._writer import copy_model_verbatim
-from .align import DonorAligner
+from .align import DonorAligner, estimate_rotations
 
 __all__ = ["AbsorbResult", "procrustes_absorb", "procrustes_absorb_params", "filter_delta"]
 
@@ -205,7 +205,11 @@ def procrustes_absorb(
     anchor, *donors = local_models([anchor, *donors], cache_dir=cache_dir)
     A = ModelView(anchor, anchor_family, is_anchor=True)
     views = [ModelView(d, f) for d, f in zip(donors, fams)]
-    aligners = [DonorAligner(A, v, seed=seed, mode=alignment, cross_attention=cross_attention) for v in views]
+    for v in views:
+        DonorAligner.check(A, v, cross_attention)
+    # The fits side by side (their residuals are not reported here: not computed).
+    aligners = [DonorAligner(A, v, al, seed=seed, mode=alignment, cross_attention=cross_attention)
+                for v, al in zip(views, estimate_rotations(A, views, seed=seed))]
     absorbed: Dict[str, int] = {}
     missing: Dict[str, List[str]] = {str(v.path): [] for v in views}
     if strict:
