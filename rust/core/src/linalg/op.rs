@@ -15,6 +15,11 @@ pub trait LinOp: Sync {
     fn apply(&self, x: MatRef<'_, f32>, out: MatMut<'_, f32>, par: Par);
     /// `out = Aᵀ y` (`y` is `nrows × l`, `out` `ncols × l`).
     fn apply_t(&self, y: MatRef<'_, f32>, out: MatMut<'_, f32>, par: Par);
+    /// `out = A Ω`, the randomized SVD's first product (its seeded probes `Ω`): a map that
+    /// holds part of it already ([`Minus::b_probes`]) overrides this.
+    fn apply_probes(&self, omega: MatRef<'_, f32>, out: MatMut<'_, f32>, par: Par) {
+        self.apply(omega, out, par)
+    }
 }
 
 impl LinOp for MatRef<'_, f32> {
@@ -75,7 +80,7 @@ impl AffineMap {
     /// Every value finite (the factors of a finite input).
     pub fn is_finite(&self) -> bool {
         let parts = [Some(&self.s), self.left.as_ref().map(|l| &l.0), self.right.as_ref().map(|r| &r.0), Some(&self.d)];
-        parts.into_iter().flatten().all(|v| v.iter().all(|x| x.is_finite()))
+        parts.into_iter().flatten().all(|v| crate::dtype::first_non_finite(v).is_none())
     }
 }
 
@@ -138,6 +143,9 @@ impl LinOp for AffineMap {
 pub struct Minus<'a, A> {
     pub a: &'a A,
     pub b: MatRef<'a, f32>,
+    /// `B Ω` for the SVD's probes `Ω`, when made once for several maps that share `B` (an
+    /// anchor's tensor and each donor's).
+    pub b_probes: Option<MatRef<'a, f32>>,
 }
 
 impl<A: LinOp> LinOp for Minus<'_, A> {
@@ -154,6 +162,15 @@ impl<A: LinOp> LinOp for Minus<'_, A> {
     fn apply_t(&self, y: MatRef<'_, f32>, mut out: MatMut<'_, f32>, par: Par) {
         self.a.apply_t(y, out.rb_mut(), par);
         matmul(out, Accum::Add, self.b.transpose(), y, -1.0, par);
+    }
+    fn apply_probes(&self, omega: MatRef<'_, f32>, mut out: MatMut<'_, f32>, par: Par) {
+        let Some(bw) = self.b_probes else { return self.apply(omega, out, par) };
+        self.a.apply(omega, out.rb_mut(), par);
+        for j in 0..out.ncols() {
+            for i in 0..out.nrows() {
+                out[(i, j)] -= bw[(i, j)];
+            }
+        }
     }
 }
 
@@ -210,7 +227,7 @@ mod tests {
             };
             let b = rand(p * q, 5);
             let want: Vec<f64> = dense(&a).iter().zip(&b).map(|(&x, &y)| x - y as f64).collect();
-            let op = Minus { a: &a, b: MatRef::from_row_major_slice(&b, p, q) };
+            let op = Minus { a: &a, b: MatRef::from_row_major_slice(&b, p, q), b_probes: None };
             assert_eq!((op.nrows(), op.ncols()), (p, q));
             let x = rand(q * l, 6);
             let mut got = Mat::<f32>::zeros(p, l);

@@ -282,7 +282,7 @@ fn randomized(a: &dyn LinOp, k: usize, l: usize, power_iters: usize, seed: u64, 
     let (m, n) = (a.nrows(), a.ncols());
     let omega = gaussian_matrix(n, l, seed);
     let mut y = Mat::<f32>::zeros(m, l);
-    a.apply(omega.as_ref(), y.as_mut(), par);
+    a.apply_probes(omega.as_ref(), y.as_mut(), par);
     let mut q = orthonormalize(y.as_ref(), par);
     let mut z = Mat::<f32>::zeros(n, l);
     for _ in 0..power_iters {

@@ -10,7 +10,7 @@
 //! and `θ = θ_base + (1 − β) Σ_d w_d Δ̃_d`. `rank = 0` keeps the base.
 use crate::error::{Error, Result};
 use crate::kernel::{apply_read_whole, Ctx, Method, TensorIo};
-use crate::linalg::{svd, svd_topk, svd_topk_op, Minus, Svd, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
+use crate::linalg::{gaussian_matrix, svd, svd_topk, svd_topk_op, AffineMap, Minus, Svd, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Par};
@@ -150,6 +150,12 @@ impl Absorb {
     }
 }
 
+/// A donor as the kernel takes it: its factors, or formed.
+enum Input {
+    Factors(AffineMap),
+    Formed(Vec<f32>),
+}
+
 /// A donor's filtered delta: formed, or as its kept components.
 enum Filtered {
     Dense(Vec<f32>),
@@ -205,19 +211,46 @@ impl Method for Absorb {
         let mut base = vec![0f32; m * n];
         io.read(0, 0..m * n, &mut base)?;
         let products = 2.0 + 2.0 * self.power_iters as f64;
-        let deltas: Vec<Filtered> = (1..io.slots())
+        // Each donor as its factors, or formed when that is cheaper (side by side).
+        let inputs: Vec<Input> = (1..io.slots())
             .into_par_iter()
             .with_max_len(1)
-            .map(|slot| {
-                if let Some(f) = io.factors(slot)?.filter(|f| products * f.product_flops(l) < f.form_flops()) {
-                    let op = Minus { a: &f, b: faer::MatRef::from_row_major_slice(&base, m, n) };
-                    let svd = svd_topk_op(&op, self.rank, self.oversample, self.power_iters, ctx.seed).map_err(|e| svd_error(ctx, e))?;
-                    return Ok(Filtered::LowRank(self.kept(svd)));
+            .map(|slot| match io.factors(slot)? {
+                Some(f) if products * f.product_flops(l) < f.form_flops() => Ok(Input::Factors(f)),
+                _ => {
+                    let mut x = vec![0f32; m * n];
+                    io.read(slot, 0..m * n, &mut x)?;
+                    Ok(Input::Formed(x))
                 }
-                let mut delta = vec![0f32; m * n];
-                io.read(slot, 0..m * n, &mut delta)?;
-                delta.iter_mut().zip(&base).for_each(|(x, &b)| *x -= b);
-                self.filter(ctx, &mut delta).map(|_| Filtered::Dense(delta))
+            })
+            .collect::<Result<_>>()?;
+        // The anchor's share of the first product, `W Ω`, made once for every factored donor
+        // (the probes are the seed's), its rows in two fixed halves side by side.
+        let w = faer::MatRef::from_row_major_slice(&base, m, n);
+        let shared = (inputs.iter().filter(|x| matches!(x, Input::Factors(_))).count() > 1).then(|| {
+            let omega = gaussian_matrix(n, l, ctx.seed);
+            let mut wo = faer::Mat::<f32>::zeros(m, l);
+            let (top, bottom) = wo.as_mut().split_at_row_mut(m / 2);
+            let (wt, wb) = w.split_at_row(m / 2);
+            rayon::join(
+                || matmul(top, Accum::Replace, wt, omega.as_ref(), 1.0, Par::Seq),
+                || matmul(bottom, Accum::Replace, wb, omega.as_ref(), 1.0, Par::Seq),
+            );
+            wo
+        });
+        let deltas: Vec<Filtered> = inputs
+            .into_par_iter()
+            .with_max_len(1)
+            .map(|x| match x {
+                Input::Factors(f) => {
+                    let op = Minus { a: &f, b: w, b_probes: shared.as_ref().map(|s| s.as_ref()) };
+                    let svd = svd_topk_op(&op, self.rank, self.oversample, self.power_iters, ctx.seed).map_err(|e| svd_error(ctx, e))?;
+                    Ok(Filtered::LowRank(self.kept(svd)))
+                }
+                Input::Formed(mut delta) => {
+                    delta.iter_mut().zip(&base).for_each(|(x, &b)| *x -= b);
+                    self.filter(ctx, &mut delta).map(|_| Filtered::Dense(delta))
+                }
             })
             .collect::<Result<_>>()?;
         self.blend(ctx, &base, &deltas, out)
@@ -236,16 +269,18 @@ mod tests {
         out
     }
 
-    /// A donor given as its factors (`S·R·diag(d)`, as a rotated donor tensor reaches the
-    /// kernel) is filtered through the products of its delta, and gives what the formed
-    /// tensor gives, within rounding; the factors' values are checked like stored values.
+    /// Donors given as their factors (`S·R·diag(d)`, as rotated donor tensors reach the
+    /// kernel) are filtered through the products of their deltas, and give what the formed
+    /// tensors give, within rounding: one such donor, two (the anchor's share of the first
+    /// product made once for both), one beside a stored one. The factors' values are checked
+    /// like stored values.
     #[test]
-    fn factored_donor_matches_the_formed_one() {
+    fn factored_donors_match_the_formed_ones() {
         use crate::kernel::Slices;
-        use crate::linalg::AffineMap;
         struct Factored<'a> {
             dense: Slices<'a>,
-            f: AffineMap,
+            /// Per donor, its factors or none (stored values).
+            fs: Vec<Option<AffineMap>>,
         }
         impl TensorIo for Factored<'_> {
             fn numel(&self) -> usize {
@@ -261,48 +296,66 @@ mod tests {
                 self.dense.read(slot, range, dst)
             }
             fn factors(&self, slot: usize) -> Result<Option<AffineMap>> {
-                Ok((slot == 1).then(|| self.f.clone()))
+                Ok(self.fs[slot - 1].clone())
             }
         }
         let (m, n, h) = (300usize, 256usize, 256usize);
         let v = |s, len: usize| (0..len).map(|i| crate::rng::normal(s, i as u64) as f32).collect::<Vec<_>>();
-        let f = AffineMap { s: v(1, m * h), m, n: h, left: None, right: Some((v(2, h * n), n)), d: v(3, n).iter().map(|x| 1.0 + 0.1 * x).collect() };
-        // The formed donor (f64 products), and a base that differs from it by a rank-5 matrix
-        // well above a small noise: σ_6 is below `tol · σ_1`, so the kept part is well defined.
-        let mut formed = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let x: f64 = (0..h).map(|t| f.s[i * h + t] as f64 * f.right.as_ref().unwrap().0[t * n + j] as f64).sum();
-                formed[i * n + j] = (x * f.d[j] as f64) as f32;
-            }
-        }
         let (a, b, noise) = (v(4, m * 5), v(5, 5 * n), v(6, m * n));
-        let base: Vec<f32> = (0..m * n)
-            .map(|g| {
-                let (i, j) = (g / n, g % n);
-                let low: f32 = (0..5).map(|k| a[i * 5 + k] * b[k * n + j] * (1.0 + k as f32)).sum();
-                formed[g] - low - 1e-3 * noise[g]
-            })
-            .collect();
-        let params = json!({"beta": 0.4, "rank": 8, "tol": 0.1, "oversample": 6});
-        let m_ = crate::methods::build("absorb_filtered", params.as_object().unwrap(), 1, true).unwrap();
-        let ctx = Ctx { tensor: "t", shape: &[m, n], offset: 0, seed: 3 };
-        let inputs: [&[f32]; 1] = [&formed];
-        let io = Factored { dense: Slices::new(Some(&base), &inputs), f };
+        let base: Vec<f32> = v(9, m * n);
+        // Each donor: factors whose product differs from the base by a rank-5 matrix well above
+        // a small noise (σ_6 is below `tol · σ_1`, so the kept part is well defined); `S` solved
+        // from the product it must make: `S = (base + low + noise) Rᵀ / d` with `R` orthogonal.
+        let donor = |seed: u64| {
+            let r = crate::linalg::orthonormalize(crate::linalg::gaussian_matrix(h, n, seed).as_ref(), faer::Par::Seq);
+            let d: Vec<f32> = v(seed + 1, n).iter().map(|x| 1.0 + 0.1 * x).collect();
+            let want: Vec<f64> = (0..m * n)
+                .map(|g| {
+                    let (i, j) = (g / n, g % n);
+                    let low: f32 = (0..5).map(|k| a[i * 5 + k] * b[k * n + j] * (1.0 + k as f32 + seed as f32)).sum();
+                    (base[g] + low + 1e-3 * noise[(g + seed as usize) % (m * n)]) as f64 / d[j] as f64
+                })
+                .collect();
+            let s: Vec<f32> = (0..m * h).map(|g| (0..n).map(|j| want[(g / h) * n + j] * r[(g % h, j)] as f64).sum::<f64>() as f32).collect();
+            let rm: Vec<f32> = (0..h * n).map(|g| r[(g / n, g % n)]).collect();
+            let f = AffineMap { s, m, n: h, left: None, right: Some((rm, n)), d };
+            // The formed donor (f64 products).
+            let formed: Vec<f32> = (0..m * n)
+                .map(|g| {
+                    let (i, j) = (g / n, g % n);
+                    let x: f64 = (0..h).map(|t| f.s[i * h + t] as f64 * f.right.as_ref().unwrap().0[t * n + j] as f64).sum();
+                    (x * f.d[j] as f64) as f32
+                })
+                .collect();
+            (f, formed)
+        };
+        let (d1, d2) = (donor(11), donor(21));
         // The factors' products are the cheaper way here.
-        assert!(6.0 * io.f.product_flops(14) < io.f.form_flops());
-        let mut got = vec![0f32; m * n];
-        m_.apply_whole(&ctx, &io, &[], &mut got).unwrap();
-        let want = run(params, &[m, n], &base, &[&formed], 3);
-        let scale = want.iter().zip(&base).fold(0f32, |a, (w, b)| a.max((w - b).abs()));
-        let worst = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
-        assert!(scale > 1.0 && worst < 1e-4 * scale, "worst {worst} of {scale}");
+        assert!(6.0 * d1.0.product_flops(14) < d1.0.form_flops());
+        let params = json!({"beta": 0.4, "rank": 8, "tol": 0.1, "oversample": 6, "weight": [1.0, 0.5]});
+        let ctx = Ctx { tensor: "t", shape: &[m, n], offset: 0, seed: 3 };
+        let cases: [Vec<Option<AffineMap>>; 3] =
+            [vec![Some(d1.0.clone())], vec![Some(d1.0.clone()), Some(d2.0.clone())], vec![Some(d1.0.clone()), None]];
+        for fs in cases {
+            let formed: Vec<&[f32]> = [&d1.1, &d2.1][..fs.len()].iter().map(|x| x.as_slice()).collect();
+            let p = if fs.len() == 1 { json!({"beta": 0.4, "rank": 8, "tol": 0.1, "oversample": 6}) } else { params.clone() };
+            let kernel = crate::methods::build("absorb_filtered", p.as_object().unwrap(), fs.len(), true).unwrap();
+            let io = Factored { dense: Slices::new(Some(&base), &formed), fs };
+            let mut got = vec![0f32; m * n];
+            kernel.apply_whole(&ctx, &io, &[], &mut got).unwrap();
+            let want = run(p, &[m, n], &base, &formed, 3);
+            let scale = want.iter().zip(&base).fold(0f32, |a, (w, b)| a.max((w - b).abs()));
+            let worst = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+            assert!(scale > 1.0 && worst < 1e-4 * scale, "{} donors: worst {worst} of {scale}", formed.len());
+        }
         // A NaN factor is an error naming the tensor, as a NaN stored value is.
-        let mut bad = io.f.clone();
+        let mut bad = d1.0.clone();
         bad.s[7] = f32::NAN;
-        let io = Factored { f: bad, ..io };
+        let formed: [&[f32]; 1] = [&d1.1];
+        let io = Factored { dense: Slices::new(Some(&base), &formed), fs: vec![Some(bad)] };
+        let kernel = crate::methods::build("absorb_filtered", json!({"rank": 8}).as_object().unwrap(), 1, true).unwrap();
         let sink = |_: usize, _: &[f32], _: &mut Vec<u8>| Ok(());
-        let e = crate::kernel::merge_tensor(m_.as_ref(), ctx, &io, &sink).unwrap_err().to_string();
+        let e = crate::kernel::merge_tensor(kernel.as_ref(), ctx, &io, &sink).unwrap_err().to_string();
         assert!(e.contains("'t'") && e.contains("factor"), "{e}");
     }
 
