@@ -259,30 +259,30 @@ fn topk(x: &[f32], m: usize, n: usize, k: usize, oversample: usize, power_iters:
     }
 
     let a = faer::MatRef::from_row_major_slice(x, m, n);
-    let svd = randomized(&a, k, l, power_iters, seed, par)?;
+    let svd = randomized(&a, k, gaussian_matrix(n, l, seed).as_ref(), power_iters, par)?;
     let energy = energy_of(&svd.s);
     Ok(TopkSvd { svd, energy, exact: false })
 }
 
 /// Top-`k` SVD of a map known by its products (see [`LinOp`]), by the randomized range
-/// finding of [`svd_topk`] (the same probes and steps; a dense matrix gives the same bits
-/// either way). For maps whose `2(k + oversample)` is below `min(m, n)`, where that saves
-/// work; the caller forms smaller ones and takes [`svd_topk`]'s exact path.
-pub fn svd_topk_op(a: &dyn LinOp, k: usize, oversample: usize, power_iters: usize, seed: u64) -> Result<Svd> {
-    let r = a.nrows().min(a.ncols());
-    let k = k.min(r);
-    if k == 0 {
-        return Err(Error::config("svd_topk: k must be at least 1"));
+/// finding of [`svd_topk`] from the probes `omega` (`ncols × l`, `l >= k`; [`svd_topk`]'s are
+/// `gaussian_matrix(n, k + oversample, seed)`, and a dense matrix then gives the same bits
+/// either way): maps that share them (an anchor's tensor less each donor's) make them once.
+/// For maps whose `2l` is below `min(m, n)`, where that saves work; the caller forms smaller
+/// ones and takes [`svd_topk`]'s exact path.
+pub fn svd_topk_op(a: &dyn LinOp, k: usize, omega: faer::MatRef<'_, f32>, power_iters: usize) -> Result<Svd> {
+    let k = k.min(a.nrows().min(a.ncols()));
+    if k == 0 || omega.ncols() < k || omega.nrows() != a.ncols() {
+        return Err(Error::config(format!("svd_topk: k = {k} with {} x {} probes for {} columns", omega.nrows(), omega.ncols(), a.ncols())));
     }
-    randomized(a, k, k.saturating_add(oversample).min(r), power_iters, seed, Par::Seq)
+    randomized(a, k, omega, power_iters, Par::Seq)
 }
 
-/// The randomized top-`k` SVD of `a` with `l >= k` probes.
-fn randomized(a: &dyn LinOp, k: usize, l: usize, power_iters: usize, seed: u64, par: Par) -> Result<Svd> {
-    let (m, n) = (a.nrows(), a.ncols());
-    let omega = gaussian_matrix(n, l, seed);
+/// The randomized top-`k` SVD of `a` from the probes `omega` (`l >= k` columns).
+fn randomized(a: &dyn LinOp, k: usize, omega: faer::MatRef<'_, f32>, power_iters: usize, par: Par) -> Result<Svd> {
+    let (m, n, l) = (a.nrows(), a.ncols(), omega.ncols());
     let mut y = Mat::<f32>::zeros(m, l);
-    a.apply_probes(omega.as_ref(), y.as_mut(), par);
+    a.apply_probes(omega, y.as_mut(), par);
     let mut q = orthonormalize(y.as_ref(), par);
     let mut z = Mat::<f32>::zeros(n, l);
     for _ in 0..power_iters {
@@ -329,10 +329,11 @@ pub fn orthonormalize(a: faer::MatRef<'_, f32>, par: Par) -> Mat<f32> {
 /// any thread count and any evaluation order.
 pub fn gaussian_matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
     let key = splitmix64(seed ^ 0x6a09_e667_f3bc_c908);
-    Mat::from_fn(rows, cols, |i, j| {
-        let idx = (i + j * rows) as u64;
-        // One Box-Muller pair per two entries; each entry takes its half.
-        let pair = idx / 2;
+    // Column-major, so entry `idx` is element `idx` of the buffer: each Box-Muller pair is
+    // made once for its two entries.
+    let mut v = vec![0f32; rows * cols];
+    for (pair, two) in v.chunks_mut(2).enumerate() {
+        let pair = pair as u64;
         let h1 = splitmix64(key ^ splitmix64(2 * pair));
         let h2 = splitmix64(key ^ splitmix64(2 * pair + 1));
         // 53-bit uniforms; u1 in (0, 1] so ln(u1) is finite.
@@ -340,8 +341,12 @@ pub fn gaussian_matrix(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
         let u2 = (h2 >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
         let radius = (-2.0 * u1.ln()).sqrt();
         let angle = std::f64::consts::TAU * u2;
-        (if idx & 1 == 0 { radius * angle.cos() } else { radius * angle.sin() }) as f32
-    })
+        two[0] = (radius * angle.cos()) as f32;
+        if let Some(odd) = two.get_mut(1) {
+            *odd = (radius * angle.sin()) as f32;
+        }
+    }
+    faer::MatRef::from_column_major_slice(&v, rows, cols).to_owned()
 }
 
 fn splitmix64(mut z: u64) -> u64 {

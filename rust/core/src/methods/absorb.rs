@@ -224,11 +224,13 @@ impl Method for Absorb {
                 }
             })
             .collect::<Result<_>>()?;
-        // The anchor's share of the first product, `W Ω`, made once for every factored donor
-        // (the probes are the seed's), its rows in two fixed halves side by side.
+        // The probes (the seed's, as `svd_topk` makes them) and the anchor's share of the first
+        // product, `W Ω`, made once for every factored donor, its rows in two fixed halves side
+        // by side.
         let w = faer::MatRef::from_row_major_slice(&base, m, n);
-        let shared = (inputs.iter().filter(|x| matches!(x, Input::Factors(_))).count() > 1).then(|| {
-            let omega = gaussian_matrix(n, l, ctx.seed);
+        let factored = inputs.iter().filter(|x| matches!(x, Input::Factors(_))).count();
+        let omega = (factored > 0).then(|| gaussian_matrix(n, l, ctx.seed));
+        let shared = omega.as_ref().filter(|_| factored > 1).map(|omega| {
             let mut wo = faer::Mat::<f32>::zeros(m, l);
             let (top, bottom) = wo.as_mut().split_at_row_mut(m / 2);
             let (wt, wb) = w.split_at_row(m / 2);
@@ -244,7 +246,8 @@ impl Method for Absorb {
             .map(|x| match x {
                 Input::Factors(f) => {
                     let op = Minus { a: &f, b: w, b_probes: shared.as_ref().map(|s| s.as_ref()) };
-                    let svd = svd_topk_op(&op, self.rank, self.oversample, self.power_iters, ctx.seed).map_err(|e| svd_error(ctx, e))?;
+                    let omega = omega.as_ref().expect("made for factored donors").as_ref();
+                    let svd = svd_topk_op(&op, self.rank, omega, self.power_iters).map_err(|e| svd_error(ctx, e))?;
                     Ok(Filtered::LowRank(self.kept(svd)))
                 }
                 Input::Formed(mut delta) => {
