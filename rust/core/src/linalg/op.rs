@@ -229,24 +229,30 @@ mod tests {
             let want: Vec<f64> = dense(&a).iter().zip(&b).map(|(&x, &y)| x - y as f64).collect();
             let op = Minus { a: &a, b: MatRef::from_row_major_slice(&b, p, q), b_probes: None };
             assert_eq!((op.nrows(), op.ncols()), (p, q));
+            // `got` against `want` (f64) entry by entry.
+            let check = |got: &Mat<f32>, want: &dyn Fn(usize, usize) -> f64, what: &str| {
+                for i in 0..got.nrows() {
+                    for j in 0..got.ncols() {
+                        let w = want(i, j);
+                        assert!((got[(i, j)] as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{what} ({left}, {right}) at {i},{j}");
+                    }
+                }
+            };
             let x = rand(q * l, 6);
+            let ax = |i: usize, j: usize| (0..q).map(|t| want[i * q + t] * x[t * l + j] as f64).sum::<f64>();
             let mut got = Mat::<f32>::zeros(p, l);
             op.apply(MatRef::from_row_major_slice(&x, q, l), got.as_mut(), Par::Seq);
-            for i in 0..p {
-                for j in 0..l {
-                    let w: f64 = (0..q).map(|t| want[i * q + t] * x[t * l + j] as f64).sum();
-                    assert!((got[(i, j)] as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "A x ({left}, {right}) at {i},{j}");
-                }
-            }
+            check(&got, &ax, "A x");
+            // The first product with `B x` made beforehand.
+            let mut bx = Mat::<f32>::zeros(p, l);
+            matmul(bx.as_mut(), Accum::Replace, op.b, MatRef::from_row_major_slice(&x, q, l), 1.0, Par::Seq);
+            let probed = Minus { b_probes: Some(bx.as_ref()), ..op };
+            probed.apply_probes(MatRef::from_row_major_slice(&x, q, l), got.as_mut(), Par::Seq);
+            check(&got, &ax, "A Ω");
             let y = rand(p * l, 7);
             let mut got = Mat::<f32>::zeros(q, l);
-            op.apply_t(MatRef::from_row_major_slice(&y, p, l), got.as_mut(), Par::Seq);
-            for i in 0..q {
-                for j in 0..l {
-                    let w: f64 = (0..p).map(|t| want[t * q + i] * y[t * l + j] as f64).sum();
-                    assert!((got[(i, j)] as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "Aᵀ y ({left}, {right}) at {i},{j}");
-                }
-            }
+            probed.apply_t(MatRef::from_row_major_slice(&y, p, l), got.as_mut(), Par::Seq);
+            check(&got, &|i, j| (0..p).map(|t| want[t * q + i] * y[t * l + j] as f64).sum(), "Aᵀ y");
         }
     }
 }

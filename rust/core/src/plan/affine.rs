@@ -112,16 +112,8 @@ impl<'a> AffineReader<'a> {
         self.src.read(0..m * n, &mut s)?;
         // Row-major buffers written in place by faer: at most two tensor-sized ones alive.
         let g = self.right_in.map(read_all).transpose()?;
-        let (mut t, q) = match self.right {
-            Some(r) => {
-                let mut rv = read_all(r)?;
-                let q = rv.len() / n.max(1);
-                if let Some(g) = &g {
-                    // diag(g) · R: scale R's rows (n × q), not S
-                    for (row, &gi) in rv.chunks_exact_mut(q.max(1)).zip(g) {
-                        row.iter_mut().for_each(|x| *x *= gi);
-                    }
-                }
+        let (mut t, q) = match self.right_factor(g.as_deref(), n)? {
+            Some((rv, q)) => {
                 let mut t = vec![0f32; m * q];
                 let (sm, rm) = (MatRef::from_row_major_slice(&s, m, n), MatRef::from_row_major_slice(&rv, n, q));
                 matmul(MatMut::from_row_major_slice_mut(&mut t, m, q), Accum::Replace, sm, rm, 1.0f32, Par::Seq);
@@ -162,19 +154,7 @@ impl<'a> AffineReader<'a> {
         let mut s = vec![0f32; m * n];
         self.src.read(0..m * n, &mut s)?;
         let g = self.right_in.map(read_all).transpose()?;
-        let right = self
-            .right
-            .map(|r| -> Result<(Vec<f32>, usize)> {
-                let mut rv = read_all(r)?;
-                let q = rv.len() / n.max(1);
-                if let Some(g) = &g {
-                    for (row, &gi) in rv.chunks_exact_mut(q.max(1)).zip(g) {
-                        row.iter_mut().for_each(|x| *x *= gi);
-                    }
-                }
-                Ok((rv, q))
-            })
-            .transpose()?;
+        let right = self.right_factor(g.as_deref(), n)?;
         let q = right.as_ref().map_or(n, |r| r.1);
         let mut d = match self.right_out.map(read_all).transpose()? {
             Some(h) => h.iter().map(|&h| self.scale * h).collect(),
@@ -183,8 +163,24 @@ impl<'a> AffineReader<'a> {
         if let (None, Some(g)) = (&right, &g) {
             d.iter_mut().zip(g).for_each(|(x, &gi)| *x *= gi);
         }
-        let left = self.left.map(|l| read_all(l).map(|v| (v.len() / m.max(1), v))).transpose()?.map(|(p, v)| (v, p));
+        let left = self.left.map(read_all).transpose()?.map(|v| {
+            let p = v.len() / m.max(1);
+            (v, p)
+        });
         Ok(AffineMap { s, m, n, left, right, d })
+    }
+
+    /// `diag(g) · R` (`R` `[n, q]`: `g` scales its rows, not `S`'s columns) and `q`.
+    fn right_factor(&self, g: Option<&[f32]>, n: usize) -> Result<Option<(Vec<f32>, usize)>> {
+        let Some(r) = self.right else { return Ok(None) };
+        let mut rv = read_all(r)?;
+        let q = rv.len() / n.max(1);
+        if let Some(g) = g {
+            for (row, &gi) in rv.chunks_exact_mut(q.max(1)).zip(g) {
+                row.iter_mut().for_each(|x| *x *= gi);
+            }
+        }
+        Ok(Some((rv, q)))
     }
 
     pub(super) fn read(&self, range: Range<usize>, dst: &mut [f32]) -> Result<()> {
