@@ -420,8 +420,7 @@ where
         // Checked and handed on in chunks across the pool (the whole tensor on one thread
         // left the other core idle for a tenth of a cross-architecture merge); the first
         // non-finite element is the one reported, whatever the thread count.
-        let bad = out.par_chunks(CHUNK).map(|c| first_non_finite(c).is_some()).collect::<Vec<_>>();
-        if let Some(c) = bad.iter().position(|&b| b) {
+        if let Some(c) = out.par_chunks(CHUNK).position_first(|c| first_non_finite(c).is_some()) {
             check_finite(ctx.tensor, &out[c * CHUNK..], c * CHUNK)?;
         }
         out.par_chunks(CHUNK).enumerate().try_for_each(|(c, piece)| with_scratch(|sc| sink(c * CHUNK, piece, &mut sc.bytes)))?;

@@ -23,8 +23,8 @@ pub use op::{AffineMap, LinOp, Minus};
 
 pub use procrustes::{polar, polar_batch, procrustes, procrustes_batch, procrustes_cross, procrustes_faer};
 pub use svd::{
-    gaussian_matrix, orthonormalize, svd, svd_batch, svd_faer_mat, svd_topk, svd_topk_batch, svd_topk_op, Svd, TopkSvd, DEFAULT_OVERSAMPLE,
-    DEFAULT_POWER_ITERS,
+    gaussian_matrix, orthonormalize, svd, svd_batch, svd_faer_mat, svd_topk, svd_topk_batch, svd_topk_op, topk_probes, Svd, TopkSvd,
+    DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS,
 };
 
 use crate::error::{Error, Result};

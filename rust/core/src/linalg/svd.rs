@@ -237,6 +237,15 @@ pub fn svd_topk_batch(mats: &[MatRef<'_>], k: usize, oversample: usize, power_it
     par_map(mats, |a| svd_topk(a.data, a.rows, a.cols, k, oversample, power_iters, seed))
 }
 
+/// The probes [`svd_topk`] takes for the top `k` of an `m x n` matrix, `min(k, r) + oversample`
+/// capped at `r = min(m, n)`; `None` where it takes the exact SVD instead (twice the probes
+/// reach `r`: randomization would not save work).
+pub fn topk_probes(m: usize, n: usize, k: usize, oversample: usize) -> Option<usize> {
+    let r = m.min(n);
+    let l = k.min(r).saturating_add(oversample).min(r);
+    (r > 0 && 2 * l < r).then_some(l)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn topk(x: &[f32], m: usize, n: usize, k: usize, oversample: usize, power_iters: usize, seed: u64, par: Par) -> Result<TopkSvd> {
     let r = m.min(n);
@@ -250,13 +259,12 @@ fn topk(x: &[f32], m: usize, n: usize, k: usize, oversample: usize, power_iters:
             1.0
         }
     };
-    let l = k.saturating_add(oversample).min(r);
-    if r == 0 || 2 * l >= r {
+    let Some(l) = topk_probes(m, n, k, oversample) else {
         let mut svd = exact_rowmajor(x, m, n, par)?;
         svd.truncate(k);
         let energy = energy_of(&svd.s);
         return Ok(TopkSvd { svd, energy, exact: true });
-    }
+    };
 
     let a = faer::MatRef::from_row_major_slice(x, m, n);
     let svd = randomized(&a, k, gaussian_matrix(n, l, seed).as_ref(), power_iters, par)?;

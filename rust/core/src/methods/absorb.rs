@@ -10,7 +10,7 @@
 //! and `θ = θ_base + (1 − β) Σ_d w_d Δ̃_d`. `rank = 0` keeps the base.
 use crate::error::{Error, Result};
 use crate::kernel::{apply_read_whole, Ctx, Method, TensorIo};
-use crate::linalg::{gaussian_matrix, svd, svd_topk, svd_topk_op, AffineMap, Minus, Svd, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
+use crate::linalg::{gaussian_matrix, svd, svd_topk, svd_topk_op, topk_probes, AffineMap, Minus, Svd, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS};
 use crate::params::{BaseRule, MethodSpec, ParamSpec, Params, Range};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Par};
@@ -93,11 +93,7 @@ impl Absorb {
     /// that path.
     fn probes(&self, shape: &[usize]) -> Option<usize> {
         match *shape {
-            [m, n] if m > 0 && n > 0 => {
-                let r = m.min(n);
-                let l = self.rank.min(r).saturating_add(self.oversample).min(r);
-                (self.rank < r && 2 * l < r).then_some(l)
-            }
+            [m, n] if self.rank < m.min(n) => topk_probes(m, n, self.rank, self.oversample),
             _ => None,
         }
     }
