@@ -1,5 +1,6 @@
 //! merge_fast_core: stream safetensors checkpoints tensor by tensor, merge in f32, write
 //! sharded safetensors. No Python here; `cargo test` covers it.
+pub mod divisor;
 pub mod dtype;
 pub mod engine;
 pub mod error;

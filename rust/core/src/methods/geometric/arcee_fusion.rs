@@ -17,6 +17,7 @@
 //! places in one buffer of at most 1,000,000, whose quantiles are radix-selected (exact, as a
 //! sort would give them); `apply` runs elementwise on chunks.
 use super::common::{for_each_run, Layout};
+use crate::divisor::Divisor;
 use crate::error::Result;
 use crate::exp_ln;
 use crate::kernel::CHUNK;
@@ -124,28 +125,9 @@ struct Buffers {
 }
 
 /// The least `min − max` of a row (in f64) whose quotients `e / Σe` are taken by
-/// [`div_by`]: every exponential is then above e^-600 and every quotient, remainder and
-/// correction term far above the subnormal range, where Markstein's step is exact.
-const RECIPROCAL_RANGE: f64 = -600.0;
-
-/// `a / b` rounded to nearest, by multiplications: `z = RN(1/b)` and `l ≈ 1/b − z` (see
-/// [`reciprocal`]). The product `a·(z + l)` is within an ulp of the quotient (faithful), so one
-/// Markstein step (the exact remainder `a − q·b` by a fused multiply-add, then `q + r·z`) gives
-/// the correctly rounded quotient, the bits of the division (Markstein, IBM J. Res. Dev. 34(1),
-/// 1990; Muller et al., Handbook of Floating-Point Arithmetic, "Markstein's theorem"), where
-/// nothing underflows. A division's throughput is a vector per 8 cycles on the CPUs measured,
-/// these four operations about three times that.
-#[inline(always)]
-fn div_by(a: f64, b: f64, (z, l): (f64, f64)) -> f64 {
-    let q = a.mul_add(z, a * l);
-    (-q).mul_add(b, a).mul_add(z, q)
-}
-
-/// `(RN(1/b), 1/b − RN(1/b))` for [`div_by`]; `1 − b·z` is exact by a fused multiply-add.
-fn reciprocal(b: f64) -> (f64, f64) {
-    let z = 1.0 / b;
-    (z, (-b).mul_add(z, 1.0) / b)
-}
+/// [`Divisor`]: every exponential is then above e^-500 (7e-218) and every quotient above
+/// 7e-218 / 2^32, both above [`crate::divisor::MIN_DIVIDEND`].
+const RECIPROCAL_RANGE: f64 = -500.0;
 
 /// KL of each of the (one to four) rows of `x` and `b` into `out`. The rows are interleaved,
 /// so that one vector holds the four rows' values at an entry: every row's sums still run in
@@ -153,13 +135,13 @@ fn reciprocal(b: f64) -> (f64, f64) {
 /// grouping), but the four chains of additions advance in one instruction. Missing rows repeat
 /// the last one (their lanes are computed and dropped). `exp` and `ln` four at a time
 /// (`exp_ln`, the C library's bits), the divisions too in the AVX2 build, and the quotients
-/// `e / Σe` by multiplications ([`div_by`]) where the rows' ranges allow.
+/// `e / Σe` by multiplications ([`Divisor`]) where the rows' ranges allow.
 fn rows_kl(x: &[f32], b: &[f32], len: usize, buf: &mut Buffers, out: &mut [f32]) {
     rows_kl_by(x, b, len, buf, out, true)
 }
 
 avx2! {
-/// [`rows_kl`], its quotients `e / Σe` by [`div_by`] when `reciprocals` allows it and every
+/// [`rows_kl`], its quotients `e / Σe` by [`Divisor`] when `reciprocals` allows it and every
 /// row's range does (the same bits either way: tested).
 fn rows_kl_by(x: &[f32], b: &[f32], len: usize, buf: &mut Buffers, out: &mut [f32], reciprocals: bool) {
     let rows = out.len();
@@ -186,11 +168,11 @@ fn rows_kl_by(x: &[f32], b: &[f32], len: usize, buf: &mut Buffers, out: &mut [f3
     }
     // p into `ex`, then ln(p/q) into `eb`.
     if reciprocals && narrow {
-        let (zx, zb) = (sx.map(reciprocal), sb.map(reciprocal));
+        let (dx, db) = (sx.map(Divisor::new), sb.map(Divisor::new));
         for (x4, b4) in buf.ex.chunks_exact_mut(4).zip(buf.eb.chunks_exact_mut(4)) {
             for k in 0..4 {
-                let p = div_by(x4[k], sx[k], zx[k]) + 1e-8;
-                let q = div_by(b4[k], sb[k], zb[k]) + 1e-8;
+                let p = dx[k].divide(x4[k]) + 1e-8;
+                let q = db[k].divide(b4[k]) + 1e-8;
                 (x4[k], b4[k]) = (p, p / q);
             }
         }
@@ -420,47 +402,6 @@ mod tests {
             };
             let (wide, plain) = (kl(true), kl(false));
             assert!(wide.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows}x{len}: {wide:?} vs {plain:?}");
-        }
-    }
-
-    /// The quotient by multiplications is the division's, for dividends in (0, 1] and divisors
-    /// in [1, 2^20] (a row's exponentials and their sum), random and with mantissas next to a
-    /// power of two or all ones (where a reciprocal's rounding is at its worst).
-    #[test]
-    fn div_by_is_the_division() {
-        let unit = |r: u64| (r >> 11) as f64 / (1u64 << 53) as f64;
-        let near = |r: u64, ones: bool| {
-            let m = if ones { (1u64 << 52) - 1 - (r >> 40) } else { r >> 40 };
-            f64::from_bits((0x3ff0_0000_0000_0000 + ((r % 20) << 52)) | m)
-        };
-        for t in 0..3000u64 {
-            let r = crate::rng::mix64(t);
-            let b = match t % 3 {
-                0 => 1.0 + unit(r) * 6000.0,
-                k => near(r, k == 1),
-            };
-            let z = reciprocal(b);
-            for j in 0..1000u64 {
-                let s = crate::rng::mix64(r ^ j);
-                let a = match j % 3 {
-                    0 => unit(s),
-                    1 => near(s, true) / 2f64.powi(20 + (s % 30) as i32),
-                    _ => near(s, false) / 2f64.powi(1 + (s % 60) as i32),
-                };
-                assert_eq!(div_by(a, b, z).to_bits(), (a / b).to_bits(), "{a:e} / {b:e}");
-            }
-        }
-        // Quotients within ~2^-106 of a midpoint between two doubles, the hardest to round:
-        // (1 + i·2^-52) / (2 − j·2^-52) = ½·(1 + (2i + j)·2^-53 + (2ij + j²)·2^-106 + …), a
-        // midpoint plus a hair for odd j.
-        for j in 1..400u64 {
-            let b = 2.0 - j as f64 * f64::EPSILON;
-            let z = reciprocal(b);
-            for i in 0..400u64 {
-                for a in [1.0 + i as f64 * f64::EPSILON, 2.0 - i as f64 * f64::EPSILON] {
-                    assert_eq!(div_by(a, b, z).to_bits(), (a / b).to_bits(), "{a:e} / {b:e}");
-                }
-            }
         }
     }
 

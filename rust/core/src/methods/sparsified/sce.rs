@@ -19,6 +19,7 @@ use super::bracket;
 use super::gta::Mode;
 use super::select::HighHist;
 use super::sparsify::{bits, chunk_of, delta_into, scratch, Window, TILE};
+use crate::divisor::Divisor;
 use crate::error::{Error, Result};
 use crate::kernel::CHUNK;
 use crate::kernel::{par_chunk_groups, with_work, Ctx, Method, TensorIo};
@@ -73,11 +74,14 @@ fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
     const B: usize = 1024;
     let n = (v.len() - 1) as f64;
     // Dividing by a power of two is multiplying by its exact reciprocal (the same real
-    // number, rounded once): the same bits, and much cheaper than a division.
+    // number, rounded once); by another count, `Divisor`'s multiplications: the same bits, and
+    // much cheaper than a division. The sums are +0 or far above its least dividend (squares
+    // and sums of f32 values).
     let inv = (v.len() - 1).is_power_of_two().then(|| 1.0 / n);
+    let by = Divisor::new(n);
     let per_model = |x: &mut [f64]| match inv {
         Some(inv) => x.iter_mut().for_each(|m| *m *= inv),
-        None => x.iter_mut().for_each(|m| *m /= n),
+        None => x.iter_mut().for_each(|m| *m = by.divide(*m)),
     };
     let (mut mean, mut ss) = ([0f64; B], [0f64; B]);
     // Sized to this call (the streamed pass calls it per tile of keys).
@@ -313,6 +317,27 @@ mod tests {
             let views: Vec<&[f32]> = lanes.iter().map(|l| l.as_slice()).collect();
             let got: Vec<u64> = sums_of_squares(&views).iter().map(|m| m.to_bits()).collect();
             assert_eq!(got, want, "{n} lanes");
+        }
+    }
+
+    /// The variance keys of three models (a count that is not a power of two, divided by
+    /// multiplications) are the formula's with divisions, for tied, zero and tiny deltas.
+    #[test]
+    fn variance_keys_of_three_models_are_the_divisions() {
+        use crate::methods::geometric::common::testing::rand;
+        let n = 5000;
+        let base = rand(n, 1);
+        let scale = |j: usize| [0.01f32, 1e-20, 0.0, 3.0][j % 4];
+        let models: Vec<Vec<f32>> = (2..5).map(|k| base.iter().zip(rand(n, k)).enumerate().map(|(j, (&b, d))| b + d * scale(j)).collect()).collect();
+        let mut v: Vec<&[f32]> = vec![&base];
+        v.extend(models.iter().map(|m| m.as_slice()));
+        let mut got = vec![0u32; n];
+        var_keys_desc(&v, &mut got);
+        for j in 0..n {
+            let d: Vec<f64> = models.iter().map(|m| (m[j] - base[j]) as f64).collect();
+            let mean = (0.0 + d[0] + d[1] + d[2]) / 3.0;
+            let ss = (0.0 + (d[0] - mean) * (d[0] - mean) + (d[1] - mean) * (d[1] - mean) + (d[2] - mean) * (d[2] - mean)) / 3.0;
+            assert_eq!(got[j], !(ss as f32).to_bits(), "element {j}");
         }
     }
 
