@@ -15,7 +15,7 @@ use super::sparsify::bits;
 use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
-use crate::rng::{below, draw, stream_key, uniform};
+use crate::rng::{below, counter, draw_at, stream_key, uniform, WEYL};
 use crate::simd::avx512;
 
 pub struct Random {
@@ -40,8 +40,10 @@ avx512! {
 /// compiled with its 64-bit lane multiplies (chosen at run time), 2–3x faster. Integer
 /// arithmetic: the same decisions, so the same bytes, on any CPU.
 pub fn keep_coins(key: u64, first: u64, t: u64, delta: &mut [f32]) {
-    for (j, x) in delta.iter_mut().enumerate() {
-        *x = bits::keep_if(*x, u32::from(draw(key, first + j as u64) < t));
+    let mut c = counter(key, first);
+    for x in delta.iter_mut() {
+        *x = bits::keep_if(*x, u32::from(draw_at(c) < t));
+        c = c.wrapping_add(WEYL);
     }
 }
 }
@@ -51,8 +53,14 @@ avx512! {
 /// with one threshold each (DELLA's, by rank). `out` holds `t.len().div_ceil(32)` words, which
 /// it overwrites. Compiled for AVX-512DQ like [`keep_coins`], the same decisions on any CPU.
 pub fn coin_words(key: u64, first: u64, t: &[u64], out: &mut [u32]) {
-    for ((w, ts), g) in out.iter_mut().zip(t.chunks(32)).zip((first..).step_by(32)) {
-        *w = ts.iter().zip(0..32).fold(0u32, |w, (&t, b)| w | (u32::from(draw(key, g + b) < t) << b));
+    let mut c = counter(key, first);
+    for (w, ts) in out.iter_mut().zip(t.chunks(32)) {
+        let mut word = 0u32;
+        for (b, &t) in ts.iter().enumerate() {
+            word |= u32::from(draw_at(c) < t) << b;
+            c = c.wrapping_add(WEYL);
+        }
+        *w = word;
     }
 }
 }
@@ -60,8 +68,10 @@ pub fn coin_words(key: u64, first: u64, t: &[u64], out: &mut [u32]) {
 avx512! {
 /// `draw(key, first + j)` into `out[j]`, AVX-512DQ's 64-bit multiplies where the CPU has them.
 pub fn draws(key: u64, first: u64, out: &mut [u64]) {
-    for (u, j) in out.iter_mut().zip(first..) {
-        *u = draw(key, j);
+    let mut c = counter(key, first);
+    for u in out.iter_mut() {
+        *u = draw_at(c);
+        c = c.wrapping_add(WEYL);
     }
 }
 }
@@ -84,6 +94,7 @@ impl Sparsifier for Random {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::draw;
 
     #[test]
     fn drop_rate_and_independence() {
