@@ -4,7 +4,7 @@
 /// SplitMix64's finalizer: a strong 64-bit mixing function.
 #[inline]
 pub fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = z.wrapping_add(WEYL);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -42,7 +42,8 @@ pub fn below(p: f64) -> u64 {
     }
 }
 
-/// The step between consecutive elements' counters (the golden ratio's Weyl sequence).
+/// The step between consecutive elements' counters (the golden ratio's Weyl sequence, also
+/// SplitMix64's own increment in [`mix64`]).
 pub const WEYL: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// The 53 random bits behind `uniform(key, i)`.
