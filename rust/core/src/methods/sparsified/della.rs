@@ -231,16 +231,16 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn sums_of_four(norm: Rescale, keys: [&[u32]; 4], kept: [&[u32]; 4], s: &mut [f64; 8]) {
         match norm {
-            Rescale::L2 => run::<2>(keys, kept, s),
-            Rescale::Linf => run::<1>(keys, kept, s),
-            _ => run::<0>(keys, kept, s),
+            Rescale::L2 => run::<2>(norm, keys, kept, s),
+            Rescale::Linf => run::<1>(norm, keys, kept, s),
+            _ => run::<0>(norm, keys, kept, s),
         }
     }
 
-    /// `NORM`: 0 sums, 1 maxima, 2 sums of squares (the product rounded, then added: no fused
-    /// multiply-add, as the scalar loop).
+    /// `NORM`, `norm`'s operation: 0 sums, 1 maxima, 2 sums of squares (the product rounded,
+    /// then added: no fused multiply-add, as the scalar loop, which takes the last entries).
     #[target_feature(enable = "avx2")]
-    unsafe fn run<const NORM: u8>(keys: [&[u32]; 4], kept: [&[u32]; 4], s: &mut [f64; 8]) {
+    unsafe fn run<const NORM: u8>(norm: Rescale, keys: [&[u32]; 4], kept: [&[u32]; 4], s: &mut [f64; 8]) {
         let len = keys[0].len();
         let (mut before, mut after) = (_mm256_setr_pd(s[0], s[2], s[4], s[6]), _mm256_setr_pd(s[1], s[3], s[5], s[7]));
         let add = |a: __m256d, x: __m256d| match NORM {
@@ -267,17 +267,7 @@ mod x86 {
         for p in 0..4 {
             (s[2 * p], s[2 * p + 1]) = (b[p], a[p]);
         }
-        super::sums_from(
-            match NORM {
-                2 => Rescale::L2,
-                1 => Rescale::Linf,
-                _ => Rescale::L1,
-            },
-            keys,
-            kept,
-            quads,
-            s,
-        );
+        super::sums_from(norm, keys, kept, quads, s);
     }
 }
 
