@@ -32,6 +32,44 @@ impl Divisor {
     }
 }
 
+/// Eight divisors, one per lane of an AVX-512 vector: [`Divisor::divide`] lane by lane, the
+/// same operations.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct Divisors8 {
+    b: std::arch::x86_64::__m512d,
+    z: std::arch::x86_64::__m512d,
+    l: std::arch::x86_64::__m512d,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Divisors8 {
+    /// The divisors of the lanes of `b`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (the caller's target features enable it).
+    #[inline(always)]
+    pub unsafe fn new(b: std::arch::x86_64::__m512d) -> Divisors8 {
+        use std::arch::x86_64::*;
+        let mut v = [0f64; 8];
+        _mm512_storeu_pd(v.as_mut_ptr(), b);
+        let d = v.map(Divisor::new);
+        let part = |f: fn(&Divisor) -> f64| _mm512_loadu_pd(d.map(|d| f(&d)).as_ptr());
+        Divisors8 { b: part(|d| d.b), z: part(|d| d.z), l: part(|d| d.l) }
+    }
+
+    /// Each lane of `a` divided by its divisor.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and FMA (the caller's target features enable them).
+    #[inline(always)]
+    pub unsafe fn divide(self, a: std::arch::x86_64::__m512d) -> std::arch::x86_64::__m512d {
+        use std::arch::x86_64::*;
+        let q = _mm512_fmadd_pd(a, self.z, _mm512_mul_pd(a, self.l));
+        _mm512_fmadd_pd(_mm512_fnmadd_pd(q, self.b, a), self.z, q)
+    }
+}
+
 /// The least `|a|` and `|a / b|` for which [`Divisor::divide`] is exact: far above the range
 /// where the remainder, about `2^-53·|a|`, would be subnormal and so not exact.
 pub const MIN_DIVIDEND: f64 = 1e-250;

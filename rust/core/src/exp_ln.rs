@@ -1,6 +1,8 @@
 //! `exp` and `ln` of f64, bit for bit as glibc computes them on x86-64 CPUs with AVX2 and FMA
 //! (its `__exp_fma` / `__log_fma`, glibc ≥ 2.28: the algorithms of ARM's optimized-routines,
-//! MIT / Apache-2.0, whose constants are below), and four at a time with AVX2.
+//! MIT / Apache-2.0, whose constants are below), four at a time with AVX2 and eight with
+//! AVX-512 (the same operations per lane; on the Xeon measured, AVX-512 took exp from 1.4 to
+//! 0.9 ns and ln from 1.9 to 1.3 ns per element).
 //!
 //! Why not `f64::exp`: Arcee Fusion takes two `exp` and one `ln` per element and the
 //! log-normalized Fisher one `ln`; as libm calls they were ~40% of those merges' time. Outputs
@@ -184,8 +186,14 @@ fn ln_near1(x: f64) -> f64 {
 pub fn exp_all(v: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
     if wide() {
-        // SAFETY: AVX2 and FMA were just detected.
-        return unsafe { x86::exp_all(v) };
+        // SAFETY: the features each build needs were just detected.
+        return unsafe {
+            if crate::simd::avx512_allowed() {
+                x86_512::exp_all(v)
+            } else {
+                x86::exp_all(v)
+            }
+        };
     }
     v.iter_mut().for_each(|x| *x = exp(*x));
 }
@@ -194,8 +202,14 @@ pub fn exp_all(v: &mut [f64]) {
 pub fn ln_all(v: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
     if wide() {
-        // SAFETY: AVX2 and FMA were just detected.
-        return unsafe { x86::ln_all(v) };
+        // SAFETY: the features each build needs were just detected.
+        return unsafe {
+            if crate::simd::avx512_allowed() {
+                x86_512::ln_all(v)
+            } else {
+                x86::ln_all(v)
+            }
+        };
     }
     v.iter_mut().for_each(|x| *x = ln(*x));
 }
@@ -213,7 +227,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp_all(v: &mut [f64]) {
+    pub(super) unsafe fn exp_all(v: &mut [f64]) {
         let mut quads = v.chunks_exact_mut(4);
         for q in &mut quads {
             let x = _mm256_loadu_pd(q.as_ptr());
@@ -319,6 +333,146 @@ mod x86 {
         let hi = _mm256_fmadd_pd(rhi2, c(0), r);
         let lo = _mm256_fmadd_pd(_mm256_mul_pd(c(0), rlo), _mm256_add_pd(r, rhi), _mm256_fmadd_pd(rhi2, c(0), _mm256_sub_pd(r, hi)));
         _mm256_add_pd(hi, _mm256_fmadd_pd(q, r3, lo))
+    }
+}
+
+/// The same operations on eight lanes (AVX-512F/DQ: twice the lanes per instruction, and
+/// registers enough that the constants stay in them).
+#[cfg(target_arch = "x86_64")]
+pub mod x86_512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn c64(v: u64) -> __m512i {
+        _mm512_set1_epi64(v as i64)
+    }
+
+    #[inline(always)]
+    unsafe fn cf(v: f64) -> __m512d {
+        _mm512_set1_pd(v)
+    }
+
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    pub(super) unsafe fn exp_all(v: &mut [f64]) {
+        let mut octs = v.chunks_exact_mut(8);
+        for q in &mut octs {
+            _mm512_storeu_pd(q.as_mut_ptr(), exp8(_mm512_loadu_pd(q.as_ptr())));
+        }
+        super::x86::exp_all(octs.into_remainder());
+    }
+
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    pub(super) unsafe fn ln_all(v: &mut [f64]) {
+        let mut octs = v.chunks_exact_mut(8);
+        for q in &mut octs {
+            _mm512_storeu_pd(q.as_mut_ptr(), ln8(_mm512_loadu_pd(q.as_ptr())));
+        }
+        super::x86::ln_all(octs.into_remainder());
+    }
+
+    /// `f` of each lane, one at a time: for vectors holding a lane off the common path (rare).
+    #[cold]
+    #[inline(never)]
+    unsafe fn lanes(x: __m512d, f: fn(f64) -> f64) -> __m512d {
+        let mut v = [0f64; 8];
+        _mm512_storeu_pd(v.as_mut_ptr(), x);
+        v.iter_mut().for_each(|x| *x = f(*x));
+        _mm512_loadu_pd(v.as_ptr())
+    }
+
+    /// e^x of each lane.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/DQ and FMA (the caller's target features enable them).
+    #[inline(always)]
+    pub unsafe fn exp8(x: __m512d) -> __m512d {
+        let ix = _mm512_castpd_si512(x);
+        let abstop = _mm512_and_si512(_mm512_srli_epi64::<52>(ix), c64(0x7ff));
+        // abstop − 0x3c9 ≥ 0x3f as unsigned: off the common path.
+        if _mm512_cmpge_epu64_mask(_mm512_sub_epi64(abstop, c64(0x3c9)), c64(0x3f)) != 0 {
+            return lanes(x, exp);
+        }
+        let kd = _mm512_fmadd_pd(x, cf(INVLN2N), cf(SHIFT));
+        let ki = _mm512_castpd_si512(kd);
+        let kd = _mm512_sub_pd(kd, cf(SHIFT));
+        let r = _mm512_fmadd_pd(kd, cf(NEGLN2LON), _mm512_fmadd_pd(kd, cf(NEGLN2HIN), x));
+        let (tail, scale) = pairs(&EXP_TAB, _mm512_and_si512(ki, c64(127)));
+        let sbits = _mm512_add_epi64(_mm512_castpd_si512(scale), _mm512_slli_epi64::<45>(ki));
+        let r2 = _mm512_mul_pd(r, r);
+        let p23 = _mm512_fmadd_pd(r, cf(C3), cf(C2));
+        let p45 = _mm512_fmadd_pd(r, cf(C5), cf(C4));
+        let tmp = _mm512_fmadd_pd(p45, _mm512_mul_pd(r2, r2), _mm512_fmadd_pd(r2, p23, _mm512_add_pd(r, tail)));
+        let scale = _mm512_castsi512_pd(sbits);
+        _mm512_fmadd_pd(scale, tmp, scale)
+    }
+
+    /// ln x of each lane.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/DQ and FMA (the caller's target features enable them).
+    #[inline(always)]
+    pub unsafe fn ln8(x: __m512d) -> __m512d {
+        let ix = _mm512_castpd_si512(x);
+        let top = _mm512_srli_epi64::<48>(ix);
+        if _mm512_cmplt_epi64_mask(top, c64(0x10)) | _mm512_cmpgt_epi64_mask(top, c64(0x7fef)) != 0 {
+            return lanes(x, ln);
+        }
+        // Positive normal numbers from here: their bits compare as signed integers.
+        let near = _mm512_cmpge_epi64_mask(ix, c64(LN_NEAR1_LO)) & _mm512_cmplt_epi64_mask(ix, c64(LN_NEAR1_HI));
+        let y = match near {
+            0 => far(ix),
+            0xff => near1(x),
+            _ => _mm512_mask_blend_pd(near, far(ix), near1(x)),
+        };
+        // ln 1 is +0 whatever the rounding (the polynomial gives +0 too; kept explicit).
+        let one = _mm512_cmpeq_epi64_mask(ix, c64(1f64.to_bits()));
+        _mm512_mask_blend_pd(one, y, _mm512_setzero_pd())
+    }
+
+    /// Entries `2i` and `2i + 1` of `t` for the eight lanes' `i` (< 128).
+    #[inline(always)]
+    unsafe fn pairs(t: &Table, i: __m512i) -> (__m512d, __m512d) {
+        let at = _mm512_slli_epi64::<1>(i);
+        let base = t.0.as_ptr().cast::<f64>();
+        (_mm512_i64gather_pd::<8>(at, base), _mm512_i64gather_pd::<8>(_mm512_add_epi64(at, c64(1)), base))
+    }
+
+    #[inline(always)]
+    unsafe fn far(ix: __m512i) -> __m512d {
+        let tmp = _mm512_sub_epi64(ix, c64(LN_OFF));
+        let (invc, logc) = pairs(&LN_TAB, _mm512_and_si512(_mm512_srli_epi64::<45>(tmp), c64(127)));
+        // k = tmp >> 52 (arithmetic): the exact conversion of a small integer.
+        let kd = _mm512_cvtepi64_pd(_mm512_srai_epi64::<52>(tmp));
+        let z = _mm512_castsi512_pd(_mm512_sub_epi64(ix, _mm512_and_si512(tmp, c64(0xfff << 52))));
+        let r = _mm512_fmadd_pd(z, invc, cf(-1.0));
+        let w = _mm512_fmadd_pd(kd, cf(LN2HI), logc);
+        let hi = _mm512_add_pd(r, w);
+        let lo = _mm512_fmadd_pd(kd, cf(LN2LO), _mm512_add_pd(_mm512_sub_pd(w, hi), r));
+        let r2 = _mm512_mul_pd(r, r);
+        let r3 = _mm512_mul_pd(r, r2);
+        let c = |k: usize| cf(A[k]);
+        let p = _mm512_fmadd_pd(_mm512_fmadd_pd(r, c(4), c(3)), r2, _mm512_fmadd_pd(r, c(2), c(1)));
+        _mm512_add_pd(_mm512_fmadd_pd(r3, p, _mm512_fmadd_pd(r2, c(0), lo)), hi)
+    }
+
+    #[inline(always)]
+    unsafe fn near1(x: __m512d) -> __m512d {
+        let c = |k: usize| cf(B[k]);
+        let r = _mm512_sub_pd(x, cf(1.0));
+        let r2 = _mm512_mul_pd(r, r);
+        let r3 = _mm512_mul_pd(r, r2);
+        let q0 = _mm512_fmadd_pd(r2, c(3), _mm512_fmadd_pd(r, c(2), c(1)));
+        let q1 = _mm512_fmadd_pd(r2, c(6), _mm512_fmadd_pd(r, c(5), c(4)));
+        let q2 = _mm512_fmadd_pd(r3, c(10), _mm512_fmadd_pd(r2, c(9), _mm512_fmadd_pd(r, c(8), c(7))));
+        let q = _mm512_fmadd_pd(_mm512_fmadd_pd(q2, r3, q1), r3, q0);
+        let split = cf(134217728.0);
+        let rhi = _mm512_fnmadd_pd(split, r, _mm512_fmadd_pd(r, split, r));
+        let rlo = _mm512_sub_pd(r, rhi);
+        let rhi2 = _mm512_mul_pd(rhi, rhi);
+        let hi = _mm512_fmadd_pd(rhi2, c(0), r);
+        let lo = _mm512_fmadd_pd(_mm512_mul_pd(c(0), rlo), _mm512_add_pd(r, rhi), _mm512_fmadd_pd(rhi2, c(0), _mm512_sub_pd(r, hi)));
+        _mm512_add_pd(hi, _mm512_fmadd_pd(q, r3, lo))
     }
 }
 
@@ -844,7 +998,6 @@ static LN_TAB: Table = Table([
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simd::baseline_only;
 
     /// Whether `f64::exp`/`f64::ln` are glibc ≥ 2.28's FMA builds here (the C library picks them
     /// on AVX2+FMA CPUs), which this module reproduces bit for bit.
@@ -892,18 +1045,14 @@ mod tests {
         v
     }
 
-    /// Every way of computing `f` over `xs`: scalar and four-wide, each in both builds.
+    /// Every way of computing `f` over `xs`: scalar and a slice at a time, each in every build.
     fn all_paths(xs: &[f64], scalar: fn(f64) -> f64, slice: fn(&mut [f64])) -> Vec<Vec<u64>> {
-        let mut out = Vec::new();
-        for base in [false, true] {
-            baseline_only(base);
-            out.push(xs.iter().map(|&x| scalar(x).to_bits()).collect());
+        crate::simd::each_build(|| {
             let mut v = xs.to_vec();
             slice(&mut v);
-            out.push(v.iter().map(|y| y.to_bits()).collect());
-        }
-        baseline_only(false);
-        out
+            [xs.iter().map(|&x| scalar(x).to_bits()).collect(), v.iter().map(|y| y.to_bits()).collect()]
+        })
+        .concat()
     }
 
     fn check(name: &str, xs: &[f64], scalar: fn(f64) -> f64, slice: fn(&mut [f64]), libm: fn(f64) -> f64) {

@@ -7,11 +7,19 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static BASELINE_ONLY: AtomicBool = AtomicBool::new(false);
+static NO_AVX512: AtomicBool = AtomicBool::new(false);
 
 /// Runs every [`avx2!`] and [`avx512!`] function in its baseline build from now on (`true`)
 /// or lets it pick again: for tests that both builds give the same bits.
 pub fn baseline_only(on: bool) {
     BASELINE_ONLY.store(on, Ordering::Relaxed);
+}
+
+/// Leaves AVX-512 unused from now on (`true`): [`avx512!`] functions run their baseline build
+/// and hand-written AVX-512 loops their AVX2 ones; for tests that every build gives the same
+/// bits on a CPU that has AVX-512.
+pub fn no_avx512(on: bool) {
+    NO_AVX512.store(on, Ordering::Relaxed);
 }
 
 #[doc(hidden)]
@@ -20,10 +28,23 @@ pub fn wide_allowed() -> bool {
     !BASELINE_ONLY.load(Ordering::Relaxed)
 }
 
+/// Whether AVX-512 (F, DQ) code may run: the CPU has it (with AVX2 and FMA) and neither
+/// [`baseline_only`] nor [`no_avx512`] is set.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn avx512_allowed() -> bool {
+    wide_allowed()
+        && !NO_AVX512.load(Ordering::Relaxed)
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// Defines a function whose body also gets a build with the given target features, chosen at
 /// run time where the CPU has them (the shared body of [`avx2!`] and [`avx512!`]).
 macro_rules! wide_build {
-    ($features:literal, [$($detect:tt),+], $(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($features:literal, $allowed:expr, [$($detect:tt),+], $(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
@@ -34,7 +55,7 @@ macro_rules! wide_build {
                 unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if $crate::simd::wide_allowed() $(&& std::arch::is_x86_feature_detected!($detect))+ {
+                if $allowed $(&& std::arch::is_x86_feature_detected!($detect))+ {
                     // SAFETY: the target features `wide` is compiled with were just detected.
                     return unsafe { wide($($arg),*) };
                 }
@@ -50,7 +71,7 @@ pub(crate) use wide_build;
 /// signatures only.
 macro_rules! avx2 {
     ($($item:tt)*) => {
-        $crate::simd::wide_build!("avx2,fma", ["avx2", "fma"], $($item)*);
+        $crate::simd::wide_build!("avx2,fma", $crate::simd::wide_allowed(), ["avx2", "fma"], $($item)*);
     };
 }
 pub(crate) use avx2;
@@ -59,18 +80,33 @@ pub(crate) use avx2;
 /// (the counter-based coins), which only AVX-512DQ vectorizes.
 macro_rules! avx512 {
     ($($item:tt)*) => {
-        $crate::simd::wide_build!("avx2,fma,avx512f,avx512dq,avx512vl", ["avx2", "fma", "avx512f", "avx512dq", "avx512vl"], $($item)*);
+        $crate::simd::wide_build!("avx2,fma,avx512f,avx512dq,avx512vl", $crate::simd::avx512_allowed(), ["avx512vl"], $($item)*);
     };
 }
 pub(crate) use avx512;
+
+/// `f`'s results under each build this CPU can run: the widest, then without AVX-512, then the
+/// baseline (for tests that every build gives the same bits).
+#[cfg(test)]
+pub fn each_build<T>(mut f: impl FnMut() -> T) -> Vec<T> {
+    let mut out = Vec::new();
+    for (no512, base) in [(false, false), (true, false), (true, true)] {
+        no_avx512(no512);
+        baseline_only(base);
+        out.push(f());
+    }
+    no_avx512(false);
+    baseline_only(false);
+    out
+}
 
 #[cfg(test)]
 mod tests {
     use crate::methods::geometric::common::testing::{rand, run};
     use serde_json::json;
 
-    /// The kernels with an AVX2 build give the same bits from either build (on a CPU without
-    /// AVX2 both runs take the baseline one).
+    /// The kernels with wide builds give the same bits from every build (on a CPU without
+    /// AVX2 every run takes the baseline one).
     #[test]
     fn both_builds_give_the_same_bits() {
         let (r, c) = (300, 700);
@@ -85,12 +121,10 @@ mod tests {
             ("della", json!({"density": 0.5, "epsilon": 0.1, "weight": [0.4, 0.4, 0.2], "lambda": 0.9})),
         ];
         for (name, params) in cases {
-            super::baseline_only(false);
-            let wide = run(name, params.clone(), &[r, c], Some(&base), &xs).unwrap();
-            super::baseline_only(true);
-            let plain = run(name, params, &[r, c], Some(&base), &xs).unwrap();
-            super::baseline_only(false);
-            assert!(wide.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}");
+            let outs = super::each_build(|| run(name, params.clone(), &[r, c], Some(&base), &xs).unwrap());
+            for o in &outs[1..] {
+                assert!(o.iter().zip(&outs[0]).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}");
+            }
         }
     }
 }
