@@ -360,7 +360,14 @@ fn in_buckets(c: &[u32], want: [u32; 3]) -> Vec<u32> {
         // SAFETY: AVX-512F was just detected.
         return unsafe { x86::in_buckets(c, want) };
     }
-    c.iter().copied().filter(|&k| want.contains(&(k >> BITS))).collect()
+    let mut out = Vec::new();
+    in_buckets_into(c, want, &mut out);
+    out
+}
+
+/// [`in_buckets`] key by key, appended to `out`.
+fn in_buckets_into(c: &[u32], want: [u32; 3], out: &mut Vec<u32>) {
+    out.extend(c.iter().copied().filter(|&k| want.contains(&(k >> BITS))));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -385,7 +392,7 @@ mod x86 {
         }
         // SAFETY: the first `n` entries were written, and n ≤ c.len() = the capacity.
         out.set_len(n);
-        out.extend(sixteens.remainder().iter().copied().filter(|&k| want.contains(&(k >> BITS))));
+        super::in_buckets_into(sixteens.remainder(), want, &mut out);
         out
     }
 }
