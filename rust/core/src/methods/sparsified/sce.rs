@@ -65,12 +65,99 @@ fn selected_task_vectors(mode: u8, words: &[f64], first: usize, base: &[f32], in
 /// The descending key of a zero variance.
 const ZERO_VAR: u32 = !0u32;
 
-avx2! {
 /// Descending keys of the population variance across models of `τ_i[j]` (in f64, rounded
-/// to f32), computed over blocks of the chunk so the loops vectorize: each model's deltas once
+/// to f32): `v` is the base then the models, `out` one key per element.
+fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512_allowed() {
+        // SAFETY: AVX-512F/DQ, AVX2 and FMA were just detected.
+        let done = unsafe { x86_512::var_keys_desc(v, out) };
+        let rest: Vec<&[f32]> = v.iter().map(|x| &x[done..]).collect();
+        return var_keys_by_block(&rest, &mut out[done..]);
+    }
+    var_keys_by_block(v, out)
+}
+
+/// [`var_keys_desc`] eight elements at a time, each element's deltas, mean and squared
+/// deviations in registers (the same operations per lane as [`var_keys_by_block`], which
+/// made a pass over a block's buffers per model and step: loads and stores were most of its
+/// time). Returns how many keys it wrote (a multiple of eight).
+#[cfg(target_arch = "x86_64")]
+mod x86_512 {
+    use crate::divisor::Divisors8;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    pub unsafe fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) -> usize {
+        let n = v.len() - 1;
+        let len = out.len() / 8 * 8;
+        assert!(n >= 1 && v.iter().all(|x| x.len() >= len));
+        let inv = n.is_power_of_two().then(|| _mm512_set1_pd(1.0 / n as f64));
+        let by = Divisors8::new(_mm512_set1_pd(n as f64));
+        let zero = _mm512_setzero_pd();
+        for j in (0..len).step_by(8) {
+            let b = _mm256_loadu_ps(v[0].as_ptr().add(j));
+            let delta = |x: &[f32]| _mm512_cvtps_pd(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(j)), b));
+            let per_model = |x: __m512d| match inv {
+                Some(inv) => _mm512_mul_pd(x, inv),
+                None => by.divide(x),
+            };
+            let mean = per_model(v[2..].iter().fold(_mm512_add_pd(zero, delta(v[1])), |m, x| _mm512_add_pd(m, delta(x))));
+            let sq = |x: &[f32]| {
+                let d = _mm512_sub_pd(delta(x), mean);
+                _mm512_mul_pd(d, d)
+            };
+            let ss = per_model(v[2..].iter().fold(_mm512_add_pd(zero, sq(v[1])), |s, x| _mm512_add_pd(s, sq(x))));
+            let key = _mm256_xor_si256(_mm256_castps_si256(_mm512_cvtpd_ps(ss)), _mm256_set1_epi32(-1));
+            _mm256_storeu_si256(out.as_mut_ptr().add(j).cast(), key);
+        }
+        len
+    }
+
+    /// [`super::erase`] sixteen elements at a time, every step in registers (the selected task
+    /// vectors taken again from the inputs for each sum instead of stored: loads from L1 are
+    /// cheaper than the stores and loads of a buffer); the same operations per element.
+    /// Returns how many elements it wrote (whole words of 32).
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    pub unsafe fn erase(stats: &[f64], first: usize, base: &[f32], inputs: &[&[f32]], out: &mut [f32]) -> usize {
+        use super::{Mode, HEAD};
+        let n = inputs.len();
+        let len = out.len() / 32 * 32;
+        assert!(base.len() >= len && inputs.iter().all(|x| x.len() >= len) && first.is_multiple_of(32));
+        let (mode, weights, words) = (stats[0] as u8, &stats[HEAD..HEAD + n], &stats[HEAD + n..]);
+        if mode == Mode::Drop as u8 {
+            // No task vector survives: every sum is +0.0, as in the tile loop.
+            return 0;
+        }
+        let partial = mode == Mode::Partial as u8;
+        let (zero, one, floor) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0), _mm512_set1_ps(1e-6));
+        let w: Vec<__m512> = weights.iter().map(|&w| _mm512_set1_ps(w as f32)).collect();
+        for j in (0..len).step_by(16) {
+            let b = _mm512_loadu_ps(base.as_ptr().add(j));
+            // This half word's keep bits (the same for every model: one selection).
+            let k = (first + j) / 32;
+            let keep = if partial { (words[k / 2].to_bits() >> (32 * (k % 2) + (j % 32))) as u16 } else { !0 };
+            let tv = |x: &[f32]| _mm512_maskz_sub_ps(keep, _mm512_loadu_ps(x.as_ptr().add(j)), b);
+            let sum = inputs.iter().fold(zero, |s, x| _mm512_add_ps(s, tv(x)));
+            let maj = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(sum, zero), _mm512_set1_ps(-1.0), one);
+            let (mut num, mut den) = (zero, zero);
+            for (x, &w) in inputs.iter().zip(&w) {
+                let x = tv(x);
+                let agree = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_mul_ps(x, maj), zero);
+                num = _mm512_add_ps(num, _mm512_maskz_mul_ps(agree, x, w));
+                den = _mm512_add_ps(den, _mm512_maskz_mov_ps(agree, w));
+            }
+            _mm512_storeu_ps(out.as_mut_ptr().add(j), _mm512_add_ps(b, _mm512_div_ps(num, _mm512_max_ps(den, floor))));
+        }
+        len
+    }
+}
+
+avx2! {
+/// [`var_keys_desc`] over blocks of the chunk so the loops vectorize: each model's deltas once
 /// per block, then the mean and the squared deviations model by model, each sum started from
 /// +0.0 as before (`0.0 + x`, not a zeroed buffer: no fill per block).
-fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
+fn var_keys_by_block(v: &[&[f32]], out: &mut [u32]) {
     const B: usize = 1024;
     let n = (v.len() - 1) as f64;
     // Dividing by a power of two is multiplying by its exact reciprocal (the same real
@@ -256,6 +343,14 @@ impl Method for Sce {
     fn apply(&self, ctx: &Ctx, base: Option<&[f32]>, inputs: &[&[f32]], stats: &[f64], out: &mut [f32]) -> Result<()> {
         let base = base.expect("arity checked at build");
         let first = chunk_of(ctx)? * CHUNK;
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx512_allowed() {
+            // SAFETY: AVX-512F/DQ, AVX2 and FMA were just detected.
+            let done = unsafe { x86_512::erase(stats, first, base, inputs, out) };
+            let rest: Vec<&[f32]> = inputs.iter().map(|x| &x[done..]).collect();
+            with_work((inputs.len() + 3) * TILE, |w| erase(stats, first + done, &base[done..], &rest, &mut out[done..], w));
+            return Ok(());
+        }
         with_work((inputs.len() + 3) * TILE, |w| erase(stats, first, base, inputs, out, w));
         Ok(())
     }
@@ -320,24 +415,40 @@ mod tests {
         }
     }
 
-    /// The variance keys of three models (a count that is not a power of two, divided by
-    /// multiplications) are the formula's with divisions, for tied, zero and tiny deltas.
+    /// The variance keys of one to five models (three and five divided by multiplications) are
+    /// the formula's with divisions, for tied, zero and tiny deltas, in every build (a ragged
+    /// last block of eight).
     #[test]
-    fn variance_keys_of_three_models_are_the_divisions() {
+    fn variance_keys_are_the_divisions() {
         use crate::methods::geometric::common::testing::rand;
-        let n = 5000;
+        let n = 5003;
         let base = rand(n, 1);
         let scale = |j: usize| [0.01f32, 1e-20, 0.0, 3.0][j % 4];
-        let models: Vec<Vec<f32>> = (2..5).map(|k| base.iter().zip(rand(n, k)).enumerate().map(|(j, (&b, d))| b + d * scale(j)).collect()).collect();
-        let mut v: Vec<&[f32]> = vec![&base];
-        v.extend(models.iter().map(|m| m.as_slice()));
-        let mut got = vec![0u32; n];
-        var_keys_desc(&v, &mut got);
-        for j in 0..n {
-            let d: Vec<f64> = models.iter().map(|m| (m[j] - base[j]) as f64).collect();
-            let mean = (0.0 + d[0] + d[1] + d[2]) / 3.0;
-            let ss = (0.0 + (d[0] - mean) * (d[0] - mean) + (d[1] - mean) * (d[1] - mean) + (d[2] - mean) * (d[2] - mean)) / 3.0;
-            assert_eq!(got[j], !(ss as f32).to_bits(), "element {j}");
+        for models in 1..=5 {
+            let xs: Vec<Vec<f32>> =
+                (0..models).map(|k| base.iter().zip(rand(n, k as u64 + 2)).enumerate().map(|(j, (&b, d))| b + d * scale(j + k)).collect()).collect();
+            let mut v: Vec<&[f32]> = vec![&base];
+            v.extend(xs.iter().map(|m| m.as_slice()));
+            let want: Vec<u32> = (0..n)
+                .map(|j| {
+                    let d: Vec<f64> = xs.iter().map(|m| (m[j] - base[j]) as f64).collect();
+                    let mean = d.iter().fold(0.0, |a, &x| a + x) / models as f64;
+                    let ss = d.iter().fold(0.0, |a, &x| a + (x - mean) * (x - mean)) / models as f64;
+                    !(ss as f32).to_bits()
+                })
+                .collect();
+            for (b, got) in crate::simd::each_build(|| {
+                let mut got = vec![0u32; n];
+                var_keys_desc(&v, &mut got);
+                got
+            })
+            .iter()
+            .enumerate()
+            {
+                for j in 0..n {
+                    assert_eq!(got[j], want[j], "{models} models, build {b}, element {j}");
+                }
+            }
         }
     }
 

@@ -332,11 +332,21 @@ impl Window {
     }
 }
 
-crate::simd::avx2! {
-/// The bits of `rule`'s decisions on `keys` (bit `j % 32` of word `j / 32`), each word built
-/// in a register (setting bits one by one in memory made every decision wait for the
-/// previous one's store).
+/// The bits of `rule`'s decisions on `keys` (bit `j % 32` of word `j / 32`).
 fn rule_words(rule: ChunkRule, keys: &[u32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512_allowed() {
+        // SAFETY: AVX-512F was just detected.
+        let done = unsafe { x86_512::rule_words(rule, keys, out) };
+        return rule_words_by_key(rule, &keys[done * 32..], &mut out[done..]);
+    }
+    rule_words_by_key(rule, keys, out)
+}
+
+crate::simd::avx2! {
+/// [`rule_words`] key by key, each word built in a register (setting bits one by one in
+/// memory made every decision wait for the previous one's store).
+fn rule_words_by_key(rule: ChunkRule, keys: &[u32], out: &mut [u32]) {
     for (w, ks) in out.iter_mut().zip(keys.chunks(32)) {
         *w = ks.iter().zip(0..32).fold(0u32, |w, (&k, b)| w | (u32::from(rule.kept(k)) << b));
     }
@@ -437,10 +447,21 @@ pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], desc: boo
     }
 }
 
-crate::simd::avx2! {
-/// `x − base` into `out`, zeroed where `rule` drops its key. Every entry is stored computed
-/// (masking in place, the AVX2 build stored the zeros with masked stores, slow on AMD's CPUs).
+/// `x − base` into `out`, zeroed where `rule` drops its key.
 fn masked_delta_by_rule(rule: ChunkRule, desc: bool, x: &[f32], base: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512_allowed() {
+        // SAFETY: AVX-512F was just detected.
+        let done = unsafe { x86_512::masked_delta_by_rule(rule, key_flip(desc), x, base, out) };
+        return masked_delta_by_key(rule, desc, &x[done..], &base[done..], &mut out[done..]);
+    }
+    masked_delta_by_key(rule, desc, x, base, out)
+}
+
+crate::simd::avx2! {
+/// [`masked_delta_by_rule`] entry by entry. Every entry is stored computed (masking in place,
+/// the AVX2 build stored the zeros with masked stores, slow on AMD's CPUs).
+fn masked_delta_by_key(rule: ChunkRule, desc: bool, x: &[f32], base: &[f32], out: &mut [f32]) {
     let flip = key_flip(desc);
     for (o, (&x, &b)) in out.iter_mut().zip(x.iter().zip(base)) {
         let d = x - b;
@@ -523,11 +544,23 @@ pub mod bits {
         }
     }
 
-    crate::simd::avx2! {
     /// `x − base` into `out` with the entries whose bit is clear zeroed (elements `first..`,
-    /// `first` a multiple of 32): [`super::delta_into`] then [`mask`] in one pass. (Masking in
-    /// place, the AVX2 build stores the zeros with masked stores, slow on AMD's CPUs.)
+    /// `first` a multiple of 32): [`super::delta_into`] then [`mask`] in one pass.
     pub fn masked_delta(words: &[f64], first: usize, x: &[f32], base: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx512_allowed() {
+            let n = out.len() / 32 * 32;
+            // SAFETY: AVX-512F was just detected.
+            unsafe { super::x86_512::masked_delta(words_from(words, first / 32), &x[..n], &base[..n], &mut out[..n]) };
+            return masked_delta_by_word(words, first + n, &x[n..], &base[n..], &mut out[n..]);
+        }
+        masked_delta_by_word(words, first, x, base, out)
+    }
+
+    crate::simd::avx2! {
+    /// [`masked_delta`] entry by entry. (Masking in place, the AVX2 build stores the zeros with
+    /// masked stores, slow on AMD's CPUs.)
+    fn masked_delta_by_word(words: &[f64], first: usize, x: &[f32], base: &[f32], out: &mut [f32]) {
         debug_assert!(first.is_multiple_of(32));
         // Bit `j` of the word moved to the sign and spread over the lane: a shift per lane by
         // its own count, eight lanes at a time in the AVX2 build.
@@ -545,6 +578,67 @@ pub mod bits {
             }
         }
     }
+    }
+}
+
+/// The selection's masking sixteen entries at a time: the decisions as a mask register, the
+/// dropped entries zeroed by the masked operation itself (the same bits: a kept entry is the
+/// same subtraction, a dropped one +0.0).
+#[cfg(target_arch = "x86_64")]
+mod x86_512 {
+    use super::ChunkRule;
+    use std::arch::x86_64::*;
+
+    /// `rule`'s decisions on sixteen keys.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kept(rule: &ChunkRule, k: __m512i) -> __mmask16 {
+        let (a, b) = (_mm512_set1_epi32(rule.a as i32), _mm512_set1_epi32(rule.b as i32));
+        let all = |keep: bool| if keep { 0xffff } else { 0 };
+        _mm512_mask_cmplt_epu32_mask(_mm512_cmpgt_epu32_mask(k, a), k, b)
+            | (_mm512_cmpeq_epi32_mask(k, a) & all(rule.keep_a))
+            | (_mm512_cmpeq_epi32_mask(k, b) & all(rule.keep_b))
+    }
+
+    /// [`super::rule_words`] for the whole words of `keys`; returns how many it wrote.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rule_words(rule: ChunkRule, keys: &[u32], out: &mut [u32]) -> usize {
+        let whole = (keys.len() / 32).min(out.len());
+        for (w, ks) in out[..whole].iter_mut().zip(keys.chunks_exact(32)) {
+            let lo = kept(&rule, _mm512_loadu_si512(ks.as_ptr().cast()));
+            let hi = kept(&rule, _mm512_loadu_si512(ks.as_ptr().add(16).cast()));
+            *w = u32::from(lo) | u32::from(hi) << 16;
+        }
+        whole
+    }
+
+    /// [`super::masked_delta_by_rule`] sixteen entries at a time (`flip` XORed into each
+    /// magnitude key); returns how many entries it wrote.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn masked_delta_by_rule(rule: ChunkRule, flip: u32, x: &[f32], base: &[f32], out: &mut [f32]) -> usize {
+        let n = out.len().min(x.len()).min(base.len()) / 16 * 16;
+        let (abs, flip) = (_mm512_set1_epi32(i32::MAX), _mm512_set1_epi32(flip as i32));
+        for i in (0..n).step_by(16) {
+            let d = _mm512_sub_ps(_mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(base.as_ptr().add(i)));
+            let key = _mm512_xor_si512(_mm512_and_si512(_mm512_castps_si512(d), abs), flip);
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_maskz_mov_ps(kept(&rule, key), d));
+        }
+        n
+    }
+
+    /// [`super::bits::masked_delta`] for the whole words of `out` (32 entries each; `words` from
+    /// its first).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn masked_delta(words: impl Iterator<Item = u32>, x: &[f32], base: &[f32], out: &mut [f32]) {
+        let whole = out.len() / 32;
+        assert!(x.len() >= whole * 32 && base.len() >= whole * 32);
+        for (k, w) in words.take(whole).enumerate() {
+            for h in [0, 16] {
+                let i = 32 * k + h;
+                let d = _mm512_maskz_sub_ps((w >> h) as u16, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(base.as_ptr().add(i)));
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), d);
+            }
+        }
     }
 }
 
@@ -629,14 +723,19 @@ pub(crate) mod tests {
         let w = Window::find(&io, &[0], lo, hi, &kf).unwrap();
         let mut packed = vec![];
         w.pack(&mut packed);
-        let mut kept = vec![];
-        for (c, ch) in vals.chunks(CHUNK).enumerate() {
-            let keys: Vec<u32> = ch.iter().map(|&x| key(x)).collect();
-            let mut words = vec![u32::MAX; keys.len().div_ceil(32)];
-            Window::decide_words(&packed, c, &keys, &mut words);
-            kept.extend((0..keys.len()).map(|j| (words[j / 32] >> (j % 32)) & 1 == 1));
-        }
-        kept
+        // Every build decides the same.
+        let builds = crate::simd::each_build(|| {
+            let mut kept = vec![];
+            for (c, ch) in vals.chunks(CHUNK).enumerate() {
+                let keys: Vec<u32> = ch.iter().map(|&x| key(x)).collect();
+                let mut words = vec![u32::MAX; keys.len().div_ceil(32)];
+                Window::decide_words(&packed, c, &keys, &mut words);
+                kept.extend((0..keys.len()).map(|j| (words[j / 32] >> (j % 32)) & 1 == 1));
+            }
+            kept
+        });
+        assert!(builds.iter().all(|b| *b == builds[0]));
+        builds.into_iter().next().expect("a build")
     }
 
     /// Reference: stable sort by key, keep ranks [lo, hi).
@@ -703,19 +802,20 @@ pub(crate) mod tests {
                     let want = if keep(first + j) { vals[first + j] } else { 0.0 };
                     assert_eq!(x.to_bits(), want.to_bits(), "element {}", first + j);
                 }
-                // The fused delta and mask, from both builds, for whole words and a partial last one.
-                for wide in [true, false] {
-                    crate::simd::baseline_only(!wide);
-                    for len in [n - first, 64, 37] {
-                        let r = first..first + len;
+                // The fused delta and mask, from every build, for whole words and a partial last one.
+                for len in [n - first, 64, 37, 16, 5] {
+                    let r = first..first + len;
+                    let mut want = vec![0f32; len];
+                    delta_into(&vals[r.clone()], &base[r.clone()], &mut want);
+                    bits::mask(&words, first, &mut want);
+                    let builds = crate::simd::each_build(|| {
                         let mut got = vec![f32::NAN; len];
                         bits::masked_delta(&words, first, &vals[r.clone()], &base[r.clone()], &mut got);
-                        let mut want = vec![0f32; len];
-                        delta_into(&vals[r.clone()], &base[r], &mut want);
-                        bits::mask(&words, first, &mut want);
-                        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "n {n}, from {first}, {len} elements, wide {wide}");
+                        got
+                    });
+                    for (b, got) in builds.iter().enumerate() {
+                        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "n {n}, from {first}, {len} elements, build {b}");
                     }
-                    crate::simd::baseline_only(false);
                 }
             }
         }
@@ -786,11 +886,16 @@ pub(crate) mod tests {
                         Some(_) => whole += 1,
                         None => ranked += 1,
                     }
-                    let mut got = vec![f32::NAN; xc.len()];
-                    masked_delta_by_window(&packed, c, xc, bc, &mut got, desc);
-                    for (j, (&got, &dv)) in got.iter().zip(dc).enumerate() {
-                        let g = c * CHUNK + j;
-                        assert_eq!(got.to_bits(), if want[g] { dv } else { 0.0 }.to_bits(), "desc {desc} lo {lo} hi {hi} at {g}");
+                    let builds = crate::simd::each_build(|| {
+                        let mut got = vec![f32::NAN; xc.len()];
+                        masked_delta_by_window(&packed, c, xc, bc, &mut got, desc);
+                        got
+                    });
+                    for (b, got) in builds.iter().enumerate() {
+                        for (j, (&got, &dv)) in got.iter().zip(dc).enumerate() {
+                            let g = c * CHUNK + j;
+                            assert_eq!(got.to_bits(), if want[g] { dv } else { 0.0 }.to_bits(), "build {b} desc {desc} lo {lo} hi {hi} at {g}");
+                        }
                     }
                 }
             }
