@@ -384,11 +384,89 @@ fn merge_chunk(g: &Gta, ctx: &Ctx, chunk: usize, base: &[f32], inputs: &[&[f32]]
     let (n, len) = (inputs.len(), out.len());
     g.sparsified_deltas(ctx, chunk, base, inputs, stats, d);
     let mut ds: Vec<&mut [f32]> = d.chunks_mut(len.max(1)).take(n).collect();
+    #[cfg(target_arch = "x86_64")]
+    let done = if crate::simd::avx512_allowed() {
+        // SAFETY: AVX-512F was just detected.
+        unsafe { x86_512::combine(g, stats, &ds, base, out) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     // The rest is elementwise: tile by tile, so its passes stay in L1 (the same operations
     // per element as whole-chunk passes).
-    for t in (0..len).step_by(TILE) {
+    for t in (done..len).step_by(TILE) {
         let r = t..(t + TILE).min(len);
         g.combine_tile(stats, &mut ds, r.clone(), &base[r.clone()], &mut out[r]);
     }
 }
+}
+
+/// [`Gta::combine_tile`] sixteen elements at a time, every step in registers (a pass over the
+/// tile's buffers per model and step before); the same operations per element.
+#[cfg(target_arch = "x86_64")]
+mod x86_512 {
+    use super::{Consensus, Gta, Mode, HEAD};
+    use std::arch::x86_64::*;
+
+    /// The combined deltas `ds` (sparsified, rescaled; one slice per model) plus `base` into
+    /// `out`, for the whole sixteens of `out`; returns how many elements it wrote.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub unsafe fn combine(g: &Gta, stats: &[f64], ds: &[&mut [f32]], base: &[f32], out: &mut [f32]) -> usize {
+        let len = out.len() / 16 * 16;
+        assert!(base.len() >= len && ds.iter().all(|d| d.len() >= len));
+        let zero = _mm512_setzero_ps();
+        // Each model's weight, None for a dropped model (its zeros are not weighted: 0·w could
+        // be −0).
+        let w: Vec<Option<__m512>> =
+            (0..ds.len()).map(|i| (stats[HEAD * i] as u8 != Mode::Drop as u8).then(|| _mm512_set1_ps(g.weights[i]))).collect();
+        let mean_w: Vec<__m512> = (0..ds.len()).map(|i| _mm512_set1_ps(if g.count_mean { 1.0 } else { g.weights[i] })).collect();
+        let (one, minus) = (_mm512_set1_ps(1.0), _mm512_set1_ps(-1.0));
+        let (lambda, divisor) = (_mm512_set1_ps(g.lambda), _mm512_set1_ps(g.linear_divisor));
+        for j in (0..len).step_by(16) {
+            let d = |i: usize| {
+                let x = _mm512_loadu_ps(ds[i].as_ptr().add(j));
+                match w[i] {
+                    Some(w) => _mm512_mul_ps(x, w),
+                    None => x,
+                }
+            };
+            let mut o = match g.consensus {
+                Some(c) => {
+                    let sign = |v: __m512| {
+                        let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, zero);
+                        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, zero);
+                        _mm512_mask_mov_ps(_mm512_maskz_mov_ps(pos, one), neg, minus)
+                    };
+                    let maj = (0..ds.len()).fold(zero, |s, i| _mm512_add_ps(s, if c == Consensus::Count { sign(d(i)) } else { d(i) }));
+                    let maj = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(maj, zero), minus, one);
+                    let (mut o, mut q) = (zero, zero);
+                    for (i, &wi) in mean_w.iter().enumerate() {
+                        let x = d(i);
+                        let agree = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_mul_ps(x, maj), zero);
+                        o = _mm512_add_ps(o, _mm512_maskz_mov_ps(agree, x));
+                        q = _mm512_add_ps(q, _mm512_maskz_mov_ps(agree, wi));
+                    }
+                    if g.normalize {
+                        let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(q, zero);
+                        o = _mm512_div_ps(o, _mm512_mask_mov_ps(q, none, one));
+                    }
+                    o
+                }
+                None => {
+                    let o = (1..ds.len()).fold(d(0), |s, i| _mm512_add_ps(s, d(i)));
+                    if g.normalize {
+                        _mm512_div_ps(o, divisor)
+                    } else {
+                        o
+                    }
+                }
+            };
+            if g.lambda != 1.0 {
+                o = _mm512_mul_ps(o, lambda);
+            }
+            _mm512_storeu_ps(out.as_mut_ptr().add(j), _mm512_add_ps(o, _mm512_loadu_ps(base.as_ptr().add(j))));
+        }
+        len
+    }
 }
