@@ -335,6 +335,61 @@ fn rank(keys: &[u32], j: usize) -> usize {
 }
 }
 
+/// The row's draws (`draw(key, first + j)`) into `us`, and per word of 32 the bits of those
+/// below `lo` into `keep` and of those in `lo..hi` into `band`.
+fn draws_split(key: u64, first: u64, (lo, hi): (u64, u64), us: &mut [u64], keep: &mut [u32], band: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512_allowed() {
+        // SAFETY: AVX-512F/DQ were just detected.
+        let words = unsafe { x86_512::draws_split(key, first, (lo, hi), us, keep, band) };
+        let done = 32 * words;
+        draws(key, first + done as u64, &mut us[done..]);
+        return split_draws(&us[done..], lo, hi, &mut keep[words..], &mut band[words..]);
+    }
+    draws(key, first, us);
+    split_draws(us, lo, hi, keep, band);
+}
+
+/// [`draws_split`] eight draws at a time, the comparisons as mask registers and the words
+/// built from them (the draws were stored, then loaded and compared in a loop of their own,
+/// each bit shifted into place).
+#[cfg(target_arch = "x86_64")]
+mod x86_512 {
+    use crate::rng::WEYL;
+    use std::arch::x86_64::*;
+
+    /// [`super::draws_split`] for the whole words of `us`; returns how many words it wrote.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub unsafe fn draws_split(key: u64, first: u64, (lo, hi): (u64, u64), us: &mut [u64], keep: &mut [u32], band: &mut [u32]) -> usize {
+        let words = (us.len() / 32).min(keep.len()).min(band.len());
+        let set = |x: u64| _mm512_set1_epi64(x as i64);
+        // `crate::rng::draw_at` lane by lane: the same integer operations.
+        let mix = |c: __m512i| {
+            let mut z = _mm512_add_epi64(c, set(WEYL));
+            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<30>(z)), set(0xBF58_476D_1CE4_E5B9));
+            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<27>(z)), set(0x94D0_49BB_1331_11EB));
+            _mm512_srli_epi64::<11>(_mm512_xor_si512(z, _mm512_srli_epi64::<31>(z)))
+        };
+        let c0 = crate::rng::counter(key, first);
+        let mut c = _mm512_add_epi64(set(c0), _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), set(WEYL)));
+        let (step, lo, hi) = (set(WEYL.wrapping_mul(8)), set(lo), set(hi));
+        for w in 0..words {
+            let (mut k, mut b) = (0u32, 0u32);
+            for q in 0..4 {
+                let u = mix(c);
+                c = _mm512_add_epi64(c, step);
+                _mm512_storeu_si512(us.as_mut_ptr().add(32 * w + 8 * q).cast(), u);
+                let below = _mm512_cmplt_epu64_mask(u, lo);
+                k |= u32::from(below) << (8 * q);
+                b |= u32::from(_mm512_mask_cmplt_epu64_mask(!below, u, hi)) << (8 * q);
+            }
+            keep[w] = k;
+            band[w] = b;
+        }
+        words
+    }
+}
+
 avx512! {
 /// Per word of 32 draws, the bits of those below `lo` into `keep` and of those in `lo..hi` into
 /// `band` (branch-free: the comparisons vectorize).
@@ -427,10 +482,9 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
     sc.exact.resize(m.max(sc.exact.len()), 0);
     sc.draws.resize(m, 0);
     sc.band.resize(out.len(), 0);
-    draws(key, first, &mut sc.draws);
     // Draws below the lowest threshold keep their entry and those not below the highest drop
     // it, whatever the rank (four in five, at ε = 0.1); the rest are decided by their bucket.
-    split_draws(&sc.draws, t[0], t[m - 1], out, &mut sc.band);
+    draws_split(key, first, (t[0], t[m - 1]), &mut sc.draws, out, &mut sc.band);
     // Slices and the word in locals: through `sc` and `out`, each entry reloaded them.
     let (exact, us, t, mut n) = (&mut sc.exact[..m], &sc.draws[..m], &t[..m], 0);
     for ((w, &band), j0) in out.iter_mut().zip(&sc.band).zip((0usize..).step_by(32)) {
