@@ -114,6 +114,83 @@ mod x86_512 {
         len
     }
 
+    /// Every chunk's and model's `Σ τ²` over its selected task vector (as
+    /// [`super::selected_task_vectors`] then [`super::sums_of_squares`]: each sum in element
+    /// order from +0.0, the square rounded before it is added), chunk by chunk and model by
+    /// model: eight sums (chunk, model) side by side in one vector, eight consecutive elements
+    /// of each squared where they lie and transposed (8×8), then added in element order.
+    /// `words`: each chunk's packed keep bits (`Partial`).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn masked_sums_of_squares(mode: u8, chunks: &[crate::kernel::ChunkView], words: &[Vec<f64>]) -> Vec<f64> {
+        use super::Mode;
+        let n = chunks[0].2.len() - 1;
+        let lanes: Vec<(usize, usize)> = (0..chunks.len()).flat_map(|c| (0..n).map(move |i| (c, i))).collect();
+        assert!(lanes.len() <= 8);
+        if mode == Mode::Drop as u8 {
+            return vec![0.0; lanes.len()];
+        }
+        let partial = mode == Mode::Partial as u8;
+        // Keep bits `j..j + 8` of chunk `c` (`j` a multiple of eight).
+        let bits = |c: usize, j: usize| -> u8 {
+            if !partial {
+                return !0;
+            }
+            let k = j / 32;
+            (words[c][k / 2].to_bits() >> (32 * (k % 2) + j % 32)) as u8
+        };
+        let common = chunks.iter().map(|(_, r, _)| r.len()).min().unwrap_or(0) / 8 * 8;
+        let mut acc = _mm512_setzero_pd();
+        let mut sq = [_mm512_setzero_pd(); 8];
+        for j in (0..common).step_by(8) {
+            for (l, &(c, i)) in lanes.iter().enumerate() {
+                let v = &chunks[c].2;
+                let d = _mm256_sub_ps(_mm256_loadu_ps(v[1 + i].as_ptr().add(j)), _mm256_loadu_ps(v[0].as_ptr().add(j)));
+                let d = _mm512_maskz_mov_pd(bits(c, j), _mm512_cvtps_pd(d));
+                sq[l] = _mm512_mul_pd(d, d);
+            }
+            // Rows (lane) × columns (element) to rows (element) × columns (lane).
+            let t: [__m512d; 8] = std::array::from_fn(|k| {
+                let (a, b) = (sq[k & !1], sq[k | 1]);
+                if k % 2 == 0 {
+                    _mm512_unpacklo_pd(a, b)
+                } else {
+                    _mm512_unpackhi_pd(a, b)
+                }
+            });
+            // t[0]: lanes 0,1 at elements 0,2,4,6; t[1]: at 1,3,5,7; t[2], t[3]: lanes 2,3 ...
+            let u = |a: __m512d, b: __m512d, odd: bool| if odd { _mm512_shuffle_f64x2::<0xDD>(a, b) } else { _mm512_shuffle_f64x2::<0x88>(a, b) };
+            // u(t0, t2): lanes 0-3 at elements 0 and 4; odd: at 2 and 6.
+            let (u0, u1, u2, u3) = (u(t[0], t[2], false), u(t[0], t[2], true), u(t[1], t[3], false), u(t[1], t[3], true));
+            let (u4, u5, u6, u7) = (u(t[4], t[6], false), u(t[4], t[6], true), u(t[5], t[7], false), u(t[5], t[7], true));
+            // Elements 0..8 in order: (u0, u4) even, (u2, u6) even, (u1, u5) even, (u3, u7)
+            // even, then the odd halves of the same pairs.
+            for e in [
+                u(u0, u4, false),
+                u(u2, u6, false),
+                u(u1, u5, false),
+                u(u3, u7, false),
+                u(u0, u4, true),
+                u(u2, u6, true),
+                u(u1, u5, true),
+                u(u3, u7, true),
+            ] {
+                acc = _mm512_add_pd(acc, e);
+            }
+        }
+        let mut sums = [0f64; 8];
+        _mm512_storeu_pd(sums.as_mut_ptr(), acc);
+        // Each lane's last entries one by one.
+        for (l, &(c, i)) in lanes.iter().enumerate() {
+            let (r, v) = (&chunks[c].1, &chunks[c].2);
+            for j in common..r.len() {
+                let kept = !partial || (words[c][j / 64].to_bits() >> (j % 64)) & 1 == 1;
+                let d = if kept { v[1 + i][j] - v[0][j] } else { 0.0 };
+                sums[l] += (d as f64) * (d as f64);
+            }
+        }
+        sums[..lanes.len()].to_vec()
+    }
+
     /// [`super::erase`] sixteen elements at a time, every step in registers (the selected task
     /// vectors taken again from the inputs for each sum instead of stored: loads from L1 are
     /// cheaper than the stores and loads of a buffer); the same operations per element.
@@ -225,6 +302,15 @@ fn sums_of_squares(lanes: &[&[f32]]) -> Vec<f64> {
     out
 }
 
+/// Whether the selected task vectors' sums of squares run eight chains per vector: AVX-512,
+/// and at most eight models.
+fn sums8_allowed(models: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return models <= 8 && crate::simd::avx512_allowed();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 const HEAD: usize = 1; // mode, then n weights, then the keep bits of a partial selection
 
 /// Tensors of up to this many elements keep their variance keys (4 bytes each: 256 MiB at
@@ -288,8 +374,10 @@ impl Method for Sce {
         // decided once here, from the stored keys or the chunk's computed again, and kept as
         // bits for `apply`.
         // Two chunks at a time: each model's sum per chunk is a chain of additions in element
-        // order; the two chunks' chains advance in one loop.
-        let parts = par_chunk_groups(io, &slots, 2, |chunks| {
+        // order; the two chunks' chains advance in one loop. With AVX-512, eight chains (as
+        // many chunks as fit eight with every model) advance in one vector.
+        let wide = sums8_allowed(n);
+        let parts = par_chunk_groups(io, &slots, if wide { 8 / n } else { 2 }, |chunks| {
             let words: Vec<Vec<f64>> = chunks
                 .iter()
                 .map(|(c, r, v)| {
@@ -312,6 +400,12 @@ impl Method for Sce {
                     }
                 })
                 .collect();
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: AVX-512F was detected (`sums8_allowed`); at most eight lanes.
+                let ms = unsafe { x86_512::masked_sums_of_squares(mode as u8, chunks, &words) };
+                return Ok(ms.chunks(n).zip(words).map(|(ms, w)| (ms.to_vec(), w)).collect());
+            }
             let ms = with_work(n * 2 * CHUNK, |w| {
                 let mut lanes = Vec::with_capacity(2 * n);
                 for (((_, r, v), words), tv) in chunks.iter().zip(&words).zip(w.chunks_mut(n * CHUNK)) {
@@ -412,6 +506,60 @@ mod tests {
             let views: Vec<&[f32]> = lanes.iter().map(|l| l.as_slice()).collect();
             let got: Vec<u64> = sums_of_squares(&views).iter().map(|m| m.to_bits()).collect();
             assert_eq!(got, want, "{n} lanes");
+        }
+    }
+
+    /// The eight-chains-per-vector sums of squares of the selected task vectors are the plain
+    /// ones (select, then sum each lane in element order), bit for bit: one to eight models,
+    /// every mode, groups of chunks with a short last one, zero deltas.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sums_of_squares_eight_at_a_time_are_the_plain_sums() {
+        use crate::methods::geometric::common::testing::rand;
+        if !crate::simd::avx512_allowed() {
+            return; // the plain sums are the only ones this CPU runs
+        }
+        let base = rand(3 * 1000, 1);
+        for models in 1..=8 {
+            let xs: Vec<Vec<f32>> = (0..models)
+                .map(|k| base.iter().zip(rand(base.len(), k as u64 + 2)).enumerate().map(|(j, (&b, d))| if j % 7 == k { b } else { b + d }).collect())
+                .collect();
+            for (mode, lens) in [
+                (Mode::Partial, [1000, 1000, 1000]),
+                (Mode::Partial, [1000, 1000, 333]),
+                (Mode::Keep, [1000, 1000, 5]),
+                (Mode::Drop, [1000, 1000, 1000]),
+            ] {
+                let per = 8 / models;
+                let chunks: Vec<crate::kernel::ChunkView> = (0..per.min(3))
+                    .map(|c| {
+                        let r = c * 1000..c * 1000 + lens[c];
+                        let mut v: Vec<&[f32]> = vec![&base[r.clone()]];
+                        v.extend(xs.iter().map(|x| &x[r.clone()]));
+                        (c, r, v)
+                    })
+                    .collect();
+                let words: Vec<Vec<f64>> = chunks
+                    .iter()
+                    .map(|(c, r, _)| {
+                        if mode == Mode::Partial {
+                            bits::pack(&(0..r.len().div_ceil(32)).map(|k| crate::rng::mix64((c * 100 + k) as u64) as u32).collect::<Vec<_>>())
+                        } else {
+                            vec![]
+                        }
+                    })
+                    .collect();
+                let mut want = vec![];
+                for ((_, r, v), w) in chunks.iter().zip(&words) {
+                    let mut tv = vec![0f32; models * r.len()];
+                    selected_task_vectors(mode as u8, w, 0, v[0], &v[1..], &mut tv);
+                    let lanes: Vec<&[f32]> = tv.chunks(r.len()).collect();
+                    want.extend(sums_of_squares(&lanes).iter().map(|s| s.to_bits()));
+                }
+                // SAFETY: AVX-512F was detected above.
+                let got: Vec<u64> = unsafe { x86_512::masked_sums_of_squares(mode as u8, &chunks, &words) }.iter().map(|s| s.to_bits()).collect();
+                assert_eq!(got, want, "{models} models, {mode:?}, {lens:?}");
+            }
         }
     }
 
