@@ -127,6 +127,8 @@ mod tests {
             ("dare_ties", json!({"density": 0.6, "weight": [0.5, 0.3, 0.2]})),
             ("ties", json!({"density": 0.5, "weight": [0.5, -0.3, 0.2], "consensus": "count", "disjoint_mean": "count", "lambda": 1.5})),
             ("dare_linear", json!({"density": 0.7, "weight": [0.5, 0.3, 0.4], "normalize": true})),
+            ("dare_ties", json!({"density": 0.5, "weight": [0.5, 0.3, 0.4], "rescale_mode": "l2"})),
+            ("dare_linear", json!({"density": 0.4, "weight": [0.5, 0.3, 0.4], "rescale_mode": "linf"})),
             ("breadcrumbs", json!({"density": 0.9, "gamma": 0.01, "weight": [1.0, 0.5, 1.0]})),
             ("breadcrumbs_ties", json!({"density": 0.8, "gamma": 0.05, "weight": [1.0, 1.0, 1.0], "normalize": true})),
             ("della", json!({"density": 0.5, "epsilon": 0.1, "weight": [0.4, 0.4, 0.2], "lambda": 0.9})),
