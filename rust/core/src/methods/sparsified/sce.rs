@@ -78,15 +78,17 @@ fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
     var_keys_by_block(v, out)
 }
 
-/// [`var_keys_desc`] eight elements at a time, each element's deltas, mean and squared
-/// deviations in registers (the same operations per lane as [`var_keys_by_block`], which
-/// made a pass over a block's buffers per model and step: loads and stores were most of its
-/// time). Returns how many keys it wrote (a multiple of eight).
+/// SCE's per-element steps with AVX-512, in registers: the same operations per element as
+/// the plain builds, which made a pass over buffers per model and step (loads and stores
+/// were most of their time).
 #[cfg(target_arch = "x86_64")]
 mod x86_512 {
     use crate::divisor::Divisors8;
     use std::arch::x86_64::*;
 
+    /// [`super::var_keys_desc`] eight elements at a time, each element's deltas, mean and
+    /// squared deviations in registers (as [`super::var_keys_by_block`] per lane). Returns how
+    /// many keys it wrote (a multiple of eight).
     #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
     pub unsafe fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) -> usize {
         let n = v.len() - 1;
