@@ -83,6 +83,7 @@ fn var_keys_desc(v: &[&[f32]], out: &mut [u32]) {
 /// were most of their time).
 #[cfg(target_arch = "x86_64")]
 mod x86_512 {
+    use super::bits;
     use crate::divisor::Divisors8;
     use std::arch::x86_64::*;
 
@@ -137,8 +138,7 @@ mod x86_512 {
             if !partial {
                 return !0;
             }
-            let k = j / 32;
-            (words[c][k / 2].to_bits() >> (32 * (k % 2) + j % 32)) as u8
+            (bits::word(&words[c], j / 32) >> (j % 32)) as u8
         };
         let common = chunks.iter().map(|(_, r, _)| r.len()).min().unwrap_or(0) / 8 * 8;
         let mut acc = _mm512_setzero_pd();
@@ -184,9 +184,9 @@ mod x86_512 {
         // Each lane's last entries one by one.
         for (l, &(c, i)) in lanes.iter().enumerate() {
             let (r, v) = (&chunks[c].1, &chunks[c].2);
-            for j in common..r.len() {
-                let kept = !partial || (words[c][j / 64].to_bits() >> (j % 64)) & 1 == 1;
-                let d = if kept { v[1 + i][j] - v[0][j] } else { 0.0 };
+            for (j, (&x, &b)) in v[1 + i].iter().zip(v[0]).enumerate().take(r.len()).skip(common) {
+                let kept = !partial || (bits::word(&words[c], j / 32) >> (j % 32)) & 1 == 1;
+                let d = if kept { x - b } else { 0.0 };
                 sums[l] += (d as f64) * (d as f64);
             }
         }
@@ -214,8 +214,7 @@ mod x86_512 {
         for j in (0..len).step_by(16) {
             let b = _mm512_loadu_ps(base.as_ptr().add(j));
             // This half word's keep bits (the same for every model: one selection).
-            let k = (first + j) / 32;
-            let keep = if partial { (words[k / 2].to_bits() >> (32 * (k % 2) + (j % 32))) as u16 } else { !0 };
+            let keep = if partial { (bits::word(words, (first + j) / 32) >> (j % 32)) as u16 } else { !0 };
             let tv = |x: &[f32]| _mm512_maskz_sub_ps(keep, _mm512_loadu_ps(x.as_ptr().add(j)), b);
             let sum = inputs.iter().fold(zero, |s, x| _mm512_add_ps(s, tv(x)));
             let maj = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(sum, zero), _mm512_set1_ps(-1.0), one);

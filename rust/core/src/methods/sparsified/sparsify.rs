@@ -501,10 +501,16 @@ pub mod bits {
         words_from(packed, g / 32).next().is_some_and(|w| (w >> (g % 32)) & 1 == 1)
     }
 
+    /// Packed word `k`.
+    #[inline]
+    pub fn word(packed: &[f64], k: usize) -> u32 {
+        (packed[k / 2].to_bits() >> (32 * (k % 2))) as u32
+    }
+
     /// The packed words from word `k` on.
     #[inline]
     fn words_from(packed: &[f64], k: usize) -> impl Iterator<Item = u32> + '_ {
-        (k..packed.len() * 2).map(move |k| (packed[k / 2].to_bits() >> (32 * (k % 2))) as u32)
+        (k..packed.len() * 2).map(move |k| word(packed, k))
     }
 
     /// Records element `g`'s decision (words start zeroed); no branch on a coin flip.
