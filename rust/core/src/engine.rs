@@ -1,4 +1,4 @@
-//! Runs a plan: tensors one after another, each streamed in fixed-size chunks across the
+//! Runs a plan: tensors in order (small ones side by side), each streamed in fixed-size chunks across the
 //! rayon pool (elementwise methods) or handed whole to its kernel, widened to f32 on the
 //! way in, rounded once on the way out, written in place. Fixed chunk boundaries and a
 //! fixed reduction order make the output independent of the thread count.
@@ -191,6 +191,46 @@ fn check_fits(tensor: &str, dt: crate::dtype::Dtype, vals: &[f32], first: Option
     }
 }
 
+/// Elements of the tensors merged at once (a larger tensor goes alone), at most two per
+/// thread: each tensor's work ends in a tail where some of the pool's threads wait (a tensor
+/// of fewer chunks or blocks than threads never fills the pool), and a small model is mostly
+/// such tensors. Beside other tensors, those threads take up another's work. 4M elements
+/// bound what is held at once (inputs' pages, prepared state) to what one 1.1B attention
+/// projection holds alone.
+const WINDOW: usize = 1 << 22;
+
+/// Merges one job into output tensor `idx`: copied (raw or unchanged) or merged; the
+/// method's note, if any.
+fn merge_job(job: &Job, writer: &ShardedWriter, idx: usize, seed: u64) -> Result<Option<String>> {
+    if job.raw.is_some() {
+        copy_raw(job, writer, idx)?;
+        return Ok(None);
+    }
+    if copy_unchanged(job, writer, idx)? {
+        return Ok(None);
+    }
+    let dt = job.dtype;
+    let sz = dt.size();
+    let sink = |off: usize, vals: &[f32], bytes: &mut Vec<u8>| {
+        let n = vals.len() * sz;
+        if bytes.len() < n {
+            bytes.resize(n, 0);
+        }
+        let bytes = &mut bytes[..n];
+        let first = match dt {
+            // the values themselves, already checked finite
+            Dtype::F32 => {
+                encode_f32(dt, vals, bytes);
+                None
+            }
+            _ => encode_f32_finite(dt, vals, bytes),
+        };
+        check_fits(job.name, dt, vals, first, off)?;
+        writer.write(idx, off * sz, bytes)
+    };
+    merge_tensor(job.method.as_ref(), Ctx { tensor: job.name, shape: job.shape, offset: 0, seed }, job, &sink)
+}
+
 /// Executes a plan into `out_dir` (an existing, empty folder; the caller stages and renames
 /// it). `progress` runs on the calling thread after each tensor; an error from it stops
 /// the merge.
@@ -219,49 +259,74 @@ pub fn run(
     // A finished tensor's input pages are dropped (`release`: a madvise per source, 0.15 s of
     // system time over a 1.1B merge) on a thread of its own while the next tensor merges: on
     // this thread, the pool's workers waited on it.
-    std::thread::scope(|scope| -> Result<()> {
+    let numel = |i: usize| writer.specs()[i].shape.iter().product::<usize>();
+    let mut notes_at: Vec<(usize, String)> = Vec::new();
+    // The first tensor (in plan order) that failed, and an error from `progress`.
+    let (mut failed, mut stopped): (Option<(usize, Error)>, Option<Error>) = (None, None);
+    std::thread::scope(|scope| {
         let (done, finished) = std::sync::mpsc::channel::<Job>();
         scope.spawn(move || finished.into_iter().for_each(|job| job.sources().for_each(|s| s.release())));
-        for idx in mine {
-            // checked above: binding it again cannot fail, and holds one job at a time
-            let owned = resolve_job(plan, &plan.tensors[idx], ckpts, &mut methods)?;
-            let job = &owned;
-            if job.raw.is_some() {
-                copy_raw(job, &writer, idx)?;
-            } else if !copy_unchanged(job, &writer, idx)? {
-                let dt = job.dtype;
-                let sz = dt.size();
-                let sink = |off: usize, vals: &[f32], bytes: &mut Vec<u8>| {
-                    let n = vals.len() * sz;
-                    if bytes.len() < n {
-                        bytes.resize(n, 0);
-                    }
-                    let bytes = &mut bytes[..n];
-                    let first = match dt {
-                        // the values themselves, already checked finite
-                        Dtype::F32 => {
-                            encode_f32(dt, vals, bytes);
-                            None
+        let (sent, results) = std::sync::mpsc::channel::<(usize, Job, Result<Option<String>>)>();
+        // This thread starts tensors in plan order while the window has room and takes their
+        // results as they come; the pool's threads merge them.
+        pool.in_place_scope(|s| {
+            let (mut next, mut held, mut running) = (0, 0, 0);
+            let most = 2 * pool.current_num_threads();
+            loop {
+                while next < mine.len()
+                    && failed.is_none()
+                    && stopped.is_none()
+                    && (running == 0 || (running < most && held + numel(mine[next]) <= WINDOW))
+                {
+                    let (k, idx) = (next, mine[next]);
+                    next += 1;
+                    // checked above: binding it again cannot fail
+                    match resolve_job(plan, &plan.tensors[idx], ckpts, &mut methods) {
+                        Ok(job) => {
+                            (held, running) = (held + numel(idx), running + 1);
+                            let (sent, writer) = (sent.clone(), &writer);
+                            // A panic comes back as an error (a result this thread waits for);
+                            // the receiver outlives the scope: the send cannot fail.
+                            s.spawn(move |_| {
+                                let result = crate::error::no_panic(|| merge_job(&job, writer, idx, plan.seed));
+                                let _ = sent.send((k, job, result));
+                            });
                         }
-                        _ => encode_f32_finite(dt, vals, bytes),
-                    };
-                    check_fits(job.name, dt, vals, first, off)?;
-                    writer.write(idx, off * sz, bytes)
-                };
-                let ctx = Ctx { tensor: job.name, shape: job.shape, offset: 0, seed: plan.seed };
-                if let Some(n) = pool.install(|| merge_tensor(job.method.as_ref(), ctx, job, &sink))? {
-                    notes.push(format!("{}: {n}", job.name));
+                        Err(e) => failed = Some((k, e)),
+                    }
+                }
+                if running == 0 {
+                    break;
+                }
+                let (k, job, result) = results.recv().expect("a running tensor sends its result");
+                (held, running) = (held - numel(mine[k]), running - 1);
+                match result {
+                    // Tensors started before it may still fail: the first in plan order is reported.
+                    Err(e) => {
+                        if failed.as_ref().is_none_or(|&(f, _)| k < f) {
+                            failed = Some((k, e));
+                        }
+                    }
+                    Ok(note) => {
+                        notes_at.extend(note.map(|n| (k, format!("{}: {n}", job.name))));
+                        bytes_read += job.sources().map(|s| s.nbytes()).sum::<u64>();
+                        p.tensors_done += 1;
+                        p.bytes_done += writer.specs()[mine[k]].nbytes() as u64;
+                        // The thread lives until `done` is dropped: the send cannot fail.
+                        let _ = done.send(job);
+                        if stopped.is_none() && failed.is_none() {
+                            stopped = progress(&p).err();
+                        }
+                    }
                 }
             }
-            bytes_read += job.sources().map(|s| s.nbytes()).sum::<u64>();
-            // The thread lives until `done` is dropped: the send cannot fail.
-            let _ = done.send(owned);
-            p.tensors_done += 1;
-            p.bytes_done += writer.specs()[idx].nbytes() as u64;
-            progress(&p)?;
-        }
-        Ok(())
-    })?;
+        });
+    });
+    if let Some(e) = failed.map(|(_, e)| e).or(stopped) {
+        return Err(e);
+    }
+    notes_at.sort_by_key(|&(k, _)| k);
+    notes.extend(notes_at.into_iter().map(|(_, n)| n));
     let w = writer.finish()?;
     Ok(Summary { tensors_written: p.tensors_total, bytes_read, bytes_written: w.bytes_written, files: w.files, notes })
 }

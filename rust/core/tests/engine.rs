@@ -239,6 +239,29 @@ fn non_finite_results_are_errors() {
     assert!(matches!(&err, Error::Numerical { tensor, .. } if tensor == "norm.weight"), "{err}");
 }
 
+/// Tensors merge side by side: when several fail, the error reported is the first failing
+/// tensor's in plan order, not the first to finish (here the small second tensor fails at
+/// once, the first one only at its last chunk, of 32).
+#[test]
+fn the_first_failing_tensor_in_plan_order_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let mut big = values(1 << 21, 1);
+    *big.last_mut().unwrap() = f32::NAN;
+    let mut small = values(64, 2);
+    small[3] = f32::INFINITY;
+    write_model(&a, &[("big", vec![1 << 21], big), ("small", vec![64], small)], Dtype::F32, u64::MAX);
+    let tensors: Vec<serde_json::Value> = ["big", "small"]
+        .iter()
+        .map(|n| serde_json::json!({"name": n, "method": "linear", "inputs": [{"kind": "tensor", "input": 0, "tensor": n}, {"kind": "tensor", "input": 1, "tensor": n}]}))
+        .collect();
+    let p: PlanSpec = serde_json::from_value(serde_json::json!({"inputs": [&a, &a], "tensors": tensors, "max_shard_size": u64::MAX})).unwrap();
+    for threads in [1, 2, 3] {
+        let err = run(&p, &tmp.path().join(format!("o{threads}")), threads).unwrap_err();
+        assert!(matches!(&err, Error::Numerical { tensor, .. } if tensor == "big"), "{threads} threads: {err}");
+    }
+}
+
 #[test]
 fn progress_error_stops_the_merge() {
     let tmp = tempfile::tempdir().unwrap();
