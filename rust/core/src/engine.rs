@@ -266,40 +266,47 @@ pub fn run(
     std::thread::scope(|scope| {
         let (done, finished) = std::sync::mpsc::channel::<Job>();
         scope.spawn(move || finished.into_iter().for_each(|job| job.sources().for_each(|s| s.release())));
-        let (sent, results) = std::sync::mpsc::channel::<(usize, Job, Result<Option<String>>)>();
+        let (sent, results) = std::sync::mpsc::channel::<(usize, usize, Job, Result<Option<String>>)>();
         // This thread starts tensors in plan order while the window has room and takes their
         // results as they come; the pool's threads merge them.
         pool.in_place_scope(|s| {
             let (mut next, mut held, mut running) = (0, 0, 0);
             let most = 2 * pool.current_num_threads();
+            // The next tensor, bound, waiting for room.
+            let mut waiting = None;
             loop {
-                while next < mine.len()
-                    && failed.is_none()
-                    && stopped.is_none()
-                    && (running == 0 || (running < most && held + numel(mine[next]) <= WINDOW))
-                {
-                    let (k, idx) = (next, mine[next]);
-                    next += 1;
-                    // checked above: binding it again cannot fail
-                    match resolve_job(plan, &plan.tensors[idx], ckpts, &mut methods) {
-                        Ok(job) => {
-                            (held, running) = (held + numel(idx), running + 1);
-                            let (sent, writer) = (sent.clone(), &writer);
-                            // A panic comes back as an error (a result this thread waits for);
-                            // the receiver outlives the scope: the send cannot fail.
-                            s.spawn(move |_| {
-                                let result = crate::error::no_panic(|| merge_job(&job, writer, idx, plan.seed));
-                                let _ = sent.send((k, job, result));
-                            });
+                while failed.is_none() && stopped.is_none() {
+                    if waiting.is_none() && next < mine.len() {
+                        let (k, idx) = (next, mine[next]);
+                        next += 1;
+                        // checked above: binding it again cannot fail
+                        match resolve_job(plan, &plan.tensors[idx], ckpts, &mut methods) {
+                            Ok(job) => waiting = Some((k, idx, job)),
+                            Err(e) => failed = Some((k, e)),
                         }
-                        Err(e) => failed = Some((k, e)),
                     }
+                    let Some((k, idx, job)) = waiting.take() else { break };
+                    // A copy goes alone, as the plan orders it: it only writes, and beside
+                    // other tensors its pieces reach the output out of order.
+                    let weight = if job.raw.is_some() || job.method.copies_input().is_some() { WINDOW + 1 } else { numel(idx) };
+                    if running > 0 && (running == most || held + weight > WINDOW) {
+                        waiting = Some((k, idx, job));
+                        break;
+                    }
+                    (held, running) = (held + weight, running + 1);
+                    let (sent, writer) = (sent.clone(), &writer);
+                    // A panic comes back as an error (a result this thread waits for); the
+                    // receiver outlives the scope: the send cannot fail.
+                    s.spawn(move |_| {
+                        let result = crate::error::no_panic(|| merge_job(&job, writer, idx, plan.seed));
+                        let _ = sent.send((k, weight, job, result));
+                    });
                 }
                 if running == 0 {
                     break;
                 }
-                let (k, job, result) = results.recv().expect("a running tensor sends its result");
-                (held, running) = (held - numel(mine[k]), running - 1);
+                let (k, weight, job, result) = results.recv().expect("a running tensor sends its result");
+                (held, running) = (held - weight, running - 1);
                 match result {
                     // Tensors started before it may still fail: the first in plan order is reported.
                     Err(e) => {
