@@ -1,7 +1,8 @@
-//! Runs a plan: tensors in order (small ones side by side), each streamed in fixed-size chunks across the
-//! rayon pool (elementwise methods) or handed whole to its kernel, widened to f32 on the
-//! way in, rounded once on the way out, written in place. Fixed chunk boundaries and a
-//! fixed reduction order make the output independent of the thread count.
+//! Runs a plan: tensors in order (small ones side by side), each streamed in fixed-size
+//! chunks across the rayon pool (elementwise methods) or handed whole to its kernel, widened
+//! to f32 on the way in, rounded once on the way out, written in place. Fixed chunk
+//! boundaries and a fixed reduction order make the output independent of the thread count
+//! and of which tensors run together.
 use crate::dtype::{encode_f32, encode_f32_finite, first_non_finite_bytes, Dtype};
 use crate::error::{Error, Result};
 pub use crate::kernel::{first_non_finite, merge_arrays, pool, Slices, CHUNK};
