@@ -257,14 +257,14 @@ pub fn run(
     let mut p =
         Progress { tensors_total: mine.len(), bytes_total: mine.iter().map(|&i| writer.specs()[i].nbytes() as u64).sum(), ..Progress::default() };
     let mut bytes_read = 0u64;
-    // A finished tensor's input pages are dropped (`release`: a madvise per source, 0.15 s of
-    // system time over a 1.1B merge) on a thread of its own while the next tensor merges: on
-    // this thread, the pool's workers waited on it.
     let numel = |i: usize| writer.specs()[i].shape.iter().product::<usize>();
     let mut notes_at: Vec<(usize, String)> = Vec::new();
     // The first tensor (in plan order) that failed, and an error from `progress`.
     let (mut failed, mut stopped): (Option<(usize, Error)>, Option<Error>) = (None, None);
     std::thread::scope(|scope| {
+        // A finished tensor's input pages are dropped (`release`: a madvise per source, 0.15 s
+        // of system time over a 1.1B merge) on a thread of its own while others merge: on the
+        // calling thread, the pool's workers waited on it.
         let (done, finished) = std::sync::mpsc::channel::<Job>();
         scope.spawn(move || finished.into_iter().for_each(|job| job.sources().for_each(|s| s.release())));
         let (sent, results) = std::sync::mpsc::channel::<(usize, usize, Job, Result<Option<String>>)>();
