@@ -35,6 +35,7 @@ Run ``python benches/_common.py generate --size 125m --out bench_data/x`` to gen
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -361,6 +362,15 @@ def weight_map(model_dir: Path | str) -> Dict[str, Path]:
 
 def dir_bytes(model_dir: Path | str, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob(pattern))
+
+
+def folder_digest(folder: Path | str) -> str:
+    """A short digest of a merge output's bytes (its safetensors files in name order), for
+    comparing builds."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def warm_page_cache(paths: Iterable[Path | str], block: int = 16 * MB) -> int:

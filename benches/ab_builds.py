@@ -16,7 +16,6 @@ and whether the builds wrote the same bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import resource
 import shutil
@@ -40,13 +39,6 @@ def package_with(build: Path, root: Path) -> Path:
                     ignore=shutil.ignore_patterns("_core*.so", "._core*", "*.pyd", "__pycache__"))
     shutil.copy2(build, pkg / "_core.abi3.so")
     return root
-
-
-def output_digest(out: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(out.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def run_once(python: str, pythonpath: Path, code: str) -> tuple[float, float]:
@@ -105,7 +97,7 @@ def main(argv: List[str] | None = None) -> int:
                 cpu[k].append(c)
                 print(f"round {r + 1} build {k} ({args.builds[k].name}): {w:.2f} s wall, {c:.2f} s CPU",
                       file=sys.stderr, flush=True)
-        digests = [output_digest(o) for o in outs]
+        digests = [C.folder_digest(o) for o in outs]
 
     print(f"# {args.method} at {args.size}: {args.rounds} rounds, {args.merges} merges per process, "
           f"load {load0:.1f} -> {os.getloadavg()[0]:.1f} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")

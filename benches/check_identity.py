@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 import merge_fast as mf
+from _common import folder_digest
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -150,13 +151,6 @@ def run(data: Path) -> dict:
             mf.merge(method, models, base=None if method in BASELESS else str(b), params=p, threads=th, seed=5, out=str(o), dtype="bfloat16")
             out[f"folder/{m}/t{th}"] = folder_digest(o)
     return out
-
-
-def folder_digest(o: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(o.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def main() -> int:

@@ -228,25 +228,30 @@ mod x86 {
     use super::Rescale;
     use std::arch::x86_64::*;
 
-    /// [`super::running_totals`] sixteen buckets at a time: each vector's totals by four
-    /// shifted additions (the same integer sums), plus the last vector's total.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn running_totals(start: &mut [u32], c0: &mut [u32], c1: &mut [u32]) {
+    /// [`super::running_totals`] thirty-two buckets at a time: each vector's totals by five
+    /// shifted additions (the same integer sums; lanes shifted by a permutation, zeros in),
+    /// plus the last vector's total.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn running_totals(start: &mut [u16], c0: &mut [u16], c1: &mut [u16]) {
         let (zero, mut carry) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let lanes =
+            _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        // Lane `l` takes lane `l - s` (none below `s`).
+        let shifts = [1u32, 2, 4, 8, 16].map(|s| (_mm512_sub_epi16(lanes, _mm512_set1_epi16(s as i16)), !((1u32 << s) - 1)));
+        let last = _mm512_set1_epi16(31);
         let mut i = 0;
-        while i + 16 <= start.len() {
+        while i + 32 <= start.len() {
             let (a, b) = (c0.as_mut_ptr().add(i).cast(), c1.as_mut_ptr().add(i).cast());
-            let mut x = _mm512_add_epi32(_mm512_loadu_si512(a), _mm512_loadu_si512(b));
+            let mut x = _mm512_add_epi16(_mm512_loadu_si512(a), _mm512_loadu_si512(b));
             _mm512_storeu_si512(a, zero);
             _mm512_storeu_si512(b, zero);
-            x = _mm512_add_epi32(x, _mm512_alignr_epi32::<15>(x, zero));
-            x = _mm512_add_epi32(x, _mm512_alignr_epi32::<14>(x, zero));
-            x = _mm512_add_epi32(x, _mm512_alignr_epi32::<12>(x, zero));
-            x = _mm512_add_epi32(x, _mm512_alignr_epi32::<8>(x, zero));
-            x = _mm512_add_epi32(x, carry);
+            for (from, keep) in shifts {
+                x = _mm512_add_epi16(x, _mm512_maskz_permutexvar_epi16(keep, from, x));
+            }
+            x = _mm512_add_epi16(x, carry);
             _mm512_storeu_si512(start.as_mut_ptr().add(i).cast(), x);
-            carry = _mm512_permutexvar_epi32(_mm512_set1_epi32(15), x);
-            i += 16;
+            carry = _mm512_permutexvar_epi16(last, x);
+            i += 32;
         }
         let mut lo = if i > 0 { start[i - 1] } else { 0 };
         for ((s, a), b) in start[i..].iter_mut().zip(&mut c0[i..]).zip(&mut c1[i..]) {
@@ -306,9 +311,9 @@ struct RowScratch {
     /// The keys of the kept elements, 0 for the dropped (for the rescale sums).
     kept: Vec<u32>,
     /// Per bucket of keys, its count (two sets; all zero between rows).
-    counts: Box<[[u32; BUCKETS]; 2]>,
+    counts: Box<[[u16; BUCKETS]; 2]>,
     /// Per bucket of keys, its first rank (prefix sums of the bucket counts).
-    start: Vec<u32>,
+    start: Vec<u16>,
     /// Elements whose decision needs their exact rank.
     exact: Vec<u32>,
     /// The row's draws, and per word of 32 the bits of those its rank decides.
@@ -402,19 +407,20 @@ fn split_draws(us: &[u64], lo: u64, hi: u64, keep: &mut [u32], band: &mut [u32])
 }
 
 /// `start[b]` = the running total of `c0[..=b] + c1[..=b]`, clearing both (the buckets' last
-/// ranks, plus one). Without AVX-512 the counts are added first (vectorized), then summed four
-/// buckets per step of the running total, whose chain of additions otherwise takes most of
-/// the loop's time; with it, sixteen buckets per step (5% of a della merge's CPU time less).
-fn running_totals(start: &mut [u32], c0: &mut [u32], c1: &mut [u32]) {
+/// ranks, plus one; rows of at most `u16::MAX` entries). Without AVX-512 the counts are added
+/// first (vectorized), then summed four buckets per step of the running total, whose chain of
+/// additions otherwise takes most of the loop's time; with it, thirty-two buckets per step
+/// (u16: half the bytes stored of u32 counts; the loop was bound by its stores).
+fn running_totals(start: &mut [u16], c0: &mut [u16], c1: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx512_allowed() {
-        // SAFETY: AVX-512F was just detected.
+    if crate::simd::avx512_allowed() && std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: AVX-512F/BW were just detected.
         return unsafe { x86::running_totals(start, c0, c1) };
     }
     for ((s, a), b) in start.iter_mut().zip(c0).zip(c1) {
         *s = std::mem::take(a) + std::mem::take(b);
     }
-    let mut lo = 0u32;
+    let mut lo = 0u16;
     let mut quads = start.chunks_exact_mut(4);
     for q in &mut quads {
         let (a, ab) = (q[0], q[0] + q[1]);
@@ -443,7 +449,9 @@ avx2! {
 /// draws between the two (a bucket's share of the `2ε` band) need the exact rank: counted
 /// over the row for a few, from a sort of the row when there are many. The decisions are
 /// those of ranking every element. `t` must not decrease (ε ≥ 0). At most `scans` elements
-/// are ranked one by one (a pass over the row each); past that the row is sorted.
+/// are ranked one by one (a pass over the row each); past that the row is sorted. A row of
+/// more than `u16::MAX` entries (whose counts the buckets do not hold) ranks every draw in
+/// the band.
 fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch, out: &mut [u32]) {
     let keys: &[u32] = &sc.keys;
     let m = keys.len();
@@ -454,55 +462,29 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
         // One key: the ranks are the indices.
         return coin_words(key, first, &t[..m], out);
     }
-    // Buckets on the highest differing bits: one per one or two elements, at most 4096 (more
-    // buckets, fewer exact ranks; fewer, less work per row).
-    let hi = 32 - differ.leading_zeros();
-    let nbits = hi.min(usize::BITS - 1 - m.leading_zeros()).clamp(1, BUCKETS.trailing_zeros());
-    let (shift, mask) = (hi - nbits, (1u32 << nbits) - 1);
-    let bucket = |k: u32| ((k >> shift) & mask) as usize & (BUCKETS - 1);
-    let nb = 1usize << nbits;
-    // Counted in two sets (even and odd entries): runs of one key would otherwise make each
-    // increment wait for the previous one's store.
-    // They are zero between rows: the prefix sums below clear the counts they read.
-    let counts = &mut *sc.counts;
-    let mut pairs = keys.chunks_exact(2);
-    for p in &mut pairs {
-        counts[0][bucket(p[0])] += 1;
-        counts[1][bucket(p[1])] += 1;
-    }
-    for &k in pairs.remainder() {
-        counts[0][bucket(k)] += 1;
-    }
-    // Prefix sums: bucket `b` holds ranks `start[b]..start[b + 1]`.
-    sc.start.resize(nb + 1, 0);
-    sc.start[0] = 0;
-    let [c0, c1] = counts;
-    running_totals(&mut sc.start[1..], &mut c0[..nb], &mut c1[..nb]);
-    let start: &[u32] = &sc.start;
     sc.exact.resize(m.max(sc.exact.len()), 0);
     sc.draws.resize(m, 0);
     sc.band.resize(out.len(), 0);
     // Draws below the lowest threshold keep their entry and those not below the highest drop
     // it, whatever the rank (four in five, at ε = 0.1); the rest are decided by their bucket.
     draws_split(key, first, (t[0], t[m - 1]), &mut sc.draws, out, &mut sc.band);
-    // Slices and the word in locals: through `sc` and `out`, each entry reloaded them.
-    let (exact, us, t, mut n) = (&mut sc.exact[..m], &sc.draws[..m], &t[..m], 0);
-    for ((w, &band), j0) in out.iter_mut().zip(&sc.band).zip((0usize..).step_by(32)) {
-        let (mut rest, mut word) = (band, *w);
-        while rest != 0 {
-            let b = rest.trailing_zeros();
-            rest &= rest - 1;
-            let j = j0 + b as usize;
-            let u = us[j];
-            // The thresholds of the bucket's first and last rank.
-            let bk = bucket(keys[j]);
-            let (tl, th) = (t[start[bk] as usize], t[start[bk + 1] as usize - 1]);
-            word |= u32::from(u < tl) << b;
-            exact[n] = j as u32;
-            n += usize::from(u >= tl && u < th);
+    let n = if m <= u16::MAX as usize {
+        by_bucket(differ, t, sc, out)
+    } else {
+        // Counts of this row may not fit the buckets' u16 (a 1-D tensor or a trailing axis of
+        // more than 65535 entries: rare): every draw in the band takes its exact rank.
+        let mut n = 0;
+        for (&band, j0) in sc.band.iter().zip((0u32..).step_by(32)) {
+            let mut rest = band;
+            while rest != 0 {
+                sc.exact[n] = j0 + rest.trailing_zeros();
+                rest &= rest - 1;
+                n += 1;
+            }
         }
-        *w = word;
-    }
+        n
+    };
+    let keys: &[u32] = &sc.keys;
     let exact = &sc.exact[..n];
     let us = &sc.draws;
     let mut decide = |j: u32, r: usize| bits::set(out, j as usize, us[j as usize] < t[r]);
@@ -523,6 +505,58 @@ fn keep_bits(key: u64, first: u64, t: &[u64], scans: usize, sc: &mut RowScratch,
         }
     }
 }
+}
+
+/// [`keep_bits`]' decisions by bucket (rows of at most `u16::MAX` entries; `differ`, the keys'
+/// differing bits, not 0; the draws and their split already in `sc` and `out`): the entries in
+/// the band whose bucket decides them get their bit in `out`, the others go to `sc.exact`
+/// (returns how many).
+#[inline(always)]
+fn by_bucket(differ: u32, t: &[u64], sc: &mut RowScratch, out: &mut [u32]) -> usize {
+    let RowScratch { keys, counts, start, exact, draws, band, .. } = sc;
+    let m = keys.len();
+    // Buckets on the highest differing bits: one per one or two elements, at most 4096 (more
+    // buckets, fewer exact ranks; fewer, less work per row).
+    let hi = 32 - differ.leading_zeros();
+    let nbits = hi.min(usize::BITS - 1 - m.leading_zeros()).clamp(1, BUCKETS.trailing_zeros());
+    let (shift, mask) = (hi - nbits, (1u32 << nbits) - 1);
+    let bucket = |k: u32| ((k >> shift) & mask) as usize & (BUCKETS - 1);
+    let nb = 1usize << nbits;
+    // Counted in two sets (even and odd entries): runs of one key would otherwise make each
+    // increment wait for the previous one's store.
+    // They are zero between rows: the prefix sums below clear the counts they read.
+    let mut pairs = keys.chunks_exact(2);
+    for p in &mut pairs {
+        counts[0][bucket(p[0])] += 1;
+        counts[1][bucket(p[1])] += 1;
+    }
+    for &k in pairs.remainder() {
+        counts[0][bucket(k)] += 1;
+    }
+    // Prefix sums: bucket `b` holds ranks `start[b]..start[b + 1]`.
+    start.resize(nb + 1, 0);
+    start[0] = 0;
+    let [c0, c1] = &mut **counts;
+    running_totals(&mut start[1..], &mut c0[..nb], &mut c1[..nb]);
+    // Slices and the word in locals: through `sc` and `out`, each entry reloaded them.
+    let (exact, us, t, start, mut n) = (&mut exact[..m], &draws[..m], &t[..m], &start[..], 0);
+    for ((w, &band), j0) in out.iter_mut().zip(band.iter()).zip((0usize..).step_by(32)) {
+        let (mut rest, mut word) = (band, *w);
+        while rest != 0 {
+            let b = rest.trailing_zeros();
+            rest &= rest - 1;
+            let j = j0 + b as usize;
+            let u = us[j];
+            // The thresholds of the bucket's first and last rank.
+            let bk = bucket(keys[j]);
+            let (tl, th) = (t[start[bk] as usize], t[start[bk + 1] as usize - 1]);
+            word |= u32::from(u < tl) << b;
+            exact[n] = j as u32;
+            n += usize::from(u >= tl && u < th);
+        }
+        *w = word;
+    }
+    n
 }
 
 /// Greatest common divisor (Euclid).
@@ -654,12 +688,13 @@ mod tests {
     /// Both ways of taking the buckets' running totals give them, and clear the counts.
     #[test]
     fn running_totals_sum_and_clear() {
+        // Totals up to 57344 of the u16's 65535 at 4096 buckets.
         for n in (0..70).chain([511, 512, 4096]) {
-            let c: Vec<u32> = (0..2 * n as u64).map(|i| (crate::rng::mix64(i ^ n as u64) % 40) as u32).collect();
-            let want: Vec<u32> = (0..n).scan(0, |t, b| Some(std::mem::replace(t, *t + c[b] + c[n + b]) + c[b] + c[n + b])).collect();
+            let c: Vec<u16> = (0..2 * n as u64).map(|i| (crate::rng::mix64(i ^ n as u64) % 8) as u16).collect();
+            let want: Vec<u16> = (0..n).scan(0, |t, b| Some(std::mem::replace(t, *t + c[b] + c[n + b]) + c[b] + c[n + b])).collect();
             for (got, c0, c1) in crate::simd::each_build(|| {
                 let (mut c0, mut c1) = (c[..n].to_vec(), c[n..].to_vec());
-                let mut got = vec![0u32; n];
+                let mut got = vec![0u16; n];
                 running_totals(&mut got, &mut c0, &mut c1);
                 (got, c0, c1)
             }) {
@@ -709,6 +744,28 @@ mod tests {
                     prop_assert_eq!((out[j / 32] >> (j % 32)) & 1 == 1, w, "element {} of {}, scans {}", j, m, scans);
                 }
                 prop_assert_eq!(out[m / 32..].iter().map(|w| w.count_ones()).sum::<u32>(), want[m / 32 * 32..].iter().filter(|&&k| k).count() as u32);
+            }
+        }
+    }
+
+    /// Rows longer than the buckets' u16 counts hold (every draw in the band ranked) decide as
+    /// ranking every element does, by the row's sort and one by one.
+    #[test]
+    fn keep_bits_of_rows_past_u16_counts() {
+        let r = |x: f64| half::bf16::from_f64(x).to_f32();
+        for (m, seed) in [(65_536usize, 1u64), (70_001, 2)] {
+            let keys: Vec<u32> = (0..m)
+                .map(|j| mag_key(r(crate::rng::normal(seed, 2 * j as u64) * 0.02) - r(crate::rng::normal(seed, 2 * j as u64 + 1) * 0.02)))
+                .collect();
+            let t: Vec<u64> = (0..m).map(|r| below(keep_prob(r, m, 0.5, 0.1))).collect();
+            let want = keep_by_sort(&keys, 9, 5, &t);
+            let mut sc = RowScratch::default();
+            for scans in [0, SCANS, usize::MAX] {
+                sc.keys.clone_from(&keys);
+                let mut out = vec![u32::MAX; m.div_ceil(32)];
+                keep_bits(9, 5, &t, scans, &mut sc, &mut out);
+                let got: Vec<bool> = (0..m).map(|j| (out[j / 32] >> (j % 32)) & 1 == 1).collect();
+                assert!(got == want, "{m} entries, scans {scans}");
             }
         }
     }
