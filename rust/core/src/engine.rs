@@ -257,7 +257,6 @@ pub fn run(
     let mut p =
         Progress { tensors_total: mine.len(), bytes_total: mine.iter().map(|&i| writer.specs()[i].nbytes() as u64).sum(), ..Progress::default() };
     let mut bytes_read = 0u64;
-    let numel = |i: usize| writer.specs()[i].shape.iter().product::<usize>();
     let mut notes_at: Vec<(usize, String)> = Vec::new();
     // The first tensor (in plan order) that failed, and an error from `progress`.
     let (mut failed, mut stopped): (Option<(usize, Error)>, Option<Error>) = (None, None);
@@ -289,7 +288,7 @@ pub fn run(
                     let Some((k, idx, job)) = waiting.take() else { break };
                     // A copy goes alone, as the plan orders it: it only writes, and beside
                     // other tensors its pieces reach the output out of order.
-                    let weight = if job.raw.is_some() || job.method.copies_input().is_some() { WINDOW + 1 } else { numel(idx) };
+                    let weight = if job.raw.is_some() || job.method.copies_input().is_some() { WINDOW + 1 } else { job.numel() };
                     if running > 0 && (running == most || held + weight > WINDOW) {
                         waiting = Some((k, idx, job));
                         break;
