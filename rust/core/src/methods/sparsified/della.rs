@@ -565,13 +565,15 @@ fn by_bucket(t: &[u64], sc: &mut RowScratch, out: &mut [u32]) -> usize {
     // in a few dozen buckets: 9 exact ranks a row of 768 against 2.8, which are ties of equal
     // keys (that no bucketing parts).
     let nb = 1usize << (usize::BITS - 1 - m.leading_zeros()).clamp(1, BUCKETS.trailing_zeros());
-    let mut sums = [0f32; 16];
-    for c in keys.chunks(16) {
+    // Four vectors of partial sums, in registers (over `chunks(16)` they went through memory).
+    let (mut sums, mut quads) = ([0f32; 32], keys.chunks_exact(32));
+    for c in &mut quads {
         for (s, &k) in sums.iter_mut().zip(c) {
             *s += f32::from_bits(k);
         }
     }
-    let scale = nb as f32 * m as f32 / (4.0 * sums.iter().sum::<f32>());
+    let total = sums.iter().sum::<f32>() + quads.remainder().iter().map(|&k| f32::from_bits(k)).sum::<f32>();
+    let scale = nb as f32 * m as f32 / (4.0 * total);
     // A row of only subnormal keys, or an infinite one: one bucket, still exact.
     let scale = if scale.is_finite() { scale } else { 0.0 };
     let last = (nb - 1) as f32;
@@ -584,6 +586,8 @@ fn by_bucket(t: &[u64], sc: &mut RowScratch, out: &mut [u32]) -> usize {
     // Counted in two sets (even and odd entries): runs of one key would otherwise make each
     // increment wait for the previous one's store.
     // They are zero between rows: the prefix sums below clear the counts they read.
+    // The counts' address in a local: through `sc`, each increment reloaded it.
+    let counts: &mut [[u16; BUCKETS]; 2] = counts;
     let mut pairs = buckets.chunks_exact(2);
     for p in &mut pairs {
         counts[0][bucket(p[0])] += 1;
@@ -595,7 +599,7 @@ fn by_bucket(t: &[u64], sc: &mut RowScratch, out: &mut [u32]) -> usize {
     // Prefix sums: bucket `b` holds ranks `start[b]..start[b + 1]`.
     start.resize(nb + 1, 0);
     start[0] = 0;
-    let [c0, c1] = &mut **counts;
+    let [c0, c1] = counts;
     running_totals(&mut start[1..], &mut c0[..nb], &mut c1[..nb]);
     // Slices and the word in locals: through `sc` and `out`, each entry reloaded them.
     let (exact, us, t, start, mut n) = (&mut exact[..m], &draws[..m], &t[..m], &start[..], 0);
