@@ -35,14 +35,15 @@ pub fn kept(seed: u64, tensor: &str, i: usize, g: usize, density: f64) -> bool {
 }
 
 avx512! {
-/// Keeps `delta[j]` (else +0.0) where `draw(key, first + j) < t` (`uniform < density` in
-/// integers). The draws are 64-bit multiplies: on a CPU with AVX-512DQ the same loop is
-/// compiled with its 64-bit lane multiplies (chosen at run time), 2–3x faster. Integer
-/// arithmetic: the same decisions, so the same bytes, on any CPU.
-pub fn keep_coins(key: u64, first: u64, t: u64, delta: &mut [f32]) {
+/// `out[j] = x[j] − base[j]` where `draw(key, first + j) < t` (`uniform < density` in
+/// integers), else +0.0: the delta and its coins in one pass. The draws are 64-bit
+/// multiplies: on a CPU with AVX-512DQ the same loop is compiled with its 64-bit lane
+/// multiplies (chosen at run time), 2–3x faster. Integer arithmetic: the same decisions, so
+/// the same bytes, on any CPU.
+pub fn masked_delta(key: u64, first: u64, t: u64, x: &[f32], base: &[f32], out: &mut [f32]) {
     let mut c = counter(key, first);
-    for x in delta.iter_mut() {
-        *x = bits::keep_if(*x, u32::from(draw_at(c) < t));
+    for (o, (&x, &b)) in out.iter_mut().zip(x.iter().zip(base)) {
+        *o = bits::keep_if(x - b, u32::from(draw_at(c) < t));
         c = c.wrapping_add(WEYL);
     }
 }
@@ -51,7 +52,7 @@ pub fn keep_coins(key: u64, first: u64, t: u64, delta: &mut [f32]) {
 avx512! {
 /// Bit `j` of `out` (bits of word `j / 32`) is set where `draw(key, first + j) < t[j]`: coins
 /// with one threshold each (DELLA's, by rank). `out` holds `t.len().div_ceil(32)` words, which
-/// it overwrites. Compiled for AVX-512DQ like [`keep_coins`], the same decisions on any CPU.
+/// it overwrites. Compiled for AVX-512DQ like [`masked_delta`], the same decisions on any CPU.
 pub fn coin_words(key: u64, first: u64, t: &[u64], out: &mut [u32]) {
     let mut c = counter(key, first);
     for (w, ts) in out.iter_mut().zip(t.chunks(32)) {
@@ -81,9 +82,9 @@ impl Sparsifier for Random {
         Ok((Mode::of_density(self.density[i]), vec![]))
     }
 
-    fn mask(&self, ctx: &Ctx, _: usize, i: usize, _: &[f64], delta: &mut [f32]) {
+    fn masked_delta(&self, ctx: &Ctx, _: usize, i: usize, _: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
         let key = stream_key(ctx.seed, ctx.tensor, i as u64);
-        keep_coins(key, ctx.offset as u64, below(self.density[i]), delta);
+        masked_delta(key, ctx.offset as u64, below(self.density[i]), x, base, out);
     }
 
     fn density(&self, i: usize) -> f64 {
@@ -129,11 +130,17 @@ mod tests {
         // Whatever loop the CPU runs (AVX-512 here when it has it), each decision is `kept`'s.
         for (first, len, d) in [(0usize, 1000usize, 0.3), (65_536, 777, 0.5), (123, 64, 0.999), (5, 3, 0.01)] {
             let key = stream_key(9, "t", 1);
-            let mut x: Vec<f32> = (0..len).map(|j| j as f32 + 1.0).collect();
-            keep_coins(key, first as u64, below(d), &mut x);
-            for (j, &v) in x.iter().enumerate() {
-                let want = if kept(9, "t", 1, first + j, d) { j as f32 + 1.0 } else { 0.0 };
-                assert_eq!(v.to_bits(), want.to_bits(), "element {} of run at {first}", j);
+            let x: Vec<f32> = (0..len).map(|j| j as f32 + 1.0).collect();
+            let base: Vec<f32> = (0..len).map(|j| (j % 3) as f32 * 0.5).collect();
+            for out in crate::simd::each_build(|| {
+                let mut out = vec![f32::NAN; len];
+                masked_delta(key, first as u64, below(d), &x, &base, &mut out);
+                out
+            }) {
+                for (j, &v) in out.iter().enumerate() {
+                    let want = if kept(9, "t", 1, first + j, d) { x[j] - base[j] } else { 0.0 };
+                    assert_eq!(v.to_bits(), want.to_bits(), "element {} of run at {first}", j);
+                }
             }
         }
     }

@@ -727,10 +727,6 @@ impl Sparsifier for MagPrune {
         self.prepare_models(ctx, io, &(0..io.slots() - 1).collect::<Vec<_>>(), norm)
     }
 
-    fn mask(&self, ctx: &Ctx, _: usize, _: usize, state: &[f64], delta: &mut [f32]) {
-        bits::mask(state, ctx.offset, delta);
-    }
-
     fn masked_delta(&self, ctx: &Ctx, _: usize, _: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
         bits::masked_delta(state, ctx.offset, x, base, out);
     }

@@ -71,15 +71,10 @@ pub trait Sparsifier: Send + Sync {
     fn prepare_all(&self, ctx: &Ctx, io: &dyn TensorIo, _norm: Rescale) -> Result<Vec<Prepared>> {
         (0..io.slots() - 1).map(|i| self.prepare(ctx, io, i).map(|(mode, state)| Prepared { mode, state, sums: None })).collect()
     }
-    /// Zeroes the dropped entries of model `i`'s delta on the chunk at `ctx.offset`.
-    fn mask(&self, ctx: &Ctx, chunk: usize, i: usize, state: &[f64], delta: &mut [f32]);
-    /// Model `i`'s delta `x − base` on the chunk at `ctx.offset` with its dropped entries
-    /// zeroed into `out`: [`delta_into`] then [`Sparsifier::mask`], which a sparsifier may fuse.
+    /// Model `i`'s delta `x − base` on the chunk at `ctx.offset` (engine chunk `chunk`) with
+    /// its dropped entries zeroed (+0.0), into `out`, in one pass.
     #[allow(clippy::too_many_arguments)]
-    fn masked_delta(&self, ctx: &Ctx, chunk: usize, i: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
-        delta_into(x, base, out);
-        self.mask(ctx, chunk, i, state, out);
-    }
+    fn masked_delta(&self, ctx: &Ctx, chunk: usize, i: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]);
     /// Model `i`'s density (for `rescale_mode: density`).
     fn density(&self, i: usize) -> f64;
 }
@@ -233,8 +228,9 @@ impl Gta {
                 let (d, kept) = w.split_at_mut(len * measured.len());
                 for (((&i, x), d), kept) in measured.iter().zip(&v[1..]).zip(d.chunks_mut(len)).zip(kept.chunks_mut(len)) {
                     delta_into(x, v[0], d);
-                    kept.copy_from_slice(d);
-                    self.sparsifier.mask(&Ctx { offset: r.start, ..*ctx }, c, i, &prepared[i].state, kept);
+                    // From the inputs again (in cache), not a copy of `d` masked in place: one
+                    // pass over `kept` instead of two.
+                    self.sparsifier.masked_delta(&Ctx { offset: r.start, ..*ctx }, c, i, &prepared[i].state, x, v[0], kept);
                 }
                 // Two models at a time (the last one alone: twice, its copy dropped).
                 let (d, kept) = (&*d, &*kept);

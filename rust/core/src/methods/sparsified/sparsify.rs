@@ -438,15 +438,6 @@ impl ChunkRule {
     }
 }
 
-/// Zeroes the dropped entries of `delta` (one chunk) by the window packed in `packed`, of the
-/// descending (`desc`) or ascending magnitude keys.
-pub fn mask_by_window(packed: &[f64], chunk: usize, delta: &mut [f32], desc: bool) {
-    let key = if desc { mag_key_desc } else { mag_key };
-    for (r, rule) in ChunkRule::runs_of(packed, chunk, delta.len(), || delta.iter().map(|&d| key(d)).collect()) {
-        delta[r].iter_mut().for_each(|d| *d = if rule.kept(key(*d)) { *d } else { 0.0 });
-    }
-}
-
 /// `x − base` into `out`, zeroed where `rule` drops its key.
 fn masked_delta_by_rule(rule: ChunkRule, desc: bool, x: &[f32], base: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -470,7 +461,8 @@ fn masked_delta_by_key(rule: ChunkRule, desc: bool, x: &[f32], base: &[f32], out
 }
 }
 
-/// [`delta_into`] then [`mask_by_window`], in one pass per run of one rule.
+/// `x − base` (one chunk) with the entries that the window packed in `packed` drops zeroed,
+/// of the descending (`desc`) or ascending magnitude keys, in one pass per run of one rule.
 pub fn masked_delta_by_window(packed: &[f64], chunk: usize, x: &[f32], base: &[f32], out: &mut [f32], desc: bool) {
     let flip = key_flip(desc);
     let keys = || x.iter().zip(base).map(|(&x, &b)| mag_key(x - b) ^ flip).collect();
@@ -539,8 +531,8 @@ pub mod bits {
     }
 
     /// Zeroes the entries of `delta` (elements `first..`, `first` a multiple of 32) whose bit
-    /// is clear.
-    #[inline]
+    /// is clear (the reference of [`masked_delta`]'s tests).
+    #[cfg(test)]
     pub fn mask(words: &[f64], first: usize, delta: &mut [f32]) {
         debug_assert!(first.is_multiple_of(32));
         for (xs, w) in delta.chunks_mut(32).zip(words_from(words, first / 32)) {
@@ -844,7 +836,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn mask_by_window_keeps_what_the_window_keeps() {
+    fn masked_delta_by_window_of_a_zero_base_keeps_what_the_window_keeps() {
         // Tie groups on both boundaries straddling chunks: whole-chunk rules and ranked chunks.
         let n = 4 * CHUNK + 77;
         let vals: Vec<f32> = (0..n).map(|i| ((crate::rng::mix64(i as u64 + 9) % 5) as f32 - 2.0) * 0.25).collect();
@@ -855,8 +847,8 @@ pub(crate) mod tests {
             w.pack(&mut packed);
             let want = reference(&vals, lo, hi, false);
             for (c, ch) in vals.chunks(CHUNK).enumerate() {
-                let mut d = ch.to_vec();
-                mask_by_window(&packed, c, &mut d, false);
+                let mut d = vec![f32::NAN; ch.len()];
+                masked_delta_by_window(&packed, c, ch, &vec![0.0; ch.len()], &mut d, false);
                 for (j, (&got, &x)) in d.iter().zip(ch).enumerate() {
                     assert_eq!(got.to_bits(), if want[c * CHUNK + j] { x } else { 0.0 }.to_bits(), "lo {lo} hi {hi} at {}", c * CHUNK + j);
                 }

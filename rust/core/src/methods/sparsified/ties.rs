@@ -5,7 +5,7 @@
 //! Memory: a sample of the keys and those near the threshold while finding it (see
 //! [`Window::find`]), then elementwise.
 use super::gta::{Mode, Prepared, Sparsifier};
-use super::sparsify::{delta_keys, mask_by_window, masked_delta_by_window, Rescale, Window};
+use super::sparsify::{delta_keys, masked_delta_by_window, Rescale, Window};
 use crate::error::Result;
 use crate::kernel::{Ctx, TensorIo};
 use crate::params::Params;
@@ -77,10 +77,6 @@ impl<W: RankWindow> Sparsifier for W {
 
     fn prepare_all(&self, _: &Ctx, io: &dyn TensorIo, _: Rescale) -> Result<Vec<Prepared>> {
         prepare_windows(self, io, 0..io.slots() - 1)
-    }
-
-    fn mask(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], delta: &mut [f32]) {
-        mask_by_window(state, chunk, delta, W::DESC);
     }
 
     fn masked_delta(&self, _: &Ctx, chunk: usize, _: usize, state: &[f64], x: &[f32], base: &[f32], out: &mut [f32]) {
