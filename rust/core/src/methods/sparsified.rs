@@ -19,6 +19,7 @@ pub mod breadcrumbs;
 pub mod dare;
 pub mod della;
 pub mod gta;
+pub mod norms;
 pub mod sce;
 pub mod select;
 pub mod sparsify;

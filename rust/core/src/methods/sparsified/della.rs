@@ -20,6 +20,7 @@
 //! engine chunks.
 use super::dare::{coin_words, draws};
 use super::gta::{Mode, Prepared, Sparsifier};
+use super::norms::{sums_of_four, Keys};
 use super::select::radix_sort_pairs;
 use super::sparsify::{bits, mag_key, Rescale};
 use crate::error::{Error, Result};
@@ -149,7 +150,7 @@ fn block_kept(
                 for (p, &l) in q.iter().enumerate() {
                     s[2 * p..2 * p + 2].copy_from_slice(&acc[l]);
                 }
-                sums_of_four(norm, q.map(|l| &sc[l].keys[j..k]), q.map(|l| &sc[l].kept[j..k]), &mut s);
+                sums_of_four(norm, &Keys { keys: q.map(|l| &sc[l].keys[j..k]), kept: q.map(|l| &sc[l].kept[j..k]) }, &mut s);
                 for (p, &l) in q.iter().enumerate() {
                     acc[l] = [s[2 * p], s[2 * p + 1]];
                 }
@@ -183,49 +184,9 @@ fn kept_keys(keys: &[u32], bits: &[u32], out: &mut [u32]) {
 }
 }
 
-/// Continues four lanes' sums `s` (lane `p`: `s[2p]` before masking, `s[2p + 1]` after) over
-/// a piece of a row: its keys (`|Δ|` bits) and its kept keys (0 where dropped). The additions
-/// of [`super::gta`]'s pass over the masked deltas, in the same order.
-fn sums_of_four(norm: Rescale, keys: [&[u32]; 4], kept: [&[u32]; 4], s: &mut [f64; 8]) {
-    let len = keys[0].len();
-    let (keys, kept) = (keys.map(|k| &k[..len]), kept.map(|k| &k[..len]));
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::wide_allowed() && std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected; the lanes hold `len` entries each.
-        return unsafe { x86::sums_of_four(norm, keys, kept, s) };
-    }
-    sums_from(norm, keys, kept, 0, s);
-}
-
-/// [`sums_of_four`] from entry `from` on, one entry of every lane at a time.
-fn sums_from(norm: Rescale, keys: [&[u32]; 4], kept: [&[u32]; 4], from: usize, s: &mut [f64; 8]) {
-    #[inline(always)]
-    fn run(keys: [&[u32]; 4], kept: [&[u32]; 4], from: usize, s: &mut [f64; 8], add: impl Fn(f64, f64) -> f64) {
-        // In locals: sums kept in memory would put a store and a load on each addition's chain.
-        let mut t = *s;
-        for i in from..keys[0].len() {
-            for p in 0..4 {
-                t[2 * p] = add(t[2 * p], f32::from_bits(keys[p][i]) as f64);
-                t[2 * p + 1] = add(t[2 * p + 1], f32::from_bits(kept[p][i]) as f64);
-            }
-        }
-        *s = t;
-    }
-    // One loop per norm (`Rescale::acc`'s operations), not a match per addition.
-    match norm {
-        Rescale::L2 => run(keys, kept, from, s, |a, x| a + x * x),
-        Rescale::Linf => run(keys, kept, from, s, f64::max),
-        _ => run(keys, kept, from, s, |a, x| a + x),
-    }
-}
-
-/// The four lanes' sums side by side in a vector per kind (before, after masking): four
-/// consecutive entries of each lane widened where they lie, then transposed (4×4), so that each
-/// vector addition takes one entry of every lane, in entry order. Gathering one entry from each
-/// lane per step, as the compiler did, took three shuffles per vector on the one shuffle port.
+/// AVX-512 running totals of the bucket counts.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Rescale;
     use std::arch::x86_64::*;
 
     /// [`super::running_totals`] thirty-two buckets at a time: each vector's totals by five
@@ -258,48 +219,6 @@ mod x86 {
             lo += std::mem::take(a) + std::mem::take(b);
             *s = lo;
         }
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn sums_of_four(norm: Rescale, keys: [&[u32]; 4], kept: [&[u32]; 4], s: &mut [f64; 8]) {
-        match norm {
-            Rescale::L2 => run::<2>(norm, keys, kept, s),
-            Rescale::Linf => run::<1>(norm, keys, kept, s),
-            _ => run::<0>(norm, keys, kept, s),
-        }
-    }
-
-    /// `NORM`, `norm`'s operation: 0 sums, 1 maxima, 2 sums of squares (the product rounded,
-    /// then added: no fused multiply-add, as the scalar loop, which takes the last entries).
-    #[target_feature(enable = "avx2")]
-    unsafe fn run<const NORM: u8>(norm: Rescale, keys: [&[u32]; 4], kept: [&[u32]; 4], s: &mut [f64; 8]) {
-        let len = keys[0].len();
-        let (mut before, mut after) = (_mm256_setr_pd(s[0], s[2], s[4], s[6]), _mm256_setr_pd(s[1], s[3], s[5], s[7]));
-        let add = |a: __m256d, x: __m256d| match NORM {
-            2 => _mm256_add_pd(a, _mm256_mul_pd(x, x)),
-            1 => _mm256_max_pd(a, x),
-            _ => _mm256_add_pd(a, x),
-        };
-        let quads = len / 4 * 4;
-        for i in (0..quads).step_by(4) {
-            for (lanes, acc) in [(&keys, &mut before), (&kept, &mut after)] {
-                let c = lanes.map(|l| _mm256_cvtps_pd(_mm_loadu_ps(l.as_ptr().add(i).cast())));
-                let (t0, t1) = (_mm256_unpacklo_pd(c[0], c[1]), _mm256_unpackhi_pd(c[0], c[1]));
-                let (t2, t3) = (_mm256_unpacklo_pd(c[2], c[3]), _mm256_unpackhi_pd(c[2], c[3]));
-                let r0 = _mm256_permute2f128_pd::<0x20>(t0, t2);
-                let r1 = _mm256_permute2f128_pd::<0x20>(t1, t3);
-                let r2 = _mm256_permute2f128_pd::<0x31>(t0, t2);
-                let r3 = _mm256_permute2f128_pd::<0x31>(t1, t3);
-                *acc = add(add(add(add(*acc, r0), r1), r2), r3);
-            }
-        }
-        let (mut b, mut a) = ([0f64; 4], [0f64; 4]);
-        _mm256_storeu_pd(b.as_mut_ptr(), before);
-        _mm256_storeu_pd(a.as_mut_ptr(), after);
-        for p in 0..4 {
-            (s[2 * p], s[2 * p + 1]) = (b[p], a[p]);
-        }
-        super::sums_from(norm, keys, kept, quads, s);
     }
 }
 
@@ -891,27 +810,6 @@ mod tests {
                     let want = norm.fold_parts(parts);
                     assert_eq!((got.0.to_bits(), got.1.to_bits()), (want.0.to_bits(), want.1.to_bits()), "{shape:?} {norm:?} model {k}");
                 }
-            }
-        }
-    }
-
-    /// The four lanes' sums taken side by side (the AVX2 build, where the CPU has it) are the
-    /// entry-by-entry loop's, for every norm, pieces of 0 to 13 entries and a long one, zeros
-    /// among the kept keys, sums already under way.
-    #[test]
-    fn side_by_side_sums_are_the_plain_loop() {
-        for len in (0..14).chain([2051]) {
-            let lane = |s: u64| -> Vec<u32> { (0..len).map(|j| mag_key((crate::rng::normal(s, j as u64) * 0.002) as f32)).collect() };
-            let keys: Vec<Vec<u32>> = (0..4).map(lane).collect();
-            let kept: Vec<Vec<u32>> =
-                keys.iter().enumerate().map(|(p, k)| k.iter().enumerate().map(|(j, &k)| if (j + p) % 3 == 0 { 0 } else { k }).collect()).collect();
-            let (keys, kept) = (std::array::from_fn(|p| keys[p].as_slice()), std::array::from_fn(|p| kept[p].as_slice()));
-            for norm in [Rescale::L1, Rescale::L2, Rescale::Linf] {
-                let start: [f64; 8] = std::array::from_fn(|i| 1e-3 * i as f64);
-                let (mut got, mut want) = (start, start);
-                sums_of_four(norm, keys, kept, &mut got);
-                sums_from(norm, keys, kept, 0, &mut want);
-                assert_eq!(got.map(f64::to_bits), want.map(f64::to_bits), "{norm:?}, {len} entries");
             }
         }
     }

@@ -21,9 +21,10 @@
 //! Memory: `prepare` handles one model at a time with at most one whole-tensor `u32` scratch
 //! buffer (dropped before the next model), or all models row by row (della); `apply` is
 //! elementwise on engine chunks.
+use super::norms::{sums_of_four, Deltas};
 use super::sparsify::{chunk_of, delta_into, phase, scratch, sign, Rescale, RESCALE_EPS, TILE};
 use crate::error::{Error, Result};
-use crate::kernel::{par_chunks, with_work, Ctx, Method, TensorIo};
+use crate::kernel::{par_chunk_groups, with_work, Ctx, Method, TensorIo, CHUNK};
 use crate::params::Params;
 use crate::simd::avx2;
 use rayon::prelude::*;
@@ -168,22 +169,6 @@ pub fn build(name: &str, p: &Params, n: usize, _has_base: bool, spec: Spec, spar
     }))
 }
 
-avx2! {
-/// The norms of two models' deltas before and after masking (`d[k]`, `kept[k]`). Each of the
-/// four sums runs in element order, as a pass of its own would take it; in one loop their
-/// chains of additions overlap instead of each waiting on its own latency.
-fn norms_of_two(norm: Rescale, d: [&[f32]; 2], kept: [&[f32]; 2]) -> [(f64, f64); 2] {
-    let mut s = [0f64; 4];
-    for (((&d0, &k0), &d1), &k1) in d[0].iter().zip(kept[0]).zip(d[1]).zip(kept[1]) {
-        norm.acc(&mut s[0], d0);
-        norm.acc(&mut s[1], k0);
-        norm.acc(&mut s[2], d1);
-        norm.acc(&mut s[3], k1);
-    }
-    [(s[0], s[1]), (s[2], s[3])]
-}
-}
-
 const HEAD: usize = 4; // per model: mode, scale, start, len
 
 impl Gta {
@@ -222,28 +207,45 @@ impl Gta {
             return Ok(scales);
         }
         let slots: Vec<usize> = std::iter::once(0).chain(measured.iter().map(|&i| i + 1)).collect();
-        let parts = par_chunks(io, &slots, |c, r, v| {
-            let len = r.len();
-            with_work(2 * len * measured.len(), |w| {
-                let (d, kept) = w.split_at_mut(len * measured.len());
-                for (((&i, x), d), kept) in measured.iter().zip(&v[1..]).zip(d.chunks_mut(len)).zip(kept.chunks_mut(len)) {
-                    delta_into(x, v[0], d);
-                    // From the inputs again (in cache), not a copy of `d` masked in place: one
-                    // pass over `kept` instead of two.
-                    self.sparsifier.masked_delta(&Ctx { offset: r.start, ..*ctx }, c, i, &prepared[i].state, x, v[0], kept);
+        // Two chunks at a time, each a lane per measured model: each lane's masked delta over
+        // its chunk, then four lanes' sums side by side, the deltas taken again from the
+        // inputs. Per lane, each sum's chain of additions is that of a pass of its own; a
+        // model's chains alone left the adder waiting on each addition.
+        let nm = measured.len();
+        let parts: Vec<Vec<(f64, f64)>> = par_chunk_groups(io, &slots, 2, |chunks| {
+            let lanes: Vec<(usize, usize)> = (0..chunks.len()).flat_map(|c| (0..nm).map(move |k| (c, k))).collect();
+            let mut sums = vec![[0f64; 2]; lanes.len()];
+            with_work(lanes.len() * CHUNK, |masked| {
+                for (&(c, k), masked) in lanes.iter().zip(masked.chunks_mut(CHUNK)) {
+                    let (chunk, r, v) = &chunks[c];
+                    let i = measured[k];
+                    let cx = Ctx { offset: r.start, ..*ctx };
+                    self.sparsifier.masked_delta(&cx, *chunk, i, &prepared[i].state, v[1 + k], v[0], &mut masked[..r.len()]);
                 }
-                // Two models at a time (the last one alone: twice, its copy dropped).
-                let (d, kept) = (&*d, &*kept);
-                let model = |k: usize| (&d[k * len..][..len], &kept[k * len..][..len]);
-                let mut sums: Vec<(f64, f64)> = Vec::with_capacity(measured.len());
-                for k in (0..measured.len()).step_by(2) {
-                    let l = (k + 1).min(measured.len() - 1);
-                    let ((dk, kk), (dl, kl)) = (model(k), model(l));
-                    let two = norms_of_two(norm, [dk, dl], [kk, kl]);
-                    sums.extend(&two[..1 + l - k]);
+                let masked = &*masked;
+                // Each lane's inputs and masked delta.
+                let lane = |l: usize| {
+                    let (c, k) = lanes[l];
+                    let (v, n) = (&chunks[c].2, chunks[c].1.len());
+                    (&v[1 + k][..n], &v[0][..n], &masked[l * CHUNK..][..n])
+                };
+                // Four lanes at a time (the last one repeated to fill four, its copies dropped);
+                // lanes of unequal lengths (a tensor's last chunk among them) one by one.
+                for g in (0..lanes.len()).step_by(4) {
+                    let q = [g, g + 1, g + 2, g + 3].map(|q| q.min(lanes.len() - 1));
+                    let same = q.iter().all(|&l| lane(l).0.len() == lane(q[0]).0.len());
+                    let groups: Vec<[usize; 4]> = if same { vec![q] } else { (g..=q[3]).map(|l| [l; 4]).collect() };
+                    for q in groups {
+                        let mut s = [0f64; 8];
+                        let ls = q.map(lane);
+                        sums_of_four(norm, &Deltas { x: ls.map(|l| l.0), base: ls.map(|l| l.1), masked: ls.map(|l| l.2) }, &mut s);
+                        for (p, &l) in q.iter().enumerate() {
+                            sums[l] = [s[2 * p], s[2 * p + 1]];
+                        }
+                    }
                 }
-                Ok(sums)
-            })
+            });
+            Ok(sums.chunks(nm).map(|c| c.iter().map(|&[b, a]| (b, a)).collect()).collect())
         })?;
         for (k, &i) in measured.iter().enumerate() {
             scales[i] = scale(norm.fold_parts(parts.iter().map(|p| p[k])));
