@@ -523,8 +523,11 @@ fn by_bucket(t: &[u64], sc: &mut RowScratch, out: &mut [u32]) -> usize {
     // Slices and the word in locals: through `sc` and `out`, each entry reloaded them.
     let (exact, us, t, start, mut n) = (&mut exact[..m], &draws[..m], &t[..m], &start[..nb + 1], 0);
     assert!(band.len() <= m.div_ceil(32) && buckets.len() == m);
-    for ((w, &band), j0) in out.iter_mut().zip(band.iter()).zip((0usize..).step_by(32)) {
-        let (mut rest, mut word) = (band, *w);
+    // Two words of the band at a time: the loop's exit, mispredicted about once per pass,
+    // comes half as often.
+    for ((w, band), j0) in out.chunks_mut(2).zip(band.chunks(2)).zip((0usize..).step_by(64)) {
+        let two = |v: &[u32]| u64::from(v[0]) | v.get(1).map_or(0, |&h| u64::from(h) << 32);
+        let (mut rest, mut word) = (two(band), two(w));
         while rest != 0 {
             let b = rest.trailing_zeros();
             rest &= rest - 1;
@@ -540,12 +543,15 @@ fn by_bucket(t: &[u64], sc: &mut RowScratch, out: &mut [u32]) -> usize {
                 debug_assert!(bk < nb && lo <= hi && hi < m);
                 (*us.get_unchecked(j), *t.get_unchecked(lo), *t.get_unchecked(hi))
             };
-            word |= u32::from(u < tl) << b;
+            word |= u64::from(u < tl) << b;
             // SAFETY: as above, `n ≤ j < m`.
             unsafe { *exact.get_unchecked_mut(n) = j as u32 };
             n += usize::from(u >= tl && u < th);
         }
-        *w = word;
+        w[0] = word as u32;
+        if let Some(h) = w.get_mut(1) {
+            *h = (word >> 32) as u32;
+        }
     }
     n
 }
