@@ -468,3 +468,58 @@ mod x86_512 {
         len
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::CHUNK;
+    use crate::methods::sparsified::dare::{kept, Random};
+
+    /// The rescale factors of the pass over chunk pairs are those of a pass per model and chunk
+    /// (in element order, folded in chunk order): one and several chunks, a partial last chunk
+    /// beside a whole one (lanes of unequal lengths), two and three models (a group of four
+    /// lanes filled by repeating its last), every measured norm.
+    #[test]
+    fn rescale_factors_are_a_pass_per_model_and_chunk() {
+        for (numel, n) in [(777usize, 2usize), (3 * CHUNK + 777, 3), (4 * CHUNK, 2)] {
+            let r = |s: u64| -> Vec<f32> { (0..numel).map(|j| half::bf16::from_f64(crate::rng::normal(s, j as u64) * 0.02).to_f32()).collect() };
+            let base = r(1);
+            let xs: Vec<Vec<f32>> = (2..2 + n as u64).map(|s| base.iter().zip(r(s)).map(|(&b, d)| b + 0.1 * d).collect()).collect();
+            let views: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            let io = crate::kernel::Slices::new(Some(&base), &views);
+            let shape = [numel];
+            let ctx = Ctx { tensor: "w", shape: &shape, offset: 0, seed: 5 };
+            let density: Vec<f64> = (0..n).map(|i| 0.3 + 0.2 * i as f64).collect();
+            let map = serde_json::json!({ "density": density }).as_object().cloned().unwrap();
+            let params = Params::new(crate::methods::spec("dare_ties").unwrap(), &map);
+            for rescale in [Rescale::L1, Rescale::L2, Rescale::Linf] {
+                let gta = Gta {
+                    sparsifier: Box::new(Random::build("dare_ties", &params, n).unwrap()),
+                    weights: vec![1.0; n],
+                    consensus: None,
+                    count_mean: false,
+                    normalize: false,
+                    lambda: 1.0,
+                    rescale,
+                    linear_divisor: 1.0,
+                };
+                let prepared = gta.sparsifier.prepare_all(&ctx, &io, rescale).unwrap();
+                let got = gta.scales(&ctx, &io, &prepared).unwrap();
+                for (i, &got) in got.iter().enumerate() {
+                    let parts = (0..numel).step_by(CHUNK).map(|c| {
+                        let mut s = (0f64, 0f64);
+                        for g in c..(c + CHUNK).min(numel) {
+                            let d = xs[i][g] - base[g];
+                            rescale.acc(&mut s.0, d);
+                            rescale.acc(&mut s.1, if kept(5, "w", i, g, density[i]) { d } else { 0.0 });
+                        }
+                        s
+                    });
+                    let (b, a) = rescale.fold_parts(parts);
+                    let want = rescale.finish(b) / rescale.finish(a);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{numel} elements, model {i} of {n}, {rescale:?}");
+                }
+            }
+        }
+    }
+}

@@ -663,7 +663,9 @@ impl Rescale {
         })
     }
 
-    #[inline]
+    /// Adds `x` to a sum of this norm (the kernels' lanes of sums take the same operations
+    /// side by side: `norms.rs`): the reference of their tests.
+    #[cfg(test)]
     pub fn acc(self, acc: &mut f64, x: f32) {
         let x = x as f64;
         match self {
