@@ -276,8 +276,8 @@ mod x86_512 {
             let (mut m, mut lo) = ([0f64; 8], [0f64; 8]);
             for k in 0..rows {
                 let r = &v[at[k]..][..len];
-                m[k] = r.iter().fold(f32::NEG_INFINITY, |m, &t| m.max(t)) as f64;
-                lo[k] = r.iter().fold(f32::INFINITY, |m, &t| m.min(t)) as f64;
+                let (hi, least) = max_min(r);
+                (m[k], lo[k]) = (hi as f64, least as f64);
                 narrow &= lo[k] - m[k] >= RECIPROCAL_RANGE;
             }
             let last = m[rows - 1];
@@ -315,6 +315,28 @@ mod x86_512 {
         let mut v = [0f64; 8];
         _mm512_storeu_pd(v.as_mut_ptr(), kl);
         out.iter_mut().zip(v).for_each(|(o, kl)| *o = kl as f32);
+    }
+
+    /// A row's largest and least values, sixteen at a time (the fold by `f32::max` waited on
+    /// each comparison: 12% of the pass). As that fold, NaNs are passed over (`max_ps(v, acc)`
+    /// gives `acc` where either is NaN); of zeros of either sign either may come back, and the
+    /// KL's bits do not depend on which (`t − m` is the same value either way).
+    #[inline(always)]
+    unsafe fn max_min(r: &[f32]) -> (f32, f32) {
+        let (mut hi, mut lo) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_set1_ps(f32::INFINITY));
+        let mut blocks = r.chunks_exact(16);
+        for c in &mut blocks {
+            let v = _mm512_loadu_ps(c.as_ptr());
+            (hi, lo) = (_mm512_max_ps(v, hi), _mm512_min_ps(v, lo));
+        }
+        let rest = blocks.remainder();
+        let (mut h, mut l) = ([0f32; 16], [0f32; 16]);
+        _mm512_storeu_ps(h.as_mut_ptr(), hi);
+        _mm512_storeu_ps(l.as_mut_ptr(), lo);
+        (
+            h.into_iter().chain(rest.iter().copied()).fold(f32::NEG_INFINITY, f32::max),
+            l.into_iter().chain(rest.iter().copied()).fold(f32::INFINITY, f32::min),
+        )
     }
 }
 
