@@ -46,7 +46,7 @@ pub fn windows(io: &dyn TensorIo, groups: &[(&[usize], usize, usize)], key_fn: &
         })
         .collect::<Result<Vec<_>>>()?;
     let tallies = count(io, &gs, key_fn, None, None)?;
-    Ok(tallies.iter().zip(groups).map(|(t, &(_, lo, hi))| window_of(t, lo, hi)).collect())
+    Ok(tallies.iter().zip(groups).zip(&gs).map(|((t, &(_, lo, hi)), g)| window_of(t, lo, hi, g.br)).collect())
 }
 
 /// `k = k_of(z)` where `z` counts the keys `key_fn` gives that equal `zero`, and the window
@@ -73,13 +73,13 @@ pub fn keys_and_top(
     let tallies = count(io, &[Group { slots, br }], key_fn, keys, Some(zero))?.remove(0);
     let zeros: u64 = tallies.iter().map(|t| t.zeros).sum();
     let k = k_of(zeros as usize).min(numel);
-    Ok((k, if k == 0 { None } else { window_of(&tallies, 0, k) }))
+    Ok((k, if k == 0 { None } else { window_of(&tallies, 0, k, br) }))
 }
 
 /// The window `[lo, hi)` from the chunks' tallies, `None` where a boundary rank missed.
-fn window_of(tallies: &[Tally], lo: usize, hi: usize) -> Option<Window> {
-    let (a, less_a, eq_a) = boundary(tallies, 0, lo)?;
-    let (b, less_b, eq_b) = boundary(tallies, 1, hi - 1)?;
+fn window_of(tallies: &[Tally], lo: usize, hi: usize, br: [(u32, u32); 2]) -> Option<Window> {
+    let (a, less_a, eq_a) = boundary(tallies, 0, lo, br[0])?;
+    let (b, less_b, eq_b) = boundary(tallies, 1, hi - 1, br[1])?;
     Some(Window { lo: lo as u64, hi: hi as u64, a, b, less_a, less_b, eq_a, eq_b })
 }
 
@@ -199,6 +199,9 @@ fn brackets(s: &Sample, numel: usize, ranks: [usize; 2]) -> [(u32, u32); 2] {
 struct Tally {
     below: [u64; 2],
     inside: [Vec<u32>; 2],
+    /// The count of keys inside a bracket of one key (whose list stays empty: a boundary
+    /// inside a run of ties, as zero deltas where a fine-tune left most weights unchanged).
+    equal: [u64; 2],
     zeros: u64,
 }
 
@@ -245,16 +248,24 @@ fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<&mut
                 for (g, at) in groups.iter().zip(&at) {
                     let mut t = Tally::default();
                     let br = [g.br[0].0, g.br[0].1, g.br[1].0, g.br[1].1];
+                    let single = g.br.map(|(low, high)| low == high);
+                    let tile_tally = |keys: &[u32], t: &mut Tally| {
+                        tally(keys, br, &mut t.below, &mut t.inside);
+                        for i in (0..2).filter(|&i| single[i]) {
+                            t.equal[i] += t.inside[i].len() as u64;
+                            t.inside[i].clear();
+                        }
+                    };
                     if let Some(keys) = out.take() {
                         // The whole chunk's keys at once (a key function may set up per call).
                         key_fn(slices(&mut views, bufs, at, 0..r.len()), keys);
-                        keys.chunks(TILE).for_each(|k| tally(k, br, &mut t.below, &mut t.inside));
+                        keys.chunks(TILE).for_each(|k| tile_tally(k, &mut t));
                         t.zeros = zeros(keys);
                     } else {
                         for s in (0..r.len()).step_by(TILE) {
                             let n = TILE.min(r.len() - s);
                             key_fn(slices(&mut views, bufs, at, s..s + n), &mut tile[..n]);
-                            tally(&tile[..n], br, &mut t.below, &mut t.inside);
+                            tile_tally(&tile[..n], &mut t);
                             t.zeros += zeros(&tile[..n]);
                         }
                     }
@@ -383,22 +394,31 @@ mod x86 {
 
 /// Boundary `i`'s key (the one at `rank`), the count of keys below it, and per chunk the
 /// count of keys equal to it in the chunks before (one more entry: all of them); `None`
-/// where `rank` is not among the keys inside the bracket.
-fn boundary(tallies: &[Tally], i: usize, rank: usize) -> Option<(u32, u64, Vec<u64>)> {
+/// where `rank` is not among the keys inside the bracket `br`.
+fn boundary(tallies: &[Tally], i: usize, rank: usize, br: (u32, u32)) -> Option<(u32, u64, Vec<u64>)> {
     let below: u64 = tallies.iter().map(|t| t.below[i]).sum();
     let r = (rank as u64).checked_sub(below)? as usize;
-    let mut inside: Vec<u32> = tallies.iter().flat_map(|t| t.inside[i].iter().copied()).collect();
-    if r >= inside.len() {
-        return None;
-    }
-    let key = *inside.select_nth_unstable(r).1;
-    let less = below + inside.iter().filter(|&&k| k < key).count() as u64;
+    // A bracket of one key: the keys inside were counted, not kept.
+    let single = br.0 == br.1;
+    let (key, less) = if single {
+        if r as u64 >= tallies.iter().map(|t| t.equal[i]).sum::<u64>() {
+            return None;
+        }
+        (br.0, below)
+    } else {
+        let mut inside: Vec<u32> = tallies.iter().flat_map(|t| t.inside[i].iter().copied()).collect();
+        if r >= inside.len() {
+            return None;
+        }
+        let key = *inside.select_nth_unstable(r).1;
+        (key, below + inside.iter().filter(|&&k| k < key).count() as u64)
+    };
     let mut seen = 0u64;
     let mut eq: Vec<u64> = tallies
         .iter()
         .map(|t| {
             let before = seen;
-            seen += t.inside[i].iter().filter(|&&k| k == key).count() as u64;
+            seen += if single { t.equal[i] } else { t.inside[i].iter().filter(|&&k| k == key).count() as u64 };
             before
         })
         .collect();
@@ -451,6 +471,9 @@ mod tests {
             ("one chunk", noise(CHUNK - 100, 3)),
             ("ragged", noise(9 * CHUNK + 12345, 4)),
             ("rows", rows(40 * CHUNK)),
+            // Mostly zeros (a fine-tune that left most weights unchanged): boundaries inside the
+            // run of zero keys, whose brackets hold that one key.
+            ("zeros", noise(5 * CHUNK + 77, 6).iter().enumerate().map(|(i, &x)| if crate::rng::mix64(i as u64) % 5 < 3 { 0.0 } else { x }).collect()),
         ];
         for (name, vals) in &cases {
             let n = vals.len();
