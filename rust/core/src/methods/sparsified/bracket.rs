@@ -177,6 +177,12 @@ fn select_at(s: &mut [u32], at: &[usize]) {
 /// the sample).
 fn brackets(s: &Sample, numel: usize, ranks: [usize; 2]) -> [(u32, u32); 2] {
     let m = s.keys.len();
+    if let Some(&v) = s.keys.first().filter(|&&v| s.keys.iter().all(|&k| k == v)) {
+        // Every sampled key the same (a tensor the fine-tune left unchanged): brackets of that
+        // one key, counted, not collected. Should the tensor hold other keys after all, a rank
+        // outside that key's run misses its bracket, and the caller takes the exact path.
+        return [(v, v); 2];
+    }
     let mut t = s.keys.clone();
     let mid = ranks.map(|r| ((r as f64 / numel as f64 * m as f64) as usize).min(m - 1));
     let mut want = mid.to_vec();
@@ -474,6 +480,8 @@ mod tests {
             // Mostly zeros (a fine-tune that left most weights unchanged): boundaries inside the
             // run of zero keys, whose brackets hold that one key.
             ("zeros", noise(5 * CHUNK + 77, 6).iter().enumerate().map(|(i, &x)| if crate::rng::mix64(i as u64) % 5 < 3 { 0.0 } else { x }).collect()),
+            // Nothing but zeros (a tensor the fine-tune left unchanged).
+            ("frozen", vec![0.0; 3 * CHUNK + 5]),
         ];
         for (name, vals) in &cases {
             let n = vals.len();
@@ -539,6 +547,27 @@ mod tests {
                     assert_eq!(w, Some(Window::from_keys(&want_keys, &hist, 0, k)), "topk {topk}");
                 }
             }
+        }
+    }
+
+    /// A tensor of one key but for a few the sample misses: the brackets of that one key miss
+    /// the ranks outside its run, and `Window::find` then takes the exact path.
+    #[test]
+    fn a_sample_of_one_key_misses_the_keys_it_did_not_see() {
+        let n = 4 * CHUNK;
+        let mut vals = vec![0.0f32; n];
+        for (i, v) in [(17, 3.0f32), (CHUNK + 5, -2.0), (3 * CHUNK + 9, 1.0)] {
+            vals[i] = v;
+        }
+        let io = Slices::new(None, &[&vals]);
+        for desc in [false, true] {
+            // The top three (or bottom three) magnitudes are the keys the sample did not see.
+            let (lo, hi) = if desc { (0, n / 2) } else { (n / 2, n) };
+            assert_eq!(window(&io, &[0], lo, hi, &keys_of(desc)).unwrap(), None, "desc {desc}");
+            assert_eq!(Window::find(&io, &[0], lo, hi, &keys_of(desc)).unwrap(), exact(&vals, lo, hi, desc), "desc {desc}");
+            // A window inside the run of zeros is found from the sample.
+            let (lo, hi) = if desc { (10, n / 2) } else { (n / 2, n - 10) };
+            assert_eq!(window(&io, &[0], lo, hi, &keys_of(desc)).unwrap(), Some(exact(&vals, lo, hi, desc)), "desc {desc}");
         }
     }
 
