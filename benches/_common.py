@@ -185,20 +185,21 @@ def _base_values(name: str, shape: Tuple[int, ...], seed: int):
 
 def tensor_values(name: str, shape: Tuple[int, ...], seed: int,
                   base_seed: Optional[int] = None, delta_std: float = 0.0,
-                  delta_corr: float = 0.0):
+                  delta_corr: float = 0.0, frozen: Sequence[str] = ()):
     """bf16 (ml_dtypes) values of one tensor, exactly as :func:`generate_model` writes them.
 
     ``base_seed`` None: an independent model from ``seed``.  Otherwise a fine-tune of the base
     model ``base_seed``: base + ``delta_std`` * (sqrt(c) * S + sqrt(1 - c) * N) with
     c = ``delta_corr``, N ~ N(0, 1) drawn from ``seed`` and S ~ N(0, 1) shared by every
     fine-tune of that base (so two fine-tunes' deltas have correlation ~c: with c > 0 the
-    TIES sign election has a majority to find).
+    TIES sign election has a majority to find). A fine-tune's tensors whose names contain one
+    of ``frozen`` equal the base's (layers a fine-tune left unchanged, e.g. embeddings).
     """
     import ml_dtypes
     import numpy as np
 
-    if base_seed is None:
-        x = _base_values(name, shape, seed)
+    if base_seed is None or any(f in name for f in frozen):
+        x = _base_values(name, shape, seed if base_seed is None else base_seed)
     else:
         x = _base_values(name, shape, base_seed)
         rng = np.random.default_rng(_tensor_seed(seed, "delta:" + name))
@@ -233,7 +234,7 @@ def plan_shards(spec: LlamaSpec) -> List[List[Tuple[str, Tuple[int, ...]]]]:
 
 
 def _meta(spec: LlamaSpec, seed: int, base_seed: Optional[int], delta_std: float,
-          delta_corr: float = 0.0) -> dict:
+          delta_corr: float = 0.0, frozen: Sequence[str] = ()) -> dict:
     m = {
         "generator_version": GENERATOR_VERSION,
         "spec": dataclasses.asdict(spec),
@@ -243,17 +244,20 @@ def _meta(spec: LlamaSpec, seed: int, base_seed: Optional[int], delta_std: float
     }
     if base_seed is not None and delta_corr:
         m["delta_corr"] = delta_corr
+    if base_seed is not None and frozen:
+        m["frozen"] = list(frozen)
     return m
 
 
 def generate_model(out_dir: Path | str, spec: LlamaSpec, seed: int,
                    base_seed: Optional[int] = None, delta_std: float = 0.0,
-                   delta_corr: float = 0.0, force: bool = False, verbose: bool = True) -> Path:
+                   delta_corr: float = 0.0, force: bool = False, verbose: bool = True,
+                   frozen: Sequence[str] = ()) -> Path:
     """Write a Llama-shaped bf16 checkpoint to ``out_dir`` (cached; see module doc)."""
     import safetensors.numpy
 
     out_dir = Path(out_dir)
-    meta = _meta(spec, seed, base_seed, delta_std, delta_corr)
+    meta = _meta(spec, seed, base_seed, delta_std, delta_corr, frozen)
     meta_path = out_dir / "bench_meta.json"
     if not force and meta_path.exists():
         try:
@@ -275,7 +279,7 @@ def generate_model(out_dir: Path | str, spec: LlamaSpec, seed: int,
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {}
         for name, shape in shard:
-            tensors[name] = tensor_values(name, shape, seed, base_seed, delta_std, delta_corr)
+            tensors[name] = tensor_values(name, shape, seed, base_seed, delta_std, delta_corr, frozen)
             weight_map[name] = fname
         safetensors.numpy.save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
         del tensors
@@ -308,12 +312,14 @@ def ensure_pair(size: str, root: Path | str = BENCH_DATA) -> Tuple[Path, Path]:
 
 def ensure_model_set(size: str, n_finetunes: int = 2, delta_std: float = 0.002,
                      delta_corr: float = 0.0, base_seed: int = 100,
-                     root: Path | str = BENCH_DATA) -> Tuple[Path, List[Path]]:
+                     root: Path | str = BENCH_DATA,
+                     frozen: Sequence[str] = ()) -> Tuple[Path, List[Path]]:
     """A base model and ``n_finetunes`` fine-tunes (base + delta_std * N(0, 1), seeds 101...).
 
     Default delta_std = 0.002 = 10% of the weights' std (0.02): deltas are small enough to be
     'fine-tunes' (cosine to the base ~0.995) yet far above bf16 rounding of the base (~1e-4).
-    ``delta_corr`` > 0 correlates the fine-tunes' deltas (see :func:`tensor_values`).
+    ``delta_corr`` > 0 correlates the fine-tunes' deltas (see :func:`tensor_values`); the
+    tensors whose names contain one of ``frozen`` are the base's.
     For TIES / DARE / model_stock / task_arithmetic benches.
     """
     spec = get_spec(size)
@@ -322,9 +328,11 @@ def ensure_model_set(size: str, n_finetunes: int = 2, delta_std: float = 0.002,
     tag = f"{delta_std:g}".replace(".", "p")
     if delta_corr:
         tag += "_c" + f"{delta_corr:g}".replace(".", "p")
+    if frozen:
+        tag += "_frozen-" + "-".join(frozen)
     fts = [generate_model(root / f"{spec.name}_base{base_seed}_ft{k + 1}_d{tag}", spec,
                           seed=base_seed + k + 1, base_seed=base_seed, delta_std=delta_std,
-                          delta_corr=delta_corr)
+                          delta_corr=delta_corr, frozen=frozen)
            for k in range(n_finetunes)]
     return base, fts
 

@@ -65,6 +65,9 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--delta-std", type=float, default=0.002,
                     help="fine-tunes' delta std (weights' 0.02); 0.00003 leaves ~60%% of bf16 deltas zero, "
                          "as a fine-tune whose updates are mostly below the weights' unit in the last place")
+    ap.add_argument("--frozen", default="",
+                    help="comma-separated parts of tensor names the fine-tunes leave equal to the base "
+                         "(e.g. embed,lm_head,norm: layers a fine-tune or a LoRA did not touch)")
     ap.add_argument("--data", type=Path, default=C.BENCH_DATA)
     ap.add_argument("--python", default=sys.executable)
     args = ap.parse_args(argv)
@@ -72,7 +75,8 @@ def main(argv: List[str] | None = None) -> int:
         if not b.is_file():
             ap.error(f"no build at {b}")
 
-    base, fts = C.ensure_model_set(args.size, 2, args.delta_std, 0.5, root=args.data)
+    frozen = tuple(f for f in args.frozen.split(",") if f)
+    base, fts = C.ensure_model_set(args.size, 2, args.delta_std, 0.5, root=args.data, frozen=frozen)
     paths: Dict[str, Path] = {"base": base, "ft1": fts[0], "ft2": fts[1]}
     if any(k.startswith("fisher") for k in CASES[args.method].inputs):
         paths.update(zip(("fisher1", "fisher2"), ensure_fishers(args.size, fts, args.data)))
@@ -102,7 +106,8 @@ def main(argv: List[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
         digests = [C.folder_digest(o) for o in outs]
 
-    print(f"# {args.method} at {args.size} (delta std {args.delta_std:g}): {args.rounds} rounds, {args.merges} merges per process, "
+    print(f"# {args.method} at {args.size} (delta std {args.delta_std:g}"
+          f"{', frozen ' + args.frozen if frozen else ''}): {args.rounds} rounds, {args.merges} merges per process, "
           f"load {load0:.1f} -> {os.getloadavg()[0]:.1f} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
     print("| build | wall s (each round) | median wall s | × first | median CPU s | × first | output |")
     print("|---|---|---:|---:|---:|---:|---|")

@@ -697,6 +697,9 @@ def main(argv=None) -> int:
                     help="fine-tune delta std (weights' std is 0.02)")
     ap.add_argument("--delta-corr", type=float, default=0.5,
                     help="correlation of the two fine-tunes' deltas")
+    ap.add_argument("--frozen", default="",
+                    help="comma-separated parts of tensor names the fine-tunes leave equal to the base "
+                         "(e.g. embed,lm_head,norm)")
     ap.add_argument("--data", default=str(C.BENCH_DATA))
     ap.add_argument("--keep-data", action="store_true",
                     help="keep the generated models (default: delete 1.1b inputs at the end)")
@@ -765,7 +768,8 @@ def main(argv=None) -> int:
     generated: List[Path] = []
     for size in sizes:
         print(f"[{size}] preparing base + 2 fine-tunes in {data}", file=sys.stderr, flush=True)
-        base, fts = C.ensure_model_set(size, 2, args.delta_std, args.delta_corr, root=data)
+        base, fts = C.ensure_model_set(size, 2, args.delta_std, args.delta_corr, root=data,
+                                       frozen=tuple(f for f in args.frozen.split(",") if f))
         paths = {"base": base, "ft1": fts[0], "ft2": fts[1]}
         generated += [base, *fts]
         if any(k.startswith("fisher") for m in methods for k in CASES[m].inputs):
@@ -786,7 +790,8 @@ def main(argv=None) -> int:
           f"repeats={args.repeats}, total {total:.0f} s)")
     print(f"# load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
           f"(load at start: {load0})")
-    print(f"# base + 2 fine-tunes (delta std {args.delta_std:g}, corr {args.delta_corr:g}); "
+    print(f"# base + 2 fine-tunes (delta std {args.delta_std:g}, corr {args.delta_corr:g}"
+          f"{', frozen ' + args.frozen if args.frozen else ''}); "
           f"ties/dare_ties density {DENSITY} weight {WEIGHTS[0]} each, dare_ties seed "
           f"{args.seed}; bf16 in/out")
     print("# wall = median subprocess wall time (imports included); CPU = median user+sys; "
