@@ -206,7 +206,8 @@ struct Tally {
     below: [u64; 2],
     inside: [Vec<u32>; 2],
     /// The count of keys inside a bracket of one key (whose list stays empty: a boundary
-    /// inside a run of ties, as zero deltas where a fine-tune left most weights unchanged).
+    /// inside a run of ties, as zero deltas where a fine-tune left most weights unchanged,
+    /// counted, not collected).
     equal: [u64; 2],
     zeros: u64,
 }
@@ -254,24 +255,16 @@ fn count(io: &dyn TensorIo, groups: &[Group], key_fn: &KeyFn, store: Option<&mut
                 for (g, at) in groups.iter().zip(&at) {
                     let mut t = Tally::default();
                     let br = [g.br[0].0, g.br[0].1, g.br[1].0, g.br[1].1];
-                    let single = g.br.map(|(low, high)| low == high);
-                    let tile_tally = |keys: &[u32], t: &mut Tally| {
-                        tally(keys, br, &mut t.below, &mut t.inside);
-                        for i in (0..2).filter(|&i| single[i]) {
-                            t.equal[i] += t.inside[i].len() as u64;
-                            t.inside[i].clear();
-                        }
-                    };
                     if let Some(keys) = out.take() {
                         // The whole chunk's keys at once (a key function may set up per call).
                         key_fn(slices(&mut views, bufs, at, 0..r.len()), keys);
-                        keys.chunks(TILE).for_each(|k| tile_tally(k, &mut t));
+                        keys.chunks(TILE).for_each(|k| tally(k, br, &mut t));
                         t.zeros = zeros(keys);
                     } else {
                         for s in (0..r.len()).step_by(TILE) {
                             let n = TILE.min(r.len() - s);
                             key_fn(slices(&mut views, bufs, at, s..s + n), &mut tile[..n]);
-                            tile_tally(&tile[..n], &mut t);
+                            tally(&tile[..n], br, &mut t);
                             t.zeros += zeros(&tile[..n]);
                         }
                     }
@@ -297,26 +290,30 @@ fn slices<'v, 'b>(views: &'v mut Vec<&'b [f32]>, bufs: &'b [Vec<f32>], at: &[usi
     views
 }
 
-/// Adds to `below[i]` the keys under bracket `i` (`[br[2i], br[2i + 1]]`) and pushes those
-/// inside it to `inside[i]`; at most [`TILE`] keys. Inside is one unsigned comparison,
-/// `k − low ≤ high − low`.
-fn tally(keys: &[u32], br: [u32; 4], below: &mut [u64; 2], inside: &mut [Vec<u32>; 2]) {
+/// Adds to `t.below[i]` the keys under bracket `i` (`[br[2i], br[2i + 1]]`) and pushes those
+/// inside it to `t.inside[i]`, or counts them in `t.equal[i]` where the bracket is of one key;
+/// at most [`TILE`] keys. Inside is one unsigned comparison, `k − low ≤ high − low`.
+fn tally(keys: &[u32], br: [u32; 4], t: &mut Tally) {
     assert!(keys.len() <= TILE);
     #[cfg(target_arch = "x86_64")]
     if crate::simd::wide_allowed() && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") {
         // SAFETY: AVX2 and POPCNT were just detected.
-        return unsafe { x86::tally(keys, br, below, inside) };
+        return unsafe { x86::tally(keys, br, t) };
     }
-    tally_scalar(keys, br, below, inside);
+    tally_scalar(keys, br, t);
 }
 
-fn tally_scalar(keys: &[u32], br: [u32; 4], below: &mut [u64; 2], inside: &mut [Vec<u32>; 2]) {
+fn tally_scalar(keys: &[u32], br: [u32; 4], t: &mut Tally) {
     for &k in keys {
-        for (i, (b, list)) in below.iter_mut().zip(inside.iter_mut()).enumerate() {
+        for i in 0..2 {
             let (low, high) = (br[2 * i], br[2 * i + 1]);
-            *b += u64::from(k < low);
+            t.below[i] += u64::from(k < low);
             if k.wrapping_sub(low) <= high.wrapping_sub(low) {
-                list.push(k);
+                if low == high {
+                    t.equal[i] += 1;
+                } else {
+                    t.inside[i].push(k);
+                }
             }
         }
     }
@@ -351,7 +348,7 @@ mod x86 {
     /// # Safety
     /// AVX2 and POPCNT must be available.
     #[target_feature(enable = "avx2,popcnt")]
-    pub unsafe fn tally(keys: &[u32], br: [u32; 4], below: &mut [u64; 2], inside: &mut [Vec<u32>; 2]) {
+    pub unsafe fn tally(keys: &[u32], br: [u32; 4], t: &mut super::Tally) {
         // Unsigned order as signed order with the top bit flipped.
         let flip = _mm256_set1_epi32(i32::MIN);
         let (l0, l1) = (_mm256_set1_epi32(br[0] as i32), _mm256_set1_epi32(br[2] as i32));
@@ -361,10 +358,14 @@ mod x86 {
         // Minus the counts below, per lane (at most `TILE / 8` each).
         let (mut u0, mut u1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
         // The keys inside go straight to the lists' spare room: whole vectors stored, each
-        // next one from just past the kept lanes.
-        let [v0, v1] = &mut *inside;
-        v0.reserve(keys.len() + 8);
-        v1.reserve(keys.len() + 8);
+        // next one from just past the kept lanes; those of a bracket of one key are only counted.
+        let single = [br[0] == br[1], br[2] == br[3]];
+        let [v0, v1] = &mut t.inside;
+        for (v, s) in [(&mut *v0, single[0]), (&mut *v1, single[1])] {
+            if !s {
+                v.reserve(keys.len() + 8);
+            }
+        }
         let (p0, p1) = (v0.as_mut_ptr().add(v0.len()), v1.as_mut_ptr().add(v1.len()));
         let (mut n0, mut n1) = (0usize, 0usize);
         let kept = |k: __m256i, l: __m256i, wx: __m256i| {
@@ -381,20 +382,29 @@ mod x86 {
             let (m0, m1) = (kept(k, l0, wx0), kept(k, l1, wx1));
             // SAFETY: `n0`, `n1` count keys of earlier octets, so the 8 lanes stored end within
             // the `keys.len() + 8` reserved.
-            _mm256_storeu_si256(p0.add(n0).cast(), front(k, m0));
-            _mm256_storeu_si256(p1.add(n1).cast(), front(k, m1));
+            if !single[0] {
+                _mm256_storeu_si256(p0.add(n0).cast(), front(k, m0));
+            }
+            if !single[1] {
+                _mm256_storeu_si256(p1.add(n1).cast(), front(k, m1));
+            }
             n0 += m0.count_ones() as usize;
             n1 += m1.count_ones() as usize;
         }
-        // SAFETY: the first `n0` (`n1`) slots past each list's length were written above.
-        v0.set_len(v0.len() + n0);
-        v1.set_len(v1.len() + n1);
-        for (b, u) in below.iter_mut().zip([u0, u1]) {
+        for (i, (v, n)) in [(v0, n0), (v1, n1)].into_iter().enumerate() {
+            if single[i] {
+                t.equal[i] += n as u64;
+            } else {
+                // SAFETY: the first `n` slots past the list's length were written above.
+                v.set_len(v.len() + n);
+            }
+        }
+        for (b, u) in t.below.iter_mut().zip([u0, u1]) {
             let mut lanes = [0i32; 8];
             _mm256_storeu_si256(lanes.as_mut_ptr().cast(), u);
             *b += lanes.iter().map(|&c| u64::from(c.unsigned_abs())).sum::<u64>();
         }
-        super::tally_scalar(octets.remainder(), br, below, inside);
+        super::tally_scalar(octets.remainder(), br, t);
     }
 }
 
@@ -590,7 +600,7 @@ mod tests {
     }
 
     /// Both builds of `tally` against a plain count, for brackets at the extremes, empty
-    /// and full ones, and lengths that leave a remainder.
+    /// and full ones, of one key (counted, not collected), and lengths that leave a remainder.
     #[test]
     fn tally_counts_and_collects() {
         let keys: Vec<u32> = (0..TILE as u64).map(|i| (crate::rng::mix64(i) as u32) >> (i % 3 * 8)).collect();
@@ -606,12 +616,17 @@ mod tests {
                     .collect();
                 for wide in [true, false] {
                     crate::simd::baseline_only(!wide);
-                    let (mut below, mut inside) = ([3, 4], [vec![9], vec![]]);
-                    tally(ks, br, &mut below, &mut inside);
+                    let mut t = Tally { below: [3, 4], inside: [vec![9], vec![]], equal: [5, 6], zeros: 0 };
+                    tally(ks, br, &mut t);
                     crate::simd::baseline_only(false);
-                    assert_eq!(below, [3 + want[0].0, 4 + want[1].0], "{br:?} {len} wide {wide}");
-                    assert_eq!(inside[0][1..], want[0].1[..], "{br:?} {len} wide {wide}");
-                    assert_eq!(inside[1], want[1].1, "{br:?} {len} wide {wide}");
+                    assert_eq!(t.below, [3 + want[0].0, 4 + want[1].0], "{br:?} {len} wide {wide}");
+                    // A bracket of one key counts its keys and leaves its list as it was.
+                    for (i, start) in [(0, vec![9]), (1, vec![])] {
+                        let (list, count) =
+                            if br[2 * i] == br[2 * i + 1] { (start, want[i].1.len() as u64) } else { ([start, want[i].1.clone()].concat(), 0) };
+                        assert_eq!(t.inside[i], list, "{br:?} {len} wide {wide} bracket {i}");
+                        assert_eq!(t.equal[i], [5, 6][i] + count, "{br:?} {len} wide {wide} bracket {i}");
+                    }
                 }
             }
         }
