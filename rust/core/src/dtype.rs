@@ -131,20 +131,27 @@ pub fn first_non_finite(x: &[f32]) -> Option<usize> {
 }
 
 avx2! {
-/// Widens with the finiteness test in the same block loop (the AVX2 build: twice the elements
-/// per instruction of the baseline's SSE2).
+/// Widens with the finiteness test in the same loop (the AVX2 build: twice the elements per
+/// instruction of the baseline's SSE2). The test is a running minimum of the inverted exponent
+/// bits, zero where a value's are all ones: one vector instruction more per load (from L2,
+/// 0.16 → 0.11 ns per element against a scan of each block before widening it; in merges the
+/// loads from the page cache dominate).
 fn widen_bf16_finite(src: &[u16], dst: &mut [f32]) -> Option<usize> {
     debug_assert_eq!(src.len(), dst.len());
     const BLOCK: usize = 1024;
     for (b, (s, d)) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)).enumerate() {
-        if s.iter().fold(false, |acc, &x| acc | (x & 0x7f80 == 0x7f80)) {
+        let mut finite = u16::MAX;
+        // A finite bf16 is the high half of its f32.
+        d.iter_mut().zip(s).for_each(|(o, &x)| {
+            finite = finite.min(!x & 0x7f80);
+            *o = f32::from_bits(u32::from(x) << 16);
+        });
+        if finite == 0 {
             // The rest as `decode_f32` widens it (`half` quiets NaNs), and where it starts.
             let (s, d) = (&src[b * BLOCK..], &mut dst[b * BLOCK..]);
             d.iter_mut().zip(s).for_each(|(o, &x)| *o = bf16::from_bits(x).to_f32());
             return first_non_finite(d).map(|i| b * BLOCK + i);
         }
-        // A finite bf16 is the high half of its f32.
-        d.iter_mut().zip(s).for_each(|(o, &x)| *o = f32::from_bits(u32::from(x) << 16));
     }
     None
 }
@@ -224,24 +231,30 @@ pub fn encode_f32_finite(dtype: Dtype, src: &[f32], dst: &mut [u8]) -> Option<us
 }
 
 avx2! {
-/// Rounds with the overflow test in the same block loop.
+/// Rounds with the tests in the same loop: inputs that are not finite (whose rounding the
+/// block then takes again from `half`), outputs that are not (finite values rounded past the
+/// largest bf16), each a running minimum as in [`widen_bf16_finite`].
 fn narrow_bf16_finite(src: &[f32], dst: &mut [u16]) -> Option<usize> {
     debug_assert_eq!(src.len(), dst.len());
     const BLOCK: usize = 1024;
     const EXP: u32 = 0x7f80_0000;
     let mut first = None;
     for (b, (s, d)) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)).enumerate() {
-        if s.iter().fold(false, |acc, v| acc | (v.to_bits() & EXP == EXP)) {
+        let (mut finite_in, mut finite_out) = (u32::MAX, u16::MAX);
+        // Round to nearest even: add just under half an ulp, plus the kept lowest bit (wrapping
+        // only for NaNs, whose block is rounded again below).
+        d.iter_mut().zip(s).for_each(|(o, &x)| {
+            let v = x.to_bits();
+            finite_in = finite_in.min(!v & EXP);
+            *o = (v.wrapping_add(0x7fff + ((v >> 16) & 1)) >> 16) as u16;
+            finite_out = finite_out.min(!*o & 0x7f80);
+        });
+        if finite_in == 0 {
             // NaNs need `half`'s handling (a quiet NaN, never rounded into ±inf).
             d.iter_mut().zip(s).for_each(|(o, &x)| *o = bf16::from_f32(x).to_bits());
-        } else {
-            // Round to nearest even: add just under half an ulp, plus the kept lowest bit.
-            d.iter_mut().zip(s).for_each(|(o, &x)| {
-                let v = x.to_bits();
-                *o = ((v + 0x7fff + ((v >> 16) & 1)) >> 16) as u16;
-            });
+            finite_out = d.iter().fold(u16::MAX, |m, &v| m.min(!v & 0x7f80));
         }
-        if first.is_none() && d.iter().fold(false, |acc, &v| acc | (v & 0x7f80 == 0x7f80)) {
+        if first.is_none() && finite_out == 0 {
             first = d.iter().position(|&v| v & 0x7f80 == 0x7f80).map(|i| b * BLOCK + i);
         }
     }
@@ -336,7 +349,10 @@ mod tests {
             }
             vals.extend([f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 0.0, -0.0, f32::INFINITY, f32::NAN, f32::from_bits(0x7f80_0001)]);
             let finite: Vec<f32> = vals.iter().copied().filter(|v| v.is_finite() && v.abs() < 1e38).collect();
-            for v in [vals, finite] {
+            // Finite inputs that round to ±inf, in a later block than the first.
+            let mut overflow = finite.clone();
+            (overflow[1500], overflow[2100]) = (-f32::MAX, f32::MAX);
+            for v in [vals, finite, overflow] {
                 for dt in [Dtype::BF16, Dtype::F16, Dtype::F32] {
                     for off in [0usize, 1] {
                         let n = v.len() * dt.size();
