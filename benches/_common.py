@@ -183,10 +183,17 @@ def _base_values(name: str, shape: Tuple[int, ...], seed: int):
     return x
 
 
+# Stored dtypes of generated checkpoints, by their names in configs (numpy's too, bf16 from
+# ml_dtypes). Fine-tunes on the hub come in all three; bf16 is the default and what the tables
+# measure.
+DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+
+
 def tensor_values(name: str, shape: Tuple[int, ...], seed: int,
                   base_seed: Optional[int] = None, delta_std: float = 0.0,
-                  delta_corr: float = 0.0, frozen: Sequence[str] = ()):
-    """bf16 (ml_dtypes) values of one tensor, exactly as :func:`generate_model` writes them.
+                  delta_corr: float = 0.0, frozen: Sequence[str] = (), dtype: str = "bf16"):
+    """Values of one tensor, exactly as :func:`generate_model` writes them (``dtype``: a key of
+    :data:`DTYPES`; bf16 from ml_dtypes), rounded once from float32.
 
     ``base_seed`` None: an independent model from ``seed``.  Otherwise a fine-tune of the base
     model ``base_seed``: base + ``delta_std`` * (sqrt(c) * S + sqrt(1 - c) * N) with
@@ -214,7 +221,7 @@ def tensor_values(name: str, shape: Tuple[int, ...], seed: int,
         d *= np.float32(delta_std)
         x += d
         del d
-    return x.astype(ml_dtypes.bfloat16)
+    return x.astype(ml_dtypes.bfloat16 if dtype == "bf16" else np.dtype(DTYPES[dtype]))
 
 
 def plan_shards(spec: LlamaSpec) -> List[List[Tuple[str, Tuple[int, ...]]]]:
@@ -234,7 +241,7 @@ def plan_shards(spec: LlamaSpec) -> List[List[Tuple[str, Tuple[int, ...]]]]:
 
 
 def _meta(spec: LlamaSpec, seed: int, base_seed: Optional[int], delta_std: float,
-          delta_corr: float = 0.0, frozen: Sequence[str] = ()) -> dict:
+          delta_corr: float = 0.0, frozen: Sequence[str] = (), dtype: str = "bf16") -> dict:
     m = {
         "generator_version": GENERATOR_VERSION,
         "spec": dataclasses.asdict(spec),
@@ -246,18 +253,21 @@ def _meta(spec: LlamaSpec, seed: int, base_seed: Optional[int], delta_std: float
         m["delta_corr"] = delta_corr
     if base_seed is not None and frozen:
         m["frozen"] = list(frozen)
+    if dtype != "bf16":
+        m["dtype"] = dtype
     return m
 
 
 def generate_model(out_dir: Path | str, spec: LlamaSpec, seed: int,
                    base_seed: Optional[int] = None, delta_std: float = 0.0,
                    delta_corr: float = 0.0, force: bool = False, verbose: bool = True,
-                   frozen: Sequence[str] = ()) -> Path:
-    """Write a Llama-shaped bf16 checkpoint to ``out_dir`` (cached; see module doc)."""
+                   frozen: Sequence[str] = (), dtype: str = "bf16") -> Path:
+    """Write a Llama-shaped checkpoint (bf16 unless ``dtype`` says otherwise) to ``out_dir``
+    (cached; see module doc)."""
     import safetensors.numpy
 
     out_dir = Path(out_dir)
-    meta = _meta(spec, seed, base_seed, delta_std, delta_corr, frozen)
+    meta = _meta(spec, seed, base_seed, delta_std, delta_corr, frozen, dtype)
     meta_path = out_dir / "bench_meta.json"
     if not force and meta_path.exists():
         try:
@@ -279,13 +289,16 @@ def generate_model(out_dir: Path | str, spec: LlamaSpec, seed: int,
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {}
         for name, shape in shard:
-            tensors[name] = tensor_values(name, shape, seed, base_seed, delta_std, delta_corr, frozen)
+            tensors[name] = tensor_values(name, shape, seed, base_seed, delta_std, delta_corr, frozen,
+                                          dtype)
             weight_map[name] = fname
         safetensors.numpy.save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
         del tensors
-    index = {"metadata": {"total_size": spec.n_bytes}, "weight_map": weight_map}
+    size = spec.n_bytes * (2 if dtype == "f32" else 1)
+    index = {"metadata": {"total_size": size}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "config.json").write_text(json.dumps(spec.hf_config(), indent=2) + "\n")
+    config = dict(spec.hf_config(), dtype=DTYPES[dtype])
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
     meta_path_tmp = tmp / "bench_meta.json"
@@ -313,26 +326,29 @@ def ensure_pair(size: str, root: Path | str = BENCH_DATA) -> Tuple[Path, Path]:
 def ensure_model_set(size: str, n_finetunes: int = 2, delta_std: float = 0.002,
                      delta_corr: float = 0.0, base_seed: int = 100,
                      root: Path | str = BENCH_DATA,
-                     frozen: Sequence[str] = ()) -> Tuple[Path, List[Path]]:
+                     frozen: Sequence[str] = (), dtype: str = "bf16") -> Tuple[Path, List[Path]]:
     """A base model and ``n_finetunes`` fine-tunes (base + delta_std * N(0, 1), seeds 101...).
 
     Default delta_std = 0.002 = 10% of the weights' std (0.02): deltas are small enough to be
     'fine-tunes' (cosine to the base ~0.995) yet far above bf16 rounding of the base (~1e-4).
     ``delta_corr`` > 0 correlates the fine-tunes' deltas (see :func:`tensor_values`); the
-    tensors whose names contain one of ``frozen`` are the base's.
+    tensors whose names contain one of ``frozen`` are the base's; ``dtype`` other than bf16
+    (f16, f32) stores every model so, in folders of its own.
     For TIES / DARE / model_stock / task_arithmetic benches.
     """
     spec = get_spec(size)
     root = Path(root)
-    base = generate_model(root / f"{spec.name}_base{base_seed}", spec, seed=base_seed)
+    sfx = "" if dtype == "bf16" else "_" + dtype
+    base = generate_model(root / f"{spec.name}_base{base_seed}{sfx}", spec, seed=base_seed,
+                          dtype=dtype)
     tag = f"{delta_std:g}".replace(".", "p")
     if delta_corr:
         tag += "_c" + f"{delta_corr:g}".replace(".", "p")
     if frozen:
         tag += "_frozen-" + "-".join(frozen)
-    fts = [generate_model(root / f"{spec.name}_base{base_seed}_ft{k + 1}_d{tag}", spec,
+    fts = [generate_model(root / f"{spec.name}_base{base_seed}_ft{k + 1}_d{tag}{sfx}", spec,
                           seed=base_seed + k + 1, base_seed=base_seed, delta_std=delta_std,
-                          delta_corr=delta_corr, frozen=frozen)
+                          delta_corr=delta_corr, frozen=frozen, dtype=dtype)
            for k in range(n_finetunes)]
     return base, fts
 

@@ -68,6 +68,8 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--frozen", default="",
                     help="comma-separated parts of tensor names the fine-tunes leave equal to the base "
                          "(e.g. embed,lm_head,norm: layers a fine-tune or a LoRA did not touch)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES),
+                    help="the models' stored dtype (fine-tunes on the hub come in all three)")
     ap.add_argument("--data", type=Path, default=C.BENCH_DATA)
     ap.add_argument("--python", default=sys.executable)
     args = ap.parse_args(argv)
@@ -76,7 +78,8 @@ def main(argv: List[str] | None = None) -> int:
             ap.error(f"no build at {b}")
 
     frozen = tuple(f for f in args.frozen.split(",") if f)
-    base, fts = C.ensure_model_set(args.size, 2, args.delta_std, 0.5, root=args.data, frozen=frozen)
+    base, fts = C.ensure_model_set(args.size, 2, args.delta_std, 0.5, root=args.data, frozen=frozen,
+                                   dtype=args.dtype)
     paths: Dict[str, Path] = {"base": base, "ft1": fts[0], "ft2": fts[1]}
     if any(k.startswith("fisher") for k in CASES[args.method].inputs):
         paths.update(zip(("fisher1", "fisher2"), ensure_fishers(args.size, fts, args.data)))
@@ -106,7 +109,7 @@ def main(argv: List[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
         digests = [C.folder_digest(o) for o in outs]
 
-    print(f"# {args.method} at {args.size} (delta std {args.delta_std:g}"
+    print(f"# {args.method} at {args.size} ({args.dtype}, delta std {args.delta_std:g}"
           f"{', frozen ' + args.frozen if frozen else ''}): {args.rounds} rounds, {args.merges} merges per process, "
           f"load {load0:.1f} -> {os.getloadavg()[0]:.1f} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
     print("| build | wall s (each round) | median wall s | × first | median CPU s | × first | output |")

@@ -211,7 +211,7 @@ def mf_cmd(python: str, method: str, paths: Dict[str, Path], out: Path, args,
     return [python, "-c", code]
 
 
-def mergekit_yaml(method: str, paths: Dict[str, Path]) -> str:
+def mergekit_yaml(method: str, paths: Dict[str, Path], dtype: str = "bf16") -> str:
     mk = CASES[method].mk
     assert mk is not None
     lines = [f"merge_method: {method}"]
@@ -227,7 +227,7 @@ def mergekit_yaml(method: str, paths: Dict[str, Path]) -> str:
         lines.append("parameters:")
         lines += [f"  {k}: {str(v).lower() if isinstance(v, bool) else v}"
                   for k, v in mk["params"].items()]
-    lines.append("dtype: bfloat16")
+    lines.append(f"dtype: {C.DTYPES[dtype]}")
     return "\n".join(lines) + "\n"
 
 
@@ -243,7 +243,7 @@ def build_cmd(c: Contender, method: str, paths: Dict[str, Path], out: Path, args
         return mf_cmd(args.mf_python, method, paths, out, args, c.fsync)
     if c.kind == "mergekit":
         cfg = work / f"mergekit_{method}.yml"
-        cfg.write_text(mergekit_yaml(method, paths))
+        cfg.write_text(mergekit_yaml(method, paths, args.dtype))
         cmd = [args.mergekit, str(cfg), str(out), "--lazy-unpickle", "--no-copy-tokenizer",
                "--quiet"]
         if method in STOCHASTIC:
@@ -700,6 +700,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frozen", default="",
                     help="comma-separated parts of tensor names the fine-tunes leave equal to the base "
                          "(e.g. embed,lm_head,norm)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES),
+                    help="the models' stored dtype (fine-tunes on the hub come in all three)")
     ap.add_argument("--data", default=str(C.BENCH_DATA))
     ap.add_argument("--keep-data", action="store_true",
                     help="keep the generated models (default: delete 1.1b inputs at the end)")
@@ -769,7 +771,8 @@ def main(argv=None) -> int:
     for size in sizes:
         print(f"[{size}] preparing base + 2 fine-tunes in {data}", file=sys.stderr, flush=True)
         base, fts = C.ensure_model_set(size, 2, args.delta_std, args.delta_corr, root=data,
-                                       frozen=tuple(f for f in args.frozen.split(",") if f))
+                                       frozen=tuple(f for f in args.frozen.split(",") if f),
+                                       dtype=args.dtype)
         paths = {"base": base, "ft1": fts[0], "ft2": fts[1]}
         generated += [base, *fts]
         if any(k.startswith("fisher") for m in methods for k in CASES[m].inputs):

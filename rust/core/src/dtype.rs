@@ -1,7 +1,7 @@
 //! Element types we read and write, and their conversion to and from f32.
 //! Merges always compute in f32; inputs are widened once and outputs rounded once.
 use crate::simd::avx2;
-use half::{bf16, f16, slice::HalfFloatSliceExt};
+use half::{bf16, f16, slice::HalfBitsSliceExt, slice::HalfFloatSliceExt};
 use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,8 +82,11 @@ pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
             Some(s) => dst.copy_from_slice(s),
             None => src.chunks_exact(4).zip(dst).for_each(|(b, d)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         },
-        Dtype::F16 => match aligned::<f16>(src) {
-            Some(s) => s.convert_to_f32_slice(dst),
+        Dtype::F16 => match aligned::<u16>(src) {
+            // The merge path's widening (its finiteness test unused).
+            Some(s) => {
+                widen_f16_finite(s, dst);
+            }
             None => src.chunks_exact(2).zip(dst).for_each(|(b, d)| *d = f16::from_le_bytes([b[0], b[1]]).to_f32()),
         },
         Dtype::BF16 => match aligned::<u16>(src) {
@@ -107,16 +110,153 @@ pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
 }
 
 /// `decode_f32`, and the index of the first ±inf/NaN among the values (the merge path refuses
-/// them). For BF16, the test rides on the widening itself, block by block in L1, instead of a
-/// second pass over the widened floats; the values are `decode_f32`'s, NaNs included.
+/// them). For BF16, F16 and F32 the test rides on the widening or copy itself instead of a
+/// second pass over the floats; the values are `decode_f32`'s, NaNs included.
 pub fn decode_f32_finite(dtype: Dtype, src: &[u8], dst: &mut [f32]) -> Option<usize> {
-    if dtype == Dtype::BF16 {
-        if let Some(s) = aligned::<u16>(src) {
-            return widen_bf16_finite(s, dst);
+    match dtype {
+        Dtype::BF16 | Dtype::F16 => {
+            if let Some(s) = aligned::<u16>(src) {
+                return if dtype == Dtype::BF16 { widen_bf16_finite(s, dst) } else { widen_f16_finite(s, dst) };
+            }
         }
+        Dtype::F32 => {
+            if let Some(s) = aligned::<f32>(src) {
+                return copy_f32_finite(s, dst);
+            }
+        }
+        _ => {}
     }
     decode_f32(dtype, src, dst);
     first_non_finite(dst)
+}
+
+avx2! {
+/// Copies f32 values with the finiteness test in the same loop (a running minimum of the
+/// inverted exponent bits, as in [`widen_bf16_finite`]), instead of a copy and then a scan;
+/// every bit copied, NaNs' too. Also the writing of f32 outputs (`encode_f32_finite`).
+fn copy_f32_finite(src: &[f32], dst: &mut [f32]) -> Option<usize> {
+    debug_assert_eq!(src.len(), dst.len());
+    const BLOCK: usize = 1024;
+    const EXP: u32 = 0x7f80_0000;
+    let mut first = None;
+    for (b, (s, d)) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)).enumerate() {
+        let mut finite = u32::MAX;
+        d.iter_mut().zip(s).for_each(|(o, &x)| {
+            finite = finite.min(!x.to_bits() & EXP);
+            *o = x;
+        });
+        if first.is_none() && finite == 0 {
+            first = first_non_finite(d).map(|i| b * BLOCK + i);
+        }
+    }
+    first
+}
+}
+
+/// Whether the f16 loops may convert with F16C (which every AVX2 CPU has): the CPU has it and
+/// the wide builds are allowed (`simd::baseline_only`).
+fn f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::simd::wide_allowed() && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Entries per block of the f16 loops' finiteness test (a block holding ±inf or NaN is then
+/// searched for it).
+const F16_BLOCK: usize = 1024;
+
+/// Widens f16, with the index of the first ±inf/NaN. With F16C, eight at a time (`half`'s own
+/// conversion on such a CPU, and exact: every f16 is an f32) and the test in the same loop, a
+/// running minimum of the inverted exponent bits, zero where a value's are all ones (`half`'s
+/// slice conversion called a function per eight values, and the test took a second pass).
+fn widen_f16_finite(src: &[u16], dst: &mut [f32]) -> Option<usize> {
+    debug_assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if f16c() {
+        // SAFETY: AVX2 and F16C were just detected.
+        let bad = unsafe { x86::widen_f16(src, dst) };
+        return bad.and_then(|b| src[b * F16_BLOCK..].iter().position(|&x| x & 0x7c00 == 0x7c00).map(|i| b * F16_BLOCK + i));
+    }
+    src.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
+    first_non_finite(dst)
+}
+
+/// Rounds to f16 (to nearest even), with the index of the first value that is ±inf or NaN in
+/// f16; with F16C as in [`widen_f16_finite`].
+fn narrow_f16_finite(src: &[f32], dst: &mut [u16]) -> Option<usize> {
+    debug_assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if f16c() {
+        // SAFETY: AVX2 and F16C were just detected.
+        let bad = unsafe { x86::narrow_f16(src, dst) };
+        return bad.and_then(|b| dst[b * F16_BLOCK..].iter().position(|&x| x & 0x7c00 == 0x7c00).map(|i| b * F16_BLOCK + i));
+    }
+    dst.reinterpret_cast_mut::<f16>().convert_from_f32_slice(src);
+    dst.iter().position(|&x| x & 0x7c00 == 0x7c00)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::F16_BLOCK;
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// The least of the eight lanes (`phminposuw`).
+    #[target_feature(enable = "avx2")]
+    unsafe fn least(v: __m128i) -> u16 {
+        _mm_extract_epi16::<0>(_mm_minpos_epu16(v)) as u16
+    }
+
+    /// [`super::widen_f16_finite`]'s loop: the first block holding ±inf or NaN.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) -> Option<usize> {
+        let exp = _mm_set1_epi16(0x7c00);
+        let mut bad = None;
+        for (b, (s, d)) in src.chunks(F16_BLOCK).zip(dst.chunks_mut(F16_BLOCK)).enumerate() {
+            let mut finite = _mm_set1_epi16(-1);
+            let whole = s.len() / 8 * 8;
+            for i in (0..whole).step_by(8) {
+                let v = _mm_loadu_si128(s.as_ptr().add(i).cast());
+                finite = _mm_min_epu16(finite, _mm_andnot_si128(v, exp));
+                _mm256_storeu_ps(d.as_mut_ptr().add(i), _mm256_cvtph_ps(v));
+            }
+            let mut rest = u16::MAX;
+            for (o, &x) in d[whole..].iter_mut().zip(&s[whole..]) {
+                rest = rest.min(!x & 0x7c00);
+                *o = f16::from_bits(x).to_f32();
+            }
+            if bad.is_none() && least(finite).min(rest) == 0 {
+                bad = Some(b);
+            }
+        }
+        bad
+    }
+
+    /// [`super::narrow_f16_finite`]'s loop: the first block holding ±inf or NaN in f16.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn narrow_f16(src: &[f32], dst: &mut [u16]) -> Option<usize> {
+        let exp = _mm_set1_epi16(0x7c00);
+        let mut bad = None;
+        for (b, (s, d)) in src.chunks(F16_BLOCK).zip(dst.chunks_mut(F16_BLOCK)).enumerate() {
+            let mut finite = _mm_set1_epi16(-1);
+            let whole = s.len() / 8 * 8;
+            for i in (0..whole).step_by(8) {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr().add(i)));
+                finite = _mm_min_epu16(finite, _mm_andnot_si128(h, exp));
+                _mm_storeu_si128(d.as_mut_ptr().add(i).cast(), h);
+            }
+            let mut rest = u16::MAX;
+            for (o, &x) in d[whole..].iter_mut().zip(&s[whole..]) {
+                *o = f16::from_f32(x).to_bits();
+                rest = rest.min(!*o & 0x7c00);
+            }
+            if bad.is_none() && least(finite).min(rest) == 0 {
+                bad = Some(b);
+            }
+        }
+        bad
+    }
 }
 
 /// Index of the first NaN/±inf, scanning blocks branch-free (vectorizes) before locating it.
@@ -219,12 +359,21 @@ fn aligned_mut<T: Copy>(b: &mut [u8]) -> Option<&mut [T]> {
 /// `encode_f32`, and the index of the first encoded value that is ±inf/NaN in `dtype` (a
 /// finite f32 too large for a 16-bit dtype). For BF16 the rounding is the integer form of
 /// round-to-nearest-even, which `half` gives for every non-NaN value, and the test rides on
-/// it block by block, instead of `half`'s NaN-aware loop and a second pass over the bytes.
+/// it block by block, instead of `half`'s NaN-aware loop and a second pass over the bytes; F16
+/// and F32 likewise (F16C's rounding, `half`'s own on such a CPU; a copy).
 pub fn encode_f32_finite(dtype: Dtype, src: &[f32], dst: &mut [u8]) -> Option<usize> {
-    if dtype == Dtype::BF16 {
-        if let Some(d) = aligned_mut::<u16>(dst) {
-            return narrow_bf16_finite(src, d);
+    match dtype {
+        Dtype::BF16 | Dtype::F16 => {
+            if let Some(d) = aligned_mut::<u16>(dst) {
+                return if dtype == Dtype::BF16 { narrow_bf16_finite(src, d) } else { narrow_f16_finite(src, d) };
+            }
         }
+        Dtype::F32 => {
+            if let Some(d) = aligned_mut::<f32>(dst) {
+                return copy_f32_finite(src, d);
+            }
+        }
+        _ => {}
     }
     encode_f32(dtype, src, dst);
     first_non_finite_bytes(dtype, dst)
@@ -364,6 +513,102 @@ mod tests {
                     }
                 }
             }
+        }
+        crate::simd::baseline_only(false);
+    }
+
+    /// Every 16-bit pattern widened by the fused loops (both builds) as `half` widens it one
+    /// value at a time, and the first ±inf/NaN found: the patterns in order (the first
+    /// non-finite one in the 32nd block), and with all non-finite ones moved past 40,000.
+    #[test]
+    fn every_half_pattern_widens_as_half_does() {
+        for baseline in [false, true] {
+            crate::simd::baseline_only(baseline);
+            let all: Vec<u16> = (0..=u16::MAX).collect();
+            for dt in [Dtype::BF16, Dtype::F16] {
+                let exp = if dt == Dtype::BF16 { 0x7f80 } else { 0x7c00 };
+                let (finite, bad): (Vec<u16>, Vec<u16>) = all.iter().partition(|&&x| x & exp != exp);
+                for vals in [all.clone(), [&finite[..40_000], &bad[..], &finite[40_000..]].concat()] {
+                    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let want: Vec<f32> =
+                        vals.iter().map(|&v| if dt == Dtype::BF16 { bf16::from_bits(v).to_f32() } else { f16::from_bits(v).to_f32() }).collect();
+                    let mut got = vec![0f32; vals.len()];
+                    let first = decode_f32_finite(dt, &bytes, &mut got);
+                    assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt}, baseline {baseline}");
+                    assert_eq!(first, vals.iter().position(|&v| v & exp == exp), "{dt}, baseline {baseline}");
+                }
+            }
+        }
+        crate::simd::baseline_only(false);
+    }
+
+    /// f32 inputs copied with the finiteness test (both builds): every bit kept, NaN payloads
+    /// included, and the first ±inf/NaN found, at block edges, aligned or not.
+    #[test]
+    fn f32_copies_keep_every_bit() {
+        for baseline in [false, true] {
+            crate::simd::baseline_only(baseline);
+            let n = 3 * 1024 + 37;
+            let finite: Vec<u32> = (0..n).map(|i| crate::rng::mix64(i as u64) as u32 & 0xbf7f_ffff).collect();
+            let mut cases = vec![(None, finite.clone())];
+            for (at, bad) in [(0, 0x7f80_0000u32), (1023, 0xff80_0000), (1024, 0x7fc0_0001), (2 * 1024 + 5, 0x7f80_0001), (n - 1, 0xffff_ffff)] {
+                let mut v = finite.clone();
+                v[at] = bad;
+                v[n - 2] = 0x7f80_0000; // a later one must not be the one reported
+                cases.push((Some(at.min(n - 2)), v));
+            }
+            for (want, vals) in cases {
+                for off in [0usize, 1] {
+                    let mut bytes = vec![0u8; 4 * n + 1];
+                    bytes[off..off + 4 * n].iter_mut().zip(vals.iter().flat_map(|v| v.to_le_bytes())).for_each(|(b, v)| *b = v);
+                    let mut got = vec![0f32; n];
+                    assert_eq!(decode_f32_finite(Dtype::F32, &bytes[off..off + 4 * n], &mut got), want, "offset {off}");
+                    assert!(got.iter().zip(&vals).all(|(g, &v)| g.to_bits() == v), "offset {off}");
+                }
+            }
+        }
+        crate::simd::baseline_only(false);
+    }
+
+    /// f32 values at and around each f16's rounding boundaries (the midpoints to the next f16,
+    /// and one f32 step either side), subnormal to overflowing, rounded by the fused loops to
+    /// the nearest f16 (ties to the even one), found by distance in f64 among the exact values
+    /// of the f16 patterns.
+    #[test]
+    fn f16_rounding_at_its_boundaries() {
+        let table: Vec<f64> = (0..0x7c00u16).map(|h| f16::from_bits(h).to_f32() as f64).collect();
+        let nearest = |v: f32| -> u16 {
+            let (sign, a) = (if v.is_sign_negative() { 0x8000 } else { 0 }, (v as f64).abs());
+            // 65520 = the largest f16 plus half its unit in the last place: rounds to inf.
+            if v.is_nan() {
+                return 0x7e00;
+            }
+            if a >= 65520.0 {
+                return sign | 0x7c00;
+            }
+            let h = table.partition_point(|&t| t <= a) - 1;
+            let up = h + 1 < table.len() && (table[h + 1] - a < a - table[h] || (table[h + 1] - a == a - table[h] && h % 2 == 1));
+            sign | (h + usize::from(up)) as u16
+        };
+        let mut vals = Vec::new();
+        // Up to the largest f16 (its midpoint to infinity is not finite; 65520 below).
+        for h in 0..0x7bffu16 {
+            let (a, b) = (f16::from_bits(h).to_f32() as f64, f16::from_bits(h + 1).to_f32() as f64);
+            let mid = ((a + b) / 2.0) as f32;
+            for v in [mid, f32::from_bits(mid.to_bits() - 1), f32::from_bits(mid.to_bits() + 1), a as f32] {
+                vals.extend([v, -v]);
+            }
+        }
+        vals.extend([65504.0, 65520.0, 65519.99, 1e6, f32::MAX, f32::INFINITY, -f32::INFINITY]);
+        let want: Vec<u16> = vals.iter().map(|&v| nearest(v)).collect();
+        for baseline in [false, true] {
+            crate::simd::baseline_only(baseline);
+            let mut b = vec![0u8; 2 * vals.len()];
+            let first = encode_f32_finite(Dtype::F16, &vals, &mut b);
+            let got: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+            let bad = got.iter().zip(&want).position(|(g, w)| g != w);
+            assert!(bad.is_none(), "baseline {baseline}: {:?} gave {:#x}, want {:#x}", bad.map(|i| vals[i]), got[bad.unwrap()], want[bad.unwrap()]);
+            assert_eq!(first, want.iter().position(|&w| w & 0x7c00 == 0x7c00), "baseline {baseline}");
         }
         crate::simd::baseline_only(false);
     }
