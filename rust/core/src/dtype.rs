@@ -153,19 +153,6 @@ fn copy_f32_finite(src: &[f32], dst: &mut [f32]) -> Option<usize> {
 }
 }
 
-/// Whether the f16 loops may convert with F16C (which every AVX2 CPU has): the CPU has it and
-/// the wide builds are allowed (`simd::baseline_only`).
-fn f16c() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return crate::simd::wide_allowed() && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Entries per block of the f16 loops' finiteness test (a block holding ±inf or NaN is then
-/// searched for it).
-const F16_BLOCK: usize = 1024;
-
 /// Widens f16, with the index of the first ±inf/NaN. With F16C, eight at a time (`half`'s own
 /// conversion on such a CPU, and exact: every f16 is an f32) and the test in the same loop, a
 /// running minimum of the inverted exponent bits, zero where a value's are all ones (`half`'s
@@ -173,10 +160,9 @@ const F16_BLOCK: usize = 1024;
 fn widen_f16_finite(src: &[u16], dst: &mut [f32]) -> Option<usize> {
     debug_assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
-    if f16c() {
+    if x86::f16c() {
         // SAFETY: AVX2 and F16C were just detected.
-        let bad = unsafe { x86::widen_f16(src, dst) };
-        return bad.and_then(|b| src[b * F16_BLOCK..].iter().position(|&x| x & 0x7c00 == 0x7c00).map(|i| b * F16_BLOCK + i));
+        return unsafe { x86::widen_f16(src, dst) };
     }
     src.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
     first_non_finite(dst)
@@ -187,20 +173,35 @@ fn widen_f16_finite(src: &[u16], dst: &mut [f32]) -> Option<usize> {
 fn narrow_f16_finite(src: &[f32], dst: &mut [u16]) -> Option<usize> {
     debug_assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
-    if f16c() {
+    if x86::f16c() {
         // SAFETY: AVX2 and F16C were just detected.
-        let bad = unsafe { x86::narrow_f16(src, dst) };
-        return bad.and_then(|b| dst[b * F16_BLOCK..].iter().position(|&x| x & 0x7c00 == 0x7c00).map(|i| b * F16_BLOCK + i));
+        return unsafe { x86::narrow_f16(src, dst) };
     }
     dst.reinterpret_cast_mut::<f16>().convert_from_f32_slice(src);
     dst.iter().position(|&x| x & 0x7c00 == 0x7c00)
 }
 
+/// The f16 loops with F16C (which every AVX2 CPU has).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::F16_BLOCK;
     use half::f16;
     use std::arch::x86_64::*;
+
+    /// Entries per block of the finiteness test (a block holding ±inf or NaN is then searched
+    /// for it).
+    const BLOCK: usize = 1024;
+
+    /// Whether the loops may run: the CPU has AVX2 and F16C, and the wide builds are allowed
+    /// (`simd::baseline_only`).
+    pub fn f16c() -> bool {
+        crate::simd::wide_allowed() && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// The index of the first of `v` whose exponent bits are all ones, from block `b` on.
+    fn first_in(v: &[u16], b: Option<usize>) -> Option<usize> {
+        let b = b?;
+        v[b * BLOCK..].iter().position(|&x| x & 0x7c00 == 0x7c00).map(|i| b * BLOCK + i)
+    }
 
     /// The least of the eight lanes (`phminposuw`).
     #[target_feature(enable = "avx2")]
@@ -208,12 +209,12 @@ mod x86 {
         _mm_extract_epi16::<0>(_mm_minpos_epu16(v)) as u16
     }
 
-    /// [`super::widen_f16_finite`]'s loop: the first block holding ±inf or NaN.
+    /// [`super::widen_f16_finite`] with F16C.
     #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) -> Option<usize> {
         let exp = _mm_set1_epi16(0x7c00);
         let mut bad = None;
-        for (b, (s, d)) in src.chunks(F16_BLOCK).zip(dst.chunks_mut(F16_BLOCK)).enumerate() {
+        for (b, (s, d)) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)).enumerate() {
             let mut finite = _mm_set1_epi16(-1);
             let whole = s.len() / 8 * 8;
             for i in (0..whole).step_by(8) {
@@ -230,15 +231,15 @@ mod x86 {
                 bad = Some(b);
             }
         }
-        bad
+        first_in(src, bad)
     }
 
-    /// [`super::narrow_f16_finite`]'s loop: the first block holding ±inf or NaN in f16.
+    /// [`super::narrow_f16_finite`] with F16C.
     #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn narrow_f16(src: &[f32], dst: &mut [u16]) -> Option<usize> {
         let exp = _mm_set1_epi16(0x7c00);
         let mut bad = None;
-        for (b, (s, d)) in src.chunks(F16_BLOCK).zip(dst.chunks_mut(F16_BLOCK)).enumerate() {
+        for (b, (s, d)) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)).enumerate() {
             let mut finite = _mm_set1_epi16(-1);
             let whole = s.len() / 8 * 8;
             for i in (0..whole).step_by(8) {
@@ -255,7 +256,7 @@ mod x86 {
                 bad = Some(b);
             }
         }
-        bad
+        first_in(dst, bad)
     }
 }
 
