@@ -2,10 +2,11 @@
 """Methods benchmark: every merge method, merge_fast vs its I/O floor and mergekit.
 
 For each size a synthetic Llama-shaped bf16 *model set* is used (see ``_common.py``
-``ensure_model_set``): a base (seed 100) and two fine-tunes ``base + 0.002 * delta`` whose deltas
-are correlated (``--delta-corr``, default 0.5, so TIES sign election has a majority to find and
-model_stock's cosine -- hence its interpolation factor t = 2c/(1+c) -- is far from 0). The Fisher
-methods also read one positive bf16 "Fisher" per fine-tune (``ensure_fishers``). ``CASES`` lists
+``ensure_model_set``; ``--dtype f16|f32`` stores it so instead): a base (seed 100) and two
+fine-tunes ``base + 0.002 * delta`` whose deltas are correlated (``--delta-corr``, default 0.5,
+so TIES sign election has a majority to find and model_stock's cosine -- hence its interpolation
+factor t = 2c/(1+c) -- is far from 0). The Fisher methods also read one positive bf16 "Fisher"
+per fine-tune (``ensure_fishers``). ``CASES`` lists
 each method's inputs (a pair method reads two models, a base-plus-two method three), its
 merge_fast call and its mergekit config (both tools' defaults except the parameters written
 there). Every contender runs ``--repeats`` times in its own subprocess, contenders interleaved
@@ -18,12 +19,12 @@ round-robin (repeat 1 of all, then repeat 2 of all, ...) so machine noise spread
 * ``io-floor-direct`` the same, written with ``O_DIRECT`` then fsynced (``dd oflag=direct``'s
                       floor: how merge_fast writes a durable output); informational, the
                       targets stay against ``io-floor-fsync``;
-* ``merge_fast``      the Python API in a fresh ``python -c``, bf16 in, bf16 out, default
+* ``merge_fast``      the Python API in a fresh ``python -c``, the models' dtype in and out, default
                       threads, 5GB shards, fsync on (merge_fast's default): compared with the
                       fsynced floor;
 * ``merge_fast-nofsync``  the same with ``fsync=False``: compared with the plain floor;
 * ``mergekit``        ``mergekit-yaml cfg.yml OUT --lazy-unpickle --no-copy-tokenizer --quiet``
-                      (CPU, ``dtype: bfloat16``, default threads, ``--random-seed`` for the
+                      (CPU, ``dtype:`` the models', default threads, ``--random-seed`` for the
                       stochastic methods); never fsyncs; compared with the plain floor.
 
 Caching, timing and memory are as in ``bench_engine.py``: inputs are read into the page cache
