@@ -20,7 +20,7 @@
 //! engine chunks.
 use super::dare::{coin_words, draws};
 use super::gta::{Mode, Prepared, Sparsifier};
-use super::norms::{sums_of_four, Keys};
+use super::norms::{l1_any_order, l1_sums, sums_of_four, Keys};
 use super::select::radix_sort_pairs;
 use super::sparsify::{bits, mag_key, Rescale};
 use crate::error::{Error, Result};
@@ -110,6 +110,9 @@ fn block_kept(
     let mut row_bits = vec![0u32; lanes * words];
     let mut sums = vec![Vec::new(); strands.len()];
     let mut acc = vec![[0f64; 2]; lanes];
+    // L1 sums in any order where that gives their bits (see `l1_sums`): each lane on its own,
+    // from the keys and the row's bits, without a masked copy of the keys.
+    let any_order = norm == Some(Rescale::L1) && l1_any_order();
     let (first, longest) = strands[0];
     for r in (0..longest - first).step_by(m) {
         // Only the last strand can be shorter.
@@ -130,7 +133,7 @@ fn block_kept(
             for ((md, sc), bits) in models.iter_mut().zip(sc.iter_mut()).zip(bits.chunks_mut(words)) {
                 keep_bits(md.key, row as u64, md.thresholds, SCANS, sc, bits);
                 bits::or_at(md.out, row - start, bits);
-                if norm.is_some() {
+                if norm.is_some() && !any_order {
                     sc.kept.resize(m, 0);
                     kept_keys(&sc.keys, bits, &mut sc.kept);
                 }
@@ -143,16 +146,22 @@ fn block_kept(
         let mut j = 0;
         while j < m {
             let k = (((row + j) / CHUNK + 1) * CHUNK - row).min(m);
-            // Four lanes at a time (the last one repeated to fill four, its copies dropped).
-            for g in (0..lanes).step_by(4) {
-                let q = [g, g + 1, g + 2, g + 3].map(|q| q.min(lanes - 1));
-                let mut s = [0f64; 8];
-                for (p, &l) in q.iter().enumerate() {
-                    s[2 * p..2 * p + 2].copy_from_slice(&acc[l]);
+            if any_order {
+                for (l, acc) in acc[..lanes].iter_mut().enumerate() {
+                    *acc = l1_sums(&sc[l].keys[j..k], &row_bits[l * words..(l + 1) * words], j, *acc);
                 }
-                sums_of_four(norm, &Keys { keys: q.map(|l| &sc[l].keys[j..k]), kept: q.map(|l| &sc[l].kept[j..k]) }, &mut s);
-                for (p, &l) in q.iter().enumerate() {
-                    acc[l] = [s[2 * p], s[2 * p + 1]];
+            } else {
+                // Four lanes at a time (the last one repeated to fill four, its copies dropped).
+                for g in (0..lanes).step_by(4) {
+                    let q = [g, g + 1, g + 2, g + 3].map(|q| q.min(lanes - 1));
+                    let mut s = [0f64; 8];
+                    for (p, &l) in q.iter().enumerate() {
+                        s[2 * p..2 * p + 2].copy_from_slice(&acc[l]);
+                    }
+                    sums_of_four(norm, &Keys { keys: q.map(|l| &sc[l].keys[j..k]), kept: q.map(|l| &sc[l].kept[j..k]) }, &mut s);
+                    for (p, &l) in q.iter().enumerate() {
+                        acc[l] = [s[2 * p], s[2 * p + 1]];
+                    }
                 }
             }
             for ((&(s, e), sums), acc) in strands[..live].iter().zip(&mut sums).zip(acc.chunks_mut(n)) {

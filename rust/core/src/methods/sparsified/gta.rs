@@ -21,7 +21,7 @@
 //! Memory: `prepare` handles one model at a time with at most one whole-tensor `u32` scratch
 //! buffer (dropped before the next model), or all models row by row (della); `apply` is
 //! elementwise on engine chunks.
-use super::norms::{sums_of_four, Deltas};
+use super::norms::{l1_any_order, l1_delta_sums, sums_of_four, Deltas};
 use super::sparsify::{chunk_of, delta_into, phase, scratch, sign, Rescale, RESCALE_EPS, TILE};
 use crate::error::{Error, Result};
 use crate::kernel::{par_chunk_groups, with_work, Ctx, Method, TensorIo, CHUNK};
@@ -229,6 +229,14 @@ impl Gta {
                     let (v, n) = (&chunks[c].2, chunks[c].1.len());
                     (&v[1 + k][..n], &v[0][..n], &masked[l * CHUNK..][..n])
                 };
+                // L1 sums lane by lane in any order where that gives their bits (`l1_sums`).
+                if norm == Rescale::L1 && l1_any_order() {
+                    for (l, sums) in sums.iter_mut().enumerate() {
+                        let (x, b, m) = lane(l);
+                        *sums = l1_delta_sums(x, b, m, [0.0; 2]);
+                    }
+                    return;
+                }
                 // Four lanes at a time (the last one repeated to fill four, its copies dropped);
                 // lanes of unequal lengths (a tensor's last chunk among them) one by one.
                 for g in (0..lanes.len()).step_by(4) {
