@@ -126,9 +126,8 @@ pub fn l1_any_order() -> bool {
 /// gives under the same condition: every term and `acc` is a multiple of the least of their
 /// lowest set bits `q`, so every partial sum below `2^53·q` is a double. With AVX-512 the
 /// keys are added sixteen a step in any order and the sums are kept where they come out below
-/// `2^52·q` (a sum that rounded cannot: its exact value is at least `2^53·q`, and the
-/// additions lose far less than half of it); otherwise (a key with bits far below the sum's
-/// last place, such as the delta of a weight near zero) the entries are added in order.
+/// [`any_order_bound`]; otherwise (a key with bits far below the sum's last place, such as the
+/// delta of a weight near zero) the entries are added in order.
 pub fn l1_sums(keys: &[u32], bits: &[u32], from: usize, acc: [f64; 2]) -> [f64; 2] {
     #[cfg(target_arch = "x86_64")]
     if l1_any_order() {
@@ -170,8 +169,17 @@ fn l1_in_order(keys: &[u32], bits: &[u32], from: usize, acc: [f64; 2]) -> [f64; 
     [before, after]
 }
 
+/// The least sum of nonnegative multiples of `q` (and of at most 2^17 additions) that may
+/// have rounded in entry order: below it, where every partial sum lies, each is a double (a
+/// multiple of `q` below `2^53·q`), so every order of the additions gives the exact sum;
+/// a sum taken in another order that rounded is at least `2^53·q·(1 − 2^-36)`, above this
+/// bound. `q` a power of two (or ∞: no bound).
+pub fn any_order_bound(q: f64) -> f64 {
+    q * (1u64 << 53) as f64 * (1.0 - 2f64.powi(-35))
+}
+
 /// The value of the lowest set bit of a positive finite double (+∞ for zero).
-fn lowest_bit(x: f64) -> f64 {
+pub fn lowest_bit(x: f64) -> f64 {
     let b = x.to_bits();
     match (b, b & ((1 << 52) - 1)) {
         (0, _) => f64::INFINITY,
@@ -183,7 +191,7 @@ fn lowest_bit(x: f64) -> f64 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86_512 {
+pub(crate) mod x86_512 {
     use std::arch::x86_64::*;
 
     /// Sums of entries (before, after masking) in any order, and the least lowest set bit of
@@ -202,15 +210,9 @@ mod x86_512 {
             AnyOrder { before: [zero; 2], after: [zero; 2], low: _mm512_set1_epi32(-1) }
         }
 
-        /// The lowest set bit of each nonzero entry taken into `low`: an entry with mantissa
-        /// bits less the same entry without its lowest one (exact: the same exponent); a power
-        /// of two is its own lowest bit.
         #[inline(always)]
         unsafe fn lowest(&mut self, v: __m512i) {
-            let cleared = _mm512_and_si512(v, _mm512_sub_epi32(v, _mm512_set1_epi32(1)));
-            let diff = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(v), _mm512_castsi512_ps(cleared)));
-            let lowest = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(v, _mm512_set1_epi32(0x7F_FFFF)), v, diff);
-            self.low = _mm512_mask_min_epu32(self.low, _mm512_test_epi32_mask(v, v), self.low, lowest);
+            self.low = least_lowest_bits(self.low, v);
         }
 
         /// Sixteen entries before masking (`|x|` bits) and after: those of `kept` among them
@@ -249,9 +251,21 @@ mod x86_512 {
             let q = (f32::from_bits(low) as f64).min(super::lowest_bit(acc[0])).min(super::lowest_bit(acc[1]));
             let sum = |v: [__m512d; 2]| _mm512_reduce_add_pd(_mm512_add_pd(v[0], v[1]));
             let sums = [acc[0] + sum(self.before), acc[1] + sum(self.after)];
-            let bound = q * (1u64 << 52) as f64;
+            let bound = super::any_order_bound(q);
             (sums[0] < bound && sums[1] < bound).then_some(sums)
         }
+    }
+
+    /// `low` with the lowest set bit of each nonzero lane of `v` (positive f32 bits) taken in
+    /// where it is less (as float bits: positive floats order as their bits): a value with
+    /// mantissa bits less the same value without its lowest one (exact: the same exponent); a
+    /// power of two is its own lowest bit.
+    #[inline(always)]
+    pub unsafe fn least_lowest_bits(low: __m512i, v: __m512i) -> __m512i {
+        let cleared = _mm512_and_si512(v, _mm512_sub_epi32(v, _mm512_set1_epi32(1)));
+        let diff = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(v), _mm512_castsi512_ps(cleared)));
+        let lowest = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(v, _mm512_set1_epi32(0x7F_FFFF)), v, diff);
+        _mm512_mask_min_epu32(low, _mm512_test_epi32_mask(v, v), low, lowest)
     }
 
     /// The live lanes of the step at `i` of `n` entries.
@@ -433,6 +447,24 @@ mod tests {
         let small = vec![2f32.powi(-54).to_bits(); 64];
         let all = vec![!0u32; 2];
         assert_eq!(l1_sums(&small, &all, 0, [1.0, 1.0]), [1.0, 1.0]);
+        // A sum under way with a bit below the keys' rounds at each of several powers of two
+        // in order, once in one addition: the orders differ.
+        let coarse = [
+            1105199104u32,
+            1062993920,
+            1087897600,
+            1079508992,
+            1066663936,
+            1099694080,
+            1096286208,
+            1055916032,
+            1026555904,
+            1062993920,
+            1109131264,
+            1043595264,
+        ];
+        let acc = [f64::from_bits(0x3FF0_0000_0000_03DD); 2];
+        assert_eq!(l1_sums(&coarse, &all, 0, acc).map(f64::to_bits), in_order(&coarse, &all, 0, acc).map(f64::to_bits));
         // Keys whose lowest bit (2^-23) lies far below their value: 2^30 + 1 + 2^-23 rounds.
         let fine = vec![(1.0f32 + f32::EPSILON).to_bits(); 16];
         let acc = [2f64.powi(30); 2];

@@ -119,78 +119,71 @@ mod x86_512 {
 
     /// Every chunk's and model's `Σ τ²` over its selected task vector (as
     /// [`super::selected_task_vectors`] then [`super::sums_of_squares`]: each sum in element
-    /// order from +0.0, the square rounded before it is added), chunk by chunk and model by
-    /// model: eight sums (chunk, model) side by side in one vector, eight consecutive elements
-    /// of each squared where they lie and transposed (8×8), then added in element order.
-    /// `words`: each chunk's packed keep bits (`Partial`).
-    #[target_feature(enable = "avx512f")]
+    /// order from +0.0, each square exact in f64), lane (chunk, model) by lane, in pieces of
+    /// [`PIECE`] entries: where the piece's squares and the sum so far are multiples of a `q`
+    /// whose bound ([`any_order_bound`]) the new sum stays below, no addition in order
+    /// rounds, and the piece's squares are added sixteen a step in any order; otherwise (a
+    /// square with bits below the sum's last place: the delta of a weight near zero, or a
+    /// sum that rounded before and grows past a power of two) one by one in order. `words`:
+    /// each chunk's packed keep bits (`Partial`).
+    #[target_feature(enable = "avx512f,avx512dq")]
     pub unsafe fn masked_sums_of_squares(mode: u8, chunks: &[crate::kernel::ChunkView], words: &[Vec<f64>]) -> Vec<f64> {
         use super::Mode;
         let n = chunks[0].2.len() - 1;
-        let lanes: Vec<(usize, usize)> = (0..chunks.len()).flat_map(|c| (0..n).map(move |i| (c, i))).collect();
-        assert!(lanes.len() <= 8);
+        let lanes = (0..chunks.len()).flat_map(|c| (0..n).map(move |i| (c, i)));
         if mode == Mode::Drop as u8 {
-            return vec![0.0; lanes.len()];
+            return lanes.map(|_| 0.0).collect();
         }
         let partial = mode == Mode::Partial as u8;
-        // Keep bits `j..j + 8` of chunk `c` (`j` a multiple of eight).
-        let bits = |c: usize, j: usize| -> u8 {
-            if !partial {
-                return !0;
-            }
-            (bits::word(&words[c], j / 32) >> (j % 32)) as u8
-        };
-        let common = chunks.iter().map(|(_, r, _)| r.len()).min().unwrap_or(0) / 8 * 8;
-        let mut acc = _mm512_setzero_pd();
-        let mut sq = [_mm512_setzero_pd(); 8];
-        for j in (0..common).step_by(8) {
-            for (l, &(c, i)) in lanes.iter().enumerate() {
-                let v = &chunks[c].2;
-                let d = _mm256_sub_ps(_mm256_loadu_ps(v[1 + i].as_ptr().add(j)), _mm256_loadu_ps(v[0].as_ptr().add(j)));
-                let d = _mm512_maskz_mov_pd(bits(c, j), _mm512_cvtps_pd(d));
-                sq[l] = _mm512_mul_pd(d, d);
-            }
-            // Rows (lane) × columns (element) to rows (element) × columns (lane).
-            let t: [__m512d; 8] = std::array::from_fn(|k| {
-                let (a, b) = (sq[k & !1], sq[k | 1]);
-                if k % 2 == 0 {
-                    _mm512_unpacklo_pd(a, b)
-                } else {
-                    _mm512_unpackhi_pd(a, b)
-                }
-            });
-            // t[0]: lanes 0,1 at elements 0,2,4,6; t[1]: at 1,3,5,7; t[2], t[3]: lanes 2,3 ...
-            let u = |a: __m512d, b: __m512d, odd: bool| if odd { _mm512_shuffle_f64x2::<0xDD>(a, b) } else { _mm512_shuffle_f64x2::<0x88>(a, b) };
-            // u(t0, t2): lanes 0-3 at elements 0 and 4; odd: at 2 and 6.
-            let (u0, u1, u2, u3) = (u(t[0], t[2], false), u(t[0], t[2], true), u(t[1], t[3], false), u(t[1], t[3], true));
-            let (u4, u5, u6, u7) = (u(t[4], t[6], false), u(t[4], t[6], true), u(t[5], t[7], false), u(t[5], t[7], true));
-            // Elements 0..8 in order: (u0, u4) even, (u2, u6) even, (u1, u5) even, (u3, u7)
-            // even, then the odd halves of the same pairs.
-            for e in [
-                u(u0, u4, false),
-                u(u2, u6, false),
-                u(u1, u5, false),
-                u(u3, u7, false),
-                u(u0, u4, true),
-                u(u2, u6, true),
-                u(u1, u5, true),
-                u(u3, u7, true),
-            ] {
-                acc = _mm512_add_pd(acc, e);
+        lanes
+            .map(|(c, i)| {
+                let (r, v) = (&chunks[c].1, &chunks[c].2);
+                let (x, b) = (&v[1 + i][..r.len()], &v[0][..r.len()]);
+                // Keep bits `j..j + 16` (`j` a multiple of sixteen).
+                let keep = |j: usize| if partial { (bits::word(&words[c], j / 32) >> (j % 32)) as u16 } else { !0 };
+                (0..x.len()).step_by(PIECE).fold(0f64, |s, p| {
+                    let e = (p + PIECE).min(x.len());
+                    squares_any_order(x, b, p..e, keep, s).unwrap_or_else(|| {
+                        (p..e).fold(s, |s, j| {
+                            let d = if (keep(j / 16 * 16) >> (j % 16)) & 1 == 1 { x[j] - b[j] } else { 0.0 };
+                            s + (d as f64) * (d as f64)
+                        })
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Entries of a piece per sum of squares: a piece that rounds is added again in order.
+    const PIECE: usize = 512;
+
+    /// `s` plus the squares of the kept `x − b` over `r` (`r.start` a multiple of sixteen),
+    /// added in any order, where that is the sum in order.
+    #[inline(always)]
+    pub unsafe fn squares_any_order(x: &[f32], b: &[f32], r: std::ops::Range<usize>, keep: impl Fn(usize) -> u16, s: f64) -> Option<f64> {
+        use crate::methods::sparsified::norms::{any_order_bound, lowest_bit, x86_512::least_lowest_bits};
+        let (mut acc, mut low) = ([_mm512_setzero_pd(); 2], _mm512_set1_epi32(-1));
+        for j in r.clone().step_by(16) {
+            let live = if r.end - j >= 16 { u16::MAX } else { (1u16 << (r.end - j)) - 1 };
+            let kept = keep(j) & live;
+            let d = _mm512_maskz_sub_ps(kept, _mm512_maskz_loadu_ps(live, x.as_ptr().add(j)), _mm512_maskz_loadu_ps(live, b.as_ptr().add(j)));
+            low = least_lowest_bits(low, _mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32(0x7FFF_FFFF)));
+            for (h, d) in [_mm512_castps512_ps256(d), _mm512_extractf32x8_ps::<1>(d)].into_iter().enumerate() {
+                let d = _mm512_cvtps_pd(d);
+                acc[h] = _mm512_add_pd(acc[h], _mm512_mul_pd(d, d));
             }
         }
-        let mut sums = [0f64; 8];
-        _mm512_storeu_pd(sums.as_mut_ptr(), acc);
-        // Each lane's last entries one by one.
-        for (l, &(c, i)) in lanes.iter().enumerate() {
-            let (r, v) = (&chunks[c].1, &chunks[c].2);
-            for (j, (&x, &b)) in v[1 + i].iter().zip(v[0]).enumerate().take(r.len()).skip(common) {
-                let kept = !partial || (bits::word(&words[c], j / 32) >> (j % 32)) & 1 == 1;
-                let d = if kept { x - b } else { 0.0 };
-                sums[l] += (d as f64) * (d as f64);
-            }
+        let low = _mm512_reduce_min_epu32(low);
+        if low == u32::MAX {
+            // Only zeros: adding them leaves `s` (at least +0) as it is.
+            return Some(s);
         }
-        sums[..lanes.len()].to_vec()
+        // Each square's lowest set bit is that of its delta squared. An infinite delta gives
+        // q = ∞ and an infinite sum, which no bound passes.
+        let lowest = f32::from_bits(low) as f64;
+        let q = (lowest * lowest).min(lowest_bit(s));
+        let sum = s + _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
+        (sum < any_order_bound(q)).then_some(sum)
     }
 
     /// [`super::erase`] sixteen elements at a time, every step in registers (the selected task
@@ -303,11 +296,11 @@ fn sums_of_squares(lanes: &[&[f32]]) -> Vec<f64> {
     out
 }
 
-/// Whether the selected task vectors' sums of squares run eight chains per vector: AVX-512,
-/// and at most eight models.
-fn sums8_allowed(models: usize) -> bool {
+/// Whether the selected task vectors' sums of squares are taken in pieces, in any order where
+/// that gives their bits (AVX-512).
+fn squares_any_order() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return models <= 8 && crate::simd::avx512_allowed();
+    return crate::simd::avx512_allowed();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -375,10 +368,10 @@ impl Method for Sce {
         // decided once here, from the stored keys or the chunk's computed again, and kept as
         // bits for `apply`.
         // Two chunks at a time: each model's sum per chunk is a chain of additions in element
-        // order; the two chunks' chains advance in one loop. With AVX-512, eight chains (as
-        // many chunks as fit eight with every model) advance in one vector.
-        let wide = sums8_allowed(n);
-        let parts = par_chunk_groups(io, &slots, if wide { 8 / n } else { 2 }, |chunks| {
+        // order; the two chunks' chains advance in one loop. With AVX-512, each chain in pieces
+        // added in any order where no addition in order rounds.
+        let wide = squares_any_order();
+        let parts = par_chunk_groups(io, &slots, 2, |chunks| {
             let words: Vec<Vec<f64>> = chunks
                 .iter()
                 .map(|(c, r, v)| {
@@ -403,7 +396,7 @@ impl Method for Sce {
                 .collect();
             #[cfg(target_arch = "x86_64")]
             if wide {
-                // SAFETY: AVX-512F was detected (`sums8_allowed`); at most eight lanes.
+                // SAFETY: AVX-512F/DQ were detected (`squares_any_order`).
                 let ms = unsafe { x86_512::masked_sums_of_squares(mode as u8, chunks, &words) };
                 return Ok(ms.chunks(n).zip(words).map(|(ms, w)| (ms.to_vec(), w)).collect());
             }
@@ -510,58 +503,90 @@ mod tests {
         }
     }
 
-    /// The eight-chains-per-vector sums of squares of the selected task vectors are the plain
-    /// ones (select, then sum each lane in element order), bit for bit: one to eight models,
-    /// every mode, groups of chunks with a short last one, zero deltas.
+    /// The AVX-512 sums of squares of the selected task vectors are the plain ones (select,
+    /// then sum each lane in element order), bit for bit: one to ten models, every mode,
+    /// groups of chunks with a short last one, zero deltas; on full-precision values (whose
+    /// squares round: pieces added in order) and on bf16 weights and fine-tunes (pieces in any
+    /// order: checked), with weights near zero among them (a piece in order, and the sums
+    /// after it).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn sums_of_squares_eight_at_a_time_are_the_plain_sums() {
+    fn avx512_sums_of_squares_are_the_plain_sums() {
         use crate::methods::geometric::common::testing::rand;
         if !crate::simd::avx512_allowed() {
             return; // the plain sums are the only ones this CPU runs
         }
-        let base = rand(3 * 1000, 1);
-        for models in 1..=8 {
-            let xs: Vec<Vec<f32>> = (0..models)
-                .map(|k| base.iter().zip(rand(base.len(), k as u64 + 2)).enumerate().map(|(j, (&b, d))| if j % 7 == k { b } else { b + d }).collect())
-                .collect();
-            for (mode, lens) in [
-                (Mode::Partial, [1000, 1000, 1000]),
-                (Mode::Partial, [1000, 1000, 333]),
-                (Mode::Keep, [1000, 1000, 5]),
-                (Mode::Drop, [1000, 1000, 1000]),
-            ] {
-                let per = 8 / models;
-                let chunks: Vec<crate::kernel::ChunkView> = (0..per.min(3))
-                    .map(|c| {
-                        let r = c * 1000..c * 1000 + lens[c];
-                        let mut v: Vec<&[f32]> = vec![&base[r.clone()]];
-                        v.extend(xs.iter().map(|x| &x[r.clone()]));
-                        (c, r, v)
+        let (len, bf16) = (3000, |x: f64| half::bf16::from_f64(x).to_f32());
+        let mut base_bf16: Vec<f32> = (0..3 * len).map(|j| bf16(crate::rng::normal(5, j as u64) * 0.02)).collect();
+        for j in (700..3 * len).step_by(1300) {
+            base_bf16[j] = bf16(3e-9 * (j % 7) as f64);
+        }
+        let mut taken = [0usize; 2];
+        for (family, taken) in taken.iter_mut().enumerate() {
+            let base = if family == 0 { rand(3 * len, 1) } else { base_bf16.clone() };
+            for models in 1..=10 {
+                let xs: Vec<Vec<f32>> = (0..models)
+                    .map(|k| {
+                        let d = rand(base.len(), k as u64 + 2);
+                        let tune = |j: usize, b: f32| if family == 0 { b + d[j] } else { bf16(b as f64 + 0.1 * d[j] as f64 * 0.002) };
+                        base.iter().enumerate().map(|(j, &b)| if j % 7 == k { b } else { tune(j, b) }).collect()
                     })
                     .collect();
-                let words: Vec<Vec<f64>> = chunks
-                    .iter()
-                    .map(|(c, r, _)| {
-                        if mode == Mode::Partial {
-                            bits::pack(&(0..r.len().div_ceil(32)).map(|k| crate::rng::mix64((c * 100 + k) as u64) as u32).collect::<Vec<_>>())
-                        } else {
-                            vec![]
+                for (mode, lens) in
+                    [(Mode::Partial, [len, len, len]), (Mode::Partial, [len, len, 333]), (Mode::Keep, [len, len, 5]), (Mode::Drop, [len, len, len])]
+                {
+                    let per = (8 / models).max(1);
+                    let chunks: Vec<crate::kernel::ChunkView> = (0..per.min(3))
+                        .map(|c| {
+                            let r = c * len..c * len + lens[c];
+                            let mut v: Vec<&[f32]> = vec![&base[r.clone()]];
+                            v.extend(xs.iter().map(|x| &x[r.clone()]));
+                            (c, r, v)
+                        })
+                        .collect();
+                    let words: Vec<Vec<f64>> = chunks
+                        .iter()
+                        .map(|(c, r, _)| {
+                            if mode == Mode::Partial {
+                                bits::pack(&(0..r.len().div_ceil(32)).map(|k| crate::rng::mix64((c * 100 + k) as u64) as u32).collect::<Vec<_>>())
+                            } else {
+                                vec![]
+                            }
+                        })
+                        .collect();
+                    let mut want = vec![];
+                    for ((_, r, v), w) in chunks.iter().zip(&words) {
+                        let mut tv = vec![0f32; models * r.len()];
+                        selected_task_vectors(mode as u8, w, 0, v[0], &v[1..], &mut tv);
+                        let lanes: Vec<&[f32]> = tv.chunks(r.len()).collect();
+                        want.extend(sums_of_squares(&lanes).iter().map(|s| s.to_bits()));
+                        if mode == Mode::Keep {
+                            // How many pieces of the first model are summed in any order.
+                            for p in (0..r.len()).step_by(512) {
+                                let piece = p..(p + 512).min(r.len());
+                                // SAFETY: AVX-512F/DQ were detected above.
+                                let fast = unsafe { x86_512::squares_any_order(v[1], v[0], piece, |_| !0, 0.0) };
+                                *taken += usize::from(fast.is_some());
+                            }
                         }
-                    })
-                    .collect();
-                let mut want = vec![];
-                for ((_, r, v), w) in chunks.iter().zip(&words) {
-                    let mut tv = vec![0f32; models * r.len()];
-                    selected_task_vectors(mode as u8, w, 0, v[0], &v[1..], &mut tv);
-                    let lanes: Vec<&[f32]> = tv.chunks(r.len()).collect();
-                    want.extend(sums_of_squares(&lanes).iter().map(|s| s.to_bits()));
+                    }
+                    // SAFETY: AVX-512F/DQ were detected above.
+                    let got: Vec<u64> = unsafe { x86_512::masked_sums_of_squares(mode as u8, &chunks, &words) }.iter().map(|s| s.to_bits()).collect();
+                    assert_eq!(got, want, "family {family}, {models} models, {mode:?}, {lens:?}");
                 }
-                // SAFETY: AVX-512F was detected above.
-                let got: Vec<u64> = unsafe { x86_512::masked_sums_of_squares(mode as u8, &chunks, &words) }.iter().map(|s| s.to_bits()).collect();
-                assert_eq!(got, want, "{models} models, {mode:?}, {lens:?}");
             }
         }
+        // Full-precision squares round (pieces in order); bf16 deltas' do not, but in some of
+        // the pieces holding a weight near zero (86 pieces of the first model in all).
+        assert!(taken[0] < 8 && (70..86).contains(&taken[1]), "{taken:?}");
+        // A sum under way with a bit below the squares' (from a piece added in order) rounds
+        // differently in order (three times) than in one addition.
+        let d = [0.0859375f32, 1.25, 0.0068359375, 0.2734375, 2.0, 1.5625, 0.59375];
+        let s = f64::from_bits(0x3FF0_0000_0000_006B);
+        let in_order = d.iter().fold(s, |s, &d| s + (d as f64) * (d as f64));
+        // SAFETY: AVX-512F/DQ were detected above.
+        let got = unsafe { x86_512::squares_any_order(&d, &[0.0; 7], 0..7, |_| !0, s) }.unwrap_or(in_order);
+        assert_eq!(got.to_bits(), in_order.to_bits());
     }
 
     /// The variance keys of one to five models (three and five divided by multiplications) are
