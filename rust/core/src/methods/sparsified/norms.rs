@@ -247,7 +247,7 @@ pub(crate) mod x86_512 {
                 // Only zeros: adding them leaves `acc` (at least +0) as it is.
                 return Some(acc);
             }
-            // An infinite entry gives q = ∞ and an infinite sum, which no bound passes.
+            // An infinite entry makes the sum infinite, which no bound passes.
             let q = (f32::from_bits(low) as f64).min(super::lowest_bit(acc[0])).min(super::lowest_bit(acc[1]));
             let sum = |v: [__m512d; 2]| _mm512_reduce_add_pd(_mm512_add_pd(v[0], v[1]));
             let sums = [acc[0] + sum(self.before), acc[1] + sum(self.after)];
@@ -386,10 +386,6 @@ mod tests {
     use super::*;
     use crate::methods::sparsified::sparsify::mag_key;
 
-    /// The L1 sums in any order are the sums in order, bit for bit: keys of bf16 deltas (where
-    /// the sums are taken in any order: checked), and keys whose sums in order round (a key
-    /// far below the others, below the sum's last place, subnormal or infinite keys, sums
-    /// under way), every offset of the bits within a word, pieces of 0 to 40 entries and long.
     /// The L1 sums in entry order: [`sums_from`] over four copies of the lane.
     fn in_order(keys: &[u32], bits: &[u32], from: usize, acc: [f64; 2]) -> [f64; 2] {
         let kept: Vec<u32> = (from..).zip(keys).map(|(p, &k)| if (bits[p / 32] >> (p % 32)) & 1 == 1 { k } else { 0 }).collect();
@@ -398,6 +394,11 @@ mod tests {
         [s[0], s[1]]
     }
 
+    /// The L1 sums in any order are the sums in order, bit for bit: keys of bf16 deltas (where
+    /// the sums are taken in any order: checked), and keys whose sums in order round (a key
+    /// far below the others, below the sum's last place, subnormal or infinite keys, sums
+    /// under way), every offset of the bits within a word, pieces of 0 to 40 entries and long;
+    /// the same as deltas.
     #[test]
     fn l1_sums_in_any_order_are_the_sums_in_order() {
         let bf16 = |x: f64| half::bf16::from_f64(x).to_f32();

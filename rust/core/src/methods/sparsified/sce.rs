@@ -178,8 +178,8 @@ mod x86_512 {
             // Only zeros: adding them leaves `s` (at least +0) as it is.
             return Some(s);
         }
-        // Each square's lowest set bit is that of its delta squared. An infinite delta gives
-        // q = ∞ and an infinite sum, which no bound passes.
+        // Each square's lowest set bit is that of its delta squared. An infinite delta makes
+        // the sum infinite, which no bound passes.
         let lowest = f32::from_bits(low) as f64;
         let q = (lowest * lowest).min(lowest_bit(s));
         let sum = s + _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
@@ -298,7 +298,7 @@ fn sums_of_squares(lanes: &[&[f32]]) -> Vec<f64> {
 
 /// Whether the selected task vectors' sums of squares are taken in pieces, in any order where
 /// that gives their bits (AVX-512).
-fn squares_any_order() -> bool {
+fn squares_in_pieces() -> bool {
     #[cfg(target_arch = "x86_64")]
     return crate::simd::avx512_allowed();
     #[cfg(not(target_arch = "x86_64"))]
@@ -370,7 +370,7 @@ impl Method for Sce {
         // Two chunks at a time: each model's sum per chunk is a chain of additions in element
         // order; the two chunks' chains advance in one loop. With AVX-512, each chain in pieces
         // added in any order where no addition in order rounds.
-        let wide = squares_any_order();
+        let wide = squares_in_pieces();
         let parts = par_chunk_groups(io, &slots, 2, |chunks| {
             let words: Vec<Vec<f64>> = chunks
                 .iter()
@@ -396,7 +396,7 @@ impl Method for Sce {
                 .collect();
             #[cfg(target_arch = "x86_64")]
             if wide {
-                // SAFETY: AVX-512F/DQ were detected (`squares_any_order`).
+                // SAFETY: AVX-512F/DQ were detected (`squares_in_pieces`).
                 let ms = unsafe { x86_512::masked_sums_of_squares(mode as u8, chunks, &words) };
                 return Ok(ms.chunks(n).zip(words).map(|(ms, w)| (ms.to_vec(), w)).collect());
             }
