@@ -244,17 +244,59 @@ fn gram_pairwise<'a>(n: usize, v: impl Fn(usize) -> &'a [f32], b: Option<&[f32]>
 #[inline]
 fn gram_swept<const N: usize, const P: usize>(v: [&[f32]; N], b: Option<&[f32]>, acc: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if crate::simd::wide_allowed() && std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the target feature it is compiled with was just detected.
         return unsafe { gram_swept_avx2::<N, P>(v, b, acc) };
     }
     gram_swept_any::<N, P>(v, b, acc)
 }
 
+/// [`sweep`] with the four lane sums of a pair in one AVX2 vector: four entries of each
+/// vector less the base's (in f32), widened, multiplied pair by pair and added to the pair's
+/// lanes; the same operations per lane in the same order as the plain loop (which the
+/// compiler left scalar, with shuffles: 1.8 ns per entry of a model_stock merge), the tail
+/// and the fold as there.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn gram_swept_avx2<const N: usize, const P: usize>(v: [&[f32]; N], b: Option<&[f32]>, acc: &mut [f64]) {
-    gram_swept_any::<N, P>(v, b, acc)
+    use std::arch::x86_64::*;
+    let len = v[0].len();
+    assert!(v.iter().all(|v| v.len() >= len) && b.is_none_or(|b| b.len() >= len));
+    let n4 = len / 4 * 4;
+    let mut lanes = [_mm256_setzero_pd(); P];
+    for k in (0..n4).step_by(4) {
+        let base = b.map(|b| _mm_loadu_ps(b.as_ptr().add(k)));
+        let d: [__m256d; N] = core::array::from_fn(|i| {
+            let x = _mm_loadu_ps(v[i].as_ptr().add(k));
+            _mm256_cvtps_pd(base.map_or(x, |b| _mm_sub_ps(x, b)))
+        });
+        let mut t = 0;
+        for i in 0..N {
+            for j in i..N {
+                lanes[t] = _mm256_add_pd(lanes[t], _mm256_mul_pd(d[i], d[j]));
+                t += 1;
+            }
+        }
+    }
+    let diff = |i: usize, k: usize| match b {
+        Some(b) => (v[i][k] - b[k]) as f64,
+        None => v[i][k] as f64,
+    };
+    let mut tail = [0f64; P];
+    for k in n4..len {
+        let mut t = 0;
+        for i in 0..N {
+            for j in i..N {
+                tail[t] += diff(i, k) * diff(j, k);
+                t += 1;
+            }
+        }
+    }
+    for t in 0..P {
+        let mut a = [0f64; 4];
+        _mm256_storeu_pd(a.as_mut_ptr(), lanes[t]);
+        acc[t] += (a[0] + a[1]) + (a[2] + a[3]) + tail[t];
+    }
 }
 
 #[inline(always)]
@@ -421,11 +463,20 @@ mod tests {
                 let run: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
                 let idx: Vec<usize> = (1..=n).collect();
                 for base in [None, Some(0)] {
-                    let mut got = vec![0.5f64; n * (n + 1) / 2];
-                    gram_run(&run, &idx, base, &mut got);
                     let mut want = vec![0.5f64; n * (n + 1) / 2];
                     gram_pairwise(n, |i| run[idx[i]], base.map(|s| run[s]), &mut want);
-                    assert_eq!(got.iter().map(|g| g.to_bits()).collect::<Vec<_>>(), want.iter().map(|w| w.to_bits()).collect::<Vec<_>>());
+                    // Every build: the AVX2 sweep and the plain one.
+                    for got in crate::simd::each_build(|| {
+                        let mut got = vec![0.5f64; n * (n + 1) / 2];
+                        gram_run(&run, &idx, base, &mut got);
+                        got
+                    }) {
+                        assert_eq!(
+                            got.iter().map(|g| g.to_bits()).collect::<Vec<_>>(),
+                            want.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
+                            "{n} vectors of {len}"
+                        );
+                    }
                 }
             }
         }
