@@ -254,8 +254,8 @@ fn gram_swept<const N: usize, const P: usize>(v: [&[f32]; N], b: Option<&[f32]>,
 /// [`sweep`] with the four lane sums of a pair in one AVX2 vector: four entries of each
 /// vector less the base's (in f32), widened, multiplied pair by pair and added to the pair's
 /// lanes; the same operations per lane in the same order as the plain loop (which the
-/// compiler left scalar, with shuffles: 1.8 ns per entry of a model_stock merge), the tail
-/// and the fold as there.
+/// compiler left scalar, with shuffles: 1.8 ns per entry of a model_stock merge), then its
+/// tail and fold ([`fold_lanes`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn gram_swept_avx2<const N: usize, const P: usize>(v: [&[f32]; N], b: Option<&[f32]>, acc: &mut [f64]) {
@@ -278,25 +278,16 @@ unsafe fn gram_swept_avx2<const N: usize, const P: usize>(v: [&[f32]; N], b: Opt
             }
         }
     }
+    let lanes = lanes.map(|l| {
+        let mut a = [0f64; 4];
+        _mm256_storeu_pd(a.as_mut_ptr(), l);
+        a
+    });
     let diff = |i: usize, k: usize| match b {
         Some(b) => (v[i][k] - b[k]) as f64,
         None => v[i][k] as f64,
     };
-    let mut tail = [0f64; P];
-    for k in n4..len {
-        let mut t = 0;
-        for i in 0..N {
-            for j in i..N {
-                tail[t] += diff(i, k) * diff(j, k);
-                t += 1;
-            }
-        }
-    }
-    for t in 0..P {
-        let mut a = [0f64; 4];
-        _mm256_storeu_pd(a.as_mut_ptr(), lanes[t]);
-        acc[t] += (a[0] + a[1]) + (a[2] + a[3]) + tail[t];
-    }
+    fold_lanes::<N, P>(lanes, n4..len, diff, acc);
 }
 
 #[inline(always)]
@@ -316,7 +307,6 @@ fn gram_swept_any<const N: usize, const P: usize>(v: [&[f32]; N], b: Option<&[f3
 fn sweep<const N: usize, const P: usize>(len: usize, diff: impl Fn(usize, usize) -> f64, acc: &mut [f64]) {
     let n4 = len / 4 * 4;
     let mut lanes = [[0f64; 4]; P];
-    let mut tail = [0f64; P];
     for k in (0..n4).step_by(4) {
         let mut d = [[0f64; 4]; N];
         for (i, di) in d.iter_mut().enumerate() {
@@ -334,7 +324,21 @@ fn sweep<const N: usize, const P: usize>(len: usize, diff: impl Fn(usize, usize)
             }
         }
     }
-    for k in n4..len {
+    fold_lanes::<N, P>(lanes, n4..len, diff, acc);
+}
+
+/// `dot`'s last steps for every pair: the entries `rest` past the last whole four, each
+/// pair's products added in order, then the pair's four lane sums folded with that tail into
+/// `acc`.
+#[inline(always)]
+fn fold_lanes<const N: usize, const P: usize>(
+    lanes: [[f64; 4]; P],
+    rest: std::ops::Range<usize>,
+    diff: impl Fn(usize, usize) -> f64,
+    acc: &mut [f64],
+) {
+    let mut tail = [0f64; P];
+    for k in rest {
         let mut d = [0f64; N];
         for (i, x) in d.iter_mut().enumerate() {
             *x = diff(i, k);
